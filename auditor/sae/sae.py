@@ -1,0 +1,367 @@
+"""The canonical SAE: SAELens v6 parameters, one encode/decode for every architecture.
+
+With ``x' = norm_in(x) - b_dec * apply_b_dec_to_input`` (``x`` is ``[N, d_in]``):
+
+- standard:  ``f = relu(x' W_enc + b_enc)``
+- jumprelu:  ``pre = x' W_enc + b_enc; f = relu(pre) * (pre > threshold)``
+- batchtopk: stored as a JumpReLU whose ``threshold`` holds one global value in every
+  slot (the inference rule of BatchTopK SAEs); ``architecture`` stays ``"batchtopk"``
+  so the provenance survives and ``k`` is kept for reference, but encode is the
+  jumprelu rule, so it is per token and needs no batch.
+- gated:     ``f = (x' W_enc + b_gate > 0) * relu(x' (W_enc * exp(r_mag)) + b_mag)``
+- topk:      ``pre = x' W_enc + b_enc``; keep the ``k`` largest per row, relu them,
+  zero the rest.
+
+Decode: ``x_hat = f W_dec + b_dec``, then undo ``norm_in``.
+
+Normalization (``cfg.normalize_activations``):
+
+- ``none``.
+- ``expected_average_only_in``: ``x * s`` with the stored scalar
+  ``s = cfg.activation_norm_scaling_factor``; decode divides by ``s``.
+  :meth:`SAE.fold_activation_norm_scaling` folds ``s`` into the weights.
+- ``constant_norm_rescale``: each row scaled to norm ``sqrt(d_in)``; decode multiplies
+  by that row's ``||x|| / sqrt(d_in)``.
+- ``layer_norm``: ``(x - mu) / (std + 1e-5)`` per row (unbiased std, as SAELens and
+  OpenAI do); decode computes ``y * std + mu``.
+
+The two per-row modes need the factors of the rows that were encoded, so
+:meth:`SAE.encode_with_norm` returns them as a :class:`NormState` that
+:meth:`SAE.decode` takes back. Nothing is stashed on the module, so one SAE can
+serve concurrent requests. :meth:`SAE.forward` threads the state through.
+
+Example::
+
+    sae = SAE(SAEConfig(d_in=16, d_sae=64))
+    f = sae.encode(x)                     # [N, 64]
+    watched = sae.encode(x, [3, 7])       # [N, 2], reads only W_enc[:, [3, 7]]
+    x_hat = sae(x)                        # [N, 16]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from auditor.errors import SAEFormatError, UnknownKeyError
+from auditor.sae.config import SAEConfig
+
+__all__ = ["CFG_FILENAME", "WEIGHTS_FILENAME", "NormState", "SAE", "dtype_from_name", "param_shapes"]
+
+CFG_FILENAME = "cfg.json"
+WEIGHTS_FILENAME = "sae_weights.safetensors"
+LAYER_NORM_EPS = 1e-5
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def dtype_from_name(name: str | torch.dtype) -> torch.dtype:
+    """``"bfloat16"`` or ``"torch.bfloat16"`` -> ``torch.bfloat16``; a torch dtype passes through."""
+    if isinstance(name, torch.dtype):
+        return name
+    key = name.removeprefix("torch.")
+    if key not in _DTYPES:
+        raise UnknownKeyError("dtype", name, _DTYPES)
+    return _DTYPES[key]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class NormState(NamedTuple):
+    """How to undo ``norm_in`` for the rows just encoded: ``x = y * scale + shift``."""
+
+    scale: Tensor
+    """``[N, 1]`` per-row factor (or a 0-d tensor for a global one)."""
+    shift: Tensor
+    """``[N, 1]`` per-row offset (or a 0-d zero)."""
+
+
+def param_shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical parameter names and shapes for ``cfg.architecture``."""
+    shapes: dict[str, tuple[int, ...]] = {
+        "W_enc": (cfg.d_in, cfg.d_sae),
+        "b_enc": (cfg.d_sae,),
+        "W_dec": (cfg.d_sae, cfg.d_in),
+        "b_dec": (cfg.d_in,),
+    }
+    if cfg.architecture in ("jumprelu", "batchtopk"):
+        shapes["threshold"] = (cfg.d_sae,)
+    if cfg.architecture == "gated":
+        # SAELens gated SAEs have no b_enc: the gate and magnitude paths carry their own biases.
+        del shapes["b_enc"]
+        shapes.update({"b_gate": (cfg.d_sae,), "r_mag": (cfg.d_sae,), "b_mag": (cfg.d_sae,)})
+    return shapes
+
+
+class SAE(nn.Module):
+    """A sparse autoencoder in canonical (SAELens v6) form; see the module docstring."""
+
+    W_enc: nn.Parameter
+    W_dec: nn.Parameter
+    b_dec: nn.Parameter
+
+    def __init__(
+        self,
+        cfg: SAEConfig,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        torch_dtype = dtype_from_name(dtype if dtype is not None else cfg.dtype)
+        for name, shape in param_shapes(cfg).items():
+            tensor = torch.zeros(shape, device=device, dtype=torch_dtype)
+            self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_tensors(
+        cls,
+        cfg: SAEConfig,
+        tensors: Mapping[str, Tensor],
+        *,
+        source: str = "<tensors>",
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
+    ) -> SAE:
+        """Build an SAE from canonical tensors, checking names and shapes.
+
+        Missing or extra keys and wrong shapes raise :class:`SAEFormatError` naming
+        ``source`` (the file they came from). ``dtype`` defaults to the tensors' own.
+        """
+        shapes = param_shapes(cfg)
+        missing = sorted(set(shapes) - set(tensors))
+        if missing:
+            raise SAEFormatError(
+                source,
+                f"missing tensors {missing} for a {cfg.architecture!r} SAE "
+                f"(found {sorted(tensors)})",
+            )
+        extra = sorted(set(tensors) - set(shapes))
+        if extra:
+            raise SAEFormatError(
+                source,
+                f"unexpected tensors {extra} for a {cfg.architecture!r} SAE "
+                f"(expected {sorted(shapes)})",
+            )
+        for name, shape in shapes.items():
+            got = tuple(tensors[name].shape)
+            if got != shape:
+                raise SAEFormatError(
+                    source,
+                    f"tensor {name!r} has shape {list(got)}, expected {list(shape)} "
+                    f"(d_in={cfg.d_in}, d_sae={cfg.d_sae})",
+                )
+        chosen = dtype if dtype is not None else tensors["W_enc"].dtype
+        torch_dtype = dtype_from_name(chosen)
+        cfg = cfg.model_copy(update={"dtype": _dtype_name(torch_dtype)})
+        sae = cls(cfg, device="meta")
+        for name in shapes:
+            value = tensors[name].detach().to(device=device, dtype=torch_dtype).contiguous()
+            setattr(sae, name, nn.Parameter(value, requires_grad=False))
+        return sae
+
+    # ------------------------------------------------------------------ normalization
+
+    def norm_in(self, x: Tensor) -> tuple[Tensor, NormState]:
+        """Normalize ``x [N, d_in]``; return it with the state that :meth:`decode` undoes."""
+        mode = self.cfg.normalize_activations
+        one = x.new_ones(())
+        zero = x.new_zeros(())
+        if mode == "none":
+            return x, NormState(one, zero)
+        if mode == "expected_average_only_in":
+            factor = self.cfg.activation_norm_scaling_factor
+            if factor is None:  # excluded by SAEConfig's validator; kept for the type checker
+                raise ValueError("activation_norm_scaling_factor is not set")
+            return x * factor, NormState(one / factor, zero)
+        if mode == "constant_norm_rescale":
+            # A zero row (e.g. padding) stays zero instead of turning into NaN.
+            norm = x.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).eps)  # [N, 1]
+            coeff = math.sqrt(self.cfg.d_in) / norm
+            return x * coeff, NormState(norm / math.sqrt(self.cfg.d_in), zero)
+        mu = x.mean(dim=-1, keepdim=True)  # [N, 1]
+        centered = x - mu
+        std = centered.std(dim=-1, keepdim=True)  # [N, 1]
+        return centered / (std + LAYER_NORM_EPS), NormState(std, mu)
+
+    def _needs_row_state(self) -> bool:
+        return self.cfg.normalize_activations in ("constant_norm_rescale", "layer_norm")
+
+    # ------------------------------------------------------------------ encode
+
+    def _feature_index(self, features: Tensor | Sequence[int]) -> Tensor:
+        idx = torch.as_tensor(features, dtype=torch.long, device=self.W_enc.device).reshape(-1)
+        # Range check on CPU only: on an accelerator it would force a sync per encode, and
+        # index_select rejects bad indices there anyway.
+        if idx.device.type == "cpu" and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.cfg.d_sae):
+            raise IndexError(
+                f"feature indices must be in [0, {self.cfg.d_sae}); got "
+                f"min {int(idx.min())}, max {int(idx.max())}"
+            )
+        return idx
+
+    def _encode_normed(self, xn: Tensor, idx: Tensor | None) -> Tensor:
+        """Encode already-normalized rows ``xn [N, d_in]``; ``idx`` picks latents."""
+        if self.cfg.apply_b_dec_to_input:
+            xn = xn - self.b_dec
+        arch = self.cfg.architecture
+        if arch == "topk":
+            # Top-k ranks all latents, so a watch-list encode still needs every pre-activation.
+            pre = xn @ self.W_enc + self.b_enc  # [N, d_sae]
+            k = self.cfg.k if self.cfg.k is not None else self.cfg.d_sae
+            top = pre.topk(k, dim=-1)
+            dense = torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values))
+            return dense if idx is None else dense.index_select(-1, idx)
+
+        # The other rules are per latent: slice the W_enc columns before the matmul.
+        def pick(t: Tensor) -> Tensor:
+            return t if idx is None else t.index_select(-1, idx)
+
+        proj = xn @ pick(self.W_enc)  # [N, n_latents]
+        if arch == "standard":
+            return torch.relu(proj + pick(self.b_enc))
+        if arch in ("jumprelu", "batchtopk"):
+            pre = proj + pick(self.b_enc)
+            return torch.relu(pre) * (pre > pick(self.threshold))
+        gate = (proj + pick(self.b_gate)) > 0
+        # x' (W_enc * exp(r_mag)) == (x' W_enc) * exp(r_mag): reuse the one projection.
+        mag = torch.relu(proj * torch.exp(pick(self.r_mag)) + pick(self.b_mag))
+        return gate * mag
+
+    def encode_with_norm(
+        self, x: Tensor, features: Tensor | Sequence[int] | None = None
+    ) -> tuple[Tensor, NormState]:
+        """Like :meth:`encode`, also returning the :class:`NormState` that :meth:`decode` needs."""
+        if x.ndim != 2 or x.shape[-1] != self.cfg.d_in:
+            raise ValueError(f"expected activations [N, {self.cfg.d_in}], got {list(x.shape)}")
+        x = x.to(dtype=self.W_enc.dtype, device=self.W_enc.device)
+        idx = None if features is None else self._feature_index(features)
+        xn, state = self.norm_in(x)
+        return self._encode_normed(xn, idx), state
+
+    def encode(self, x: Tensor, features: Tensor | Sequence[int] | None = None) -> Tensor:
+        """Latent activations: ``x [N, d_in]`` -> ``[N, d_sae]``, or ``[N, len(features)]``.
+
+        With ``features`` only those ``W_enc`` columns are multiplied (standard, jumprelu,
+        batchtopk, gated). TopK must rank all latents, so it computes the full
+        pre-activations and gathers the requested columns.
+        """
+        return self.encode_with_norm(x, features)[0]
+
+    # ------------------------------------------------------------------ decode
+
+    def decode(self, f: Tensor, norm: NormState | None = None) -> Tensor:
+        """``f [N, d_sae]`` -> ``x_hat [N, d_in]``: ``f W_dec + b_dec``, then undo ``norm_in``.
+
+        ``norm`` comes from :meth:`encode_with_norm`; it is required for
+        ``constant_norm_rescale`` and ``layer_norm`` (per-row factors), optional otherwise.
+        """
+        f = f.to(dtype=self.W_dec.dtype, device=self.W_dec.device)
+        y = f @ self.W_dec + self.b_dec  # [N, d_in]
+        if norm is None:
+            if self._needs_row_state():
+                raise ValueError(
+                    f"decode with normalize_activations={self.cfg.normalize_activations!r} "
+                    "needs the NormState returned by encode_with_norm"
+                )
+            if self.cfg.normalize_activations == "expected_average_only_in":
+                factor = self.cfg.activation_norm_scaling_factor
+                return y if factor is None else y / factor
+            return y
+        return y * norm.scale + norm.shift
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Reconstruction ``decode(encode(x))`` of ``x [N, d_in]``."""
+        f, state = self.encode_with_norm(x)
+        return self.decode(f, state)
+
+    def reconstruction_error(self, x: Tensor) -> Tensor:
+        """Relative error ``||x - x_hat|| / ||x||`` per row, ``[N]`` (0 for a zero row)."""
+        x = x.to(dtype=self.W_enc.dtype, device=self.W_enc.device)
+        err = (x - self.forward(x)).norm(dim=-1)
+        norm = x.norm(dim=-1)
+        return torch.where(norm > 0, err / norm.clamp_min(torch.finfo(x.dtype).tiny), err)
+
+    # ------------------------------------------------------------------ transforms
+
+    @torch.no_grad()
+    def fold_activation_norm_scaling(self) -> SAE:
+        """Fold the ``expected_average_only_in`` factor ``s`` into the weights, in place.
+
+        ``W_enc *= s``, ``W_dec /= s``, ``b_dec /= s``; pre-activations (hence thresholds,
+        gates and biases) are unchanged. Afterwards ``normalize_activations`` is ``none``
+        and encode/decode give the same results on raw activations.
+        """
+        factor = self.cfg.activation_norm_scaling_factor
+        if self.cfg.normalize_activations != "expected_average_only_in" or factor is None:
+            return self
+        self.W_enc.mul_(factor)
+        self.W_dec.div_(factor)
+        self.b_dec.div_(factor)
+        self.cfg = self.cfg.model_copy(
+            update={"normalize_activations": "none", "activation_norm_scaling_factor": None}
+        )
+        return self
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # Keep cfg.dtype in step with the weights after .to()/.half()/...
+        out = super()._apply(fn, recurse)
+        self.cfg = self.cfg.model_copy(update={"dtype": _dtype_name(self.W_enc.dtype)})
+        return out
+
+    # ------------------------------------------------------------------ files
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Canonical parameters by SAELens name (the ``sae_weights.safetensors`` keys)."""
+        return {name: p.detach() for name, p in self.named_parameters()}
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``cfg.json`` + ``sae_weights.safetensors`` (SAELens v6 layout) into ``path``."""
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        cfg = self.cfg.model_copy(update={"dtype": _dtype_name(self.W_enc.dtype)})
+        (folder / CFG_FILENAME).write_text(
+            json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8"
+        )
+        save_file(
+            {k: v.cpu().contiguous() for k, v in self.tensors().items()},
+            str(folder / WEIGHTS_FILENAME),
+        )
+        return folder
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
+    ) -> SAE:
+        """Read a SAELens folder (v6 or pre-6.0 ``cfg.json``); see ``formats.saelens``."""
+        from auditor.sae.formats.saelens import load_saelens
+
+        return load_saelens(Path(path), device=device, dtype=dtype)
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (
+            f"architecture={c.architecture}, d_in={c.d_in}, d_sae={c.d_sae}, k={c.k}, "
+            f"normalize={c.normalize_activations}, hook={c.metadata.hook_name}"
+        )

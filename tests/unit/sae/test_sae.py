@@ -1,0 +1,192 @@
+"""The canonical SAE against plain reference formulas, for every architecture and norm mode."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.testing import assert_close
+
+from auditor.sae import SAE, SAEConfig, load_sae
+
+from ._reference import D_IN, D_SAE, K, N, random_params, ref_encode, ref_norm_in
+
+ARCHS = ["standard", "jumprelu", "batchtopk", "gated", "topk"]
+NORMS = ["none", "expected_average_only_in", "constant_norm_rescale", "layer_norm"]
+FACTOR = 0.37
+
+
+def make_sae(arch: str, norm: str = "none", apply_b_dec: bool = True, seed: int = 0) -> tuple[SAE, dict]:
+    gen = torch.Generator().manual_seed(seed)
+    params = random_params(arch, gen)
+    cfg = SAEConfig(
+        architecture=arch,
+        d_in=D_IN,
+        d_sae=D_SAE,
+        k=K if arch in ("topk", "batchtopk") else None,
+        apply_b_dec_to_input=apply_b_dec,
+        normalize_activations=norm,
+        activation_norm_scaling_factor=FACTOR if norm == "expected_average_only_in" else None,
+        metadata={"model_name": "tiny", "hook_name": "blocks.1.hook_resid_post", "extra": 1},
+    )
+    return SAE.from_tensors(cfg, params), params
+
+
+def acts(seed: int = 1, n: int = N) -> torch.Tensor:
+    return torch.randn(n, D_IN, generator=torch.Generator().manual_seed(seed)) * 3 + 0.5
+
+
+@pytest.mark.parametrize(("arch", "norm", "apply_b_dec"), list(itertools.product(ARCHS, NORMS, [True, False])))
+def test_encode_decode_match_reference(arch: str, norm: str, apply_b_dec: bool) -> None:
+    sae, p = make_sae(arch, norm, apply_b_dec)
+    x = acts()
+    xn, out_scale, out_shift = ref_norm_in(x, norm, FACTOR)
+    f_ref = ref_encode(p, arch, xn, apply_b_dec=apply_b_dec, k=K)
+    f = sae.encode(x)
+    assert f.shape == (N, D_SAE)
+    assert_close(f, f_ref)
+    assert (f_ref > 0).any()  # the check is not vacuous
+    x_hat_ref = (f_ref @ p["W_dec"] + p["b_dec"]) * out_scale + out_shift
+    assert_close(sae(x), x_hat_ref)
+    f2, state = sae.encode_with_norm(x)
+    assert_close(sae.decode(f2, state), x_hat_ref)
+    err_ref = (x - x_hat_ref).norm(dim=-1) / x.norm(dim=-1)
+    assert_close(sae.reconstruction_error(x), err_ref)
+
+
+@pytest.mark.parametrize(("arch", "norm"), list(itertools.product(ARCHS, NORMS)))
+def test_watch_list_encode_equals_full_columns(arch: str, norm: str) -> None:
+    sae, _ = make_sae(arch, norm)
+    x = acts()
+    idx = [5, 0, 63, 17, 5]
+    full = sae.encode(x)
+    assert_close(sae.encode(x, idx), full[:, idx])
+    assert_close(sae.encode(x, torch.tensor(idx)), full[:, idx])
+    assert sae.encode(x, []).shape == (N, 0)
+
+
+def test_topk_keeps_at_most_k_per_row() -> None:
+    sae, _ = make_sae("topk")
+    f = sae.encode(acts(n=50))
+    assert int((f != 0).sum(-1).max()) <= K
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    arch=st.sampled_from(ARCHS),
+    norm=st.sampled_from(NORMS),
+    seed=st.integers(0, 10_000),
+    features=st.lists(st.integers(0, D_SAE - 1), max_size=12),
+)
+def test_property_watch_list_and_nonnegative(arch: str, norm: str, seed: int, features: list[int]) -> None:
+    sae, _ = make_sae(arch, norm, seed=seed)
+    x = acts(seed + 1, n=4)
+    full = sae.encode(x)
+    assert (full >= 0).all()
+    assert_close(sae.encode(x, features), full[:, features])
+
+
+@settings(max_examples=20, deadline=None)
+@given(arch=st.sampled_from(ARCHS), seed=st.integers(0, 10_000), scale=st.floats(0.1, 10.0))
+def test_property_constant_norm_and_layer_norm_are_scale_invariant(arch: str, seed: int, scale: float) -> None:
+    # Both per-row normalizations remove the row's scale: f(c x) == f(x), x_hat(c x) == c x_hat(x).
+    x = acts(seed)
+    for norm in ("constant_norm_rescale", "layer_norm"):
+        sae, _ = make_sae(arch, norm, seed=seed)
+        assert_close(sae.encode(x * scale), sae.encode(x), atol=1e-4, rtol=1e-4)
+        if norm == "constant_norm_rescale":
+            assert_close(sae(x * scale), sae(x) * scale, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fold_activation_norm_scaling_keeps_outputs(arch: str) -> None:
+    sae, _ = make_sae(arch, "expected_average_only_in")
+    x = acts()
+    f_before, x_hat_before = sae.encode(x), sae(x)
+    sae.fold_activation_norm_scaling()
+    assert sae.cfg.normalize_activations == "none"
+    assert sae.cfg.activation_norm_scaling_factor is None
+    assert_close(sae.encode(x), f_before)
+    assert_close(sae(x), x_hat_before)
+
+
+@pytest.mark.parametrize("norm", ["constant_norm_rescale", "layer_norm"])
+def test_decode_without_row_state_is_refused(norm: str) -> None:
+    sae, _ = make_sae("standard", norm)
+    with pytest.raises(ValueError, match="needs the NormState"):
+        sae.decode(sae.encode(acts()))
+
+
+def test_decode_without_state_undoes_global_scale() -> None:
+    sae, p = make_sae("standard", "expected_average_only_in")
+    f = sae.encode(acts())
+    assert_close(sae.decode(f), (f @ p["W_dec"] + p["b_dec"]) / FACTOR)
+
+
+@pytest.mark.parametrize(("arch", "norm"), [(a, n) for a in ARCHS for n in NORMS])
+def test_save_load_round_trip(tmp_path: Path, arch: str, norm: str) -> None:
+    sae, _ = make_sae(arch, norm)
+    sae.save(tmp_path / "sae")
+    for loaded in (SAE.load(tmp_path / "sae"), load_sae(tmp_path / "sae")):
+        assert loaded.cfg == sae.cfg
+        assert loaded.cfg.metadata.model_extra == {"extra": 1}
+        for name, tensor in sae.tensors().items():
+            assert torch.equal(loaded.tensors()[name], tensor)
+        x = acts()
+        assert torch.equal(loaded.encode(x), sae.encode(x))
+
+
+def test_dtype_and_inference_mode(tmp_path: Path) -> None:
+    sae, _ = make_sae("jumprelu")
+    half = sae.to(torch.bfloat16)
+    assert half.W_enc.dtype == torch.bfloat16
+    assert half.cfg.dtype == "bfloat16"
+    with torch.inference_mode():
+        f = half.encode(acts())
+    assert f.dtype == torch.bfloat16
+    half.save(tmp_path / "bf16")
+    loaded = load_sae(tmp_path / "bf16", dtype="float32")
+    assert loaded.W_enc.dtype == torch.float32
+    assert load_sae(tmp_path / "bf16").W_enc.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"architecture": "topk"}, "k is required when architecture is 'topk'"),
+        ({"architecture": "topk", "k": 65}, "k (65) must be <= d_sae (64)"),
+        ({"normalize_activations": "expected_average_only_in"}, "activation_norm_scaling_factor is required"),
+        ({"activation_norm_scaling_factor": 2.0}, "only used when normalize_activations"),
+        ({"architecture": "relu"}, "Input should be 'standard'"),
+        ({"normalize_activations": "batch"}, "Input should be 'none'"),
+        ({"d_sae": 0}, "greater than 0"),
+        ({"surprise": 1}, "Extra inputs are not permitted"),
+    ],
+)
+def test_config_validation(fields: dict, message: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        SAEConfig.model_validate({"d_in": D_IN, "d_sae": D_SAE, **fields})
+
+
+def test_encode_rejects_wrong_width() -> None:
+    sae, _ = make_sae("standard")
+    with pytest.raises(ValueError, match=r"expected activations \[N, 16\]"):
+        sae.encode(torch.zeros(3, 7))
+    with pytest.raises(IndexError, match=r"feature indices must be in \[0, 64\)"):
+        sae.encode(acts(), [64])
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_zero_rows_stay_finite(norm: str) -> None:
+    # Padding rows are all zeros; no mode may turn them into NaN.
+    sae, _ = make_sae("standard", norm)
+    x = torch.cat([acts(n=2), torch.zeros(1, D_IN)])
+    assert torch.isfinite(sae.encode(x)).all()
+    assert torch.isfinite(sae(x)).all()
+    assert torch.isfinite(sae.reconstruction_error(x)).all()
