@@ -1,0 +1,188 @@
+"""``auditor audit``: features per token (and policy verdicts) for texts, chats and JSONL files."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+from auditor.errors import ConfigError
+from auditor.text import AuditInput, parse_input
+
+__all__ = ["register", "result_to_json"]
+
+#: Inputs audited per call of Auditor.run when reading a file: bounds memory
+#: while leaving the pipeline room to bucket by length.
+_CHUNK = 64
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "audit",
+        help="show SAE features per token and policy verdicts for a text or a JSONL file",
+        description=(
+            "Run the model to the SAE hookpoint, encode every content token with the SAE and print "
+            "its strongest features (named where the feature library labels them); with --policy, "
+            "evaluate the policy and print the verdict."
+        ),
+    )
+    p.add_argument("text", nargs="?", help="the text to audit (or use --input)")
+    p.add_argument("--input", metavar="FILE.jsonl", help='one JSON object per line: {"text"} | {"messages"} | {"prompt","completion"}; "-" reads stdin')
+    p.add_argument("--chat", action="store_true", help="treat TEXT as a user message and apply the chat template")
+    p.add_argument("--json", action="store_true", help="print JSON (one line per input)")
+    p.add_argument("--policy", metavar="FILE", help="policy YAML to evaluate (its library names the SAE)")
+    p.add_argument("--sae", metavar="PATH", help="SAE folder, file, hf:// URI or release id (default: the default library's SAE)")
+    p.add_argument("--format", dest="sae_format", metavar="NAME", help="force the SAE format instead of detecting it")
+    p.add_argument("--library", metavar="PATH|ID", help="feature library that names the SAE's latents")
+    p.add_argument("--model", metavar="NAME|PATH", help="model id, folder or .gguf file (default: embedded SmolLM2-135M-Instruct; env AUDITOR_MODEL)")
+    p.add_argument("--hookpoint", metavar="NAME", help="override the SAE's hookpoint, e.g. blocks.15.hook_resid_post")
+    p.add_argument("--top-k", type=int, default=5, help="features shown per token (0: none; default 5)")
+    p.add_argument("--max-tokens", type=int, default=2048, help="tokens kept per input (longer inputs are cut and flagged)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.set_defaults(func=run_audit)
+
+
+def _read_inputs(path: str, stream: TextIO | None = None) -> list[AuditInput]:
+    """Parse every line first so a bad line stops the run before any work, with its line number."""
+    handle: TextIO
+    if path == "-":
+        handle = stream or sys.stdin
+        lines = handle.read().splitlines()
+        where = "<stdin>"
+    else:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"{path}: no such file (--input expects a JSONL file, one JSON object per line)")
+        lines = file.read_text(encoding="utf-8").splitlines()
+        where = path
+    items: list[AuditInput] = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{where}:{n}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        item = parse_input(obj, where=f"{where}:{n}")
+        if item.id is None:
+            item = dataclasses.replace(item, id=str(n))
+        items.append(item)
+    if not items:
+        raise ConfigError(f"{where}: no inputs (expected one JSON object per line)")
+    return items
+
+
+def _chunks(items: list[AuditInput], size: int) -> Iterator[list[AuditInput]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def result_to_json(result: Any, *, model: str, sae: str, top_k: int) -> dict[str, Any]:
+    """The JSON shape of one audit result (CLI ``--json`` and the server share it)."""
+    out: dict[str, Any] = {"id": result.id, "model": model, "sae": sae}
+    if top_k > 0:
+        out["tokens"] = [
+            {
+                "token": tf.token,
+                "position": tf.position,
+                "features": [
+                    {"index": i, "activation": round(a, 4), "name": n}
+                    for i, a, n in zip(tf.indices, tf.activations, tf.names)
+                ],
+            }
+            for tf in result.top_features
+        ]
+    out["n_tokens"] = result.n_content_tokens
+    out["truncated"] = result.truncated
+    if result.verdict is not None:
+        out.update(verdict_to_json(result.verdict))
+    return out
+
+
+def verdict_to_json(verdict: Any) -> dict[str, Any]:
+    data = dataclasses.asdict(verdict)
+    return {
+        "verdict": data.pop("action"),
+        "matches": data.pop("matches"),
+        "scores": data.pop("scores"),
+        "category_scores": data.pop("category_scores"),
+        **data,
+    }
+
+
+def _print_human(result: Any, out: TextIO, *, top_k: int) -> None:
+    if result.id is not None:
+        print(f"== {result.id}", file=out)
+    for tf in result.top_features:
+        feats = "  ".join(
+            f"{n or '#' + str(i)}={a:.2f}" for i, a, n in zip(tf.indices, tf.activations, tf.names)
+        )
+        print(f"{tf.position:5d} {tf.token!r:>18}  {feats}", file=out)
+    if result.truncated:
+        print("(input truncated at --max-tokens)", file=out)
+    v = result.verdict
+    if v is not None:
+        print(f"verdict: {v.action}", file=out)
+        for m in v.matches:
+            drivers = ", ".join(
+                f"{e.name} {e.agg}={e.value:.3g} (threshold {e.threshold:.3g})" for e in m.explanation if e.fired
+            )
+            print(f"  [{m.severity}] {m.rule_id} score={m.score:.2f}: {drivers}", file=out)
+        cats = ", ".join(f"{c}={s:.2f}" for c, s in sorted(v.category_scores.items()))
+        if cats:
+            print(f"category scores: {cats}", file=out)
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    if (args.text is None) == (args.input is None):
+        raise ConfigError("give either a TEXT argument or --input FILE.jsonl (not both, not neither)")
+    if args.top_k < 0:
+        raise ConfigError(f"--top-k must be >= 0, got {args.top_k}")
+    if args.input is not None:
+        items = _read_inputs(args.input)
+    elif args.chat:
+        items = [AuditInput(messages=({"role": "user", "content": args.text},))]
+    else:
+        items = [AuditInput(text=args.text)]
+
+    from auditor.pipeline import Auditor
+
+    sae_arg = args.sae
+    auditor = Auditor.load(
+        model=args.model,
+        sae=sae_arg,
+        sae_format=args.sae_format,
+        library=args.library,
+        policy=args.policy,
+        hookpoint=args.hookpoint,
+        device=args.device,
+        max_tokens=args.max_tokens,
+    )
+    model_name = auditor.model.name
+    sae_name = sae_arg or (auditor.library.sae.id if auditor.library is not None else "sae")
+
+    progress = None
+    if args.input is not None:
+        from tqdm import tqdm
+
+        progress = tqdm(total=len(items), unit="text", file=sys.stderr, disable=None)
+    out = sys.stdout
+    try:
+        for chunk in _chunks(items, _CHUNK):
+            for res in auditor.run(chunk, top_k=args.top_k):
+                if args.json:
+                    out.write(json.dumps(result_to_json(res, model=model_name, sae=sae_name, top_k=args.top_k)) + "\n")
+                else:
+                    _print_human(res, out, top_k=args.top_k)
+            out.flush()
+            if progress is not None:
+                progress.update(len(chunk))
+    finally:
+        if progress is not None:
+            progress.close()
+    return 0
+

@@ -1,0 +1,352 @@
+"""The one place the model, the SAE, the feature library and the policies meet.
+
+``Auditor.run(inputs)`` tokenizes, runs the model only as deep as the SAE's
+hookpoint, encodes the content tokens with the SAE (only the watched latents
+when no caller asks for all of them), evaluates the loaded policy and returns
+one :class:`AuditResult` per input, in input order. Every entry point (CLI,
+server, library) goes through it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from auditor.errors import AuditorError, ConfigError
+from auditor.text import ROLE_BOTH, ROLE_COMPLETION, ROLE_PROMPT, AuditInput, TokenBatch, tokenize_batch
+
+if TYPE_CHECKING:
+    from auditor.features import FeatureLibrary
+    from auditor.models import LoadedModel
+    from auditor.policy import PolicyEngine, Verdict
+    from auditor.sae import SAE
+
+__all__ = ["Auditor", "AuditResult", "TokenFeatures", "StageTimings", "DEFAULT_LIBRARY"]
+
+#: The feature library (and through it the SAE) used when none is named.
+DEFAULT_LIBRARY = "smollm2-135m-instruct"
+
+FeatureMode = Literal["none", "watched", "all"]
+
+
+@dataclass
+class TokenFeatures:
+    """The strongest features of one token."""
+
+    token: str
+    position: int
+    indices: list[int]
+    activations: list[float]
+    names: list[str | None]
+
+
+@dataclass
+class StageTimings:
+    """Seconds spent per pipeline stage for one call of :meth:`Auditor.run`."""
+
+    tokenize: float = 0.0
+    forward: float = 0.0
+    encode: float = 0.0
+    evaluate: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "tokenize": self.tokenize,
+            "forward": self.forward,
+            "encode": self.encode,
+            "evaluate": self.evaluate,
+        }
+
+
+@dataclass
+class AuditResult:
+    """What the auditor found in one input."""
+
+    id: str | None
+    tokens: list[str]
+    content_mask: list[bool]
+    truncated: bool
+    n_content_tokens: int
+    top_features: list[TokenFeatures] = field(default_factory=list)
+    verdict: Verdict | None = None
+
+
+def _repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+class Auditor:
+    """Audit texts with one model, one SAE and, optionally, a feature library and a policy.
+
+    Example::
+
+        auditor = Auditor.load()                      # embedded default model, SAE, library
+        [result] = auditor.run([AuditInput(text="Send me your bank PIN")], top_k=3)
+        for tf in result.top_features:
+            print(tf.token, tf.names, tf.activations)
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        sae: SAE,
+        *,
+        hookpoint: str | None = None,
+        library: FeatureLibrary | None = None,
+        policy: PolicyEngine | None = None,
+        max_tokens: int = 2048,
+        batch_tokens: int = 8192,
+    ) -> None:
+        from auditor.models import check_sae_compatible, parse_hookpoint
+
+        hook = hookpoint or sae.cfg.metadata.hook_name or (library.sae.hookpoint if library else None)
+        if not hook:
+            raise ConfigError(
+                "the SAE does not say which hookpoint it reads; pass a hookpoint "
+                "such as --hookpoint blocks.15.hook_resid_post"
+            )
+        parse_hookpoint(hook)
+        check_sae_compatible(model, sae.cfg.d_in, hook)
+        if max_tokens < 2:
+            raise ConfigError(f"max_tokens must be at least 2, got {max_tokens}")
+        self.model = model
+        self.sae = sae
+        self.hookpoint = hook
+        self.library = library
+        self.policy = policy
+        self.max_tokens = max_tokens
+        self.batch_tokens = max(batch_tokens, max_tokens)
+        self.device = torch.device(model.device)
+        self.last_timings = StageTimings()
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(
+        cls,
+        *,
+        model: str | None = None,
+        sae: str | None = None,
+        sae_format: str | None = None,
+        library: str | None = None,
+        policy: str | None = None,
+        hookpoint: str | None = None,
+        device: str = "cpu",
+        max_tokens: int = 2048,
+    ) -> Auditor:
+        """Load model, SAE, library and policy by name or path.
+
+        The SAE comes from, in order: ``sae``; the library named by ``policy``;
+        ``library``; the default library ``feature_libraries/smollm2-135m-instruct``.
+        """
+        from auditor.features import load_library
+        from auditor.models import load_model
+        from auditor.policy import load_policy
+        from auditor.sae import load_sae
+
+        engine = load_policy(policy) if policy else None
+        lib = None
+        if engine is not None:
+            lib = engine.library
+        elif library:
+            lib = load_library(library)
+        elif sae is None:
+            lib = _default_library()
+        if sae is not None:
+            sae_obj = load_sae(sae, format=sae_format, device=device)
+        elif lib is not None:
+            sae_obj = load_sae(str(lib.resolve_path(lib.sae.path)), device=device)
+        else:  # pragma: no cover - _default_library raises first
+            raise ConfigError("no SAE given")
+        loaded = load_model(model, device=device)
+        return cls(
+            loaded,
+            sae_obj,
+            hookpoint=hookpoint,
+            library=lib,
+            policy=engine,
+            max_tokens=max_tokens,
+        )
+
+    # ------------------------------------------------------------------ running
+    def name_of(self, index: int) -> str | None:
+        return self.library.name_for_index(index) if self.library is not None else None
+
+    def run(
+        self,
+        items: Sequence[AuditInput],
+        *,
+        top_k: int = 0,
+        evaluate: bool = True,
+    ) -> list[AuditResult]:
+        """Audit ``items`` in length-bucketed batches; results come back in input order.
+
+        ``top_k > 0`` records each content token's ``top_k`` strongest latents
+        (this needs the full-width encode); policy evaluation encodes only the
+        latents the policy watches.
+        """
+        timings = StageTimings()
+        results: list[AuditResult | None] = [None] * len(items)
+        t0 = time.perf_counter()
+        batch = tokenize_batch(self.model.tokenizer, items, max_tokens=self.max_tokens)
+        timings.tokenize += time.perf_counter() - t0
+        for rows in self._buckets(batch):
+            sub = _select_rows(batch, rows)
+            for row, res in zip(rows, self._run_batch(sub, items, rows, top_k, evaluate, timings)):
+                results[row] = res
+        self.last_timings = timings
+        return [r for r in results if r is not None]
+
+    def _buckets(self, batch: TokenBatch) -> Iterator[list[int]]:
+        """Group rows of similar length so padding stays small and each group fits the token budget."""
+        lengths = batch.lengths.tolist()
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        group: list[int] = []
+        for i in order:
+            width = max(lengths[i], max((lengths[j] for j in group), default=0))
+            if group and width * (len(group) + 1) > self.batch_tokens:
+                yield group
+                group = []
+            group.append(i)
+        if group:
+            yield group
+
+    @torch.inference_mode()
+    def activations(self, batch: TokenBatch) -> torch.Tensor:
+        """Hookpoint activations ``[B, T, d_in]`` (the forward stops after the hooked layer)."""
+        from auditor.models import capture
+
+        acts = capture(
+            self.model.model,
+            batch.input_ids.to(self.device),
+            batch.attention_mask.to(self.device),
+            [self.hookpoint],
+            stop_early=True,
+        )[self.hookpoint]
+        return acts.float()
+
+    @torch.inference_mode()
+    def _run_batch(
+        self,
+        batch: TokenBatch,
+        items: Sequence[AuditInput],
+        rows: list[int],
+        top_k: int,
+        evaluate: bool,
+        timings: StageTimings,
+    ) -> list[AuditResult]:
+        t0 = time.perf_counter()
+        acts = self.activations(batch)  # [B, T, d_in]
+        t1 = time.perf_counter()
+        timings.forward += t1 - t0
+
+        mask = batch.content_mask.to(acts.device)  # [B, T]
+        x = acts[mask]  # [N, d_in] content tokens only
+        engine = self.policy if evaluate else None
+        B, T = mask.shape
+
+        full: torch.Tensor | None = None
+        if top_k > 0:
+            full = self.sae.encode(x)  # [N, d_sae]
+        watched_feats: torch.Tensor | None = None
+        recon: torch.Tensor | None = None
+        if engine is not None:
+            watched = engine.watched.to(acts.device)
+            if full is not None:
+                f = full[:, watched]
+            else:
+                f = self.sae.encode(x, features=watched)
+            watched_feats = acts.new_zeros((B, T, watched.numel()))
+            watched_feats[mask] = f
+            if engine.needs_recon_error:
+                recon = acts.new_zeros((B, T))
+                recon[mask] = self.sae.reconstruction_error(x)
+        t2 = time.perf_counter()
+        timings.encode += t2 - t1
+
+        verdicts: list[Any] = [None] * B
+        if engine is not None and watched_feats is not None:
+            from auditor.policy import AuditBatch
+
+            role = batch.role.to(acts.device)
+            verdicts = engine.evaluate(
+                AuditBatch(
+                    features=watched_feats,
+                    mask=mask,
+                    is_completion=role == ROLE_COMPLETION,
+                    role=role,
+                    recon_error=recon,
+                    resid=acts if engine.needs_resid else None,
+                    tokens=batch.tokens,
+                )
+            )
+        timings.evaluate += time.perf_counter() - t2
+
+        top_per_row: list[list[TokenFeatures]] = [[] for _ in range(B)]
+        if full is not None:
+            k = min(top_k, full.shape[1])
+            vals, idx = full.topk(k, dim=1)  # [N, k]
+            rows_idx, pos_idx = mask.nonzero(as_tuple=True)
+            vals_l, idx_l = vals.tolist(), idx.tolist()
+            for n, (r, p) in enumerate(zip(rows_idx.tolist(), pos_idx.tolist())):
+                keep = [j for j, v in enumerate(vals_l[n]) if v > 0]
+                top_per_row[r].append(
+                    TokenFeatures(
+                        token=batch.tokens[r][p],
+                        position=p,
+                        indices=[idx_l[n][j] for j in keep],
+                        activations=[vals_l[n][j] for j in keep],
+                        names=[self.name_of(idx_l[n][j]) for j in keep],
+                    )
+                )
+
+        out = []
+        lengths = batch.lengths.tolist()
+        for b, row in enumerate(rows):
+            n_tok = lengths[b]
+            out.append(
+                AuditResult(
+                    id=items[row].id,
+                    tokens=batch.tokens[b],
+                    content_mask=batch.content_mask[b, :n_tok].tolist(),
+                    truncated=batch.truncated[b],
+                    n_content_tokens=int(batch.content_mask[b].sum()),
+                    top_features=top_per_row[b],
+                    verdict=verdicts[b],
+                )
+            )
+        return out
+
+
+def _select_rows(batch: TokenBatch, rows: list[int]) -> TokenBatch:
+    """Rows of a batch, with padding trimmed to the longest selected row."""
+    idx = torch.tensor(rows, dtype=torch.long)
+    width = int(batch.lengths[idx].max()) if rows else 1
+    return TokenBatch(
+        input_ids=batch.input_ids[idx, :width],
+        attention_mask=batch.attention_mask[idx, :width],
+        content_mask=batch.content_mask[idx, :width],
+        role=batch.role[idx, :width],
+        tokens=[batch.tokens[i] for i in rows],
+        truncated=[batch.truncated[i] for i in rows],
+    )
+
+
+def _default_library() -> FeatureLibrary:
+    from auditor.features import load_library
+
+    try:
+        return load_library(DEFAULT_LIBRARY)
+    except AuditorError as exc:
+        raise ConfigError(
+            f"no SAE given and the default feature library {DEFAULT_LIBRARY!r} could not be loaded "
+            f"({exc.message}); pass --sae PATH (an SAE folder or file in any supported format) "
+            "or --library PATH"
+        ) from exc
+
+
+__all__ += ["ROLE_PROMPT", "ROLE_COMPLETION", "ROLE_BOTH"]

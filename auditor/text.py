@@ -1,0 +1,256 @@
+"""Turn audit inputs (plain text, chats, prompt + completion) into padded token batches.
+
+Every input is rendered to one string plus the character spans that hold
+*content* (what a user or the model wrote). Tokens outside those spans are
+chat-template scaffolding (role names, ``<|im_start|>``, the template's default
+system prompt), padding or the leading sink token, and are masked out of
+features and policy evaluation.
+
+Position 0 of a causal LM is an attention sink with a residual norm two orders
+of magnitude above ordinary tokens (SmolLM2: ~23,800 against a median of ~170),
+so it is never content. Plain text gets a document-separator token prepended so
+that its first real token is not the one lost to the sink; chats already start
+with a template token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from auditor.errors import AuditorError
+
+__all__ = [
+    "AuditInput",
+    "TokenBatch",
+    "ROLE_PROMPT",
+    "ROLE_COMPLETION",
+    "ROLE_BOTH",
+    "parse_input",
+    "render",
+    "tokenize_batch",
+    "sink_token_id",
+]
+
+ROLE_PROMPT = 0
+ROLE_COMPLETION = 1
+# Plain text that is neither a prompt nor a completion: prompt- and
+# completion-scoped rules both see it.
+ROLE_BOTH = 2
+
+Role = Literal[0, 1, 2]
+
+
+class InputError(AuditorError):
+    """An audit input does not have one of the accepted shapes."""
+
+
+@dataclass(frozen=True)
+class AuditInput:
+    """One thing to audit.
+
+    Exactly one of ``text``, ``messages`` or ``prompt`` is set; ``completion``
+    goes with ``prompt`` or ``messages`` and is audited as model output.
+    """
+
+    text: str | None = None
+    messages: tuple[Mapping[str, str], ...] | None = None
+    prompt: str | None = None
+    completion: str | None = None
+    id: str | None = None
+
+
+def parse_input(obj: Any, *, where: str = "input") -> AuditInput:
+    """Validate one JSON object (a line of ``--input`` or a request body).
+
+    Accepted: ``{"text": ...}``, ``{"messages": [{"role", "content"}...]}``,
+    ``{"prompt": ..., "completion": ...}``, ``{"messages": [...], "completion": ...}``;
+    an optional ``"id"``.
+    """
+    if isinstance(obj, str):
+        return AuditInput(text=obj)
+    if not isinstance(obj, Mapping):
+        raise InputError(f"{where}: expected a JSON object or string, got {type(obj).__name__}")
+    known = {"text", "messages", "prompt", "completion", "id"}
+    extra = sorted(set(obj) - known)
+    if extra:
+        raise InputError(f"{where}: unknown field(s) {', '.join(extra)}; accepted: {', '.join(sorted(known))}")
+    kinds = [k for k in ("text", "messages", "prompt") if obj.get(k) is not None]
+    if len(kinds) != 1:
+        raise InputError(
+            f"{where}: give exactly one of 'text', 'messages' or 'prompt' (found {kinds or 'none'})"
+        )
+    for key in ("text", "prompt", "completion"):
+        if obj.get(key) is not None and not isinstance(obj[key], str):
+            raise InputError(f"{where}: '{key}' must be a string")
+    if "text" in kinds and obj.get("completion") is not None:
+        raise InputError(f"{where}: 'completion' goes with 'prompt' or 'messages', not with 'text'")
+    ident = obj.get("id")
+    messages = None
+    if obj.get("messages") is not None:
+        raw = obj["messages"]
+        if not isinstance(raw, list) or not raw:
+            raise InputError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+        checked = []
+        for i, m in enumerate(raw):
+            if (
+                not isinstance(m, Mapping)
+                or not isinstance(m.get("role"), str)
+                or not isinstance(m.get("content"), str)
+            ):
+                raise InputError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
+            checked.append({"role": m["role"], "content": m["content"]})
+        messages = tuple(checked)
+    return AuditInput(
+        text=obj.get("text"),
+        messages=messages,
+        prompt=obj.get("prompt"),
+        completion=obj.get("completion"),
+        id=None if ident is None else str(ident),
+    )
+
+
+def sink_token_id(tokenizer: Any) -> int | None:
+    """The token put in front of plain text to absorb the position-0 attention sink.
+
+    A document separator (``<|endoftext|>``) where the vocabulary has one, the
+    BOS token otherwise.
+    """
+    vocab = tokenizer.get_vocab()
+    for name in ("<|endoftext|>", "<|begin_of_text|>"):
+        if name in vocab:
+            return int(vocab[name])
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return None if bos is None else int(bos)
+
+
+def render(tokenizer: Any, item: AuditInput) -> tuple[str, list[tuple[int, int, int]], bool]:
+    """Render an input to ``(string, content_spans, needs_sink)``.
+
+    ``content_spans`` are ``(char_start, char_end, role)``; ``needs_sink`` says
+    whether a sink token must be prepended (plain text) or the string already
+    starts with template scaffolding (chats).
+    """
+    if item.text is not None:
+        return item.text, [(0, len(item.text), ROLE_BOTH)], True
+    if item.prompt is not None:
+        prompt = item.prompt
+        spans = [(0, len(prompt), ROLE_PROMPT)]
+        rendered = prompt
+        if item.completion:
+            spans.append((len(prompt), len(prompt) + len(item.completion), ROLE_COMPLETION))
+            rendered = prompt + item.completion
+        return rendered, spans, True
+    assert item.messages is not None  # parse_input guarantees one kind
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise InputError("this model's tokenizer has no chat template; send 'text' or 'prompt' instead of 'messages'")
+    messages = [dict(m) for m in item.messages]
+    # With a completion to follow, render the assistant header it belongs under.
+    rendered = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=item.completion is not None
+    )
+    spans: list[tuple[int, int, int]] = []
+    cursor = 0
+    for m in messages:
+        content = m["content"]
+        start = rendered.find(content, cursor) if content else -1
+        if start < 0:
+            continue
+        role = ROLE_COMPLETION if m["role"] == "assistant" else ROLE_PROMPT
+        spans.append((start, start + len(content), role))
+        cursor = start + len(content)
+    if item.completion:
+        start = len(rendered)
+        rendered += item.completion
+        spans.append((start, len(rendered), ROLE_COMPLETION))
+    return rendered, spans, False
+
+
+@dataclass
+class TokenBatch:
+    """A right-padded batch with per-token content and role masks."""
+
+    input_ids: torch.Tensor  # [B, T] long
+    attention_mask: torch.Tensor  # [B, T] long, 1 on real tokens
+    content_mask: torch.Tensor  # [B, T] bool, True on content tokens only
+    role: torch.Tensor  # [B, T] int8, ROLE_* per token (meaningful where content_mask)
+    tokens: list[list[str]]  # per row, the text of each real token
+    truncated: list[bool]  # per row, whether the input was cut at max_tokens
+
+    @property
+    def lengths(self) -> torch.Tensor:  # [B]
+        return self.attention_mask.sum(dim=1)
+
+    @property
+    def n_content_tokens(self) -> int:
+        return int(self.content_mask.sum())
+
+
+def tokenize_batch(
+    tokenizer: Any,
+    items: Sequence[AuditInput],
+    *,
+    max_tokens: int | None = None,
+) -> TokenBatch:
+    """Tokenize inputs into one right-padded batch with content and role masks.
+
+    Inputs longer than ``max_tokens`` are cut (and flagged in ``truncated``).
+    """
+    sink = sink_token_id(tokenizer)
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    rows: list[tuple[list[int], list[bool], list[int], list[str], bool]] = []
+    for item in items:
+        rendered, spans, needs_sink = render(tokenizer, item)
+        enc = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
+        ids: list[int] = list(enc["input_ids"])
+        offsets: list[tuple[int, int]] = [tuple(o) for o in enc["offset_mapping"]]
+        content: list[bool] = []
+        roles: list[int] = []
+        texts: list[str] = []
+        for a, b in offsets:
+            role = -1
+            for s0, s1, r in spans:
+                if a < s1 and b > s0:
+                    role = r
+                    break
+            content.append(role >= 0)
+            roles.append(max(role, 0))
+            texts.append(rendered[a:b])
+        if needs_sink and sink is not None:
+            ids.insert(0, sink)
+            content.insert(0, False)
+            roles.insert(0, ROLE_PROMPT)
+            texts.insert(0, tokenizer.convert_ids_to_tokens(sink))
+        if content:
+            content[0] = False  # the attention sink, whatever token sits there
+        truncated = max_tokens is not None and len(ids) > max_tokens
+        if truncated:
+            ids, content, roles, texts = ids[:max_tokens], content[:max_tokens], roles[:max_tokens], texts[:max_tokens]
+        rows.append((ids, content, roles, texts, truncated))
+
+    width = max((len(r[0]) for r in rows), default=0)
+    width = max(width, 1)
+    n = len(rows)
+    input_ids = torch.full((n, width), int(pad_id), dtype=torch.long)
+    attention = torch.zeros((n, width), dtype=torch.long)
+    content_mask = torch.zeros((n, width), dtype=torch.bool)
+    role = torch.zeros((n, width), dtype=torch.int8)
+    for i, (ids, content, roles, _texts, _trunc) in enumerate(rows):
+        k = len(ids)
+        input_ids[i, :k] = torch.tensor(ids, dtype=torch.long)
+        attention[i, :k] = 1
+        content_mask[i, :k] = torch.tensor(content, dtype=torch.bool)
+        role[i, :k] = torch.tensor(roles, dtype=torch.int8)
+    return TokenBatch(
+        input_ids=input_ids,
+        attention_mask=attention,
+        content_mask=content_mask,
+        role=role,
+        tokens=[r[3] for r in rows],
+        truncated=[r[4] for r in rows],
+    )

@@ -1,0 +1,55 @@
+"""Fixtures shared by unit and integration tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def default_model():  # type: ignore[no-untyped-def]
+    """The embedded default model, loaded once per test session (converted on first use)."""
+    from auditor.models import load_model
+
+    return load_model()
+
+
+def make_random_sae(
+    path: Path,
+    *,
+    d_in: int,
+    d_sae: int = 256,
+    hookpoint: str = "blocks.5.hook_resid_post",
+    architecture: str = "standard",
+    seed: int = 0,
+) -> Path:
+    """Write a random SAE in the SAELens layout and return its folder.
+
+    Encoder columns are random unit directions and the encoder bias is negative,
+    so each token activates a subset of the latents.
+    """
+    from auditor.sae import SAE, SAEConfig
+
+    gen = torch.Generator().manual_seed(seed)
+    cfg = SAEConfig(
+        architecture=architecture,  # type: ignore[arg-type]
+        d_in=d_in,
+        d_sae=d_sae,
+        k=8 if architecture == "topk" else None,
+        metadata={"hook_name": hookpoint, "model_name": "test"},
+    )
+    w = torch.randn(d_in, d_sae, generator=gen)
+    w = w / w.norm(dim=0, keepdim=True)
+    tensors = {
+        "W_enc": w,
+        "b_enc": -torch.rand(d_sae, generator=gen) * 2.0,
+        "W_dec": w.T.contiguous(),
+        "b_dec": torch.zeros(d_in),
+    }
+    if architecture in ("jumprelu", "batchtopk"):
+        tensors["threshold"] = torch.full((d_sae,), 0.5)
+    sae = SAE.from_tensors(cfg, tensors)
+    sae.save(path)
+    return path
