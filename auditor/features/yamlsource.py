@@ -1,0 +1,265 @@
+"""YAML that remembers where every value came from.
+
+Feature libraries and policies are hand-written YAML; a problem in them is only
+useful to a user when it says ``FILE:LINE:COLUMN``. :func:`parse_yaml` builds the
+plain Python data *and* a :class:`SourceMap` from data paths (``("rules", 0,
+"condition", "threshold")``) to 1-based positions, and :meth:`SourceMap.locate`
+turns a pydantic error ``loc`` back into a position.
+
+Example:
+    >>> data, smap, problems = parse_yaml("a:\\n  b: [1, 2]\\n")
+    >>> smap.value(("a", "b", 1))
+    (2, 10)
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import yaml
+from pydantic import ValidationError
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+__all__ = ["DataPath", "Position", "SourceMap", "YamlProblem", "parse_yaml", "format_path", "pydantic_problems"]
+
+DataPath = tuple[Union[str, int], ...]
+Position = tuple[int, int]  # (line, column), both 1-based
+
+
+@dataclass(frozen=True)
+class YamlProblem:
+    """A located problem found while reading YAML (syntax error, duplicate key, ...)."""
+
+    line: int | None
+    column: int | None
+    message: str
+    path: DataPath = ()
+    """Data path the problem is about (empty when unknown)."""
+
+
+@dataclass
+class SourceMap:
+    """Positions of every value (and of every mapping key) in one YAML document."""
+
+    values: dict[DataPath, Position] = field(default_factory=dict)
+    """Where each value starts (for a sequence item: the item, after its dash)."""
+    keys: dict[DataPath, Position] = field(default_factory=dict)
+    """Where the key of each mapping entry starts."""
+
+    def value(self, path: DataPath) -> Position | None:
+        """Position of the value at ``path``, or None when it is not in the document."""
+        return self.values.get(path)
+
+    def key(self, path: DataPath) -> Position | None:
+        """Position of the mapping key whose value is at ``path`` (None for the root and list items)."""
+        return self.keys.get(path)
+
+    def resolve(self, data: Any, loc: Sequence[Any]) -> tuple[DataPath, bool]:
+        """The longest prefix of ``loc`` present in ``data``, and whether all of ``loc`` was found.
+
+        Segments that are not keys or indices of the current value are skipped:
+        pydantic puts union tags and type names (``"feature"``, ``"SteerAction"``)
+        in ``loc`` between real keys.
+        """
+        node = data
+        path: DataPath = ()
+        complete = True
+        for seg in loc:
+            if isinstance(node, dict) and seg in node:
+                node = node[seg]
+                path = (*path, seg)
+            elif isinstance(node, dict) and isinstance(seg, str) and (key := _key_spelt(node, seg)) is not None:
+                # a validator re-spelt a non-string YAML key (``0.99:`` -> "0.99")
+                node = node[key]
+                path = (*path, key)
+            elif isinstance(node, list) and isinstance(seg, int) and 0 <= seg < len(node):
+                node = node[seg]
+                path = (*path, seg)
+            else:
+                complete = False
+        return path, complete
+
+    def locate(self, data: Any, loc: Sequence[Any], *, prefer_key: bool = False) -> Position | None:
+        """Best position for a problem at pydantic ``loc`` in ``data``.
+
+        Scalars point at their value; mappings and lists (and ``prefer_key``,
+        e.g. for an unknown key) point at the key that introduces them, so a
+        problem with a whole block is reported on the line that names it.
+        """
+        path, _ = self.resolve(data, loc)
+        node = _get(data, path)
+        if prefer_key or isinstance(node, (dict, list)):
+            pos = self.keys.get(path)
+            if pos is not None:
+                return pos
+        return self.values.get(path) or self.keys.get(path)
+
+
+def _key_spelt(mapping: dict[Any, Any], text: str) -> Any:
+    for key in mapping:
+        if not isinstance(key, str) and (str(key) == text or repr(key) == text):
+            return key
+    return None
+
+
+def _get(data: Any, path: DataPath) -> Any:
+    for seg in path:
+        data = data[seg]
+    return data
+
+
+def format_path(path: Sequence[Any]) -> str:
+    """``("rules", 0, "id")`` -> ``rules[0].id``."""
+    out = ""
+    for seg in path:
+        if isinstance(seg, int):
+            out += f"[{seg}]"
+        else:
+            out += f".{seg}" if out else str(seg)
+    return out
+
+
+def _mark(node: Node) -> Position:
+    return node.start_mark.line + 1, node.start_mark.column + 1
+
+
+class _Builder:
+    def __init__(self, loader: yaml.SafeLoader) -> None:
+        self.loader = loader
+        self.smap = SourceMap()
+        self.problems: list[YamlProblem] = []
+        self._active: set[int] = set()
+
+    def build(self, node: Node, path: DataPath) -> Any:
+        self.smap.values[path] = _mark(node)
+        if id(node) in self._active:
+            line, col = _mark(node)
+            self.problems.append(YamlProblem(line, col, "recursive YAML alias"))
+            return None
+        if isinstance(node, ScalarNode):
+            return self._scalar(node)
+        self._active.add(id(node))
+        try:
+            if isinstance(node, SequenceNode):
+                return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
+            if isinstance(node, MappingNode):
+                return self._mapping(node, path)
+            return self._scalar(node)
+        finally:
+            self._active.discard(id(node))
+
+    def _scalar(self, node: Node) -> Any:
+        try:
+            return self.loader.construct_object(node, deep=True)
+        except (yaml.YAMLError, ValueError, TypeError) as exc:
+            # e.g. "!!int x" or an unknown "!tag": report it where it is, keep going
+            line, col = _mark(node)
+            reason = getattr(exc, "problem", None) or str(exc)
+            self.problems.append(YamlProblem(line, col, f"YAML value error: {reason}"))
+            return None
+
+    def _mapping(self, node: MappingNode, path: DataPath) -> dict[Any, Any]:
+        self.loader.flatten_mapping(node)  # resolves "<<" merge keys in place
+        out: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            line, col = _mark(key_node)
+            key = self._scalar(key_node) if isinstance(key_node, ScalarNode) else [None]
+            try:
+                hash(key)
+            except TypeError:
+                self.problems.append(YamlProblem(line, col, "a mapping key must be a plain value, not a list or mapping"))
+                continue
+            if key in out:
+                self.problems.append(YamlProblem(line, col, f"duplicate key {key!r} (a key may appear once per mapping)"))
+                continue
+            self.smap.keys[(*path, key)] = (line, col)
+            out[key] = self.build(value_node, (*path, key))
+        return out
+
+
+def parse_yaml(text: str) -> tuple[Any, SourceMap, list[YamlProblem]]:
+    """Parse one YAML document into plain data plus its :class:`SourceMap`.
+
+    Returns ``(data, source_map, problems)``. A syntax error yields
+    ``(None, empty map, [problem])``; an empty document yields ``None`` data
+    and no problems (the caller knows what an empty file means to it).
+    Duplicate keys are problems (the first value is kept), not silent overrides.
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            what = " ".join(p for p in (exc.context, exc.problem) if p) or "invalid YAML"
+            line, col = (mark.line + 1, mark.column + 1) if mark is not None else (None, None)
+            return None, SourceMap(), [YamlProblem(line, col, f"YAML syntax error: {what}")]
+        except yaml.YAMLError as exc:
+            return None, SourceMap(), [YamlProblem(None, None, f"YAML error: {exc}")]
+        if node is None:
+            return None, SourceMap(), []
+        builder = _Builder(loader)
+        data = builder.build(node, ())
+        return data, builder.smap, builder.problems
+    finally:
+        loader.dispose()
+
+
+def pydantic_problems(
+    exc: ValidationError,
+    data: Any,
+    smap: SourceMap,
+    *,
+    known_keys: Iterable[str] = (),
+    skip_types: Iterable[str] = (),
+) -> list[YamlProblem]:
+    """Turn a pydantic ``ValidationError`` on ``data`` into located problems.
+
+    ``known_keys`` (every key the format allows anywhere) feeds "did you mean"
+    for unknown keys; error types in ``skip_types`` are dropped (the caller
+    reports those itself, with better positions).
+    """
+    vocabulary = sorted(set(known_keys))
+    skip = set(skip_types)
+    problems: list[YamlProblem] = []
+    for err in exc.errors(include_url=False):
+        kind = err["type"]
+        if kind in skip:
+            continue
+        loc = err["loc"]
+        path, complete = smap.resolve(data, loc)
+        if kind == "extra_forbidden" and complete and loc:
+            key = path[-1]
+            msg = f"unknown key {key!r}"
+            close = difflib.get_close_matches(str(key), vocabulary, n=1, cutoff=0.7)
+            if close:
+                msg += f"; did you mean {close[0]!r}?"
+            where = format_path(path[:-1])
+            msg = f"{where}: {msg}" if where else msg
+            pos = smap.key(path) or smap.value(path)
+        elif kind == "missing" and loc:
+            where = format_path(path)
+            msg = f"missing required key {loc[-1]!r}" + (f" in {where}" if where else "")
+            pos = smap.locate(data, path)
+        elif loc and loc[-1] == "[key]":
+            # A bad mapping key: point at the key itself.
+            msg = f"{format_path(path)}: key {err['msg']}"
+            got = err.get("input")
+            if not isinstance(got, (dict, list)):
+                msg += f" (got {got!r})"
+            pos = smap.key(path) or smap.value(path)
+        else:
+            msg = err["msg"]
+            if kind in ("literal_error", "string_pattern_mismatch", "enum") or kind.endswith("_type"):
+                got = err.get("input")
+                if not isinstance(got, (dict, list)):
+                    msg += f" (got {got!r})"
+            where = format_path(path)
+            msg = f"{where}: {msg}" if where else msg
+            pos = smap.locate(data, path)
+        line, col = pos if pos is not None else (None, None)
+        problems.append(YamlProblem(line, col, msg, path))
+    return problems

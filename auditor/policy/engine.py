@@ -1,0 +1,591 @@
+"""Evaluate a compiled policy on a batch of feature activations: one :class:`Verdict` per row.
+
+``PolicyEngine.evaluate`` runs a fixed handful of tensor ops for the whole batch
+and every rule: gather the leaf columns (``[B, T, L]``), aggregate them under
+their scope masks (``[B, L]``), run the node program of the condition trees,
+compute sustained-run lengths for ``for_tokens`` rules with a cumulative max,
+and apply exceptions. Python only loops over batch rows and matched rules to
+build the result objects.
+
+Rule semantics (leaf semantics are in :mod:`auditor.policy.compile`):
+
+- scores: a leaf scores ``value / threshold``; ``all`` takes the min of its
+  children, ``any`` the max, ``not`` ``1 / score`` (capped at 1e6); a node fires
+  exactly when its score is ``>= 1``;
+- ``for_tokens: N`` adds a requirement: the per-token condition (leaves' per-token
+  holds combined by the same all/any/not) must hold on ``N`` consecutive scoped
+  tokens (a masked or out-of-scope token breaks the run); the rule's score is
+  ``min(condition score, longest run / N)``;
+- a rule with no token in scope scores 0 and does not fire; a rule whose
+  exception fires keeps its score but does not match (``Verdict.suppressed``);
+- identical leaves (same features, agg, levels, scope) are evaluated once.
+
+Example::
+
+    engine = load_policy("policies/default.yaml")
+    acts = full_acts[..., engine.watched]                     # [B, T, F]
+    verdicts = engine.evaluate(AuditBatch(acts, mask, is_completion))
+    verdicts[0].action                                        # "allow" | "alert" | "block"
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from auditor.errors import AuditorError, PolicyError, PolicyErrors
+from auditor.features.library import FeatureLibrary
+from auditor.policy import schema as s
+from auditor.policy.compile import (
+    AGGS,
+    NOT_SCORE_CAP,
+    OP_ALL,
+    OP_ANY,
+    CompiledPolicy,
+    compile_policy,
+    policy_hash,
+)
+
+__all__ = [
+    "AuditBatch",
+    "LeafExplanation",
+    "RuleMatch",
+    "SteerAction",
+    "Verdict",
+    "RuleInfo",
+    "PolicyEngine",
+    "build_engine",
+    "load_policy",
+    "validate_files",
+]
+
+_ONE_MINUS = float(torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)))  # largest float32 below 1
+_COUNT_AGGS = (AGGS.index("count_above"), AGGS.index("fraction_above"))
+
+
+@dataclass
+class AuditBatch:
+    """What the engine reads: activations of the watched latents plus token masks."""
+
+    features: Tensor
+    """``[B, T, F]`` activations of the watched latents, columns in ``engine.watched`` order."""
+    mask: Tensor
+    """``[B, T]`` bool: real content tokens (False for padding, BOS, chat special tokens)."""
+    is_completion: Tensor
+    """``[B, T]`` bool: True on completion tokens, False on prompt tokens."""
+    recon_error: Tensor | None = None
+    """``[B, T]`` relative reconstruction error; needed iff ``engine.needs_recon_error``."""
+    resid: Tensor | None = None
+    """``[B, T, d_in]`` raw hookpoint activations; needed iff ``engine.needs_resid``."""
+    tokens: list[list[str]] | None = None
+    """Token strings, for explanations."""
+
+
+@dataclass
+class LeafExplanation:
+    """One leaf of a matched rule: its aggregated value and where it held."""
+
+    kind: Literal["feature", "probe", "anomaly"]
+    name: str
+    agg: str
+    value: float
+    threshold: float
+    fired: bool
+    token_spans: list[tuple[int, int]]
+    """Half-open token spans where the per-token value reached its level (``above`` or ``threshold``)."""
+    above: float | None = None
+    """Per-token level of count_above / fraction_above leaves."""
+    span_texts: list[str] = field(default_factory=list)
+    """The text of each span (joined token strings) when the batch carried ``tokens``."""
+
+
+@dataclass
+class SteerAction:
+    """Steer one feature (from a matched rule's ``steer`` action)."""
+
+    feature: str
+    index: int
+    """Latent index of the feature in the SAE."""
+    mode: Literal["clamp", "scale", "add"]
+    value: float
+    rule_id: str
+
+
+@dataclass
+class RuleMatch:
+    """A rule that fired on a row and was not suppressed by an exception."""
+
+    rule_id: str
+    description: str
+    severity: str
+    category: str
+    actions: list[str]
+    score: float
+    labels: dict[str, str]
+    annotations: dict[str, str]
+    explanation: list[LeafExplanation]
+
+
+@dataclass
+class Verdict:
+    """The policy's decision on one batch row."""
+
+    action: Literal["allow", "alert", "block"]
+    matches: list[RuleMatch]
+    scores: dict[str, float]
+    """Rule id -> score for every enabled rule (>= 1 means its condition held)."""
+    category_scores: dict[str, float]
+    annotations: list[str]
+    steering: list[SteerAction]
+    suppressed: dict[str, str] = field(default_factory=dict)
+    """Rule id -> name of the exception that suppressed a rule whose condition held."""
+
+
+@dataclass(frozen=True)
+class RuleInfo:
+    """A rule as listed by ``GET /v1/policies`` and ``auditor policy list``."""
+
+    id: str
+    description: str
+    severity: str
+    category: str
+    scope: str
+    enabled: bool
+    actions: tuple[str, ...]
+    for_tokens: int | None
+
+
+def _spans(tok: Tensor) -> dict[tuple[int, int], list[tuple[int, int]]]:
+    """Half-open spans of True along dim 1 of ``tok [B, T, L]``, keyed by ``(row, leaf)``.
+
+    One vectorized edge detection; Python then walks the edges (two per span), not the tokens.
+    """
+    b, t, n = tok.shape
+    padded = torch.zeros(b, n, t + 2, dtype=torch.int8)
+    padded[:, :, 1:-1] = tok.permute(0, 2, 1)
+    edges = torch.nonzero(padded[:, :, 1:] != padded[:, :, :-1]).tolist()  # [K, 3] (row, leaf, t), sorted
+    out: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for (row, leaf, start), (_, _, end) in zip(edges[0::2], edges[1::2]):
+        out.setdefault((row, leaf), []).append((start, end))
+    return out
+
+
+def _longest_run(x: Tensor) -> Tensor:
+    """Longest run of True along dim 1 of ``x [B, T, R]`` -> ``[B, R]`` (int64)."""
+    t = x.shape[1]
+    pos = torch.arange(t, device=x.device).view(1, t, 1)  # [1, T, 1]
+    last_false = torch.where(x, torch.full_like(pos, -1), pos).cummax(dim=1).values  # [B, T, R]
+    run = torch.where(x, pos - last_false, torch.zeros_like(pos))
+    return run.amax(dim=1) if t > 0 else x.new_zeros(x.shape[0], x.shape[2], dtype=torch.long)
+
+
+def _consistent(score: Tensor, fired: Tensor) -> Tensor:
+    """Nudge scores so ``score >= 1`` exactly where ``fired`` (rounding can disagree at the boundary)."""
+    return torch.where(fired, score.clamp(min=1.0), score.clamp(max=_ONE_MINUS))
+
+
+class PolicyEngine:
+    """One compiled policy: immutable, safe to share across threads."""
+
+    def __init__(
+        self,
+        policy: s.Policy,
+        library: FeatureLibrary,
+        compiled: CompiledPolicy,
+        *,
+        path: str | None = None,
+        sources: tuple[Path, ...] = (),
+    ) -> None:
+        self.policy = policy
+        self.library = library
+        self.compiled = compiled
+        self.path = path
+        self.sources = sources
+        """Files the engine was built from (policy, library, probes), for reload watching."""
+        self.name: str = policy.metadata.name
+        probes = [leaf.probe for leaf in compiled.leaves if leaf.probe is not None]
+        self.hash: str = policy_hash(policy, library, probes)
+        self.watched: Tensor = compiled.watched
+        self.needs_recon_error: bool = compiled.needs_recon_error
+        self.needs_resid: bool = compiled.needs_resid
+        self.rules: tuple[RuleInfo, ...] = tuple(
+            RuleInfo(
+                id=r.id,
+                description=r.description,
+                severity=r.severity,
+                category=r.category,
+                scope=r.scope,
+                enabled=r.enabled,
+                actions=tuple(r.action_names),
+                for_tokens=r.for_tokens,
+            )
+            for r in policy.rules
+        )
+        self.categories: tuple[str, ...] = tuple(dict.fromkeys(r.category for r in policy.rules))
+        col_of = {int(lat): c for c, lat in enumerate(compiled.watched.tolist())}
+        # Columns of the watched features each feature-input probe reads, in coef order.
+        self._probe_cols = {
+            i: torch.tensor([col_of[lat] for lat in compiled.leaves[i].latents], dtype=torch.long)
+            for i in compiled.probe_leaves
+            if compiled.leaves[i].latents
+        }
+        cat_index = {c: k for k, c in enumerate(self.categories)}
+        self._rule_cat = torch.tensor([cat_index[r.category] for r in compiled.rules], dtype=torch.long)
+        self._ft_rules = torch.nonzero(compiled.rule_for_tokens > 0).flatten()
+        self._device_cache: dict[torch.device, dict[str, Any]] = {}
+
+    def __repr__(self) -> str:
+        return f"PolicyEngine(name={self.name!r}, rules={len(self.compiled.rules)}, watched={self.watched.numel()})"
+
+    def _tensors(self, device: torch.device) -> dict[str, Any]:
+        cached = self._device_cache.get(device)
+        if cached is None:
+            c = self.compiled
+            cached = {
+                "leaf_columns": c.leaf_columns.to(device),
+                "leaf_agg": c.leaf_agg.to(device),
+                "leaf_above": c.leaf_above.to(device),
+                "leaf_threshold": c.leaf_threshold.to(device),
+                "leaf_scope": c.leaf_scope.to(device),
+                "groups": [(g.op, g.out.to(device), g.children.to(device)) for g in c.groups],
+                "rule_node": c.rule_node.to(device),
+                "rule_scope": c.rule_scope.to(device),
+                "rule_for_tokens": c.rule_for_tokens.to(device),
+                "exc_node": c.exc_node.to(device),
+                "exc_rule": c.exc_rule.to(device),
+                "rule_cat": self._rule_cat.to(device),
+                "ft_rules": self._ft_rules.to(device),
+                "probe_cols": {i: v.to(device) for i, v in self._probe_cols.items()},
+            }
+            self._device_cache[device] = cached  # benign race: equal values either way
+        return cached
+
+    def _check(self, batch: AuditBatch) -> None:
+        f = batch.features
+        if f.dim() != 3:
+            raise ValueError(f"features must be [B, T, F], got shape {tuple(f.shape)}")
+        b, t, n = f.shape
+        if n != self.watched.numel():
+            raise ValueError(
+                f"features has {n} columns but policy {self.name!r} watches {self.watched.numel()} latents; "
+                "select full activations with acts[..., engine.watched]"
+            )
+        for label, m in (("mask", batch.mask), ("is_completion", batch.is_completion)):
+            if tuple(m.shape) != (b, t):
+                raise ValueError(f"{label} must be [B, T] = {(b, t)}, got {tuple(m.shape)}")
+        if self.needs_recon_error and (batch.recon_error is None or tuple(batch.recon_error.shape) != (b, t)):
+            raise ValueError(f"policy {self.name!r} has anomaly rules: recon_error [B, T] = {(b, t)} is required")
+        if self.needs_resid:
+            r = batch.resid
+            d_in = self.compiled.d_in
+            if r is None or tuple(r.shape) != (b, t, d_in):
+                raise ValueError(f"policy {self.name!r} has hookpoint probes: resid [B, T, {d_in}] is required")
+
+    @torch.inference_mode()
+    def evaluate(self, batch: AuditBatch) -> list[Verdict]:
+        """One :class:`Verdict` per batch row (see the module docstring)."""
+        self._check(batch)
+        c = self.compiled
+        feats = batch.features.float()  # [B, T, F]
+        dev = feats.device
+        mask = batch.mask.to(dev, torch.bool)
+        comp = batch.is_completion.to(dev, torch.bool)
+        recon = batch.recon_error.to(dev, torch.float32) if batch.recon_error is not None else None
+        resid = batch.resid.to(dev, torch.float32) if batch.resid is not None else None
+        if feats.shape[1] == 0:
+            # Empty texts: one masked-out token keeps every reduction defined; nothing is in scope.
+            bsz = feats.shape[0]
+            feats, mask, comp = feats.new_zeros(bsz, 1, feats.shape[2]), mask.new_zeros(bsz, 1), comp.new_zeros(bsz, 1)
+            recon = feats.new_zeros(bsz, 1) if recon is not None else None
+            resid = feats.new_zeros(bsz, 1, resid.shape[2]) if resid is not None else None
+        k = self._tensors(dev)
+        scope_masks = torch.stack([mask, mask & ~comp, mask & comp], dim=-1)  # [B, T, 3]
+        n_scope = scope_masks.sum(1)  # [B, 3]
+
+        value, score, fired, tok = self._leaves(k, feats, recon, resid, scope_masks, n_scope)
+        scores, fires, tok_nodes = self._nodes(k, score, fired, tok)
+
+        rnode, rscope = k["rule_node"], k["rule_scope"]
+        rscore = scores[:, rnode]  # [B, R]
+        rfired = fires[:, rnode]
+        if tok_nodes is not None:
+            ft = k["ft_rules"]
+            held = tok_nodes[:, :, rnode[ft]] & scope_masks[:, :, rscope[ft]]  # [B, T, Rf]
+            run = _longest_run(held)  # [B, Rf]
+            need = k["rule_for_tokens"][ft]  # [Rf]
+            run_ok = run >= need
+            run_score = _consistent(run.to(torch.float32) / need.to(torch.float32), run_ok)
+            rscore[:, ft] = torch.minimum(rscore[:, ft], run_score)
+            rfired[:, ft] = rfired[:, ft] & run_ok
+        rule_has = n_scope[:, rscope] > 0  # [B, R]
+        rscore = torch.where(rule_has, rscore, torch.zeros_like(rscore))
+        rfired = rfired & rule_has
+        bsz = feats.shape[0]
+        exc_fired = fires[:, k["exc_node"]]  # [B, E]
+        excepted = torch.zeros(bsz, len(c.rules), device=dev).index_add_(1, k["exc_rule"], exc_fired.float()) > 0
+        matched = rfired & ~excepted
+        cat_scores = feats.new_zeros(bsz, len(self.categories)).scatter_reduce(
+            1, k["rule_cat"].unsqueeze(0).expand(bsz, -1), rscore, reduce="amax", include_self=True
+        )
+        return self._verdicts(
+            rscore.cpu(),
+            matched.cpu(),
+            rfired.cpu(),
+            exc_fired.cpu(),
+            cat_scores.cpu(),
+            value.cpu(),
+            fired.cpu(),
+            tok.cpu(),
+            batch.tokens,
+        )
+
+    def _leaves(
+        self,
+        k: dict[str, Any],
+        feats: Tensor,
+        recon: Tensor | None,
+        resid: Tensor | None,
+        scope_masks: Tensor,
+        n_scope: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Aggregated value ``[B, L]``, score ``[B, L]``, fired ``[B, L]`` and per-token holds ``[B, T, L]``."""
+        c = self.compiled
+        bsz, t, _ = feats.shape
+        ext = torch.cat(
+            [feats, (recon if recon is not None else feats.new_zeros(bsz, t)).unsqueeze(-1), feats.new_full((bsz, t, 1), float("-inf"))],
+            dim=-1,
+        )  # [B, T, F + 2]: watched latents, reconstruction error, -inf padding
+        vals = ext[:, :, k["leaf_columns"]]  # [B, T, L, G]
+        vals = vals.amax(-1) if vals.shape[-1] > 1 else vals.squeeze(-1)  # [B, T, L]
+        leaf_mask = scope_masks[:, :, k["leaf_scope"]]  # [B, T, L]
+        n = n_scope[:, k["leaf_scope"]]  # [B, L]
+        nf = n.clamp(min=1).to(torch.float32)
+
+        probe_vals = feats.new_zeros(bsz, len(c.leaves))  # [B, L]
+        for i in c.probe_leaves:
+            probe = c.leaves[i].probe
+            if probe is None:  # compile sets a probe on every probe leaf
+                continue
+            inputs = feats[:, :, k["probe_cols"][i]] if probe.inputs == "features" else resid  # [B, T, n]
+            if inputs is None:
+                continue  # _check insists on resid for hookpoint probes
+            vals[:, :, i] = probe.decision(inputs)
+            probe_vals[:, i] = probe.decision(probe.pool_inputs(inputs, leaf_mask[:, :, i]))
+
+        above = vals > k["leaf_above"]  # [B, T, L]
+        vmax = vals.masked_fill(~leaf_mask, float("-inf")).amax(1)  # [B, L]
+        vmean = vals.masked_fill(~leaf_mask, 0.0).sum(1) / nf
+        count = (above & leaf_mask).sum(1).to(torch.float32)
+        stacked = torch.stack([vmax, vmean, count, count / nf, probe_vals], dim=-1)  # [B, L, 5]
+        agg = k["leaf_agg"]
+        value = stacked.gather(-1, agg.view(1, -1, 1).expand(bsz, -1, 1)).squeeze(-1)  # [B, L]
+        has = n > 0
+        value = value.masked_fill(~has, 0.0)
+        thr = k["leaf_threshold"]
+        fired = (value >= thr) & has
+        positive = thr > 0
+        score = torch.where(
+            positive,
+            value / torch.where(positive, thr, torch.ones_like(thr)),
+            fired.to(torch.float32) * NOT_SCORE_CAP,  # a threshold <= 0 fires on anything in scope
+        )
+        score = _consistent(score, fired)
+        counting = (agg == _COUNT_AGGS[0]) | (agg == _COUNT_AGGS[1])
+        tok = torch.where(counting, above, vals >= thr) & leaf_mask  # [B, T, L]
+        return value, score, fired, tok
+
+    def _nodes(
+        self, k: dict[str, Any], score: Tensor, fired: Tensor, tok: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Run the node program: scores and fired ``[B, N]``, and per-token holds ``[B, T, N]`` when needed."""
+        c = self.compiled
+        bsz, t, n_leaves = tok.shape
+        dev = tok.device
+        scores = score.new_zeros(bsz, c.n_nodes)
+        fires = torch.zeros(bsz, c.n_nodes, dtype=torch.bool, device=dev)
+        scores[:, :n_leaves] = score
+        fires[:, :n_leaves] = fired
+        scores[:, c.const_true] = float("inf")  # neutral for min (all); const_false (0, False) for any
+        fires[:, c.const_true] = True
+        tok_nodes = None
+        if self._ft_rules.numel() > 0:
+            # Per-token truth is only needed for for_tokens rules' run lengths.
+            tok_nodes = torch.zeros(bsz, t, c.n_nodes, dtype=torch.bool, device=dev)
+            tok_nodes[:, :, :n_leaves] = tok
+            tok_nodes[:, :, c.const_true] = True
+        for op, out, children in k["groups"]:
+            cs, cf = scores[:, children], fires[:, children]  # [B, n, c]
+            if op == OP_ALL:
+                scores[:, out], fires[:, out] = cs.amin(-1), cf.all(-1)
+            elif op == OP_ANY:
+                scores[:, out], fires[:, out] = cs.amax(-1), cf.any(-1)
+            else:
+                child = cs[..., 0]
+                inv = torch.where(child > 0, 1.0 / child, torch.full_like(child, NOT_SCORE_CAP))
+                negated = ~cf[..., 0]
+                scores[:, out], fires[:, out] = _consistent(inv.clamp(max=NOT_SCORE_CAP), negated), negated
+            if tok_nodes is not None:
+                ct = tok_nodes[:, :, children]  # [B, T, n, c]
+                if op == OP_ALL:
+                    tok_nodes[:, :, out] = ct.all(-1)
+                elif op == OP_ANY:
+                    tok_nodes[:, :, out] = ct.any(-1)
+                else:
+                    tok_nodes[:, :, out] = ~ct[..., 0]
+        return scores, fires, tok_nodes
+
+    def _verdicts(
+        self,
+        rscore: Tensor,
+        matched: Tensor,
+        rfired: Tensor,
+        exc_fired: Tensor,
+        cat_scores: Tensor,
+        value: Tensor,
+        fired: Tensor,
+        tok: Tensor,
+        tokens: list[list[str]] | None,
+    ) -> list[Verdict]:
+        c = self.compiled
+        rule_ids = [r.id for r in c.rules]
+        score_rows = rscore.tolist()
+        cat_rows = cat_scores.tolist()
+        value_rows = value.tolist()
+        fired_rows = fired.tolist()
+        # Spans only for leaves that a matched rule explains: [B, T, L'] -> keyed by the original leaf index.
+        needed = sorted({li for r_i in torch.nonzero(matched.any(0)).flatten().tolist() for li in c.rules[r_i].leaves})
+        spans = {(b, needed[j]): v for (b, j), v in _spans(tok[:, :, needed]).items()} if needed else {}
+        exc_pos = {}
+        pos = 0
+        for r_i, rule in enumerate(c.rules):
+            exc_pos[r_i] = list(range(pos, pos + len(rule.exceptions)))
+            pos += len(rule.exceptions)
+        verdicts: list[Verdict] = []
+        for b in range(rscore.shape[0]):
+            matches: list[RuleMatch] = []
+            annotations: list[str] = []
+            steering: list[SteerAction] = []
+            suppressed: dict[str, str] = {}
+            for r_i in torch.nonzero(rfired[b] & ~matched[b]).flatten().tolist():
+                rule = c.rules[r_i]
+                hit = next(e for e, p in zip(rule.exceptions, exc_pos[r_i]) if bool(exc_fired[b, p]))
+                suppressed[rule.id] = hit.name
+            for r_i in torch.nonzero(matched[b]).flatten().tolist():
+                rule = c.rules[r_i]
+                explanation = []
+                for li in rule.leaves:
+                    leaf = c.leaves[li]
+                    leaf_spans = spans.get((b, li), [])
+                    texts = ["".join(tokens[b][i:j]) for i, j in leaf_spans] if tokens is not None else []
+                    explanation.append(
+                        LeafExplanation(
+                            kind=leaf.kind,
+                            name=leaf.name,
+                            agg=leaf.agg,
+                            value=value_rows[b][li],
+                            threshold=leaf.threshold,
+                            fired=fired_rows[b][li],
+                            token_spans=leaf_spans,
+                            above=leaf.above,
+                            span_texts=texts,
+                        )
+                    )
+                matches.append(
+                    RuleMatch(
+                        rule_id=rule.id,
+                        description=rule.description,
+                        severity=rule.severity,
+                        category=rule.category,
+                        actions=list(rule.actions),
+                        score=score_rows[b][r_i],
+                        labels=dict(rule.labels),
+                        annotations=dict(rule.annotations),
+                        explanation=explanation,
+                    )
+                )
+                if "annotate" in rule.actions:
+                    note = rule.annotations.get("summary") or rule.description or rule.id
+                    annotations.append(f"{rule.id}: {note}")
+                steering.extend(
+                    SteerAction(st.feature, st.index, st.mode, st.value, rule.id)  # type: ignore[arg-type]
+                    for st in rule.steering
+                )
+            actions = {a for m in matches for a in m.actions}
+            action: Literal["allow", "alert", "block"] = (
+                "block" if "block" in actions else "alert" if "alert" in actions else "allow"
+            )
+            verdicts.append(
+                Verdict(
+                    action=action,
+                    matches=matches,
+                    scores=dict(zip(rule_ids, score_rows[b])),
+                    category_scores=dict(zip(self.categories, cat_rows[b])),
+                    annotations=annotations,
+                    steering=steering,
+                    suppressed=suppressed,
+                )
+            )
+        return verdicts
+
+
+def build_engine(policy: s.Policy, library: FeatureLibrary, *, path: str | Path, base_dir: str | Path | None = None) -> PolicyEngine:
+    """Compile an already-parsed policy into an engine (probe paths resolve against ``base_dir``)."""
+    p = Path(path)
+    compiled = compile_policy(policy, library, base_dir=base_dir if base_dir is not None else p.parent, path=str(p))
+    sources = [p.resolve()]
+    if library.path is not None:
+        sources.append(library.path)
+    sources.extend(Path(leaf.probe_key) for leaf in compiled.leaves if leaf.probe_key is not None)
+    return PolicyEngine(policy, library, compiled, path=str(p), sources=tuple(dict.fromkeys(sources)))
+
+
+def load_policy(
+    path: str | Path,
+    *,
+    search_dirs: Sequence[str | os.PathLike[str]] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> PolicyEngine:
+    """Parse, validate and compile one policy file.
+
+    Raises :class:`PolicyErrors` listing every problem (YAML, schema, library
+    references, probe files), each located by file and, where known, line.
+    ``search_dirs`` / ``env`` are passed to the library lookup.
+    """
+    from auditor.policy.loader import parse_policy_file
+
+    policy, library = parse_policy_file(path, search_dirs=search_dirs, env=env)
+    return build_engine(policy, library, path=path)
+
+
+def validate_files(
+    paths: Iterable[str | os.PathLike[str]],
+    *,
+    search_dirs: Sequence[str | os.PathLike[str]] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> list[PolicyError]:
+    """Every problem :func:`load_policy` would raise for ``paths`` (empty when all load).
+
+    The loader's checks (with file:line:column positions, duplicate policy names)
+    plus the few that only compilation finds.
+    """
+    from auditor.policy.loader import validate_files as check_files
+
+    paths = [os.fspath(p) for p in paths]
+    errors = check_files(paths, search_dirs=search_dirs, env=env)
+    failed = {e.path for e in errors}
+    for path in paths:
+        if path in failed:
+            continue
+        try:
+            load_policy(path, search_dirs=search_dirs, env=env)
+        except PolicyErrors as exc:
+            errors.extend(exc.errors)
+        except AuditorError as exc:
+            errors.append(PolicyError(path, None, None, exc.message))
+    return errors

@@ -1,0 +1,264 @@
+"""The loaded policy set, swapped atomically on reload.
+
+A :class:`PolicyStore` holds one :class:`~auditor.policy.engine.PolicyEngine`
+per policy name. ``reload()`` builds a complete new set first and swaps it in
+with one reference assignment; when any file fails, the previous set stays in
+service, the problems are kept in ``last_error`` and counted as a failure. The
+store has no metrics dependency: the server reads ``reloads``, ``hash`` and
+``last_reload_ok`` or registers ``on_reload`` listeners.
+
+Example::
+
+    store = PolicyStore(["policies/"], default="default")
+    verdicts = store.current().evaluate(batch)
+    store.watch(2.0)          # poll file mtimes; reload on change
+    ...
+    store.stop()
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+from auditor.errors import AuditorError, PolicyError, PolicyErrors
+from auditor.policy.engine import PolicyEngine, load_policy
+
+__all__ = ["PolicyStore", "ReloadResult", "policy_files"]
+
+_SUFFIXES = (".yaml", ".yml")
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    """What one reload did."""
+
+    ok: bool
+    """True when the new set was swapped in."""
+    errors: list[PolicyError] = field(default_factory=list)
+    """Every problem found (empty when ok)."""
+    hash: str = ""
+    """Hash of the set in service after the reload (the old one when it failed)."""
+    changed: bool = False
+    """True when the set in service changed (ok and a different hash)."""
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    engines: Mapping[str, PolicyEngine]
+    hash: str
+    default: str | None
+
+
+def policy_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """Expand files and folders (``*.yaml`` / ``*.yml`` directly inside, sorted) into policy files."""
+    out: list[Path] = []
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            out.extend(sorted(f for f in path.iterdir() if f.suffix in _SUFFIXES and f.is_file()))
+        else:
+            out.append(path)
+    return list(dict.fromkeys(out))
+
+
+def set_hash(engines: Mapping[str, PolicyEngine]) -> str:
+    """sha256 over the (name, engine hash) pairs of a policy set, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(engines):
+        h.update(f"{name}\0{engines[name].hash}\n".encode())
+    return h.hexdigest()
+
+
+class PolicyStore:
+    """Policies loaded from files and folders; thread-safe atomic reload.
+
+    ``paths``: policy files and/or folders of ``*.yaml``. ``default``: the policy
+    name ``current()`` returns when asked for none (else a policy called
+    ``default``, else the first one loaded). The constructor loads the set and
+    raises :class:`PolicyErrors` when it is invalid (there is nothing to keep).
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        *,
+        default: str | None = None,
+        search_dirs: Sequence[str | os.PathLike[str]] | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.paths = [Path(p) for p in paths]
+        self._default = default
+        self._search_dirs = search_dirs
+        self._env = env
+        self._reload_lock = threading.Lock()  # one reload at a time; readers never take it
+        self._snapshot: _Snapshot | None = None
+        self._listeners: list[Callable[[ReloadResult], None]] = []
+        self._mtimes: dict[Path, tuple[int, int] | None] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.reloads: dict[str, int] = {"success": 0, "failure": 0}
+        """Reload attempts by result (the initial load counts)."""
+        self.last_error: PolicyErrors | None = None
+        """Problems of the latest failed reload; None after a successful one."""
+        self.last_reload_ok: bool = True
+        result = self.reload()
+        if not result.ok:
+            raise PolicyErrors(result.errors)
+
+    # ------------------------------------------------------------ reading
+
+    def _snap(self) -> _Snapshot:
+        snap = self._snapshot
+        if snap is None:  # only during a failed construction
+            raise AuditorError("no policies are loaded")
+        return snap
+
+    @property
+    def hash(self) -> str:
+        """Hash of the policy set in service."""
+        return self._snap().hash
+
+    @property
+    def engines(self) -> Mapping[str, PolicyEngine]:
+        """Read-only name -> engine mapping of the set in service (one consistent snapshot)."""
+        return self._snap().engines
+
+    @property
+    def names(self) -> list[str]:
+        """Names of the loaded policies."""
+        return list(self._snap().engines)
+
+    def current(self, name: str | None = None) -> PolicyEngine:
+        """The engine called ``name`` (or the default one) from the set in service."""
+        snap = self._snap()
+        key = name if name is not None else snap.default
+        engine = snap.engines.get(key) if key is not None else None
+        if engine is None:
+            raise AuditorError(f"unknown policy {key!r}; loaded policies: {', '.join(snap.engines) or 'none'}")
+        return engine
+
+    def on_reload(self, callback: Callable[[ReloadResult], None]) -> None:
+        """Call ``callback(result)`` after every reload attempt (from the reloading thread)."""
+        self._listeners.append(callback)
+
+    # ------------------------------------------------------------ reloading
+
+    def reload(self) -> ReloadResult:
+        """Load every file into a new set and swap it in; on any problem keep the current set."""
+        with self._reload_lock:
+            files = policy_files(self.paths)
+            errors: list[PolicyError] = []
+            engines: dict[str, PolicyEngine] = {}
+            sources: set[Path] = set()
+            if not files:
+                errors.append(
+                    PolicyError(", ".join(map(str, self.paths)) or "<none>", None, None, "no policy files found")
+                )
+            for f in files:
+                try:
+                    engine = load_policy(f, search_dirs=self._search_dirs, env=self._env)
+                except PolicyErrors as exc:
+                    errors.extend(exc.errors)
+                    continue
+                except AuditorError as exc:
+                    errors.append(PolicyError(str(f), None, None, exc.message))
+                    continue
+                sources.update(engine.sources)
+                if engine.name in engines:
+                    errors.append(
+                        PolicyError(
+                            str(f),
+                            None,
+                            None,
+                            f"policy name {engine.name!r} is also used by {engines[engine.name].path}; "
+                            "loaded policies need distinct metadata.name",
+                        )
+                    )
+                    continue
+                engines[engine.name] = engine
+            sources.update(files)
+            self._mtimes = {p: _stat(p) for p in sources}
+            default = self._default
+            if not errors and default is not None and default not in engines:
+                errors.append(
+                    PolicyError(
+                        str(files[0]) if files else "<none>",
+                        None,
+                        None,
+                        f"default policy {default!r} is not among the loaded policies ({', '.join(engines)})",
+                    )
+                )
+            old = self._snapshot
+            if errors:
+                self.reloads["failure"] += 1
+                self.last_error = PolicyErrors(errors)
+                self.last_reload_ok = False
+                result = ReloadResult(ok=False, errors=errors, hash=old.hash if old is not None else "")
+            else:
+                if default is None:
+                    default = "default" if "default" in engines else next(iter(engines))
+                new = _Snapshot(MappingProxyType(engines), set_hash(engines), default)
+                self._snapshot = new  # the swap: one reference assignment, readers see old or new
+                self.reloads["success"] += 1
+                self.last_error = None
+                self.last_reload_ok = True
+                result = ReloadResult(ok=True, hash=new.hash, changed=old is None or old.hash != new.hash)
+            listeners = list(self._listeners)
+        for callback in listeners:
+            try:
+                callback(result)
+            except Exception:  # a broken listener must not break reloading
+                _log.exception("policy reload listener %r failed", callback)
+        return result
+
+    def changed_files(self) -> list[Path]:
+        """Files (policies, libraries, probes, new files in watched folders) changed since the last reload."""
+        current = set(policy_files(self.paths))
+        changed = [p for p, st in self._mtimes.items() if _stat(p) != st]
+        changed.extend(p for p in current if p not in self._mtimes)
+        return sorted(set(changed))
+
+    def check_for_changes(self) -> ReloadResult | None:
+        """Reload when a source file changed; None when nothing changed."""
+        return self.reload() if self.changed_files() else None
+
+    def watch(self, interval_s: float = 2.0) -> None:
+        """Poll for changes every ``interval_s`` seconds in a daemon thread (until :meth:`stop`)."""
+        if interval_s <= 0:
+            raise AuditorError(f"watch interval must be > 0 seconds, got {interval_s}")
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+
+        def loop() -> None:
+            while not self._stop.wait(interval_s):
+                try:
+                    self.check_for_changes()
+                except Exception:  # keep watching: the set in service is untouched
+                    _log.exception("policy reload failed unexpectedly")
+
+        self._thread = threading.Thread(target=loop, name="policy-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the watch thread (no-op when not watching)."""
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+
+
+def _stat(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size

@@ -1,0 +1,202 @@
+"""PolicyStore: atomic reload, keeping the last good set, counters, watching, concurrent readers."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from auditor.errors import AuditorError, PolicyErrors
+from auditor.policy.engine import AuditBatch
+from auditor.policy.store import PolicyStore, ReloadResult, set_hash
+
+LIBRARY = {
+    "apiVersion": "auditor/v1",
+    "kind": "FeatureLibrary",
+    "id": "store-lib",
+    "sae": {"id": "s", "model": "m", "hookpoint": "blocks.0.hook_resid_post"},
+    "features": [
+        {"name": "a.one", "index": 2, "category": "alpha"},
+        {"name": "b.two", "index": 5, "category": "beta"},
+    ],
+}
+
+
+def policy_text(name: str, threshold: float, feature: str = "a.one") -> str:
+    return yaml.safe_dump(
+        {
+            "apiVersion": "auditor/v1",
+            "kind": "Policy",
+            "metadata": {"name": name},
+            "library": "lib/library.yaml",
+            "rules": [
+                {"id": "r", "severity": "high", "category": "alpha", "condition": {"feature": feature, "threshold": threshold}}
+            ],
+        },
+        sort_keys=False,
+    )
+
+
+def write(path: Path, text: str) -> None:
+    """Write and move the mtime forward, so a change is visible even on coarse clocks."""
+    before = path.stat().st_mtime_ns if path.exists() else 0
+    path.write_text(text)
+    st = path.stat()
+    if st.st_mtime_ns <= before:
+        os.utime(path, ns=(st.st_atime_ns, before + 1_000_000))
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "library.yaml").write_text(yaml.safe_dump(LIBRARY))
+    write(tmp_path / "default.yaml", policy_text("default", 1.0))
+    write(tmp_path / "other.yaml", policy_text("other", 2.0, "b.two"))
+    return tmp_path
+
+
+def test_loads_a_folder_and_picks_the_default(folder: Path) -> None:
+    store = PolicyStore([folder])
+    assert store.names == ["default", "other"]
+    assert store.current().name == "default" and store.current("other").name == "other"
+    assert store.reloads == {"success": 1, "failure": 0} and store.last_error is None
+    assert store.hash == set_hash(store.engines)
+    assert PolicyStore([folder], default="other").current().name == "other"
+    with pytest.raises(AuditorError, match="unknown policy 'nope'; loaded policies: default, other"):
+        store.current("nope")
+
+
+def test_valid_reload_swaps_and_changes_the_hash(folder: Path) -> None:
+    store = PolicyStore([folder])
+    seen: list[ReloadResult] = []
+    store.on_reload(seen.append)
+    old_hash, old_engine = store.hash, store.current()
+    write(folder / "default.yaml", policy_text("default", 3.0))
+    result = store.reload()
+    assert result.ok and result.changed and result.hash == store.hash != old_hash
+    assert store.current() is not old_engine
+    assert store.current().compiled.leaf_threshold.tolist() == [3.0]
+    assert store.current("other") is not None and seen == [result]
+    again = store.reload()
+    assert again.ok and not again.changed and again.hash == result.hash
+    assert store.reloads == {"success": 3, "failure": 0}
+
+
+def test_invalid_file_keeps_the_previous_set(folder: Path) -> None:
+    store = PolicyStore([folder])
+    old_hash, old_engines = store.hash, dict(store.engines)
+    write(folder / "default.yaml", policy_text("default", 1.0).replace("severity: high", "severity: urgent"))
+    result = store.reload()
+    assert not result.ok and result.hash == old_hash and not result.changed
+    assert store.hash == old_hash and dict(store.engines) == old_engines
+    assert store.reloads == {"success": 1, "failure": 1} and not store.last_reload_ok
+    (err,) = result.errors
+    assert err.path.endswith("default.yaml") and err.line is not None and "severity" in err.message
+    assert store.last_error is not None and store.last_error.errors == result.errors
+    # Fixing the file recovers.
+    write(folder / "default.yaml", policy_text("default", 1.5))
+    assert store.reload().ok and store.last_error is None and store.reloads == {"success": 2, "failure": 1}
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (lambda f: write(f / "dup.yaml", policy_text("other", 1.0)), "policy name 'other' is also used by"),
+        (lambda f: write(f / "bad.yaml", "rules: [\n"), "bad.yaml"),
+        (lambda f: write(f / "unknown.yaml", policy_text("x", 1.0, "a.onee")), "did you mean 'a.one'"),
+    ],
+)
+def test_reload_failures_are_reported(folder: Path, setup: object, message: str) -> None:
+    store = PolicyStore([folder])
+    old = store.hash
+    setup(folder)  # type: ignore[operator]
+    result = store.reload()
+    assert not result.ok and store.hash == old
+    assert any(message in e.message for e in result.errors)
+
+
+def test_constructor_raises_when_nothing_valid(tmp_path: Path) -> None:
+    with pytest.raises(PolicyErrors, match="no policy files found"):
+        PolicyStore([tmp_path])
+    with pytest.raises(PolicyErrors, match="default policy 'missing'"):
+        (tmp_path / "lib").mkdir()
+        (tmp_path / "lib" / "library.yaml").write_text(yaml.safe_dump(LIBRARY))
+        write(tmp_path / "p.yaml", policy_text("p", 1.0))
+        PolicyStore([tmp_path], default="missing")
+
+
+def test_check_for_changes_sees_policies_libraries_and_new_files(folder: Path) -> None:
+    store = PolicyStore([folder])
+    assert store.check_for_changes() is None
+    write(folder / "default.yaml", policy_text("default", 4.0))
+    result = store.check_for_changes()
+    assert result is not None and result.ok and result.changed
+    assert store.check_for_changes() is None
+    lib = yaml.safe_load((folder / "lib" / "library.yaml").read_text())
+    lib["features"][0]["index"] = 9
+    write(folder / "lib" / "library.yaml", yaml.safe_dump(lib))
+    result = store.check_for_changes()
+    assert result is not None and result.changed and store.current().watched.tolist() == [9]
+    write(folder / "third.yaml", policy_text("third", 1.0))
+    result = store.check_for_changes()
+    assert result is not None and result.ok and "third" in store.names
+
+
+def test_watch_thread_reloads_and_stops(folder: Path) -> None:
+    store = PolicyStore([folder])
+    done = threading.Event()
+    store.on_reload(lambda r: done.set())
+    store.watch(0.02)
+    try:
+        write(folder / "other.yaml", policy_text("other", 7.0, "b.two"))
+        assert done.wait(5.0)
+        assert store.current("other").compiled.leaf_threshold.tolist() == [7.0]
+    finally:
+        store.stop()
+    with pytest.raises(AuditorError, match="interval"):
+        store.watch(0)
+
+
+def test_concurrent_evaluation_never_sees_a_half_set(folder: Path) -> None:
+    store = PolicyStore([folder])
+    versions = {}
+    for thr in (1.0, 5.0):
+        write(folder / "default.yaml", policy_text("default", thr))
+        write(folder / "other.yaml", policy_text("other", thr, "b.two"))
+        assert store.reload().ok
+        versions[store.hash] = thr
+    stop = threading.Event()
+    problems: list[str] = []
+    checked = [0]
+
+    def reader() -> None:
+        batch = AuditBatch(torch.full((1, 3, 1), 3.0), torch.ones(1, 3, dtype=torch.bool), torch.zeros(1, 3, dtype=torch.bool))
+        while not stop.is_set():
+            engines = store.engines  # one snapshot
+            h = set_hash(engines)
+            thresholds = {e.compiled.leaf_threshold.item() for e in engines.values()}
+            actions = {e.evaluate(batch)[0].action for e in engines.values()}
+            if h not in versions or thresholds != {versions[h]} or len(actions) != 1:
+                problems.append(f"mixed set: {h[:8]} {thresholds} {actions}")
+            checked[0] += 1
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(20):
+            thr = (1.0, 5.0)[i % 2]
+            write(folder / "default.yaml", policy_text("default", thr))
+            write(folder / "other.yaml", policy_text("other", thr, "b.two"))
+            assert store.reload().ok
+            time.sleep(0.002)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert problems == [] and checked[0] > 0
