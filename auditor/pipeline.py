@@ -277,8 +277,8 @@ class Auditor:
                 AuditBatch(
                     features=watched_feats,
                     mask=mask,
-                    is_completion=role == ROLE_COMPLETION,
-                    role=role,
+                    is_completion=(role == ROLE_COMPLETION) | (role == ROLE_BOTH),
+                    is_prompt=(role == ROLE_PROMPT) | (role == ROLE_BOTH),
                     recon_error=recon,
                     resid=acts if engine.needs_resid else None,
                     tokens=batch.tokens,

@@ -85,6 +85,10 @@ class AuditBatch:
     """``[B, T, d_in]`` raw hookpoint activations; needed iff ``engine.needs_resid``."""
     tokens: list[list[str]] | None = None
     """Token strings, for explanations."""
+    is_prompt: Tensor | None = None
+    """``[B, T]`` bool: True on prompt tokens; None means ``~is_completion``. Text that is
+    neither prompt nor completion (a bare text to audit) is True in both, so prompt- and
+    completion-scoped rules all see it."""
 
 
 @dataclass
@@ -276,8 +280,8 @@ class PolicyEngine:
                 f"features has {n} columns but policy {self.name!r} watches {self.watched.numel()} latents; "
                 "select full activations with acts[..., engine.watched]"
             )
-        for label, m in (("mask", batch.mask), ("is_completion", batch.is_completion)):
-            if tuple(m.shape) != (b, t):
+        for label, m in (("mask", batch.mask), ("is_completion", batch.is_completion), ("is_prompt", batch.is_prompt)):
+            if m is not None and tuple(m.shape) != (b, t):
                 raise ValueError(f"{label} must be [B, T] = {(b, t)}, got {tuple(m.shape)}")
         if self.needs_recon_error and (batch.recon_error is None or tuple(batch.recon_error.shape) != (b, t)):
             raise ValueError(f"policy {self.name!r} has anomaly rules: recon_error [B, T] = {(b, t)} is required")
@@ -296,16 +300,18 @@ class PolicyEngine:
         dev = feats.device
         mask = batch.mask.to(dev, torch.bool)
         comp = batch.is_completion.to(dev, torch.bool)
+        prompt = ~comp if batch.is_prompt is None else batch.is_prompt.to(dev, torch.bool)
         recon = batch.recon_error.to(dev, torch.float32) if batch.recon_error is not None else None
         resid = batch.resid.to(dev, torch.float32) if batch.resid is not None else None
         if feats.shape[1] == 0:
             # Empty texts: one masked-out token keeps every reduction defined; nothing is in scope.
             bsz = feats.shape[0]
-            feats, mask, comp = feats.new_zeros(bsz, 1, feats.shape[2]), mask.new_zeros(bsz, 1), comp.new_zeros(bsz, 1)
+            feats, mask = feats.new_zeros(bsz, 1, feats.shape[2]), mask.new_zeros(bsz, 1)
+            comp, prompt = comp.new_zeros(bsz, 1), prompt.new_zeros(bsz, 1)
             recon = feats.new_zeros(bsz, 1) if recon is not None else None
             resid = feats.new_zeros(bsz, 1, resid.shape[2]) if resid is not None else None
         k = self._tensors(dev)
-        scope_masks = torch.stack([mask, mask & ~comp, mask & comp], dim=-1)  # [B, T, 3]
+        scope_masks = torch.stack([mask, mask & prompt, mask & comp], dim=-1)  # [B, T, 3]
         n_scope = scope_masks.sum(1)  # [B, 3]
 
         value, score, fired, tok = self._leaves(k, feats, recon, resid, scope_masks, n_scope)

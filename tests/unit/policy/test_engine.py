@@ -458,6 +458,25 @@ def test_scope_prompt_vs_completion(tmp_path: Path) -> None:
     assert v.scores["c"] == 0.0 and [m.rule_id for m in v.matches] == ["p", "a"]
 
 
+def test_text_marked_both_prompt_and_completion_is_seen_by_every_scope(tmp_path: Path) -> None:
+    cond = {"feature": "b.three", "threshold": 1.0}
+    policy = {
+        "rules": [
+            {"id": "p", "severity": "low", "category": "beta", "scope": "prompt", "condition": cond},
+            {"id": "c", "severity": "low", "category": "beta", "scope": "completion", "condition": cond},
+        ]
+    }
+    engine = make_engine(policy, tmp_path)
+    batch = batch_from({"b.three": [0.0, 3.0, 0.5]}, engine, comp=[True, True, True])
+    both = AuditBatch(batch.features, batch.mask, batch.is_completion, is_prompt=torch.ones_like(batch.mask))
+    assert [m.rule_id for m in engine.evaluate(both)[0].matches] == ["p", "c"]
+    # Without is_prompt the prompt scope is the complement of the completion mask.
+    assert [m.rule_id for m in engine.evaluate(batch)[0].matches] == ["c"]
+    prompt_only = AuditBatch(batch.features, batch.mask, torch.zeros_like(batch.mask), is_prompt=torch.zeros_like(batch.mask))
+    v = engine.evaluate(prompt_only)[0]
+    assert v.matches == [] and v.scores == {"p": 0.0, "c": 0.0}
+
+
 def test_disabled_rules_compiled_out(tmp_path: Path) -> None:
     policy = {
         "rules": [
