@@ -22,6 +22,7 @@ _COMMAND_MODULES = (
     "auditor._cli_audit",
     "auditor.policy.cli",
     "auditor.features.cli",
+    "auditor.train.cli",
 )
 
 

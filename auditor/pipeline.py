@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,7 +31,8 @@ __all__ = ["Auditor", "AuditResult", "TokenFeatures", "StageTimings", "DEFAULT_L
 #: The feature library (and through it the SAE) used when none is named.
 DEFAULT_LIBRARY = "smollm2-135m-instruct"
 
-FeatureMode = Literal["none", "watched", "all"]
+# SAE math runs in float32 whatever the stored dtype (the shipped SAEs store float16).
+_SAE_DTYPE = torch.float32
 
 
 @dataclass
@@ -157,9 +158,9 @@ class Auditor:
         elif sae is None:
             lib = _default_library()
         if sae is not None:
-            sae_obj = load_sae(sae, format=sae_format, device=device)
+            sae_obj = load_sae(sae, format=sae_format, device=device, dtype=_SAE_DTYPE)
         elif lib is not None:
-            sae_obj = load_sae(str(lib.resolve_path(lib.sae.path)), device=device)
+            sae_obj = load_sae(str(lib.resolve_path(lib.sae.path)), device=device, dtype=_SAE_DTYPE)
         else:  # pragma: no cover - _default_library raises first
             raise ConfigError("no SAE given")
         loaded = load_model(model, device=device)
@@ -182,13 +183,17 @@ class Auditor:
         *,
         top_k: int = 0,
         evaluate: bool = True,
+        policy: PolicyEngine | None = None,
     ) -> list[AuditResult]:
         """Audit ``items`` in length-bucketed batches; results come back in input order.
 
         ``top_k > 0`` records each content token's ``top_k`` strongest latents
         (this needs the full-width encode); policy evaluation encodes only the
-        latents the policy watches.
+        latents the policy watches. ``policy`` overrides the auditor's own policy
+        for this call (a server holding several policies passes the one asked for);
+        ``evaluate=False`` skips policy evaluation.
         """
+        engine = (policy or self.policy) if evaluate else None
         timings = StageTimings()
         results: list[AuditResult | None] = [None] * len(items)
         t0 = time.perf_counter()
@@ -196,7 +201,7 @@ class Auditor:
         timings.tokenize += time.perf_counter() - t0
         for rows in self._buckets(batch):
             sub = _select_rows(batch, rows)
-            for row, res in zip(rows, self._run_batch(sub, items, rows, top_k, evaluate, timings)):
+            for row, res in zip(rows, self._run_batch(sub, items, rows, top_k, engine, timings)):
                 results[row] = res
         self.last_timings = timings
         return [r for r in results if r is not None]
@@ -236,7 +241,7 @@ class Auditor:
         items: Sequence[AuditInput],
         rows: list[int],
         top_k: int,
-        evaluate: bool,
+        engine: PolicyEngine | None,
         timings: StageTimings,
     ) -> list[AuditResult]:
         t0 = time.perf_counter()
@@ -246,7 +251,6 @@ class Auditor:
 
         mask = batch.content_mask.to(acts.device)  # [B, T]
         x = acts[mask]  # [N, d_in] content tokens only
-        engine = self.policy if evaluate else None
         B, T = mask.shape
 
         full: torch.Tensor | None = None

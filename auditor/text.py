@@ -116,15 +116,18 @@ def parse_input(obj: Any, *, where: str = "input") -> AuditInput:
 def sink_token_id(tokenizer: Any) -> int | None:
     """The token put in front of plain text to absorb the position-0 attention sink.
 
-    A document separator (``<|endoftext|>``) where the vocabulary has one, the
-    BOS token otherwise.
+    The tokenizer's BOS token (what SAEs are trained with: ``prepend_bos``), else a
+    document separator such as ``<|endoftext|>``. The SAE trainer starts its
+    contexts with the same token, so audit-time activations match training.
     """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None:
+        return int(bos)
     vocab = tokenizer.get_vocab()
-    for name in ("<|endoftext|>", "<|begin_of_text|>"):
+    for name in ("<|endoftext|>", "<|begin_of_text|>", "<s>"):
         if name in vocab:
             return int(vocab[name])
-    bos = getattr(tokenizer, "bos_token_id", None)
-    return None if bos is None else int(bos)
+    return None
 
 
 def render(tokenizer: Any, item: AuditInput) -> tuple[str, list[tuple[int, int, int]], bool]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from auditor.cli import main
-from auditor.text import AuditInput
+from auditor.text import AuditInput, sink_token_id
 from tests.conftest import make_random_sae
 
 pytestmark = pytest.mark.integration
@@ -44,7 +44,7 @@ def test_pipeline_features_equal_manual_encode(auditor, default_model) -> None: 
     results = auditor.run([AuditInput(text=t) for t in texts], top_k=4)
     tok = default_model.tokenizer
     for text, res in zip(texts, results):
-        ids = [0] + tok(text, add_special_tokens=False)["input_ids"]  # <|endoftext|> sink first
+        ids = [sink_token_id(tok)] + tok(text, add_special_tokens=False)["input_ids"]  # sink first
         with torch.inference_mode():
             out = default_model.model(torch.tensor([ids]), output_hidden_states=True)
         acts = out.hidden_states[6][0]  # resid_post of layer 5, [T, d]

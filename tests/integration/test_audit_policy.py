@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from auditor.cli import main
-from auditor.text import AuditInput
+from auditor.text import AuditInput, sink_token_id
 from tests.conftest import make_random_sae
 
 pytestmark = pytest.mark.integration
@@ -70,7 +70,7 @@ def test_policy_verdicts_name_the_driving_features(default_model, sae_dir, polic
         for rule, score in w.verdict.scores.items():
             torch.testing.assert_close(score, f.verdict.scores[rule], rtol=1e-5, atol=1e-6)
         # Reference: the fraud latent's max over content tokens, from a plain encode.
-        batch_ids = [0] + default_model.tokenizer(text, add_special_tokens=False)["input_ids"]
+        batch_ids = [sink_token_id(default_model.tokenizer)] + default_model.tokenizer(text, add_special_tokens=False)["input_ids"]
         with torch.inference_mode():
             hs = default_model.model(torch.tensor([batch_ids]), output_hidden_states=True).hidden_states[6][0]
         col = auditor.sae.encode(hs[1:])[:, fraud_index]
