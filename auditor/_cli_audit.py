@@ -43,6 +43,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--top-k", type=int, default=5, help="features shown per token (0: none; default 5)")
     p.add_argument("--max-tokens", type=int, default=2048, help="tokens kept per input (longer inputs are cut and flagged)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    alerts = p.add_argument_group("alerts (with --policy)")
+    alerts.add_argument("--audit-log", metavar="PATH", help="write every alert to this SQLite audit log before printing it")
+    alerts.add_argument(
+        "--alerts-config", metavar="FILE.yaml",
+        help="alerts configuration (log_path, text_mode, cooldown_s, sinks: webhook / alertmanager); "
+        "alerts are logged, then delivered before the command exits",
+    )
     p.set_defaults(func=run_audit)
 
 
@@ -114,6 +121,39 @@ def verdict_to_json(verdict: Any) -> dict[str, Any]:
     }
 
 
+def _alerts_config(args: argparse.Namespace) -> Any:
+    """The alerts configuration the flags ask for, or None."""
+    if args.audit_log is None and args.alerts_config is None:
+        return None
+    if args.policy is None:
+        raise ConfigError("--audit-log and --alerts-config need --policy (alerts come from policy rules)")
+    import yaml
+    from pydantic import ValidationError
+
+    from auditor.alerts import AlertsConfig
+
+    data: dict[str, Any] = {}
+    if args.alerts_config is not None:
+        path = Path(args.alerts_config)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such file (--alerts-config expects a YAML file)")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of alert settings")
+        data = dict(loaded.get("alerts", loaded))
+    if args.audit_log is not None:
+        data["log_path"] = args.audit_log
+    try:
+        return AlertsConfig.model_validate(data)
+    except ValidationError as exc:
+        where = args.alerts_config or "--audit-log"
+        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'alerts'}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"{where}: invalid alerts configuration: {problems}") from None
+
+
 def _print_human(result: Any, out: TextIO, *, top_k: int) -> None:
     if result.id is not None:
         print(f"== {result.id}", file=out)
@@ -151,6 +191,7 @@ def run_audit(args: argparse.Namespace) -> int:
 
     from auditor.pipeline import Auditor
 
+    alerts_cfg = _alerts_config(args)
     sae_arg = args.sae
     auditor = Auditor.load(
         model=args.model,
@@ -165,6 +206,19 @@ def run_audit(args: argparse.Namespace) -> int:
     model_name = auditor.model.name
     sae_name = sae_arg or (auditor.library.sae.id if auditor.library is not None else "sae")
 
+    if not args.json and args.top_k > 0:
+        print(
+            f"# {model_name} | SAE {sae_name} at {auditor.hookpoint} | "
+            f"top {args.top_k} features per token (library name or #index = activation)",
+            file=sys.stdout,
+        )
+    dispatcher = None
+    if alerts_cfg is not None:
+        from auditor.alerts import AlertDispatcher
+
+        dispatcher = AlertDispatcher.from_config(alerts_cfg)
+        dispatcher.start()
+
     progress = None
     if args.input is not None:
         from tqdm import tqdm
@@ -173,7 +227,20 @@ def run_audit(args: argparse.Namespace) -> int:
     out = sys.stdout
     try:
         for chunk in _chunks(items, _CHUNK):
-            for res in auditor.run(chunk, top_k=args.top_k):
+            for item, res in zip(chunk, auditor.run(chunk, top_k=args.top_k)):
+                if dispatcher is not None and res.verdict is not None and auditor.policy is not None:
+                    from auditor.alerts import alerts_from_verdict
+
+                    # Logged (durably) before the verdict is printed.
+                    dispatcher.submit(
+                        alerts_from_verdict(
+                            res.verdict,
+                            policy_name=auditor.policy.name,
+                            policy_hash=auditor.policy.hash,
+                            text=_input_text(item),
+                            request_id=res.id,
+                        )
+                    )
                 if args.json:
                     out.write(json.dumps(result_to_json(res, model=model_name, sae=sae_name, top_k=args.top_k)) + "\n")
                 else:
@@ -184,5 +251,18 @@ def run_audit(args: argparse.Namespace) -> int:
     finally:
         if progress is not None:
             progress.close()
+        if dispatcher is not None and not dispatcher.close(timeout=30.0):
+            print("warning: some alerts were not delivered yet; they stay pending in the audit log", file=sys.stderr)
     return 0
+
+
+def _input_text(item: AuditInput) -> str:
+    if item.text is not None:
+        return item.text
+    parts = [m["content"] for m in item.messages or ()]
+    if item.prompt is not None:
+        parts.append(item.prompt)
+    if item.completion:
+        parts.append(item.completion)
+    return "\n".join(parts)
 

@@ -111,3 +111,65 @@ def test_cli_shipped_example_policy_runs(tmp_path, capsys, sae_dir) -> None:  # 
         assert main(["audit", "--policy", str(policy), "--sae", str(sae_dir), "--json", "--top-k", "0", TEXTS[1]]) == 0
         [obj] = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
         assert obj["scores"] and all(s >= 0 for s in obj["scores"].values())
+
+
+def test_cli_alerts_logged_and_delivered_to_webhook(tmp_path, capsys, sae_dir, policy_file) -> None:  # type: ignore[no-untyped-def]
+    """Alerts go to the durable log and on to a real webhook receiver on loopback."""
+    import http.server
+    import threading
+
+    from auditor.alerts import AuditLog
+
+    received: list[dict] = []
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            payload = json.loads(body)
+            received.extend(payload if isinstance(payload, list) else payload.get("alerts", [payload]))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        cfg = tmp_path / "alerts.yaml"
+        db = tmp_path / "alerts.sqlite3"
+        cfg.write_text(
+            f"alerts:\n  log_path: {db}\n  text_mode: store\n  cooldown_s: 0\n"
+            f"  sinks:\n    - type: webhook\n      url: http://127.0.0.1:{server.server_address[1]}/hook\n"
+        )
+        inp = tmp_path / "in.jsonl"
+        inp.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+        argv = ["audit", "--policy", str(policy_file), "--sae", str(sae_dir), "--input", str(inp), "--json",
+                "--top-k", "0", "--alerts-config", str(cfg)]
+        assert main(argv) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    expected = [(o["id"], m["rule_id"]) for o in lines for m in o["matches"]]
+    assert expected, "the low-threshold fraud rule should fire on at least one text"
+    log = AuditLog(db, text_mode="store")
+    stored = log.query(limit=100)
+    assert sorted((a.request_id, a.rule_id) for a in stored) == sorted(expected)
+    for alert in stored:
+        assert alert.features and all(f.name == "deception.fraud" for f in alert.features)
+        assert alert.text in TEXTS
+    assert sorted(a["id"] if "id" in a else a["alert_id"] for a in received) == sorted(a.id for a in stored)
+    log.close()
+
+
+def test_cli_alert_flags_need_a_policy(sae_dir) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "auditor.cli", "audit", "--sae", str(sae_dir), "--audit-log", "x.db", "hello"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2 and "need --policy" in proc.stderr and "Traceback" not in proc.stderr
