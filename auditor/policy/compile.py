@@ -226,7 +226,10 @@ class _Builder:
         return self.node_index[key]
 
     def add_leaf(self, leaf: CompiledLeaf) -> int:
-        key = (leaf.kind, leaf.latents, leaf.probe_key, leaf.agg, leaf.above, leaf.threshold, leaf.scope)
+        # The name is part of the key: a leaf written as `list: grp` and one written as
+        # `feature: a` may compute the same values, but each explanation names what its
+        # rule says.
+        key = (leaf.kind, leaf.name, leaf.latents, leaf.probe_key, leaf.agg, leaf.above, leaf.threshold, leaf.scope)
         if key not in self.leaf_index:
             self.leaves.append(leaf)
             self.leaf_index[key] = len(self.leaves) - 1

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from auditor.errors import PolicyErrors
@@ -386,6 +386,22 @@ def random_inputs(seed: int, bsz: int, t: int) -> tuple[torch.Tensor, torch.Tens
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(policy=policies(), seed=st.integers(0, 2**31 - 1), bsz=st.integers(1, 4), t=st.integers(1, 9))
+# Found by hypothesis: `list: grp` (grp = [a.one]) and `feature: a.one` compute the same
+# values but must keep their own names in explanations.
+@example(
+    policy={
+        "lists": {"grp": ["a.one"]},
+        "macros": {"m1": {"feature": "a.one", "agg": "max", "threshold": 0.25}},
+        "rules": [
+            {"id": "r0", "severity": "low", "category": "alpha", "scope": "any",
+             "condition": {"list": "grp", "agg": "max", "threshold": 0.25}, "enabled": True, "actions": ["alert"],
+             "exceptions": [{"name": "exc", "condition": {"feature": "a.one", "agg": "max", "threshold": 0.25}}]},
+            {"id": "r1", "severity": "low", "category": "alpha", "scope": "any",
+             "condition": {"macro": "m1"}, "enabled": True, "actions": ["alert"]},
+        ],
+    },
+    seed=0, bsz=1, t=2,
+)
 def test_engine_matches_reference(probe_dir: Path, policy: dict[str, Any], seed: int, bsz: int, t: int) -> None:
     engine = make_engine(policy, probe_dir)
     full, mask, comp, recon = random_inputs(seed, bsz, t)
