@@ -143,3 +143,34 @@ class SAESourceError(AuditorError):
 
 
 __all__.append("SAESourceError")
+
+
+class SteeringError(AuditorError):
+    """A steering request is malformed, names an unknown feature, or exceeds the configured limits."""
+
+
+__all__.append("SteeringError")
+
+
+class DatasetError(AuditorError):
+    """A labelled data set (JSONL rows with id, category, text) is missing, malformed or unusable."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+        self.reason = message
+
+
+__all__.append("DatasetError")
+
+
+class FeatureIndexError(AuditorError):
+    """A feature index file (``auditor index-features``) is missing, malformed or built for another SAE."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+        self.reason = message
+
+
+__all__.append("FeatureIndexError")

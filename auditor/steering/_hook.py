@@ -1,0 +1,237 @@
+"""The hook shared by :func:`~auditor.steering.generate` and :func:`~auditor.steering.attach`.
+
+At the SAE hookpoint, every forward pass (prefill or one cached decode step):
+
+1. encodes the incoming activation once, for the latents that are steered, traced
+   or watched by the policy (``[B, T, U]``);
+2. appends those features to each row's history;
+3. when a policy is given, evaluates it on each row's history and switches on the
+   interventions of every ``steer`` action of a rule that matched, for that row and
+   for the rest of the sequence, including the positions of this forward pass (so
+   the next token is already computed from steered activations);
+4. writes back the steered activation (the reconstruction error kept).
+
+The caller tells the hook, before each forward, which of the new positions are
+content and which are completion tokens (:meth:`SteeringHook.set_positions`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from auditor.steering.interventions import ResolvedIntervention, Steerer, SteeringLimits, resolve_interventions
+
+if TYPE_CHECKING:
+    from auditor.features import FeatureLibrary
+    from auditor.models import Hookpoint
+    from auditor.policy import PolicyEngine, Verdict
+    from auditor.sae import SAE
+
+__all__ = ["SteeringHook", "Trigger", "policy_slots"]
+
+
+@dataclass
+class Trigger:
+    """A policy rule switched steering on."""
+
+    rule_id: str
+    row: int
+    """Batch row (0 for :func:`generate`'s steered completion)."""
+    token: int
+    """Completion tokens that preceded the firing position (0: it fired on the prompt).
+    The intervention applies from that position on."""
+    interventions: list[str]
+    """The switched-on interventions, ``feature=mode:value@positions``."""
+
+
+def policy_slots(
+    engine: PolicyEngine, library: FeatureLibrary | None, d_sae: int, limits: SteeringLimits | None
+) -> list[ResolvedIntervention]:
+    """One slot per ``steer`` action of every enabled rule, checked against ``limits``."""
+    out: list[ResolvedIntervention] = []
+    for rule in engine.compiled.rules:
+        if not rule.steering:
+            continue
+        specs = [{"feature": st.index, "mode": st.mode, "value": st.value} for st in rule.steering]
+        for slot, st in zip(
+            resolve_interventions(specs, library=library, d_sae=d_sae, limits=limits, source=f"rule:{rule.id}"),
+            rule.steering,
+        ):
+            out.append(
+                ResolvedIntervention(slot.index, slot.mode, slot.value, slot.positions, st.feature, slot.source)
+            )
+    return out
+
+
+class SteeringHook:
+    """Measure, evaluate the policy, steer; see the module docstring.
+
+    ``user`` slots are switched on for the rows in ``user_rows`` at every
+    :meth:`reset`; ``engine``'s steer slots start off and are switched on per row
+    when their rule matches. ``trace`` adds latents to measure without steering.
+    """
+
+    def __init__(
+        self,
+        sae: SAE,
+        user: list[ResolvedIntervention],
+        *,
+        engine: PolicyEngine | None = None,
+        library: FeatureLibrary | None = None,
+        limits: SteeringLimits | None = None,
+        trace: list[int] | tuple[int, ...] = (),
+        policy_every: int = 1,
+        policy_steering: bool = True,
+    ) -> None:
+        self.sae = sae
+        self.engine = engine
+        self.user = list(user)
+        self.rule_slots = policy_slots(engine, library, sae.cfg.d_sae, limits) if engine is not None and policy_steering else []
+        watched = [int(i) for i in engine.watched.tolist()] if engine is not None else []
+        self.steerer = Steerer(sae, self.user + self.rule_slots, extra=[*trace, *watched])
+        lat = self.steerer.latents.tolist()
+        col = {v: c for c, v in enumerate(lat)}
+        self.watch_cols = torch.tensor([col[w] for w in watched], dtype=torch.long, device=self.steerer.latents.device)
+        self.policy_every = max(1, int(policy_every))
+        self.need_recon = engine is not None and engine.needs_recon_error
+        self.need_resid = engine is not None and engine.needs_resid
+        self.reset(1, torch.ones(1, dtype=torch.bool))
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def n_user(self) -> int:
+        return len(self.user)
+
+    def reset(self, batch_size: int, user_rows: Tensor, policy_rows: Tensor | None = None) -> None:
+        """Start new sequences: empty histories, user slots on for ``user_rows [B]``, rule slots off.
+
+        Policy steering may switch on only in ``policy_rows [B]`` (default: every row).
+        """
+        dev = self.steerer.latents.device
+        self.policy_rows = (
+            torch.ones(batch_size, dtype=torch.bool) if policy_rows is None else policy_rows.to(torch.bool).cpu()
+        )
+        s = len(self.steerer.slots)
+        self.enabled = torch.zeros(batch_size, s, dtype=torch.bool, device=dev)
+        self.enabled[:, : self.n_user] = user_rows.to(dev).view(-1, 1)
+        self.fired: list[set[str]] = [set() for _ in range(batch_size)]
+        self.triggers: list[Trigger] = []
+        self.verdicts: list[Verdict] | None = None
+        self._feats: list[Tensor] = []  # chunks [B, t, U], before steering
+        self._steered: list[Tensor] = []  # chunks [B, t, U], after steering
+        self._mask: list[Tensor] = []  # chunks [B, t] content
+        self._comp: list[Tensor] = []  # chunks [B, t] completion
+        self._recon: list[Tensor] = []
+        self._resid: list[Tensor] = []
+        self._tokens: list[list[str]] | None = None
+        self._pending: tuple[Tensor, Tensor] | None = None
+        self._steps = 0
+
+    def set_positions(self, mask: Tensor, is_completion: Tensor) -> None:
+        """Describe the positions of the next forward: ``mask``/``is_completion`` are ``[B, T]`` bool."""
+        self._pending = (mask.to(torch.bool), is_completion.to(torch.bool))
+
+    def history(self) -> dict[str, Tensor]:
+        """Everything recorded so far, concatenated over positions."""
+        out = {
+            "features": torch.cat(self._feats, dim=1),  # [B, T, U]
+            "mask": torch.cat(self._mask, dim=1),  # [B, T]
+            "is_completion": torch.cat(self._comp, dim=1),  # [B, T]
+        }
+        if self._steered:
+            out["steered"] = torch.cat(self._steered, dim=1)  # [B, T', U] (T' = T after the forward)
+        if self._recon:
+            out["recon"] = torch.cat(self._recon, dim=1)
+        if self._resid:
+            out["resid"] = torch.cat(self._resid, dim=1)
+        return out
+
+    def evaluate(self) -> list[Verdict] | None:
+        """The policy's verdict per row on everything recorded so far (None without a policy)."""
+        if self.engine is None or not self._feats:
+            return None
+        from auditor.policy import AuditBatch
+
+        h = self.history()
+        comp = h["is_completion"]
+        verdicts = self.engine.evaluate(
+            AuditBatch(
+                features=h["features"].index_select(-1, self.watch_cols),
+                mask=h["mask"],
+                is_completion=comp,
+                is_prompt=~comp,
+                recon_error=h.get("recon"),
+                resid=h.get("resid"),
+            )
+        )
+        self.verdicts = verdicts
+        return verdicts
+
+    # ------------------------------------------------------------------ the hook
+
+    def __call__(self, tensor: Tensor, *, hook: Hookpoint) -> Tensor:
+        b, t, d = tensor.shape
+        x = tensor.reshape(b * t, d)
+        f, state = self.steerer.measure(x)  # [B*T, U]
+        if self._pending is not None and tuple(self._pending[0].shape) == (b, t):
+            mask, comp = self._pending
+        else:
+            # Nobody described these positions: count them as completion content.
+            mask = torch.ones(b, t, dtype=torch.bool, device=tensor.device)
+            comp = torch.ones(b, t, dtype=torch.bool, device=tensor.device)
+        self._pending = None
+        if b != self.enabled.shape[0]:
+            self.reset(b, torch.ones(b, dtype=torch.bool) if self.user else torch.zeros(b, dtype=torch.bool))
+        n_comp_before = (
+            torch.cat(self._comp, dim=1).logical_and(torch.cat(self._mask, dim=1)).sum(1)
+            if self._comp
+            else torch.zeros(b, dtype=torch.long)
+        )
+        self._feats.append(f.view(b, t, -1))
+        self._mask.append(mask.to(tensor.device))
+        self._comp.append(comp.to(tensor.device))
+        if self.need_recon:
+            self._recon.append(self.sae.reconstruction_error(x.float()).view(b, t))
+        if self.need_resid:
+            self._resid.append(tensor.detach().float().clone())
+        if self.engine is not None and self._steps % self.policy_every == 0:
+            self._fire(self.evaluate() or [], n_comp_before)
+        self._steps += 1
+        enabled = self.enabled.repeat_interleave(t, dim=0)  # [B*T, S]
+        new_x, steered = self.steerer.steer(x, f, state, enabled)
+        self._steered.append(steered.view(b, t, -1))
+        return new_x.view_as(tensor)
+
+    def _fire(self, verdicts: list[Any], n_comp_before: Tensor) -> None:
+        for row, verdict in enumerate(verdicts):
+            if not bool(self.policy_rows[row]):
+                continue
+            for match in verdict.matches:
+                if match.rule_id in self.fired[row]:
+                    continue
+                slots = [
+                    i
+                    for i, s in enumerate(self.steerer.slots)
+                    if i >= self.n_user and s.source == f"rule:{match.rule_id}"
+                ]
+                if not slots:
+                    continue
+                self.fired[row].add(match.rule_id)
+                self.enabled[row, slots] = True
+                self.triggers.append(
+                    Trigger(
+                        rule_id=match.rule_id,
+                        row=row,
+                        token=int(n_comp_before[row]),
+                        interventions=[_describe(self.steerer.slots[i]) for i in slots],
+                    )
+                )
+
+
+def _describe(slot: ResolvedIntervention) -> str:
+    return f"{slot.label}={slot.mode}:{slot.value:g}@{slot.positions}"

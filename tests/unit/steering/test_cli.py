@@ -1,0 +1,80 @@
+"""`auditor generate --steer ... --compare` and `auditor export-control-vector` on a tiny saved model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from auditor.cli import build_parser, main
+from auditor.models import LoadedModel
+from tests.unit.steering.conftest import LIBRARY_YAML, random_sae
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory, loaded: LoadedModel) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("cli")
+    model_dir = root / "tiny-model"
+    loaded.model.save_pretrained(model_dir)
+    loaded.tokenizer.save_pretrained(model_dir)
+    lib_dir = root / "lib"
+    random_sae().save(lib_dir / "sae")
+    (lib_dir / "library.yaml").write_text(LIBRARY_YAML)
+    return model_dir, lib_dir / "library.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _steering_commands(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Make sure the steering commands are registered, whether or not auditor.cli lists them yet.
+    import auditor.cli as cli
+
+    if "auditor.steering.cli" not in cli._COMMAND_MODULES:
+        monkeypatch.setattr(cli, "_COMMAND_MODULES", (*cli._COMMAND_MODULES, "auditor.steering.cli"))
+
+
+def test_generate_compare_prints_both_completions_and_the_trace(saved: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    model_dir, lib = saved
+    argv = ["generate", "The cat sat", "--raw", "--model", str(model_dir), "--library", str(lib), "--max-tokens", "6"]
+    assert main([*argv, "--steer", "topic.weather=add:25", "--compare", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["text"] != data["default_text"]
+    assert data["interventions"] == ["topic.weather=add:25@all"]
+    assert len(data["feature_traces"]["topic.weather"]) == len(data["tokens"]) == 6
+    assert main([*argv, "--steer", "topic.weather=add:25", "--compare"]) == 0
+    out = capsys.readouterr().out
+    assert "STEERED (topic.weather=add:25@all)" in out and "DEFAULT" in out
+    assert "activation per token" in out
+    trace_lines = [line for line in out.splitlines() if "topic.weather" in line and "->" in line]
+    assert len(trace_lines) == 6
+    # The side-by-side rows hold both texts.
+    body = "".join(line.split(" | ")[0].strip() for line in out.splitlines() if " | " in line)
+    assert data["text"].split()[0] in body
+
+
+def test_generate_refuses_out_of_bound_steering(saved: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    model_dir, lib = saved
+    code = main(["generate", "Hi", "--model", str(model_dir), "--library", str(lib), "--steer", "mood.sad=add:50", "--max-abs-value", "10"])
+    assert code == 2
+    assert "exceeds the limit 10" in capsys.readouterr().err
+
+
+def test_export_control_vector(saved: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _, lib = saved
+    out = tmp_path / "v.gguf"
+    assert main(["export-control-vector", "--library", str(lib), "--steer", "deception.fraud=add:4", "-o", str(out)]) == 0
+    assert "direction.1" in capsys.readouterr().out
+    reader = gguf.GGUFReader(str(out))
+    [tensor] = reader.tensors
+    assert tensor.name == "direction.1"
+    np.testing.assert_allclose(np.asarray(tensor.data), 4.0 * random_sae().W_dec[5].numpy(), rtol=1e-6)
+    code = main(["export-control-vector", "--library", str(lib), "--steer", "deception.fraud=clamp:0", "-o", str(out)])
+    assert code == 2 and "only NAME=add:C" in capsys.readouterr().err
+
+
+def test_parser_has_both_commands() -> None:
+    parser = build_parser()
+    args = parser.parse_args(["generate", "x", "--steer", "a.b=clamp:0", "--steer", "3=add:1", "--compare"])
+    assert args.steer == ["a.b=clamp:0", "3=add:1"] and args.compare
