@@ -1,0 +1,248 @@
+"""Micro-batching: concurrent audit requests share one forward.
+
+Requests are put on a bounded :class:`asyncio.Queue`; a collector task on the
+event loop takes the first waiting job, then keeps taking more until either
+``max_wait_ms`` has passed or the next job would push the batch over
+``max_tokens``, and runs the batch on the single model thread
+(:attr:`MicroBatcher.executor`). While a batch runs, new requests queue up and
+form the next batch, so under load batches fill without any extra wait. The bound
+counts every admitted request that has not finished (waiting, collected or
+running), so it caps the latency a new request can face; over it,
+:meth:`MicroBatcher.submit` raises
+:class:`~auditor.server.errors.OverloadedError` (503 + ``Retry-After``) at once.
+
+All model work (audits and generation) goes through the one model thread:
+hooks are installed on shared modules, so two forwards must never overlap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from auditor.server.errors import AuditTimeoutError, OverloadedError
+
+if TYPE_CHECKING:
+    from auditor.metrics import AuditorMetrics
+    from auditor.pipeline import Auditor, AuditResult
+    from auditor.policy import PolicyEngine
+    from auditor.text import AuditInput
+
+__all__ = ["MicroBatcher", "AuditJob"]
+
+_log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(eq=False)
+class AuditJob:
+    """One request's inputs, audited together under one policy."""
+
+    items: Sequence[AuditInput]
+    engine: PolicyEngine | None
+    top_k: int
+    n_tokens: int
+    future: asyncio.Future[list[AuditResult]]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class MicroBatcher:
+    """Collect audit jobs into batches and run them on one model thread.
+
+    Example::
+
+        batcher = MicroBatcher(auditor, max_wait_ms=5, max_tokens=8192, queue_size=256)
+        await batcher.start()
+        results = await batcher.audit([AuditInput(text="hi")], engine, top_k=0, n_tokens=3, timeout_s=30)
+        await batcher.stop()
+    """
+
+    def __init__(
+        self,
+        auditor: Auditor,
+        *,
+        max_wait_ms: float,
+        max_tokens: int,
+        queue_size: int,
+        metrics: AuditorMetrics | None = None,
+    ) -> None:
+        self.auditor = auditor
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.max_tokens = max_tokens
+        self.queue_size = queue_size
+        self.metrics = metrics
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="auditor-model")
+        self._queue: asyncio.Queue[AuditJob] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._carry: AuditJob | None = None
+        self._admitted = 0
+        self.batches = 0
+        """Forwards run so far (for tests and the benchmark)."""
+
+    @property
+    def depth(self) -> int:
+        """Admitted jobs not finished yet (waiting, collected or running)."""
+        return self._admitted
+
+    async def start(self) -> None:
+        """Start the collector task on the running loop."""
+        self._queue = asyncio.Queue()
+        self._task = asyncio.create_task(self._collect(), name="auditor-batcher")
+        if self.metrics is not None:
+            self.metrics.queue_capacity.set(self.queue_size)
+
+    async def stop(self) -> None:
+        """Stop collecting, fail waiting jobs and shut the model thread down."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        if self._queue is not None:
+            while not self._queue.empty():
+                job = self._queue.get_nowait()
+                if not job.future.done():
+                    job.future.set_exception(OverloadedError("the auditor is shutting down", retry_after_s=5))
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+    def submit(
+        self, items: Sequence[AuditInput], engine: PolicyEngine | None, *, top_k: int, n_tokens: int
+    ) -> AuditJob:
+        """Queue a job; raises :class:`OverloadedError` when the queue is full."""
+        if self._queue is None:
+            raise OverloadedError("the auditor is not running", retry_after_s=5)
+        if self._admitted >= self.queue_size:
+            raise OverloadedError(
+                f"the audit queue is full ({self.queue_size} requests admitted, queue_size); retry shortly",
+                retry_after_s=1,
+            )
+        job = AuditJob(items, engine, top_k, n_tokens, asyncio.get_running_loop().create_future())
+        self._admitted += 1
+        job.future.add_done_callback(self._finished)
+        self._queue.put_nowait(job)
+        self._gauge()
+        return job
+
+    def _finished(self, _future: asyncio.Future[list[AuditResult]]) -> None:
+        self._admitted -= 1
+        self._gauge()
+
+    async def audit(
+        self,
+        items: Sequence[AuditInput],
+        engine: PolicyEngine | None,
+        *,
+        top_k: int,
+        n_tokens: int,
+        timeout_s: float,
+    ) -> list[AuditResult]:
+        """Audit ``items`` in the next batch; raises on overload or after ``timeout_s``."""
+        job = self.submit(items, engine, top_k=top_k, n_tokens=n_tokens)
+        try:
+            return await asyncio.wait_for(asyncio.shield(job.future), timeout_s)
+        except asyncio.TimeoutError:
+            # The collector skips a job whose future is done, so cancelling frees its slot.
+            job.future.cancel()
+            raise AuditTimeoutError(f"the audit did not finish within {timeout_s:g} s (request_timeout_s)") from None
+        finally:
+            if self.metrics is not None:
+                self.metrics.audit_duration.observe(time.perf_counter() - job.enqueued)
+
+    async def run_exclusive(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the model thread, between batches (used for generation)."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, lambda: fn(*args))
+
+    # ------------------------------------------------------------------ internals
+
+    def _gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(self.depth)
+
+    async def _next(self, timeout: float | None) -> AuditJob | None:
+        assert self._queue is not None  # set in start()
+        if self._carry is not None:
+            job, self._carry = self._carry, None
+            return job
+        if timeout is None:
+            return await self._queue.get()
+        if timeout <= 0:
+            try:
+                return self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return None
+        try:
+            return await asyncio.wait_for(self._queue.get(), timeout)
+        except asyncio.TimeoutError:
+            return None
+
+    async def _collect(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self._next(None)
+            if first.future.done():
+                continue
+            batch, tokens = [first], first.n_tokens
+            # The wait counts from the first job's arrival: jobs that queued while the
+            # previous batch ran have waited long enough, so a busy model never idles.
+            waited = time.perf_counter() - first.enqueued
+            deadline = loop.time() + max(0.0, self.max_wait_s - waited)
+            while tokens < self.max_tokens:
+                job = await self._next(deadline - loop.time())
+                if job is None:
+                    break
+                if job.future.done():
+                    continue
+                if tokens + job.n_tokens > self.max_tokens:
+                    self._carry = job  # heads the next batch
+                    break
+                batch.append(job)
+                tokens += job.n_tokens
+            try:
+                outcomes = await loop.run_in_executor(self.executor, self._run, batch)
+            except Exception as exc:  # the executor itself failed (shutdown)
+                outcomes = [exc] * len(batch)
+            for job, outcome in zip(batch, outcomes):
+                if job.future.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    job.future.set_exception(outcome)
+                else:
+                    job.future.set_result(outcome)
+
+    def _run(self, batch: list[AuditJob]) -> list[list[AuditResult] | BaseException]:
+        """On the model thread: one ``Auditor.run`` per (policy, top_k) group of the batch."""
+        self.batches += 1
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, job in enumerate(batch):
+            groups.setdefault((id(job.engine), job.top_k), []).append(i)
+        out: list[list[AuditResult] | BaseException] = [[] for _ in batch]
+        n_items = sum(len(job.items) for job in batch)
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(n_items)
+            self.metrics.batch_tokens.observe(sum(job.n_tokens for job in batch))
+        for members in groups.values():
+            jobs = [batch[i] for i in members]
+            items = [item for job in jobs for item in job.items]
+            engine = jobs[0].engine
+            try:
+                results = self.auditor.run(items, top_k=jobs[0].top_k, policy=engine, evaluate=engine is not None)
+            except Exception as exc:
+                _log.exception("audit batch failed")
+                for i in members:
+                    out[i] = exc
+                continue
+            if self.metrics is not None:
+                self.metrics.observe_stages(self.auditor.last_timings.as_dict())
+                self.metrics.tokens_audited.inc(sum(r.n_content_tokens for r in results))
+            pos = 0
+            for i, job in zip(members, jobs):
+                out[i] = results[pos : pos + len(job.items)]
+                pos += len(job.items)
+        return out

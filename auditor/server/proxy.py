@@ -1,0 +1,789 @@
+"""OpenAI-compatible ``/v1/chat/completions`` and ``/v1/completions``, and ``/v1/generate``.
+
+With ``upstream`` set the routes proxy: the prompt is audited before the call
+(a blocking rule answers 400 ``policy_violation`` and nothing is forwarded), the
+completion after. Streaming responses are held back and audited before any
+byte is released (``stream_mode: hold``) or audited and released every
+``stream_chunk_chars`` characters (``chunked``). A blocked completion ends with
+``finish_reason: "content_filter"``. Without an upstream the sidecar's own
+model generates (with optional ``steering``), and the same audit applies.
+
+Every answer carries the verdict twice: the ``X-Auditor-Verdict`` header
+(``allow`` / ``alert`` / ``block``, or ``error`` when the auditor failed and
+``fail_mode`` is open) and an ``auditor`` object in the body (for streams, a
+final chunk with ``choices: []`` and the ``auditor`` object, like OpenAI's
+usage chunk). When the auditor itself fails, ``fail_mode: closed`` answers 503
+with ``type: auditor_error`` (a blocked request is ``type: policy_violation``),
+so the two are never confused.
+
+Extension fields, removed before forwarding: ``auditor_policy`` (or the
+``X-Auditor-Policy`` header) picks the policy; ``steering`` (serve mode only,
+needs the API token when one is set) is a list of ``{feature, mode, value}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from auditor.errors import AuditorError
+from auditor.server.app import error_body, get_runtime
+from auditor.server.auth import check_bearer
+from auditor.server.errors import AuditFailedError, BadRequestError, ServerError, UpstreamError
+from auditor.server.runtime import Runtime
+from auditor.server.sse import SSE_HEADERS, sse_event
+from auditor.text import AuditInput
+
+__all__ = ["router", "guarded_audit", "blocked_reason", "AuditOutcome"]
+
+_log = logging.getLogger("auditor.server")
+router = APIRouter()
+
+_RANK = {"allow": 0, "alert": 1, "block": 2}
+_HOP_HEADERS = {"host", "content-length", "connection", "transfer-encoding", "accept-encoding", "x-auditor-policy"}
+
+
+# ---------------------------------------------------------------- the guarded audit
+
+
+@dataclass
+class AuditOutcome:
+    """Verdicts of one audit step, or the auditor failure that fail-open let through."""
+
+    results: list[Any] = field(default_factory=list)
+    engine: Any = None
+    error: str | None = None
+
+    @property
+    def action(self) -> str:
+        """Worst action of the results; ``error`` when the audit failed open."""
+        if self.error is not None:
+            return "error"
+        actions = [r.verdict.action for r in self.results if r.verdict is not None]
+        return max(actions, key=_RANK.__getitem__, default="allow")
+
+    def blocked(self, i: int = 0) -> bool:
+        v = self.results[i].verdict if self.error is None and i < len(self.results) else None
+        return v is not None and v.action == "block"
+
+    def summary(self, i: int | None = None) -> dict[str, Any]:
+        """The ``auditor`` annotation of one result (or the worst of all)."""
+        if self.error is not None:
+            return {"verdict": "error", "error": self.error, "fail_open": True}
+        results = self.results if i is None else self.results[i : i + 1]
+        matches = []
+        categories: dict[str, float] = {}
+        for r in results:
+            if r.verdict is None:
+                continue
+            matches.extend(
+                {"rule_id": m.rule_id, "severity": m.severity, "category": m.category, "actions": m.actions, "score": m.score}
+                for m in r.verdict.matches
+            )
+            for k, v in r.verdict.category_scores.items():
+                categories[k] = max(categories.get(k, 0.0), v)
+        action = AuditOutcome(results, self.engine).action
+        return {
+            "verdict": action,
+            "policy": self.engine.name if self.engine is not None else None,
+            "matches": matches,
+            "category_scores": categories,
+        }
+
+    def headers(self) -> dict[str, str]:
+        out = {"X-Auditor-Verdict": self.action}
+        if self.engine is not None:
+            out["X-Auditor-Policy"] = self.engine.name
+        return out
+
+
+def blocked_reason(engine: Any, verdict: Any) -> str:
+    """A one-line reason naming the policy and the blocking rules."""
+    rules = [f"{m.rule_id} ({m.severity})" for m in verdict.matches if "block" in m.actions]
+    return f"blocked by policy {engine.name!r}: " + ", ".join(rules or [m.rule_id for m in verdict.matches])
+
+
+def _auditor_failure(exc: BaseException) -> str | None:
+    """A description when ``exc`` is the auditor failing (not a client error), else None."""
+    if isinstance(exc, ServerError):
+        return f"{exc.code}: {exc.message}" if exc.type == "auditor_error" or exc.status >= 500 else None
+    if isinstance(exc, AuditorError):
+        return None
+    return f"internal: {type(exc).__name__}"
+
+
+async def guarded_audit(
+    rt: Runtime,
+    request: Request,
+    items: Sequence[AuditInput],
+    *,
+    policy: str | None,
+    source: str,
+    request_id: str | None = None,
+) -> AuditOutcome:
+    """Audit with the configured fail mode: client errors raise; auditor failures raise
+    :class:`AuditFailedError` (closed) or come back as ``AuditOutcome(error=...)`` (open)."""
+    try:
+        results, engine = await rt.audit(items, policy=policy, source=source, request_id=request_id)
+    except Exception as exc:
+        cause = _auditor_failure(exc)
+        if cause is None:
+            raise
+        kind = exc.code if isinstance(exc, ServerError) else "internal"
+        rt.metrics.auditor_errors.labels(kind=kind).inc()
+        if not isinstance(exc, ServerError):
+            _log.exception("audit failed")
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        if rt.settings.fail_mode == "open":
+            rt.metrics.fail_open.labels(route=route).inc()
+            _log.warning("auditor failed (%s); fail_mode=open lets the request through unaudited", cause)
+            return AuditOutcome(error=cause)
+        raise AuditFailedError(
+            f"the auditor failed ({cause}); fail_mode is closed, so the request was not served"
+        ) from None
+    return AuditOutcome(list(results), engine)
+
+
+# ---------------------------------------------------------------- request parsing
+
+
+@dataclass
+class _Call:
+    kind: str  # "chat" | "completions"
+    body: dict[str, Any]
+    policy: str | None
+    steering: list[Any] | None
+    prompt_items: list[AuditInput]
+    messages: tuple[dict[str, str], ...] | None
+    prompts: list[str]
+    stream: bool
+    request_id: str
+
+    def completion_item(self, text: str, index: int = 0) -> AuditInput:
+        if self.messages is not None:
+            return AuditInput(messages=self.messages, completion=text)
+        return AuditInput(prompt=self.prompts[min(index, len(self.prompts) - 1)], completion=text)
+
+
+def _content_text(content: Any, where: str) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for i, part in enumerate(content):
+            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+            elif not isinstance(part, dict):
+                raise BadRequestError(f"{where}.content[{i}] must be an object such as {{'type': 'text', 'text': ...}}")
+        return "\n".join(parts)
+    raise BadRequestError(f"{where}.content must be a string or a list of content parts")
+
+
+async def _parse(request: Request, kind: str) -> _Call:
+    try:
+        body = json.loads(await request.body() or b"null")
+    except json.JSONDecodeError as exc:
+        raise BadRequestError(f"the body is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    if not isinstance(body, dict):
+        raise BadRequestError("the body must be a JSON object")
+    policy = body.pop("auditor_policy", None) or request.headers.get("x-auditor-policy")
+    if policy is not None and not isinstance(policy, str):
+        raise BadRequestError("auditor_policy must be a policy name (string)")
+    steering = body.pop("steering", None)
+    if steering is not None and not isinstance(steering, list):
+        raise BadRequestError("steering must be a list of {feature, mode, value} objects")
+    messages = None
+    prompts: list[str] = []
+    if kind == "chat":
+        raw = body.get("messages")
+        if not isinstance(raw, list) or not raw:
+            raise BadRequestError("messages: required, a non-empty list of {role, content} objects")
+        checked = []
+        for i, m in enumerate(raw):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise BadRequestError(f"messages[{i}] must be an object with a string 'role'")
+            checked.append({"role": m["role"], "content": _content_text(m.get("content"), f"messages[{i}]")})
+        messages = tuple(checked)
+        items = [AuditInput(messages=messages)]
+    else:
+        raw = body.get("prompt")
+        if isinstance(raw, str):
+            prompts = [raw]
+        elif isinstance(raw, list) and raw and all(isinstance(p, str) for p in raw):
+            prompts = list(raw)
+        else:
+            raise BadRequestError("prompt: required, a string or a non-empty list of strings")
+        items = [AuditInput(prompt=p) for p in prompts]
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequestError("stream must be true or false")
+    return _Call(kind, body, policy, steering, items, messages, prompts, stream, uuid.uuid4().hex)
+
+
+# ---------------------------------------------------------------- routes
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    """OpenAI chat completions, audited (proxied to ``upstream`` or generated here)."""
+    return await _handle(request, "chat")
+
+
+@router.post("/v1/completions")
+async def completions(request: Request) -> Response:
+    """OpenAI text completions, audited (proxied to ``upstream`` or generated here)."""
+    return await _handle(request, "completions")
+
+
+async def _handle(request: Request, kind: str) -> Response:
+    rt = get_runtime(request)
+    call = await _parse(request, kind)
+    if call.steering is not None:
+        if rt.http is not None:
+            raise BadRequestError("steering needs the sidecar's own model; it is not available with --upstream")
+        check_bearer(rt.settings, request.headers)
+    pre = await guarded_audit(rt, request, call.prompt_items, policy=call.policy, source="prompt", request_id=call.request_id)
+    for i in range(len(pre.results)):
+        if pre.blocked(i):
+            request.state.outcome = "blocked"
+            reason = blocked_reason(pre.engine, pre.results[i].verdict)
+            return JSONResponse(
+                error_body(reason, "policy_violation", "content_filter", auditor={"prompt": pre.summary()}),
+                status_code=400,
+                headers=pre.headers(),
+            )
+    if rt.http is not None:
+        if call.stream:
+            return await _proxy_stream(rt, request, call, pre)
+        return await _proxy(rt, request, call, pre)
+    return await _serve(rt, request, call, pre)
+
+
+# ---------------------------------------------------------------- proxy
+
+
+def _forward_headers(rt: Runtime, request: Request) -> dict[str, str]:
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+    headers.pop("authorization", None)
+    if rt.settings.upstream_api_key is not None:
+        headers["authorization"] = f"Bearer {rt.settings.upstream_api_key.get_secret_value()}"
+    elif not rt.settings.auth_all_routes and "authorization" in request.headers:
+        # The client's key is meant for the upstream, unless it is this server's own token.
+        headers["authorization"] = request.headers["authorization"]
+    return headers
+
+
+def _path(call: _Call) -> str:
+    return "/v1/chat/completions" if call.kind == "chat" else "/v1/completions"
+
+
+def _choice_text(call: _Call, choice: dict[str, Any]) -> str:
+    if call.kind == "chat":
+        return (choice.get("message") or {}).get("content") or ""
+    return choice.get("text") or ""
+
+
+def _annotation(pre: AuditOutcome, post: AuditOutcome | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"prompt": pre.summary()}
+    if post is not None:
+        out["completion"] = [post.summary(i) for i in range(len(post.results))] if post.error is None else [post.summary()]
+    out["verdict"] = _worst(pre, post)
+    return out
+
+
+def _worst(pre: AuditOutcome, post: AuditOutcome | None) -> str:
+    actions = [pre.action] + ([post.action] if post is not None else [])
+    if "error" in actions:
+        return "error" if not any(a == "block" for a in actions) else "block"
+    return max(actions, key=_RANK.__getitem__)
+
+
+def _verdict_headers(pre: AuditOutcome, post: AuditOutcome | None) -> dict[str, str]:
+    headers = pre.headers()
+    headers["X-Auditor-Verdict"] = _worst(pre, post)
+    return headers
+
+
+async def _proxy(rt: Runtime, request: Request, call: _Call, pre: AuditOutcome) -> Response:
+    import httpx
+
+    assert rt.http is not None  # _handle only proxies with an upstream client
+    t0 = time.perf_counter()
+    route = _path(call)
+    try:
+        resp = await rt.http.post(route, json=call.body, headers=_forward_headers(rt, request))
+    except httpx.HTTPError as exc:
+        rt.metrics.upstream_duration.labels(route=route, outcome="error").observe(time.perf_counter() - t0)
+        raise UpstreamError(f"the upstream {rt.settings.upstream} could not be reached: {type(exc).__name__}") from None
+    rt.metrics.upstream_duration.labels(route=route, outcome=str(resp.status_code)).observe(time.perf_counter() - t0)
+    if resp.status_code >= 400:
+        request.state.outcome = "upstream_error"
+        return Response(resp.content, status_code=resp.status_code, media_type=resp.headers.get("content-type"))
+    data = resp.json()
+    choices = data.get("choices") or []
+    items = [call.completion_item(_choice_text(call, c), c.get("index", i)) for i, c in enumerate(choices)]
+    post = (
+        await guarded_audit(rt, request, items, policy=call.policy, source="completion", request_id=call.request_id)
+        if items
+        else AuditOutcome(engine=pre.engine)
+    )
+    _filter_choices(call, choices, post)
+    data["auditor"] = _annotation(pre, post)
+    if post.action == "block":
+        request.state.outcome = "blocked"
+    return JSONResponse(data, headers=_verdict_headers(pre, post))
+
+
+def _filter_choices(call: _Call, choices: list[dict[str, Any]], post: AuditOutcome) -> None:
+    for i, choice in enumerate(choices):
+        if post.blocked(i):
+            if call.kind == "chat":
+                choice["message"] = {**(choice.get("message") or {}), "content": ""}
+            else:
+                choice["text"] = ""
+            choice["finish_reason"] = "content_filter"
+
+
+async def _upstream_events(rt: Runtime, request: Request, call: _Call) -> tuple[Any, Any]:
+    """Open the upstream stream; returns (response, context manager) for the caller to close."""
+    import httpx
+
+    assert rt.http is not None
+    ctx = rt.http.stream("POST", _path(call), json=call.body, headers=_forward_headers(rt, request))
+    try:
+        resp = await ctx.__aenter__()
+    except httpx.HTTPError as exc:
+        raise UpstreamError(f"the upstream {rt.settings.upstream} could not be reached: {type(exc).__name__}") from None
+    return resp, ctx
+
+
+async def _iter_chunks(resp: Any) -> AsyncIterator[dict[str, Any]]:
+    async for line in resp.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            return
+        try:
+            obj = json.loads(payload)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            yield obj
+
+
+def _chunk_text(call: _Call, chunk: dict[str, Any]) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for c in chunk.get("choices") or []:
+        idx = int(c.get("index", 0))
+        text = ((c.get("delta") or {}).get("content") if call.kind == "chat" else c.get("text")) or ""
+        out[idx] = out.get(idx, "") + text
+    return out
+
+
+def _filtered_chunk(call: _Call, template: dict[str, Any], index: int) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": index, "finish_reason": "content_filter"}
+    if call.kind == "chat":
+        choice["delta"] = {}
+    else:
+        choice["text"] = ""
+    return {**_chunk_base(template, call), "choices": [choice]}
+
+
+def _chunk_base(template: dict[str, Any], call: _Call) -> dict[str, Any]:
+    return {
+        "id": template.get("id", f"auditor-{call.request_id}"),
+        "object": template.get("object", "chat.completion.chunk" if call.kind == "chat" else "text_completion"),
+        "created": template.get("created", int(time.time())),
+        "model": template.get("model", "auditor"),
+    }
+
+
+def _final_chunk(call: _Call, template: dict[str, Any], annotation: dict[str, Any]) -> dict[str, Any]:
+    return {**_chunk_base(template, call), "choices": [], "auditor": annotation}
+
+
+async def _proxy_stream(rt: Runtime, request: Request, call: _Call, pre: AuditOutcome) -> Response:
+    t0 = time.perf_counter()
+    route = _path(call)
+    resp, ctx = await _upstream_events(rt, request, call)
+    if resp.status_code >= 400:
+        content = await resp.aread()
+        await ctx.__aexit__(None, None, None)
+        rt.metrics.upstream_duration.labels(route=route, outcome=str(resp.status_code)).observe(time.perf_counter() - t0)
+        request.state.outcome = "upstream_error"
+        return Response(content, status_code=resp.status_code, media_type=resp.headers.get("content-type"))
+    if rt.settings.stream_mode == "chunked" and call.body.get("n", 1) in (None, 1):
+        return StreamingResponse(
+            _chunked_release(rt, request, call, pre, resp, ctx, t0),
+            media_type="text/event-stream",
+            headers={**SSE_HEADERS, **pre.headers()},
+        )
+    try:
+        chunks = [c async for c in _iter_chunks(resp)]
+    finally:
+        await ctx.__aexit__(None, None, None)
+        rt.metrics.upstream_duration.labels(route=route, outcome=str(resp.status_code)).observe(time.perf_counter() - t0)
+    return await _release_held(rt, request, call, pre, chunks)
+
+
+async def _release_held(
+    rt: Runtime, request: Request, call: _Call, pre: AuditOutcome, chunks: list[dict[str, Any]]
+) -> Response:
+    """Audit a fully buffered stream, then release it (blocked choices end with content_filter)."""
+    texts: dict[int, str] = {}
+    for chunk in chunks:
+        for idx, text in _chunk_text(call, chunk).items():
+            texts[idx] = texts.get(idx, "") + text
+    indices = sorted(texts) or [0]
+    items = [call.completion_item(texts.get(i, ""), i) for i in indices]
+    post = await guarded_audit(rt, request, items, policy=call.policy, source="completion", request_id=call.request_id)
+    blocked = {idx for pos, idx in enumerate(indices) if post.blocked(pos)}
+    template = chunks[0] if chunks else {}
+    events: list[bytes] = []
+    for chunk in chunks:
+        kept = [c for c in chunk.get("choices") or [] if int(c.get("index", 0)) not in blocked]
+        if chunk.get("choices") and not kept:
+            continue
+        events.append(sse_event({**chunk, "choices": kept} if chunk.get("choices") else chunk))
+    for idx in sorted(blocked):
+        events.append(sse_event(_filtered_chunk(call, template, idx)))
+    events.append(sse_event(_final_chunk(call, template, _annotation(pre, post))))
+    events.append(b"data: [DONE]\n\n")
+    if blocked:
+        request.state.outcome = "blocked"
+
+    async def body() -> AsyncIterator[bytes]:
+        for event in events:
+            yield event
+
+    return StreamingResponse(
+        body(), media_type="text/event-stream", headers={**SSE_HEADERS, **_verdict_headers(pre, post)}
+    )
+
+
+async def _chunked_release(
+    rt: Runtime, request: Request, call: _Call, pre: AuditOutcome, resp: Any, ctx: Any, t0: float
+) -> AsyncIterator[bytes]:
+    """Audit the completion so far every ``stream_chunk_chars`` characters; release what passed."""
+    step = rt.settings.stream_chunk_chars
+    held: list[dict[str, Any]] = []
+    released = ""
+    pending = ""
+    template: dict[str, Any] = {}
+    post: AuditOutcome | None = None
+    route = _path(call)
+    try:
+        finished = False
+        chunks = _iter_chunks(resp)
+        while not finished:
+            try:
+                chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                finished = True
+                chunk = None
+            if chunk is not None:
+                template = template or chunk
+                held.append(chunk)
+                pending += _chunk_text(call, chunk).get(0, "")
+                if len(pending) < step:
+                    continue
+            if not held:
+                continue
+            try:
+                post = await guarded_audit(
+                    rt,
+                    request,
+                    [call.completion_item(released + pending)],
+                    policy=call.policy,
+                    source="completion",
+                    request_id=call.request_id,
+                )
+            except ServerError as exc:
+                yield sse_event(error_body(exc.message, exc.type, exc.code))
+                return
+            if post.blocked(0):
+                yield sse_event(_filtered_chunk(call, template, 0))
+                yield sse_event(_final_chunk(call, template, _annotation(pre, post)))
+                yield b"data: [DONE]\n\n"
+                return
+            for c in held:
+                yield sse_event(c)
+            released += pending
+            pending = ""
+            held = []
+        yield sse_event(_final_chunk(call, template, _annotation(pre, post)))
+        yield b"data: [DONE]\n\n"
+    finally:
+        await ctx.__aexit__(None, None, None)
+        rt.metrics.upstream_duration.labels(route=route, outcome=str(resp.status_code)).observe(time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------- serve mode
+
+
+def _gen_item(call: _Call) -> AuditInput:
+    if call.messages is not None:
+        return AuditInput(messages=call.messages)
+    if len(call.prompts) != 1:
+        raise BadRequestError("the sidecar's own model completes one prompt per request; send a single string")
+    return AuditInput(prompt=call.prompts[0])
+
+
+def _number(body: dict[str, Any], key: str, default: float, lo: float, hi: float) -> float:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+        raise BadRequestError(f"{key} must be a number between {lo:g} and {hi:g}, got {value!r}")
+    return float(value)
+
+
+def _stop_list(body: dict[str, Any]) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        return stop
+    raise BadRequestError("stop must be a string or a list of strings")
+
+
+async def _run_generation(
+    rt: Runtime,
+    item: AuditInput,
+    *,
+    max_tokens: int,
+    temperature: float,
+    stop: list[str],
+    steering: list[Any] | None,
+    compare: bool,
+    policy: str | None,
+    seed: int | None = None,
+) -> Any:
+    from auditor.steering import generate, parse_intervention
+
+    engine = rt.engine(policy)
+    library = rt.auditor.library
+    try:
+        interventions = [parse_intervention(s, library) for s in steering or []]
+    except AuditorError as exc:
+        raise BadRequestError(exc.message) from None
+    if max_tokens > rt.settings.max_generate_tokens:
+        raise BadRequestError(
+            f"max_tokens is {max_tokens}; this server generates at most {rt.settings.max_generate_tokens} (max_generate_tokens)"
+        )
+    counts = await asyncio.get_running_loop().run_in_executor(rt.prep, rt.count_tokens, [item])
+    if counts[0] + max_tokens > rt.settings.max_tokens:
+        from auditor.server.errors import TooLargeError
+
+        raise TooLargeError(
+            f"the prompt has {counts[0]} tokens; with max_tokens {max_tokens} it is over the limit of "
+            f"{rt.settings.max_tokens} tokens (max_tokens setting)"
+        )
+
+    def run() -> Any:
+        return generate(
+            rt.auditor,
+            item,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            interventions=interventions,
+            compare=compare,
+            policy=engine,
+            stop=stop or None,
+            seed=seed,
+        )
+
+    try:
+        result = await rt.batcher.run_exclusive(run)
+    except AuditorError as exc:
+        raise BadRequestError(exc.message) from None
+    for iv in interventions:
+        rt.metrics.interventions.labels(mode=iv.mode).inc()
+    for trig in result.triggered:
+        for spec in trig.interventions:
+            mode = spec.split("=", 1)[-1].split(":", 1)[0]
+            rt.metrics.interventions.labels(mode=mode if mode in ("clamp", "scale", "add") else "other").inc()
+    if engine is not None and result.verdict is not None:
+        audited = (
+            AuditInput(messages=item.messages, completion=result.text)
+            if item.messages is not None
+            else AuditInput(prompt=item.prompt, completion=result.text)
+        )
+        await rt.record([result.verdict], [audited], engine, source="completion", request_id=None)
+    return result, engine
+
+
+async def _serve(rt: Runtime, request: Request, call: _Call, pre: AuditOutcome) -> Response:
+    body = call.body
+    default_max = min(16 if call.kind == "completions" else rt.settings.max_generate_tokens, rt.settings.max_generate_tokens)
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = int(_number(body, key, default_max, 1, 1e9))
+    temperature = _number(body, "temperature", 0.0, 0.0, 2.0)
+    seed = body.get("seed")
+    result, engine = await _run_generation(
+        rt,
+        _gen_item(call),
+        max_tokens=max_tokens,
+        temperature=temperature,
+        stop=_stop_list(body),
+        steering=call.steering,
+        compare=False,
+        policy=call.policy,
+        seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
+    )
+    post = AuditOutcome([result], engine)
+    blocked = post.blocked(0)
+    text = "" if blocked else result.text
+    finish = "content_filter" if blocked else result.finish_reason
+    created = int(time.time())
+    model_name = rt.auditor.model.name
+    rid = ("chatcmpl-" if call.kind == "chat" else "cmpl-") + call.request_id
+    usage = {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": len(result.tokens),
+        "total_tokens": result.prompt_tokens + len(result.tokens),
+    }
+    annotation = _annotation(pre, post)
+    if result.steered:
+        annotation["steered"] = True
+    if blocked:
+        request.state.outcome = "blocked"
+    headers = _verdict_headers(pre, post)
+    if not call.stream:
+        if call.kind == "chat":
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": finish,
+                "logprobs": None,
+            }
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+            obj = "text_completion"
+        data = {
+            "id": rid,
+            "object": obj,
+            "created": created,
+            "model": model_name,
+            "choices": [choice],
+            "usage": usage,
+            "auditor": annotation,
+        }
+        return JSONResponse(data, headers=headers)
+    template = {
+        "id": rid,
+        "object": "chat.completion.chunk" if call.kind == "chat" else "text_completion",
+        "created": created,
+        "model": model_name,
+    }
+    events: list[bytes] = []
+    pieces = re.findall(r"\s*\S+|\s+", text)
+    if call.kind == "chat":
+        events.append(sse_event({**template, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}))
+        for piece in pieces:
+            events.append(sse_event({**template, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}))
+        events.append(sse_event({**template, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}))
+    else:
+        for piece in pieces:
+            events.append(sse_event({**template, "choices": [{"index": 0, "text": piece, "finish_reason": None}]}))
+        events.append(sse_event({**template, "choices": [{"index": 0, "text": "", "finish_reason": finish}]}))
+    events.append(sse_event({**template, "choices": [], "usage": usage, "auditor": annotation}))
+    events.append(b"data: [DONE]\n\n")
+
+    async def stream() -> AsyncIterator[bytes]:
+        for event in events:
+            yield event
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
+
+
+class GenerateRequest(BaseModel):
+    """``POST /v1/generate``: generate with explicit steering on the sidecar's own model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = None
+    """Plain-text prompt to continue."""
+    messages: list[dict[str, Any]] | None = None
+    """A chat to answer (the assistant turn is generated)."""
+    max_tokens: int = Field(default=32, ge=1)
+    """Tokens to generate (at most the server's ``max_generate_tokens``)."""
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    """0 is greedy."""
+    seed: int | None = None
+    """Makes sampling repeatable."""
+    stop: list[str] | None = None
+    """Stop strings."""
+    steering: list[dict[str, Any]] = Field(default_factory=list)
+    """Interventions: ``{feature, mode: clamp|scale|add, value, positions?: active|all}``."""
+    compare: bool = False
+    """Also generate without steering and return both, with the steered features' activations."""
+    policy: str | None = None
+    """Policy evaluated on the completion (its ``steer`` actions switch on live)."""
+
+
+@router.post("/v1/generate")
+async def generate_route(body: GenerateRequest, request: Request) -> JSONResponse:
+    """Steered generation: the text, the default text (``compare``) and per-token feature activations."""
+    rt = get_runtime(request)
+    if (body.prompt is None) == (body.messages is None):
+        raise BadRequestError("give exactly one of 'prompt' or 'messages'")
+    if body.messages is not None:
+        msgs = tuple(
+            {"role": str(m.get("role")), "content": _content_text(m.get("content"), f"messages[{i}]")}
+            for i, m in enumerate(body.messages)
+        )
+        item = AuditInput(messages=msgs)
+    else:
+        item = AuditInput(prompt=body.prompt)
+    result, engine = await _run_generation(
+        rt,
+        item,
+        max_tokens=body.max_tokens,
+        temperature=body.temperature,
+        stop=body.stop or [],
+        steering=body.steering,
+        compare=body.compare,
+        policy=body.policy,
+        seed=body.seed,
+    )
+    verdict = result.verdict
+    out: dict[str, Any] = {
+        "text": result.text,
+        "tokens": result.tokens,
+        "finish_reason": result.finish_reason,
+        "steered": result.steered,
+        "interventions": result.interventions,
+        "feature_traces": result.feature_traces,
+        "steered_traces": result.steered_traces,
+        "verdict": verdict.action if verdict is not None else "allow",
+        "policy": engine.name if engine is not None else None,
+        "matches": [m.rule_id for m in verdict.matches] if verdict is not None else [],
+    }
+    if body.compare:
+        out.update(
+            {
+                "default_text": result.default_text,
+                "default_tokens": result.default_tokens,
+                "default_finish_reason": result.default_finish_reason,
+                "default_traces": result.default_traces,
+            }
+        )
+    return JSONResponse(out, headers={"X-Auditor-Verdict": out["verdict"]})

@@ -1,0 +1,282 @@
+"""What a running sidecar holds: the auditor, the policy store, the alert dispatcher, the batcher.
+
+:func:`load_runtime` builds it (slow: it loads the model) and
+:meth:`Runtime.audit` is the one audit path every route uses: count tokens
+(413 over the limit), queue for the next micro-batch, record verdict metrics,
+log and fan out alerts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from auditor.errors import AuditorError, ConfigError
+from auditor.server.batcher import MicroBatcher
+from auditor.server.errors import BadRequestError, NotFoundError, TooLargeError
+from auditor.server.settings import Settings
+from auditor.server.sse import Broadcaster
+from auditor.text import AuditInput, render, sink_token_id
+
+if TYPE_CHECKING:
+    import httpx
+
+    from auditor.alerts import Alert, AlertDispatcher
+    from auditor.metrics import AuditorMetrics
+    from auditor.pipeline import Auditor, AuditResult
+    from auditor.policy import PolicyEngine, PolicyStore, Verdict
+
+__all__ = ["Runtime", "load_runtime", "default_policy_path", "NO_POLICY_NOTE"]
+
+_log = logging.getLogger("auditor.server")
+
+NO_POLICY_NOTE = (
+    "no policy loaded: every verdict is 'allow' and scores are empty; "
+    "pass --policy FILE (or AUDITOR_POLICIES) or add policies/default.yaml"
+)
+
+
+def default_policy_path() -> Path:
+    """``policies/default.yaml`` next to the package (loaded when no policy is configured)."""
+    return Path(__file__).resolve().parents[2] / "policies" / "default.yaml"
+
+
+@dataclass
+class Runtime:
+    """Loaded state of one sidecar."""
+
+    settings: Settings
+    metrics: AuditorMetrics
+    auditor: Auditor
+    store: PolicyStore | None
+    dispatcher: AlertDispatcher
+    batcher: MicroBatcher
+    alerts: Broadcaster
+    http: httpx.AsyncClient | None = None
+    sae_name: str = "sae"
+    prep: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="auditor-prep")
+    )
+
+    # ------------------------------------------------------------ policies
+
+    @property
+    def policy_note(self) -> str | None:
+        return NO_POLICY_NOTE if self.store is None else None
+
+    def engine(self, name: str | None) -> PolicyEngine | None:
+        """The policy called ``name`` (or the default); None when no policy is loaded."""
+        if self.store is None:
+            if name is not None:
+                raise NotFoundError(f"unknown policy {name!r}: {NO_POLICY_NOTE}")
+            return None
+        try:
+            return self.store.current(name)
+        except AuditorError as exc:
+            raise NotFoundError(exc.message) from None
+
+    # ------------------------------------------------------------ auditing
+
+    def count_tokens(self, items: Sequence[AuditInput]) -> list[int]:
+        """Tokens of each input as the pipeline will see them (chat template and sink token included)."""
+        tok = self.auditor.model.tokenizer
+        sink = sink_token_id(tok)
+        counts = []
+        for item in items:
+            rendered, _spans, needs_sink = render(tok, item)
+            n = len(tok(rendered, add_special_tokens=False)["input_ids"])
+            counts.append(n + (1 if needs_sink and sink is not None else 0))
+        return counts
+
+    async def audit(
+        self,
+        items: Sequence[AuditInput],
+        *,
+        policy: str | None = None,
+        top_k: int = 0,
+        source: str = "any",
+        request_id: str | None = None,
+    ) -> tuple[list[AuditResult], PolicyEngine | None]:
+        """Audit ``items`` under one policy; verdict metrics and alerts are recorded here."""
+        engine = self.engine(policy)
+        loop = asyncio.get_running_loop()
+        try:
+            counts = await loop.run_in_executor(self.prep, self.count_tokens, items)
+        except AuditorError as exc:
+            raise BadRequestError(exc.message) from None
+        limit = self.settings.max_tokens
+        for i, n in enumerate(counts):
+            if n > limit:
+                where = f"input {i}" if len(items) > 1 else "the input"
+                raise TooLargeError(f"{where} has {n} tokens; the limit is {limit} tokens per input (max_tokens)")
+        results = await self.batcher.audit(
+            items, engine, top_k=top_k, n_tokens=sum(counts), timeout_s=self.settings.request_timeout_s
+        )
+        if engine is not None:
+            await self.record([r.verdict for r in results], items, engine, source=source, request_id=request_id)
+        return results, engine
+
+    async def record(
+        self,
+        verdicts: Sequence[Verdict | None],
+        items: Sequence[AuditInput],
+        engine: PolicyEngine,
+        *,
+        source: str,
+        request_id: str | None,
+    ) -> None:
+        """Count verdicts, write alerts for matched rules to the audit log and stream them."""
+        from auditor.alerts import alerts_from_verdict
+
+        alerts: list[Alert] = []
+        policy_hash = self.store.hash if self.store is not None else ""
+        for verdict, item in zip(verdicts, items):
+            if verdict is None:
+                continue
+            self.metrics.observe_verdict(engine.name, verdict)
+            if verdict.matches:
+                alerts.extend(
+                    alerts_from_verdict(
+                        verdict,
+                        policy_name=engine.name,
+                        policy_hash=policy_hash,
+                        source=source,  # type: ignore[arg-type]
+                        text=_audited_text(item),
+                        request_id=request_id or item.id,
+                    )
+                )
+        if not alerts:
+            return
+        try:
+            stored = await asyncio.get_running_loop().run_in_executor(self.prep, self.dispatcher.submit, alerts)
+        except Exception:  # the log failing must not fail the audit; the verdict stands
+            _log.exception("could not write %d alert(s) to the audit log", len(alerts))
+            return
+        self.metrics.alerts_logged.inc(len(stored))
+        for alert in stored:
+            self.alerts.publish(json.loads(alert.model_dump_json()))
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def close(self) -> None:
+        if self.store is not None:
+            self.store.stop()
+        await self.batcher.stop()
+        if self.http is not None:
+            await self.http.aclose()
+        self.prep.shutdown(wait=True)
+        await asyncio.get_running_loop().run_in_executor(None, self.dispatcher.close, 5.0)
+
+
+def _audited_text(item: AuditInput) -> str:
+    if item.text is not None:
+        return item.text
+    if item.completion:
+        return item.completion
+    if item.prompt is not None:
+        return item.prompt
+    return "\n".join(m["content"] for m in item.messages or ())
+
+
+# transformers resolves its lazy imports without a lock, so two apps loading in
+# one process (tests, benchmarks) must not import and load at the same time.
+_LOAD_LOCK = threading.Lock()
+
+
+def load_runtime(settings: Settings, metrics: AuditorMetrics, env: Mapping[str, str] | None = None) -> Runtime:
+    """Load model, SAE, library, policies and the alert pipeline (blocking; run it off the event loop)."""
+    with _LOAD_LOCK:
+        return _load_runtime(settings, metrics, env)
+
+
+def _load_runtime(settings: Settings, metrics: AuditorMetrics, env: Mapping[str, str] | None) -> Runtime:
+    from auditor.alerts import AlertDispatcher
+    from auditor.features import load_library
+    from auditor.models import load_model
+    from auditor.pipeline import Auditor, _default_library
+    from auditor.policy import PolicyStore
+    from auditor.sae import load_sae
+
+    store: PolicyStore | None = None
+    paths = list(settings.policies)
+    if not paths and default_policy_path().is_file():
+        paths = [str(default_policy_path())]
+    if paths:
+        store = PolicyStore(paths, default=settings.default_policy)
+        store.on_reload(lambda result: _on_reload(metrics, store, result))
+        metrics.policy_reloads.labels(result="success").inc()
+        metrics.set_policy(store.hash, store.names)
+    else:
+        _log.warning(NO_POLICY_NOTE)
+        metrics.set_policy("", [])
+
+    if settings.library:
+        library = load_library(settings.library)
+    elif store is not None:
+        library = store.current().library
+    elif settings.sae is None:
+        library = _default_library()
+    else:
+        library = None
+    if settings.sae is not None:
+        sae = load_sae(settings.sae, format=settings.sae_format, device=settings.device, dtype="float32")
+        sae_name = settings.sae
+    elif library is not None:
+        sae = load_sae(str(library.resolve_path(library.sae.path or "")), device=settings.device, dtype="float32")
+        sae_name = library.sae.id
+    else:  # pragma: no cover - the branches above always give one
+        raise ConfigError("no SAE: pass --sae or --library")
+    if store is not None:
+        _check_fits(store, sae.cfg.d_sae)
+    model = load_model(settings.model, device=settings.device)
+    auditor = Auditor(
+        model,
+        sae,
+        hookpoint=settings.hookpoint,
+        library=library,
+        max_tokens=settings.max_tokens,
+        batch_tokens=settings.batch_max_tokens,
+    )
+    dispatcher = AlertDispatcher.from_config(settings.alerts_config(env), on_delivery=metrics.on_delivery)
+    dispatcher.start()
+    batcher = MicroBatcher(
+        auditor,
+        max_wait_ms=settings.batch_max_wait_ms,
+        max_tokens=settings.batch_max_tokens,
+        queue_size=settings.queue_size,
+        metrics=metrics,
+    )
+    if store is not None and settings.policy_watch_s > 0:
+        store.watch(settings.policy_watch_s)
+    return Runtime(
+        settings=settings,
+        metrics=metrics,
+        auditor=auditor,
+        store=store,
+        dispatcher=dispatcher,
+        batcher=batcher,
+        alerts=Broadcaster(),
+        sae_name=sae_name,
+    )
+
+
+def _check_fits(store: PolicyStore, d_sae: int) -> None:
+    for name, engine in store.engines.items():
+        if engine.watched.numel() and int(engine.watched.max()) >= d_sae:
+            raise ConfigError(
+                f"policy {name!r} watches latent {int(engine.watched.max())} but the SAE has {d_sae} latents; "
+                "its feature library describes another SAE (pass the matching --sae)"
+            )
+
+
+def _on_reload(metrics: AuditorMetrics, store: PolicyStore | None, result: Any) -> None:
+    metrics.policy_reloads.labels(result="success" if result.ok else "failure").inc()
+    if result.ok and store is not None:
+        metrics.set_policy(store.hash, store.names)

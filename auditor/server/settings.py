@@ -1,0 +1,243 @@
+"""Sidecar settings: command-line flags > environment (``AUDITOR_*``) > YAML config file > defaults.
+
+:meth:`Settings.load` merges the layers and validates once; the error names
+the setting and where its value came from. The environment is passed in (the
+CLI passes ``os.environ``), so tests never touch the process environment.
+
+Nested values come from the environment with ``__`` between levels
+(``AUDITOR_ALERTS__TEXT_MODE=store``); lists and objects as JSON
+(``AUDITOR_POLICIES='["policies/"]'``).
+
+Example::
+
+    settings = Settings.load(flags={"port": 9000}, env=os.environ, config_file="auditor.yaml")
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.sources.utils import parse_env_vars
+
+from auditor.alerts import AlertsConfig
+from auditor.errors import ConfigError
+
+__all__ = ["Settings", "ENV_PREFIX", "default_data_dir"]
+
+ENV_PREFIX = "AUDITOR_"
+
+
+def default_data_dir(env: Mapping[str, str] | None = None) -> Path:
+    """``$XDG_DATA_HOME/sae-auditor``, else ``~/.local/share/sae-auditor``."""
+    env = os.environ if env is None else env
+    base = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "sae-auditor"
+
+
+class Settings(BaseSettings):
+    """Everything ``auditor serve`` can be told; one field per flag, ``AUDITOR_<FIELD>`` and YAML key."""
+
+    model_config = SettingsConfigDict(extra="forbid", env_prefix=ENV_PREFIX, validate_default=True)
+
+    # -- listening
+    host: str = "127.0.0.1"
+    """Address to listen on."""
+    port: int = Field(default=8080, ge=0, le=65535)
+    """TCP port (0 picks a free one)."""
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    """Log level of the server and uvicorn."""
+
+    # -- what to load
+    model: str | None = None
+    """Model id, folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)."""
+    sae: str | None = None
+    """SAE folder, file, hf:// URI or release id (default: the library's SAE)."""
+    sae_format: str | None = None
+    """Force the SAE format instead of detecting it."""
+    library: str | None = None
+    """Feature library path or id (default: the first policy's library, else the default library)."""
+    hookpoint: str | None = None
+    """Override the SAE's hookpoint."""
+    device: str = "cpu"
+    """Torch device."""
+    policies: list[str] = Field(default_factory=list)
+    """Policy files and folders; empty loads ``policies/default.yaml`` when it exists."""
+    default_policy: str | None = None
+    """Policy used when a request names none (default: one called ``default``, else the first)."""
+    policy_watch_s: float = Field(default=0.0, ge=0.0)
+    """Poll policy files for changes this often and reload (0: only on ``POST /v1/policies/reload``)."""
+
+    # -- proxy / serve
+    upstream: str | None = None
+    """OpenAI-compatible server to proxy ``/v1/chat/completions`` and ``/v1/completions`` to
+    (e.g. ``http://127.0.0.1:8000``); without it the sidecar's own model answers."""
+    upstream_api_key: SecretStr | None = None
+    """Bearer token sent to the upstream (the client's own ``Authorization`` is forwarded otherwise)."""
+    upstream_timeout_s: float = Field(default=120.0, gt=0)
+    """Timeout of one upstream request."""
+    stream_mode: Literal["hold", "chunked"] = "hold"
+    """Streaming completions: ``hold`` buffers the whole completion and audits it before releasing
+    anything; ``chunked`` audits and releases every ``stream_chunk_chars`` characters."""
+    stream_chunk_chars: int = Field(default=256, ge=1)
+    """Characters of new completion text per audit in ``chunked`` stream mode."""
+    fail_mode: Literal["open", "closed"] = "closed"
+    """When the auditor itself fails (timeout, overload, internal error) on a proxied request:
+    ``closed`` answers 503 ``auditor_error``; ``open`` lets the request through unaudited."""
+    max_generate_tokens: int = Field(default=256, ge=1)
+    """Most tokens the sidecar's own model generates per request."""
+
+    # -- limits and batching
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    """Largest request body; larger ones get 413."""
+    max_tokens: int = Field(default=2048, ge=2)
+    """Most tokens per audited input; longer ones get 413."""
+    batch_max_wait_ms: float = Field(default=5.0, ge=0.0)
+    """How long the batcher waits for more requests before running a forward."""
+    batch_max_tokens: int = Field(default=8192, ge=2)
+    """Most tokens per micro-batched forward."""
+    queue_size: int = Field(default=256, ge=1)
+    """Audit requests that may wait for the model; beyond it requests get 503 + Retry-After."""
+    request_timeout_s: float = Field(default=30.0, gt=0)
+    """Longest an audit may take (queue wait included) before it fails with a timeout."""
+    explain_top_k: int = Field(default=5, ge=1, le=64)
+    """Features per token returned when ``/v1/audit`` is asked to ``explain``."""
+    viewer_index: Path | None = None
+    """Feature index the ``/ui/`` pages read (default: ``feature_index.safetensors`` beside the library)."""
+
+    # -- auth
+    api_token: SecretStr | None = None
+    """Bearer token required on mutating routes (reload, validate, generate with steering)."""
+    auth_all_routes: bool = False
+    """Require the token on every route except ``/healthz`` and ``/readyz``."""
+
+    # -- alerts
+    data_dir: Path | None = None
+    """Where the audit log lives (default ``$XDG_DATA_HOME/sae-auditor``)."""
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    """Audit log and alert sinks; a relative ``log_path`` is under ``data_dir``."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.auth_all_routes and self.api_token is None:
+            raise ValueError("auth_all_routes needs api_token (AUDITOR_API_TOKEN) to be set")
+        if self.upstream is not None and not self.upstream.startswith(("http://", "https://")):
+            raise ValueError(f"upstream must be an http:// or https:// URL, got {self.upstream!r}")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Layers are merged by `load` from an environment the caller passes; the
+        # constructor itself never reads the process environment.
+        return (init_settings,)
+
+    @classmethod
+    def load(
+        cls,
+        *,
+        flags: Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
+        config_file: str | os.PathLike[str] | None = None,
+    ) -> Settings:
+        """Merge defaults < YAML file < environment < flags and validate.
+
+        ``config_file`` falls back to ``AUDITOR_CONFIG`` in ``env``. Flags whose
+        value is None are treated as not given.
+        """
+        env = {} if env is None else env
+        origin: dict[str, str] = {}
+        merged: dict[str, Any] = {}
+        path = config_file or env.get(f"{ENV_PREFIX}CONFIG")
+        if path:
+            for key, value in _read_yaml(Path(path)).items():
+                merged[key] = value
+                origin[key] = f"config file {path}"
+        env_values = _env_values(cls, env)
+        for key, value in env_values.items():
+            merged[key] = _deep_merge(merged.get(key), value)
+            origin[key] = f"environment {ENV_PREFIX}{key.upper()}"
+        for key, value in (flags or {}).items():
+            if value is None:
+                continue
+            merged[key] = value
+            origin[key] = f"flag --{key.replace('_', '-')}"
+        try:
+            return cls(**merged)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, origin)) from None
+
+    def resolved_data_dir(self, env: Mapping[str, str] | None = None) -> Path:
+        """``data_dir`` or the default one."""
+        return self.data_dir if self.data_dir is not None else default_data_dir(env)
+
+    def alerts_config(self, env: Mapping[str, str] | None = None) -> AlertsConfig:
+        """The alerts configuration with ``log_path`` placed under the data dir when relative."""
+        log_path = self.alerts.log_path
+        if not log_path.is_absolute():
+            log_path = self.resolved_data_dir(env) / log_path
+        return self.alerts.model_copy(update={"log_path": log_path})
+
+
+class _MappingEnvSource(EnvSettingsSource):
+    """pydantic-settings' environment parsing, reading a given mapping instead of ``os.environ``."""
+
+    def __init__(self, settings_cls: type[BaseSettings], env: Mapping[str, str]) -> None:
+        self._given = dict(env)
+        super().__init__(settings_cls, env_prefix=ENV_PREFIX, env_nested_delimiter="__", case_sensitive=False)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return parse_env_vars(self._given, False, False, None)
+
+
+def _env_values(cls: type[Settings], env: Mapping[str, str]) -> dict[str, Any]:
+    try:
+        return dict(_MappingEnvSource(cls, env)())
+    except Exception as exc:  # pydantic-settings raises SettingsError on malformed JSON values
+        raise ConfigError(f"invalid {ENV_PREFIX}* environment variable: {exc}") from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found (--config / {ENV_PREFIX}CONFIG)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config file must be a mapping of setting names to values")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def _deep_merge(base: Any, top: Any) -> Any:
+    if isinstance(base, dict) and isinstance(top, dict):
+        out = dict(base)
+        for key, value in top.items():
+            out[key] = _deep_merge(out.get(key), value)
+        return out
+    return top
+
+
+def _describe(exc: ValidationError, origin: Mapping[str, str]) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "settings"
+        where = origin.get(str(err["loc"][0])) if err["loc"] else None
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden" and len(err["loc"]) == 1:
+            msg = f"unknown setting; known: {', '.join(sorted(Settings.model_fields))}"
+        lines.append(f"setting {loc}: {msg}" + (f" (from {where})" if where else ""))
+    return "invalid settings:\n  " + "\n  ".join(lines)

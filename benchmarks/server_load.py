@@ -1,0 +1,276 @@
+"""Benchmark: sidecar audit throughput and latency under N concurrent clients, against offline batching.
+
+1. Offline baseline: ``Auditor.run`` over the same texts in chunks of 64 (what
+   ``auditor audit --input`` does) and of 8, each timed after an untimed pass,
+   before and after the server run; the fastest run is the baseline.
+2. Server: starts ``auditor serve`` in a child process on a free loopback port
+   (``--in-process`` for a thread here, ``--url`` for a running server), then N asyncio clients each send one ``POST /v1/audit`` at a time
+   until every text was audited once per round.
+
+Prints one JSON object (throughputs in texts/s and tokens/s, p50/p99 latency in
+ms, mean batch size from the server's metrics) and a summary line with the ratio
+of server to offline throughput (the goal is at least 0.8 with 16 clients).
+
+    PYTHONPATH=. python benchmarks/server_load.py [--clients 16] [--texts 256] [--rounds 1]
+        [--policy FILE] [--sae PATH] [--batch-max-wait-ms 5] [--offline-chunks 64,8]
+        [--url http://127.0.0.1:8080]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+
+_SUBJECTS = ["The committee", "My neighbour", "A small bakery", "The new intern", "Our support team", "The city council"]
+_VERBS = ["announced", "postponed", "reviewed", "celebrated", "questioned", "rewrote"]
+_OBJECTS = [
+    "the quarterly budget for the public library",
+    "a plan to repaint every bench in the park before winter",
+    "the wire transfer that was supposed to arrive on Friday",
+    "an urgent message asking customers to confirm their passwords",
+    "the recipe for a lemon cake with far too much sugar",
+    "a long report on rainfall in the northern hills",
+]
+
+
+def make_texts(n: int, seed: int = 0) -> list[str]:
+    """``n`` varied sentences of 10-40 tokens (deterministic)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        parts = [f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}."]
+        for _ in range(rng.randint(0, 2)):
+            parts.append(f"Later, {rng.choice(_SUBJECTS).lower()} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}.")
+        out.append(" ".join(parts))
+    return out
+
+
+def offline(auditor: Any, texts: list[str], chunk: int = 64) -> dict[str, float]:
+    """Texts/s of ``Auditor.run`` over ``texts`` in chunks, after one untimed pass.
+
+    The untimed pass matters on CPU: the first forward of each new batch shape is
+    several times slower than later ones.
+    """
+    from auditor.text import AuditInput
+
+    items = [AuditInput(text=t) for t in texts]
+    for i in range(0, len(items), chunk):
+        auditor.run(items[i : i + chunk])
+    t0 = time.perf_counter()
+    tokens = 0
+    for i in range(0, len(items), chunk):
+        tokens += sum(r.n_content_tokens for r in auditor.run(items[i : i + chunk]))
+    elapsed = time.perf_counter() - t0
+    return {"chunk": chunk, "seconds": elapsed, "texts_per_s": len(items) / elapsed, "tokens_per_s": tokens / elapsed}
+
+
+async def drive(url: str, texts: list[str], clients: int, policy: str | None) -> dict[str, Any]:
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for t in texts:
+        queue.put_nowait(t)
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    tokens = 0
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal tokens
+        while True:
+            try:
+                text = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            body: dict[str, Any] = {"text": text}
+            if policy is not None:
+                body["policy"] = policy
+            t0 = time.perf_counter()
+            resp = await client.post("/v1/audit", json=body)
+            latencies.append(time.perf_counter() - t0)
+            statuses[resp.status_code] = statuses.get(resp.status_code, 0) + 1
+            if resp.status_code == 200:
+                tokens += resp.json()["n_tokens"]
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+        await asyncio.gather(*(client.post("/v1/audit", json={"text": "warm up"}) for _ in range(clients)))
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(clients)))
+        elapsed = time.perf_counter() - t0
+    latencies.sort()
+    return {
+        "seconds": elapsed,
+        "texts_per_s": len(texts) / elapsed,
+        "tokens_per_s": tokens / elapsed,
+        "p50_ms": 1000 * statistics.median(latencies),
+        "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+        "statuses": statuses,
+    }
+
+
+class ServeProcess:
+    """``auditor serve`` in a child process on a free port; the context value is its URL."""
+
+    _LAUNCH = (
+        "import argparse, sys\n"
+        "from auditor.server import cli\n"
+        "p = argparse.ArgumentParser(prog='auditor'); s = p.add_subparsers(); cli.register(s)\n"
+        "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))\n"
+    )
+
+    def __init__(self, flags: dict[str, Any]) -> None:
+        argv = ["serve", "--port", "0", "--log-level", "info"]
+        for key, value in flags.items():
+            for v in value if isinstance(value, list) else [value]:
+                argv += ["--" + ("policy" if key == "policies" else key.replace("_", "-")), str(v)]
+        self.argv = argv
+        self.proc: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> str:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", self._LAUNCH, *self.argv],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"},
+        )
+        assert self.proc.stdout is not None
+        url = None
+        for line in self.proc.stdout:
+            m = re.search(r"Uvicorn running on (http://[\d.]+:\d+)", line)
+            if m:
+                url = m.group(1)
+                break
+        if url is None:
+            raise RuntimeError("the server process exited before listening")
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # keep the pipe drained
+        deadline = time.monotonic() + 300
+        while httpx.get(url + "/readyz").status_code != 200:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("the server process did not become ready")
+            time.sleep(0.2)
+        return url
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(60)
+
+
+def batch_stats(url: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values: dict[str, float] = {}
+    for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for s in fam.samples:
+            if s.name in ("auditor_batch_size_sum", "auditor_batch_size_count"):
+                values[s.name] = s.value
+    count = values.get("auditor_batch_size_count", 0.0)
+    return {"batches": count, "mean_batch_size": values.get("auditor_batch_size_sum", 0.0) / count if count else 0.0}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--texts", type=int, default=256, help="texts per round")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--policy", help="policy file (default: policies/examples/deception.yaml with a random 64-latent SAE)")
+    parser.add_argument("--sae", help="SAE path (default: a random 64-latent SAE at layer 5 for the example policy)")
+    parser.add_argument("--batch-max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--batch-max-tokens", type=int, default=8192)
+    parser.add_argument("--url", help="benchmark a running server instead (offline baseline still runs here)")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run the server in this process (its event loop then shares the GIL with the clients); "
+        "default: a separate `auditor serve` process",
+    )
+    parser.add_argument("--skip-offline", action="store_true")
+    parser.add_argument(
+        "--offline-chunks",
+        default="64,8",
+        help="comma-separated chunk sizes for the offline baseline (64 is what `auditor audit --input` uses); "
+        "the fastest is the baseline",
+    )
+    args = parser.parse_args()
+
+    from auditor.pipeline import Auditor
+    from auditor.server.app import create_app
+    from auditor.server.background import BackgroundServer
+    from auditor.server.settings import Settings
+
+    texts = make_texts(args.texts) * args.rounds
+    tmp = Path(tempfile.mkdtemp(prefix="auditor-bench-"))
+    policy = args.policy or str(REPO / "policies" / "examples" / "deception.yaml")
+    sae = args.sae
+    if sae is None:
+        sys.path.insert(0, str(REPO))
+        from tests.conftest import make_random_sae
+
+        sae = str(make_random_sae(tmp / "sae", d_in=576, d_sae=64, hookpoint="blocks.5.hook_resid_post"))
+
+    result: dict[str, Any] = {"clients": args.clients, "texts": len(texts)}
+    auditor = None
+    if not args.skip_offline:
+        auditor = Auditor.load(sae=sae, policy=policy)
+        chunks = [int(c) for c in args.offline_chunks.split(",")]
+        result["offline_before"] = [offline(auditor, texts, c) for c in chunks]
+
+    if args.url:
+        result["server"] = asyncio.run(drive(args.url, texts, args.clients, None))
+        result["server"].update(batch_stats(args.url))
+    else:
+        flags = {
+            "sae": sae,
+            "policies": [policy],
+            "data_dir": str(tmp / "data"),
+            "batch_max_wait_ms": args.batch_max_wait_ms,
+            "batch_max_tokens": args.batch_max_tokens,
+            "queue_size": max(256, args.clients * 4),
+        }
+        if args.in_process:
+            with BackgroundServer(create_app(Settings.load(flags=flags, env={}))) as server:
+                server.wait_ready()
+                result["server"] = asyncio.run(drive(server.url, texts, args.clients, None))
+                result["server"].update(batch_stats(server.url))
+        else:
+            with ServeProcess(flags) as url:
+                result["server"] = asyncio.run(drive(url, texts, args.clients, None))
+                result["server"].update(batch_stats(url))
+    if auditor is not None:
+        # Measured before and after the server run; the faster one is the baseline, so a
+        # burst of load from other processes cannot flatter the ratio.
+        result["offline_after"] = [offline(auditor, texts, c) for c in chunks]
+        runs = result["offline_before"] + result["offline_after"]
+        result["offline"] = max(runs, key=lambda r: r["texts_per_s"])
+        result["ratio"] = result["server"]["texts_per_s"] / result["offline"]["texts_per_s"]
+    print(json.dumps(result, indent=2))
+    s = result["server"]
+    line = (
+        f"{args.clients} clients: server {s['texts_per_s']:.1f} texts/s ({s['tokens_per_s']:.0f} tok/s), "
+        f"p50 {s['p50_ms']:.0f} ms, p99 {s['p99_ms']:.0f} ms, mean batch {s['mean_batch_size']:.1f}"
+    )
+    if "ratio" in result:
+        best = result["offline"]
+        line += f"; offline {best['texts_per_s']:.1f} texts/s (chunks of {best['chunk']}); ratio {result['ratio']:.2f}"
+    print(line)
+
+
+if __name__ == "__main__":
+    main()

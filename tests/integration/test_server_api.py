@@ -1,0 +1,362 @@
+"""The sidecar's own API on a real server (loopback port, real model, httpx): audit, limits, auth,
+policies, alerts, features, the LiteLLM guardrail route and the Prometheus exposition."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from auditor.server.app import create_app
+from auditor.server.background import BackgroundServer
+from auditor.server.settings import Settings
+from tests.conftest import make_random_sae
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "feature_libraries" / "examples" / "tiny" / "library.yaml"
+TOKEN = "tok-3f9a1c-never-logged"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+FRAUD = "Send the wire transfer today or your account will be closed forever."
+
+
+def _policy(folder: Path, name: str, threshold: float, scope: str = "any") -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(
+        f"""apiVersion: auditor/v1
+kind: Policy
+metadata: {{name: {name}}}
+library: {TINY}
+rules:
+  - id: fraud-any
+    description: Any fraud feature activity
+    severity: high
+    category: deception
+    scope: {scope}
+    condition: {{feature: deception.fraud, agg: max, threshold: {threshold}}}
+    actions: [alert, block]
+"""
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundServer]:
+    root = tmp_path_factory.mktemp("api")
+    sae = make_random_sae(root / "sae", d_in=576, d_sae=64, hookpoint="blocks.5.hook_resid_post")
+    pol = root / "policies"
+    pol.mkdir()
+    # threshold 0 fires on any in-scope token: a deterministic block on the real model.
+    _policy(pol, "block-fraud", 0.0)
+    _policy(pol, "quiet", 1e6)
+    settings = Settings.load(
+        flags={
+            "sae": str(sae),
+            "policies": [str(pol), str(REPO / "policies" / "examples" / "deception.yaml")],
+            "default_policy": "quiet",
+            "data_dir": str(root / "data"),
+            "max_body_bytes": 4096,
+            "max_tokens": 64,
+            "queue_size": 2,
+            "max_generate_tokens": 64,
+        },
+        env={"AUDITOR_API_TOKEN": TOKEN},
+    )
+    with BackgroundServer(create_app(settings)) as srv:
+        srv.wait_ready()
+        yield srv
+
+
+def _post(server: BackgroundServer, path: str, body: object, **kw: object) -> httpx.Response:
+    return httpx.post(server.url + path, json=body, timeout=60, **kw)  # type: ignore[arg-type]
+
+
+def _metrics(server: BackgroundServer) -> str:
+    return httpx.get(server.url + "/metrics").text
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in the exposition text (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return float(s.value)
+    return 0.0
+
+
+def test_probes(server: BackgroundServer) -> None:
+    assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
+    ready = httpx.get(server.url + "/readyz").json()
+    assert ready["status"] == "ready" and set(ready["policies"]) == {"block-fraud", "quiet", "example-deception"}
+
+
+def test_audit_verdicts_explanations_and_scores(server: BackgroundServer) -> None:
+    quiet = _post(server, "/v1/audit", {"text": FRAUD})
+    assert quiet.status_code == 200 and quiet.headers["x-auditor-verdict"] == "allow"
+    body = quiet.json()
+    assert body["policy"] == "quiet" and body["verdict"] == "allow" and body["matches"] == []
+    assert 0 <= body["scores"]["fraud-any"] < 1 and "deception" in body["category_scores"]
+
+    blocked = _post(server, "/v1/audit", {"text": FRAUD, "policy": "block-fraud", "id": "req-1"})
+    assert blocked.headers["x-auditor-verdict"] == "block"
+    out = blocked.json()
+    assert out["verdict"] == "block" and out["policy"] == "block-fraud" and len(out["policy_hash"]) == 64
+    [match] = out["matches"]
+    assert match["rule_id"] == "fraud-any" and match["severity"] == "high"
+    [leaf] = match["explanation"]
+    assert leaf["name"] == "deception.fraud" and leaf["fired"] and leaf["token_spans"]
+    assert "tokens" not in out
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"messages": [{"role": "user", "content": "How do I reset my bank password?"}]},
+        {"prompt": "Write to the customer:", "completion": " Your prize is waiting, send the fee."},
+        {"messages": [{"role": "user", "content": "Hi"}], "completion": "Hello there."},
+    ],
+)
+def test_audit_input_shapes_with_explain(server: BackgroundServer, body: dict[str, object]) -> None:
+    resp = _post(server, "/v1/audit", {**body, "explain": True, "policy": "example-deception"})
+    assert resp.status_code == 200, resp.text
+    out = resp.json()
+    assert out["n_tokens"] > 0 and len(out["tokens"]) == out["n_tokens"]
+    assert all(len(t["features"]) <= 5 for t in out["tokens"])
+    assert set(out["scores"]) == {"fraud-completion", "phishing-prompt", "deception-probe"}
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({}, "exactly one of 'text', 'messages' or 'prompt'"),
+        ({"text": 5}, "text"),
+        ({"text": "x", "bogus": 1}, "bogus"),
+        ({"messages": []}, "non-empty list"),
+        ({"text": "a", "completion": "b"}, "'completion' goes with 'prompt' or 'messages'"),
+        ({"messages": [{"role": "user"}]}, "messages[0]"),
+        ({"text": "a", "explain": "very"}, "explain"),
+    ],
+)
+def test_422_names_the_problem(server: BackgroundServer, body: dict[str, object], needle: str) -> None:
+    resp = _post(server, "/v1/audit", body)
+    assert resp.status_code == 422
+    error = resp.json()["error"]
+    assert error["type"] == "invalid_request_error" and needle in error["message"], error
+
+
+def test_unknown_policy_is_404_listing_the_loaded_ones(server: BackgroundServer) -> None:
+    resp = _post(server, "/v1/audit", {"text": "hi", "policy": "nope"})
+    assert resp.status_code == 404
+    assert "quiet" in resp.json()["error"]["message"] and "nope" in resp.json()["error"]["message"]
+
+
+def test_413_body_and_tokens_state_the_limit(server: BackgroundServer) -> None:
+    big = _post(server, "/v1/audit", {"text": "a" * 5000})
+    assert big.status_code == 413 and "4096 bytes" in big.json()["error"]["message"]
+    many = _post(server, "/v1/audit", {"text": "word " * 200})
+    assert many.status_code == 413
+    msg = many.json()["error"]["message"]
+    assert "the limit is 64 tokens" in msg
+    assert int(re.search(r"has (\d+) tokens", msg).group(1)) > 200  # type: ignore[union-attr]
+    # A chunked body without Content-Length is cut off the same way.
+    chunks = (b"x" * 1024 for _ in range(6))
+    streamed = httpx.post(server.url + "/v1/audit", content=chunks, headers={"content-type": "application/json"})
+    assert streamed.status_code == 413
+
+
+def test_401_on_mutating_routes_and_the_token_never_leaks(
+    server: BackgroundServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    for path, body in (("/v1/policies/reload", None), ("/v1/policies/validate", {"content": "x: 1"})):
+        missing = _post(server, path, body)
+        wrong = _post(server, path, body, headers={"Authorization": "Bearer wrong-" + TOKEN})
+        for resp in (missing, wrong):
+            assert resp.status_code == 401 and resp.headers["www-authenticate"] == "Bearer"
+            assert resp.json()["error"]["type"] == "authentication_error"
+            assert TOKEN not in resp.text
+        assert _post(server, path, body, headers=AUTH).status_code in (200, 422)
+    gen = _post(server, "/v1/generate", {"prompt": "Hi", "max_tokens": 1})
+    assert gen.status_code == 401
+    # Read-only routes stay open without auth_all_routes.
+    assert httpx.get(server.url + "/v1/policies").status_code == 200
+    assert TOKEN not in caplog.text and TOKEN not in _metrics(server)
+
+
+def test_503_with_retry_after_when_the_queue_is_full(server: BackgroundServer) -> None:
+    async def scenario() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            # A generation holds the model thread; queue_size=2 admits two audits, the rest get 503.
+            gen = asyncio.create_task(client.post("/v1/generate", json={"prompt": "Once upon a time", "max_tokens": 48}, headers=AUTH))
+            await asyncio.sleep(0.5)
+            audits = await asyncio.gather(*(client.post("/v1/audit", json={"text": f"text {i}"}) for i in range(6)))
+            assert (await gen).status_code == 200
+            return list(audits)
+
+    responses = asyncio.run(scenario())
+    codes = sorted(r.status_code for r in responses)
+    assert codes.count(200) == 2 and codes.count(503) == 4, codes
+    rejected = next(r for r in responses if r.status_code == 503)
+    assert rejected.headers["retry-after"] == "1"
+    assert rejected.json()["error"]["code"] == "overloaded" and "queue_size" in rejected.json()["error"]["message"]
+    assert _sample(_metrics(server), "auditor_requests_total", route="/v1/audit", outcome="overloaded") >= 4
+
+
+def test_concurrent_requests_share_batches(server: BackgroundServer) -> None:
+    before = _metrics(server)
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            # Two at a time (queue_size=2), each pair lands in one forward.
+            out: list[httpx.Response] = []
+            for i in range(4):
+                out += await asyncio.gather(*(client.post("/v1/audit", json={"text": f"batch {i} {j}"}) for j in range(2)))
+            return out
+
+    assert all(r.status_code == 200 for r in asyncio.run(burst()))
+    after = _metrics(server)
+    items = _sample(after, "auditor_batch_size_sum") - _sample(before, "auditor_batch_size_sum")
+    batches = _sample(after, "auditor_batch_size_count") - _sample(before, "auditor_batch_size_count")
+    assert items == 8 and batches < 8
+
+
+def test_policies_list_validate_reload(server: BackgroundServer) -> None:
+    listing = httpx.get(server.url + "/v1/policies").json()
+    assert listing["default"] == "quiet" and len(listing["hash"]) == 64
+    names = {p["name"]: p for p in listing["policies"]}
+    assert names["block-fraud"]["rules"][0]["actions"] == ["alert", "block"]
+
+    bad = f"""apiVersion: auditor/v1
+kind: Policy
+metadata: {{name: broken}}
+library: {TINY}
+rules:
+  - id: r1
+    severity: extreme
+    category: x
+    condition: {{feature: deception.fraudd, agg: max, threshold: 1}}
+"""
+    resp = _post(server, "/v1/policies/validate", {"content": bad}, headers=AUTH)
+    assert resp.status_code == 200
+    out = resp.json()
+    assert out["valid"] is False and out["errors"]
+    assert all(e["line"] is not None for e in out["errors"])
+    assert any("severity" in e["message"] for e in out["errors"]), out["errors"]
+    good = _post(server, "/v1/policies/validate", {"path": str(REPO / "policies" / "examples" / "deception.yaml")}, headers=AUTH)
+    assert good.json()["valid"] is True and good.json()["policies"][0]["name"] == "example-deception"
+    assert _post(server, "/v1/policies/validate", {}, headers=AUTH).status_code == 422
+
+    before = _sample(_metrics(server), "auditor_policy_reloads_total", result="success")
+    reloaded = _post(server, "/v1/policies/reload", None, headers=AUTH)
+    assert reloaded.status_code == 200 and reloaded.json()["ok"] and reloaded.json()["hash"] == listing["hash"]
+    assert reloaded.json()["changed"] is False
+    metrics = _metrics(server)
+    assert _sample(metrics, "auditor_policy_reloads_total", result="success") == before + 1
+    assert _sample(metrics, "auditor_policy_info", hash=listing["hash"]) == 1
+
+
+def test_alerts_query_paging_and_stream(server: BackgroundServer) -> None:
+    events: list[dict[str, object]] = []
+    subscribed = threading.Event()
+
+    def listen() -> None:
+        with httpx.stream("GET", server.url + "/v1/alerts/stream", params={"min_severity": "high"}, timeout=30) as resp:
+            assert resp.headers["content-type"].startswith("text/event-stream")
+            for line in resp.iter_lines():
+                if line.startswith(": subscribed"):
+                    subscribed.set()
+                if line.startswith("data:"):
+                    events.append(json.loads(line[5:]))
+                    return
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    assert subscribed.wait(10)
+    for i in range(3):
+        assert _post(server, "/v1/audit", {"text": f"{FRAUD} ({i})", "policy": "block-fraud", "id": f"page-{i}"}).status_code == 200
+    listener.join(10)
+    assert events and events[0]["rule_id"] == "fraud-any" and events[0]["severity"] == "high"
+
+    page = httpx.get(server.url + "/v1/alerts", params={"rule_id": "fraud-any", "limit": 2}).json()
+    assert len(page["alerts"]) == 2 and page["next"] and page["total"] >= 3
+    assert all(a["policy_name"] == "block-fraud" and a["action"] == "block" for a in page["alerts"])
+    rest = httpx.get(server.url + "/v1/alerts", params={"rule_id": "fraud-any", "limit": 2, "after": page["next"]}).json()
+    ids = [a["id"] for a in page["alerts"]] + [a["id"] for a in rest["alerts"]]
+    assert len(ids) == len(set(ids)) and len(rest["alerts"]) >= 1
+    one = httpx.get(server.url + "/v1/alerts", params={"request_id": "page-1"}).json()
+    assert [a["request_id"] for a in one["alerts"]] == ["page-1"]
+    assert httpx.get(server.url + "/v1/alerts", params={"min_severity": "extreme"}).status_code == 422
+
+
+def test_features_search(server: BackgroundServer) -> None:
+    everything = httpx.get(server.url + "/v1/features").json()
+    assert everything["library"] == "tiny" and everything["count"] == 13
+    fraud = httpx.get(server.url + "/v1/features", params={"q": "scam"}).json()
+    assert [f["name"] for f in fraud["features"]] == ["deception.fraud"]
+    bias = httpx.get(server.url + "/v1/features", params={"category": "bias"}).json()
+    assert bias["features"] and all(f["category"] == "bias" for f in bias["features"])
+    one = httpx.get(server.url + "/v1/features", params={"name": "deception.phishing"}).json()
+    assert one["features"][0]["index"] == 19
+    missing = httpx.get(server.url + "/v1/features", params={"name": "deception.phish"})
+    assert missing.status_code == 404 and "deception.phishing" in missing.json()["error"]["message"]
+
+
+def test_litellm_generic_guardrail_contract(server: BackgroundServer) -> None:
+    base = {"request_data": {"user_api_key_hash": "abc"}, "litellm_call_id": "call-1"}
+    blocked = _post(
+        server,
+        "/beta/litellm_basic_guardrail_api",
+        {**base, "texts": [FRAUD], "input_type": "request", "additional_provider_specific_params": {"policy": "block-fraud"}},
+    )
+    assert blocked.status_code == 200
+    assert blocked.json()["action"] == "BLOCKED" and "fraud-any" in blocked.json()["blocked_reason"]
+    passed = _post(server, "/beta/litellm_basic_guardrail_api", {**base, "texts": ["Hello there"], "input_type": "response"})
+    assert passed.json() == {"action": "NONE", "blocked_reason": None, "texts": None}
+    bad = _post(server, "/beta/litellm_basic_guardrail_api", {**base, "texts": ["x"], "input_type": "sideways"})
+    assert bad.status_code == 422 and "input_type" in bad.json()["error"]["message"]
+
+
+def test_metrics_exposition_passes_promtool(server: BackgroundServer) -> None:
+    _post(server, "/v1/audit", {"text": FRAUD, "policy": "block-fraud"})
+    text = _metrics(server)
+    assert _sample(text, "auditor_tokens_audited_total") > 0
+    assert _sample(text, "auditor_requests_total", route="/v1/audit", outcome="blocked") >= 1
+    assert _sample(text, "auditor_verdicts_total", policy="block-fraud", action="block") >= 1
+    assert _sample(text, "auditor_rule_matches_total", policy="block-fraud", rule="fraud-any", severity="high", action="block") >= 1
+    for stage in ("tokenize", "forward", "encode", "evaluate"):
+        assert _sample(text, "auditor_audit_stage_duration_seconds_count", stage=stage) > 0
+    assert _sample(text, "auditor_audit_stage_duration_seconds_bucket", stage="forward", le="0.001") >= 0
+    assert "auditor_queue_depth" in text and "auditor_batch_size_bucket" in text
+    assert _sample(text, "auditor_alerts_logged_total") >= 1 and _sample(text, "auditor_ready") == 1
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (scripts/install_test_deps.sh installs the Debian prometheus package)")
+    check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_request_metrics_use_route_templates_only(server: BackgroundServer) -> None:
+    httpx.get(server.url + "/no/such/path/abc123")
+    text = _metrics(server)
+    assert "abc123" not in text
+    assert _sample(text, "auditor_requests_total", route="unmatched", outcome="client_error") >= 1
+
+
+def test_create_app_loads_nothing_until_started(tmp_path: Path) -> None:
+    t0 = time.perf_counter()
+    app = create_app(Settings.load(flags={"data_dir": str(tmp_path)}, env={}))
+    assert time.perf_counter() - t0 < 1.0
+    assert app.state.auditor.runtime is None and not (tmp_path / "auditor-alerts.sqlite3").exists()

@@ -1,0 +1,93 @@
+"""Micro-batching on the real model: batched results equal one-by-one results, bounds hold."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+
+from auditor.server.batcher import MicroBatcher
+from auditor.server.errors import AuditTimeoutError, OverloadedError
+from auditor.text import AuditInput
+from tests.conftest import make_random_sae
+
+TEXTS = [
+    "The committee met on Tuesday.",
+    "Send the wire transfer today or your account will be closed.",
+    "A short one.",
+    "Rain is expected later this week across the northern hills.",
+]
+
+
+@pytest.fixture(scope="module")
+def auditor(default_model, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from auditor.pipeline import Auditor
+    from auditor.policy import load_policy
+    from auditor.sae import load_sae
+
+    sae = make_random_sae(tmp_path_factory.mktemp("b") / "sae", d_in=576, d_sae=64, hookpoint="blocks.5.hook_resid_post")
+    engine = load_policy(Path(__file__).resolve().parents[3] / "policies" / "examples" / "deception.yaml")
+    return Auditor(default_model, load_sae(str(sae)), library=engine.library, policy=engine)
+
+
+def test_concurrent_jobs_share_a_forward_and_match_single_runs(auditor) -> None:  # type: ignore[no-untyped-def]
+    async def scenario() -> tuple[list[list[object]], int]:
+        batcher = MicroBatcher(auditor, max_wait_ms=50, max_tokens=4096, queue_size=16)
+        await batcher.start()
+        try:
+            jobs = [
+                batcher.audit([AuditInput(text=t)], auditor.policy, top_k=0, n_tokens=20, timeout_s=60) for t in TEXTS
+            ]
+            results = await asyncio.gather(*jobs)
+            return results, batcher.batches
+        finally:
+            await batcher.stop()
+
+    results, batches = asyncio.run(scenario())
+    assert batches == 1
+    for text, [res] in zip(TEXTS, results):
+        [alone] = auditor.run([AuditInput(text=text)])
+        assert res.tokens == alone.tokens  # type: ignore[attr-defined]
+        for rule, score in alone.verdict.scores.items():
+            torch.testing.assert_close(res.verdict.scores[rule], score, rtol=1e-4, atol=1e-5)  # type: ignore[attr-defined]
+
+
+def test_token_budget_splits_batches(auditor) -> None:  # type: ignore[no-untyped-def]
+    async def scenario() -> int:
+        batcher = MicroBatcher(auditor, max_wait_ms=50, max_tokens=40, queue_size=16)
+        await batcher.start()
+        try:
+            await asyncio.gather(
+                *(batcher.audit([AuditInput(text=t)], None, top_k=0, n_tokens=20, timeout_s=60) for t in TEXTS)
+            )
+            return batcher.batches
+        finally:
+            await batcher.stop()
+
+    assert asyncio.run(scenario()) == 2  # 4 jobs x 20 tokens under a 40-token budget
+
+
+def test_queue_bound_rejects_at_once_and_timeouts_fail(auditor) -> None:  # type: ignore[no-untyped-def]
+    async def scenario() -> None:
+        batcher = MicroBatcher(auditor, max_wait_ms=1, max_tokens=4096, queue_size=2)
+        await batcher.start()
+        try:
+            first = batcher.submit([AuditInput(text="a")], None, top_k=0, n_tokens=3)
+            batcher.submit([AuditInput(text="b")], None, top_k=0, n_tokens=3)
+            with pytest.raises(OverloadedError) as info:
+                batcher.submit([AuditInput(text="c")], None, top_k=0, n_tokens=3)
+            assert info.value.headers == {"Retry-After": "1"} and info.value.status == 503
+            assert batcher.depth == 2
+            await first.future
+            await asyncio.sleep(0.2)
+            assert batcher.depth == 0
+            with pytest.raises(AuditTimeoutError, match="request_timeout_s"):
+                await batcher.audit([AuditInput(text="d")], None, top_k=0, n_tokens=3, timeout_s=1e-9)
+            await asyncio.sleep(0.2)
+            assert batcher.depth == 0  # the timed-out job's slot is freed
+        finally:
+            await batcher.stop()
+
+    asyncio.run(scenario())

@@ -1,0 +1,91 @@
+"""``auditor alerts list|export`` on a real audit log; ``auditor serve`` refuses bad settings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from auditor.alerts import Alert, AuditLog
+from auditor.errors import ConfigError
+from auditor.server import cli
+
+
+def _run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="auditor")
+    sub = parser.add_subparsers(dest="command")
+    cli.register(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+@pytest.fixture
+def log_path(tmp_path: Path) -> Path:
+    path = tmp_path / "alerts.sqlite3"
+    now = datetime.now(timezone.utc)
+    rows = [
+        ("fraud", "high", now - timedelta(hours=3)),
+        ("fraud", "critical", now - timedelta(minutes=5)),
+        ("bias", "low", now - timedelta(minutes=1)),
+    ]
+    with AuditLog(path) as log:
+        log.append(
+            [
+                Alert(
+                    rule_id=rule,
+                    severity=sev,  # type: ignore[arg-type]
+                    category="x",
+                    policy_name="p",
+                    policy_hash="h",
+                    action="alert",
+                    score=1.5,
+                    created_at=when,
+                    request_id=f"r-{i}",
+                )
+                for i, (rule, sev, when) in enumerate(rows)
+            ]
+        )
+    return path
+
+
+def test_list_filters_by_time_rule_and_severity(log_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _run(["alerts", "list", "--log", str(log_path), "--json"]) == 0
+    ids = [json.loads(x)["request_id"] for x in capsys.readouterr().out.splitlines()]
+    assert ids == ["r-2", "r-1", "r-0"]  # newest first
+    assert _run(["alerts", "list", "--log", str(log_path), "--json", "--since", "1h", "--rule", "fraud"]) == 0
+    assert [json.loads(x)["request_id"] for x in capsys.readouterr().out.splitlines()] == ["r-1"]
+    assert _run(["alerts", "list", "--log", str(log_path), "--min-severity", "high"]) == 0
+    human = capsys.readouterr().out.splitlines()
+    assert len(human) == 2 and all("fraud" in line for line in human)
+
+
+def test_export_jsonl(log_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out.jsonl"
+    assert _run(["alerts", "export", "--log", str(log_path), "-o", str(out), "--severity", "low"]) == 0
+    [line] = out.read_text().splitlines()
+    assert json.loads(line)["rule_id"] == "bias"
+    assert "exported 1 alert(s)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["alerts", "list", "--since", "yesterday-ish"], "--since"),
+        (["alerts", "list"], "no audit log there"),
+    ],
+)
+def test_alerts_errors(tmp_path: Path, log_path: Path, argv: list[str], needle: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUDITOR_DATA_DIR", str(tmp_path / "empty"))
+    if "--since" in argv:
+        argv = [*argv, "--log", str(log_path)]
+    with pytest.raises(ConfigError, match=needle):
+        _run(argv)
+
+
+def test_serve_rejects_bad_settings_before_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUDITOR_FAIL_MODE", "sideways")
+    with pytest.raises(ConfigError, match="AUDITOR_FAIL_MODE"):
+        _run(["serve", "--port", "0"])

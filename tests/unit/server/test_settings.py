@@ -1,0 +1,80 @@
+"""Settings precedence (flags > env > YAML > defaults) and located error messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from auditor.errors import ConfigError
+from auditor.server.settings import Settings, default_data_dir
+
+
+def test_defaults_serve_the_embedded_model_on_loopback() -> None:
+    s = Settings.load(env={})
+    assert (s.host, s.port) == ("127.0.0.1", 8080)
+    assert s.model is None and s.sae is None and s.policies == [] and s.upstream is None
+    assert s.fail_mode == "closed" and s.stream_mode == "hold" and s.api_token is None
+
+
+def test_precedence_flags_over_env_over_yaml(tmp_path: Path) -> None:
+    cfg = tmp_path / "auditor.yaml"
+    cfg.write_text("port: 7000\nqueue_size: 9\nfail-mode: open\nalerts:\n  text_mode: store\n  cooldown_s: 5\n")
+    env = {"AUDITOR_PORT": "7100", "AUDITOR_QUEUE_SIZE": "11", "AUDITOR_ALERTS__COOLDOWN_S": "7", "OTHER": "x"}
+    s = Settings.load(flags={"port": 7200, "queue_size": None}, env=env, config_file=cfg)
+    assert s.port == 7200  # flag
+    assert s.queue_size == 11  # env beats YAML; a None flag is "not given"
+    assert s.fail_mode == "open"  # YAML (dashes accepted)
+    assert s.alerts.text_mode == "store" and s.alerts.cooldown_s == 7  # nested: YAML merged with env
+
+
+def test_config_file_from_env_and_json_lists(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("upstream: http://127.0.0.1:9\n")
+    s = Settings.load(env={"AUDITOR_CONFIG": str(cfg), "AUDITOR_POLICIES": '["a.yaml", "dir/"]'})
+    assert s.upstream == "http://127.0.0.1:9" and s.policies == ["a.yaml", "dir/"]
+
+
+def test_token_is_secret() -> None:
+    s = Settings.load(env={"AUDITOR_API_TOKEN": "hunter2-secret"})
+    assert s.api_token is not None and s.api_token.get_secret_value() == "hunter2-secret"
+    assert "hunter2-secret" not in repr(s) and "hunter2-secret" not in str(s.model_dump())
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "yaml_text", "needles"),
+    [
+        ({"port": 70000}, {}, None, ["setting port", "flag --port"]),
+        ({}, {"AUDITOR_QUEUE_SIZE": "lots"}, None, ["setting queue_size", "AUDITOR_QUEUE_SIZE"]),
+        ({}, {}, "fail_mode: sometimes\n", ["setting fail_mode", "config file"]),
+        ({}, {}, "prot: 1\n", ["setting prot", "unknown setting", "port"]),
+        ({"auth_all_routes": True}, {}, None, ["auth_all_routes needs api_token"]),
+        ({"upstream": "localhost:8000"}, {}, None, ["http:// or https://"]),
+        ({}, {}, "- just\n- a list\n", ["must be a mapping"]),
+        ({}, {}, "port: [unclosed\n", ["not valid YAML"]),
+    ],
+)
+def test_errors_name_the_setting_and_its_source(
+    tmp_path: Path, flags: dict[str, object], env: dict[str, str], yaml_text: str | None, needles: list[str]
+) -> None:
+    cfg = None
+    if yaml_text is not None:
+        cfg = tmp_path / "bad.yaml"
+        cfg.write_text(yaml_text)
+    with pytest.raises(ConfigError) as info:
+        Settings.load(flags=flags, env=env, config_file=cfg)
+    for needle in needles:
+        assert needle in info.value.message, info.value.message
+
+
+def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        Settings.load(env={}, config_file=tmp_path / "nope.yaml")
+
+
+def test_alert_log_lives_under_the_data_dir(tmp_path: Path) -> None:
+    s = Settings.load(flags={"data_dir": str(tmp_path)}, env={})
+    assert s.alerts_config().log_path == tmp_path / "auditor-alerts.sqlite3"
+    absolute = Settings.load(env={"AUDITOR_ALERTS__LOG_PATH": str(tmp_path / "x.db")})
+    assert absolute.alerts_config().log_path == tmp_path / "x.db"
+    assert default_data_dir({"XDG_DATA_HOME": "/data"}) == Path("/data/sae-auditor")

@@ -1,0 +1,85 @@
+"""Server-sent event encoding and fan-out; bearer-token rules."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from auditor.server.auth import check_bearer, needs_token
+from auditor.server.errors import UnauthorizedError
+from auditor.server.settings import Settings
+from auditor.server.sse import Broadcaster, sse_comment, sse_event
+
+
+def test_sse_event_wire_format() -> None:
+    assert sse_event({"a": 1}, event="alert", id="x1") == b'event: alert\nid: x1\ndata: {"a":1}\n\n'
+    assert sse_event("line1\nline2") == b"data: line1\ndata: line2\n\n"
+    assert sse_comment() == b": keepalive\n\n"
+
+
+def test_broadcaster_filters_and_drops_oldest_for_slow_subscribers() -> None:
+    async def scenario() -> tuple[list[bytes], list[bytes]]:
+        hub = Broadcaster(maxsize=2)
+        high = hub.subscribe(lambda a: a["severity"] == "high", keepalive_s=5)
+        every = hub.subscribe(keepalive_s=5)
+        assert await high.__anext__() == sse_comment("subscribed")
+        assert await every.__anext__() == sse_comment("subscribed")
+        for i, sev in enumerate(["low", "high", "high", "high"]):
+            hub.publish({"id": str(i), "severity": sev})
+        got_high = [await high.__anext__(), await high.__anext__()]
+        got_every = [await every.__anext__(), await every.__anext__()]
+        await high.aclose()
+        await every.aclose()
+        assert hub.subscribers == 0
+        return got_high, got_every
+
+    got_high, got_every = asyncio.run(scenario())
+    decode = [json.loads(e.decode().split("data: ", 1)[1]) for e in got_high]
+    # The queue held 2: event 1 was dropped for the "high" subscriber, which is told so.
+    assert [d["id"] for d in decode] == ["2", "3"] and decode[0]["dropped_before"] == 1
+    assert [json.loads(e.decode().split("data: ", 1)[1])["id"] for e in got_every] == ["2", "3"]
+
+
+def _settings(**flags: object) -> Settings:
+    return Settings.load(flags=flags, env={"AUDITOR_API_TOKEN": "s3cret"})
+
+
+@pytest.mark.parametrize(
+    ("auth_all", "method", "path", "expected"),
+    [
+        (False, "POST", "/v1/policies/reload", True),
+        (False, "POST", "/v1/policies/validate", True),
+        (False, "POST", "/v1/generate", True),
+        (False, "POST", "/v1/audit", False),
+        (False, "GET", "/v1/policies", False),
+        (True, "POST", "/v1/audit", True),
+        (True, "GET", "/metrics", True),
+        (True, "GET", "/healthz", False),
+        (True, "GET", "/readyz", False),
+    ],
+)
+def test_which_routes_need_the_token(auth_all: bool, method: str, path: str, expected: bool) -> None:
+    assert needs_token(_settings(auth_all_routes=auth_all), method, path) is expected
+
+
+def test_no_token_configured_means_no_checks() -> None:
+    s = Settings.load(env={})
+    assert not needs_token(s, "POST", "/v1/policies/reload")
+    check_bearer(s, {})
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"authorization": "s3cret"}, {"authorization": "Basic s3cret"}, {"authorization": "Bearer nope"}, {"authorization": "Bearer "}],
+)
+def test_bad_credentials_are_401_without_echoing_the_token(headers: dict[str, str]) -> None:
+    with pytest.raises(UnauthorizedError) as info:
+        check_bearer(_settings(), headers)
+    assert "s3cret" not in info.value.message and info.value.status == 401
+
+
+def test_good_credentials_pass() -> None:
+    check_bearer(_settings(), {"authorization": "Bearer s3cret"})
+    check_bearer(_settings(), {"authorization": "bearer s3cret"})
