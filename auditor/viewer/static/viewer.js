@@ -1,0 +1,58 @@
+// Shared helpers for the viewer pages (no dependencies, no external requests).
+"use strict";
+
+const Viewer = (() => {
+  const LEVELS = 8;
+
+  /** Heat level 0..8 of value relative to top (0 when inactive, at least 1 when active). */
+  function level(value, top) {
+    if (!(value > 0) || !(top > 0)) return 0;
+    return Math.max(1, Math.min(LEVELS, Math.ceil((LEVELS * value) / top)));
+  }
+
+  /** Build an element: el("td", {class: "num"}, "text", child). */
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (v === null || v === undefined || v === false) continue;
+      if (k === "class") node.className = v;
+      else if (k === "text") node.textContent = v;
+      else node.setAttribute(k, v === true ? "" : String(v));
+    }
+    for (const c of children) {
+      if (c === null || c === undefined) continue;
+      node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+    }
+    return node;
+  }
+
+  /** fetch JSON; throws Error(message) with the server's error message on failure. */
+  async function api(path, options) {
+    const opts = Object.assign({ headers: {} }, options || {});
+    if (opts.body && typeof opts.body !== "string") {
+      opts.body = JSON.stringify(opts.body);
+      opts.headers["Content-Type"] = "application/json";
+    }
+    let resp;
+    try {
+      resp = await fetch(path, opts);
+    } catch (err) {
+      throw new Error("the sidecar did not answer (" + err.message + ")");
+    }
+    let body = null;
+    try { body = await resp.json(); } catch (_) { body = null; }
+    if (!resp.ok) {
+      const msg = body && body.error && body.error.message ? body.error.message : resp.status + " " + resp.statusText;
+      throw new Error(msg);
+    }
+    return body;
+  }
+
+  function fmt(x, digits) {
+    if (x === null || x === undefined) return "—";
+    if (x === 0) return "0";
+    return Number(x).toPrecision(digits || 3).replace(/(\.\d*?)0+$/, "$1").replace(/\.$/, "");
+  }
+
+  return { level, el, api, fmt };
+})();
