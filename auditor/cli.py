@@ -23,6 +23,10 @@ _COMMAND_MODULES = (
     "auditor.policy.cli",
     "auditor.features.cli",
     "auditor.train.cli",
+    "auditor.server.cli",
+    "auditor.steering.cli",
+    "auditor.features.discover_cli",
+    "auditor.viewer.cli",
 )
 
 
