@@ -34,7 +34,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--input", metavar="FILE.jsonl", help='one JSON object per line: {"text"} | {"messages"} | {"prompt","completion"}; "-" reads stdin')
     p.add_argument("--chat", action="store_true", help="treat TEXT as a user message and apply the chat template")
     p.add_argument("--json", action="store_true", help="print JSON (one line per input)")
-    p.add_argument("--policy", metavar="FILE", help="policy YAML to evaluate (its library names the SAE)")
+    p.add_argument(
+        "--policy", metavar="FILE",
+        help="policy YAML to evaluate (its library names the SAE); default: policies/default.yaml "
+        "when neither --sae nor --library is given",
+    )
+    p.add_argument("--no-policy", action="store_true", help="features only, no policy evaluation")
     p.add_argument("--sae", metavar="PATH", help="SAE folder, file, hf:// URI or release id (default: the default library's SAE)")
     p.add_argument("--format", dest="sae_format", metavar="NAME", help="force the SAE format instead of detecting it")
     p.add_argument("--library", metavar="PATH|ID", help="feature library that names the SAE's latents")
@@ -189,8 +194,14 @@ def run_audit(args: argparse.Namespace) -> int:
     else:
         items = [AuditInput(text=args.text)]
 
-    from auditor.pipeline import Auditor
+    from auditor.pipeline import Auditor, default_policy_path
 
+    if args.no_policy and args.policy:
+        raise ConfigError("--policy and --no-policy exclude each other")
+    if args.policy is None and not args.no_policy and args.sae is None and args.library is None:
+        # The embedded default comes with its policy: audit means verdicts too.
+        if default_policy_path().is_file():
+            args.policy = str(default_policy_path())
     alerts_cfg = _alerts_config(args)
     sae_arg = args.sae
     auditor = Auditor.load(

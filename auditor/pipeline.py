@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from auditor.policy import PolicyEngine, Verdict
     from auditor.sae import SAE
 
-__all__ = ["Auditor", "AuditResult", "TokenFeatures", "StageTimings", "DEFAULT_LIBRARY"]
+__all__ = ["Auditor", "AuditStream", "AuditResult", "TokenFeatures", "StageTimings", "DEFAULT_LIBRARY"]
 
 #: The feature library (and through it the SAE) used when none is named.
 DEFAULT_LIBRARY = "smollm2-135m-instruct"
@@ -77,8 +77,9 @@ class AuditResult:
     verdict: Verdict | None = None
 
 
-def _repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
+def default_policy_path() -> Path:
+    """``policies/default.yaml`` beside the package: the policy used when none is named."""
+    return Path(__file__).resolve().parent.parent / "policies" / "default.yaml"
 
 
 class Auditor:
@@ -259,35 +260,18 @@ class Auditor:
         watched_feats: torch.Tensor | None = None
         recon: torch.Tensor | None = None
         if engine is not None:
-            watched = engine.watched.to(acts.device)
-            if full is not None:
-                f = full[:, watched]
-            else:
-                f = self.sae.encode(x, features=watched)
-            watched_feats = acts.new_zeros((B, T, watched.numel()))
+            f, r = self._encode_watched(x, engine, full)
+            watched_feats = acts.new_zeros((B, T, f.shape[1]))
             watched_feats[mask] = f
-            if engine.needs_recon_error:
+            if r is not None:
                 recon = acts.new_zeros((B, T))
-                recon[mask] = self.sae.reconstruction_error(x)
+                recon[mask] = r
         t2 = time.perf_counter()
         timings.encode += t2 - t1
 
         verdicts: list[Any] = [None] * B
         if engine is not None and watched_feats is not None:
-            from auditor.policy import AuditBatch
-
-            role = batch.role.to(acts.device)
-            verdicts = engine.evaluate(
-                AuditBatch(
-                    features=watched_feats,
-                    mask=mask,
-                    is_completion=(role == ROLE_COMPLETION) | (role == ROLE_BOTH),
-                    is_prompt=(role == ROLE_PROMPT) | (role == ROLE_BOTH),
-                    recon_error=recon,
-                    resid=acts if engine.needs_resid else None,
-                    tokens=batch.tokens,
-                )
-            )
+            verdicts = _evaluate(engine, batch, acts, watched_feats, recon)
         timings.evaluate += time.perf_counter() - t2
 
         top_per_row: list[list[TokenFeatures]] = [[] for _ in range(B)]
@@ -324,6 +308,183 @@ class Auditor:
                 )
             )
         return out
+
+
+    def _encode_watched(
+        self, x: torch.Tensor, engine: PolicyEngine, full: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Watched latents ``[N, F]`` of rows ``x [N, d_in]`` and, if the policy reads it, their reconstruction error ``[N]``.
+
+        Only the watched ``W_enc`` columns are multiplied unless ``full`` (a full-width
+        encode of the same rows) is already at hand.
+        """
+        watched = engine.watched.to(x.device)
+        f = full[:, watched] if full is not None else self.sae.encode(x, features=watched)
+        recon = self.sae.reconstruction_error(x) if engine.needs_recon_error else None
+        return f, recon
+
+    def stream(self, item: AuditInput, *, policy: PolicyEngine | None = None) -> AuditStream:
+        """Start an incremental audit of ``item`` whose completion (or text) arrives in chunks.
+
+        Each :meth:`AuditStream.feed` runs the model only on the tokens not seen before,
+        reusing the KV cache of the prefix, and returns the verdict on everything so far:
+        the same result :meth:`run` gives on the whole input (up to float rounding).
+
+        Example::
+
+            stream = auditor.stream(AuditInput(prompt="Tell me a story. ", completion=""))
+            for chunk in chunks_from_upstream:
+                result = stream.feed(chunk)
+                if result.verdict is not None and result.verdict.action == "block":
+                    break
+        """
+        engine = policy or self.policy
+        if engine is None:
+            raise ConfigError("a streaming audit needs a policy; load one with policy=... or pass policy=")
+        return AuditStream(self, item, engine)
+
+
+class AuditStream:
+    """An audit of one growing input that keeps the truncated model's KV cache between chunks.
+
+    Built by :meth:`Auditor.stream`. Tokenization always covers the whole input so far
+    (cheap), then only the new token ids go through the model; when a chunk changes the
+    tokenization of the last tokens (a word split across chunks), the cache is cut back
+    to the longest common prefix and the changed tokens are recomputed. Per-token watched
+    features are cached too, so a chunk costs a forward and an encode of its own tokens
+    plus one policy evaluation over the sequence. Not thread-safe: one stream per caller,
+    and, like :meth:`Auditor.run`, not concurrent with steering on the same model.
+    """
+
+    def __init__(self, auditor: Auditor, item: AuditInput, engine: PolicyEngine) -> None:
+        from transformers import DynamicCache
+
+        self.auditor = auditor
+        self.engine = engine
+        # Text that is not a completion (a bare text) grows itself; everything else grows its completion.
+        self._grows_text = item.text is not None
+        if not self._grows_text and item.completion is None:
+            item = AuditInput(messages=item.messages, prompt=item.prompt, completion="", id=item.id)
+        self.item = item
+        self._cache = DynamicCache(config=auditor.model.model.config)
+        self._ids: list[int] = []
+        d_in = auditor.sae.cfg.d_in
+        n_watched = engine.watched.numel()
+        self._acts = torch.zeros((0, d_in), device=auditor.device)  # [T_seen, d_in]
+        self._feats = torch.zeros((0, n_watched), device=auditor.device)  # [T_seen, F]
+        self._recon = torch.zeros((0,), device=auditor.device)  # [T_seen]
+        self.last_timings = StageTimings()
+
+    @property
+    def n_cached(self) -> int:
+        """Tokens whose activations (and cache entries) are held."""
+        return len(self._ids)
+
+    def feed(self, chunk: str) -> AuditResult:
+        """Append ``chunk`` to the input and audit everything so far; ``feed("")`` audits the prefix."""
+        if chunk:
+            if self._grows_text:
+                self.item = AuditInput(text=(self.item.text or "") + chunk, id=self.item.id)
+            else:
+                self.item = AuditInput(
+                    messages=self.item.messages,
+                    prompt=self.item.prompt,
+                    completion=(self.item.completion or "") + chunk,
+                    id=self.item.id,
+                )
+        return self._update()
+
+    @torch.inference_mode()
+    def _update(self) -> AuditResult:
+        from auditor.models import capture
+
+        aud = self.auditor
+        timings = StageTimings()
+        t0 = time.perf_counter()
+        batch = tokenize_batch(aud.model.tokenizer, [self.item], max_tokens=aud.max_tokens)
+        ids: list[int] = batch.input_ids[0].tolist()
+        t1 = time.perf_counter()
+        timings.tokenize = t1 - t0
+
+        limit = min(len(ids), len(self._ids))
+        differs = (torch.tensor(ids[:limit]) != torch.tensor(self._ids[:limit])).nonzero()
+        common = int(differs[0, 0]) if differs.numel() else limit
+        if common < len(self._ids):
+            # The new chunk re-split the last tokens: forget them (cache included) and redo them.
+            try:
+                self._cache.crop(common - len(self._ids))  # a negative count removes that many tokens
+            except (ValueError, RuntimeError):
+                # A cache layer that cannot roll back (a full sliding window): start over.
+                from transformers import DynamicCache
+
+                self._cache = DynamicCache(config=aud.model.model.config)
+                common = 0
+            self._acts, self._feats, self._recon = self._acts[:common], self._feats[:common], self._recon[:common]
+        new = ids[common:]
+        if new:
+            acts = capture(
+                aud.model.model,
+                torch.tensor([new], dtype=torch.long, device=aud.device),
+                None,
+                [aud.hookpoint],
+                stop_early=True,
+                past_key_values=self._cache,
+            )[aud.hookpoint][0].float()  # [T_new, d_in]
+            t2 = time.perf_counter()
+            timings.forward = t2 - t1
+            # Encode every new position; masking to content happens at evaluation, and
+            # rows are encoded independently, so content rows equal a masked encode's.
+            feats, recon = aud._encode_watched(acts, self.engine)
+            self._acts = torch.cat([self._acts, acts])
+            self._feats = torch.cat([self._feats, feats])
+            if recon is not None:
+                self._recon = torch.cat([self._recon, recon])
+            timings.encode = time.perf_counter() - t2
+        self._ids = ids
+        t3 = time.perf_counter()
+        mask = batch.content_mask.to(aud.device)  # [1, T]
+        feats_bt = torch.where(mask[0, :, None], self._feats, 0.0).unsqueeze(0)  # [1, T, F]
+        recon_bt = None
+        if self.engine.needs_recon_error:
+            recon_bt = torch.where(mask[0], self._recon, 0.0).unsqueeze(0)  # [1, T]
+        acts_bt = torch.where(mask[0, :, None], self._acts, 0.0).unsqueeze(0)  # [1, T, d_in]
+        [verdict] = _evaluate(self.engine, batch, acts_bt, feats_bt, recon_bt)
+        timings.evaluate = time.perf_counter() - t3
+        self.last_timings = timings
+        n_tok = len(ids)
+        return AuditResult(
+            id=self.item.id,
+            tokens=batch.tokens[0],
+            content_mask=batch.content_mask[0, :n_tok].tolist(),
+            truncated=batch.truncated[0],
+            n_content_tokens=int(batch.content_mask[0].sum()),
+            verdict=verdict,
+        )
+
+
+def _evaluate(
+    engine: PolicyEngine,
+    batch: TokenBatch,
+    acts: torch.Tensor,
+    watched_feats: torch.Tensor,
+    recon: torch.Tensor | None,
+) -> list[Any]:
+    """Policy verdicts for a batch: ``acts [B, T, d_in]``, ``watched_feats [B, T, F]``, ``recon [B, T]``."""
+    from auditor.policy import AuditBatch
+
+    mask = batch.content_mask.to(acts.device)
+    role = batch.role.to(acts.device)
+    return engine.evaluate(
+        AuditBatch(
+            features=watched_feats,
+            mask=mask,
+            is_completion=(role == ROLE_COMPLETION) | (role == ROLE_BOTH),
+            is_prompt=(role == ROLE_PROMPT) | (role == ROLE_BOTH),
+            recon_error=recon,
+            resid=acts if engine.needs_resid else None,
+            tokens=batch.tokens,
+        )
+    )
 
 
 def _select_rows(batch: TokenBatch, rows: list[int]) -> TokenBatch:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from auditor.errors import AuditorError, ConfigError
+from auditor.pipeline import default_policy_path
 from auditor.server.batcher import MicroBatcher
 from auditor.server.errors import BadRequestError, NotFoundError, TooLargeError
 from auditor.server.settings import Settings
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from auditor.pipeline import Auditor, AuditResult
     from auditor.policy import PolicyEngine, PolicyStore, Verdict
 
-__all__ = ["Runtime", "load_runtime", "default_policy_path", "NO_POLICY_NOTE"]
+__all__ = ["Runtime", "load_runtime", "NO_POLICY_NOTE"]
 
 _log = logging.getLogger("auditor.server")
 
@@ -41,11 +42,6 @@ NO_POLICY_NOTE = (
     "no policy loaded: every verdict is 'allow' and scores are empty; "
     "pass --policy FILE (or AUDITOR_POLICIES) or add policies/default.yaml"
 )
-
-
-def default_policy_path() -> Path:
-    """``policies/default.yaml`` next to the package (loaded when no policy is configured)."""
-    return Path(__file__).resolve().parents[2] / "policies" / "default.yaml"
 
 
 @dataclass

@@ -17,7 +17,8 @@ import pytest
 
 from auditor.server.app import create_app
 from auditor.server.background import BackgroundServer
-from auditor.server.runtime import NO_POLICY_NOTE, default_policy_path
+from auditor.pipeline import default_policy_path
+from auditor.server.runtime import NO_POLICY_NOTE
 from auditor.server.settings import Settings
 from tests.conftest import make_random_sae
 
