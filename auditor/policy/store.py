@@ -82,8 +82,11 @@ class PolicyStore:
 
     ``paths``: policy files and/or folders of ``*.yaml``. ``default``: the policy
     name ``current()`` returns when asked for none (else a policy called
-    ``default``, else the first one loaded). The constructor loads the set and
-    raises :class:`PolicyErrors` when it is invalid (there is nothing to keep).
+    ``default``, else the first one loaded). ``check(engine)`` is called on every
+    loaded engine before a swap and raises :class:`AuditorError` when the engine
+    cannot serve (a server checks it fits its SAE); the reload then fails like an
+    invalid file. The constructor loads the set and raises :class:`PolicyErrors`
+    when it is invalid (there is nothing to keep).
     """
 
     def __init__(
@@ -93,9 +96,12 @@ class PolicyStore:
         default: str | None = None,
         search_dirs: Sequence[str | os.PathLike[str]] | None = None,
         env: Mapping[str, str] | None = None,
+        check: Callable[[PolicyEngine], None] | None = None,
     ) -> None:
         self.paths = [Path(p) for p in paths]
         self._default = default
+        self.check = check
+        """Per-engine check run before every swap (may be set after construction)."""
         self._search_dirs = search_dirs
         self._env = env
         self._reload_lock = threading.Lock()  # one reload at a time; readers never take it
@@ -172,6 +178,12 @@ class PolicyStore:
                     errors.append(PolicyError(str(f), None, None, exc.message))
                     continue
                 sources.update(engine.sources)
+                if self.check is not None:
+                    try:
+                        self.check(engine)
+                    except AuditorError as exc:
+                        errors.append(PolicyError(str(f), None, None, exc.message))
+                        continue
                 if engine.name in engines:
                     errors.append(
                         PolicyError(

@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,7 +230,10 @@ def _load_runtime(settings: Settings, metrics: AuditorMetrics, env: Mapping[str,
     else:  # pragma: no cover - the branches above always give one
         raise ConfigError("no SAE: pass --sae or --library")
     if store is not None:
-        _check_fits(store, sae.cfg.d_sae)
+        fits = _fits(sae.cfg.d_sae)
+        for engine in store.engines.values():
+            fits(engine)
+        store.check = fits  # a reload that no longer fits the SAE is refused, the old set stays
     model = load_model(settings.model, device=settings.device)
     auditor = Auditor(
         model,
@@ -263,13 +266,17 @@ def _load_runtime(settings: Settings, metrics: AuditorMetrics, env: Mapping[str,
     )
 
 
-def _check_fits(store: PolicyStore, d_sae: int) -> None:
-    for name, engine in store.engines.items():
+def _fits(d_sae: int) -> Callable[[Any], None]:
+    """A check that a policy engine only watches latents the loaded SAE has."""
+
+    def check(engine: Any) -> None:
         if engine.watched.numel() and int(engine.watched.max()) >= d_sae:
             raise ConfigError(
-                f"policy {name!r} watches latent {int(engine.watched.max())} but the SAE has {d_sae} latents; "
-                "its feature library describes another SAE (pass the matching --sae)"
+                f"policy {engine.name!r} watches latent {int(engine.watched.max())} but the SAE has {d_sae} "
+                "latents; its feature library describes another SAE (pass the matching --sae)"
             )
+
+    return check
 
 
 def _on_reload(metrics: AuditorMetrics, store: PolicyStore | None, result: Any) -> None:

@@ -6,6 +6,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -101,6 +102,28 @@ def test_invalid_file_keeps_the_previous_set(folder: Path) -> None:
     # Fixing the file recovers.
     write(folder / "default.yaml", policy_text("default", 1.5))
     assert store.reload().ok and store.last_error is None and store.reloads == {"success": 2, "failure": 1}
+
+
+def test_a_failing_check_refuses_the_reload_and_keeps_the_set(folder: Path) -> None:
+    """A server's check (the policy must fit its SAE) fails a reload like an invalid file."""
+    from auditor.errors import ConfigError
+
+    def fits_6_latents(engine: Any) -> None:
+        if int(engine.watched.max()) >= 6:
+            raise ConfigError(f"policy {engine.name!r} watches latent {int(engine.watched.max())}; the SAE has 6")
+
+    store = PolicyStore([folder])
+    store.check = fits_6_latents
+    old_hash = store.hash
+    lib = dict(LIBRARY, features=[*LIBRARY["features"], {"name": "c.far", "index": 9, "category": "gamma"}])
+    (folder / "lib" / "library.yaml").write_text(yaml.safe_dump(lib))
+    write(folder / "other.yaml", policy_text("other", 2.0, "c.far"))
+    result = store.reload()
+    assert not result.ok and store.hash == old_hash and store.reloads["failure"] == 1
+    (err,) = result.errors
+    assert err.path.endswith("other.yaml") and "watches latent 9" in err.message
+    write(folder / "other.yaml", policy_text("other", 2.0, "b.two"))
+    assert store.reload().ok
 
 
 @pytest.mark.parametrize(
