@@ -8,7 +8,9 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,6 +44,7 @@ def capture(
     *,
     stop_early: bool = True,
     adapter: ArchitectureAdapter | None = None,
+    past_key_values: Any | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run ``model`` on a batch and return the activation ``[B, T, d_model]`` at each hookpoint.
 
@@ -52,13 +55,21 @@ def capture(
     later layers and the LM head never run. Hooks already installed with
     :func:`~auditor.models.hooks.hooks` (steering, for example) stay active and run
     before the capture hooks. Keys of the result are the canonical hookpoint names.
+
+    ``past_key_values`` (a ``transformers`` cache, e.g. ``DynamicCache()``) continues a
+    sequence: ``input_ids`` are then only the new tokens ``[B, T_new]``, the cache is
+    extended in place, and ``attention_mask`` (if given) covers past and new tokens
+    ``[B, T_past + T_new]``. With ``stop_early`` only the layers up to the deepest hooked
+    one get cache entries, which is all later calls need as long as they stop there too.
     """
     adapter = adapter or get_adapter(model)
     points = list(dict.fromkeys(resolve_hookpoints(model, hookpoints, adapter)))
     if not points:
         return {}
+    n_new = input_ids.shape[1]
     if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
+        past = 0 if past_key_values is None else past_key_values.get_seq_length()
+        attention_mask = torch.ones((input_ids.shape[0], past + n_new), dtype=torch.long, device=input_ids.device)
     deepest = max(points, key=lambda p: p.depth)
     captured: dict[str, torch.Tensor] = {}
 
@@ -76,13 +87,19 @@ def capture(
             model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask),
-                use_cache=False,
+                position_ids=position_ids_from_mask(attention_mask)[:, -n_new:],
+                use_cache=past_key_values is not None,
+                **({_cache_keyword(model): past_key_values} if past_key_values is not None else {}),
             )
         except _StopForward:
             pass
-    real = attention_mask.to(torch.bool).unsqueeze(-1)  # [B, T, 1]
+    real = attention_mask[:, -n_new:].to(torch.bool).unsqueeze(-1)  # [B, T_new, 1]
     return {p.name: torch.where(real, captured[p.name], 0.0) for p in points}
+
+
+def _cache_keyword(model: nn.Module) -> str:
+    """transformers 5.x names the KV cache argument ``cache`` (``past_key_values`` is deprecated)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _device(model: nn.Module) -> torch.device:

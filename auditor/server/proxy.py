@@ -31,7 +31,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -40,10 +40,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from auditor.errors import AuditorError
 from auditor.server.app import error_body, get_runtime
 from auditor.server.auth import check_bearer
-from auditor.server.errors import AuditFailedError, BadRequestError, ServerError, UpstreamError
+from auditor.server.errors import AuditFailedError, BadRequestError, ServerError, TooLargeError, UpstreamError
 from auditor.server.runtime import Runtime
 from auditor.server.sse import SSE_HEADERS, sse_event
 from auditor.text import AuditInput
+
+if TYPE_CHECKING:
+    from auditor.pipeline import AuditStream
 
 __all__ = ["router", "guarded_audit", "blocked_reason", "AuditOutcome"]
 
@@ -137,22 +140,51 @@ async def guarded_audit(
     try:
         results, engine = await rt.audit(items, policy=policy, source=source, request_id=request_id)
     except Exception as exc:
-        cause = _auditor_failure(exc)
-        if cause is None:
-            raise
-        kind = exc.code if isinstance(exc, ServerError) else "internal"
-        rt.metrics.auditor_errors.labels(kind=kind).inc()
-        if not isinstance(exc, ServerError):
-            _log.exception("audit failed")
-        route = getattr(request.scope.get("route"), "path", "unmatched")
-        if rt.settings.fail_mode == "open":
-            rt.metrics.fail_open.labels(route=route).inc()
-            _log.warning("auditor failed (%s); fail_mode=open lets the request through unaudited", cause)
-            return AuditOutcome(error=cause)
-        raise AuditFailedError(
-            f"the auditor failed ({cause}); fail_mode is closed, so the request was not served"
-        ) from None
+        return _failed(rt, request, exc)
     return AuditOutcome(list(results), engine)
+
+
+async def guarded_stream_feed(
+    rt: Runtime,
+    request: Request,
+    stream: AuditStream,
+    text: str,
+    *,
+    source: str,
+    request_id: str | None = None,
+) -> AuditOutcome:
+    """Feed ``text`` to an incremental audit on the model thread, with the same fail mode as
+    :func:`guarded_audit`; the verdict is recorded (metrics, alerts) like any audit's."""
+    try:
+        result = await rt.batcher.run_exclusive(stream.feed, text)
+        if result.truncated:
+            raise TooLargeError(
+                f"the completion so far has more than {rt.settings.max_tokens} tokens; "
+                "the limit is max_tokens per input"
+            )
+        await rt.record([result.verdict], [stream.item], stream.engine, source=source, request_id=request_id)
+    except Exception as exc:
+        return _failed(rt, request, exc)
+    return AuditOutcome([result], stream.engine)
+
+
+def _failed(rt: Runtime, request: Request, exc: Exception) -> AuditOutcome:
+    """Apply the fail mode to an exception raised while auditing (re-raised when it is the client's)."""
+    cause = _auditor_failure(exc)
+    if cause is None:
+        raise exc
+    kind = exc.code if isinstance(exc, ServerError) else "internal"
+    rt.metrics.auditor_errors.labels(kind=kind).inc()
+    if not isinstance(exc, ServerError):
+        _log.exception("audit failed")
+    route = getattr(request.scope.get("route"), "path", "unmatched")
+    if rt.settings.fail_mode == "open":
+        rt.metrics.fail_open.labels(route=route).inc()
+        _log.warning("auditor failed (%s); fail_mode=open lets the request through unaudited", cause)
+        return AuditOutcome(error=cause)
+    raise AuditFailedError(
+        f"the auditor failed ({cause}); fail_mode is closed, so the request was not served"
+    ) from None
 
 
 # ---------------------------------------------------------------- request parsing
@@ -487,6 +519,10 @@ async def _chunked_release(
     post: AuditOutcome | None = None
     route = _path(call)
     try:
+        # An incremental audit keeps the KV cache of the prompt and of what was released,
+        # so each chunk costs a forward over its own tokens only.
+        engine = rt.engine(call.policy)
+        stream = rt.auditor.stream(call.completion_item(""), policy=engine) if engine is not None else None
         finished = False
         chunks = _iter_chunks(resp)
         while not finished:
@@ -504,14 +540,19 @@ async def _chunked_release(
             if not held:
                 continue
             try:
-                post = await guarded_audit(
-                    rt,
-                    request,
-                    [call.completion_item(released + pending)],
-                    policy=call.policy,
-                    source="completion",
-                    request_id=call.request_id,
-                )
+                if stream is not None:
+                    post = await guarded_stream_feed(
+                        rt, request, stream, pending, source="completion", request_id=call.request_id
+                    )
+                else:
+                    post = await guarded_audit(
+                        rt,
+                        request,
+                        [call.completion_item(released + pending)],
+                        policy=call.policy,
+                        source="completion",
+                        request_id=call.request_id,
+                    )
             except ServerError as exc:
                 yield sse_event(error_body(exc.message, exc.type, exc.code))
                 return

@@ -1,0 +1,310 @@
+"""GPU benchmark: the auditor's cost ratios on a Llama-3.1-8B-shaped model with random weights.
+
+One prepared run for a single GPU (about 3-4 minutes on an H100; nothing is downloaded):
+builds ``LlamaForCausalLM`` from the Llama-3.1-8B configuration (hidden 4096, 32 layers,
+MLP 14336, 32 heads, 8 KV heads, vocabulary 128,256) with random bf16 weights, random
+ReLU SAEs of 65,536 and 131,072 latents reading ``blocks.16.hook_resid_post``, and a random
+100-rule policy over 400 library features (from ``benchmarks/policy_eval.py``). Measures,
+in the same process:
+
+1. audit: plain full forward (with LM head) vs forward stopped after layer 16, per batch size;
+2. encode: watch-list (the policy's latents) and full-width encode for each SAE width (ReLU
+   and TopK k=64 on the same weights), and policy evaluation, as a share of the stopped forward;
+3. generation: greedy decoding with the KV cache at batch 1 and 16, plain vs serve mode
+   (a hook at layer 16 encoding the watched latents of every new position, one clamp
+   intervention on one latent, the policy evaluated every token on the growing sequence).
+
+Prints one JSON object and a summary with each goal ratio. ``--tiny`` swaps in a 2-layer
+model and 4,608- and 8,192-wide SAEs so the script can be smoke-tested on a CPU in seconds.
+
+    python benchmarks/gpu_llama8b.py [--tiny] [--device cuda] [--seq 512] [--batch-sizes 1,8,32]
+        [--gen-tokens 64] [--gen-batches 1,16] [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from auditor.models import capture, hooks  # noqa: E402
+from auditor.policy.compile import compile_policy  # noqa: E402
+from auditor.policy.engine import AuditBatch, PolicyEngine  # noqa: E402
+from auditor.sae import SAE, SAEConfig  # noqa: E402
+from benchmarks.policy_eval import random_library, random_policy  # noqa: E402
+
+LLAMA_31_8B = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "rope_theta": 500000.0,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+}
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 1000,
+    "max_position_embeddings": 1024,
+    "rope_theta": 500000.0,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def best_time(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    """Best of ``repeats`` seconds after one warm-up call, with device syncs around each."""
+    fn()
+    sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def build_model(cfg: dict[str, Any], device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    config = transformers.LlamaConfig(**cfg)
+    torch.manual_seed(0)
+    # Built directly in the target dtype on the device: 8B parameters in fp32 first would need 32 GB.
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = transformers.LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(saved)
+    # Default init is N(0, 0.02): fine for timing, and keeps activations finite in bf16.
+    return model.eval().requires_grad_(False)
+
+
+def random_sae(d_in: int, d_sae: int, hook: str, device: torch.device, dtype: torch.dtype, arch: str = "standard",
+               weights: dict[str, torch.Tensor] | None = None) -> SAE:
+    if weights is None:
+        gen = torch.Generator(device=device).manual_seed(0)
+        w = torch.randn(d_in, d_sae, generator=gen, device=device, dtype=dtype)
+        w = w / w.norm(dim=0, keepdim=True)
+        weights = {
+            "W_enc": w,
+            "b_enc": -torch.rand(d_sae, generator=gen, device=device, dtype=dtype),
+            "W_dec": w.T.contiguous(),
+            "b_dec": torch.zeros(d_in, device=device, dtype=dtype),
+        }
+    cfg = SAEConfig(
+        architecture=arch,  # type: ignore[arg-type]
+        d_in=d_in,
+        d_sae=d_sae,
+        k=64 if arch == "topk" else None,
+        metadata={"hook_name": hook, "model_name": "llama-3.1-8b-shaped"},
+    )
+    return SAE.from_tensors(cfg, weights, device=device, dtype=dtype)
+
+
+def random_engine(d_sae: int, device: torch.device) -> PolicyEngine:
+    rng = random.Random(0)
+    library = random_library(rng, 400)
+    policy = random_policy(rng, library.names, 100)
+    compiled = compile_policy(policy, library, base_dir=".", path="<gpu-bench>")
+    engine = PolicyEngine(policy, library, compiled)
+    if int(engine.watched.max()) >= d_sae:  # the random library indexes 4,608 latents
+        raise SystemExit(f"SAE width {d_sae} is below the random library's indices")
+    return engine
+
+
+def decode_loop(
+    model: torch.nn.Module,
+    prompt: torch.Tensor,
+    n_new: int,
+    serve: dict[str, Any] | None,
+) -> None:
+    """Greedy decoding with a DynamicCache; ``serve`` adds the watching + steering hook and policy evaluation."""
+    b = prompt.shape[0]
+    cache = transformers.DynamicCache(config=model.config)
+    key = "cache" if "cache" in __import__("inspect").signature(model.forward).parameters else "past_key_values"
+    feats: list[torch.Tensor] = []
+
+    def watch_and_steer(x: torch.Tensor, *, hook: Any) -> torch.Tensor:
+        sae: SAE = serve["sae"]  # type: ignore[index]
+        flat = x.reshape(-1, x.shape[-1])  # [B*T, d]
+        f = sae.encode(flat, features=serve["watched"])  # [B*T, F]
+        feats.append(f.reshape(x.shape[0], x.shape[1], -1))
+        # Clamp one latent to 0 where it fires: x += (0 - f_i) * W_dec[i], keeping the SAE error term.
+        fi = sae.encode(flat, features=serve["clamp"])  # [B*T, 1]
+        return (flat - fi.to(flat.dtype) * sae.W_dec[serve["clamp"]].to(flat.dtype)).reshape(x.shape)
+
+    def step(ids: torch.Tensor) -> torch.Tensor:
+        out = model(input_ids=ids, use_cache=True, **{key: cache})
+        return out.logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
+
+    with torch.inference_mode():
+        if serve is None:
+            nxt = step(prompt)
+            for _ in range(n_new - 1):
+                nxt = step(nxt)
+            return
+        engine: PolicyEngine = serve["engine"]
+        with hooks(model, [(serve["hook"], watch_and_steer)]):
+            nxt = step(prompt)
+            for _ in range(n_new - 1):
+                f = torch.cat(feats, dim=1)  # [B, T, F]
+                mask = torch.ones(f.shape[:2], dtype=torch.bool, device=f.device)
+                comp = torch.zeros_like(mask)
+                comp[:, prompt.shape[1] :] = True
+                engine.evaluate(AuditBatch(f.float(), mask, comp))
+                nxt = step(nxt)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="a 4-layer model and small SAEs, for a CPU smoke test")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--batch-sizes", default="1,8,32")
+    ap.add_argument("--widths", default="65536,131072")
+    ap.add_argument("--layer", type=int, default=16)
+    ap.add_argument("--gen-tokens", type=int, default=64)
+    ap.add_argument("--gen-batches", default="1,16")
+    ap.add_argument("--gen-prompt", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model's forward (slower start)")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cfg = TINY if args.tiny else LLAMA_31_8B
+    layer = min(args.layer, cfg["num_hidden_layers"] - 2) if args.tiny else args.layer
+    widths = [4608, 8192] if args.tiny else [int(w) for w in args.widths.split(",")]
+    seq = min(args.seq, 64) if args.tiny else args.seq
+    gen_tokens = min(args.gen_tokens, 8) if args.tiny else args.gen_tokens
+    hook = f"blocks.{layer}.hook_resid_post"
+    t_start = time.perf_counter()
+    model = build_model(cfg, device, dtype)
+    if args.compile:
+        model.forward = torch.compile(model.forward)  # type: ignore[method-assign]
+    build_s = time.perf_counter() - t_start
+    d = cfg["hidden_size"]
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    audit_rows = []
+    acts_by_bs: dict[int, torch.Tensor] = {}
+    for bs in [int(b) for b in args.batch_sizes.split(",")]:
+        ids = torch.randint(0, cfg["vocab_size"], (bs, seq), generator=gen, device=device)
+        mask = torch.ones_like(ids)
+
+        def full(ids: torch.Tensor = ids, mask: torch.Tensor = mask) -> None:
+            with torch.inference_mode():
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+
+        def stopped(ids: torch.Tensor = ids, mask: torch.Tensor = mask) -> None:
+            capture(model, ids, mask, [hook], stop_early=True)
+
+        t_full = best_time(full, device, args.repeats)
+        t_stop = best_time(stopped, device, args.repeats)
+        acts_by_bs[bs] = capture(model, ids, mask, [hook], stop_early=True)[hook]
+        audit_rows.append(
+            {"batch_size": bs, "tokens": bs * seq, "full_forward_s": t_full, "stopped_forward_s": t_stop,
+             "full_tok_s": bs * seq / t_full, "stopped_tok_s": bs * seq / t_stop, "stopped_vs_full": t_full / t_stop}
+        )
+
+    # Encode and policy cost, at the largest batch size, as a share of that batch's stopped forward.
+    big = max(acts_by_bs)
+    x = acts_by_bs[big].reshape(-1, d)  # [N, d]
+    t_stop_big = next(r["stopped_forward_s"] for r in audit_rows if r["batch_size"] == big)
+    encode_rows = []
+    engine: PolicyEngine | None = None
+    saes: dict[int, SAE] = {}
+    for width in widths:
+        sae = random_sae(d, width, hook, device, dtype)
+        saes[width] = sae
+        engine = engine or random_engine(width, device)
+        watched = engine.watched.to(device)
+        topk = random_sae(d, width, hook, device, dtype, arch="topk", weights=dict(sae.state_dict()))
+        with torch.inference_mode():
+            t_watch = best_time(lambda: sae.encode(x, features=watched), device, args.repeats)
+            t_full_enc = best_time(lambda: sae.encode(x), device, args.repeats)
+            t_topk = best_time(lambda: topk.encode(x), device, args.repeats)
+            f = sae.encode(x, features=watched).float().reshape(big, seq, -1)
+        m = torch.ones((big, seq), dtype=torch.bool, device=device)
+        comp = torch.zeros_like(m)
+        comp[:, seq // 2 :] = True
+        t_eval = best_time(lambda: engine.evaluate(AuditBatch(f, m, comp)), device, args.repeats)
+        del topk
+        encode_rows.append(
+            {"d_sae": width, "tokens": x.shape[0], "watched": int(watched.numel()),
+             "watch_list_encode_s": t_watch, "full_encode_relu_s": t_full_enc, "full_encode_topk_s": t_topk,
+             "policy_eval_s": t_eval,
+             "watch_plus_eval_share": (t_watch + t_eval) / t_stop_big,
+             "full_relu_share": t_full_enc / t_stop_big, "full_topk_share": t_topk / t_stop_big}
+        )
+
+    gen_rows = []
+    assert engine is not None  # widths is never empty
+    sae = saes[max(saes)]
+    serve = {"sae": sae, "watched": engine.watched.to(device), "clamp": engine.watched[:1].to(device),
+             "engine": engine, "hook": hook}
+    for gb in [int(b) for b in args.gen_batches.split(",")]:
+        prompt = torch.randint(0, cfg["vocab_size"], (gb, args.gen_prompt), generator=gen, device=device)
+        t_plain = best_time(lambda: decode_loop(model, prompt, gen_tokens, None), device, max(1, args.repeats - 1))
+        t_serve = best_time(lambda: decode_loop(model, prompt, gen_tokens, serve), device, max(1, args.repeats - 1))
+        gen_rows.append(
+            {"batch_size": gb, "new_tokens": gen_tokens, "plain_tok_s": gb * gen_tokens / t_plain,
+             "serve_tok_s": gb * gen_tokens / t_serve, "serve_vs_plain": t_plain / t_serve}
+        )
+
+    result = {
+        "benchmark": "gpu_llama8b",
+        "tiny": args.tiny,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "dtype": str(dtype),
+        "compile": args.compile,
+        "hookpoint": hook,
+        "seq": seq,
+        "build_s": build_s,
+        "audit": audit_rows,
+        "encode": encode_rows,
+        "generation": gen_rows,
+        "gpu_peak_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        "total_s": time.perf_counter() - t_start,
+    }
+    print(json.dumps(result, indent=2))
+    print()
+    for r in audit_rows:
+        print(f"audit batch {r['batch_size']:>3}: full {r['full_tok_s']:.0f} tok/s, stopped {r['stopped_tok_s']:.0f} tok/s, "
+              f"ratio {r['stopped_vs_full']:.2f}x")
+    for r in encode_rows:
+        print(f"SAE {r['d_sae']:>6}: watch-list + policy {100 * r['watch_plus_eval_share']:.2f}% of stopped forward "
+              f"(goal <= 1%), full ReLU {100 * r['full_relu_share']:.2f}%, full TopK {100 * r['full_topk_share']:.2f}% "
+              f"(goal <= 10%)")
+    for r in gen_rows:
+        print(f"generation batch {r['batch_size']:>2}: plain {r['plain_tok_s']:.1f} tok/s, serve {r['serve_tok_s']:.1f} tok/s, "
+              f"ratio {r['serve_vs_plain']:.3f}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Incremental (KV-cache) audits give the same result as one audit of the whole input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+import pytest
+import torch
+import transformers
+
+from auditor.errors import ConfigError
+from auditor.models import LoadedModel, capture, get_adapter
+from auditor.pipeline import Auditor
+from auditor.policy import PolicyEngine
+from auditor.text import AuditInput
+from tests.unit.steering.conftest import HOOKPOINT, LIBRARY_YAML, build_model, build_tokenizer, random_sae
+
+POLICY = """apiVersion: auditor/v1
+kind: Policy
+metadata: {{name: stream-test}}
+library: {library}
+rules:
+  - id: weather-max
+    severity: medium
+    category: topic
+    scope: completion
+    condition: {{feature: topic.weather, agg: max, threshold: 0.05}}
+    actions: [alert]
+  - id: sad-mean
+    severity: low
+    category: mood
+    scope: any
+    condition: {{feature: mood.sad, agg: mean, threshold: 0.01}}
+    actions: [alert]
+  - id: fraud-count
+    severity: high
+    category: deception
+    scope: prompt
+    condition: {{feature: deception.fraud, agg: count_above, above: 0.01, threshold: 2}}
+    actions: [block]
+"""
+
+COMPLETION = "The sky was grey and the rain would not stop. We waited by the window, counting drops! " * 3
+
+
+@pytest.fixture(scope="module")
+def auditor(tmp_path_factory: pytest.TempPathFactory) -> Auditor:
+    from auditor.policy import load_policy
+
+    folder = tmp_path_factory.mktemp("stream")
+    (folder / "library.yaml").write_text(LIBRARY_YAML)
+    (folder / "policy.yaml").write_text(POLICY.format(library=folder / "library.yaml"))
+    tok = build_tokenizer()
+    model = build_model(len(tok))
+    adapter = get_adapter(model)
+    loaded = LoadedModel(
+        model=model,
+        tokenizer=tok,
+        name="tiny-llama",
+        adapter=adapter,
+        d_model=adapter.d_model(model),
+        n_layers=adapter.n_layers(model),
+        device=torch.device("cpu"),
+    )
+    engine = load_policy(folder / "policy.yaml")
+    return Auditor(loaded, random_sae(), hookpoint=HOOKPOINT, library=engine.library, policy=engine)
+
+
+def _chunks(text: str, size: int) -> list[str]:
+    return [text[i : i + size] for i in range(0, len(text), size)]
+
+
+@pytest.mark.parametrize(
+    ("item", "chunk"),
+    [
+        (AuditInput(prompt="Tell me about the weather. "), 16),
+        (AuditInput(prompt="Tell me about the weather. "), 1),
+        (AuditInput(messages=({"role": "user", "content": "How was your day?"},)), 7),
+        (AuditInput(text="Notes: "), 23),
+    ],
+)
+def test_stream_matches_a_single_audit_after_every_chunk(auditor: Auditor, item: AuditInput, chunk: int) -> None:
+    stream = auditor.stream(item)
+    so_far = ""
+    for piece in _chunks(COMPLETION, chunk)[:12]:
+        so_far += piece
+        got = stream.feed(piece)
+        whole = AuditInput(text=item.text + so_far) if item.text is not None else AuditInput(
+            messages=item.messages, prompt=item.prompt, completion=so_far
+        )
+        [want] = auditor.run([whole])
+        assert got.tokens == want.tokens
+        assert got.content_mask == want.content_mask
+        assert got.verdict is not None and want.verdict is not None
+        assert got.verdict.action == want.verdict.action
+        assert [m.rule_id for m in got.verdict.matches] == [m.rule_id for m in want.verdict.matches]
+        keys = sorted(want.verdict.scores)
+        assert sorted(got.verdict.scores) == keys
+        torch.testing.assert_close(
+            torch.tensor([got.verdict.scores[k] for k in keys]),
+            torch.tensor([want.verdict.scores[k] for k in keys]),
+            rtol=1e-4,
+            atol=1e-5,
+        )
+    # Only new tokens ran through the model: the cache holds exactly the sequence.
+    assert stream.n_cached == len(got.tokens)
+
+
+def test_stream_first_feed_of_nothing_audits_the_prefix(auditor: Auditor) -> None:
+    stream = auditor.stream(AuditInput(prompt="Tell me about the weather. "))
+    got = stream.feed("")
+    [want] = auditor.run([AuditInput(prompt="Tell me about the weather. ")])
+    assert got.tokens == want.tokens
+    assert got.verdict is not None and want.verdict is not None
+    assert got.verdict.scores == pytest.approx(want.verdict.scores, rel=1e-4, abs=1e-5)
+
+
+def test_stream_without_a_policy_is_a_config_error(auditor: Auditor) -> None:
+    bare = Auditor(auditor.model, auditor.sae, hookpoint=HOOKPOINT)
+    with pytest.raises(ConfigError, match="needs a policy"):
+        bare.stream(AuditInput(text="x"))
+
+
+def test_capture_with_a_cache_continues_the_sequence(auditor: Auditor) -> None:
+    model = auditor.model.model
+    ids = torch.randint(5, 60, (1, 40), generator=torch.Generator().manual_seed(3))
+    [want] = capture(model, ids, None, [HOOKPOINT]).values()  # [1, 40, d]
+    cache = transformers.DynamicCache(config=model.config)
+    parts = [capture(model, ids[:, a:b], None, [HOOKPOINT], past_key_values=cache)[HOOKPOINT] for a, b in [(0, 9), (9, 10), (10, 40)]]
+    torch.testing.assert_close(torch.cat(parts, dim=1), want, rtol=1e-4, atol=1e-5)
+    # The truncated forward only filled the layers up to the hooked one.
+    assert cache.get_seq_length() == 40
+
+
+def test_stream_engine_override(auditor: Auditor) -> None:
+    engine: PolicyEngine = auditor.policy  # type: ignore[assignment]
+    stream = auditor.stream(AuditInput(prompt="Hi. "), policy=engine)
+    assert stream.engine is engine
+
+
+ANOMALY_POLICY = """apiVersion: auditor/v1
+kind: Policy
+metadata: {{name: anomaly-test}}
+library: {library}
+rules:
+  - id: weather
+    severity: low
+    category: topic
+    condition: {{feature: topic.weather, agg: max, threshold: 0.05}}
+    actions: [alert]
+  - id: odd
+    severity: low
+    category: anomaly
+    condition:
+      anomaly: {{threshold: 0.5}}
+    actions: [annotate]
+"""
+
+
+@pytest.mark.parametrize(
+    ("architecture", "normalize"),
+    [("standard", "none"), ("topk", "none"), ("jumprelu", "expected_average_only_in"), ("topk", "layer_norm")],
+)
+def test_shared_encode_gives_the_reference_features_and_error(
+    auditor: Auditor, tmp_path: Path, architecture: str, normalize: str
+) -> None:
+    from auditor.policy import load_policy
+
+    (tmp_path / "library.yaml").write_text(LIBRARY_YAML)
+    (tmp_path / "policy.yaml").write_text(ANOMALY_POLICY.format(library=tmp_path / "library.yaml"))
+    engine = load_policy(tmp_path / "policy.yaml")
+    assert engine.needs_recon_error
+    sae = random_sae(architecture=architecture, normalize=normalize, seed=4)
+    aud = Auditor(auditor.model, sae, hookpoint=HOOKPOINT, library=engine.library, policy=engine)
+    x = torch.randn(50, sae.cfg.d_in, generator=torch.Generator().manual_seed(5)) * 3.0
+    feats, recon = aud._encode_watched(x, engine)
+    torch.testing.assert_close(feats, sae.encode(x)[:, engine.watched])
+    assert recon is not None
+    torch.testing.assert_close(recon, sae.reconstruction_error(x))
