@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from auditor._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from auditor.steering.session import attach
 
 __version__ = "0.1.0"
+
+# attach pulls in torch and transformers: imported on first use only.
+_EXPORTS = {"attach": "auditor.steering.session"}
 __all__ = ["__version__", "attach"]
 
-
-def __getattr__(name: str) -> Any:
-    # attach pulls in torch and transformers: import it on first use only.
-    if name == "attach":
-        from auditor.steering.session import attach
-
-        return attach
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -11,8 +11,9 @@ Example::
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from auditor._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from auditor.server.app import create_app
@@ -22,11 +23,4 @@ _EXPORTS = {"create_app": "auditor.server.app", "Settings": "auditor.server.sett
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

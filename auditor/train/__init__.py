@@ -10,8 +10,7 @@ Example::
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from auditor._lazy import lazy_exports
 
 # Names are imported on first use: `auditor train-sae --help` builds its parser from
 # auditor.train.cli without paying for torch and transformers.
@@ -61,10 +60,4 @@ __all__ = [
     "train_sae",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'auditor.train' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
