@@ -190,8 +190,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--texts", type=int, default=256, help="texts per round")
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--policy", help="policy file (default: policies/examples/deception.yaml with a random 64-latent SAE)")
-    parser.add_argument("--sae", help="SAE path (default: a random 64-latent SAE at layer 5 for the example policy)")
+    parser.add_argument("--policy", help="policy file (default: the shipped policies/default.yaml)")
+    parser.add_argument(
+        "--sae", help="SAE path (default: the policy's library's SAE; 'random' for a random 64-latent SAE at "
+        "layer 5, which fits the policies/examples/ policies)",
+    )
     parser.add_argument("--batch-max-wait-ms", type=float, default=5.0)
     parser.add_argument("--batch-max-tokens", type=int, default=8192)
     parser.add_argument("--url", help="benchmark a running server instead (offline baseline still runs here)")
@@ -217,9 +220,9 @@ def main() -> None:
 
     texts = make_texts(args.texts) * args.rounds
     tmp = Path(tempfile.mkdtemp(prefix="auditor-bench-"))
-    policy = args.policy or str(REPO / "policies" / "examples" / "deception.yaml")
+    policy = args.policy or str(REPO / "policies" / "default.yaml")
     sae = args.sae
-    if sae is None:
+    if sae == "random":
         sys.path.insert(0, str(REPO))
         from tests.conftest import make_random_sae
 
