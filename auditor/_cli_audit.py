@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from auditor.errors import ConfigError
-from auditor.text import AuditInput, parse_input
+from auditor.text import AuditInput, audited_text, parse_input
 
 __all__ = ["register", "result_to_json"]
 
@@ -248,7 +248,7 @@ def run_audit(args: argparse.Namespace) -> int:
                             res.verdict,
                             policy_name=auditor.policy.name,
                             policy_hash=auditor.policy.hash,
-                            text=_input_text(item),
+                            text=audited_text(item),
                             request_id=res.id,
                         )
                     )
@@ -265,15 +265,4 @@ def run_audit(args: argparse.Namespace) -> int:
         if dispatcher is not None and not dispatcher.close(timeout=30.0):
             print("warning: some alerts were not delivered yet; they stay pending in the audit log", file=sys.stderr)
     return 0
-
-
-def _input_text(item: AuditInput) -> str:
-    if item.text is not None:
-        return item.text
-    parts = [m["content"] for m in item.messages or ()]
-    if item.prompt is not None:
-        parts.append(item.prompt)
-    if item.completion:
-        parts.append(item.completion)
-    return "\n".join(parts)
 

@@ -29,6 +29,7 @@ __all__ = [
     "ROLE_PROMPT",
     "ROLE_COMPLETION",
     "ROLE_BOTH",
+    "audited_text",
     "parse_input",
     "render",
     "tokenize_batch",
@@ -111,6 +112,23 @@ def parse_input(obj: Any, *, where: str = "input") -> AuditInput:
         completion=obj.get("completion"),
         id=None if ident is None else str(ident),
     )
+
+
+def audited_text(item: AuditInput, *, completion_only: bool = False) -> str:
+    """The text an alert about ``item`` records: every part written by a user or the model,
+    joined by newlines, or with ``completion_only`` the completion alone when there is one
+    (a proxy audits the prompt and the completion separately, each with its own alerts).
+    """
+    if item.text is not None:
+        return item.text
+    if completion_only and item.completion:
+        return item.completion
+    parts = [m["content"] for m in item.messages or ()]
+    if item.prompt is not None:
+        parts.append(item.prompt)
+    if item.completion:
+        parts.append(item.completion)
+    return "\n".join(parts)
 
 
 def sink_token_id(tokenizer: Any) -> int | None:

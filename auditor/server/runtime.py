@@ -24,7 +24,7 @@ from auditor.server.batcher import MicroBatcher
 from auditor.server.errors import BadRequestError, NotFoundError, TooLargeError
 from auditor.server.settings import Settings
 from auditor.server.sse import Broadcaster
-from auditor.text import AuditInput, render, sink_token_id
+from auditor.text import AuditInput, audited_text, render, sink_token_id
 
 if TYPE_CHECKING:
     import httpx
@@ -144,7 +144,7 @@ class Runtime:
                         policy_name=engine.name,
                         policy_hash=policy_hash,
                         source=source,  # type: ignore[arg-type]
-                        text=_audited_text(item),
+                        text=audited_text(item, completion_only=True),
                         request_id=request_id or item.id,
                     )
                 )
@@ -169,16 +169,6 @@ class Runtime:
             await self.http.aclose()
         self.prep.shutdown(wait=True)
         await asyncio.get_running_loop().run_in_executor(None, self.dispatcher.close, 5.0)
-
-
-def _audited_text(item: AuditInput) -> str:
-    if item.text is not None:
-        return item.text
-    if item.completion:
-        return item.completion
-    if item.prompt is not None:
-        return item.prompt
-    return "\n".join(m["content"] for m in item.messages or ())
 
 
 # transformers resolves its lazy imports without a lock, so two apps loading in
