@@ -116,7 +116,7 @@ def result_to_json(result: Any, *, model: str, sae: str, top_k: int) -> dict[str
 
 
 def verdict_to_json(verdict: Any) -> dict[str, Any]:
-    data = dataclasses.asdict(verdict)
+    data = verdict.to_dict()
     return {
         "verdict": data.pop("action"),
         "matches": data.pop("matches"),

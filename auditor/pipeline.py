@@ -260,17 +260,17 @@ class Auditor:
         B, T = mask.shape
 
         full: torch.Tensor | None = None
-        if top_k > 0:
-            full = self.sae.encode(x)  # [N, d_sae]
         watched_feats: torch.Tensor | None = None
         recon: torch.Tensor | None = None
         if engine is not None:
-            f, r = self._encode_watched(x, engine, full)
+            f, r, full = self._encode_watched(x, engine, full=top_k > 0)
             watched_feats = acts.new_zeros((B, T, f.shape[1]))
             watched_feats[mask] = f
             if r is not None:
                 recon = acts.new_zeros((B, T))
                 recon[mask] = r
+        elif top_k > 0:
+            full = self.sae.encode(x)  # [N, d_sae]
         t2 = time.perf_counter()
         timings.encode += t2 - t1
 
@@ -316,33 +316,12 @@ class Auditor:
 
 
     def _encode_watched(
-        self, x: torch.Tensor, engine: PolicyEngine, full: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Watched latents ``[N, F]`` of rows ``x [N, d_in]`` and, if the policy reads it, their reconstruction error ``[N]``.
-
-        Only the watched ``W_enc`` columns are multiplied unless ``full`` (a full-width
-        encode of the same rows) is already at hand.
-        """
-        watched = engine.watched.to(x.device)
-        sae = self.sae
-        if full is None and (engine.needs_recon_error or sae.cfg.architecture == "topk"):
-            # TopK ranks every latent anyway, and the reconstruction needs every latent:
-            # one full encode serves the watched columns and the reconstruction error.
-            full, state = sae.encode_with_norm(x)  # [N, d_sae]
-        else:
-            state = None
-        f = full[:, watched] if full is not None else sae.encode(x, features=watched)  # [N, F]
-        recon: torch.Tensor | None = None
-        if engine.needs_recon_error:
-            if full is None or (state is None and sae._needs_row_state()):
-                recon = sae.reconstruction_error(x)
-            else:
-                xs = x.to(dtype=sae.W_enc.dtype, device=sae.W_enc.device)
-                err = (xs - sae.decode(full, state)).norm(dim=-1)  # [N]
-                norm = xs.norm(dim=-1)  # [N]
-                # Same formula as SAE.reconstruction_error: 0 for a zero row.
-                recon = torch.where(norm > 0, err / norm.clamp_min(torch.finfo(xs.dtype).tiny), err)
-        return f, recon
+        self, x: torch.Tensor, engine: PolicyEngine, *, full: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Watched latents ``[N, F]`` of rows ``x [N, d_in]``, their reconstruction error ``[N]`` if
+        the policy reads it, and every latent ``[N, d_sae]`` if ``full`` (one encode serves all)."""
+        enc = self.sae.encode_watched(x, engine.watched, recon_error=engine.needs_recon_error, full=full)
+        return enc.features, enc.recon_error, enc.full
 
     def stream(self, item: AuditInput, *, policy: PolicyEngine | None = None) -> AuditStream:
         """Start an incremental audit of ``item`` whose completion (or text) arrives in chunks.
@@ -467,7 +446,7 @@ class AuditStream:
             timings.forward = t2 - t1
             # Encode every new position; masking to content happens at evaluation, and
             # rows are encoded independently, so content rows equal a masked encode's.
-            feats, recon = aud._encode_watched(acts, self.engine)
+            feats, recon, _ = aud._encode_watched(acts, self.engine)
             self._acts = torch.cat([self._acts, acts])
             self._feats = torch.cat([self._feats, feats])
             if recon is not None:

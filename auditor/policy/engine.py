@@ -30,8 +30,11 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -44,6 +47,7 @@ from auditor.features.library import FeatureLibrary
 from auditor.policy import schema as s
 from auditor.policy.compile import (
     AGGS,
+    SCOPES,
     NOT_SCORE_CAP,
     OP_ALL,
     OP_ANY,
@@ -121,9 +125,14 @@ class SteerAction:
     rule_id: str
 
 
-@dataclass
+@dataclass(eq=False)
 class RuleMatch:
-    """A rule that fired on a row and was not suppressed by an exception."""
+    """A rule that fired on a row and was not suppressed by an exception.
+
+    ``explanation`` (one :class:`LeafExplanation` per leaf of the rule, with token
+    spans) is built on first access: a caller that only needs the action or the
+    rule ids never pays for it.
+    """
 
     rule_id: str
     description: str
@@ -133,7 +142,27 @@ class RuleMatch:
     score: float
     labels: dict[str, str]
     annotations: dict[str, str]
-    explanation: list[LeafExplanation]
+    explain: Callable[[], list[LeafExplanation]] = field(repr=False)
+    """Builds :attr:`explanation` (called once)."""
+
+    @functools.cached_property
+    def explanation(self) -> list[LeafExplanation]:
+        """Each leaf of the rule's condition: value, threshold, whether it fired, where it held."""
+        return self.explain()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able form (explanation included)."""
+        return {
+            "rule_id": self.rule_id,
+            "description": self.description,
+            "severity": self.severity,
+            "category": self.category,
+            "actions": list(self.actions),
+            "score": self.score,
+            "labels": dict(self.labels),
+            "annotations": dict(self.annotations),
+            "explanation": [dataclasses.asdict(e) for e in self.explanation],
+        }
 
 
 @dataclass
@@ -149,6 +178,18 @@ class Verdict:
     steering: list[SteerAction]
     suppressed: dict[str, str] = field(default_factory=dict)
     """Rule id -> name of the exception that suppressed a rule whose condition held."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able form, matches with their explanations."""
+        return {
+            "action": self.action,
+            "matches": [m.to_dict() if hasattr(m, "to_dict") else dataclasses.asdict(m) for m in self.matches],
+            "scores": dict(self.scores),
+            "category_scores": dict(self.category_scores),
+            "annotations": list(self.annotations),
+            "steering": [dataclasses.asdict(st) for st in self.steering],
+            "suppressed": dict(self.suppressed),
+        }
 
 
 @dataclass(frozen=True)
@@ -194,6 +235,54 @@ def _consistent(score: Tensor, fired: Tensor) -> Tensor:
     return torch.where(fired, score.clamp(min=1.0), score.clamp(max=_ONE_MINUS))
 
 
+def _stack_feature_probes(compiled: CompiledPolicy, col_of: dict[int, int]) -> dict[str, Tensor] | None:
+    """Every feature-input probe folded into one ``[F, U]`` weight matrix over the watched columns.
+
+    A probe is linear after its scaler: ``((x - m) / s) . w + b == x . (w / s) + (b - (m / s) . w)``,
+    so per-token logits of all ``U`` distinct probes are one matmul, and pooling is a masked
+    mean / max of the watched columns per scope followed by the same matmul. Leaves that use the
+    same probe (different thresholds or scopes) share its column.
+    """
+    leaves = [
+        i for i in compiled.probe_leaves
+        if compiled.leaves[i].probe is not None and compiled.leaves[i].probe.inputs == "features"  # type: ignore[union-attr]
+    ]
+    if not leaves:
+        return None
+    units: dict[tuple[str | None, tuple[int, ...]], int] = {}
+    weights: list[list[float]] = []
+    bias: list[float] = []
+    unit, scope, pool = [], [], []
+    n_cols = len(col_of)
+    for i in leaves:
+        leaf = compiled.leaves[i]
+        probe = leaf.probe
+        assert probe is not None
+        key = (leaf.probe_key, leaf.latents)
+        if key not in units:
+            units[key] = len(weights)
+            w = [0.0] * n_cols
+            mean = probe.scaler_mean if probe.scaler_mean is not None else (0.0,) * len(probe.coef)
+            sd = probe.scaler_scale if probe.scaler_scale is not None else (1.0,) * len(probe.coef)
+            b = float(probe.intercept)
+            for lat, c_j, m_j, s_j in zip(leaf.latents, probe.coef, mean, sd):
+                w[col_of[lat]] += c_j / s_j
+                b -= m_j / s_j * c_j
+            weights.append(w)
+            bias.append(b)
+        unit.append(units[key])
+        scope.append(SCOPES.index(leaf.scope))
+        pool.append(1 if probe.pool == "max" else 0)
+    return {
+        "leaves": torch.tensor(leaves, dtype=torch.long),
+        "weight": torch.tensor(weights, dtype=torch.float32).T.contiguous(),  # [F, U]
+        "bias": torch.tensor(bias, dtype=torch.float32),  # [U]
+        "unit": torch.tensor(unit, dtype=torch.long),  # [P]
+        # Index into the flattened [pool (mean, max), scope, U] pooled logits.
+        "pooled_index": torch.tensor([(pl * len(SCOPES) + sc) * len(weights) + u for pl, sc, u in zip(pool, scope, unit)], dtype=torch.long),
+    }
+
+
 class PolicyEngine:
     """One compiled policy: immutable, safe to share across threads."""
 
@@ -233,15 +322,20 @@ class PolicyEngine:
         )
         self.categories: tuple[str, ...] = tuple(dict.fromkeys(r.category for r in policy.rules))
         col_of = {int(lat): c for c, lat in enumerate(compiled.watched.tolist())}
-        # Columns of the watched features each feature-input probe reads, in coef order.
-        self._probe_cols = {
-            i: torch.tensor([col_of[lat] for lat in compiled.leaves[i].latents], dtype=torch.long)
-            for i in compiled.probe_leaves
-            if compiled.leaves[i].latents
-        }
         cat_index = {c: k for k, c in enumerate(self.categories)}
         self._rule_cat = torch.tensor([cat_index[r.category] for r in compiled.rules], dtype=torch.long)
         self._ft_rules = torch.nonzero(compiled.rule_for_tokens > 0).flatten()
+        self._rule_ids = [r.id for r in compiled.rules]
+        self._rule_level = [2 if "block" in r.actions else 1 if "alert" in r.actions else 0 for r in compiled.rules]
+        self._exc_start: list[int] = []
+        pos = 0
+        for r in compiled.rules:
+            self._exc_start.append(pos)
+            pos += len(r.exceptions)
+        self._feature_probes = _stack_feature_probes(compiled, col_of)
+        self._probe_max_pool = any(
+            leaf.probe is not None and leaf.probe.inputs == "features" and leaf.probe.pool == "max" for leaf in compiled.leaves
+        )
         self._device_cache: dict[torch.device, dict[str, Any]] = {}
 
     def __repr__(self) -> str:
@@ -256,6 +350,9 @@ class PolicyEngine:
                 "leaf_agg": c.leaf_agg.to(device),
                 "leaf_above": c.leaf_above.to(device),
                 "leaf_threshold": c.leaf_threshold.to(device),
+                "leaf_positive": (c.leaf_threshold > 0).to(device),
+                "leaf_divisor": torch.where(c.leaf_threshold > 0, c.leaf_threshold, 1.0).to(device),
+                "leaf_counting": ((c.leaf_agg == _COUNT_AGGS[0]) | (c.leaf_agg == _COUNT_AGGS[1])).to(device),
                 "leaf_scope": c.leaf_scope.to(device),
                 "groups": [(g.op, g.out.to(device), g.children.to(device)) for g in c.groups],
                 "rule_node": c.rule_node.to(device),
@@ -265,7 +362,9 @@ class PolicyEngine:
                 "exc_rule": c.exc_rule.to(device),
                 "rule_cat": self._rule_cat.to(device),
                 "ft_rules": self._ft_rules.to(device),
-                "probe_cols": {i: v.to(device) for i, v in self._probe_cols.items()},
+                "feature_probes": (
+                    {k: v.to(device) for k, v in self._feature_probes.items()} if self._feature_probes is not None else None
+                ),
             }
             self._device_cache[device] = cached  # benign race: equal values either way
         return cached
@@ -318,8 +417,8 @@ class PolicyEngine:
         scores, fires, tok_nodes = self._nodes(k, score, fired, tok)
 
         rnode, rscope = k["rule_node"], k["rule_scope"]
-        rscore = scores[:, rnode]  # [B, R]
-        rfired = fires[:, rnode]
+        rscore = scores.index_select(1, rnode)  # [B, R]
+        rfired = fires.index_select(1, rnode)
         if tok_nodes is not None:
             ft = k["ft_rules"]
             held = tok_nodes[:, :, rnode[ft]] & scope_masks[:, :, rscope[ft]]  # [B, T, Rf]
@@ -329,11 +428,11 @@ class PolicyEngine:
             run_score = _consistent(run.to(torch.float32) / need.to(torch.float32), run_ok)
             rscore[:, ft] = torch.minimum(rscore[:, ft], run_score)
             rfired[:, ft] = rfired[:, ft] & run_ok
-        rule_has = n_scope[:, rscope] > 0  # [B, R]
+        rule_has = n_scope.index_select(1, rscope) > 0  # [B, R]
         rscore = torch.where(rule_has, rscore, torch.zeros_like(rscore))
         rfired = rfired & rule_has
         bsz = feats.shape[0]
-        exc_fired = fires[:, k["exc_node"]]  # [B, E]
+        exc_fired = fires.index_select(1, k["exc_node"])  # [B, E]
         excepted = torch.zeros(bsz, len(c.rules), device=dev).index_add_(1, k["exc_rule"], exc_fired.float()) > 0
         matched = rfired & ~excepted
         cat_scores = feats.new_zeros(bsz, len(self.categories)).scatter_reduce(
@@ -367,22 +466,37 @@ class PolicyEngine:
             [feats, (recon if recon is not None else feats.new_zeros(bsz, t)).unsqueeze(-1), feats.new_full((bsz, t, 1), float("-inf"))],
             dim=-1,
         )  # [B, T, F + 2]: watched latents, reconstruction error, -inf padding
-        vals = ext[:, :, k["leaf_columns"]]  # [B, T, L, G]
-        vals = vals.amax(-1) if vals.shape[-1] > 1 else vals.squeeze(-1)  # [B, T, L]
-        leaf_mask = scope_masks[:, :, k["leaf_scope"]]  # [B, T, L]
-        n = n_scope[:, k["leaf_scope"]]  # [B, L]
+        cols = k["leaf_columns"]  # [L, G]
+        vals = ext.index_select(2, cols.reshape(-1))  # [B, T, L * G]
+        if cols.shape[1] > 1:
+            vals = vals.view(bsz, t, *cols.shape).amax(-1)  # [B, T, L]: max over each leaf's group
+        leaf_mask = scope_masks.index_select(2, k["leaf_scope"])  # [B, T, L]
+        n = n_scope.index_select(1, k["leaf_scope"])  # [B, L]
         nf = n.clamp(min=1).to(torch.float32)
 
         probe_vals = feats.new_zeros(bsz, len(c.leaves))  # [B, L]
+        fp = k["feature_probes"]
+        if fp is not None:
+            # All feature-input probes at once: per-token probabilities and pooled ones.
+            w, bias = fp["weight"], fp["bias"]
+            per_token = torch.sigmoid(feats @ w + bias)  # [B, T, U]
+            vals[:, :, fp["leaves"]] = per_token.index_select(2, fp["unit"])
+            sm = scope_masks.transpose(1, 2)  # [B, 3, T]
+            counts = n_scope.unsqueeze(-1)  # [B, 3, 1]
+            pooled = [torch.bmm(sm.to(feats.dtype), feats) / counts.clamp(min=1).to(feats.dtype)]  # [B, 3, F]
+            if self._probe_max_pool:
+                top = feats.unsqueeze(1).masked_fill(~sm.unsqueeze(-1), -math.inf).amax(2)  # [B, 3, F]
+                pooled.append(torch.where(counts > 0, top, torch.zeros_like(top)))
+            else:
+                pooled.append(pooled[0])
+            logits = torch.stack(pooled, 1) @ w + bias  # [B, 2, 3, U]
+            probe_vals[:, fp["leaves"]] = torch.sigmoid(logits.reshape(bsz, -1).index_select(1, fp["pooled_index"]))
         for i in c.probe_leaves:
             probe = c.leaves[i].probe
-            if probe is None:  # compile sets a probe on every probe leaf
-                continue
-            inputs = feats[:, :, k["probe_cols"][i]] if probe.inputs == "features" else resid  # [B, T, n]
-            if inputs is None:
-                continue  # _check insists on resid for hookpoint probes
-            vals[:, :, i] = probe.decision(inputs)
-            probe_vals[:, i] = probe.decision(probe.pool_inputs(inputs, leaf_mask[:, :, i]))
+            if probe is None or probe.inputs != "hookpoint" or resid is None:
+                continue  # feature probes ran above; _check insists on resid for hookpoint probes
+            vals[:, :, i] = probe.decision(resid)
+            probe_vals[:, i] = probe.decision(probe.pool_inputs(resid, leaf_mask[:, :, i]))
 
         above = vals > k["leaf_above"]  # [B, T, L]
         vmax = vals.masked_fill(~leaf_mask, float("-inf")).amax(1)  # [B, L]
@@ -395,15 +509,13 @@ class PolicyEngine:
         value = value.masked_fill(~has, 0.0)
         thr = k["leaf_threshold"]
         fired = (value >= thr) & has
-        positive = thr > 0
         score = torch.where(
-            positive,
-            value / torch.where(positive, thr, torch.ones_like(thr)),
+            k["leaf_positive"],
+            value / k["leaf_divisor"],
             fired.to(torch.float32) * NOT_SCORE_CAP,  # a threshold <= 0 fires on anything in scope
         )
         score = _consistent(score, fired)
-        counting = (agg == _COUNT_AGGS[0]) | (agg == _COUNT_AGGS[1])
-        tok = torch.where(counting, above, vals >= thr) & leaf_mask  # [B, T, L]
+        tok = torch.where(k["leaf_counting"], above, vals >= thr) & leaf_mask  # [B, T, L]
         return value, score, fired, tok
 
     def _nodes(
@@ -426,7 +538,9 @@ class PolicyEngine:
             tok_nodes[:, :, :n_leaves] = tok
             tok_nodes[:, :, c.const_true] = True
         for op, out, children in k["groups"]:
-            cs, cf = scores[:, children], fires[:, children]  # [B, n, c]
+            flat = children.reshape(-1)
+            cs = scores.index_select(1, flat).view(bsz, *children.shape)  # [B, n, c]
+            cf = fires.index_select(1, flat).view(bsz, *children.shape)
             if op == OP_ALL:
                 scores[:, out], fires[:, out] = cs.amin(-1), cf.all(-1)
             elif op == OP_ANY:
@@ -437,7 +551,7 @@ class PolicyEngine:
                 negated = ~cf[..., 0]
                 scores[:, out], fires[:, out] = _consistent(inv.clamp(max=NOT_SCORE_CAP), negated), negated
             if tok_nodes is not None:
-                ct = tok_nodes[:, :, children]  # [B, T, n, c]
+                ct = tok_nodes.index_select(2, flat).view(bsz, t, *children.shape)  # [B, T, n, c]
                 if op == OP_ALL:
                     tok_nodes[:, :, out] = ct.all(-1)
                 elif op == OP_ANY:
@@ -459,49 +573,32 @@ class PolicyEngine:
         tokens: list[list[str]] | None,
     ) -> list[Verdict]:
         c = self.compiled
-        rule_ids = [r.id for r in c.rules]
+        bsz = rscore.shape[0]
         score_rows = rscore.tolist()
         cat_rows = cat_scores.tolist()
-        value_rows = value.tolist()
-        fired_rows = fired.tolist()
-        # Spans only for leaves that a matched rule explains: [B, T, L'] -> keyed by the original leaf index.
-        needed = sorted({li for r_i in torch.nonzero(matched.any(0)).flatten().tolist() for li in c.rules[r_i].leaves})
-        spans = {(b, needed[j]): v for (b, j), v in _spans(tok[:, :, needed]).items()} if needed else {}
-        exc_pos = {}
-        pos = 0
-        for r_i, rule in enumerate(c.rules):
-            exc_pos[r_i] = list(range(pos, pos + len(rule.exceptions)))
-            pos += len(rule.exceptions)
+        hits: list[list[int]] = [[] for _ in range(bsz)]
+        for b, r_i in torch.nonzero(matched).tolist():
+            hits[b].append(r_i)
+        held: list[list[int]] = [[] for _ in range(bsz)]
+        for b, r_i in torch.nonzero(rfired & ~matched).tolist():
+            held[b].append(r_i)
+        detail = _BatchDetail(c, value, fired, tok, tokens, matched) if any(hits) else None
+        exc_rows = exc_fired.tolist() if any(held) else []
         verdicts: list[Verdict] = []
-        for b in range(rscore.shape[0]):
+        for b in range(bsz):
             matches: list[RuleMatch] = []
             annotations: list[str] = []
             steering: list[SteerAction] = []
             suppressed: dict[str, str] = {}
-            for r_i in torch.nonzero(rfired[b] & ~matched[b]).flatten().tolist():
+            level = 0
+            for r_i in held[b]:
                 rule = c.rules[r_i]
-                hit = next(e for e, p in zip(rule.exceptions, exc_pos[r_i]) if bool(exc_fired[b, p]))
+                first = self._exc_start[r_i]
+                hit = next(e for j, e in enumerate(rule.exceptions) if exc_rows[b][first + j])
                 suppressed[rule.id] = hit.name
-            for r_i in torch.nonzero(matched[b]).flatten().tolist():
+            row = score_rows[b]
+            for r_i in hits[b]:
                 rule = c.rules[r_i]
-                explanation = []
-                for li in rule.leaves:
-                    leaf = c.leaves[li]
-                    leaf_spans = spans.get((b, li), [])
-                    texts = ["".join(tokens[b][i:j]) for i, j in leaf_spans] if tokens is not None else []
-                    explanation.append(
-                        LeafExplanation(
-                            kind=leaf.kind,
-                            name=leaf.name,
-                            agg=leaf.agg,
-                            value=value_rows[b][li],
-                            threshold=leaf.threshold,
-                            fired=fired_rows[b][li],
-                            token_spans=leaf_spans,
-                            above=leaf.above,
-                            span_texts=texts,
-                        )
-                    )
                 matches.append(
                     RuleMatch(
                         rule_id=rule.id,
@@ -509,12 +606,13 @@ class PolicyEngine:
                         severity=rule.severity,
                         category=rule.category,
                         actions=list(rule.actions),
-                        score=score_rows[b][r_i],
+                        score=row[r_i],
                         labels=dict(rule.labels),
                         annotations=dict(rule.annotations),
-                        explanation=explanation,
+                        explain=functools.partial(detail.explain, b, r_i),  # type: ignore[union-attr]
                     )
                 )
+                level = max(level, self._rule_level[r_i])
                 if "annotate" in rule.actions:
                     note = rule.annotations.get("summary") or rule.description or rule.id
                     annotations.append(f"{rule.id}: {note}")
@@ -522,15 +620,11 @@ class PolicyEngine:
                     SteerAction(st.feature, st.index, st.mode, st.value, rule.id)  # type: ignore[arg-type]
                     for st in rule.steering
                 )
-            actions = {a for m in matches for a in m.actions}
-            action: Literal["allow", "alert", "block"] = (
-                "block" if "block" in actions else "alert" if "alert" in actions else "allow"
-            )
             verdicts.append(
                 Verdict(
-                    action=action,
+                    action=_LEVEL_ACTIONS[level],
                     matches=matches,
-                    scores=dict(zip(rule_ids, score_rows[b])),
+                    scores=dict(zip(self._rule_ids, row)),
                     category_scores=dict(zip(self.categories, cat_rows[b])),
                     annotations=annotations,
                     steering=steering,
@@ -538,6 +632,61 @@ class PolicyEngine:
                 )
             )
         return verdicts
+
+
+_LEVEL_ACTIONS: tuple[Literal["allow", "alert", "block"], ...] = ("allow", "alert", "block")
+
+
+class _BatchDetail:
+    """What explanations of one evaluated batch need, kept on the host until the first is asked for."""
+
+    def __init__(
+        self,
+        compiled: CompiledPolicy,
+        value: Tensor,
+        fired: Tensor,
+        tok: Tensor,
+        tokens: list[list[str]] | None,
+        matched: Tensor,
+    ) -> None:
+        self.compiled = compiled
+        self.value, self.fired, self.tok, self.tokens, self.matched = value, fired, tok, tokens, matched
+        self._spans: dict[tuple[int, int], list[tuple[int, int]]] | None = None
+
+    def spans(self) -> dict[tuple[int, int], list[tuple[int, int]]]:
+        if self._spans is None:
+            # Spans only for leaves that a matched rule explains: [B, T, L'] -> keyed by the original leaf index.
+            c = self.compiled
+            rules = torch.nonzero(self.matched.any(0)).flatten().tolist()
+            needed = sorted({li for r_i in rules for li in c.rules[r_i].leaves})
+            found = _spans(self.tok[:, :, needed]) if needed else {}
+            self._spans = {(b, needed[j]): v for (b, j), v in found.items()}
+        return self._spans
+
+    def explain(self, b: int, r_i: int) -> list[LeafExplanation]:
+        c = self.compiled
+        spans = self.spans()
+        values = self.value[b].tolist()
+        fired = self.fired[b].tolist()
+        out = []
+        for li in c.rules[r_i].leaves:
+            leaf = c.leaves[li]
+            leaf_spans = spans.get((b, li), [])
+            texts = ["".join(self.tokens[b][i:j]) for i, j in leaf_spans] if self.tokens is not None else []
+            out.append(
+                LeafExplanation(
+                    kind=leaf.kind,
+                    name=leaf.name,
+                    agg=leaf.agg,
+                    value=values[li],
+                    threshold=leaf.threshold,
+                    fired=fired[li],
+                    token_spans=leaf_spans,
+                    above=leaf.above,
+                    span_texts=texts,
+                )
+            )
+        return out
 
 
 def build_engine(policy: s.Policy, library: FeatureLibrary, *, path: str | Path, base_dir: str | Path | None = None) -> PolicyEngine:

@@ -14,7 +14,7 @@ from auditor.sae.formats import FormatRegistry, SAEFormat, default_registry
 from auditor.sae.hub import HFLocation, parse_hf_uri, resolve_hf
 from auditor.sae.load import list_formats, load_sae
 from auditor.sae.registry import Release, get_release, list_releases, load_releases
-from auditor.sae.sae import SAE, NormState
+from auditor.sae.sae import SAE, NormState, WatchedEncoding
 
 __all__ = [
     "FormatRegistry",
@@ -25,6 +25,7 @@ __all__ = [
     "SAEConfig",
     "SAEFormat",
     "SAEMetadata",
+    "WatchedEncoding",
     "default_registry",
     "get_release",
     "list_formats",

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from auditor.errors import SAEFormatError, UnknownKeyError
 from auditor.sae.config import SAEConfig
 
-__all__ = ["CFG_FILENAME", "WEIGHTS_FILENAME", "NormState", "SAE", "dtype_from_name", "param_shapes"]
+__all__ = ["CFG_FILENAME", "WEIGHTS_FILENAME", "NormState", "SAE", "WatchedEncoding", "dtype_from_name", "param_shapes"]
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -88,6 +88,19 @@ class NormState(NamedTuple):
     """``[N, 1]`` per-row factor (or a 0-d tensor for a global one)."""
     shift: Tensor
     """``[N, 1]`` per-row offset (or a 0-d zero)."""
+
+
+class WatchedEncoding(NamedTuple):
+    """What :meth:`SAE.encode_watched` returns."""
+
+    features: Tensor
+    """``[N, U]`` the requested latents, in the order asked for."""
+    state: NormState
+    """How to undo the input normalization (for :meth:`SAE.decode` or steering deltas)."""
+    recon_error: Tensor | None
+    """``[N]`` relative reconstruction error ``||x - x_hat|| / ||x||`` when asked for."""
+    full: Tensor | None
+    """``[N, d_sae]`` every latent, when asked for."""
 
 
 def param_shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
@@ -224,10 +237,8 @@ class SAE(nn.Module):
         arch = self.cfg.architecture
         if arch == "topk":
             # Top-k ranks all latents, so a watch-list encode still needs every pre-activation.
-            pre = xn @ self.W_enc + self.b_enc  # [N, d_sae]
-            k = self.cfg.k if self.cfg.k is not None else self.cfg.d_sae
-            top = pre.topk(k, dim=-1)
-            dense = torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values))
+            indices, values = self._topk_normed(xn)
+            dense = xn.new_zeros((xn.shape[0], self.cfg.d_sae)).scatter_(-1, indices, values)
             return dense if idx is None else dense.index_select(-1, idx)
 
         # The other rules are per latent: slice the W_enc columns before the matmul.
@@ -245,6 +256,44 @@ class SAE(nn.Module):
         mag = torch.relu(proj * torch.exp(pick(self.r_mag)) + pick(self.b_mag))
         return gate * mag
 
+    def _topk_normed(self, xn: Tensor) -> tuple[Tensor, Tensor]:
+        """TopK codes of normalized rows whose ``b_dec`` is already subtracted: indices, relu'd values ``[N, k]``."""
+        pre = xn @ self.W_enc + self.b_enc  # [N, d_sae]
+        k = self.cfg.k if self.cfg.k is not None else self.cfg.d_sae
+        top = pre.topk(min(k, self.cfg.d_sae), dim=-1)
+        return top.indices, torch.relu(top.values)
+
+    def encode_topk(self, x: Tensor) -> tuple[Tensor, Tensor, NormState]:
+        """A TopK SAE's codes in sparse form: ``indices [N, k]``, ``values [N, k]`` and the norm state.
+
+        ``values`` may hold zeros (a negative pre-activation among the top k). The dense
+        :meth:`encode` equals scattering ``values`` at ``indices`` into zeros; :meth:`decode_sparse`
+        reconstructs from these rows of ``W_dec`` alone.
+        """
+        if self.cfg.architecture != "topk":
+            raise ValueError(f"encode_topk needs a topk SAE, this one is {self.cfg.architecture!r}")
+        if x.ndim != 2 or x.shape[-1] != self.cfg.d_in:
+            raise ValueError(f"expected activations [N, {self.cfg.d_in}], got {list(x.shape)}")
+        x = x.to(dtype=self.W_enc.dtype, device=self.W_enc.device)
+        xn, state = self.norm_in(x)
+        if self.cfg.apply_b_dec_to_input:
+            xn = xn - self.b_dec
+        indices, values = self._topk_normed(xn)
+        return indices, values, state
+
+    def decode_sparse(self, indices: Tensor, values: Tensor, norm: NormState | None = None) -> Tensor:
+        """:meth:`decode` of codes given as ``indices`` / ``values [N, k]`` (zeros elsewhere).
+
+        Reads only the ``k`` addressed rows of ``W_dec`` per row (an ``embedding_bag``), so a
+        TopK reconstruction costs ``k / d_sae`` of the dense one; equal to ``decode`` of the
+        dense codes up to float summation order.
+        """
+        values = values.to(dtype=self.W_dec.dtype, device=self.W_dec.device)
+        y = torch.nn.functional.embedding_bag(
+            indices.to(self.W_dec.device), self.W_dec, per_sample_weights=values, mode="sum"
+        )
+        return self._decode_out(y + self.b_dec, norm)
+
     def encode_with_norm(
         self, x: Tensor, features: Tensor | Sequence[int] | None = None
     ) -> tuple[Tensor, NormState]:
@@ -255,6 +304,43 @@ class SAE(nn.Module):
         idx = None if features is None else self._feature_index(features)
         xn, state = self.norm_in(x)
         return self._encode_normed(xn, idx), state
+
+    def encode_watched(
+        self, x: Tensor, features: Tensor | Sequence[int], *, recon_error: bool = False, full: bool = False
+    ) -> WatchedEncoding:
+        """The latents ``features`` of ``x [N, d_in]``, plus what else one pass can give.
+
+        The cheapest encode that serves the request: only the listed ``W_enc`` columns for
+        per-latent architectures, unless the reconstruction error (``recon_error``, which
+        needs every latent) or the full codes (``full``) are asked for, in which case one
+        full encode serves all three; TopK always ranks every latent and reconstructs from
+        its ``k`` codes (:meth:`decode_sparse`). The error is :meth:`reconstruction_error`'s.
+        """
+        if x.ndim != 2 or x.shape[-1] != self.cfg.d_in:
+            raise ValueError(f"expected activations [N, {self.cfg.d_in}], got {list(x.shape)}")
+        x = x.to(dtype=self.W_enc.dtype, device=self.W_enc.device)
+        idx = self._feature_index(features)
+        dense: Tensor | None = None
+        x_hat: Tensor | None = None
+        if self.cfg.architecture == "topk":
+            indices, values, state = self.encode_topk(x)
+            dense = x.new_zeros((x.shape[0], self.cfg.d_sae)).scatter_(-1, indices, values)
+            if recon_error:
+                x_hat = self.decode_sparse(indices, values, state)
+        elif recon_error or full:
+            dense, state = self.encode_with_norm(x)
+            if recon_error:
+                x_hat = self.decode(dense, state)
+        if dense is not None:
+            picked = dense.index_select(-1, idx)
+        else:
+            picked, state = self.encode_with_norm(x, idx)
+        err: Tensor | None = None
+        if x_hat is not None:
+            diff = (x - x_hat).norm(dim=-1)  # [N]
+            norm = x.norm(dim=-1)
+            err = torch.where(norm > 0, diff / norm.clamp_min(torch.finfo(x.dtype).tiny), diff)
+        return WatchedEncoding(picked, state, err, dense if full else None)
 
     def encode(self, x: Tensor, features: Tensor | Sequence[int] | None = None) -> Tensor:
         """Latent activations: ``x [N, d_in]`` -> ``[N, d_sae]``, or ``[N, len(features)]``.
@@ -274,7 +360,10 @@ class SAE(nn.Module):
         ``constant_norm_rescale`` and ``layer_norm`` (per-row factors), optional otherwise.
         """
         f = f.to(dtype=self.W_dec.dtype, device=self.W_dec.device)
-        y = f @ self.W_dec + self.b_dec  # [N, d_in]
+        return self._decode_out(f @ self.W_dec + self.b_dec, norm)  # [N, d_in]
+
+    def _decode_out(self, y: Tensor, norm: NormState | None) -> Tensor:
+        """Undo ``norm_in`` on a reconstruction ``y`` in the SAE's input space."""
         if norm is None:
             if self._needs_row_state():
                 raise ValueError(

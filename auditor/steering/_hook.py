@@ -131,6 +131,7 @@ class SteeringHook:
         self._tokens: list[list[str]] | None = None
         self._pending: tuple[Tensor, Tensor] | None = None
         self._steps = 0
+        self._n_comp = torch.zeros(batch_size, dtype=torch.long)  # completion content tokens recorded per row
 
     def set_positions(self, mask: Tensor, is_completion: Tensor) -> None:
         """Describe the positions of the next forward: ``mask``/``is_completion`` are ``[B, T]`` bool."""
@@ -177,7 +178,7 @@ class SteeringHook:
     def __call__(self, tensor: Tensor, *, hook: Hookpoint) -> Tensor:
         b, t, d = tensor.shape
         x = tensor.reshape(b * t, d)
-        f, state = self.steerer.measure(x)  # [B*T, U]
+        f, state, recon = self.steerer.measure_with_error(x, recon_error=self.need_recon)  # [B*T, U], [B*T]
         if self._pending is not None and tuple(self._pending[0].shape) == (b, t):
             mask, comp = self._pending
         else:
@@ -187,16 +188,13 @@ class SteeringHook:
         self._pending = None
         if b != self.enabled.shape[0]:
             self.reset(b, torch.ones(b, dtype=torch.bool) if self.user else torch.zeros(b, dtype=torch.bool))
-        n_comp_before = (
-            torch.cat(self._comp, dim=1).logical_and(torch.cat(self._mask, dim=1)).sum(1)
-            if self._comp
-            else torch.zeros(b, dtype=torch.long)
-        )
+        n_comp_before = self._n_comp.clone()
         self._feats.append(f.view(b, t, -1))
         self._mask.append(mask.to(tensor.device))
         self._comp.append(comp.to(tensor.device))
-        if self.need_recon:
-            self._recon.append(self.sae.reconstruction_error(x.float()).view(b, t))
+        self._n_comp += (mask & comp).sum(1).cpu()
+        if recon is not None:
+            self._recon.append(recon.view(b, t))
         if self.need_resid:
             self._resid.append(tensor.detach().float().clone())
         if self.engine is not None and self._steps % self.policy_every == 0:

@@ -317,12 +317,18 @@ class Steerer:
     @torch.no_grad()
     def measure(self, x: Tensor) -> tuple[Tensor, NormState]:
         """Activations ``[N, U]`` of :attr:`latents` on ``x [N, d_in]``, with the SAE's norm state."""
-        if self.latents.numel() == 0:
+        f, state, _ = self.measure_with_error(x, recon_error=False)
+        return f, state
+
+    @torch.no_grad()
+    def measure_with_error(self, x: Tensor, *, recon_error: bool) -> tuple[Tensor, NormState, Tensor | None]:
+        """:meth:`measure` plus, if asked, each row's relative reconstruction error ``[N]`` from the same encode."""
+        if self.latents.numel() == 0 and not recon_error:
             from auditor.sae import NormState
 
-            return x.new_zeros((x.shape[0], 0), dtype=torch.float32), NormState(x.new_ones(()), x.new_zeros(()))
-        f, state = self.sae.encode_with_norm(x.float(), self.latents)
-        return f.float(), state
+            return x.new_zeros((x.shape[0], 0), dtype=torch.float32), NormState(x.new_ones(()), x.new_zeros(())), None
+        enc = self.sae.encode_watched(x.float(), self.latents, recon_error=recon_error)
+        return enc.features.float(), enc.state, enc.recon_error
 
     @torch.no_grad()
     def steer(self, x: Tensor, f: Tensor, state: NormState, enabled: Tensor | None = None) -> tuple[Tensor, Tensor]:

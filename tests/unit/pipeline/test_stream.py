@@ -174,7 +174,11 @@ def test_shared_encode_gives_the_reference_features_and_error(
     sae = random_sae(architecture=architecture, normalize=normalize, seed=4)
     aud = Auditor(auditor.model, sae, hookpoint=HOOKPOINT, library=engine.library, policy=engine)
     x = torch.randn(50, sae.cfg.d_in, generator=torch.Generator().manual_seed(5)) * 3.0
-    feats, recon = aud._encode_watched(x, engine)
+    feats, recon, full = aud._encode_watched(x, engine)
     torch.testing.assert_close(feats, sae.encode(x)[:, engine.watched])
-    assert recon is not None
+    assert recon is not None and full is None
     torch.testing.assert_close(recon, sae.reconstruction_error(x))
+    feats, recon, full = aud._encode_watched(x, engine, full=True)
+    assert full is not None
+    torch.testing.assert_close(full, sae.encode(x))
+    torch.testing.assert_close(feats, full[:, engine.watched])

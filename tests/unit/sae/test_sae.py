@@ -75,6 +75,47 @@ def test_topk_keeps_at_most_k_per_row() -> None:
     assert int((f != 0).sum(-1).max()) <= K
 
 
+@pytest.mark.parametrize(("norm", "apply_b_dec"), list(itertools.product(NORMS, [True, False])))
+def test_topk_sparse_codes_match_dense_encode_and_decode(norm: str, apply_b_dec: bool) -> None:
+    sae, p = make_sae("topk", norm, apply_b_dec)
+    x = acts(n=40)
+    indices, values, state = sae.encode_topk(x)
+    assert indices.shape == values.shape == (40, K)
+    dense = torch.zeros(40, D_SAE).scatter_(-1, indices, values)
+    assert_close(dense, sae.encode(x))
+    xn, out_scale, out_shift = ref_norm_in(x, norm, FACTOR)
+    x_hat_ref = (ref_encode(p, "topk", xn, apply_b_dec=apply_b_dec, k=K) @ p["W_dec"] + p["b_dec"]) * out_scale + out_shift
+    assert_close(sae.decode_sparse(indices, values, state), x_hat_ref)
+
+
+@pytest.mark.parametrize(("arch", "norm"), list(itertools.product(ARCHS, NORMS)))
+@pytest.mark.parametrize(("recon", "full"), [(False, False), (True, False), (False, True), (True, True)])
+def test_encode_watched_serves_features_error_and_full_codes(arch: str, norm: str, recon: bool, full: bool) -> None:
+    sae, _ = make_sae(arch, norm)
+    x = acts(n=30)
+    x[3] = 0.0  # a zero row: error 0, as reconstruction_error defines it
+    idx = [7, 0, 63, 7]
+    enc = sae.encode_watched(x, idx, recon_error=recon, full=full)
+    assert_close(enc.features, sae.encode(x)[:, idx])
+    if recon:
+        assert enc.recon_error is not None
+        assert_close(enc.recon_error, sae.reconstruction_error(x))
+    else:
+        assert enc.recon_error is None
+    if full:
+        assert enc.full is not None
+        assert_close(enc.full, sae.encode(x))
+    else:
+        assert enc.full is None
+    assert_close(sae.decode(sae.encode(x), enc.state), sae(x))
+
+
+def test_encode_topk_refuses_other_architectures() -> None:
+    sae, _ = make_sae("standard")
+    with pytest.raises(ValueError, match="encode_topk needs a topk SAE"):
+        sae.encode_topk(acts())
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     arch=st.sampled_from(ARCHS),
