@@ -338,6 +338,24 @@ class PolicyEngine:
         )
         self._device_cache: dict[torch.device, dict[str, Any]] = {}
 
+    @functools.cached_property
+    def steering_engine(self) -> PolicyEngine | None:
+        """This policy restricted to its enabled rules with ``steer`` actions (None when it has none).
+
+        What generation must evaluate while decoding, to switch steering on as soon as such a
+        rule matches; the other rules only decide the verdict, which needs one evaluation at
+        the end. Same rule ids, macros, lists and library; compiled once, on first use.
+        """
+        rules = [r for r in self.policy.rules if r.enabled and r.steering]
+        if not rules:
+            return None
+        if len(rules) == len(self.compiled.rules):
+            return self
+        sub = self.policy.model_copy(update={"rules": rules})
+        base = Path(self.path).parent if self.path is not None else Path.cwd()
+        compiled = compile_policy(sub, self.library, base_dir=base, path=self.path or "<policy>")
+        return PolicyEngine(sub, self.library, compiled, path=self.path, sources=self.sources)
+
     def __repr__(self) -> str:
         return f"PolicyEngine(name={self.name!r}, rules={len(self.compiled.rules)}, watched={self.watched.numel()})"
 

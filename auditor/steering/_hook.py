@@ -5,10 +5,12 @@ At the SAE hookpoint, every forward pass (prefill or one cached decode step):
 1. encodes the incoming activation once, for the latents that are steered, traced
    or watched by the policy (``[B, T, U]``);
 2. appends those features to each row's history;
-3. when a policy is given, evaluates it on each row's history and switches on the
-   interventions of every ``steer`` action of a rule that matched, for that row and
-   for the rest of the sequence, including the positions of this forward pass (so
-   the next token is already computed from steered activations);
+3. when the policy has rules with ``steer`` actions, evaluates those rules (only
+   they can change the forward; the verdict is :meth:`SteeringHook.evaluate`, on
+   demand) on each row's history and switches on the interventions of every rule
+   that matched, for that row and for the rest of the sequence, including the
+   positions of this forward pass (so the next token is already computed from
+   steered activations);
 4. writes back the steered activation (the reconstruction error kept).
 
 The caller tells the hook, before each forward, which of the new positions are
@@ -96,6 +98,12 @@ class SteeringHook:
         lat = self.steerer.latents.tolist()
         col = {v: c for c, v in enumerate(lat)}
         self.watch_cols = torch.tensor([col[w] for w in watched], dtype=torch.long, device=self.steerer.latents.device)
+        # While decoding only rules that steer can change anything: evaluate just those.
+        self.trigger_engine = engine.steering_engine if engine is not None and self.rule_slots else None
+        trigger_watched = self.trigger_engine.watched.tolist() if self.trigger_engine is not None else []
+        self.trigger_cols = torch.tensor(
+            [col[int(w)] for w in trigger_watched], dtype=torch.long, device=self.steerer.latents.device
+        )
         self.policy_every = max(1, int(policy_every))
         self.need_recon = engine is not None and engine.needs_recon_error
         self.need_resid = engine is not None and engine.needs_resid
@@ -122,12 +130,12 @@ class SteeringHook:
         self.fired: list[set[str]] = [set() for _ in range(batch_size)]
         self.triggers: list[Trigger] = []
         self.verdicts: list[Verdict] | None = None
-        self._feats: list[Tensor] = []  # chunks [B, t, U], before steering
-        self._steered: list[Tensor] = []  # chunks [B, t, U], after steering
-        self._mask: list[Tensor] = []  # chunks [B, t] content
-        self._comp: list[Tensor] = []  # chunks [B, t] completion
-        self._recon: list[Tensor] = []
-        self._resid: list[Tensor] = []
+        self._feats = _Growing()  # [B, T, U], before steering
+        self._steered = _Growing()  # [B, T, U], after steering
+        self._mask = _Growing()  # [B, T] content
+        self._comp = _Growing()  # [B, T] completion
+        self._recon = _Growing()  # [B, T]
+        self._resid = _Growing()  # [B, T, d_in]
         self._tokens: list[list[str]] | None = None
         self._pending: tuple[Tensor, Tensor] | None = None
         self._steps = 0
@@ -140,38 +148,40 @@ class SteeringHook:
     def history(self) -> dict[str, Tensor]:
         """Everything recorded so far, concatenated over positions."""
         out = {
-            "features": torch.cat(self._feats, dim=1),  # [B, T, U]
-            "mask": torch.cat(self._mask, dim=1),  # [B, T]
-            "is_completion": torch.cat(self._comp, dim=1),  # [B, T]
+            "features": self._feats.view(),  # [B, T, U]
+            "mask": self._mask.view(),  # [B, T]
+            "is_completion": self._comp.view(),  # [B, T]
         }
         if self._steered:
-            out["steered"] = torch.cat(self._steered, dim=1)  # [B, T', U] (T' = T after the forward)
+            out["steered"] = self._steered.view()  # [B, T', U] (T' = T after the forward)
         if self._recon:
-            out["recon"] = torch.cat(self._recon, dim=1)
+            out["recon"] = self._recon.view()
         if self._resid:
-            out["resid"] = torch.cat(self._resid, dim=1)
+            out["resid"] = self._resid.view()
         return out
 
     def evaluate(self) -> list[Verdict] | None:
         """The policy's verdict per row on everything recorded so far (None without a policy)."""
         if self.engine is None or not self._feats:
             return None
+        self.verdicts = self._evaluate(self.engine, self.watch_cols)
+        return self.verdicts
+
+    def _evaluate(self, engine: PolicyEngine, cols: Tensor) -> list[Verdict]:
         from auditor.policy import AuditBatch
 
         h = self.history()
         comp = h["is_completion"]
-        verdicts = self.engine.evaluate(
+        return engine.evaluate(
             AuditBatch(
-                features=h["features"].index_select(-1, self.watch_cols),
+                features=h["features"].index_select(-1, cols),
                 mask=h["mask"],
                 is_completion=comp,
                 is_prompt=~comp,
-                recon_error=h.get("recon"),
-                resid=h.get("resid"),
+                recon_error=h.get("recon") if engine.needs_recon_error else None,
+                resid=h.get("resid") if engine.needs_resid else None,
             )
         )
-        self.verdicts = verdicts
-        return verdicts
 
     # ------------------------------------------------------------------ the hook
 
@@ -196,9 +206,9 @@ class SteeringHook:
         if recon is not None:
             self._recon.append(recon.view(b, t))
         if self.need_resid:
-            self._resid.append(tensor.detach().float().clone())
-        if self.engine is not None and self._steps % self.policy_every == 0:
-            self._fire(self.evaluate() or [], n_comp_before)
+            self._resid.append(tensor.detach().float())
+        if self.trigger_engine is not None and self._steps % self.policy_every == 0:
+            self._fire(self._evaluate(self.trigger_engine, self.trigger_cols), n_comp_before)
         self._steps += 1
         enabled = self.enabled.repeat_interleave(t, dim=0)  # [B*T, S]
         new_x, steered = self.steerer.steer(x, f, state, enabled)
@@ -229,6 +239,33 @@ class SteeringHook:
                         interventions=[_describe(self.steerer.slots[i]) for i in slots],
                     )
                 )
+
+
+class _Growing:
+    """A tensor that grows along dim 1 by appended chunks, in amortized O(chunk) time (capacity doubles)."""
+
+    def __init__(self) -> None:
+        self._buf: Tensor | None = None
+        self._n = 0
+
+    def __bool__(self) -> bool:
+        return self._n > 0
+
+    def append(self, chunk: Tensor) -> None:
+        t = chunk.shape[1]
+        if self._buf is None or self._n + t > self._buf.shape[1]:
+            capacity = max(2 * (self._buf.shape[1] if self._buf is not None else 0), self._n + t, 64)
+            grown = chunk.new_empty((chunk.shape[0], capacity, *chunk.shape[2:]))
+            if self._buf is not None:
+                grown[:, : self._n] = self._buf[:, : self._n]
+            self._buf = grown
+        self._buf[:, self._n : self._n + t] = chunk
+        self._n += t
+
+    def view(self) -> Tensor:
+        """The first ``T`` positions (a view; appends only write past it, so it stays valid)."""
+        assert self._buf is not None
+        return self._buf[:, : self._n]
 
 
 def _describe(slot: ResolvedIntervention) -> str:

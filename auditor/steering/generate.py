@@ -174,7 +174,7 @@ def generate(
         raise ConfigError(f"max_tokens must be at least 1, got {max_tokens}")
     if temperature < 0:
         raise ConfigError(f"temperature must be >= 0, got {temperature}")
-    from auditor.models import hooks
+    from auditor.models import capture, hooks
 
     loaded = auditor.model
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -204,7 +204,7 @@ def generate(
     forward = _cached_forward(model)
     with model_lock(model), hooks(model, {auditor.hookpoint: hook}):
         logits, cache = forward(ids, None)  # [R, V]
-        for _ in range(max_tokens):
+        for i in range(max_tokens):
             nxt = _next_tokens(logits, temperature, generator)  # [R]
             fed: list[int] = []
             live: list[bool] = []  # the fed token is a new content token of this row
@@ -227,9 +227,11 @@ def generate(
             # one extra step completes the traces and the verdict.
             hook.set_positions(torch.tensor(live).view(rows, 1), torch.ones(rows, 1, dtype=torch.bool))
             step = torch.tensor(fed, dtype=torch.long, device=device).view(rows, 1)
-            logits, cache = forward(step, cache)
-            if all(f is not None for f in finish):
+            if i == max_tokens - 1 or all(f is not None for f in finish):
+                # No next token is needed: run only up to the hookpoint (no later layers, no LM head).
+                capture(model, step, None, [auditor.hookpoint], stop_early=True, past_key_values=cache)
                 break
+            logits, cache = forward(step, cache)
         verdicts = hook.evaluate()
 
     for r in range(rows):

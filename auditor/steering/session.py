@@ -2,10 +2,11 @@
 
 The session installs one hook at the SAE hookpoint and one forward pre-hook on
 the model. Every forward pass, including each step inside ``model.generate``,
-computes the SAE features the policy watches, evaluates the policy on each
-sequence so far (``session.verdicts``) and applies the session's steering; a
-rule with a ``steer`` action switches its interventions on for the rest of that
-sequence. A forward without a KV cache (or with an empty one) starts new
+computes the SAE features the policy watches, evaluates the policy's rules
+that have ``steer`` actions on each sequence so far and applies the session's
+steering: such a rule switches its interventions on for the rest of that
+sequence. ``session.verdicts`` evaluates the whole policy on the sequences so
+far when read. A forward without a KV cache (or with an empty one) starts new
 sequences; a forward that continues a cache extends them. All hooks are removed
 when the ``with`` block ends.
 
@@ -101,13 +102,13 @@ class Session:
 
     @property
     def verdicts(self) -> list[Verdict]:
-        """The policy's verdict on each sequence of the latest batch, as generated so far."""
-        return list(self._hook.verdicts or [])
+        """The policy's verdict on each sequence of the latest batch, as generated so far (evaluated on access)."""
+        return list(self._hook.evaluate() or [])
 
     @property
     def last_verdict(self) -> Verdict | None:
         """The verdict on the last sequence of the latest batch (None without a policy or before a forward)."""
-        v = self._hook.verdicts
+        v = self._hook.evaluate()
         return v[-1] if v else None
 
     @property

@@ -692,3 +692,49 @@ def test_zero_threshold_fires_on_any_scoped_token(tmp_path: Path) -> None:
     assert v.action == "alert" and v.scores["r"] == 1.0e6
     v = engine.evaluate(batch_from({"a.one": [0.0, 0.0]}, engine, comp=[False, False]))[0]
     assert v.action == "allow" and v.scores["r"] == 0.0
+
+
+def test_steering_engine_keeps_only_rules_that_steer(tmp_path: Path) -> None:
+    rules = {
+        "rules": [
+            {"id": "watch", "severity": "high", "category": "alpha", "condition": {"feature": "a.one", "threshold": 1.0}},
+            {
+                "id": "steer-b",
+                "severity": "high",
+                "category": "beta",
+                "condition": {"feature": "b.three", "threshold": 1.0},
+                "exceptions": [{"name": "calm", "condition": {"feature": "c.six", "threshold": 1.0}}],
+                "actions": ["alert", {"steer": {"feature": "b.four", "mode": "clamp", "value": 0.0}}],
+            },
+            {
+                "id": "off",
+                "severity": "low",
+                "category": "beta",
+                "enabled": False,
+                "condition": {"feature": "b.three", "threshold": 0.5},
+                "actions": [{"steer": {"feature": "b.four", "mode": "scale", "value": 0.5}}],
+            },
+        ]
+    }
+    engine = make_engine(rules, tmp_path)
+    sub = engine.steering_engine
+    assert sub is not None and sub is engine.steering_engine  # compiled once
+    assert [r.id for r in sub.compiled.rules] == ["steer-b"]
+    assert sub.watched.tolist() == sorted([FEATURES["b.three"], FEATURES["c.six"]])
+    cases = {"fires": ([0.0, 2.0], [0.0, 0.0]), "excepted": ([0.0, 2.0], [0.0, 3.0]), "quiet": ([0.5, 0.2], [0.0, 0.0])}
+    for name, (b3, c6) in cases.items():
+        full = torch.zeros(1, 2, D_SAE)
+        full[0, :, FEATURES["a.one"]] = 5.0
+        full[0, :, FEATURES["b.three"]] = torch.tensor(b3)
+        full[0, :, FEATURES["c.six"]] = torch.tensor(c6)
+        mask, comp = torch.ones(1, 2, dtype=torch.bool), torch.ones(1, 2, dtype=torch.bool)
+        whole = engine.evaluate(full_batch(full, mask, comp, engine))[0]
+        part = sub.evaluate(full_batch(full, mask, comp, sub))[0]
+        assert [m.rule_id for m in part.matches] == [m.rule_id for m in whole.matches if m.rule_id == "steer-b"], name
+        assert part.steering == whole.steering, name
+        assert part.scores["steer-b"] == whole.scores["steer-b"], name
+        assert "watch" in {m.rule_id for m in whole.matches}  # the full policy still sees the other rule
+    no_steer = make_engine({"rules": rules["rules"][:1]}, tmp_path)
+    assert no_steer.steering_engine is None
+    only = make_engine({"rules": rules["rules"][1:2]}, tmp_path)
+    assert only.steering_engine is only
