@@ -11,14 +11,15 @@ in the same process:
 2. encode: watch-list (the policy's latents) and full-width encode for each SAE width (ReLU
    and TopK k=64 on the same weights), and policy evaluation, as a share of the stopped forward;
 3. generation: greedy decoding with the KV cache at batch 1 and 16, plain vs serve mode
-   (a hook at layer 16 encoding the watched latents of every new position, one clamp
-   intervention on one latent, the policy evaluated every token on the growing sequence).
+   (the product's steering hook at layer 16: the watched latents of every new position
+   encoded once, one clamp intervention, the ``--steer-rules`` rules that steer evaluated
+   every ``--policy-every`` tokens on the growing sequence, the whole policy at the end).
 
 Prints one JSON object and a summary with each goal ratio. ``--tiny`` swaps in a 2-layer
 model and 4,608- and 8,192-wide SAEs so the script can be smoke-tested on a CPU in seconds.
 
     python benchmarks/gpu_llama8b.py [--tiny] [--device cuda] [--seq 512] [--batch-sizes 1,8,32]
-        [--gen-tokens 64] [--gen-batches 1,16] [--compile]
+        [--gen-tokens 64] [--gen-batches 1,16] [--steer-rules 10] [--policy-every 1] [--compile]
 """
 
 from __future__ import annotations
@@ -41,7 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from auditor.models import capture, hooks  # noqa: E402
 from auditor.policy.compile import compile_policy  # noqa: E402
 from auditor.policy.engine import AuditBatch, PolicyEngine  # noqa: E402
+from auditor.policy.schema import Policy  # noqa: E402
 from auditor.sae import SAE, SAEConfig  # noqa: E402
+from auditor.steering._hook import SteeringHook  # noqa: E402
+from auditor.steering.interventions import ResolvedIntervention  # noqa: E402
 from benchmarks.policy_eval import random_library, random_policy  # noqa: E402
 
 LLAMA_31_8B = {
@@ -142,20 +146,15 @@ def decode_loop(
     n_new: int,
     serve: dict[str, Any] | None,
 ) -> None:
-    """Greedy decoding with a DynamicCache; ``serve`` adds the watching + steering hook and policy evaluation."""
-    b = prompt.shape[0]
+    """Greedy decoding with a DynamicCache; ``serve`` installs the product's steering hook.
+
+    Serve mode is what :func:`auditor.steering.generate` runs: :class:`SteeringHook` encodes the
+    watched and steered latents of every new position once, keeps them as the sequence's
+    history, evaluates the policy's rules with ``steer`` actions every ``policy_every`` tokens,
+    applies one clamp, and the whole policy gives the verdict once at the end.
+    """
     cache = transformers.DynamicCache(config=model.config)
     key = "cache" if "cache" in __import__("inspect").signature(model.forward).parameters else "past_key_values"
-    feats: list[torch.Tensor] = []
-
-    def watch_and_steer(x: torch.Tensor, *, hook: Any) -> torch.Tensor:
-        sae: SAE = serve["sae"]  # type: ignore[index]
-        flat = x.reshape(-1, x.shape[-1])  # [B*T, d]
-        f = sae.encode(flat, features=serve["watched"])  # [B*T, F]
-        feats.append(f.reshape(x.shape[0], x.shape[1], -1))
-        # Clamp one latent to 0 where it fires: x += (0 - f_i) * W_dec[i], keeping the SAE error term.
-        fi = sae.encode(flat, features=serve["clamp"])  # [B*T, 1]
-        return (flat - fi.to(flat.dtype) * sae.W_dec[serve["clamp"]].to(flat.dtype)).reshape(x.shape)
 
     def step(ids: torch.Tensor) -> torch.Tensor:
         out = model(input_ids=ids, use_cache=True, **{key: cache})
@@ -167,16 +166,27 @@ def decode_loop(
             for _ in range(n_new - 1):
                 nxt = step(nxt)
             return
-        engine: PolicyEngine = serve["engine"]
-        with hooks(model, [(serve["hook"], watch_and_steer)]):
+        b, p = prompt.shape
+        hook = SteeringHook(
+            serve["sae"], [serve["clamp"]], engine=serve["engine"], policy_every=serve["policy_every"]
+        )
+        hook.reset(b, torch.ones(b, dtype=torch.bool))
+        with hooks(model, [(serve["hook"], hook)]):
+            hook.set_positions(torch.ones(b, p, dtype=torch.bool), torch.zeros(b, p, dtype=torch.bool))
             nxt = step(prompt)
             for _ in range(n_new - 1):
-                f = torch.cat(feats, dim=1)  # [B, T, F]
-                mask = torch.ones(f.shape[:2], dtype=torch.bool, device=f.device)
-                comp = torch.zeros_like(mask)
-                comp[:, prompt.shape[1] :] = True
-                engine.evaluate(AuditBatch(f.float(), mask, comp))
+                hook.set_positions(torch.ones(b, 1, dtype=torch.bool), torch.ones(b, 1, dtype=torch.bool))
                 nxt = step(nxt)
+            hook.evaluate()
+
+
+def with_steer_rules(engine: PolicyEngine, n: int, feature: str) -> PolicyEngine:
+    """``engine``'s policy with a clamp of ``feature`` added to the first ``n`` rules' actions."""
+    data = engine.policy.model_dump(mode="json", by_alias=True, exclude_none=True)
+    for rule in data["rules"][:n]:
+        rule["actions"] = [*rule["actions"], {"steer": {"feature": feature, "mode": "clamp", "value": 0.0}}]
+    policy = Policy.model_validate(data)
+    return PolicyEngine(policy, engine.library, compile_policy(policy, engine.library, base_dir=".", path="<gpu-bench>"))
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -192,6 +202,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--gen-prompt", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="torch.compile the model's forward (slower start)")
+    ap.add_argument("--steer-rules", type=int, default=10, help="rules of the random policy given a steer action "
+                    "(evaluated every --policy-every tokens while decoding; 100 = the whole policy)")
+    ap.add_argument("--policy-every", type=int, default=1)
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -265,8 +278,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     gen_rows = []
     assert engine is not None  # widths is never empty
     sae = saes[max(saes)]
-    serve = {"sae": sae, "watched": engine.watched.to(device), "clamp": engine.watched[:1].to(device),
-             "engine": engine, "hook": hook}
+    clamp_feature = engine.library.name_for_index(int(engine.watched[0]))
+    steering = with_steer_rules(engine, args.steer_rules, clamp_feature)
+    serve = {"sae": sae, "clamp": ResolvedIntervention(int(engine.watched[0]), "clamp", 0.0, "all", clamp_feature),
+             "engine": steering, "hook": hook, "policy_every": args.policy_every}
     for gb in [int(b) for b in args.gen_batches.split(",")]:
         prompt = torch.randint(0, cfg["vocab_size"], (gb, args.gen_prompt), generator=gen, device=device)
         t_plain = best_time(lambda: decode_loop(model, prompt, gen_tokens, None), device, max(1, args.repeats - 1))
@@ -288,6 +303,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "audit": audit_rows,
         "encode": encode_rows,
         "generation": gen_rows,
+        "steer_rules": args.steer_rules,
+        "policy_every": args.policy_every,
         "gpu_peak_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "total_s": time.perf_counter() - t_start,
     }
