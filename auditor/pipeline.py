@@ -77,6 +77,13 @@ class AuditResult:
     verdict: Verdict | None = None
 
 
+PACK_ROW_TOKENS = 256
+"""Longest packed row: texts share rows up to this many tokens (128-256 ran fastest on the
+2-core CPU for 8-32 texts of 10-50 tokens, benchmarks/RESULTS.md)."""
+PACKED_BUDGET_FACTOR = 4
+"""A packed forward may hold this many times ``batch_tokens`` real tokens (it has no padding)."""
+
+
 def default_policy_path() -> Path:
     """``policies/default.yaml`` beside the package: the policy used when none is named."""
     return Path(__file__).resolve().parent.parent / "policies" / "default.yaml"
@@ -103,6 +110,7 @@ class Auditor:
         policy: PolicyEngine | None = None,
         max_tokens: int = 2048,
         batch_tokens: int = 512,
+        pack: bool | None = None,
     ) -> None:
         from auditor.models import check_sae_compatible, parse_hookpoint
 
@@ -128,8 +136,22 @@ class Auditor:
         # (benchmarks/RESULTS.md): smaller matmuls stay in cache. An input longer than
         # the budget still runs, alone in its batch.
         self.batch_tokens = batch_tokens
+        self._pack = pack
         self.device = torch.device(model.device)
         self.last_timings = StageTimings()
+
+    @property
+    def pack(self) -> bool:
+        """Whether forwards pack several texts per row (see :func:`~auditor.models.capture_packed`).
+
+        ``Auditor(pack=None)`` (the default) decides on first use: packing is on when the
+        model's packed activations match its padded ones (:func:`~auditor.models.packing_supported`).
+        """
+        if self._pack is None:
+            from auditor.models import packing_supported
+
+            self._pack = packing_supported(self.model.model, self.hookpoint)
+        return self._pack
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -213,31 +235,47 @@ class Auditor:
         return [r for r in results if r is not None]
 
     def _buckets(self, batch: TokenBatch) -> Iterator[list[int]]:
-        """Group rows of similar length so padding stays small and each group fits the token budget."""
+        """Group rows of similar length so each group fits the token budget.
+
+        Padded forwards count ``longest x rows`` against ``batch_tokens``; packed forwards
+        (:attr:`pack`) count real tokens only, against ``PACKED_BUDGET_FACTOR x batch_tokens``.
+        """
         lengths = batch.lengths.tolist()
         order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        packed = self.pack
+        budget = self.batch_tokens * (PACKED_BUDGET_FACTOR if packed else 1)
         group: list[int] = []
+        total = 0
         for i in order:
-            width = max(lengths[i], max((lengths[j] for j in group), default=0))
-            if group and width * (len(group) + 1) > self.batch_tokens:
+            if packed:
+                cost = total + lengths[i]
+            else:
+                cost = max(lengths[i], max((lengths[j] for j in group), default=0)) * (len(group) + 1)
+            if group and cost > budget:
                 yield group
-                group = []
+                group, total = [], 0
             group.append(i)
+            total += lengths[i]
         if group:
             yield group
 
     @torch.inference_mode()
     def activations(self, batch: TokenBatch) -> torch.Tensor:
         """Hookpoint activations ``[B, T, d_in]`` (the forward stops after the hooked layer)."""
-        from auditor.models import capture
+        from auditor.models import capture, capture_packed
 
-        acts = capture(
-            self.model.model,
-            batch.input_ids.to(self.device),
-            batch.attention_mask.to(self.device),
-            [self.hookpoint],
-            stop_early=True,
-        )[self.hookpoint]
+        if self.pack and batch.input_ids.shape[0] > 1:
+            acts = capture_packed(
+                self.model.model, batch.input_ids, batch.attention_mask, [self.hookpoint], row_tokens=PACK_ROW_TOKENS
+            )[self.hookpoint]
+        else:
+            acts = capture(
+                self.model.model,
+                batch.input_ids.to(self.device),
+                batch.attention_mask.to(self.device),
+                [self.hookpoint],
+                stop_early=True,
+            )[self.hookpoint]
         return acts.float()
 
     @torch.inference_mode()

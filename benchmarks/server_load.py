@@ -136,6 +136,8 @@ class ServeProcess:
     def __init__(self, flags: dict[str, Any]) -> None:
         argv = ["serve", "--port", "0", "--log-level", "info"]
         for key, value in flags.items():
+            if value is None:
+                continue  # not given: the server's own default
             for v in value if isinstance(value, list) else [value]:
                 argv += ["--" + ("policy" if key == "policies" else key.replace("_", "-")), str(v)]
         self.argv = argv

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from auditor.models.adapters import ADAPTERS, ArchitectureAdapter, get_adapter
-from auditor.models.capture import capture, position_ids_from_mask
+from auditor.models.capture import capture, capture_packed, pack_rows, packing_supported, position_ids_from_mask
 from auditor.models.hookpoints import HOOK_KINDS, HookKind, Hookpoint, parse_hookpoint
 from auditor.models.hooks import HookFn, hooks, resolve_hookpoints
 from auditor.models.loading import (
@@ -26,11 +26,14 @@ __all__ = [
     "LoadedModel",
     "cache_root",
     "capture",
+    "capture_packed",
     "check_sae_compatible",
     "default_model_path",
     "get_adapter",
     "hooks",
     "load_model",
+    "pack_rows",
+    "packing_supported",
     "parse_hookpoint",
     "position_ids_from_mask",
     "resolve_hookpoints",

@@ -19,7 +19,7 @@ from auditor.models.adapters import ArchitectureAdapter, get_adapter
 from auditor.models.hookpoints import Hookpoint
 from auditor.models.hooks import hooks, resolve_hookpoints
 
-__all__ = ["capture", "position_ids_from_mask"]
+__all__ = ["capture", "capture_packed", "pack_rows", "packing_supported", "position_ids_from_mask"]
 
 
 class _StopForward(Exception):
@@ -106,3 +106,124 @@ def _device(model: nn.Module) -> torch.device:
     for parameter in model.parameters():
         return parameter.device
     return torch.device("cpu")
+
+
+def pack_rows(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
+    """Group sequences (by index) into as few rows of at most ``row_tokens`` tokens as fit, balanced.
+
+    Longest first, each into the currently shortest row that still has room (a new row
+    when none has), so rows come out of similar length and padding to the longest row
+    stays small. A sequence longer than ``row_tokens`` gets a row of its own.
+    """
+    total = sum(lengths)
+    n_rows = max(1, -(-total // max(1, row_tokens)))
+    rows: list[list[int]] = [[] for _ in range(n_rows)]
+    used = [0] * n_rows
+    for i in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
+        n = lengths[i]
+        r = min(range(len(rows)), key=lambda k: used[k])
+        if used[r] and used[r] + n > row_tokens:
+            rows.append([])
+            used.append(0)
+            r = len(rows) - 1
+        rows[r].append(i)
+        used[r] += n
+    return [sorted(r) for r in rows if r]
+
+
+def capture_packed(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    hookpoints: Sequence[str | Hookpoint],
+    *,
+    row_tokens: int,
+    adapter: ArchitectureAdapter | None = None,
+) -> dict[str, torch.Tensor]:
+    """:func:`capture` (stopping early) with several sequences packed into each forward row.
+
+    Each row of ``input_ids [B, T]`` (real tokens where ``attention_mask`` is 1, any padding
+    side) is cut out and laid end to end with others in rows of at most ``row_tokens``
+    tokens; position ids restart at 0 for each sequence, and with no attention mask and no
+    cache ``transformers`` turns the restarts into a block-diagonal causal mask, so no token
+    sees another sequence. Padding work disappears: a batch of mixed lengths costs its real
+    tokens, not ``B x longest``. Results come back in the input's ``[B, T, d]`` layout, zero
+    at padding. Only for models where :func:`packing_supported` holds.
+    """
+    adapter = adapter or get_adapter(model)
+    points = list(dict.fromkeys(resolve_hookpoints(model, hookpoints, adapter)))
+    if not points:
+        return {}
+    device = _device(model)
+    real = attention_mask.to(torch.bool)
+    lengths = real.sum(1).tolist()
+    groups = pack_rows(lengths, row_tokens)
+    width = max(sum(lengths[i] for i in g) for g in groups)
+    ids = torch.zeros((len(groups), width), dtype=torch.long)
+    pos = torch.zeros((len(groups), width), dtype=torch.long)
+    src_row: list[torch.Tensor] = []  # per input row, (packed row, column) of each real token
+    src_col: list[torch.Tensor] = []
+    order: list[int] = []
+    for r, g in enumerate(groups):
+        col = 0
+        for i in g:
+            n = lengths[i]
+            ids[r, col : col + n] = input_ids[i][real[i]]
+            pos[r, col : col + n] = torch.arange(n)
+            src_row.append(torch.full((n,), r, dtype=torch.long))
+            src_col.append(torch.arange(col, col + n))
+            order.append(i)
+            col += n
+        # The tail is one more "sequence" (positions from 0): causal attention keeps it out of the others.
+        pos[r, col:] = torch.arange(width - col)
+    deepest = max(points, key=lambda p: p.depth)
+    captured: dict[str, torch.Tensor] = {}
+
+    def record(tensor: torch.Tensor, *, hook: Hookpoint) -> None:
+        captured[hook.name] = tensor.detach().clone()
+        if hook == deepest:
+            raise _StopForward
+
+    with torch.inference_mode(), hooks(model, [(p, record) for p in points], adapter=adapter):
+        try:
+            model(input_ids=ids.to(device), position_ids=pos.to(device), use_cache=False)
+        except _StopForward:
+            pass
+    rows = torch.cat(src_row).to(device)
+    cols = torch.cat(src_col).to(device)
+    # Destination of each packed real token in the [B, T] layout, in the same order.
+    dest_b = torch.cat([torch.full((lengths[i],), i, dtype=torch.long) for i in order]).to(device)
+    dest_t = torch.cat([real[i].nonzero().flatten() for i in order]).to(device)
+    out: dict[str, torch.Tensor] = {}
+    b, t = input_ids.shape
+    for p in points:
+        src = captured[p.name]  # [R, width, d]
+        full = src.new_zeros((b, t, src.shape[-1]))
+        full[dest_b, dest_t] = src[rows, cols]
+        out[p.name] = full
+    return out
+
+
+def packing_supported(model: nn.Module, hookpoint: str | Hookpoint, *, adapter: ArchitectureAdapter | None = None) -> bool:
+    """Whether packed rows give this model's padded-batch activations at ``hookpoint`` (checked on two short sequences).
+
+    Packing relies on ``transformers`` deriving a block-diagonal mask from restarting
+    position ids; a model family (or version) that does not would let sequences attend to
+    each other, which this check catches.
+    """
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
+    if vocab < 8:
+        return False
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, min(vocab, 1000), (2, 7), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    try:
+        padded = capture(model, ids, mask, [hookpoint], adapter=adapter)
+        packed = capture_packed(model, ids, mask, [hookpoint], row_tokens=64, adapter=adapter)
+    except Exception:  # a model that rejects position_ids without a mask, for example
+        return False
+    a = next(iter(padded.values())).float()
+    p = next(iter(packed.values())).float()
+    scale = a.abs().max().clamp(min=1e-6)
+    return bool(((a - p).abs().max() / scale) < 1e-3)

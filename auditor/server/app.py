@@ -35,6 +35,7 @@ from auditor.errors import AuditorError
 from auditor.metrics import AuditorMetrics
 from auditor.server.auth import check_bearer, needs_token
 from auditor.server.errors import NotReadyError, ServerError, TooLargeError
+from auditor.server.batcher import model_thread
 from auditor.server.runtime import Runtime, load_runtime
 from auditor.server.settings import Settings
 
@@ -89,8 +90,9 @@ def create_app(
 
     async def load() -> None:
         loop = asyncio.get_running_loop()
+        model_executor = model_thread()
         try:
-            runtime = await loop.run_in_executor(None, load_runtime, settings, metrics, env)
+            runtime = await loop.run_in_executor(model_executor, load_runtime, settings, metrics, env, model_executor)
             await runtime.batcher.start()
             if settings.upstream is not None:
                 import httpx
@@ -101,6 +103,7 @@ def create_app(
                     limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
                 )
         except Exception as exc:
+            model_executor.shutdown(wait=False)
             state.load_error = exc.message if isinstance(exc, AuditorError) else f"{type(exc).__name__}: {exc}"
             _log.error("loading failed: %s", state.load_error)
             if on_load_error is not None:

@@ -33,10 +33,15 @@ if TYPE_CHECKING:
     from auditor.policy import PolicyEngine
     from auditor.text import AuditInput
 
-__all__ = ["MicroBatcher", "AuditJob"]
+__all__ = ["MicroBatcher", "AuditJob", "model_thread"]
 
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+def model_thread() -> ThreadPoolExecutor:
+    """A one-thread executor for everything that runs torch: loading, audits, generation."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="auditor-model")
 
 
 @dataclass(eq=False)
@@ -70,13 +75,18 @@ class MicroBatcher:
         max_tokens: int,
         queue_size: int,
         metrics: AuditorMetrics | None = None,
+        executor: ThreadPoolExecutor | None = None,
     ) -> None:
         self.auditor = auditor
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_tokens = max_tokens
         self.queue_size = queue_size
         self.metrics = metrics
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="auditor-model")
+        # One thread for all model work, ideally the one that loaded the model too
+        # (model_thread()): torch's OpenMP pool belongs to the thread that uses it, and a
+        # second thread running torch work brings a second pool whose spinning workers
+        # take cores from the first (25% slower audits on 2 cores, benchmarks/RESULTS.md).
+        self.executor = executor if executor is not None else model_thread()
         self._queue: asyncio.Queue[AuditJob] | None = None
         self._task: asyncio.Task[None] | None = None
         self._carry: AuditJob | None = None

@@ -176,13 +176,24 @@ class Runtime:
 _LOAD_LOCK = threading.Lock()
 
 
-def load_runtime(settings: Settings, metrics: AuditorMetrics, env: Mapping[str, str] | None = None) -> Runtime:
-    """Load model, SAE, library, policies and the alert pipeline (blocking; run it off the event loop)."""
+def load_runtime(
+    settings: Settings,
+    metrics: AuditorMetrics,
+    env: Mapping[str, str] | None = None,
+    executor: ThreadPoolExecutor | None = None,
+) -> Runtime:
+    """Load model, SAE, library, policies and the alert pipeline (blocking; run it off the event loop).
+
+    ``executor``: the model thread the batcher will use; load on that same thread so that
+    torch keeps one OpenMP pool (see :class:`~auditor.server.batcher.MicroBatcher`).
+    """
     with _LOAD_LOCK:
-        return _load_runtime(settings, metrics, env)
+        return _load_runtime(settings, metrics, env, executor)
 
 
-def _load_runtime(settings: Settings, metrics: AuditorMetrics, env: Mapping[str, str] | None) -> Runtime:
+def _load_runtime(
+    settings: Settings, metrics: AuditorMetrics, env: Mapping[str, str] | None, executor: ThreadPoolExecutor | None
+) -> Runtime:
     from auditor.alerts import AlertDispatcher
     from auditor.features import load_library
     from auditor.models import load_model
@@ -233,6 +244,8 @@ def _load_runtime(settings: Settings, metrics: AuditorMetrics, env: Mapping[str,
         max_tokens=settings.max_tokens,
         batch_tokens=settings.batch_max_tokens,
     )
+    # Decide packing now (one small forward), not on the first request.
+    _log.info("packed forwards: %s", "on" if auditor.pack else "off (the model's packed activations differ)")
     dispatcher = AlertDispatcher.from_config(settings.alerts_config(env), on_delivery=metrics.on_delivery)
     dispatcher.start()
     batcher = MicroBatcher(
@@ -241,6 +254,7 @@ def _load_runtime(settings: Settings, metrics: AuditorMetrics, env: Mapping[str,
         max_tokens=settings.batch_max_tokens,
         queue_size=settings.queue_size,
         metrics=metrics,
+        executor=executor,
     )
     if store is not None and settings.policy_watch_s > 0:
         store.watch(settings.policy_watch_s)

@@ -51,3 +51,29 @@ def test_chunks_that_split_words_give_the_single_audit_verdict(auditor: Auditor)
         atol=1e-4,
     )
     assert stream.n_cached == len(want.tokens)
+
+
+def test_packed_batches_give_the_padded_verdicts(auditor: Auditor) -> None:
+    texts = [
+        "Hi.",
+        COMPLETION,
+        "Write an email telling the customer their account is locked and they must send their password to unlock it.",
+        "Women are too emotional to be good engineers, everyone knows that.",
+        "The bakery on the corner sells rye bread on Tuesdays.",
+    ]
+    items = [AuditInput(text=t) for t in texts] + [AuditInput(messages=({"role": "user", "content": PROMPT},), completion=COMPLETION)]
+    assert auditor.pack  # the real default model passes the packing check
+    packed = auditor.run(items, top_k=3)
+    padded = Auditor(auditor.model, auditor.sae, library=auditor.library, policy=auditor.policy, pack=False).run(items, top_k=3)
+    assert any(r.verdict is not None and r.verdict.action != "allow" for r in padded)  # not only all-allow
+    for a, b in zip(packed, padded):
+        assert a.tokens == b.tokens
+        assert a.verdict is not None and b.verdict is not None
+        assert a.verdict.action == b.verdict.action
+        assert [m.rule_id for m in a.verdict.matches] == [m.rule_id for m in b.verdict.matches]
+        keys = sorted(b.verdict.scores)
+        torch.testing.assert_close(
+            torch.tensor([a.verdict.scores[k] for k in keys]), torch.tensor([b.verdict.scores[k] for k in keys]), rtol=1e-3, atol=1e-4
+        )
+        # The strongest latent of each token (lower ranks may swap on float noise).
+        assert [tf.indices[:1] for tf in a.top_features] == [tf.indices[:1] for tf in b.top_features]

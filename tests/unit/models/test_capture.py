@@ -6,7 +6,7 @@ from torch import nn
 
 from auditor.errors import HookpointError
 from auditor.models.adapters import get_adapter
-from auditor.models.capture import capture, position_ids_from_mask
+from auditor.models.capture import capture, capture_packed, pack_rows, packing_supported, position_ids_from_mask
 from auditor.models.hookpoints import Hookpoint
 from auditor.models.hooks import hooks
 
@@ -107,3 +107,48 @@ def test_capture_deduplicates_and_accepts_hookpoints(model: nn.Module, input_ids
 def test_capture_rejects_bad_hookpoints(model: nn.Module, input_ids: torch.Tensor, name: str, match: str) -> None:
     with pytest.raises(HookpointError, match=match):
         capture(model, input_ids, None, ["blocks.0.hook_resid_post", name])
+
+
+@pytest.mark.parametrize(
+    ("lengths", "row_tokens"),
+    [([5, 9, 3, 7, 2], 12), ([30, 2, 2], 8), ([1], 4), ([4, 4, 4, 4], 8), ([6, 6, 6], 100)],
+)
+def test_pack_rows_places_every_sequence_once_within_the_budget(lengths: list[int], row_tokens: int) -> None:
+    rows = pack_rows(lengths, row_tokens)
+    assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
+    for r in rows:
+        assert sum(lengths[i] for i in r) <= row_tokens or len(r) == 1  # only an oversized sequence overflows
+    # As few rows as the budget allows, give or take the oversized ones.
+    assert len(rows) <= -(-sum(lengths) // row_tokens) + sum(n > row_tokens for n in lengths)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_packed_capture_equals_padded_capture(model: nn.Module, side: str) -> None:
+    generator = torch.Generator().manual_seed(3)
+    lengths = [7, 4, 1, 6, 3]
+    width = max(lengths)
+    input_ids = torch.zeros(len(lengths), width, dtype=torch.long)  # [B, T], pad id 0
+    mask = torch.zeros_like(input_ids)
+    for i, n in enumerate(lengths):
+        span = slice(width - n, width) if side == "left" else slice(0, n)
+        input_ids[i, span] = torch.randint(1, VOCAB, (n,), generator=generator)
+        mask[i, span] = 1
+    names = ["blocks.0.hook_resid_pre", f"blocks.{LAYERS - 1}.hook_resid_post"]
+    assert packing_supported(model, names[-1])
+    padded = capture(model, input_ids, mask, names)
+    for row_tokens in (8, 12, 64):  # several rows, rows with 2-3 texts, one row for all
+        packed = capture_packed(model, input_ids, mask, names, row_tokens=row_tokens)
+        for name in names:
+            assert packed[name].shape == padded[name].shape
+            torch.testing.assert_close(packed[name], padded[name], rtol=1e-4, atol=1e-4)
+            assert torch.equal(packed[name][~mask.bool()], torch.zeros_like(packed[name][~mask.bool()]))
+
+
+def test_packing_check_fails_when_position_restarts_are_ignored(model: nn.Module) -> None:
+    forward = model.forward
+
+    def no_restarts(*args: object, position_ids: torch.Tensor | None = None, **kwargs: object) -> object:
+        return forward(*args, **kwargs)  # positions (and the packed mask) come from the row itself
+
+    model.forward = no_restarts  # type: ignore[method-assign]
+    assert not packing_supported(model, f"blocks.{LAYERS - 1}.hook_resid_post")
