@@ -12,7 +12,7 @@ ms, mean batch size from the server's metrics) and a summary line with the ratio
 of server to offline throughput (the goal is at least 0.8 with 16 clients).
 
     PYTHONPATH=. python benchmarks/server_load.py [--clients 16] [--texts 256] [--rounds 1]
-        [--policy FILE] [--sae PATH] [--batch-max-wait-ms 5] [--offline-chunks 64,8]
+        [--policy FILE] [--sae PATH] [--batch-max-wait-ms 20] [--offline-chunks 64,8]
         [--url http://127.0.0.1:8080]
 """
 
@@ -197,7 +197,7 @@ def main() -> None:
         "--sae", help="SAE path (default: the policy's library's SAE; 'random' for a random 64-latent SAE at "
         "layer 5, which fits the policies/examples/ policies)",
     )
-    parser.add_argument("--batch-max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--batch-max-wait-ms", type=float, default=20.0)
     parser.add_argument("--batch-max-tokens", type=int, default=8192)
     parser.add_argument("--url", help="benchmark a running server instead (offline baseline still runs here)")
     parser.add_argument(

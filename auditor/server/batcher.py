@@ -1,10 +1,11 @@
 """Micro-batching: concurrent audit requests share one forward.
 
 Requests are put on a bounded :class:`asyncio.Queue`; a collector task on the
-event loop takes the first waiting job, then keeps taking more until either
-``max_wait_ms`` has passed or the next job would push the batch over
-``max_tokens``, and runs the batch on the single model thread
-(:attr:`MicroBatcher.executor`). While a batch runs, new requests queue up and
+event loop takes the first waiting job, then keeps taking more until the next
+job would push the batch over ``max_tokens``, or the queue is empty and either
+the batch holds as many jobs as were in flight when the previous batch started
+or ``max_wait_ms`` has passed since the first job arrived; it runs the batch on
+the single model thread (:attr:`MicroBatcher.executor`). While a batch runs, new requests queue up and
 form the next batch, so under load batches fill without any extra wait. The bound
 counts every admitted request that has not finished (waiting, collected or
 running), so it caps the latency a new request can face; over it,
@@ -91,6 +92,7 @@ class MicroBatcher:
         self._task: asyncio.Task[None] | None = None
         self._carry: AuditJob | None = None
         self._admitted = 0
+        self._recent_in_flight = 1  # jobs admitted when the last batch started
         self.batches = 0
         """Forwards run so far (for tests and the benchmark)."""
 
@@ -200,11 +202,16 @@ class MicroBatcher:
                 continue
             batch, tokens = [first], first.n_tokens
             # The wait counts from the first job's arrival: jobs that queued while the
-            # previous batch ran have waited long enough, so a busy model never idles.
+            # previous batch ran have waited long enough. Waiting only pays while fewer
+            # jobs are here than were in flight when the last batch started (clients whose
+            # answers just went out are about to send again); past that, take what is
+            # queued and go. A lone client therefore never waits.
             waited = time.perf_counter() - first.enqueued
             deadline = loop.time() + max(0.0, self.max_wait_s - waited)
+            target = self._recent_in_flight
             while tokens < self.max_tokens:
-                job = await self._next(deadline - loop.time())
+                timeout = deadline - loop.time() if len(batch) < target else 0.0
+                job = await self._next(timeout)
                 if job is None:
                     break
                 if job.future.done():
@@ -214,6 +221,7 @@ class MicroBatcher:
                     break
                 batch.append(job)
                 tokens += job.n_tokens
+            self._recent_in_flight = self._admitted
             try:
                 outcomes = await loop.run_in_executor(self.executor, self._run, batch)
             except Exception as exc:  # the executor itself failed (shutdown)

@@ -44,7 +44,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--fail-mode", choices=["open", "closed"], help="when the auditor itself fails: let requests through (open) or answer 503 (closed, default)")
     p.add_argument("--max-body-bytes", type=int, help="largest request body (413 above)")
     p.add_argument("--max-tokens", type=int, help="most tokens per audited input (413 above)")
-    p.add_argument("--batch-max-wait-ms", type=float, help="micro-batch wait for more requests")
+    p.add_argument(
+        "--batch-max-wait-ms",
+        type=float,
+        help="longest wait for more requests to join a micro-batch (only while fewer have arrived than were in flight "
+        "for the last batch; default 20)",
+    )
     p.add_argument("--batch-max-tokens", type=int, help="most tokens per micro-batched forward")
     p.add_argument("--queue-size", type=int, help="audit requests that may wait (503 + Retry-After above)")
     p.add_argument("--request-timeout", dest="request_timeout_s", type=float, metavar="SECONDS", help="longest an audit may take")

@@ -97,7 +97,7 @@ class Settings(BaseSettings):
     """Largest request body; larger ones get 413."""
     max_tokens: int = Field(default=2048, ge=2)
     """Most tokens per audited input; longer ones get 413."""
-    batch_max_wait_ms: float = Field(default=5.0, ge=0.0)
+    batch_max_wait_ms: float = Field(default=20.0, ge=0.0)
     """How long the batcher waits for more requests before running a forward."""
     batch_max_tokens: int = Field(default=8192, ge=2)
     """Most tokens per micro-batched forward."""

@@ -91,3 +91,29 @@ def test_queue_bound_rejects_at_once_and_timeouts_fail(auditor) -> None:  # type
             await batcher.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_lone_request_never_waits_but_returning_clients_are_waited_for(auditor) -> None:  # type: ignore[no-untyped-def]
+    async def scenario() -> tuple[float, int]:
+        loop = asyncio.get_running_loop()
+        batcher = MicroBatcher(auditor, max_wait_ms=3000, max_tokens=4096, queue_size=16)
+        await batcher.start()
+        try:
+            t0 = loop.time()
+            await batcher.audit([AuditInput(text=TEXTS[0])], auditor.policy, top_k=0, n_tokens=20, timeout_s=60)
+            lone = loop.time() - t0
+
+            async def client(text: str) -> None:
+                for _ in range(3):  # closed loop: the next request goes out after the answer
+                    await batcher.audit([AuditInput(text=text)], auditor.policy, top_k=0, n_tokens=20, timeout_s=60)
+                    await asyncio.sleep(0.01)
+
+            before = batcher.batches
+            await asyncio.gather(*(client(t) for t in TEXTS))
+            return lone, batcher.batches - before
+        finally:
+            await batcher.stop()
+
+    lone, batches = asyncio.run(scenario())
+    assert lone < 2.0  # not held for max_wait_ms (3 s): nothing else was in flight
+    assert batches == 3  # every round waits for all four clients, none runs alone
