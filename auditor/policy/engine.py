@@ -456,15 +456,19 @@ class PolicyEngine:
         cat_scores = feats.new_zeros(bsz, len(self.categories)).scatter_reduce(
             1, k["rule_cat"].unsqueeze(0).expand(bsz, -1), rscore, reduce="amax", include_self=True
         )
+        # What every verdict needs crosses to the host in one copy; what only explanations
+        # need (values, per-token holds) stays where it is until an explanation is read.
+        n_r, n_e = rscore.shape[1], exc_fired.shape[1]
+        host = torch.cat([rscore, matched.float(), rfired.float(), exc_fired.float(), cat_scores], dim=1).cpu()
         return self._verdicts(
-            rscore.cpu(),
-            matched.cpu(),
-            rfired.cpu(),
-            exc_fired.cpu(),
-            cat_scores.cpu(),
-            value.cpu(),
-            fired.cpu(),
-            tok.cpu(),
+            host[:, :n_r],
+            host[:, n_r : 2 * n_r] > 0,
+            host[:, 2 * n_r : 3 * n_r] > 0,
+            host[:, 3 * n_r : 3 * n_r + n_e] > 0,
+            host[:, 3 * n_r + n_e :],
+            value,
+            fired,
+            tok,
             batch.tokens,
         )
 
@@ -668,8 +672,16 @@ class _BatchDetail:
         matched: Tensor,
     ) -> None:
         self.compiled = compiled
-        self.value, self.fired, self.tok, self.tokens, self.matched = value, fired, tok, tokens, matched
+        self._device = (value, fired, tok)  # moved to the host on first use
+        self._host: tuple[list[list[float]], list[list[bool]], Tensor] | None = None
+        self.tokens, self.matched = tokens, matched
         self._spans: dict[tuple[int, int], list[tuple[int, int]]] | None = None
+
+    def host(self) -> tuple[list[list[float]], list[list[bool]], Tensor]:
+        if self._host is None:
+            value, fired, tok = self._device
+            self._host = (value.tolist(), fired.tolist(), tok.cpu())
+        return self._host
 
     def spans(self) -> dict[tuple[int, int], list[tuple[int, int]]]:
         if self._spans is None:
@@ -677,15 +689,14 @@ class _BatchDetail:
             c = self.compiled
             rules = torch.nonzero(self.matched.any(0)).flatten().tolist()
             needed = sorted({li for r_i in rules for li in c.rules[r_i].leaves})
-            found = _spans(self.tok[:, :, needed]) if needed else {}
+            found = _spans(self.host()[2][:, :, needed]) if needed else {}
             self._spans = {(b, needed[j]): v for (b, j), v in found.items()}
         return self._spans
 
     def explain(self, b: int, r_i: int) -> list[LeafExplanation]:
         c = self.compiled
         spans = self.spans()
-        values = self.value[b].tolist()
-        fired = self.fired[b].tolist()
+        values, fired = self.host()[0][b], self.host()[1][b]
         out = []
         for li in c.rules[r_i].leaves:
             leaf = c.leaves[li]
