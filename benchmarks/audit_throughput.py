@@ -5,8 +5,9 @@ For each batch size, the same chunks of texts (from ``datasets/safety-v1``) go t
 1. ``full_forward``: the plain ``*ForCausalLM`` forward with the LM head (what the watched
    model itself costs to read the text);
 2. ``stopped_forward``: the forward stopped after the SAE's hooked layer, no LM head;
-3. ``audit``: ``Auditor.run`` end to end (tokenize, stopped forward, watch-list encode,
-   policy evaluation), with its per-stage breakdown from ``Auditor.last_timings``;
+3. ``audit``: ``Auditor.run`` end to end (tokenize, stopped forward with the texts packed into
+   shared rows when the model passes the packing check, watch-list encode, policy evaluation),
+   with its per-stage breakdown from ``Auditor.last_timings``;
 4. encode variants on the captured activations: watch-list vs full-width encode of the
    loaded SAE (the default is TopK, whose watch-list encode *is* a full encode because top-k
    ranks every latent) and of a random ReLU (``standard``) and JumpReLU SAE of the same
