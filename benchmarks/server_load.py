@@ -5,7 +5,8 @@
    before and after the server run; the fastest run is the baseline.
 2. Server: starts ``auditor serve`` in a child process on a free loopback port
    (``--in-process`` for a thread here, ``--url`` for a running server), then N asyncio clients each send one ``POST /v1/audit`` at a time
-   until every text was audited once per round.
+   until every text was audited once per round. The clients are minimal keep-alive HTTP/1.1
+   connections (``--client httpx`` for httpx): on a small machine they share the server's cores.
 
 Prints one JSON object (throughputs in texts/s and tokens/s, p50/p99 latency in
 ms, mean batch size from the server's metrics) and a summary line with the ratio
@@ -13,7 +14,7 @@ of server to offline throughput (the goal is at least 0.8 with 16 clients).
 
     PYTHONPATH=. python benchmarks/server_load.py [--clients 16] [--texts 256] [--rounds 1]
         [--policy FILE] [--sae PATH] [--batch-max-wait-ms 20] [--offline-chunks 64,8]
-        [--url http://127.0.0.1:8080]
+        [--url http://127.0.0.1:8080] [--client raw|httpx]
 """
 
 from __future__ import annotations
@@ -81,7 +82,46 @@ def offline(auditor: Any, texts: list[str], chunk: int = 64) -> dict[str, float]
     return {"chunk": chunk, "seconds": elapsed, "texts_per_s": len(items) / elapsed, "tokens_per_s": tokens / elapsed}
 
 
-async def drive(url: str, texts: list[str], clients: int, policy: str | None) -> dict[str, Any]:
+class _RawConnection:
+    """One keep-alive HTTP/1.1 connection that POSTs JSON: far less client CPU than httpx.
+
+    On a small machine the benchmark's clients share the cores with the server they measure;
+    what they spend is taken from the server, so the default client does the minimum.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        data = json.dumps(body).encode()
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n"
+        ).encode()
+        self.writer.write(head + data)
+        status_line = await self.reader.readline()
+        status = int(status_line.split()[1])
+        length = 0
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        payload = await self.reader.readexactly(length)
+        return status, json.loads(payload) if status == 200 else {}
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            await self.writer.wait_closed()
+
+
+async def drive(url: str, texts: list[str], clients: int, policy: str | None, *, client: str = "raw") -> dict[str, Any]:
+    """``clients`` concurrent closed-loop clients POST every text once to ``/v1/audit``."""
     queue: asyncio.Queue[str] = asyncio.Queue()
     for t in texts:
         queue.put_nowait(t)
@@ -89,7 +129,7 @@ async def drive(url: str, texts: list[str], clients: int, policy: str | None) ->
     statuses: dict[int, int] = {}
     tokens = 0
 
-    async def worker(client: httpx.AsyncClient) -> None:
+    async def worker(post: Any) -> None:
         nonlocal tokens
         while True:
             try:
@@ -100,18 +140,36 @@ async def drive(url: str, texts: list[str], clients: int, policy: str | None) ->
             if policy is not None:
                 body["policy"] = policy
             t0 = time.perf_counter()
-            resp = await client.post("/v1/audit", json=body)
+            status, data = await post(body)
             latencies.append(time.perf_counter() - t0)
-            statuses[resp.status_code] = statuses.get(resp.status_code, 0) + 1
-            if resp.status_code == 200:
-                tokens += resp.json()["n_tokens"]
+            statuses[status] = statuses.get(status, 0) + 1
+            if status == 200:
+                tokens += data["n_tokens"]
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
-        await asyncio.gather(*(client.post("/v1/audit", json={"text": "warm up"}) for _ in range(clients)))
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker(client) for _ in range(clients)))
-        elapsed = time.perf_counter() - t0
+    if client == "raw":
+        host, port = url.split("://", 1)[1].rsplit(":", 1)
+        conns = [_RawConnection(host, int(port)) for _ in range(clients)]
+        posts = [lambda body, c=c: c.post("/v1/audit", body) for c in conns]
+        try:
+            await asyncio.gather(*(post({"text": "warm up"}) for post in posts))
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker(post) for post in posts))
+            elapsed = time.perf_counter() - t0
+        finally:
+            for c in conns:
+                await c.close()
+    else:
+        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+        async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as http:
+
+            async def post_httpx(body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+                resp = await http.post("/v1/audit", json=body)
+                return resp.status_code, resp.json() if resp.status_code == 200 else {}
+
+            await asyncio.gather(*(http.post("/v1/audit", json={"text": "warm up"}) for _ in range(clients)))
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker(post_httpx) for _ in range(clients)))
+            elapsed = time.perf_counter() - t0
     latencies.sort()
     return {
         "seconds": elapsed,
@@ -120,6 +178,7 @@ async def drive(url: str, texts: list[str], clients: int, policy: str | None) ->
         "p50_ms": 1000 * statistics.median(latencies),
         "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
         "statuses": statuses,
+        "client": client,
     }
 
 
@@ -208,6 +267,12 @@ def main() -> None:
     )
     parser.add_argument("--skip-offline", action="store_true")
     parser.add_argument(
+        "--client",
+        choices=["raw", "httpx"],
+        default="raw",
+        help="raw: minimal keep-alive HTTP/1.1 clients (least CPU taken from the server); httpx: httpx.AsyncClient",
+    )
+    parser.add_argument(
         "--offline-chunks",
         default="64,8",
         help="comma-separated chunk sizes for the offline baseline (64 is what `auditor audit --input` uses); "
@@ -238,7 +303,7 @@ def main() -> None:
         result["offline_before"] = [offline(auditor, texts, c) for c in chunks]
 
     if args.url:
-        result["server"] = asyncio.run(drive(args.url, texts, args.clients, None))
+        result["server"] = asyncio.run(drive(args.url, texts, args.clients, None, client=args.client))
         result["server"].update(batch_stats(args.url))
     else:
         flags = {
@@ -252,11 +317,11 @@ def main() -> None:
         if args.in_process:
             with BackgroundServer(create_app(Settings.load(flags=flags, env={}))) as server:
                 server.wait_ready()
-                result["server"] = asyncio.run(drive(server.url, texts, args.clients, None))
+                result["server"] = asyncio.run(drive(server.url, texts, args.clients, None, client=args.client))
                 result["server"].update(batch_stats(server.url))
         else:
             with ServeProcess(flags) as url:
-                result["server"] = asyncio.run(drive(url, texts, args.clients, None))
+                result["server"] = asyncio.run(drive(url, texts, args.clients, None, client=args.client))
                 result["server"].update(batch_stats(url))
     if auditor is not None:
         # Measured before and after the server run; the faster one is the baseline, so a
