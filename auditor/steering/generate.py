@@ -12,9 +12,10 @@ by side as one batch of two rows (row 0 steered, row 1 untouched), so the prompt
 is read once per row and both come from the same forward passes.
 
 With a policy, each forward's features (already computed by the steering hook)
-extend the growing sequence the policy is evaluated on; when a rule with a
-``steer`` action matches, its interventions are switched on for the rest of the
-generation (see :mod:`auditor.steering._hook`).
+extend the growing sequence; the policy's rules with ``steer`` actions are
+evaluated on it while decoding, and when one matches, its interventions are
+switched on for the rest of the generation (see :mod:`auditor.steering._hook`).
+The whole policy gives the verdict once, after the last token.
 
 Example::
 
@@ -164,9 +165,10 @@ def generate(
 
     ``interventions`` are :class:`Intervention` objects, ``{feature, mode, value,
     positions?}`` dicts or ``name=mode:value`` strings, checked against ``limits``
-    (:class:`SteeringError` when out of bounds). ``policy`` (default: the auditor's)
-    is evaluated every ``policy_every`` tokens on the growing completion, and its
-    ``steer`` actions switch on when their rule matches. ``temperature`` 0 is greedy;
+    (:class:`SteeringError` when out of bounds). ``policy`` (default: the auditor's):
+    its rules with ``steer`` actions are evaluated every ``policy_every`` tokens on the
+    growing completion and switch their interventions on when they match; the whole
+    policy gives ``GenerationResult.verdict`` at the end. ``temperature`` 0 is greedy;
     above 0 it samples (``seed`` makes it repeatable). ``stop`` strings end the
     completion (they are not included in ``text``).
     """
