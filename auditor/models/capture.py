@@ -113,10 +113,12 @@ def pack_rows(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
 
     Longest first, each into the currently shortest row that still has room (a new row
     when none has), so rows come out of similar length and padding to the longest row
-    stays small. A sequence longer than ``row_tokens`` gets a row of its own.
+    stays small. A sequence longer than ``row_tokens`` gets a row of its own, and then
+    the rows' capacity grows to its length (every row is padded to the longest anyway).
     """
     total = sum(lengths)
-    n_rows = max(1, -(-total // max(1, row_tokens)))
+    row_tokens = max([max(1, row_tokens), *lengths])
+    n_rows = max(1, -(-total // row_tokens))
     rows: list[list[int]] = [[] for _ in range(n_rows)]
     used = [0] * n_rows
     for i in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
