@@ -230,6 +230,13 @@ def _longest_run(x: Tensor) -> Tensor:
     return run.amax(dim=1) if t > 0 else x.new_zeros(x.shape[0], x.shape[2], dtype=torch.long)
 
 
+def _as(t: Tensor, device: torch.device | None, dtype: torch.dtype) -> Tensor:
+    """``t`` on ``device`` (None: where it is) as ``dtype``, without a call when it already is."""
+    if t.dtype == dtype and (device is None or t.device == device):
+        return t
+    return t.to(device or t.device, dtype)
+
+
 def _consistent(score: Tensor, fired: Tensor) -> Tensor:
     """Nudge scores so ``score >= 1`` exactly where ``fired`` (rounding can disagree at the boundary)."""
     return torch.where(fired, score.clamp(min=1.0), score.clamp(max=_ONE_MINUS))
@@ -325,6 +332,8 @@ class PolicyEngine:
         cat_index = {c: k for k, c in enumerate(self.categories)}
         self._rule_cat = torch.tensor([cat_index[r.category] for r in compiled.rules], dtype=torch.long)
         self._ft_rules = torch.nonzero(compiled.rule_for_tokens > 0).flatten()
+        self._has_exceptions = compiled.exc_node.numel() > 0
+        self._all_positive = bool((compiled.leaf_threshold > 0).all())
         self._rule_ids = [r.id for r in compiled.rules]
         self._rule_level = [2 if "block" in r.actions else 1 if "alert" in r.actions else 0 for r in compiled.rules]
         self._exc_start: list[int] = []
@@ -371,6 +380,7 @@ class PolicyEngine:
                 "leaf_positive": (c.leaf_threshold > 0).to(device),
                 "leaf_divisor": torch.where(c.leaf_threshold > 0, c.leaf_threshold, 1.0).to(device),
                 "leaf_counting": ((c.leaf_agg == _COUNT_AGGS[0]) | (c.leaf_agg == _COUNT_AGGS[1])).to(device),
+                **self._agg_subsets(device),
                 "leaf_scope": c.leaf_scope.to(device),
                 "groups": [(g.op, g.out.to(device), g.children.to(device)) for g in c.groups],
                 "rule_node": c.rule_node.to(device),
@@ -386,6 +396,20 @@ class PolicyEngine:
             }
             self._device_cache[device] = cached  # benign race: equal values either way
         return cached
+
+    def _agg_subsets(self, device: torch.device) -> dict[str, Tensor]:
+        """Leaf indices of the mean and the count / fraction aggregations (keys only when some exist)."""
+        c = self.compiled
+        out: dict[str, Tensor] = {}
+        mean = torch.nonzero(c.leaf_agg == AGGS.index("mean")).flatten()
+        if mean.numel():
+            out["mean"] = mean.to(device)
+        counting = torch.nonzero((c.leaf_agg == _COUNT_AGGS[0]) | (c.leaf_agg == _COUNT_AGGS[1])).flatten()
+        if counting.numel():
+            out["count"] = counting.to(device)
+            out["count_above"] = c.leaf_above[counting].to(device)
+            out["count_fraction"] = (c.leaf_agg[counting] == _COUNT_AGGS[1]).to(device)
+        return out
 
     def _check(self, batch: AuditBatch) -> None:
         f = batch.features
@@ -413,13 +437,13 @@ class PolicyEngine:
         """One :class:`Verdict` per batch row (see the module docstring)."""
         self._check(batch)
         c = self.compiled
-        feats = batch.features.float()  # [B, T, F]
+        feats = _as(batch.features, None, torch.float32)  # [B, T, F]
         dev = feats.device
-        mask = batch.mask.to(dev, torch.bool)
-        comp = batch.is_completion.to(dev, torch.bool)
-        prompt = ~comp if batch.is_prompt is None else batch.is_prompt.to(dev, torch.bool)
-        recon = batch.recon_error.to(dev, torch.float32) if batch.recon_error is not None else None
-        resid = batch.resid.to(dev, torch.float32) if batch.resid is not None else None
+        mask = _as(batch.mask, dev, torch.bool)
+        comp = _as(batch.is_completion, dev, torch.bool)
+        prompt = ~comp if batch.is_prompt is None else _as(batch.is_prompt, dev, torch.bool)
+        recon = _as(batch.recon_error, dev, torch.float32) if batch.recon_error is not None else None
+        resid = _as(batch.resid, dev, torch.float32) if batch.resid is not None else None
         if feats.shape[1] == 0:
             # Empty texts: one masked-out token keeps every reduction defined; nothing is in scope.
             bsz = feats.shape[0]
@@ -431,8 +455,8 @@ class PolicyEngine:
         scope_masks = torch.stack([mask, mask & prompt, mask & comp], dim=-1)  # [B, T, 3]
         n_scope = scope_masks.sum(1)  # [B, 3]
 
-        value, score, fired, tok = self._leaves(k, feats, recon, resid, scope_masks, n_scope)
-        scores, fires, tok_nodes = self._nodes(k, score, fired, tok)
+        value, score, fired, holds = self._leaves(k, feats, recon, resid, scope_masks, n_scope)
+        scores, fires, tok_nodes = self._nodes(k, score, fired, holds)
 
         rnode, rscope = k["rule_node"], k["rule_scope"]
         rscore = scores.index_select(1, rnode)  # [B, R]
@@ -450,9 +474,13 @@ class PolicyEngine:
         rscore = torch.where(rule_has, rscore, torch.zeros_like(rscore))
         rfired = rfired & rule_has
         bsz = feats.shape[0]
-        exc_fired = fires.index_select(1, k["exc_node"])  # [B, E]
-        excepted = torch.zeros(bsz, len(c.rules), device=dev).index_add_(1, k["exc_rule"], exc_fired.float()) > 0
-        matched = rfired & ~excepted
+        if self._has_exceptions:
+            exc_fired = fires.index_select(1, k["exc_node"])  # [B, E]
+            excepted = torch.zeros(bsz, len(c.rules), device=dev).index_add_(1, k["exc_rule"], exc_fired.float()) > 0
+            matched = rfired & ~excepted
+        else:
+            exc_fired = fires[:, :0]
+            matched = rfired
         cat_scores = feats.new_zeros(bsz, len(self.categories)).scatter_reduce(
             1, k["rule_cat"].unsqueeze(0).expand(bsz, -1), rscore, reduce="amax", include_self=True
         )
@@ -468,7 +496,7 @@ class PolicyEngine:
             host[:, 3 * n_r + n_e :],
             value,
             fired,
-            tok,
+            holds,
             batch.tokens,
         )
 
@@ -480,8 +508,8 @@ class PolicyEngine:
         resid: Tensor | None,
         scope_masks: Tensor,
         n_scope: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Aggregated value ``[B, L]``, score ``[B, L]``, fired ``[B, L]`` and per-token holds ``[B, T, L]``."""
+    ) -> tuple[Tensor, Tensor, Tensor, _TokenHolds]:
+        """Aggregated value ``[B, L]``, score ``[B, L]``, fired ``[B, L]`` and (lazily) per-token holds ``[B, T, L]``."""
         c = self.compiled
         bsz, t, _ = feats.shape
         ext = torch.cat(
@@ -496,57 +524,71 @@ class PolicyEngine:
         n = n_scope.index_select(1, k["leaf_scope"])  # [B, L]
         nf = n.clamp(min=1).to(torch.float32)
 
-        probe_vals = feats.new_zeros(bsz, len(c.leaves))  # [B, L]
+        probe_leaves: list[tuple[Tensor, Tensor]] = []  # (leaf indices, pooled probabilities [B, n])
         fp = k["feature_probes"]
         if fp is not None:
             # All feature-input probes at once: per-token probabilities and pooled ones.
             w, bias = fp["weight"], fp["bias"]
-            per_token = torch.sigmoid(feats @ w + bias)  # [B, T, U]
-            vals[:, :, fp["leaves"]] = per_token.index_select(2, fp["unit"])
-            sm = scope_masks.transpose(1, 2)  # [B, 3, T]
-            counts = n_scope.unsqueeze(-1)  # [B, 3, 1]
-            pooled = [torch.bmm(sm.to(feats.dtype), feats) / counts.clamp(min=1).to(feats.dtype)]  # [B, 3, F]
+            logit = feats @ w + bias  # [B, T, U]
+            vals[:, :, fp["leaves"]] = torch.sigmoid(logit).index_select(2, fp["unit"])
+            sm = scope_masks.transpose(1, 2).to(feats.dtype)  # [B, 3, T]
+            counts = n_scope.unsqueeze(-1).clamp(min=1).to(feats.dtype)  # [B, 3, 1]
+            # The model is linear: the logit of the mean input is the mean of the token logits
+            # (for a scope with no token the leaf is 0 anyway).
+            pooled = [torch.bmm(sm, logit) / counts]  # [B, 3, U]
             if self._probe_max_pool:
-                top = feats.unsqueeze(1).masked_fill(~sm.unsqueeze(-1), -math.inf).amax(2)  # [B, 3, F]
-                pooled.append(torch.where(counts > 0, top, torch.zeros_like(top)))
+                top = feats.unsqueeze(1).masked_fill(sm.unsqueeze(-1) == 0, -math.inf).amax(2)  # [B, 3, F]
+                top = torch.where(n_scope.unsqueeze(-1) > 0, top, torch.zeros_like(top))
+                pooled.append(top @ w + bias)
             else:
                 pooled.append(pooled[0])
-            logits = torch.stack(pooled, 1) @ w + bias  # [B, 2, 3, U]
-            probe_vals[:, fp["leaves"]] = torch.sigmoid(logits.reshape(bsz, -1).index_select(1, fp["pooled_index"]))
+            logits = torch.stack(pooled, 1)  # [B, 2 (mean, max), 3, U]
+            probe_leaves.append(
+                (fp["leaves"], torch.sigmoid(logits.reshape(bsz, -1).index_select(1, fp["pooled_index"])))
+            )
         for i in c.probe_leaves:
             probe = c.leaves[i].probe
             if probe is None or probe.inputs != "hookpoint" or resid is None:
                 continue  # feature probes ran above; _check insists on resid for hookpoint probes
             vals[:, :, i] = probe.decision(resid)
-            probe_vals[:, i] = probe.decision(probe.pool_inputs(resid, leaf_mask[:, :, i]))
+            one = torch.tensor([i], device=feats.device)
+            probe_leaves.append((one, probe.decision(probe.pool_inputs(resid, leaf_mask[:, :, i])).unsqueeze(1)))
 
-        above = vals > k["leaf_above"]  # [B, T, L]
-        vmax = vals.masked_fill(~leaf_mask, float("-inf")).amax(1)  # [B, L]
-        vmean = vals.masked_fill(~leaf_mask, 0.0).sum(1) / nf
-        count = (above & leaf_mask).sum(1).to(torch.float32)
-        stacked = torch.stack([vmax, vmean, count, count / nf, probe_vals], dim=-1)  # [B, L, 5]
-        agg = k["leaf_agg"]
-        value = stacked.gather(-1, agg.view(1, -1, 1).expand(bsz, -1, 1)).squeeze(-1)  # [B, L]
+        # Max for every leaf (cheap), then the other aggregations on their own leaves only.
+        value = vals.masked_fill(~leaf_mask, float("-inf")).amax(1)  # [B, L]
+        if "mean" in k:
+            sub = k["mean"]
+            v, m = vals.index_select(2, sub), leaf_mask.index_select(2, sub)
+            value[:, sub] = v.masked_fill(~m, 0.0).sum(1) / nf.index_select(1, sub)
+        if "count" in k:
+            sub = k["count"]
+            v, m = vals.index_select(2, sub), leaf_mask.index_select(2, sub)
+            count = ((v > k["count_above"]) & m).sum(1).to(torch.float32)  # [B, n]
+            value[:, sub] = count / torch.where(k["count_fraction"], nf.index_select(1, sub), 1.0)
+        for sub, pooled_probs in probe_leaves:
+            value[:, sub] = pooled_probs
         has = n > 0
         value = value.masked_fill(~has, 0.0)
         thr = k["leaf_threshold"]
         fired = (value >= thr) & has
-        score = torch.where(
-            k["leaf_positive"],
-            value / k["leaf_divisor"],
-            fired.to(torch.float32) * NOT_SCORE_CAP,  # a threshold <= 0 fires on anything in scope
-        )
+        if self._all_positive:
+            score = value / thr
+        else:
+            score = torch.where(
+                k["leaf_positive"],
+                value / k["leaf_divisor"],
+                fired.to(torch.float32) * NOT_SCORE_CAP,  # a threshold <= 0 fires on anything in scope
+            )
         score = _consistent(score, fired)
-        tok = torch.where(k["leaf_counting"], above, vals >= thr) & leaf_mask  # [B, T, L]
-        return value, score, fired, tok
+        return value, score, fired, _TokenHolds(vals, k["leaf_above"], leaf_mask, k["leaf_counting"], thr)
 
     def _nodes(
-        self, k: dict[str, Any], score: Tensor, fired: Tensor, tok: Tensor
+        self, k: dict[str, Any], score: Tensor, fired: Tensor, holds: _TokenHolds
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Run the node program: scores and fired ``[B, N]``, and per-token holds ``[B, T, N]`` when needed."""
         c = self.compiled
-        bsz, t, n_leaves = tok.shape
-        dev = tok.device
+        bsz, t, n_leaves = holds.vals.shape
+        dev = score.device
         scores = score.new_zeros(bsz, c.n_nodes)
         fires = torch.zeros(bsz, c.n_nodes, dtype=torch.bool, device=dev)
         scores[:, :n_leaves] = score
@@ -557,7 +599,7 @@ class PolicyEngine:
         if self._ft_rules.numel() > 0:
             # Per-token truth is only needed for for_tokens rules' run lengths.
             tok_nodes = torch.zeros(bsz, t, c.n_nodes, dtype=torch.bool, device=dev)
-            tok_nodes[:, :, :n_leaves] = tok
+            tok_nodes[:, :, :n_leaves] = holds.get()
             tok_nodes[:, :, c.const_true] = True
         for op, out, children in k["groups"]:
             flat = children.reshape(-1)
@@ -591,7 +633,7 @@ class PolicyEngine:
         cat_scores: Tensor,
         value: Tensor,
         fired: Tensor,
-        tok: Tensor,
+        tok: _TokenHolds,
         tokens: list[list[str]] | None,
     ) -> list[Verdict]:
         c = self.compiled
@@ -659,6 +701,21 @@ class PolicyEngine:
 _LEVEL_ACTIONS: tuple[Literal["allow", "alert", "block"], ...] = ("allow", "alert", "block")
 
 
+class _TokenHolds:
+    """Where each leaf held, per token (``[B, T, L]`` bool), computed on first use: only
+    ``for_tokens`` rules and explanations need it."""
+
+    def __init__(self, vals: Tensor, above: Tensor, leaf_mask: Tensor, counting: Tensor, threshold: Tensor) -> None:
+        self.vals, self._above, self._mask, self._counting, self._thr = vals, above, leaf_mask, counting, threshold
+        self._tok: Tensor | None = None
+
+    def get(self) -> Tensor:
+        if self._tok is None:
+            # count_above / fraction_above leaves hold where v > above; the others where v >= threshold.
+            self._tok = torch.where(self._counting, self.vals > self._above, self.vals >= self._thr) & self._mask
+        return self._tok
+
+
 class _BatchDetail:
     """What explanations of one evaluated batch need, kept on the host until the first is asked for."""
 
@@ -667,7 +724,7 @@ class _BatchDetail:
         compiled: CompiledPolicy,
         value: Tensor,
         fired: Tensor,
-        tok: Tensor,
+        tok: _TokenHolds,
         tokens: list[list[str]] | None,
         matched: Tensor,
     ) -> None:
@@ -680,7 +737,7 @@ class _BatchDetail:
     def host(self) -> tuple[list[list[float]], list[list[bool]], Tensor]:
         if self._host is None:
             value, fired, tok = self._device
-            self._host = (value.tolist(), fired.tolist(), tok.cpu())
+            self._host = (value.tolist(), fired.tolist(), tok.get().cpu())
         return self._host
 
     def spans(self) -> dict[tuple[int, int], list[tuple[int, int]]]:
