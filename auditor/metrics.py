@@ -162,6 +162,12 @@ class AuditorMetrics:
             ["result"],
             registry=registry,
         )
+        self.policy_reload_ok = Gauge(
+            "auditor_policy_last_reload_success",
+            "1 when the latest policy load or reload succeeded; 0 while the latest one failed "
+            "(the previous policy set stays in service until a reload succeeds).",
+            registry=registry,
+        )
         self.alert_deliveries = Counter(
             "auditor_alert_deliveries_total",
             "Alert delivery outcomes by sink and result (success, retry, failure, dropped).",

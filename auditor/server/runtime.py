@@ -208,6 +208,7 @@ def _load_runtime(
         store = PolicyStore(paths, default=settings.default_policy)
         store.on_reload(lambda result: _on_reload(metrics, store, result))
         metrics.policy_reloads.labels(result="success").inc()
+        metrics.policy_reload_ok.set(1)
         metrics.set_policy(store.hash, store.names)
     else:
         _log.warning(NO_POLICY_NOTE)
@@ -284,5 +285,6 @@ def _fits(d_sae: int) -> Callable[[Any], None]:
 
 def _on_reload(metrics: AuditorMetrics, store: PolicyStore | None, result: Any) -> None:
     metrics.policy_reloads.labels(result="success" if result.ok else "failure").inc()
+    metrics.policy_reload_ok.set(1 if result.ok else 0)
     if result.ok and store is not None:
         metrics.set_policy(store.hash, store.names)

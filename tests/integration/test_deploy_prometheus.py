@@ -266,21 +266,38 @@ def traffic(stack: Stack) -> Stack:
     assert all(r.status_code == 200 for r in burst), [r.text for r in burst]
     assert "error" in {r.headers["X-Auditor-Verdict"] for r in burst}, "no request failed open"
 
-    # Policy reloads: a broken file is rejected (the old set stays), the restored one loads.
+    # Policy reloads: a broken file is rejected (the old set stays), the restored one loads, and a
+    # second broken edit is left in place, so the sidecar ends on a failed reload (the alert's state).
     good = stack.policy.read_text()
-    stack.policy.write_text(good.replace("severity: critical", "severity: apocalyptic"))
+    broken = good.replace("severity: critical", "severity: apocalyptic")
+    stack.policy.write_text(broken)
     rejected = client.post("/v1/policies/reload")
     assert rejected.status_code == 422 and rejected.json()["errors"], rejected.text
     stack.policy.write_text(good)
     assert client.post("/v1/policies/reload").status_code == 200
+    assert _sample_value(client, "auditor_policy_last_reload_success") == 1
+    stack.policy.write_text(broken)
+    assert client.post("/v1/policies/reload").status_code == 422
+    assert _sample_value(client, "auditor_policy_last_reload_success") == 0
     client.close()
 
     _wait("alert deliveries to both sinks", lambda: _has_data(
         stack, 'auditor_alert_deliveries_total{sink="dead", result="failure"} and on() auditor_alert_deliveries_total{sink="hook", result="success"}'), 30)
-    _wait("the rejected reload to be scraped", lambda: _has_data(stack, 'auditor_policy_reloads_total{result="failure"} > 0'), 20)
+    _wait("the rejected reload to be scraped", lambda: _has_data(stack, 'auditor_policy_last_reload_success == 0'), 20)
     time.sleep(3)  # a few more scrapes, so every rate() has two samples after the last change
     assert stack.loopback.alerts, "the webhook sink delivered nothing"
     return stack
+
+
+def _sample_value(client: httpx.Client, name: str) -> float:
+    """The value of an unlabelled metric on the sidecar's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for fam in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in fam.samples:
+            if sample.name == name:
+                return float(sample.value)
+    raise AssertionError(f"{name} is not exported")
 
 
 def _ids(queries: list[Query]) -> list[str]:

@@ -101,7 +101,7 @@ def test_alert_rules_are_complete() -> None:
     # What the issue asks the rules to watch.
     read = {name for r in rules for name in metric_names(r["expr"])}
     for metric in ("up", "auditor_fail_open_total", "auditor_alert_deliveries_total",
-                   "auditor_audit_duration_seconds_bucket", "auditor_policy_reloads_total", "auditor_rule_matches_total"):
+                   "auditor_audit_duration_seconds_bucket", "auditor_policy_last_reload_success", "auditor_rule_matches_total"):
         assert metric in read
 
 
