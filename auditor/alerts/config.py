@@ -134,6 +134,13 @@ class AlertsConfig(BaseModel):
     """First retry delay; doubles per failed attempt, with jitter."""
     retry_max_s: float = Field(default=30.0, gt=0)
     """Cap of the retry delay (also the probe interval while a sink is down)."""
+    retention_days: float | None = Field(default=None, gt=0)
+    """Delete alerts older than this many days (checked at start and every
+    ``prune_interval_s``); None keeps them forever. Alerts still pending delivery stay."""
+    max_alerts: int | None = Field(default=None, ge=1)
+    """Keep at most this many alerts (the newest); None for no cap. Pending ones stay."""
+    prune_interval_s: float = Field(default=3600.0, gt=0)
+    """How often retention runs while alerts are being submitted."""
 
     @model_validator(mode="after")
     def _check(self) -> AlertsConfig:

@@ -91,6 +91,8 @@ class DispatcherStats:
     """Alerts suppressed by the cooldown (not logged)."""
     suppressed_by_rule: dict[str, int] = field(default_factory=dict)
     """``suppressed`` split by rule id."""
+    pruned: int = 0
+    """Alerts deleted by retention (``retention_days`` / ``max_alerts``)."""
     sinks: dict[str, SinkStats] = field(default_factory=dict)
     """Per-sink counters, by sink name."""
 
@@ -133,6 +135,9 @@ class AlertDispatcher:
         on_delivery: Callable[[str, DeliveryResult], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        retention_days: float | None = None,
+        max_alerts: int | None = None,
+        prune_interval_s: float = 3600.0,
     ) -> None:
         names = [s.name for s in sinks]
         duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -159,6 +164,10 @@ class AlertDispatcher:
         self._last_emit: dict[tuple[object, ...], float] = {}
         self._stats = DispatcherStats()
         self._workers = [_SinkWorker(self, sink, queue_size) for sink in sinks]
+        self.retention_days = retention_days
+        self.max_alerts = max_alerts
+        self.prune_interval_s = prune_interval_s
+        self._last_prune: float | None = None
 
     @classmethod
     def from_config(
@@ -185,6 +194,9 @@ class AlertDispatcher:
             cooldown_s=config.cooldown_s,
             dedup_by=config.dedup_by,
             on_delivery=on_delivery,
+            retention_days=config.retention_days,
+            max_alerts=config.max_alerts,
+            prune_interval_s=config.prune_interval_s,
         )
         dispatcher._owns_log = True
         return dispatcher
@@ -199,6 +211,7 @@ class AlertDispatcher:
         if self._started:
             return
         self._started = True
+        self.prune()
         now = datetime.now(timezone.utc)
         for worker in self._workers:
             sink = worker.sink
@@ -229,7 +242,22 @@ class AlertDispatcher:
             self._stats.logged += len(stored)
         for worker in self._workers:
             worker.offer(stored)
+        if self._last_prune is not None and self._clock() - self._last_prune >= self.prune_interval_s:
+            self.prune()
         return stored
+
+    def prune(self) -> int:
+        """Apply ``retention_days`` / ``max_alerts`` to the log now; returns the alerts deleted."""
+        if self.retention_days is None and self.max_alerts is None:
+            return 0
+        self._last_prune = self._clock()
+        cutoff = None
+        if self.retention_days is not None:
+            cutoff = datetime.now(timezone.utc) - timedelta(days=self.retention_days)
+        deleted = self.log.prune(older_than=cutoff, keep_last=self.max_alerts)
+        with self._lock:
+            self._stats.pruned += deleted
+        return deleted
 
     def _dedup_key(self, alert: Alert) -> tuple[object, ...]:
         parts: list[object] = [alert.rule_id]

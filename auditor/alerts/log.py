@@ -441,6 +441,32 @@ class AuditLog:
 
     # -- lifecycle -----------------------------------------------------------
 
+    def prune(self, *, older_than: datetime | None = None, keep_last: int | None = None) -> int:
+        """Delete alerts created before ``older_than`` and/or all but the newest ``keep_last``.
+
+        An alert still pending delivery to some sink is never deleted: the log is that
+        sink's queue, and pruning must not lose an alert nobody has received. Delivery
+        records go with their alerts. Returns how many alerts were deleted.
+        """
+        if older_than is None and keep_last is None:
+            return 0
+        if keep_last is not None and keep_last < 0:
+            raise AuditLogError(f"keep_last must be >= 0, got {keep_last}")
+        where: list[str] = []
+        params: list[object] = []
+        if older_than is not None:
+            where.append("created_us < ?")
+            params.append(_to_us(older_than))
+        if keep_last is not None:
+            where.append("seq <= (SELECT COALESCE(MAX(seq), 0) FROM alerts) - ?")
+            params.append(keep_last)
+        sql = (
+            "DELETE FROM alerts WHERE (" + " OR ".join(where) + ") AND NOT EXISTS "
+            "(SELECT 1 FROM deliveries d WHERE d.alert_seq = alerts.seq AND d.state = 'pending')"
+        )
+        with self._lock, self._transaction():
+            return int(self._conn.execute(sql, params).rowcount)
+
     def _transaction(self) -> _Transaction:
         return _Transaction(self._conn)
 

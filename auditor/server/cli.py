@@ -80,6 +80,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         else:
             q.add_argument("--output", "-o", default="-", metavar="FILE.jsonl", help="output file (default stdout)")
         q.set_defaults(func=run_alerts)
+    pr = asub.add_parser(
+        "prune", help="delete old alerts (never ones still pending delivery); the server can do it itself: retention_days"
+    )
+    pr.add_argument("--log", metavar="FILE", help="audit log file (default: the server's, from --config / AUDITOR_* settings)")
+    pr.add_argument("--config", metavar="FILE.yaml", help="sidecar config file to read the log path from")
+    pr.add_argument("--older-than", help="delete alerts created before this: a duration ago (30d, 12h) or an ISO time")
+    pr.add_argument("--keep-last", type=int, metavar="N", help="keep only the newest N alerts")
+    pr.set_defaults(func=run_alerts)
 
 
 _SERVE_FLAGS = (
@@ -146,6 +154,17 @@ def run_alerts(args: argparse.Namespace) -> int:
         path = settings.alerts_config(os.environ).log_path
     if not path.is_file():
         raise ConfigError(f"{path}: no audit log there (pass --log FILE, or --config of the server that wrote it)")
+    if args.alerts_command == "prune":
+        if args.older_than is None and args.keep_last is None:
+            raise ConfigError("alerts prune needs --older-than (e.g. 30d) and/or --keep-last N")
+        if args.keep_last is not None and args.keep_last < 0:
+            raise ConfigError(f"--keep-last must be >= 0, got {args.keep_last}")
+        cutoff = _parse_time(args.older_than, "--older-than")
+        with AuditLog(path) as log:
+            before = log.count()
+            deleted = log.prune(older_than=cutoff, keep_last=args.keep_last)
+        print(f"deleted {deleted} of {before} alert(s) from {path}")
+        return 0
     filters: dict[str, Any] = {
         "since": _parse_time(args.since, "--since"),
         "until": _parse_time(args.until, "--until"),

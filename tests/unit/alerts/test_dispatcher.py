@@ -283,3 +283,37 @@ def test_alertmanager_active_set_restored_on_start(tmp_path: Path, receiver: Web
             assert sink.active == 2
             assert wait_until(lambda: len(receiver.requests) >= 2)
     assert set(receiver.received_ids()) == {a.id for a in sent}
+
+
+def test_retention_runs_at_start_and_then_every_interval(log: AuditLog) -> None:
+    now = datetime.now(timezone.utc)
+    log.append([make_alert(created_at=now - timedelta(days=40)), make_alert(created_at=now - timedelta(days=10))])
+    clock = [0.0]
+    d = AlertDispatcher(log, [], retention_days=30, max_alerts=3, prune_interval_s=600, clock=lambda: clock[0])
+    d.start()
+    assert log.count() == 1  # the 40-day-old alert went at start
+    for _ in range(4):
+        d.submit([make_alert(created_at=now)])
+    assert log.count() == 5  # within the interval: no pruning yet
+    clock[0] += 601
+    d.submit([make_alert(created_at=now)])
+    assert log.count() == 3  # max_alerts keeps the newest three
+    assert d.stats().pruned == 1 + 3
+    d.close()
+
+
+def test_retention_is_off_by_default(log: AuditLog) -> None:
+    log.append([make_alert(created_at=datetime(2000, 1, 1, tzinfo=timezone.utc))])
+    d = AlertDispatcher(log, [])
+    d.start()
+    assert d.prune() == 0 and log.count() == 1
+    d.close()
+
+
+def test_retention_settings_come_from_the_config(tmp_path: Path) -> None:
+    cfg = AlertsConfig(log_path=tmp_path / "a.sqlite3", retention_days=7, max_alerts=100, prune_interval_s=60)
+    d = AlertDispatcher.from_config(cfg)
+    assert (d.retention_days, d.max_alerts, d.prune_interval_s) == (7, 100, 60)
+    d.close()
+    with pytest.raises(ValueError, match="retention_days"):
+        AlertsConfig(retention_days=0)

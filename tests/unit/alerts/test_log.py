@@ -290,3 +290,23 @@ def test_acknowledged_alerts_survive_sigkill(tmp_path: Path) -> None:
         stored = {a.id for a in log.query(limit=None)}
         assert set(acked) <= stored
         assert set(acked) <= {a.id for a in log.pending("hook", limit=10_000)}
+
+
+def test_prune_by_age_and_count_keeps_what_a_sink_still_waits_for(log: AuditLog) -> None:
+    old = [make_alert(created_at=T0 + timedelta(days=i)) for i in range(6)]  # days 0..5
+    log.append(old[:3], sinks=["hook"])
+    log.append(old[3:])
+    log.mark_delivered("hook", [old[0].id, old[2].id])  # old[1] stays pending for "hook"
+    assert log.prune() == 0  # nothing asked, nothing deleted
+    deleted = log.prune(older_than=T0 + timedelta(days=3))
+    assert deleted == 2  # days 0 and 2; day 1 is pending and stays
+    assert {a.id for a in log.query(limit=10)} == {old[1].id, old[3].id, old[4].id, old[5].id}
+    assert log.delivery_state(old[0].id, "hook") is None  # its delivery record went with it
+    assert log.delivery_state(old[1].id, "hook") == "pending"
+    assert log.prune(keep_last=1) == 2  # days 3 and 4 go; the pending one and the newest stay
+    assert {a.id for a in log.query(limit=10)} == {old[1].id, old[5].id}
+    log.mark_delivered("hook", [old[1].id])
+    assert log.prune(keep_last=0) == 2
+    assert log.count() == 0
+    with pytest.raises(AuditLogError, match="keep_last must be >= 0"):
+        log.prune(keep_last=-1)

@@ -1,4 +1,4 @@
-"""``auditor alerts list|export`` on a real audit log; ``auditor serve`` refuses bad settings."""
+"""``auditor alerts list|export|prune`` on a real audit log; ``auditor serve`` refuses bad settings."""
 
 from __future__ import annotations
 
@@ -70,16 +70,30 @@ def test_export_jsonl(log_path: Path, tmp_path: Path, capsys: pytest.CaptureFixt
     assert "exported 1 alert(s)" in capsys.readouterr().err
 
 
+def test_prune_by_age_then_by_count(log_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _run(["alerts", "prune", "--log", str(log_path), "--older-than", "1h"]) == 0
+    assert capsys.readouterr().out.startswith("deleted 1 of 3 alert(s)")
+    assert _run(["alerts", "list", "--log", str(log_path), "--json"]) == 0
+    assert [json.loads(x)["request_id"] for x in capsys.readouterr().out.splitlines()] == ["r-2", "r-1"]
+    assert _run(["alerts", "prune", "--log", str(log_path), "--keep-last", "1"]) == 0
+    assert capsys.readouterr().out.startswith("deleted 1 of 2 alert(s)")
+    with AuditLog(log_path) as log:
+        assert [a.request_id for a in log.query(limit=5)] == ["r-2"]
+
+
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
         (["alerts", "list", "--since", "yesterday-ish"], "--since"),
         (["alerts", "list"], "no audit log there"),
+        (["alerts", "prune"], "needs --older-than"),
+        (["alerts", "prune", "--older-than", "a while"], "--older-than 'a while'"),
+        (["alerts", "prune", "--keep-last", "-2"], "--keep-last must be >= 0"),
     ],
 )
 def test_alerts_errors(tmp_path: Path, log_path: Path, argv: list[str], needle: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AUDITOR_DATA_DIR", str(tmp_path / "empty"))
-    if "--since" in argv:
+    if "--since" in argv or "prune" in argv:
         argv = [*argv, "--log", str(log_path)]
     with pytest.raises(ConfigError, match=needle):
         _run(argv)
