@@ -246,6 +246,56 @@ def batch_stats(url: str) -> dict[str, float]:
     return {"batches": count, "mean_batch_size": values.get("auditor_batch_size_sum", 0.0) / count if count else 0.0}
 
 
+def stage_seconds(url: str) -> dict[str, float]:
+    """Sum of ``auditor_audit_stage_duration_seconds`` per stage (time the model thread spent on audits)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        if fam.name == "auditor_audit_stage_duration_seconds":
+            for sample in fam.samples:
+                if sample.name.endswith("_sum"):
+                    out[sample.labels["stage"]] = sample.value
+    return out
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds per thread of process ``pid`` (Linux /proc), keyed ``name[tid]``."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue  # the thread ended
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        out[f"{name}[{tid}]"] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def measured_drive(url: str, texts: list[str], clients: int, *, client: str, pid: int | None) -> dict[str, Any]:
+    """:func:`drive` plus where the CPU went: the model thread's busy share (stage sums from
+    ``/metrics``), this process's (the clients') CPU time and, for a local server, CPU per thread."""
+    import resource
+
+    stages0 = stage_seconds(url)
+    threads0 = thread_cpu(pid) if pid is not None else {}
+    usage0 = resource.getrusage(resource.RUSAGE_SELF)
+    out = asyncio.run(drive(url, texts, clients, None, client=client))
+    usage1 = resource.getrusage(resource.RUSAGE_SELF)
+    stages1 = stage_seconds(url)
+    busy = {k: stages1[k] - stages0.get(k, 0.0) for k in stages1}
+    out["model_thread_stage_s"] = busy
+    out["model_thread_busy_share"] = sum(busy.values()) / out["seconds"]
+    out["client_cpu_s"] = (usage1.ru_utime + usage1.ru_stime) - (usage0.ru_utime + usage0.ru_stime)
+    if pid is not None:
+        threads1 = thread_cpu(pid)
+        spent = {k: round(v - threads0.get(k, 0.0), 3) for k, v in threads1.items()}
+        out["server_thread_cpu_s"] = {k: v for k, v in sorted(spent.items(), key=lambda kv: -kv[1]) if v > 0}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=16)
@@ -303,7 +353,7 @@ def main() -> None:
         result["offline_before"] = [offline(auditor, texts, c) for c in chunks]
 
     if args.url:
-        result["server"] = asyncio.run(drive(args.url, texts, args.clients, None, client=args.client))
+        result["server"] = measured_drive(args.url, texts, args.clients, client=args.client, pid=None)
         result["server"].update(batch_stats(args.url))
     else:
         flags = {
@@ -317,11 +367,13 @@ def main() -> None:
         if args.in_process:
             with BackgroundServer(create_app(Settings.load(flags=flags, env={}))) as server:
                 server.wait_ready()
-                result["server"] = asyncio.run(drive(server.url, texts, args.clients, None, client=args.client))
+                result["server"] = measured_drive(server.url, texts, args.clients, client=args.client, pid=None)
                 result["server"].update(batch_stats(server.url))
         else:
-            with ServeProcess(flags) as url:
-                result["server"] = asyncio.run(drive(url, texts, args.clients, None, client=args.client))
+            serve = ServeProcess(flags)
+            with serve as url:
+                assert serve.proc is not None
+                result["server"] = measured_drive(url, texts, args.clients, client=args.client, pid=serve.proc.pid)
                 result["server"].update(batch_stats(url))
     if auditor is not None:
         # Measured before and after the server run; the faster one is the baseline, so a
@@ -340,6 +392,15 @@ def main() -> None:
         best = result["offline"]
         line += f"; offline {best['texts_per_s']:.1f} texts/s (chunks of {best['chunk']}); ratio {result['ratio']:.2f}"
     print(line)
+    print(
+        f"model thread busy {100 * s['model_thread_busy_share']:.0f}% of the run "
+        f"(forward {s['model_thread_stage_s'].get('forward', 0.0):.2f} s); clients' CPU {s['client_cpu_s']:.2f} s"
+        + (
+            "; server CPU by thread: " + ", ".join(f"{k} {v:.2f} s" for k, v in list(s["server_thread_cpu_s"].items())[:5])
+            if "server_thread_cpu_s" in s
+            else ""
+        )
+    )
 
 
 if __name__ == "__main__":
