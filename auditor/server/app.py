@@ -33,7 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from auditor.errors import AuditorError
 from auditor.metrics import AuditorMetrics
-from auditor.server.auth import check_bearer, needs_token
+from auditor.server.auth import LOGIN_PATH, check_bearer, needs_token, session_allows
 from auditor.server.errors import NotReadyError, ServerError, TooLargeError
 from auditor.server.batcher import model_thread
 from auditor.server.runtime import Runtime, load_runtime
@@ -204,12 +204,16 @@ class _Guard:
         settings = self.state.settings
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         path = scope.get("path", "")
-        if needs_token(settings, scope.get("method", "GET"), path):
+        method = scope.get("method", "GET")
+        if needs_token(settings, method, path) and not session_allows(settings, method, path, headers):
             try:
                 check_bearer(settings, headers)
             except ServerError as exc:
                 scope.setdefault("state", {})["outcome"] = "unauthorized"
-                await _send_error(send, exc)
+                if method in ("GET", "HEAD") and path.startswith("/ui") and "authorization" not in headers:
+                    await _redirect_to_login(send, path, scope.get("query_string", b""))
+                else:
+                    await _send_error(send, exc)
                 return
         limit = settings.max_body_bytes
         declared = headers.get("content-length")
@@ -251,6 +255,16 @@ class _Guard:
         except Exception:
             if not rejected:
                 raise
+
+
+async def _redirect_to_login(send: Send, path: str, query: bytes) -> None:
+    """A viewer page without a session: send the browser to the sign-in page, then back."""
+    from urllib.parse import quote
+
+    target = path + ("?" + query.decode("latin-1") if query else "")
+    location = f"{LOGIN_PATH}?next={quote(target, safe='')}"
+    await send({"type": "http.response.start", "status": 303, "headers": [(b"location", location.encode()), (b"content-length", b"0")]})
+    await send({"type": "http.response.body", "body": b""})
 
 
 async def _send_error(send: Send, exc: ServerError) -> None:

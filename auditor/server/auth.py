@@ -1,20 +1,46 @@
-"""Bearer-token checks.
+"""Bearer-token checks, and the viewer's sign-in session.
 
 With ``api_token`` set, mutating routes (policy reload and validate, steering)
 need ``Authorization: Bearer <token>``; with ``auth_all_routes`` every route
-does except the probes. The comparison is constant-time and the token is never
-echoed: errors say only that it was missing or wrong.
+does except the probes, the viewer's sign-in page and its static files. The
+comparison is constant-time and the token is never echoed: errors say only
+that it was missing or wrong.
+
+A browser cannot add a header to a page load, so the viewer signs in once at
+``/ui/login``: the token is checked and the answer sets an ``HttpOnly``,
+``SameSite=Strict`` cookie holding an HMAC of the token (not the token). That
+cookie stands in for the bearer token on reads (GET, HEAD) and on the viewer's
+own script requests (``X-Auditor-UI: 1``, a header no other site can send
+without a CORS preflight this server never grants); mutating routes always
+need the bearer token itself.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Mapping
+from http.cookies import CookieError, SimpleCookie
 
 from auditor.server.errors import UnauthorizedError
 from auditor.server.settings import Settings
 
-__all__ = ["MUTATING_ROUTES", "OPEN_ROUTES", "check_bearer", "needs_token"]
+__all__ = [
+    "LOGIN_PATH",
+    "MUTATING_ROUTES",
+    "OPEN_ROUTES",
+    "SESSION_COOKIE",
+    "UI_HEADER",
+    "check_bearer",
+    "needs_token",
+    "session_allows",
+    "session_value",
+]
+
+LOGIN_PATH = "/ui/login"
+SESSION_COOKIE = "auditor_session"
+UI_HEADER = "x-auditor-ui"
+
 
 #: (method, path) pairs that change server state or steer the model.
 MUTATING_ROUTES = frozenset(
@@ -24,15 +50,40 @@ MUTATING_ROUTES = frozenset(
         ("POST", "/v1/generate"),
     }
 )
-#: Routes that never need a token (liveness and readiness probes).
-OPEN_ROUTES = frozenset({"/healthz", "/readyz"})
+#: Routes that never need a token: liveness and readiness probes, the viewer's sign-in and
+#: sign-out (signing out only clears the session cookie).
+OPEN_ROUTES = frozenset({"/healthz", "/readyz", LOGIN_PATH, "/ui/logout"})
+_OPEN_PREFIXES = ("/ui/static/",)  # the viewer's CSS and scripts (public files)
 
 
 def needs_token(settings: Settings, method: str, path: str) -> bool:
-    """Whether a request to ``method path`` must carry the bearer token."""
-    if settings.api_token is None or path in OPEN_ROUTES:
+    """Whether a request to ``method path`` must carry the bearer token (or the viewer session)."""
+    if settings.api_token is None or path in OPEN_ROUTES or path.startswith(_OPEN_PREFIXES):
         return False
     return settings.auth_all_routes or (method, path) in MUTATING_ROUTES
+
+
+def session_value(settings: Settings) -> str | None:
+    """The viewer session cookie's value for this server's token (None without a token)."""
+    if settings.api_token is None:
+        return None
+    key = settings.api_token.get_secret_value().encode()
+    return hmac.new(key, b"sae-auditor viewer session v1", hashlib.sha256).hexdigest()
+
+
+def session_allows(settings: Settings, method: str, path: str, headers: Mapping[str, str]) -> bool:
+    """Whether the viewer session cookie in ``headers`` may stand in for the bearer token here."""
+    expected = session_value(settings)
+    if expected is None or (method, path) in MUTATING_ROUTES:
+        return False
+    try:
+        jar = SimpleCookie(headers.get("cookie", ""))
+    except CookieError:
+        return False
+    morsel = jar.get(SESSION_COOKIE)
+    if morsel is None or not hmac.compare_digest(morsel.value.encode(), expected.encode()):
+        return False
+    return method in ("GET", "HEAD") or headers.get(UI_HEADER) == "1"
 
 
 def check_bearer(settings: Settings, headers: Mapping[str, str]) -> None:

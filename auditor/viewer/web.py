@@ -105,8 +105,10 @@ class _Viewer:
     def render(self, request: Request, name: str, status: int = 200, **ctx: Any) -> Response:
         state = request.app.state.auditor
         rt = state.runtime
+        settings = state.settings
         base = {
             "nav": name.split(".")[0],
+            "signed_in": settings.api_token is not None and settings.auth_all_routes and name != "login.html",
             "model": rt.auditor.model.name if rt is not None else None,
             "sae": rt.sae_name if rt is not None else None,
             "library": rt.auditor.library.id if rt is not None and rt.auditor.library is not None else None,
@@ -278,6 +280,45 @@ def router(*, index_path: str | os.PathLike[str] | None = None) -> APIRouter:
         out = await rt.batcher.run_exclusive(_latent_activations, rt.auditor, item, latents, rt.settings.max_tokens)
         return JSONResponse(out)
 
+    @r.get("/login", response_class=HTMLResponse)
+    def login_page(request: Request, next: str = "/ui/features") -> Response:  # noqa: A002 - the query name
+        return v.render(request, "login.html", next=_safe_next(next), error=None)
+
+    @r.post("/login", response_class=HTMLResponse)
+    async def login(request: Request) -> Response:
+        """Check the API token (form field ``token``) and set the viewer session cookie."""
+        import hmac
+        from urllib.parse import parse_qs
+
+        from auditor.server.auth import SESSION_COOKIE, session_value
+
+        settings = request.app.state.auditor.settings
+        form = parse_qs((await request.body()).decode("utf-8", "replace"))
+        target = _safe_next((form.get("next") or ["/ui/features"])[0])
+        expected = session_value(settings)
+        if expected is None:  # no token configured: nothing to sign in to
+            return RedirectResponse(target, status_code=303)
+        given = (form.get("token") or [""])[0].strip()
+        token = settings.api_token.get_secret_value()
+        if not given or not hmac.compare_digest(given.encode(), token.encode()):
+            return v.render(
+                request, "login.html", status=401, next=target,
+                error="That is not this server's API token (AUDITOR_API_TOKEN); check it and try again.",
+            )
+        resp = RedirectResponse(target, status_code=303)
+        resp.set_cookie(
+            SESSION_COOKIE, expected, httponly=True, samesite="strict", secure=request.url.scheme == "https", path="/"
+        )
+        return resp
+
+    @r.post("/logout")
+    def logout() -> Response:
+        from auditor.server.auth import SESSION_COOKIE
+
+        resp = RedirectResponse("/ui/login", status_code=303)
+        resp.delete_cookie(SESSION_COOKIE, path="/")
+        return resp
+
     @r.get("/alerts", response_class=HTMLResponse)
     def alerts(request: Request) -> Response:
         rt = request.app.state.auditor.runtime
@@ -291,6 +332,13 @@ def router(*, index_path: str | os.PathLike[str] | None = None) -> APIRouter:
 def mount_viewer(app: Any, *, index_path: str | os.PathLike[str] | None = None) -> None:
     """Serve the viewer pages on ``app`` under ``/ui``."""
     app.include_router(router(index_path=index_path))
+
+
+def _safe_next(target: str) -> str:
+    """Where to go after signing in: a viewer path on this server, nothing else (no open redirect)."""
+    if target.startswith("/ui/") and not target.startswith("/ui/login") and "\\" not in target and "//" not in target:
+        return target
+    return "/ui/features"
 
 
 def _error(message: str, code: str) -> dict[str, Any]:

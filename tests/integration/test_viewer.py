@@ -505,3 +505,77 @@ def test_browser_playground_audits_a_chat(site: Site, browser: Any) -> None:
     assert _texts(browser, "#heatmap .tok") == [t["token"] for t in expected["tokens"]]
     assert "<|im_start|>" not in browser.find_element(By.ID, "heatmap").text
     assert _console_errors(browser) == []
+
+
+# ---------------------------------------------------------------- sign-in with --auth-all-routes
+
+TOKEN = "viewer-s3cret"
+
+
+@pytest.fixture(scope="module")
+def locked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A sidecar whose every route needs the API token (the viewer signs in)."""
+    root = tmp_path_factory.mktemp("locked")
+    sae = make_random_sae(root / "sae", d_in=576, d_sae=64, hookpoint="blocks.5.hook_resid_post")
+    pol = root / "policies"
+    pol.mkdir()
+    (pol / "viewer-test.yaml").write_text(_policy_yaml("deception.fraud", 1e6))
+    settings = Settings.load(
+        flags={"sae": str(sae), "policies": [str(pol)], "data_dir": str(root / "data"), "max_tokens": 128,
+               "auth_all_routes": True},
+        env={"AUDITOR_API_TOKEN": TOKEN},
+    )
+    with BackgroundServer(create_app(settings)) as srv:
+        srv.wait_ready()
+        yield srv.url
+
+
+def test_locked_viewer_signs_in_with_the_token(locked: str) -> None:
+    from auditor.server.auth import SESSION_COOKIE
+
+    anon = httpx.get(locked + "/ui/features?q=fraud")
+    assert anon.status_code == 303 and anon.headers["location"] == "/ui/login?next=%2Fui%2Ffeatures%3Fq%3Dfraud"
+    assert httpx.get(locked + "/v1/policies").status_code == 401  # an API client still gets JSON 401
+    assert httpx.get(locked + "/ui/static/viewer.css").status_code == 200
+    page = httpx.get(locked + "/ui/login", params={"next": "/ui/features?q=fraud"})
+    assert page.status_code == 200 and 'name="token"' in page.text and 'value="/ui/features?q=fraud"' in page.text
+
+    wrong = httpx.post(locked + "/ui/login", data={"token": "guess", "next": "/ui/features"})
+    assert wrong.status_code == 401 and "That is not this server" in wrong.text
+    assert SESSION_COOKIE not in wrong.cookies and "guess" not in wrong.text
+
+    # Signing in never redirects off this server.
+    ok = httpx.post(locked + "/ui/login", data={"token": TOKEN, "next": "https://evil.example/x"})
+    assert ok.status_code == 303 and ok.headers["location"] == "/ui/features"
+    set_cookie = ok.headers["set-cookie"]
+    assert "HttpOnly" in set_cookie and "SameSite=strict" in set_cookie and TOKEN not in set_cookie
+    with httpx.Client(base_url=locked, cookies={SESSION_COOKIE: ok.cookies[SESSION_COOKIE]}) as c:
+        assert c.get("/ui/features").status_code == 200
+        assert c.get("/v1/policies").status_code == 200
+        assert c.post("/v1/audit", json={"text": FRAUD}).status_code == 401  # not from the viewer's script
+        assert c.post("/v1/audit", json={"text": FRAUD}, headers={"X-Auditor-UI": "1"}).status_code == 200
+        assert c.post("/v1/policies/reload", headers={"X-Auditor-UI": "1"}).status_code == 401  # mutating: token only
+        assert c.post("/v1/policies/reload", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+        out = c.post("/ui/logout")
+        assert out.status_code == 303 and f"{SESSION_COOKIE}=" in out.headers["set-cookie"] and "Max-Age=0" in out.headers["set-cookie"]
+    forged = httpx.get(locked + "/ui/features", cookies={SESSION_COOKIE: "0" * 64})
+    assert forged.status_code == 303
+
+
+@browser_needed
+def test_browser_signs_in_and_audits_in_the_playground(locked: str, browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    browser.delete_all_cookies()
+    browser.get(locked + "/ui/playground")
+    _wait(browser, lambda d: "/ui/login" in d.current_url)
+    browser.find_element(By.ID, "token").send_keys(TOKEN)
+    browser.find_element(By.CSS_SELECTOR, "form.login button").click()
+    _wait(browser, lambda d: d.current_url.endswith("/ui/playground"))
+    browser.find_element(By.ID, "input").send_keys(FRAUD)
+    browser.find_element(By.ID, "audit-button").click()
+    _wait(browser, lambda d: d.find_element(By.ID, "verdict").text in ("allow", "alert", "block"))
+    browser.find_element(By.CSS_SELECTOR, "form.signout button").click()
+    _wait(browser, lambda d: "/ui/login" in d.current_url)
+    browser.get(locked + "/ui/alerts")
+    _wait(browser, lambda d: "/ui/login" in d.current_url)  # signed out: back to the sign-in page

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from auditor.server.auth import check_bearer, needs_token
+from auditor.server.auth import SESSION_COOKIE, UI_HEADER, check_bearer, needs_token, session_allows, session_value
 from auditor.server.errors import UnauthorizedError
 from auditor.server.settings import Settings
 from auditor.server.sse import Broadcaster, sse_comment, sse_event
@@ -83,3 +83,44 @@ def test_bad_credentials_are_401_without_echoing_the_token(headers: dict[str, st
 def test_good_credentials_pass() -> None:
     check_bearer(_settings(), {"authorization": "Bearer s3cret"})
     check_bearer(_settings(), {"authorization": "bearer s3cret"})
+
+
+@pytest.mark.parametrize("path", ["/ui/login", "/ui/logout", "/ui/static/viewer.css", "/ui/static/viewer.js"])
+def test_sign_in_page_and_static_files_are_open(path: str) -> None:
+    assert not needs_token(_settings(auth_all_routes=True), "GET", path)
+    assert needs_token(_settings(auth_all_routes=True), "GET", "/ui/features")
+
+
+def _cookie(value: str | None = None) -> dict[str, str]:
+    s = _settings()
+    return {"cookie": f"other=1; {SESSION_COOKIE}={value if value is not None else session_value(s)}"}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "allowed"),
+    [
+        ("GET", "/ui/features", {}, True),
+        ("HEAD", "/v1/policies", {}, True),
+        ("GET", "/v1/alerts/stream", {}, True),
+        ("POST", "/v1/audit", {}, False),  # a write without the viewer header (a cross-site form could send the cookie)
+        ("POST", "/v1/audit", {UI_HEADER: "1"}, True),  # the viewer's own script
+        ("POST", "/ui/api/activations", {UI_HEADER: "1"}, True),
+        ("POST", "/v1/generate", {UI_HEADER: "1"}, False),  # mutating: bearer token only
+        ("POST", "/v1/policies/reload", {UI_HEADER: "1"}, False),
+    ],
+)
+def test_session_cookie_stands_in_for_reads_and_viewer_scripts(method: str, path: str, headers: dict[str, str], allowed: bool) -> None:
+    assert session_allows(_settings(), method, path, {**_cookie(), **headers}) is allowed
+
+
+@pytest.mark.parametrize("headers", [{}, {"cookie": "auditor_session="}, _cookie("0" * 64), {"cookie": "garbage;;;=\x00"}])
+def test_missing_or_forged_session_is_refused(headers: dict[str, str]) -> None:
+    assert not session_allows(_settings(), "GET", "/ui/features", headers)
+
+
+def test_session_value_is_not_the_token_and_follows_it() -> None:
+    a = session_value(_settings())
+    assert a is not None and "s3cret" not in a and len(a) == 64
+    other = Settings.load(env={"AUDITOR_API_TOKEN": "another"})
+    assert session_value(other) != a
+    assert session_value(Settings.load(env={})) is None
