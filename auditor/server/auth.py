@@ -8,7 +8,8 @@ that it was missing or wrong.
 
 A browser cannot add a header to a page load, so the viewer signs in once at
 ``/ui/login``: the token is checked and the answer sets an ``HttpOnly``,
-``SameSite=Strict`` cookie holding an HMAC of the token (not the token). That
+``SameSite=Strict`` cookie holding an expiry time (12 hours on) and its HMAC
+under the token (not the token). That
 cookie stands in for the bearer token on reads (GET, HEAD) and on the viewer's
 own script requests (``X-Auditor-UI: 1``, a header no other site can send
 without a CORS preflight this server never grants); mutating routes always
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import time
 from collections.abc import Mapping
 from http.cookies import CookieError, SimpleCookie
 
@@ -30,6 +32,7 @@ __all__ = [
     "MUTATING_ROUTES",
     "OPEN_ROUTES",
     "SESSION_COOKIE",
+    "SESSION_TTL_S",
     "UI_HEADER",
     "check_bearer",
     "needs_token",
@@ -63,25 +66,42 @@ def needs_token(settings: Settings, method: str, path: str) -> bool:
     return settings.auth_all_routes or (method, path) in MUTATING_ROUTES
 
 
-def session_value(settings: Settings) -> str | None:
-    """The viewer session cookie's value for this server's token (None without a token)."""
+SESSION_TTL_S = 12 * 3600
+"""How long a viewer sign-in lasts."""
+
+
+def _session_sig(token: str, expires: int) -> str:
+    return hmac.new(token.encode(), f"sae-auditor viewer session v1 {expires}".encode(), hashlib.sha256).hexdigest()
+
+
+def session_value(settings: Settings, *, now: float | None = None) -> str | None:
+    """A new viewer session cookie value, ``<expiry>.<HMAC of it under the token>`` (None without a token)."""
     if settings.api_token is None:
         return None
-    key = settings.api_token.get_secret_value().encode()
-    return hmac.new(key, b"sae-auditor viewer session v1", hashlib.sha256).hexdigest()
+    expires = int((time.time() if now is None else now) + SESSION_TTL_S)
+    return f"{expires}.{_session_sig(settings.api_token.get_secret_value(), expires)}"
+
+
+def _session_valid(settings: Settings, value: str, now: float | None = None) -> bool:
+    if settings.api_token is None:
+        return False
+    stamp, _, sig = value.partition(".")
+    if not stamp.isdigit() or int(stamp) < (time.time() if now is None else now):
+        return False
+    expected = _session_sig(settings.api_token.get_secret_value(), int(stamp))
+    return hmac.compare_digest(sig.encode(), expected.encode())
 
 
 def session_allows(settings: Settings, method: str, path: str, headers: Mapping[str, str]) -> bool:
     """Whether the viewer session cookie in ``headers`` may stand in for the bearer token here."""
-    expected = session_value(settings)
-    if expected is None or (method, path) in MUTATING_ROUTES:
+    if settings.api_token is None or (method, path) in MUTATING_ROUTES:
         return False
     try:
         jar = SimpleCookie(headers.get("cookie", ""))
     except CookieError:
         return False
     morsel = jar.get(SESSION_COOKIE)
-    if morsel is None or not hmac.compare_digest(morsel.value.encode(), expected.encode()):
+    if morsel is None or not _session_valid(settings, morsel.value):
         return False
     return method in ("GET", "HEAD") or headers.get(UI_HEADER) == "1"
 

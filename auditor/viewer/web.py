@@ -290,7 +290,7 @@ def router(*, index_path: str | os.PathLike[str] | None = None) -> APIRouter:
         import hmac
         from urllib.parse import parse_qs
 
-        from auditor.server.auth import SESSION_COOKIE, session_value
+        from auditor.server.auth import SESSION_COOKIE, SESSION_TTL_S, session_value
 
         settings = request.app.state.auditor.settings
         form = parse_qs((await request.body()).decode("utf-8", "replace"))
@@ -307,7 +307,13 @@ def router(*, index_path: str | os.PathLike[str] | None = None) -> APIRouter:
             )
         resp = RedirectResponse(target, status_code=303)
         resp.set_cookie(
-            SESSION_COOKIE, expected, httponly=True, samesite="strict", secure=request.url.scheme == "https", path="/"
+            SESSION_COOKIE,
+            expected,
+            max_age=SESSION_TTL_S,
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+            path="/",
         )
         return resp
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from auditor.server.auth import SESSION_COOKIE, UI_HEADER, check_bearer, needs_token, session_allows, session_value
+from auditor.server.auth import SESSION_COOKIE, SESSION_TTL_S, UI_HEADER, check_bearer, needs_token, session_allows, session_value
 from auditor.server.errors import UnauthorizedError
 from auditor.server.settings import Settings
 from auditor.server.sse import Broadcaster, sse_comment, sse_event
@@ -119,8 +119,22 @@ def test_missing_or_forged_session_is_refused(headers: dict[str, str]) -> None:
 
 
 def test_session_value_is_not_the_token_and_follows_it() -> None:
-    a = session_value(_settings())
-    assert a is not None and "s3cret" not in a and len(a) == 64
+    a = session_value(_settings(), now=1000.0)
+    assert a is not None and "s3cret" not in a and a.startswith(f"{1000 + SESSION_TTL_S}.")
     other = Settings.load(env={"AUDITOR_API_TOKEN": "another"})
-    assert session_value(other) != a
+    assert session_value(other, now=1000.0) != a
     assert session_value(Settings.load(env={})) is None
+    # A session from another token does not open this server.
+    assert not session_allows(_settings(), "GET", "/ui/features", {"cookie": f"{SESSION_COOKIE}={session_value(other)}"})
+
+
+def test_expired_or_tampered_sessions_are_refused() -> None:
+    import time
+
+    expired = session_value(_settings(), now=time.time() - SESSION_TTL_S - 1)
+    assert not session_allows(_settings(), "GET", "/ui/features", {"cookie": f"{SESSION_COOKIE}={expired}"})
+    fresh = session_value(_settings())
+    assert fresh is not None
+    stamp, sig = fresh.split(".")
+    longer = f"{int(stamp) + 10**6}.{sig}"  # a later expiry under the same signature
+    assert not session_allows(_settings(), "GET", "/ui/features", {"cookie": f"{SESSION_COOKIE}={longer}"})
