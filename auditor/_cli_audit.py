@@ -42,7 +42,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--no-policy", action="store_true", help="features only, no policy evaluation")
     p.add_argument("--sae", metavar="PATH", help="SAE folder, file, hf:// URI or release id (default: the default library's SAE)")
     p.add_argument("--format", dest="sae_format", metavar="NAME", help="force the SAE format instead of detecting it")
-    p.add_argument("--library", metavar="PATH|ID", help="feature library that names the SAE's latents")
+    p.add_argument(
+        "--library",
+        metavar="PATH|ID",
+        help="feature library that names the SAE's latents (with --policy: it must describe the policy's SAE)",
+    )
     p.add_argument("--model", metavar="NAME|PATH", help="model id, folder or .gguf file (default: embedded SmolLM2-135M-Instruct; env AUDITOR_MODEL)")
     p.add_argument("--hookpoint", metavar="NAME", help="override the SAE's hookpoint, e.g. blocks.15.hook_resid_post")
     p.add_argument("--top-k", type=int, default=5, help="features shown per token (0: none; default 5)")

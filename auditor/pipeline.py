@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from auditor.policy import PolicyEngine, Verdict
     from auditor.sae import SAE
 
-__all__ = ["Auditor", "AuditStream", "AuditResult", "TokenFeatures", "StageTimings", "DEFAULT_LIBRARY"]
+__all__ = ["Auditor", "AuditStream", "AuditResult", "TokenFeatures", "StageTimings", "DEFAULT_LIBRARY", "resolve_library"]
 
 #: The feature library (and through it the SAE) used when none is named.
 DEFAULT_LIBRARY = "smollm2-135m-instruct"
@@ -169,8 +169,9 @@ class Auditor:
     ) -> Auditor:
         """Load model, SAE, library and policy by name or path.
 
-        The SAE comes from, in order: ``sae``; the library named by ``policy``;
-        ``library``; the default library ``feature_libraries/smollm2-135m-instruct``.
+        The library is ``library``, else the one ``policy`` names, else (without ``sae``)
+        the default ``feature_libraries/smollm2-135m-instruct`` (:func:`resolve_library`);
+        the SAE is ``sae``, else the library's.
         """
         from auditor.features import load_library
         from auditor.models import load_model
@@ -178,13 +179,9 @@ class Auditor:
         from auditor.sae import load_sae
 
         engine = load_policy(policy) if policy else None
-        lib = None
-        if engine is not None:
-            lib = engine.library
-        elif library:
-            lib = load_library(library)
-        elif sae is None:
-            lib = _default_library()
+        lib = resolve_library(
+            load_library(library) if library else None, [engine] if engine is not None else [], sae_given=sae is not None
+        )
         if sae is not None:
             sae_obj = load_sae(sae, format=sae_format, device=device, dtype=_SAE_DTYPE)
         elif lib is not None:
@@ -549,6 +546,31 @@ def _select_rows(batch: TokenBatch, rows: list[int]) -> TokenBatch:
         tokens=[batch.tokens[i] for i in rows],
         truncated=[batch.truncated[i] for i in rows],
     )
+
+
+def resolve_library(
+    explicit: FeatureLibrary | None, engines: Sequence[PolicyEngine], *, sae_given: bool
+) -> FeatureLibrary | None:
+    """The feature library an auditor runs with: the one asked for, else the policies', else the default.
+
+    One rule for ``auditor audit`` and ``auditor serve``: an explicit library wins, and it
+    must describe the same SAE (``sae.id``) as every policy's library, since a policy's
+    feature indices belong to its library's SAE. Without either, and without an explicit
+    SAE, the shipped default library.
+    """
+    if explicit is not None:
+        for engine in engines:
+            theirs = engine.library
+            if theirs is not None and theirs.sae.id != explicit.sae.id:
+                raise ConfigError(
+                    f"--library {explicit.id!r} describes SAE {explicit.sae.id!r}, but policy {engine.name!r} was "
+                    f"written for library {theirs.id!r} (SAE {theirs.sae.id!r}); drop --library to use the "
+                    "policy's, or use a policy written for this library"
+                )
+        return explicit
+    if engines:
+        return engines[0].library
+    return None if sae_given else _default_library()
 
 
 def _default_library() -> FeatureLibrary:

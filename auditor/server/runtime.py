@@ -196,7 +196,7 @@ def _load_runtime(
     from auditor.alerts import AlertDispatcher
     from auditor.features import load_library
     from auditor.models import load_model
-    from auditor.pipeline import Auditor, _default_library
+    from auditor.pipeline import Auditor, resolve_library
     from auditor.policy import PolicyStore
     from auditor.sae import load_sae
 
@@ -214,14 +214,13 @@ def _load_runtime(
         _log.warning(NO_POLICY_NOTE)
         metrics.set_policy("", [])
 
-    if settings.library:
-        library = load_library(settings.library)
-    elif store is not None:
-        library = store.current().library
-    elif settings.sae is None:
-        library = _default_library()
-    else:
-        library = None
+    library = resolve_library(
+        load_library(settings.library) if settings.library else None,
+        list(store.engines.values()) if store is not None else [],
+        sae_given=settings.sae is not None,
+    )
+    if store is not None and not settings.library:
+        library = store.current().library  # the default policy's library
     if settings.sae is not None:
         sae = load_sae(settings.sae, format=settings.sae_format, device=settings.device, dtype="float32")
         sae_name = settings.sae

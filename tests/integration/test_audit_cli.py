@@ -14,6 +14,8 @@ from auditor.cli import main
 from auditor.text import AuditInput, sink_token_id
 from tests.conftest import make_random_sae
 
+REPO = Path(__file__).resolve().parents[2]
+
 pytestmark = pytest.mark.integration
 
 HOOK = "blocks.5.hook_resid_post"
@@ -116,6 +118,9 @@ def _bad_inputs(tmp: Path, sae_dir: Path) -> list[tuple[list[str], str]]:
         (["audit", "--sae", str(sae_dir), "--input", str(badline)], "bad.jsonl:2"),
         (["audit", "--sae", str(sae_dir), "--input", str(tmp / "missing.jsonl")], "missing.jsonl"),
         (["audit", "--sae", str(sae_dir)], "either a TEXT"),
+        # A library for another SAE than the policy's: refused, not silently ignored.
+        (["audit", "--policy", str(REPO / "policies" / "default.yaml"), "--library", str(REPO / "feature_libraries" / "examples" / "tiny" / "library.yaml"), "x"],
+         "written for library 'smollm2-135m-instruct'"),
     ]
 
 
@@ -154,3 +159,7 @@ def test_cli_default_audit_applies_the_default_policy(capsys) -> None:  # type: 
     assert all(e["name"] for m in obj["matches"] for e in m["explanation"])
     [plain] = _run_json(capsys, "audit", "--json", "--no-policy", "Hello")
     assert "verdict" not in plain and plain["tokens"]
+    # An explicit library for the same SAE as the policy's is used, not ignored.
+    [same] = _run_json(capsys, "audit", "--json", "--policy", str(REPO / "policies" / "default.yaml"),
+                       "--library", "smollm2-135m-instruct", "Hello")
+    assert same["sae"] == "smollm2-135m-instruct-l15-topk-4608" and "verdict" in same

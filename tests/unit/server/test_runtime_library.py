@@ -1,0 +1,43 @@
+"""The server and ``auditor audit`` pick the feature library by one rule (``resolve_library``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from auditor.errors import ConfigError
+from auditor.features import load_library
+from auditor.metrics import AuditorMetrics
+from auditor.pipeline import resolve_library
+from auditor.policy import load_policy
+from auditor.server.runtime import load_runtime
+from auditor.server.settings import Settings
+
+REPO = Path(__file__).resolve().parents[3]
+DEFAULT_POLICY = REPO / "policies" / "default.yaml"
+TINY = REPO / "feature_libraries" / "examples" / "tiny" / "library.yaml"
+
+
+def test_explicit_library_wins_when_it_describes_the_policys_sae() -> None:
+    engine = load_policy(DEFAULT_POLICY)
+    lib = load_library("smollm2-135m-instruct")
+    assert resolve_library(lib, [engine], sae_given=False) is lib
+    assert resolve_library(None, [engine], sae_given=False) is engine.library
+    assert resolve_library(None, [], sae_given=True) is None
+    assert resolve_library(None, [], sae_given=False).id == "smollm2-135m-instruct"  # the shipped default
+
+
+def test_a_library_for_another_sae_than_the_policys_is_refused() -> None:
+    engine = load_policy(DEFAULT_POLICY)
+    with pytest.raises(ConfigError, match="describes SAE 'tiny-random-64', but policy 'default' was written for"):
+        resolve_library(load_library(TINY), [engine], sae_given=False)
+
+
+def test_the_server_refuses_the_mismatch_before_loading_the_model(tmp_path: Path) -> None:
+    settings = Settings.load(
+        flags={"policies": [str(DEFAULT_POLICY)], "library": str(TINY), "data_dir": str(tmp_path)}, env={}
+    )
+    with pytest.raises(ConfigError, match="drop --library to use the policy's"):
+        load_runtime(settings, AuditorMetrics(CollectorRegistry()))
