@@ -103,6 +103,13 @@ class WatchedEncoding(NamedTuple):
     """``[N, d_sae]`` every latent, when asked for."""
 
 
+def _relative_error(x: Tensor, x_hat: Tensor) -> Tensor:
+    """``||x - x_hat|| / ||x||`` per row ``[N]``; a zero row gives its absolute error (0 when exact)."""
+    err = (x - x_hat).norm(dim=-1)
+    norm = x.norm(dim=-1)
+    return torch.where(norm > 0, err / norm.clamp_min(torch.finfo(x.dtype).tiny), err)
+
+
 def param_shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
     """Canonical parameter names and shapes for ``cfg.architecture``."""
     shapes: dict[str, tuple[int, ...]] = {
@@ -232,8 +239,7 @@ class SAE(nn.Module):
 
     def _encode_normed(self, xn: Tensor, idx: Tensor | None) -> Tensor:
         """Encode already-normalized rows ``xn [N, d_in]``; ``idx`` picks latents."""
-        if self.cfg.apply_b_dec_to_input:
-            xn = xn - self.b_dec
+        xn = self._centered(xn)
         arch = self.cfg.architecture
         if arch == "topk":
             # Top-k ranks all latents, so a watch-list encode still needs every pre-activation.
@@ -256,6 +262,16 @@ class SAE(nn.Module):
         mag = torch.relu(proj * torch.exp(pick(self.r_mag)) + pick(self.b_mag))
         return gate * mag
 
+    def _input(self, x: Tensor) -> Tensor:
+        """``x`` checked to be ``[N, d_in]`` and cast to the SAE's dtype and device."""
+        if x.ndim != 2 or x.shape[-1] != self.cfg.d_in:
+            raise ValueError(f"expected activations [N, {self.cfg.d_in}], got {list(x.shape)}")
+        return x.to(dtype=self.W_enc.dtype, device=self.W_enc.device)
+
+    def _centered(self, xn: Tensor) -> Tensor:
+        """Normalized rows with ``b_dec`` subtracted when the SAE applies it to its input."""
+        return xn - self.b_dec if self.cfg.apply_b_dec_to_input else xn
+
     def _topk_normed(self, xn: Tensor) -> tuple[Tensor, Tensor]:
         """TopK codes of normalized rows whose ``b_dec`` is already subtracted: indices, relu'd values ``[N, k]``."""
         pre = xn @ self.W_enc + self.b_enc  # [N, d_sae]
@@ -272,13 +288,9 @@ class SAE(nn.Module):
         """
         if self.cfg.architecture != "topk":
             raise ValueError(f"encode_topk needs a topk SAE, this one is {self.cfg.architecture!r}")
-        if x.ndim != 2 or x.shape[-1] != self.cfg.d_in:
-            raise ValueError(f"expected activations [N, {self.cfg.d_in}], got {list(x.shape)}")
-        x = x.to(dtype=self.W_enc.dtype, device=self.W_enc.device)
+        x = self._input(x)
         xn, state = self.norm_in(x)
-        if self.cfg.apply_b_dec_to_input:
-            xn = xn - self.b_dec
-        indices, values = self._topk_normed(xn)
+        indices, values = self._topk_normed(self._centered(xn))
         return indices, values, state
 
     def decode_sparse(self, indices: Tensor, values: Tensor, norm: NormState | None = None) -> Tensor:
@@ -298,9 +310,7 @@ class SAE(nn.Module):
         self, x: Tensor, features: Tensor | Sequence[int] | None = None
     ) -> tuple[Tensor, NormState]:
         """Like :meth:`encode`, also returning the :class:`NormState` that :meth:`decode` needs."""
-        if x.ndim != 2 or x.shape[-1] != self.cfg.d_in:
-            raise ValueError(f"expected activations [N, {self.cfg.d_in}], got {list(x.shape)}")
-        x = x.to(dtype=self.W_enc.dtype, device=self.W_enc.device)
+        x = self._input(x)
         idx = None if features is None else self._feature_index(features)
         xn, state = self.norm_in(x)
         return self._encode_normed(xn, idx), state
@@ -316,9 +326,7 @@ class SAE(nn.Module):
         full encode serves all three; TopK always ranks every latent and reconstructs from
         its ``k`` codes (:meth:`decode_sparse`). The error is :meth:`reconstruction_error`'s.
         """
-        if x.ndim != 2 or x.shape[-1] != self.cfg.d_in:
-            raise ValueError(f"expected activations [N, {self.cfg.d_in}], got {list(x.shape)}")
-        x = x.to(dtype=self.W_enc.dtype, device=self.W_enc.device)
+        x = self._input(x)
         idx = self._feature_index(features)
         dense: Tensor | None = None
         x_hat: Tensor | None = None
@@ -335,11 +343,7 @@ class SAE(nn.Module):
             picked = dense.index_select(-1, idx)
         else:
             picked, state = self.encode_with_norm(x, idx)
-        err: Tensor | None = None
-        if x_hat is not None:
-            diff = (x - x_hat).norm(dim=-1)  # [N]
-            norm = x.norm(dim=-1)
-            err = torch.where(norm > 0, diff / norm.clamp_min(torch.finfo(x.dtype).tiny), diff)
+        err = _relative_error(x, x_hat) if x_hat is not None else None
         return WatchedEncoding(picked, state, err, dense if full else None)
 
     def encode(self, x: Tensor, features: Tensor | Sequence[int] | None = None) -> Tensor:
@@ -384,9 +388,7 @@ class SAE(nn.Module):
     def reconstruction_error(self, x: Tensor) -> Tensor:
         """Relative error ``||x - x_hat|| / ||x||`` per row, ``[N]`` (0 for a zero row)."""
         x = x.to(dtype=self.W_enc.dtype, device=self.W_enc.device)
-        err = (x - self.forward(x)).norm(dim=-1)
-        norm = x.norm(dim=-1)
-        return torch.where(norm > 0, err / norm.clamp_min(torch.finfo(x.dtype).tiny), err)
+        return _relative_error(x, self.forward(x))
 
     # ------------------------------------------------------------------ transforms
 
