@@ -70,6 +70,28 @@ def capture(
     if attention_mask is None:
         past = 0 if past_key_values is None else past_key_values.get_seq_length()
         attention_mask = torch.ones((input_ids.shape[0], past + n_new), dtype=torch.long, device=input_ids.device)
+    device = _device(model)
+    input_ids = input_ids.to(device)
+    attention_mask = attention_mask.to(device)
+    captured = _run_capturing(
+        model,
+        points,
+        adapter,
+        stop_early,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask)[:, -n_new:],
+        use_cache=past_key_values is not None,
+        **({_cache_keyword(model): past_key_values} if past_key_values is not None else {}),
+    )
+    real = attention_mask[:, -n_new:].to(torch.bool).unsqueeze(-1)  # [B, T_new, 1]
+    return {p.name: torch.where(real, captured[p.name], 0.0) for p in points}
+
+
+def _run_capturing(
+    model: nn.Module, points: list[Hookpoint], adapter: ArchitectureAdapter, stop_early: bool, **inputs: Any
+) -> dict[str, torch.Tensor]:
+    """Run ``model(**inputs)`` recording each hookpoint's output; with ``stop_early`` end after the deepest."""
     deepest = max(points, key=lambda p: p.depth)
     captured: dict[str, torch.Tensor] = {}
 
@@ -79,22 +101,12 @@ def capture(
         if stop_early and hook == deepest:
             raise _StopForward
 
-    device = _device(model)
-    input_ids = input_ids.to(device)
-    attention_mask = attention_mask.to(device)
     with torch.inference_mode(), hooks(model, [(p, record) for p in points], adapter=adapter):
         try:
-            model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask)[:, -n_new:],
-                use_cache=past_key_values is not None,
-                **({_cache_keyword(model): past_key_values} if past_key_values is not None else {}),
-            )
+            model(**inputs)
         except _StopForward:
             pass
-    real = attention_mask[:, -n_new:].to(torch.bool).unsqueeze(-1)  # [B, T_new, 1]
-    return {p.name: torch.where(real, captured[p.name], 0.0) for p in points}
+    return captured
 
 
 def _cache_keyword(model: nn.Module) -> str:
@@ -163,9 +175,8 @@ def capture_packed(
     width = max(sum(lengths[i] for i in g) for g in groups)
     ids = torch.zeros((len(groups), width), dtype=torch.long)
     pos = torch.zeros((len(groups), width), dtype=torch.long)
-    src_row: list[torch.Tensor] = []  # per input row, (packed row, column) of each real token
-    src_col: list[torch.Tensor] = []
-    order: list[int] = []
+    # Each real token's place in the packed rows (row, column) and in the [B, T] layout (b, t).
+    src_row, src_col, dest_b, dest_t = [], [], [], []
     for r, g in enumerate(groups):
         col = 0
         for i in g:
@@ -174,34 +185,22 @@ def capture_packed(
             pos[r, col : col + n] = torch.arange(n)
             src_row.append(torch.full((n,), r, dtype=torch.long))
             src_col.append(torch.arange(col, col + n))
-            order.append(i)
+            dest_b.append(torch.full((n,), i, dtype=torch.long))
+            dest_t.append(real[i].nonzero().flatten())
             col += n
         # The tail is one more "sequence" (positions from 0): causal attention keeps it out of the others.
         pos[r, col:] = torch.arange(width - col)
-    deepest = max(points, key=lambda p: p.depth)
-    captured: dict[str, torch.Tensor] = {}
-
-    def record(tensor: torch.Tensor, *, hook: Hookpoint) -> None:
-        captured[hook.name] = tensor.detach().clone()
-        if hook == deepest:
-            raise _StopForward
-
-    with torch.inference_mode(), hooks(model, [(p, record) for p in points], adapter=adapter):
-        try:
-            model(input_ids=ids.to(device), position_ids=pos.to(device), use_cache=False)
-        except _StopForward:
-            pass
-    rows = torch.cat(src_row).to(device)
-    cols = torch.cat(src_col).to(device)
-    # Destination of each packed real token in the [B, T] layout, in the same order.
-    dest_b = torch.cat([torch.full((lengths[i],), i, dtype=torch.long) for i in order]).to(device)
-    dest_t = torch.cat([real[i].nonzero().flatten() for i in order]).to(device)
-    out: dict[str, torch.Tensor] = {}
+    captured = _run_capturing(
+        model, points, adapter, True, input_ids=ids.to(device), position_ids=pos.to(device), use_cache=False
+    )
+    src = (torch.cat(src_row).to(device), torch.cat(src_col).to(device))
+    dest = (torch.cat(dest_b).to(device), torch.cat(dest_t).to(device))
     b, t = input_ids.shape
+    out: dict[str, torch.Tensor] = {}
     for p in points:
-        src = captured[p.name]  # [R, width, d]
-        full = src.new_zeros((b, t, src.shape[-1]))
-        full[dest_b, dest_t] = src[rows, cols]
+        packed = captured[p.name]  # [R, width, d]
+        full = packed.new_zeros((b, t, packed.shape[-1]))
+        full[dest] = packed[src]
         out[p.name] = full
     return out
 
