@@ -242,8 +242,9 @@ def _consistent(score: Tensor, fired: Tensor) -> Tensor:
     return torch.where(fired, score.clamp(min=1.0), score.clamp(max=_ONE_MINUS))
 
 
-def _stack_feature_probes(compiled: CompiledPolicy, col_of: dict[int, int]) -> dict[str, Tensor] | None:
-    """Every feature-input probe folded into one ``[F, U]`` weight matrix over the watched columns.
+def _stack_feature_probes(compiled: CompiledPolicy, col_of: dict[int, int]) -> tuple[dict[str, Tensor] | None, bool]:
+    """Every feature-input probe folded into one ``[F, U]`` weight matrix over the watched columns,
+    and whether any of them max-pools.
 
     A probe is linear after its scaler: ``((x - m) / s) . w + b == x . (w / s) + (b - (m / s) . w)``,
     so per-token logits of all ``U`` distinct probes are one matmul, and pooling is a masked
@@ -255,7 +256,7 @@ def _stack_feature_probes(compiled: CompiledPolicy, col_of: dict[int, int]) -> d
         if compiled.leaves[i].probe is not None and compiled.leaves[i].probe.inputs == "features"  # type: ignore[union-attr]
     ]
     if not leaves:
-        return None
+        return None, False
     units: dict[tuple[str | None, tuple[int, ...]], int] = {}
     weights: list[list[float]] = []
     bias: list[float] = []
@@ -280,7 +281,7 @@ def _stack_feature_probes(compiled: CompiledPolicy, col_of: dict[int, int]) -> d
         unit.append(units[key])
         scope.append(SCOPES.index(leaf.scope))
         pool.append(1 if probe.pool == "max" else 0)
-    return {
+    tensors = {
         "leaves": torch.tensor(leaves, dtype=torch.long),
         "weight": torch.tensor(weights, dtype=torch.float32).T.contiguous(),  # [F, U]
         "bias": torch.tensor(bias, dtype=torch.float32),  # [U]
@@ -288,6 +289,7 @@ def _stack_feature_probes(compiled: CompiledPolicy, col_of: dict[int, int]) -> d
         # Index into the flattened [pool (mean, max), scope, U] pooled logits.
         "pooled_index": torch.tensor([(pl * len(SCOPES) + sc) * len(weights) + u for pl, sc, u in zip(pool, scope, unit)], dtype=torch.long),
     }
+    return tensors, any(pool)
 
 
 class PolicyEngine:
@@ -341,10 +343,7 @@ class PolicyEngine:
         for r in compiled.rules:
             self._exc_start.append(pos)
             pos += len(r.exceptions)
-        self._feature_probes = _stack_feature_probes(compiled, col_of)
-        self._probe_max_pool = any(
-            leaf.probe is not None and leaf.probe.inputs == "features" and leaf.probe.pool == "max" for leaf in compiled.leaves
-        )
+        self._feature_probes, self._probe_max_pool = _stack_feature_probes(compiled, col_of)
         self._device_cache: dict[torch.device, dict[str, Any]] = {}
 
     @functools.cached_property
@@ -379,7 +378,6 @@ class PolicyEngine:
                 "leaf_threshold": c.leaf_threshold.to(device),
                 "leaf_positive": (c.leaf_threshold > 0).to(device),
                 "leaf_divisor": torch.where(c.leaf_threshold > 0, c.leaf_threshold, 1.0).to(device),
-                "leaf_counting": ((c.leaf_agg == _COUNT_AGGS[0]) | (c.leaf_agg == _COUNT_AGGS[1])).to(device),
                 **self._agg_subsets(device),
                 "leaf_scope": c.leaf_scope.to(device),
                 "groups": [(g.op, g.out.to(device), g.children.to(device)) for g in c.groups],
@@ -398,13 +396,15 @@ class PolicyEngine:
         return cached
 
     def _agg_subsets(self, device: torch.device) -> dict[str, Tensor]:
-        """Leaf indices of the mean and the count / fraction aggregations (keys only when some exist)."""
+        """Which leaves count (``leaf_counting [L]``) and the leaf indices of the mean and the
+        count / fraction aggregations (those keys only when some exist)."""
         c = self.compiled
-        out: dict[str, Tensor] = {}
+        is_counting = (c.leaf_agg == _COUNT_AGGS[0]) | (c.leaf_agg == _COUNT_AGGS[1])
+        out: dict[str, Tensor] = {"leaf_counting": is_counting.to(device)}
         mean = torch.nonzero(c.leaf_agg == AGGS.index("mean")).flatten()
         if mean.numel():
             out["mean"] = mean.to(device)
-        counting = torch.nonzero((c.leaf_agg == _COUNT_AGGS[0]) | (c.leaf_agg == _COUNT_AGGS[1])).flatten()
+        counting = torch.nonzero(is_counting).flatten()
         if counting.numel():
             out["count"] = counting.to(device)
             out["count_above"] = c.leaf_above[counting].to(device)
@@ -717,7 +717,8 @@ class _TokenHolds:
 
 
 class _BatchDetail:
-    """What explanations of one evaluated batch need, kept on the host until the first is asked for."""
+    """What explanations of one evaluated batch need, left where it was computed until the first
+    explanation is asked for (then copied to the host once)."""
 
     def __init__(
         self,
