@@ -38,6 +38,7 @@ __all__ = [
     "needs_token",
     "session_allows",
     "session_value",
+    "token_matches",
 ]
 
 LOGIN_PATH = "/ui/login"
@@ -114,6 +115,12 @@ def check_bearer(settings: Settings, headers: Mapping[str, str]) -> None:
     scheme, _, given = value.partition(" ")
     if scheme.lower() != "bearer" or not given:
         raise UnauthorizedError("this route needs 'Authorization: Bearer <token>' (the server's AUDITOR_API_TOKEN)")
-    expected = settings.api_token.get_secret_value()
-    if not hmac.compare_digest(given.strip().encode(), expected.encode()):
+    if not token_matches(settings, given):
         raise UnauthorizedError("the bearer token is not valid for this server")
+
+
+def token_matches(settings: Settings, given: str) -> bool:
+    """Whether ``given`` (surrounding blanks ignored) is the server's API token, compared in constant time."""
+    if settings.api_token is None:
+        return False
+    return hmac.compare_digest(given.strip().encode(), settings.api_token.get_secret_value().encode())

@@ -287,10 +287,9 @@ def router(*, index_path: str | os.PathLike[str] | None = None) -> APIRouter:
     @r.post("/login", response_class=HTMLResponse)
     async def login(request: Request) -> Response:
         """Check the API token (form field ``token``) and set the viewer session cookie."""
-        import hmac
         from urllib.parse import parse_qs
 
-        from auditor.server.auth import SESSION_COOKIE, SESSION_TTL_S, session_value
+        from auditor.server.auth import SESSION_COOKIE, SESSION_TTL_S, session_value, token_matches
 
         settings = request.app.state.auditor.settings
         form = parse_qs((await request.body()).decode("utf-8", "replace"))
@@ -298,9 +297,7 @@ def router(*, index_path: str | os.PathLike[str] | None = None) -> APIRouter:
         expected = session_value(settings)
         if expected is None:  # no token configured: nothing to sign in to
             return RedirectResponse(target, status_code=303)
-        given = (form.get("token") or [""])[0].strip()
-        token = settings.api_token.get_secret_value()
-        if not given or not hmac.compare_digest(given.encode(), token.encode()):
+        if not token_matches(settings, (form.get("token") or [""])[0]):
             return v.render(
                 request, "login.html", status=401, next=target,
                 error="That is not this server's API token (AUDITOR_API_TOKEN); check it and try again.",
