@@ -214,13 +214,11 @@ def _load_runtime(
         _log.warning(NO_POLICY_NOTE)
         metrics.set_policy("", [])
 
+    # The default policy first: without --library, its library is the one used.
+    engines = [] if store is None else [store.current(), *(e for e in store.engines.values() if e is not store.current())]
     library = resolve_library(
-        load_library(settings.library) if settings.library else None,
-        list(store.engines.values()) if store is not None else [],
-        sae_given=settings.sae is not None,
+        load_library(settings.library) if settings.library else None, engines, sae_given=settings.sae is not None
     )
-    if store is not None and not settings.library:
-        library = store.current().library  # the default policy's library
     if settings.sae is not None:
         sae = load_sae(settings.sae, format=settings.sae_format, device=settings.device, dtype="float32")
         sae_name = settings.sae
