@@ -244,10 +244,8 @@ class Auditor:
         group: list[int] = []
         total = 0
         for i in order:
-            if packed:
-                cost = total + lengths[i]
-            else:
-                cost = max(lengths[i], max((lengths[j] for j in group), default=0)) * (len(group) + 1)
+            # Rows come shortest first, so a padded group is as wide as its newest row.
+            cost = total + lengths[i] if packed else lengths[i] * (len(group) + 1)
             if group and cost > budget:
                 yield group
                 group, total = [], 0
