@@ -234,29 +234,24 @@ class ServeProcess:
             self.proc.wait(60)
 
 
-def batch_stats(url: str) -> dict[str, float]:
+def _samples(url: str) -> list[Any]:
+    """Every sample on the server's ``/metrics``."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    values: dict[str, float] = {}
-    for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text):
-        for s in fam.samples:
-            if s.name in ("auditor_batch_size_sum", "auditor_batch_size_count"):
-                values[s.name] = s.value
+    return [s for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text) for s in fam.samples]
+
+
+def batch_stats(url: str) -> dict[str, float]:
+    values = {s.name: s.value for s in _samples(url) if s.name in ("auditor_batch_size_sum", "auditor_batch_size_count")}
     count = values.get("auditor_batch_size_count", 0.0)
     return {"batches": count, "mean_batch_size": values.get("auditor_batch_size_sum", 0.0) / count if count else 0.0}
 
 
 def stage_seconds(url: str) -> dict[str, float]:
     """Sum of ``auditor_audit_stage_duration_seconds`` per stage (time the model thread spent on audits)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    out: dict[str, float] = {}
-    for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text):
-        if fam.name == "auditor_audit_stage_duration_seconds":
-            for sample in fam.samples:
-                if sample.name.endswith("_sum"):
-                    out[sample.labels["stage"]] = sample.value
-    return out
+    return {
+        s.labels["stage"]: s.value for s in _samples(url) if s.name == "auditor_audit_stage_duration_seconds_sum"
+    }
 
 
 def thread_cpu(pid: int) -> dict[str, float]:
