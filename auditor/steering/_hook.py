@@ -95,15 +95,17 @@ class SteeringHook:
         self.rule_slots = policy_slots(engine, library, sae.cfg.d_sae, limits) if engine is not None and policy_steering else []
         watched = [int(i) for i in engine.watched.tolist()] if engine is not None else []
         self.steerer = Steerer(sae, self.user + self.rule_slots, extra=[*trace, *watched])
-        lat = self.steerer.latents.tolist()
-        col = {v: c for c, v in enumerate(lat)}
-        self.watch_cols = torch.tensor([col[w] for w in watched], dtype=torch.long, device=self.steerer.latents.device)
+        col = {v: c for c, v in enumerate(self.steerer.latents.tolist())}
+
+        def columns(e: PolicyEngine | None) -> Tensor:
+            """Columns of the measured features that engine ``e`` watches, in its order."""
+            lats = e.watched.tolist() if e is not None else []
+            return torch.tensor([col[int(w)] for w in lats], dtype=torch.long, device=self.steerer.latents.device)
+
+        self.watch_cols = columns(engine)
         # While decoding only rules that steer can change anything: evaluate just those.
         self.trigger_engine = engine.steering_engine if engine is not None and self.rule_slots else None
-        trigger_watched = self.trigger_engine.watched.tolist() if self.trigger_engine is not None else []
-        self.trigger_cols = torch.tensor(
-            [col[int(w)] for w in trigger_watched], dtype=torch.long, device=self.steerer.latents.device
-        )
+        self.trigger_cols = columns(self.trigger_engine)
         self.policy_every = max(1, int(policy_every))
         self.need_recon = engine is not None and engine.needs_recon_error
         self.need_resid = engine is not None and engine.needs_resid
