@@ -72,16 +72,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     messages = ({"role": "user", "content": PROMPT},)
     full = AuditInput(messages=messages, completion="".join(chunks))
     verdicts: dict[str, Any] = {}
+    stages: dict[str, dict[str, float]] = {}  # seconds per pipeline stage, last run of each mode
 
     def single() -> None:
         [res] = auditor.run([full])
         verdicts["single"] = res.verdict
+        stages["single"] = auditor.last_timings.as_dict()
 
     def reuse() -> None:
         stream = auditor.stream(AuditInput(messages=messages))
+        totals: dict[str, float] = {}
         for c in chunks:
             res = stream.feed(c)
+            for k, v in stream.last_timings.as_dict().items():
+                totals[k] = totals.get(k, 0.0) + v
         verdicts["reuse"] = res.verdict
+        stages["reuse"] = totals
 
     def recompute() -> None:
         so_far = ""
@@ -117,12 +123,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "recompute_vs_single": t_recompute / t_single,
         "verdicts_agree": same,
         "max_score_abs_diff": max_score_diff,
+        "stage_s": stages,
     }
     print(json.dumps(result, indent=2))
     print()
     print(f"{'mode':<20} {'seconds':>8} {'x single':>9}")
     for name, t in [("single", t_single), ("chunked, KV reuse", t_reuse), ("chunked, recompute", t_recompute)]:
         print(f"{name:<20} {t:>8.3f} {t / t_single:>8.2f}x")
+    for name in ("single", "reuse"):
+        print(f"stages ({name}): " + ", ".join(f"{k} {v:.3f} s" for k, v in stages[name].items()))
     return result
 
 
