@@ -37,7 +37,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -435,6 +435,35 @@ class PolicyEngine:
     @torch.inference_mode()
     def evaluate(self, batch: AuditBatch) -> list[Verdict]:
         """One :class:`Verdict` per batch row (see the module docstring)."""
+        r = self._rule_tensors(batch)
+        # What every verdict needs crosses to the host in one copy; what only explanations
+        # need (values, per-token holds) stays where it is until an explanation is read.
+        n_r, n_e = r.score.shape[1], r.exc_fired.shape[1]
+        host = torch.cat([r.score, r.matched.float(), r.fired.float(), r.exc_fired.float(), r.cat_scores], dim=1).cpu()
+        return self._verdicts(
+            host[:, :n_r],
+            host[:, n_r : 2 * n_r] > 0,
+            host[:, 2 * n_r : 3 * n_r] > 0,
+            host[:, 3 * n_r : 3 * n_r + n_e] > 0,
+            host[:, 3 * n_r + n_e :],
+            r.leaf_value,
+            r.leaf_fired,
+            r.holds,
+            batch.tokens,
+        )
+
+    @torch.inference_mode()
+    def matched(self, batch: AuditBatch) -> Tensor:
+        """Which rules matched, ``[B, R]`` bool in ``compiled.rules`` order, left on the batch's device.
+
+        The same decision as :meth:`evaluate`'s ``Verdict.matches`` without building verdicts or
+        copying anything to the host: on an accelerator nothing waits for the device, so a caller
+        that only needs the decision (steering while decoding) keeps the GPU's queue full.
+        """
+        return self._rule_tensors(batch).matched
+
+    def _rule_tensors(self, batch: AuditBatch) -> _RuleTensors:
+        """Every rule's score, fired and matched state (and what explanations need), on the batch's device."""
         self._check(batch)
         c = self.compiled
         feats = _as(batch.features, None, torch.float32)  # [B, T, F]
@@ -484,21 +513,7 @@ class PolicyEngine:
         cat_scores = feats.new_zeros(bsz, len(self.categories)).scatter_reduce(
             1, k["rule_cat"].unsqueeze(0).expand(bsz, -1), rscore, reduce="amax", include_self=True
         )
-        # What every verdict needs crosses to the host in one copy; what only explanations
-        # need (values, per-token holds) stays where it is until an explanation is read.
-        n_r, n_e = rscore.shape[1], exc_fired.shape[1]
-        host = torch.cat([rscore, matched.float(), rfired.float(), exc_fired.float(), cat_scores], dim=1).cpu()
-        return self._verdicts(
-            host[:, :n_r],
-            host[:, n_r : 2 * n_r] > 0,
-            host[:, 2 * n_r : 3 * n_r] > 0,
-            host[:, 3 * n_r : 3 * n_r + n_e] > 0,
-            host[:, 3 * n_r + n_e :],
-            value,
-            fired,
-            holds,
-            batch.tokens,
-        )
+        return _RuleTensors(rscore, rfired, matched, exc_fired, cat_scores, value, fired, holds)
 
     def _leaves(
         self,
@@ -699,6 +714,25 @@ class PolicyEngine:
 
 
 _LEVEL_ACTIONS: tuple[Literal["allow", "alert", "block"], ...] = ("allow", "alert", "block")
+
+
+class _RuleTensors(NamedTuple):
+    """One evaluation's rule-level results on the batch's device (``[B, R]`` unless noted)."""
+
+    score: Tensor
+    fired: Tensor
+    """The rule's condition held (before exceptions)."""
+    matched: Tensor
+    """Fired and no exception held."""
+    exc_fired: Tensor
+    """``[B, E]`` each exception's condition."""
+    cat_scores: Tensor
+    """``[B, categories]`` the highest rule score per category."""
+    leaf_value: Tensor
+    """``[B, L]`` aggregated leaf values (for explanations)."""
+    leaf_fired: Tensor
+    """``[B, L]``."""
+    holds: _TokenHolds
 
 
 class _TokenHolds:

@@ -10,7 +10,10 @@ At the SAE hookpoint, every forward pass (prefill or one cached decode step):
    demand) on each row's history and switches on the interventions of every rule
    that matched, for that row and for the rest of the sequence, including the
    positions of this forward pass (so the next token is already computed from
-   steered activations);
+   steered activations). The decision stays on the model's device: nothing is
+   copied to the host while decoding, so on a GPU the hook never waits for the
+   device and the queue of kernels stays full; :attr:`SteeringHook.triggers` reads
+   the recorded decisions back once, when asked;
 4. writes back the steered activation (the reconstruction error kept).
 
 The caller tells the hook, before each forward, which of the new positions are
@@ -20,7 +23,7 @@ content and which are completion tokens (:meth:`SteeringHook.set_positions`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -30,7 +33,7 @@ from auditor.steering.interventions import ResolvedIntervention, Steerer, Steeri
 if TYPE_CHECKING:
     from auditor.features import FeatureLibrary
     from auditor.models import Hookpoint
-    from auditor.policy import PolicyEngine, Verdict
+    from auditor.policy import AuditBatch, PolicyEngine, Verdict
     from auditor.sae import SAE
 
 __all__ = ["SteeringHook", "Trigger", "policy_slots"]
@@ -106,6 +109,14 @@ class SteeringHook:
         # While decoding only rules that steer can change anything: evaluate just those.
         self.trigger_engine = engine.steering_engine if engine is not None and self.rule_slots else None
         self.trigger_cols = columns(self.trigger_engine)
+        # [R, S]: the slots each steering rule switches on (rule order of trigger_engine.compiled.rules).
+        trigger_ids = [r.id for r in self.trigger_engine.compiled.rules] if self.trigger_engine is not None else []
+        self._rule_slot_map = torch.tensor(
+            [[i >= self.n_user and slot.source == f"rule:{rid}" for i, slot in enumerate(self.steerer.slots)] for rid in trigger_ids],
+            dtype=torch.bool,
+            device=self.steerer.latents.device,
+        ).view(len(trigger_ids), len(self.steerer.slots))
+        self._trigger_ids = trigger_ids
         self.policy_every = max(1, int(policy_every))
         self.need_recon = engine is not None and engine.needs_recon_error
         self.need_resid = engine is not None and engine.needs_resid
@@ -124,16 +135,16 @@ class SteeringHook:
         """
         dev = self.steerer.latents.device
         self.policy_rows = (
-            torch.ones(batch_size, dtype=torch.bool) if policy_rows is None else policy_rows.to(torch.bool).cpu()
+            torch.ones(batch_size, dtype=torch.bool, device=dev) if policy_rows is None else policy_rows.to(dev, torch.bool)
         )
         s = len(self.steerer.slots)
         self.enabled = torch.zeros(batch_size, s, dtype=torch.bool, device=dev)
         self.enabled[:, : self.n_user] = user_rows.to(dev).view(-1, 1)
-        self.fired: list[set[str]] = [set() for _ in range(batch_size)]
-        self.triggers: list[Trigger] = []
         self.verdicts: list[Verdict] | None = None
         self._feats = _Growing()  # [B, T, U], before steering
         self._steered = _Growing()  # [B, T, U], after steering
+        # Position masks stay where the caller made them (the host, normally): recording them
+        # costs no device work; they cross to the device only when a policy reads them.
         self._mask = _Growing()  # [B, T] content
         self._comp = _Growing()  # [B, T] completion
         self._recon = _Growing()  # [B, T]
@@ -141,18 +152,61 @@ class SteeringHook:
         self._tokens: list[list[str]] | None = None
         self._pending: tuple[Tensor, Tensor] | None = None
         self._steps = 0
-        self._n_comp = torch.zeros(batch_size, dtype=torch.long)  # completion content tokens recorded per row
+        self._rule_hist = _Growing()  # [B, E, R] rules matched at each trigger evaluation (policy rows only)
+        self._eval_starts: list[int] = []  # positions recorded before the forward of each trigger evaluation
+        self._triggers: list[Trigger] | None = None
 
     def set_positions(self, mask: Tensor, is_completion: Tensor) -> None:
         """Describe the positions of the next forward: ``mask``/``is_completion`` are ``[B, T]`` bool."""
         self._pending = (mask.to(torch.bool), is_completion.to(torch.bool))
 
+    @property
+    def triggers(self) -> list[Trigger]:
+        """Each rule that switched steering on, per row, in the order they fired (read back on demand)."""
+        if self._triggers is None:
+            self._triggers = self._read_triggers()
+        return self._triggers
+
+    @property
+    def fired(self) -> list[set[str]]:
+        """Per row, the ids of the rules that switched steering on."""
+        out: list[set[str]] = [set() for _ in range(self.enabled.shape[0])]
+        for t in self.triggers:
+            out[t.row].add(t.rule_id)
+        return out
+
+    def _read_triggers(self) -> list[Trigger]:
+        if not self._rule_hist:
+            return []
+        hist = self._rule_hist.view()  # [B, E, R]
+        first = hist & (hist.cumsum(1) == 1)  # the evaluation at which each rule first matched
+        hits = torch.nonzero(first).tolist()  # (row, evaluation, rule)
+        # Completion content tokens recorded before each evaluation's forward, per row: [B, E].
+        done = (self._mask.view() & self._comp.view()).cpu().long().cumsum(1)
+        done = torch.cat([done.new_zeros(done.shape[0], 1), done], dim=1)
+        n_comp = done[:, self._eval_starts]
+        slot_map = self._rule_slot_map.cpu()
+        out = []
+        for row, e, r in sorted(hits, key=lambda h: (h[1], h[0], h[2])):
+            slots = torch.nonzero(slot_map[r]).flatten().tolist()
+            out.append(
+                Trigger(
+                    rule_id=self._trigger_ids[r],
+                    row=row,
+                    token=int(n_comp[row, e]),
+                    interventions=[_describe(self.steerer.slots[i]) for i in slots],
+                )
+            )
+        return out
+
     def history(self) -> dict[str, Tensor]:
-        """Everything recorded so far, concatenated over positions."""
+        """Everything recorded so far, concatenated over positions (on the device of the features)."""
+        feats = self._feats.view()
+        dev = feats.device
         out = {
-            "features": self._feats.view(),  # [B, T, U]
-            "mask": self._mask.view(),  # [B, T]
-            "is_completion": self._comp.view(),  # [B, T]
+            "features": feats,  # [B, T, U]
+            "mask": self._mask.view().to(dev, non_blocking=True),  # [B, T]
+            "is_completion": self._comp.view().to(dev, non_blocking=True),  # [B, T]
         }
         if self._steered:
             out["steered"] = self._steered.view()  # [B, T', U] (T' = T after the forward)
@@ -170,19 +224,21 @@ class SteeringHook:
         return self.verdicts
 
     def _evaluate(self, engine: PolicyEngine, cols: Tensor) -> list[Verdict]:
+        return engine.evaluate(self._history_batch(engine, cols))
+
+    def _history_batch(self, engine: PolicyEngine, cols: Tensor) -> AuditBatch:
+        """Everything recorded so far as ``engine``'s input (``cols``: its watched latents' columns)."""
         from auditor.policy import AuditBatch
 
         h = self.history()
         comp = h["is_completion"]
-        return engine.evaluate(
-            AuditBatch(
-                features=h["features"].index_select(-1, cols),
-                mask=h["mask"],
-                is_completion=comp,
-                is_prompt=~comp,
-                recon_error=h.get("recon") if engine.needs_recon_error else None,
-                resid=h.get("resid") if engine.needs_resid else None,
-            )
+        return AuditBatch(
+            features=h["features"].index_select(-1, cols),
+            mask=h["mask"],
+            is_completion=comp,
+            is_prompt=~comp,
+            recon_error=h.get("recon") if engine.needs_recon_error else None,
+            resid=h.get("resid") if engine.needs_resid else None,
         )
 
     # ------------------------------------------------------------------ the hook
@@ -195,52 +251,39 @@ class SteeringHook:
             mask, comp = self._pending
         else:
             # Nobody described these positions: count them as completion content.
-            mask = torch.ones(b, t, dtype=torch.bool, device=tensor.device)
-            comp = torch.ones(b, t, dtype=torch.bool, device=tensor.device)
+            mask = comp = torch.ones(b, t, dtype=torch.bool)
         self._pending = None
         if b != self.enabled.shape[0]:
             self.reset(b, torch.ones(b, dtype=torch.bool) if self.user else torch.zeros(b, dtype=torch.bool))
-        n_comp_before = self._n_comp.clone()
+        start = len(self._mask)
         self._feats.append(f.view(b, t, -1))
-        self._mask.append(mask.to(tensor.device))
-        self._comp.append(comp.to(tensor.device))
-        self._n_comp += (mask & comp).sum(1).cpu()
+        self._mask.append(mask)
+        self._comp.append(comp)
         if recon is not None:
             self._recon.append(recon.view(b, t))
         if self.need_resid:
             self._resid.append(tensor.detach().float())
         if self.trigger_engine is not None and self._steps % self.policy_every == 0:
-            self._fire(self._evaluate(self.trigger_engine, self.trigger_cols), n_comp_before)
+            self._fire(start)
         self._steps += 1
-        enabled = self.enabled.repeat_interleave(t, dim=0)  # [B*T, S]
+        enabled = self.enabled.unsqueeze(1).expand(b, t, -1).reshape(b * t, -1)  # [B*T, S]
         new_x, steered = self.steerer.steer(x, f, state, enabled)
         self._steered.append(steered.view(b, t, -1))
         return new_x.view_as(tensor)
 
-    def _fire(self, verdicts: list[Any], n_comp_before: Tensor) -> None:
-        for row, verdict in enumerate(verdicts):
-            if not bool(self.policy_rows[row]):
-                continue
-            for match in verdict.matches:
-                if match.rule_id in self.fired[row]:
-                    continue
-                slots = [
-                    i
-                    for i, s in enumerate(self.steerer.slots)
-                    if i >= self.n_user and s.source == f"rule:{match.rule_id}"
-                ]
-                if not slots:
-                    continue
-                self.fired[row].add(match.rule_id)
-                self.enabled[row, slots] = True
-                self.triggers.append(
-                    Trigger(
-                        rule_id=match.rule_id,
-                        row=row,
-                        token=int(n_comp_before[row]),
-                        interventions=[_describe(self.steerer.slots[i]) for i in slots],
-                    )
-                )
+    def _fire(self, start: int) -> None:
+        """Evaluate the steering rules on the history; switch on the slots of every rule that matched.
+
+        All on the device: the decision is recorded (for :attr:`triggers`) and or-ed into
+        ``enabled``; a rule that matched before keeps its slots on, so it fires once per row.
+        """
+        engine = self.trigger_engine
+        assert engine is not None
+        matched = engine.matched(self._history_batch(engine, self.trigger_cols)) & self.policy_rows.unsqueeze(1)  # [B, R]
+        self._rule_hist.append(matched.unsqueeze(1))
+        self._eval_starts.append(start)
+        self._triggers = None
+        self.enabled |= (matched.unsqueeze(2) & self._rule_slot_map.unsqueeze(0)).any(1)  # [B, S]
 
 
 class _Growing:
@@ -252,6 +295,9 @@ class _Growing:
 
     def __bool__(self) -> bool:
         return self._n > 0
+
+    def __len__(self) -> int:
+        return self._n
 
     def append(self, chunk: Tensor) -> None:
         t = chunk.shape[1]

@@ -1,0 +1,221 @@
+"""The steering hook decides on the device: triggers equal per-step verdicts, and no step reads back to the host."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from auditor.models import Hookpoint
+from auditor.policy import AuditBatch, load_policy
+from auditor.sae import SAE
+from auditor.steering._hook import SteeringHook
+from tests.unit.steering.conftest import HIDDEN, HOOKPOINT, random_sae
+
+WEATHER, FRAUD, SAD = 20, 5, 9
+# Row r's weather latent rises at decode step WEATHER_AT[r], its fraud latent at FRAUD_AT[r] (None: never).
+WEATHER_AT = [2, 4, 1]
+FRAUD_AT = [3, None, 3]
+PROMPT, STEPS = 4, 7
+
+
+def _policy(tmp_path: Path, library_path: Path) -> Path:
+    path = tmp_path / "hook.yaml"
+    path.write_text(
+        f"""apiVersion: auditor/v1
+kind: Policy
+metadata: {{name: hook-test}}
+library: {library_path}
+rules:
+  - id: weather-steer
+    severity: medium
+    category: topic
+    scope: completion
+    condition: {{feature: topic.weather, agg: max, threshold: 2.0}}
+    actions:
+      - alert
+      - steer: {{feature: mood.sad, mode: add, value: 30.0}}
+  - id: fraud-steer
+    severity: high
+    category: deception
+    scope: completion
+    condition: {{feature: deception.fraud, agg: max, threshold: 2.0}}
+    actions:
+      - block
+      - steer: {{feature: deception.fraud, mode: clamp, value: 0.0}}
+  - id: fraud-alert
+    severity: low
+    category: deception
+    scope: any
+    condition: {{feature: deception.fraud, agg: max, threshold: 1.0}}
+    actions: [alert]
+"""
+    )
+    return path
+
+
+def _activations(sae: SAE) -> list[torch.Tensor]:
+    """Prompt [3, PROMPT, d] then STEPS decode inputs [3, 1, d]: latents rise at the scheduled steps."""
+    gen = torch.Generator().manual_seed(1)
+    w = sae.W_enc.detach()
+    chunks = [torch.randn(3, PROMPT, HIDDEN, generator=gen) * 0.05]
+    for step in range(STEPS):
+        x = torch.randn(3, 1, HIDDEN, generator=gen) * 0.05
+        for row in range(3):
+            if step >= WEATHER_AT[row]:
+                x[row, 0] += 4.0 * w[:, WEATHER]
+            at = FRAUD_AT[row]
+            if at is not None and step >= at:
+                x[row, 0] += 4.0 * w[:, FRAUD]
+        chunks.append(x)
+    return chunks
+
+
+def _run(hook: SteeringHook, chunks: list[torch.Tensor], live: torch.Tensor) -> list[torch.Tensor]:
+    """Feed the chunks as one prefill and decode steps; return the hook's output per chunk."""
+    point = Hookpoint(1, "resid_post")
+    outs = []
+    for i, x in enumerate(chunks):
+        b, t, _ = x.shape
+        comp = torch.zeros(b, t, dtype=torch.bool) if i == 0 else torch.ones(b, t, dtype=torch.bool)
+        mask = torch.ones(b, t, dtype=torch.bool) if i == 0 else live[:, i - 1 : i]
+        hook.set_positions(mask, comp)
+        outs.append(hook(x, hook=point))
+    return outs
+
+
+def _reference_triggers(engine, sae: SAE, chunks: list[torch.Tensor], live: torch.Tensor, policy_rows: list[bool]):  # type: ignore[no-untyped-def]
+    """The rules' first matches, step by step, from full verdicts on the growing history."""
+    steer = engine.steering_engine
+    fired: set[tuple[int, str]] = set()
+    out = []
+    n_comp = [0, 0, 0]
+    for i in range(len(chunks)):
+        x = torch.cat(chunks[: i + 1], dim=1)  # [3, T, d]
+        b, t, _ = x.shape
+        feats = sae.encode(x.reshape(b * t, -1), steer.watched).view(b, t, -1)
+        comp = torch.zeros(b, t, dtype=torch.bool)
+        comp[:, PROMPT:] = True
+        mask = torch.cat([torch.ones(b, PROMPT, dtype=torch.bool), live[:, :i]], dim=1)
+        verdicts = steer.evaluate(AuditBatch(feats, mask, comp, ~comp))
+        for row, verdict in enumerate(verdicts):
+            for m in verdict.matches:
+                if policy_rows[row] and (row, m.rule_id) not in fired:
+                    fired.add((row, m.rule_id))
+                    out.append((m.rule_id, row, n_comp[row]))
+        if i > 0:
+            n_comp = [n + int(live[r, i - 1]) for r, n in enumerate(n_comp)]
+    return out
+
+
+def test_triggers_equal_the_per_step_verdicts_and_steer_from_the_firing_step(tmp_path: Path, library_path: Path, library) -> None:  # type: ignore[no-untyped-def]
+    sae = random_sae()
+    engine = load_policy(_policy(tmp_path, library_path))
+    hook = SteeringHook(sae, [], engine=engine, library=library)
+    policy_rows = [True, True, False]
+    hook.reset(3, torch.zeros(3, dtype=torch.bool), policy_rows=torch.tensor(policy_rows))
+    chunks = _activations(sae)
+    live = torch.ones(3, STEPS, dtype=torch.bool)
+    live[1, 0] = False  # one padded step in row 1: its completion count lags by one
+    outs = _run(hook, chunks, live)
+
+    want = _reference_triggers(engine, sae, chunks, live, policy_rows)
+    got = [(t.rule_id, t.row, t.token) for t in hook.triggers]
+    assert got == want
+    # The schedule makes this a real test: rules fire at different steps and rows, row 2 never steers.
+    assert {r for _, r, _ in got} == {0, 1} and len(got) == 3
+    assert hook.fired == [{"weather-steer", "fraud-steer"}, {"weather-steer"}, set()]
+    assert [t.interventions for t in hook.triggers if t.rule_id == "fraud-steer"] == [["deception.fraud=clamp:0@active"]]
+    # Steering starts at the firing step's own forward: row 0's sad latent gets +30 from step WEATHER_AT[0].
+    sad = hook.steerer.column(SAD)
+    steered = hook.history()["steered"][0, PROMPT:, sad]
+    measured = hook.history()["features"][0, PROMPT:, sad]
+    delta = (steered - measured).tolist()
+    assert delta == pytest.approx([0.0] * WEATHER_AT[0] + [30.0] * (STEPS - WEATHER_AT[0]))
+    # Row 2 (not a policy row) passes through unchanged.
+    for x, out in zip(chunks, outs):
+        assert torch.equal(out[2], x[2])
+    # Reading the triggers twice gives the same list; a reset forgets them.
+    assert [(t.rule_id, t.row, t.token) for t in hook.triggers] == got
+    hook.reset(3, torch.zeros(3, dtype=torch.bool))
+    assert hook.triggers == [] and hook.fired == [set(), set(), set()]
+
+
+class _HostReads(TorchDispatchMode):
+    """Records the ops that make the host wait for the device (scalar reads, data-dependent shapes).
+
+    The SAE's index range check reads two scalars on purpose, on the CPU only (it is skipped
+    for indices on an accelerator), so reads made inside it are not counted.
+    """
+
+    WAITS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique2", "aten::_unique2"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func._schema.name in self.WAITS and not _inside(SAE._feature_index.__code__):
+            self.seen.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+def _inside(code) -> bool:  # type: ignore[no-untyped-def]
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def test_a_decode_step_never_reads_a_value_back(tmp_path: Path, library_path: Path, library) -> None:  # type: ignore[no-untyped-def]
+    sae = random_sae()
+    engine = load_policy(_policy(tmp_path, library_path))
+    hook = SteeringHook(sae, [], engine=engine, library=library)
+    hook.reset(3, torch.zeros(3, dtype=torch.bool))
+    chunks = _activations(sae)
+    live = torch.ones(3, STEPS, dtype=torch.bool)
+    _run(hook, chunks[:2], live)  # prefill and a first step outside the check
+    with _HostReads() as reads:
+        point = Hookpoint(1, "resid_post")
+        for x in chunks[2:]:
+            hook.set_positions(torch.ones(3, 1, dtype=torch.bool), torch.ones(3, 1, dtype=torch.bool))
+            hook(x, hook=point)
+    assert reads.seen == []
+    assert len(hook.triggers) == 5  # the decisions were still made (and are read back here, once)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_decode_steps_on_cuda_never_synchronize(tmp_path: Path, library_path: Path, library) -> None:  # type: ignore[no-untyped-def]
+    dev = torch.device("cuda")
+    sae = random_sae().to(dev)
+    engine = load_policy(_policy(tmp_path, library_path))
+    hook = SteeringHook(sae, [], engine=engine, library=library)
+    hook.reset(3, torch.zeros(3, dtype=torch.bool))
+    chunks = [c.to(dev) for c in _activations(random_sae())]  # same seed, same weights
+    point = Hookpoint(1, "resid_post")
+    hook.set_positions(torch.ones(3, PROMPT, dtype=torch.bool), torch.zeros(3, PROMPT, dtype=torch.bool))
+    hook(chunks[0], hook=point)  # prefill: first use copies the policy's tensors to the device
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for x in chunks[1:]:
+            hook.set_positions(torch.ones(3, 1, dtype=torch.bool), torch.ones(3, 1, dtype=torch.bool))
+            hook(x, hook=point)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert [(t.rule_id, t.row) for t in hook.triggers] == [
+        (t.rule_id, t.row) for t in _cpu_triggers(tmp_path, library_path, library)
+    ]
+
+
+def _cpu_triggers(tmp_path: Path, library_path: Path, library):  # type: ignore[no-untyped-def]
+    sae = random_sae()
+    hook = SteeringHook(sae, [], engine=load_policy(_policy(tmp_path, library_path)), library=library)
+    hook.reset(3, torch.zeros(3, dtype=torch.bool))
+    _run(hook, _activations(sae), torch.ones(3, STEPS, dtype=torch.bool))
+    return hook.triggers
