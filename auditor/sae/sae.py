@@ -110,6 +110,16 @@ def _relative_error(x: Tensor, x_hat: Tensor) -> Tensor:
     return torch.where(norm > 0, err / norm.clamp_min(torch.finfo(x.dtype).tiny), err)
 
 
+_FUSED_ADDMM_RELU = getattr(torch, "_addmm_activation", None)
+
+
+def _addmm_relu(bias: Tensor, x: Tensor, w: Tensor) -> Tensor:
+    """``relu(x @ w + bias)``: on CUDA bias and ReLU run in the GEMM's epilogue (one pass over the output)."""
+    if _FUSED_ADDMM_RELU is not None and x.is_cuda:
+        return _FUSED_ADDMM_RELU(bias, x, w)
+    return torch.addmm(bias, x, w).relu_()
+
+
 def param_shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
     """Canonical parameter names and shapes for ``cfg.architecture``."""
     shapes: dict[str, tuple[int, ...]] = {
@@ -202,15 +212,14 @@ class SAE(nn.Module):
     def norm_in(self, x: Tensor) -> tuple[Tensor, NormState]:
         """Normalize ``x [N, d_in]``; return it with the state that :meth:`decode` undoes."""
         mode = self.cfg.normalize_activations
-        one = x.new_ones(())
-        zero = x.new_zeros(())
         if mode == "none":
-            return x, NormState(one, zero)
+            return x, self._global_state(x, 1.0)
         if mode == "expected_average_only_in":
             factor = self.cfg.activation_norm_scaling_factor
             if factor is None:  # excluded by SAEConfig's validator; kept for the type checker
                 raise ValueError("activation_norm_scaling_factor is not set")
-            return x * factor, NormState(one / factor, zero)
+            return x * factor, self._global_state(x, 1.0 / factor)
+        zero = x.new_zeros(())
         if mode == "constant_norm_rescale":
             # A zero row (e.g. padding) stays zero instead of turning into NaN.
             norm = x.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).eps)  # [N, 1]
@@ -220,6 +229,16 @@ class SAE(nn.Module):
         centered = x - mu
         std = centered.std(dim=-1, keepdim=True)  # [N, 1]
         return centered / (std + LAYER_NORM_EPS), NormState(std, mu)
+
+    def _global_state(self, x: Tensor, scale: float) -> NormState:
+        """The state of a global (or no) normalization: 0-d ``scale`` and zero, made once per device
+        and dtype (per-token calls while decoding would otherwise launch two fills each)."""
+        key = (x.device, x.dtype, scale)
+        cache: dict[tuple[torch.device, torch.dtype, float], NormState] = self.__dict__.setdefault("_state_cache", {})
+        state = cache.get(key)
+        if state is None:
+            state = cache[key] = NormState(torch.tensor(scale, dtype=x.dtype, device=x.device), x.new_zeros(()))
+        return state
 
     def _needs_row_state(self) -> bool:
         return self.cfg.normalize_activations in ("constant_norm_rescale", "layer_norm")
@@ -251,16 +270,17 @@ class SAE(nn.Module):
         def pick(t: Tensor) -> Tensor:
             return t if idx is None else t.index_select(-1, idx)
 
-        proj = xn @ pick(self.W_enc)  # [N, n_latents]
+        # addmm puts the bias in the matmul (cuBLAS applies it in the GEMM epilogue); the
+        # activation then runs in place: one [N, n_latents] tensor, written once, read once.
         if arch == "standard":
-            return torch.relu(proj + pick(self.b_enc))
+            return _addmm_relu(pick(self.b_enc), xn, pick(self.W_enc))  # [N, n_latents]
         if arch in ("jumprelu", "batchtopk"):
-            pre = proj + pick(self.b_enc)
-            return torch.relu(pre) * (pre > pick(self.threshold))
+            pre = torch.addmm(pick(self.b_enc), xn, pick(self.W_enc))
+            return pre.mul_(pre > pick(self.threshold)).relu_()
+        proj = xn @ pick(self.W_enc)  # [N, n_latents]
         gate = (proj + pick(self.b_gate)) > 0
         # x' (W_enc * exp(r_mag)) == (x' W_enc) * exp(r_mag): reuse the one projection.
-        mag = torch.relu(proj * torch.exp(pick(self.r_mag)) + pick(self.b_mag))
-        return gate * mag
+        return torch.addcmul(pick(self.b_mag), proj, torch.exp(pick(self.r_mag))).relu_().mul_(gate)
 
     def _input(self, x: Tensor) -> Tensor:
         """``x`` checked to be ``[N, d_in]`` and cast to the SAE's dtype and device."""
@@ -274,7 +294,7 @@ class SAE(nn.Module):
 
     def _topk_normed(self, xn: Tensor) -> tuple[Tensor, Tensor]:
         """TopK codes of normalized rows whose ``b_dec`` is already subtracted: indices, relu'd values ``[N, k]``."""
-        pre = xn @ self.W_enc + self.b_enc  # [N, d_sae]
+        pre = torch.addmm(self.b_enc, xn, self.W_enc)  # [N, d_sae]
         k = self.cfg.k if self.cfg.k is not None else self.cfg.d_sae
         top = pre.topk(min(k, self.cfg.d_sae), dim=-1)
         return top.indices, torch.relu(top.values)
@@ -345,6 +365,25 @@ class SAE(nn.Module):
             picked, state = self.encode_with_norm(x, idx)
         err = _relative_error(x, x_hat) if x_hat is not None else None
         return WatchedEncoding(picked, state, err, dense if full else None)
+
+    def subset(self, features: Tensor | Sequence[int]) -> SAE:
+        """An SAE of only the latents ``features``, in that order: its :meth:`encode` equals
+        ``encode(x, features)`` and costs one matmul with no column gathering.
+
+        For callers that encode the same watch-list many times (the steering hook, once per
+        generated token): the columns are copied once, here. The copy does not follow later
+        changes to this SAE's weights. TopK ranks every latent, so it has no subset.
+        """
+        if self.cfg.architecture == "topk":
+            raise ValueError("a topk SAE ranks all latents per token; it cannot be cut to a subset of them")
+        idx = self._feature_index(features)
+        tensors = {
+            name: p.detach() if name == "b_dec" else p.detach().index_select(1 if name == "W_enc" else 0, idx)
+            for name, p in self.named_parameters()
+        }
+        # k is only provenance for the per-latent rules (batchtopk): it does not apply to a subset.
+        cfg = self.cfg.model_copy(update={"d_sae": int(idx.numel()), "k": None})
+        return SAE.from_tensors(cfg, tensors, source="<subset>", device=self.W_enc.device)
 
     def encode(self, x: Tensor, features: Tensor | Sequence[int] | None = None) -> Tensor:
         """Latent activations: ``x [N, d_in]`` -> ``[N, d_sae]``, or ``[N, len(features)]``.

@@ -299,6 +299,7 @@ class Steerer:
     latents: Tensor = field(init=False)
     _slot_cols: list[int] = field(init=False)
     _w_dec: Tensor = field(init=False)
+    _sub: SAE | None = field(init=False)
 
     def __post_init__(self) -> None:
         order = list(dict.fromkeys([s.index for s in self.slots] + [int(i) for i in self.extra]))
@@ -309,6 +310,9 @@ class Steerer:
         # Only the slots' decoder rows can change x; they come first in `latents`.
         self._w_dec = self.sae.W_dec.index_select(0, self.latents[:n_slot_latents]).float()  # [S', d_in]
         self._n_slot_latents = n_slot_latents
+        # Per-latent architectures encode the measured latents from a copy of just their columns
+        # (no gather per call); TopK must rank all latents every time.
+        self._sub = self.sae.subset(self.latents) if self.sae.cfg.architecture != "topk" and order else None
 
     def column(self, index: int) -> int:
         """Column of latent ``index`` in :attr:`SteerOutput.features`."""
@@ -327,7 +331,10 @@ class Steerer:
             from auditor.sae import NormState
 
             return x.new_zeros((x.shape[0], 0), dtype=torch.float32), NormState(x.new_ones(()), x.new_zeros(())), None
-        enc = self.sae.encode_watched(x.float(), self.latents, recon_error=recon_error)
+        if self._sub is not None and not recon_error:
+            f, state = self._sub.encode_with_norm(x)
+            return f.float(), state, None
+        enc = self.sae.encode_watched(x, self.latents, recon_error=recon_error)
         return enc.features.float(), enc.state, enc.recon_error
 
     @torch.no_grad()
@@ -346,18 +353,19 @@ class Steerer:
             if slot.positions == "active" and slot.mode != "scale":
                 on = on & (cur > 0)
             if slot.mode == "clamp":
-                target = torch.full_like(cur, slot.value)
-            elif slot.mode == "scale":
-                target = cur * slot.value
-            else:
-                target = cur + slot.value
+                cur.masked_fill_(on, slot.value)  # `cur` is a view of `new`: one kernel, in place
+                continue
+            target = cur * slot.value if slot.mode == "scale" else cur + slot.value
             new[:, c] = torch.where(on, target, cur)
         k = self._n_slot_latents
         if k == 0:
             return x, new
-        delta = (new[:, :k] - f[:, :k]) @ self._w_dec  # [N, d_in], in the SAE's normalized units
-        # decode(f') + e - x == (f' - f) W_dec * scale: undo the input normalization's scale.
-        steered_x = x.float() + delta * state.scale.float()
+        # decode(f') + e - x == (f' - f) W_dec * scale: the change in the SAE's normalized units,
+        # times the input normalization's scale (exactly 1 without normalization).
+        diff = new[:, :k] - f[:, :k]  # [N, S']
+        if self.sae.cfg.normalize_activations != "none":
+            diff = diff * state.scale.float()
+        steered_x = torch.addmm(x.float(), diff, self._w_dec)  # [N, d_in]
         return steered_x.to(x.dtype), new
 
     def apply(self, x: Tensor, enabled: Tensor | None = None) -> SteerOutput:

@@ -69,6 +69,31 @@ def test_watch_list_encode_equals_full_columns(arch: str, norm: str) -> None:
     assert sae.encode(x, []).shape == (N, 0)
 
 
+@pytest.mark.parametrize(("arch", "norm", "apply_b_dec"), [(a, n, b) for a in ARCHS if a != "topk" for n in NORMS for b in (True, False)])
+def test_subset_encodes_the_listed_latents(arch: str, norm: str, apply_b_dec: bool) -> None:
+    sae, _ = make_sae(arch, norm, apply_b_dec)
+    x = acts()
+    idx = [5, 0, 63, 17, 5]
+    sub = sae.subset(idx)
+    assert sub.cfg.d_sae == len(idx) and sub.cfg.architecture == arch
+    f, state = sub.encode_with_norm(x)
+    assert_close(f, sae.encode(x)[:, idx])
+    assert (f > 0).any()
+    # The norm state is the full SAE's (steering undoes the input scale with it).
+    _, full_state = sae.encode_with_norm(x)
+    assert_close(state.scale, full_state.scale) and assert_close(state.shift, full_state.shift)
+    # A copy: changing the subset leaves the SAE alone.
+    with torch.no_grad():
+        sub.W_enc.zero_()
+    assert (sae.encode(x)[:, idx] > 0).any()
+
+
+def test_subset_of_topk_is_refused() -> None:
+    sae, _ = make_sae("topk")
+    with pytest.raises(ValueError, match="ranks all latents"):
+        sae.subset([1, 2])
+
+
 def test_topk_keeps_at_most_k_per_row() -> None:
     sae, _ = make_sae("topk")
     f = sae.encode(acts(n=50))
