@@ -13,13 +13,19 @@ in the same process:
 3. generation: greedy decoding with the KV cache at batch 1 and 16, plain vs serve mode
    (the product's steering hook at layer 16: the watched latents of every new position
    encoded once, one clamp intervention, the ``--steer-rules`` rules that steer evaluated
-   every ``--policy-every`` tokens on the growing sequence, the whole policy at the end).
+   every ``--policy-every`` tokens on the growing sequence, the whole policy at the end);
+   plain and serve runs take turns, medians of ``--gen-repeats``.
+
+``--encode-variants`` also times ways of computing the full-width encode (the product's
+``SAE.encode``, the bare GEMM, matmul + add + ReLU, addmm + in-place ReLU, the GEMM with a fused
+bias + ReLU epilogue, full and two-stage top-k, and an fp8 row-wise GEMM with its error).
 
 Prints one JSON object and a summary with each goal ratio. ``--tiny`` swaps in a 2-layer
 model and 4,608- and 8,192-wide SAEs so the script can be smoke-tested on a CPU in seconds.
 
     python benchmarks/gpu_llama8b.py [--tiny] [--device cuda] [--seq 512] [--batch-sizes 1,8,32]
-        [--gen-tokens 64] [--gen-batches 1,16] [--steer-rules 10] [--policy-every 1] [--compile]
+        [--gen-tokens 64] [--gen-batches 1,16] [--gen-repeats 5] [--steer-rules 0,10,10/4] [--policy-every 1]
+        [--encode-variants] [--compile]
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import argparse
 import json
 import platform
 import random
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -140,12 +147,73 @@ def random_engine(d_sae: int, device: torch.device) -> PolicyEngine:
     return engine
 
 
+def two_stage_topk(pre: torch.Tensor, k: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-``k`` of each row of ``pre [N, W]`` via the top ``k`` of each ``chunk``-wide slice first."""
+    n, w = pre.shape
+    part = pre.view(n, w // chunk, chunk).topk(k, dim=-1)  # [N, W/chunk, k]
+    cand = part.values.reshape(n, -1)
+    top = cand.topk(k, dim=-1)
+    base = (torch.arange(w // chunk, device=pre.device) * chunk).view(1, -1, 1)
+    idx = (part.indices + base).reshape(n, -1).gather(1, top.indices)
+    return top.values, idx
+
+
+def encode_variants(x: torch.Tensor, sae: SAE, k: int, device: torch.device, repeats: int) -> dict[str, Any]:
+    """Seconds for ways of computing the full-width encode of ``x [N, d]`` (each guarded: an error is reported)."""
+    w, b = sae.W_enc, sae.b_enc
+    out: dict[str, Any] = {}
+
+    def run(name: str, fn: Callable[[], Any]) -> None:
+        try:
+            with torch.inference_mode():
+                out[name] = best_time(fn, device, repeats)
+        except Exception as exc:  # noqa: BLE001 - a variant the build lacks is reported, not fatal
+            out[name] = f"error: {type(exc).__name__}: {str(exc)[:160]}"
+
+    run("gemm_only", lambda: x @ w)
+    run("product_sae_encode", lambda: sae.encode(x))
+    run("relu_matmul_add_relu", lambda: torch.relu(x @ w + b))
+    run("relu_addmm_relu_inplace", lambda: torch.addmm(b, x, w).relu_())
+    run("relu_addmm_activation", lambda: torch._addmm_activation(b, x, w))
+    with torch.inference_mode():
+        pre = torch.addmm(b, x, w)
+        ref = pre.topk(k, dim=-1).values
+    run("topk_only", lambda: pre.topk(k, dim=-1))
+    for chunk in (4096, 16384):
+        if pre.shape[1] % chunk == 0:
+            run(f"topk_two_stage_{chunk}_only", lambda c=chunk: two_stage_topk(pre, k, c))
+            with torch.inference_mode():
+                out[f"topk_two_stage_{chunk}_exact"] = bool(torch.equal(two_stage_topk(pre, k, chunk)[0], ref))
+    del pre, ref
+    if device.type == "cuda" and hasattr(torch, "float8_e4m3fn"):
+        try:
+            with torch.inference_mode():
+                fmax = torch.finfo(torch.float8_e4m3fn).max
+                xs = (x.abs().amax(1, keepdim=True).float() / fmax).clamp_min(1e-12)  # [N, 1]
+                ws = (w.abs().amax(0, keepdim=True).float() / fmax).clamp_min(1e-12)  # [1, W]
+                xq = (x.float() / xs).to(torch.float8_e4m3fn)
+                wq = (w.float() / ws).to(torch.float8_e4m3fn).t().contiguous().t()  # column-major
+                def fp8() -> torch.Tensor:
+                    y = torch._scaled_mm(xq, wq, scale_a=xs, scale_b=ws, out_dtype=torch.bfloat16)
+                    return y.add_(b).relu_()
+                run("relu_fp8_rowwise", fp8)
+                exact = torch.addmm(b, x, w).relu_()
+                approx = fp8()
+                on_e, on_a = exact > 0, approx > 0
+                out["fp8_active_agreement"] = float((on_e == on_a).float().mean())
+                out["fp8_rel_error_active"] = float(((approx - exact).float().norm() / exact.float().norm()))
+                del exact, approx, xq, wq
+        except Exception as exc:  # noqa: BLE001
+            out["relu_fp8_rowwise"] = f"error: {type(exc).__name__}: {str(exc)[:160]}"
+    return out
+
+
 def decode_loop(
     model: torch.nn.Module,
     prompt: torch.Tensor,
     n_new: int,
     serve: dict[str, Any] | None,
-) -> None:
+) -> float:
     """Greedy decoding with a DynamicCache; ``serve`` installs the product's steering hook.
 
     Serve mode is what :func:`auditor.steering.generate` runs: :class:`SteeringHook` encodes the
@@ -165,7 +233,7 @@ def decode_loop(
             nxt = step(prompt)
             for _ in range(n_new - 1):
                 nxt = step(nxt)
-            return
+            return 0.0
         b, p = prompt.shape
         hook = SteeringHook(
             serve["sae"], [serve["clamp"]], engine=serve["engine"], policy_every=serve["policy_every"]
@@ -177,7 +245,11 @@ def decode_loop(
             for _ in range(n_new - 1):
                 hook.set_positions(torch.ones(b, 1, dtype=torch.bool), torch.ones(b, 1, dtype=torch.bool))
                 nxt = step(nxt)
+            sync(prompt.device)
+            t0 = time.perf_counter()
             hook.evaluate()
+            sync(prompt.device)
+            return time.perf_counter() - t0
 
 
 def with_steer_rules(engine: PolicyEngine, n: int, feature: str) -> PolicyEngine:
@@ -202,9 +274,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--gen-prompt", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="torch.compile the model's forward (slower start)")
-    ap.add_argument("--steer-rules", type=int, default=10, help="rules of the random policy given a steer action "
-                    "(evaluated every --policy-every tokens while decoding; 100 = the whole policy)")
+    ap.add_argument("--steer-rules", default="0,10", help="comma list: rules of the random policy given a steer "
+                    "action, one serve-mode run each (0: one requested clamp, the policy watching and giving its "
+                    "verdict at the end; N: also N rules evaluated every --policy-every tokens; 100 = all)")
+    ap.add_argument("--encode-variants", action="store_true", help="also time ways of computing the full-width "
+                    "encode (matmul+add+relu, addmm+relu_, fused addmm activation, two-stage top-k, fp8 on CUDA)")
     ap.add_argument("--policy-every", type=int, default=1)
+    ap.add_argument("--gen-repeats", type=int, default=5, help="timed runs of each generation configuration (median)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -266,30 +342,54 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         comp = torch.zeros_like(m)
         comp[:, seq // 2 :] = True
         t_eval = best_time(lambda: engine.evaluate(AuditBatch(f, m, comp)), device, args.repeats)
+        t_matched = best_time(lambda: engine.matched(AuditBatch(f, m, comp)), device, args.repeats)
+        variants = encode_variants(x, sae, 64, device, args.repeats) if args.encode_variants else {}
         del topk
         encode_rows.append(
             {"d_sae": width, "tokens": x.shape[0], "watched": int(watched.numel()),
              "watch_list_encode_s": t_watch, "full_encode_relu_s": t_full_enc, "full_encode_topk_s": t_topk,
-             "policy_eval_s": t_eval,
+             "policy_eval_s": t_eval, "policy_matched_only_s": t_matched, "stopped_forward_s": t_stop_big,
              "watch_plus_eval_share": (t_watch + t_eval) / t_stop_big,
-             "full_relu_share": t_full_enc / t_stop_big, "full_topk_share": t_topk / t_stop_big}
+             "full_relu_share": t_full_enc / t_stop_big, "full_topk_share": t_topk / t_stop_big,
+             "variants_s": variants}
         )
 
     gen_rows = []
     assert engine is not None  # widths is never empty
     sae = saes[max(saes)]
     clamp_feature = engine.library.name_for_index(int(engine.watched[0]))
-    steering = with_steer_rules(engine, args.steer_rules, clamp_feature)
-    serve = {"sae": sae, "clamp": ResolvedIntervention(int(engine.watched[0]), "clamp", 0.0, "all", clamp_feature),
-             "engine": steering, "hook": hook, "policy_every": args.policy_every}
+    clamp = ResolvedIntervention(int(engine.watched[0]), "clamp", 0.0, "all", clamp_feature)
+    # "N" or "N/E": N steering rules evaluated every E tokens (E defaults to --policy-every).
+    configs = [(int(c.split("/")[0]), int(c.split("/")[1]) if "/" in c else args.policy_every)
+               for c in str(args.steer_rules).split(",")]
+    serves = {(n, e): {"sae": sae, "clamp": clamp, "engine": with_steer_rules(engine, n, clamp_feature), "hook": hook,
+                       "policy_every": e} for n, e in configs}
     for gb in [int(b) for b in args.gen_batches.split(",")]:
         prompt = torch.randint(0, cfg["vocab_size"], (gb, args.gen_prompt), generator=gen, device=device)
-        t_plain = best_time(lambda: decode_loop(model, prompt, gen_tokens, None), device, max(1, args.repeats - 1))
-        t_serve = best_time(lambda: decode_loop(model, prompt, gen_tokens, serve), device, max(1, args.repeats - 1))
-        gen_rows.append(
-            {"batch_size": gb, "new_tokens": gen_tokens, "plain_tok_s": gb * gen_tokens / t_plain,
-             "serve_tok_s": gb * gen_tokens / t_serve, "serve_vs_plain": t_plain / t_serve}
-        )
+        # Plain and every serve configuration take turns, so drift on the machine hits them alike;
+        # each is the median of its runs after one warm-up.
+        runs: dict[Any, list[float]] = {None: [], **{key: [] for key in serves}}
+        verdict: dict[Any, list[float]] = {key: [] for key in serves}
+        for rep in range(args.gen_repeats + 1):
+            for key in runs:
+                sync(device)
+                t0 = time.perf_counter()
+                t_v = decode_loop(model, prompt, gen_tokens, serves[key] if key is not None else None)
+                sync(device)
+                if rep:
+                    runs[key].append(time.perf_counter() - t0)
+                    if key is not None:
+                        verdict[key].append(t_v)
+        t_plain = statistics.median(runs[None])
+        for (n, e) in serves:
+            t_serve = statistics.median(runs[(n, e)])
+            t_verdict = statistics.median(verdict[(n, e)])
+            gen_rows.append(
+                {"batch_size": gb, "steer_rules": n, "policy_every": e, "new_tokens": gen_tokens,
+                 "plain_tok_s": gb * gen_tokens / t_plain, "serve_tok_s": gb * gen_tokens / t_serve,
+                 "serve_vs_plain": t_plain / t_serve, "final_verdict_s": t_verdict,
+                 "decoding_vs_plain": t_plain / (t_serve - t_verdict), "runs": args.gen_repeats}
+            )
 
     result = {
         "benchmark": "gpu_llama8b",
@@ -303,8 +403,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "audit": audit_rows,
         "encode": encode_rows,
         "generation": gen_rows,
-        "steer_rules": args.steer_rules,
-        "policy_every": args.policy_every,
+        "steer_rules": [n for n, _ in configs],
         "gpu_peak_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "total_s": time.perf_counter() - t_start,
     }
@@ -315,11 +414,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               f"ratio {r['stopped_vs_full']:.2f}x")
     for r in encode_rows:
         print(f"SAE {r['d_sae']:>6}: watch-list + policy {100 * r['watch_plus_eval_share']:.2f}% of stopped forward "
-              f"(goal <= 1%), full ReLU {100 * r['full_relu_share']:.2f}%, full TopK {100 * r['full_topk_share']:.2f}% "
+              f"(goal <= 1%; the rules' decision alone, no verdicts: "
+              f"{100 * (r['watch_list_encode_s'] + r['policy_matched_only_s']) / r['stopped_forward_s']:.2f}%), full ReLU {100 * r['full_relu_share']:.2f}%, full TopK {100 * r['full_topk_share']:.2f}% "
               f"(goal <= 10%)")
     for r in gen_rows:
-        print(f"generation batch {r['batch_size']:>2}: plain {r['plain_tok_s']:.1f} tok/s, serve {r['serve_tok_s']:.1f} tok/s, "
-              f"ratio {r['serve_vs_plain']:.3f}")
+        print(f"generation batch {r['batch_size']:>2}, {r['steer_rules']:>3} steering rules every {r['policy_every']} "
+              f"token(s): plain {r['plain_tok_s']:.1f} "
+              f"tok/s, serve {r['serve_tok_s']:.1f} tok/s, ratio {r['serve_vs_plain']:.3f} (the final verdict "
+              f"{1000 * r['final_verdict_s']:.1f} ms; decoding alone {r['decoding_vs_plain']:.3f})")
+    for r in encode_rows:
+        if r["variants_s"]:
+            print(f"SAE {r['d_sae']:>6} full-encode variants: " + json.dumps(r["variants_s"]))
     return result
 
 

@@ -31,11 +31,18 @@ def first_json(out: str) -> dict:
 
 
 def test_gpu_script_smoke_runs_on_cpu() -> None:
-    out = first_json(run_script("benchmarks/gpu_llama8b.py", "--tiny", "--repeats", "1", "--steer-rules", "5"))
-    assert out["tiny"] is True and out["steer_rules"] == 5
-    assert [r["batch_size"] for r in out["generation"]] == [1, 16]
+    out = first_json(
+        run_script("benchmarks/gpu_llama8b.py", "--tiny", "--repeats", "1", "--steer-rules", "0,5/2", "--encode-variants", "--gen-repeats", "1")
+    )
+    assert out["tiny"] is True and out["steer_rules"] == [0, 5]
+    assert [(r["batch_size"], r["steer_rules"]) for r in out["generation"]] == [(1, 0), (1, 5), (16, 0), (16, 5)]
+    assert [r["policy_every"] for r in out["generation"]] == [1, 2, 1, 2]
     assert all(r["serve_tok_s"] > 0 and r["plain_tok_s"] > 0 for r in out["generation"])
     assert all(0 < r["watch_plus_eval_share"] for r in out["encode"])
+    # The encode variants ran (no error strings) and the two-stage top-k is exact where it applies.
+    variants = out["encode"][1]["variants_s"]
+    assert all(isinstance(variants[k], float) for k in ("gemm_only", "product_sae_encode", "relu_addmm_relu_inplace", "topk_only"))
+    assert variants["topk_two_stage_4096_exact"] is True
 
 
 def test_policy_eval_script_runs() -> None:
