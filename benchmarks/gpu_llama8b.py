@@ -18,7 +18,7 @@ in the same process:
 
 ``--encode-variants`` also times ways of computing the full-width encode (the product's
 ``SAE.encode``, the bare GEMM, matmul + add + ReLU, addmm + in-place ReLU, the GEMM with a fused
-bias + ReLU epilogue, full and two-stage top-k, and an fp8 row-wise GEMM with its error).
+bias + ReLU epilogue, full, two-stage and block-maxima top-k, and an fp8 row-wise GEMM with its error).
 
 Prints one JSON object and a summary with each goal ratio. ``--tiny`` swaps in a 2-layer
 model and 4,608- and 8,192-wide SAEs so the script can be smoke-tested on a CPU in seconds.
@@ -51,6 +51,7 @@ from auditor.policy.compile import compile_policy  # noqa: E402
 from auditor.policy.engine import AuditBatch, PolicyEngine  # noqa: E402
 from auditor.policy.schema import Policy  # noqa: E402
 from auditor.sae import SAE, SAEConfig  # noqa: E402
+from auditor.sae.sae import _row_topk  # noqa: E402
 from auditor.steering._hook import SteeringHook  # noqa: E402
 from auditor.steering.interventions import ResolvedIntervention  # noqa: E402
 from benchmarks.policy_eval import random_library, random_policy  # noqa: E402
@@ -179,6 +180,9 @@ def encode_variants(x: torch.Tensor, sae: SAE, k: int, device: torch.device, rep
         pre = torch.addmm(b, x, w)
         ref = pre.topk(k, dim=-1).values
     run("topk_only", lambda: pre.topk(k, dim=-1))
+    run("topk_blockmax_only", lambda: _row_topk(pre, k, blocks=True))
+    with torch.inference_mode():
+        out["topk_blockmax_exact"] = bool(torch.equal(_row_topk(pre, k, blocks=True)[0], ref))
     for chunk in (4096, 16384):
         if pre.shape[1] % chunk == 0:
             run(f"topk_two_stage_{chunk}_only", lambda c=chunk: two_stage_topk(pre, k, c))

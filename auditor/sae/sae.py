@@ -120,6 +120,34 @@ def _addmm_relu(bias: Tensor, x: Tensor, w: Tensor) -> Tensor:
     return torch.addmm(bias, x, w).relu_()
 
 
+_TOPK_BLOCK = 64
+_BLOCK_TOPK_MIN_WIDTH = 16384
+
+
+def _row_topk(pre: Tensor, k: int, *, blocks: bool | None = None) -> tuple[Tensor, Tensor]:
+    """The ``k`` largest values of each row of ``pre [N, W]`` and their column indices (both ``[N, k]``).
+
+    For wide rows on the CPU (``W >= 16,384``, a multiple of 64) the maxima of 64-wide blocks
+    pick the ``k`` blocks that can hold the top ``k`` (an element outside them has ``k`` block
+    maxima at least as large), and only those ``64 k`` candidates are ranked: the same values as
+    :func:`torch.topk`, 1.4-2.3x faster there (``benchmarks/topk_rows.py``). Elsewhere, and on
+    accelerators (not measured yet), :func:`torch.topk`. ``blocks`` forces the choice (True still
+    needs a width that is a multiple of 64 and above ``64 k``).
+    """
+    n, w = pre.shape
+    if blocks is None:
+        blocks = pre.device.type == "cpu" and w >= _BLOCK_TOPK_MIN_WIDTH
+    if not blocks or w % _TOPK_BLOCK or k * _TOPK_BLOCK >= w:
+        top = pre.topk(k, dim=-1)
+        return top.values, top.indices
+    blocks = pre.view(n, w // _TOPK_BLOCK, _TOPK_BLOCK)
+    chosen = blocks.amax(-1).topk(k, dim=-1).indices  # [N, k] blocks
+    cand = blocks.gather(1, chosen.unsqueeze(-1).expand(n, k, _TOPK_BLOCK)).reshape(n, k * _TOPK_BLOCK)
+    top = cand.topk(k, dim=-1)
+    cols = (chosen.unsqueeze(-1) * _TOPK_BLOCK + torch.arange(_TOPK_BLOCK, device=pre.device)).reshape(n, k * _TOPK_BLOCK)
+    return top.values, cols.gather(1, top.indices)
+
+
 def param_shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
     """Canonical parameter names and shapes for ``cfg.architecture``."""
     shapes: dict[str, tuple[int, ...]] = {
@@ -296,8 +324,8 @@ class SAE(nn.Module):
         """TopK codes of normalized rows whose ``b_dec`` is already subtracted: indices, relu'd values ``[N, k]``."""
         pre = torch.addmm(self.b_enc, xn, self.W_enc)  # [N, d_sae]
         k = self.cfg.k if self.cfg.k is not None else self.cfg.d_sae
-        top = pre.topk(min(k, self.cfg.d_sae), dim=-1)
-        return top.indices, torch.relu(top.values)
+        values, indices = _row_topk(pre, min(k, self.cfg.d_sae))
+        return indices, torch.relu(values)
 
     def encode_topk(self, x: Tensor) -> tuple[Tensor, Tensor, NormState]:
         """A TopK SAE's codes in sparse form: ``indices [N, k]``, ``values [N, k]`` and the norm state.

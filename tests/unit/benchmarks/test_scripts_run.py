@@ -42,7 +42,13 @@ def test_gpu_script_smoke_runs_on_cpu() -> None:
     # The encode variants ran (no error strings) and the two-stage top-k is exact where it applies.
     variants = out["encode"][1]["variants_s"]
     assert all(isinstance(variants[k], float) for k in ("gemm_only", "product_sae_encode", "relu_addmm_relu_inplace", "topk_only"))
-    assert variants["topk_two_stage_4096_exact"] is True
+    assert variants["topk_two_stage_4096_exact"] is True and variants["topk_blockmax_exact"] is True
+    assert isinstance(variants["topk_blockmax_only"], float)
+
+
+def test_topk_rows_script_agrees_with_torch_topk() -> None:
+    out = first_json(run_script("benchmarks/topk_rows.py", "--repeats", "1"))
+    assert len(out["shapes"]) >= 6 and all(r["same_values"] for r in out["shapes"])
 
 
 def test_policy_eval_script_runs() -> None:

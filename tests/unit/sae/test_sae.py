@@ -94,6 +94,36 @@ def test_subset_of_topk_is_refused() -> None:
         sae.subset([1, 2])
 
 
+@pytest.mark.parametrize(("n", "width", "k"), [(5, 16384, 32), (3, 32768, 1), (4, 16384, 255), (0, 16384, 8), (2, 20000, 16)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_wide_row_topk_equals_torch_topk(n: int, width: int, k: int, ties: bool) -> None:
+    from auditor.sae.sae import _row_topk
+
+    gen = torch.Generator().manual_seed(width + k)
+    pre = torch.randn(n, width, generator=gen)
+    if ties:
+        pre = pre.mul(2).round()  # a handful of distinct values: ties everywhere, also at the k-th
+    values, indices = _row_topk(pre, k)
+    ref = pre.topk(k, dim=-1)
+    assert torch.equal(values, ref.values)
+    assert torch.equal(pre.gather(1, indices), values)
+    assert all(len(set(row)) == k for row in indices.tolist())  # k distinct columns per row
+
+
+def test_wide_topk_sae_encodes_like_the_reference() -> None:
+    gen = torch.Generator().manual_seed(3)
+    d_in, d_sae, k = 8, 16384, 24
+    params = {
+        "W_enc": torch.randn(d_in, d_sae, generator=gen),
+        "b_enc": torch.randn(d_sae, generator=gen) * 0.1,
+        "W_dec": torch.randn(d_sae, d_in, generator=gen),
+        "b_dec": torch.randn(d_in, generator=gen) * 0.1,
+    }
+    sae = SAE.from_tensors(SAEConfig(architecture="topk", d_in=d_in, d_sae=d_sae, k=k, apply_b_dec_to_input=True), params)
+    x = torch.randn(6, d_in, generator=gen)
+    assert_close(sae.encode(x), ref_encode(params, "topk", x, apply_b_dec=True, k=k))
+
+
 def test_topk_keeps_at_most_k_per_row() -> None:
     sae, _ = make_sae("topk")
     f = sae.encode(acts(n=50))
