@@ -46,7 +46,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from auditor.models import capture, hooks  # noqa: E402
+from auditor.models import LoadedModel, capture, compile_layers, get_adapter, hooks  # noqa: E402
 from auditor.policy.compile import compile_policy  # noqa: E402
 from auditor.policy.engine import AuditBatch, PolicyEngine  # noqa: E402
 from auditor.policy.schema import Policy  # noqa: E402
@@ -277,7 +277,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--gen-batches", default="1,16")
     ap.add_argument("--gen-prompt", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--compile", action="store_true", help="torch.compile the model's forward (slower start)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the decoder layers as `auditor serve --compile` "
+                    "does (slower start)")
     ap.add_argument("--steer-rules", default="0,10", help="comma list: rules of the random policy given a steer "
                     "action, one serve-mode run each (0: one requested clamp, the policy watching and giving its "
                     "verdict at the end; N: also N rules evaluated every --policy-every tokens; 100 = all)")
@@ -298,7 +299,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     model = build_model(cfg, device, dtype)
     if args.compile:
-        model.forward = torch.compile(model.forward)  # type: ignore[method-assign]
+        # The product's option (`auditor serve --compile`): attention and MLP of every layer, hooks eager.
+        adapter = get_adapter(model)
+        compile_layers(LoadedModel(model=model, tokenizer=None, name="llama-3.1-8b-shaped", adapter=adapter,
+                                   d_model=adapter.d_model(model), n_layers=adapter.n_layers(model), device=device))
     build_s = time.perf_counter() - t_start
     d = cfg["hidden_size"]
     gen = torch.Generator(device=device).manual_seed(0)

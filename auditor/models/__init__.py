@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from auditor.models.adapters import ADAPTERS, ArchitectureAdapter, get_adapter
 from auditor.models.capture import capture, capture_packed, pack_rows, packing_supported, position_ids_from_mask
+from auditor.models.compiled import compile_layers
 from auditor.models.hookpoints import HOOK_KINDS, HookKind, Hookpoint, parse_hookpoint
 from auditor.models.hooks import HookFn, hooks, resolve_hookpoints
 from auditor.models.loading import (
@@ -28,6 +29,7 @@ __all__ = [
     "capture",
     "capture_packed",
     "check_sae_compatible",
+    "compile_layers",
     "default_model_path",
     "get_adapter",
     "hooks",

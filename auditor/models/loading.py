@@ -117,13 +117,15 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
     env: Mapping[str, str] | None = None,
+    compile: bool | str = False,
 ) -> LoadedModel:
     """Load a model and its tokenizer for auditing.
 
     ``name_or_path`` (else ``$AUDITOR_MODEL``, else the embedded default) is one of: a
     ``.gguf`` file (converted once into the cache), a local model folder, or a Hugging Face
     Hub id. ``dtype`` defaults to float32 on CPU and bfloat16 elsewhere. ``env`` replaces
-    ``os.environ`` for ``AUDITOR_MODEL`` and ``AUDITOR_CACHE_DIR``.
+    ``os.environ`` for ``AUDITOR_MODEL`` and ``AUDITOR_CACHE_DIR``. ``compile`` (True, or a
+    ``torch.compile`` backend name) compiles the decoder layers (:func:`compile_layers`).
     Raises :class:`ModelError` with what to install or fix.
     """
     env = os.environ if env is None else env
@@ -163,7 +165,12 @@ def load_model(
         # turns a minute of connection retries into an immediate, clear error.
         offline = env.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
         model, tokenizer = _from_pretrained(spec, torch_dtype, local=offline, hub=True)
-    return _finish(model, tokenizer, name, torch_device)
+    loaded = _finish(model, tokenizer, name, torch_device)
+    if compile:
+        from auditor.models.compiled import compile_layers
+
+        compile_layers(loaded, "inductor" if compile is True else str(compile))
+    return loaded
 
 
 def check_sae_compatible(loaded: LoadedModel, d_in: int, hookpoint: str | Hookpoint) -> Hookpoint:

@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     """Override the SAE's hookpoint."""
     device: str = "cpu"
     """Torch device."""
+    compile: bool = False
+    """``torch.compile`` the model's decoder layers (for GPUs; the first forward of each shape compiles)."""
     policies: list[str] = Field(default_factory=list)
     """Policy files and folders; empty loads ``policies/default.yaml`` when it exists."""
     default_policy: str | None = None

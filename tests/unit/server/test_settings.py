@@ -78,3 +78,22 @@ def test_alert_log_lives_under_the_data_dir(tmp_path: Path) -> None:
     absolute = Settings.load(env={"AUDITOR_ALERTS__LOG_PATH": str(tmp_path / "x.db")})
     assert absolute.alerts_config().log_path == tmp_path / "x.db"
     assert default_data_dir({"XDG_DATA_HOME": "/data"}) == Path("/data/sae-auditor")
+
+
+def test_compile_comes_from_the_flag_env_or_yaml(tmp_path: Path) -> None:
+    import argparse
+
+    from auditor.server.cli import _SERVE_FLAGS, register
+
+    assert Settings.load(env={}).compile is False
+    assert Settings.load(env={"AUDITOR_COMPILE": "true"}).compile is True
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("compile: true\n")
+    assert Settings.load(env={}, config_file=cfg).compile is True
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--compile"])
+    flags = {name: getattr(args, name, None) for name in _SERVE_FLAGS}
+    assert Settings.load(flags=flags, env={}).compile is True
+    args = parser.parse_args(["serve"])
+    assert Settings.load(flags={name: getattr(args, name, None) for name in _SERVE_FLAGS}, env={"AUDITOR_COMPILE": "1"}).compile
