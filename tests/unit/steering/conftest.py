@@ -125,8 +125,8 @@ def tokenizer() -> transformers.PreTrainedTokenizerFast:
     return build_tokenizer()
 
 
-@pytest.fixture(scope="session")
-def loaded(tokenizer: transformers.PreTrainedTokenizerFast) -> LoadedModel:
+def make_loaded(tokenizer: transformers.PreTrainedTokenizerFast) -> LoadedModel:
+    """A fresh tiny model (same weights every time) with ``tokenizer``, as :func:`load_model` returns it."""
     model = build_model(len(tokenizer))
     adapter = get_adapter(model)
     return LoadedModel(
@@ -138,6 +138,11 @@ def loaded(tokenizer: transformers.PreTrainedTokenizerFast) -> LoadedModel:
         n_layers=adapter.n_layers(model),
         device=torch.device("cpu"),
     )
+
+
+@pytest.fixture(scope="session")
+def loaded(tokenizer: transformers.PreTrainedTokenizerFast) -> LoadedModel:
+    return make_loaded(tokenizer)
 
 
 @pytest.fixture(scope="session")

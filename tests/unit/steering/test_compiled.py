@@ -6,27 +6,17 @@ import pytest
 import torch
 
 from auditor.errors import ModelError
-from auditor.models import LoadedModel, capture, compile_layers, get_adapter
+from auditor.models import LoadedModel, capture, compile_layers
 from auditor.pipeline import Auditor
 from auditor.steering import generate
 from auditor.text import AuditInput
-from tests.unit.steering.conftest import HOOKPOINT, build_model, random_sae
+from tests.unit.steering.conftest import HOOKPOINT, make_loaded, random_sae
 
 POINTS = [HOOKPOINT, "blocks.0.hook_mlp_out", "blocks.2.hook_attn_out", "blocks.1.hook_resid_pre"]
 
 
 def _loaded(tokenizer) -> LoadedModel:  # type: ignore[no-untyped-def]
-    model = build_model(len(tokenizer))  # a fresh copy: compiling changes the modules in place
-    adapter = get_adapter(model)
-    return LoadedModel(
-        model=model,
-        tokenizer=tokenizer,
-        name="tiny-llama",
-        adapter=adapter,
-        d_model=adapter.d_model(model),
-        n_layers=adapter.n_layers(model),
-        device=torch.device("cpu"),
-    )
+    return make_loaded(tokenizer)  # a fresh copy: compiling changes the modules in place
 
 
 def _run(loaded: LoadedModel, library) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[int]]:  # type: ignore[no-untyped-def]
