@@ -54,3 +54,8 @@ def test_topk_rows_script_agrees_with_torch_topk() -> None:
 def test_policy_eval_script_runs() -> None:
     out = first_json(run_script("benchmarks/policy_eval.py", "--rules", "20", "--repeats", "3", "--tokens", "16"))
     assert out["rules"] == 20 and out["watched"] > 0
+
+
+def test_steering_hook_script_runs() -> None:
+    out = first_json(run_script("benchmarks/steering_hook.py", "--steps", "10", "--repeats", "1", "--steer-rules", "3"))
+    assert out["steer_rules"] == 3 and out["us_per_step"] > 0 and out["ops_per_step"] > 10
