@@ -464,15 +464,7 @@ class PolicyEngine:
 
     def _rule_tensors(self, batch: AuditBatch) -> _RuleTensors:
         """Every rule's score, fired and matched state (and what explanations need), on the batch's device."""
-        self._check(batch)
-        c = self.compiled
-        feats = _as(batch.features, None, torch.float32)  # [B, T, F]
-        dev = feats.device
-        mask = _as(batch.mask, dev, torch.bool)
-        comp = _as(batch.is_completion, dev, torch.bool)
-        prompt = ~comp if batch.is_prompt is None else _as(batch.is_prompt, dev, torch.bool)
-        recon = _as(batch.recon_error, dev, torch.float32) if batch.recon_error is not None else None
-        resid = _as(batch.resid, dev, torch.float32) if batch.resid is not None else None
+        feats, mask, comp, prompt, recon, resid = self._inputs(batch)
         if feats.shape[1] == 0:
             # Empty texts: one masked-out token keeps every reduction defined; nothing is in scope.
             bsz = feats.shape[0]
@@ -480,20 +472,43 @@ class PolicyEngine:
             comp, prompt = comp.new_zeros(bsz, 1), prompt.new_zeros(bsz, 1)
             recon = feats.new_zeros(bsz, 1) if recon is not None else None
             resid = feats.new_zeros(bsz, 1, resid.shape[2]) if resid is not None else None
-        k = self._tensors(dev)
+        k = self._tensors(feats.device)
         scope_masks = torch.stack([mask, mask & prompt, mask & comp], dim=-1)  # [B, T, 3]
         n_scope = scope_masks.sum(1)  # [B, 3]
 
         value, score, fired, holds = self._leaves(k, feats, recon, resid, scope_masks, n_scope)
         scores, fires, tok_nodes = self._nodes(k, score, fired, holds)
+        run = _longest_run(self._held_runs(k, tok_nodes, scope_masks)) if tok_nodes is not None else None
+        return _RuleTensors(*self._rules(k, scores, fires, n_scope, run), value, fired, holds)
 
+    def _inputs(self, batch: AuditBatch) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+        """The batch checked and converted: features, mask, completion, prompt, recon error, resid."""
+        self._check(batch)
+        feats = _as(batch.features, None, torch.float32)  # [B, T, F]
+        dev = feats.device
+        mask = _as(batch.mask, dev, torch.bool)
+        comp = _as(batch.is_completion, dev, torch.bool)
+        prompt = ~comp if batch.is_prompt is None else _as(batch.is_prompt, dev, torch.bool)
+        recon = _as(batch.recon_error, dev, torch.float32) if batch.recon_error is not None else None
+        resid = _as(batch.resid, dev, torch.float32) if batch.resid is not None else None
+        return feats, mask, comp, prompt, recon, resid
+
+    @staticmethod
+    def _held_runs(k: dict[str, Any], tok_nodes: Tensor, scope_masks: Tensor) -> Tensor:
+        """Per token, whether each ``for_tokens`` rule's condition held in its scope: ``[B, T, Rf]``."""
+        ft = k["ft_rules"]
+        return tok_nodes[:, :, k["rule_node"][ft]] & scope_masks[:, :, k["rule_scope"][ft]]
+
+    def _rules(
+        self, k: dict[str, Any], scores: Tensor, fires: Tensor, n_scope: Tensor, run: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Rule score, fired, matched ``[B, R]``, exceptions ``[B, E]`` and category scores from the node
+        program's outputs; ``run [B, Rf]`` is each ``for_tokens`` rule's longest run of held tokens."""
         rnode, rscope = k["rule_node"], k["rule_scope"]
         rscore = scores.index_select(1, rnode)  # [B, R]
         rfired = fires.index_select(1, rnode)
-        if tok_nodes is not None:
+        if run is not None:
             ft = k["ft_rules"]
-            held = tok_nodes[:, :, rnode[ft]] & scope_masks[:, :, rscope[ft]]  # [B, T, Rf]
-            run = _longest_run(held)  # [B, Rf]
             need = k["rule_for_tokens"][ft]  # [Rf]
             run_ok = run >= need
             run_score = _consistent(run.to(torch.float32) / need.to(torch.float32), run_ok)
@@ -502,18 +517,28 @@ class PolicyEngine:
         rule_has = n_scope.index_select(1, rscope) > 0  # [B, R]
         rscore = torch.where(rule_has, rscore, torch.zeros_like(rscore))
         rfired = rfired & rule_has
-        bsz = feats.shape[0]
+        bsz = scores.shape[0]
         if self._has_exceptions:
             exc_fired = fires.index_select(1, k["exc_node"])  # [B, E]
-            excepted = torch.zeros(bsz, len(c.rules), device=dev).index_add_(1, k["exc_rule"], exc_fired.float()) > 0
+            excepted = (
+                torch.zeros(bsz, len(self.compiled.rules), device=scores.device).index_add_(1, k["exc_rule"], exc_fired.float())
+                > 0
+            )
             matched = rfired & ~excepted
         else:
             exc_fired = fires[:, :0]
             matched = rfired
-        cat_scores = feats.new_zeros(bsz, len(self.categories)).scatter_reduce(
+        cat_scores = scores.new_zeros(bsz, len(self.categories)).scatter_reduce(
             1, k["rule_cat"].unsqueeze(0).expand(bsz, -1), rscore, reduce="amax", include_self=True
         )
-        return _RuleTensors(rscore, rfired, matched, exc_fired, cat_scores, value, fired, holds)
+        return rscore, rfired, matched, exc_fired, cat_scores
+
+    def incremental(self, batch_size: int, device: torch.device | str = "cpu") -> IncrementalMatcher | None:
+        """A :class:`IncrementalMatcher` for ``batch_size`` sequences that grow chunk by chunk, or
+        None when the policy has hookpoint probes (their pooled inputs are not kept)."""
+        if self.needs_resid:
+            return None
+        return IncrementalMatcher(self, batch_size, torch.device(device))
 
     def _leaves(
         self,
@@ -526,49 +551,9 @@ class PolicyEngine:
     ) -> tuple[Tensor, Tensor, Tensor, _TokenHolds]:
         """Aggregated value ``[B, L]``, score ``[B, L]``, fired ``[B, L]`` and (lazily) per-token holds ``[B, T, L]``."""
         c = self.compiled
-        bsz, t, _ = feats.shape
-        ext = torch.cat(
-            [feats, (recon if recon is not None else feats.new_zeros(bsz, t)).unsqueeze(-1), feats.new_full((bsz, t, 1), float("-inf"))],
-            dim=-1,
-        )  # [B, T, F + 2]: watched latents, reconstruction error, -inf padding
-        cols = k["leaf_columns"]  # [L, G]
-        vals = ext.index_select(2, cols.reshape(-1))  # [B, T, L * G]
-        if cols.shape[1] > 1:
-            vals = vals.view(bsz, t, *cols.shape).amax(-1)  # [B, T, L]: max over each leaf's group
-        leaf_mask = scope_masks.index_select(2, k["leaf_scope"])  # [B, T, L]
+        vals, leaf_mask, logit = self._token_values(k, feats, recon, scope_masks)
         n = n_scope.index_select(1, k["leaf_scope"])  # [B, L]
         nf = n.clamp(min=1).to(torch.float32)
-
-        probe_leaves: list[tuple[Tensor, Tensor]] = []  # (leaf indices, pooled probabilities [B, n])
-        fp = k["feature_probes"]
-        if fp is not None:
-            # All feature-input probes at once: per-token probabilities and pooled ones.
-            w, bias = fp["weight"], fp["bias"]
-            logit = feats @ w + bias  # [B, T, U]
-            vals[:, :, fp["leaves"]] = torch.sigmoid(logit).index_select(2, fp["unit"])
-            sm = scope_masks.transpose(1, 2).to(feats.dtype)  # [B, 3, T]
-            counts = n_scope.unsqueeze(-1).clamp(min=1).to(feats.dtype)  # [B, 3, 1]
-            # The model is linear: the logit of the mean input is the mean of the token logits
-            # (for a scope with no token the leaf is 0 anyway).
-            pooled = [torch.bmm(sm, logit) / counts]  # [B, 3, U]
-            if self._probe_max_pool:
-                top = feats.unsqueeze(1).masked_fill(sm.unsqueeze(-1) == 0, -math.inf).amax(2)  # [B, 3, F]
-                top = torch.where(n_scope.unsqueeze(-1) > 0, top, torch.zeros_like(top))
-                pooled.append(top @ w + bias)
-            else:
-                pooled.append(pooled[0])
-            logits = torch.stack(pooled, 1)  # [B, 2 (mean, max), 3, U]
-            probe_leaves.append(
-                (fp["leaves"], torch.sigmoid(logits.reshape(bsz, -1).index_select(1, fp["pooled_index"])))
-            )
-        for i in c.probe_leaves:
-            probe = c.leaves[i].probe
-            if probe is None or probe.inputs != "hookpoint" or resid is None:
-                continue  # feature probes ran above; _check insists on resid for hookpoint probes
-            vals[:, :, i] = probe.decision(resid)
-            one = torch.tensor([i], device=feats.device)
-            probe_leaves.append((one, probe.decision(probe.pool_inputs(resid, leaf_mask[:, :, i])).unsqueeze(1)))
-
         # Max for every leaf (cheap), then the other aggregations on their own leaves only.
         value = vals.masked_fill(~leaf_mask, float("-inf")).amax(1)  # [B, L]
         if "mean" in k:
@@ -580,8 +565,66 @@ class PolicyEngine:
             v, m = vals.index_select(2, sub), leaf_mask.index_select(2, sub)
             count = ((v > k["count_above"]) & m).sum(1).to(torch.float32)  # [B, n]
             value[:, sub] = count / torch.where(k["count_fraction"], nf.index_select(1, sub), 1.0)
-        for sub, pooled_probs in probe_leaves:
-            value[:, sub] = pooled_probs
+        fp = k["feature_probes"]
+        if fp is not None and logit is not None:
+            sm = scope_masks.transpose(1, 2).to(feats.dtype)  # [B, 3, T]
+            top = self._scope_max(feats, sm) if self._probe_max_pool else None
+            value[:, fp["leaves"]] = self._probe_pool(fp, torch.bmm(sm, logit), n_scope, top)
+        for i in c.probe_leaves:
+            probe = c.leaves[i].probe
+            if probe is None or probe.inputs != "hookpoint" or resid is None:
+                continue  # feature probes ran above; _check insists on resid for hookpoint probes
+            vals[:, :, i] = probe.decision(resid)
+            value[:, i] = probe.decision(probe.pool_inputs(resid, leaf_mask[:, :, i]))
+        value, score, fired = self._leaf_decisions(k, value, n)
+        return value, score, fired, _TokenHolds(vals, k["leaf_above"], leaf_mask, k["leaf_counting"], k["leaf_threshold"])
+
+    def _token_values(
+        self, k: dict[str, Any], feats: Tensor, recon: Tensor | None, scope_masks: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Per-token leaf values ``[B, T, L]`` (feature probes: their per-token probability), which
+        tokens each leaf sees ``[B, T, L]``, and the feature probes' per-token logits ``[B, T, U]``."""
+        bsz, t, _ = feats.shape
+        ext = torch.cat(
+            [feats, (recon if recon is not None else feats.new_zeros(bsz, t)).unsqueeze(-1), feats.new_full((bsz, t, 1), float("-inf"))],
+            dim=-1,
+        )  # [B, T, F + 2]: watched latents, reconstruction error, -inf padding
+        cols = k["leaf_columns"]  # [L, G]
+        vals = ext.index_select(2, cols.reshape(-1))  # [B, T, L * G]
+        if cols.shape[1] > 1:
+            vals = vals.view(bsz, t, *cols.shape).amax(-1)  # [B, T, L]: max over each leaf's group
+        leaf_mask = scope_masks.index_select(2, k["leaf_scope"])  # [B, T, L]
+        fp = k["feature_probes"]
+        if fp is None:
+            return vals, leaf_mask, None
+        # All feature-input probes at once: per-token logits and probabilities.
+        logit = feats @ fp["weight"] + fp["bias"]  # [B, T, U]
+        vals[:, :, fp["leaves"]] = torch.sigmoid(logit).index_select(2, fp["unit"])
+        return vals, leaf_mask, logit
+
+    @staticmethod
+    def _scope_max(feats: Tensor, sm: Tensor) -> Tensor:
+        """Each scope's elementwise max of the features ``[B, 3, F]`` (-inf for a scope with no token)."""
+        return feats.unsqueeze(1).masked_fill(sm.unsqueeze(-1) == 0, -math.inf).amax(2)
+
+    def _probe_pool(self, fp: dict[str, Tensor], logit_sum: Tensor, n_scope: Tensor, top: Tensor | None) -> Tensor:
+        """Pooled probabilities of the feature-probe leaves ``[B, n]`` from each scope's sum of token
+        logits ``[B, 3, U]`` and (max pooling) its feature max ``[B, 3, F]``."""
+        bsz = logit_sum.shape[0]
+        counts = n_scope.unsqueeze(-1).clamp(min=1).to(logit_sum.dtype)  # [B, 3, 1]
+        # The model is linear: the logit of the mean input is the mean of the token logits
+        # (for a scope with no token the leaf is 0 anyway).
+        pooled = [logit_sum / counts]  # [B, 3, U]
+        if top is not None:
+            top = torch.where(n_scope.unsqueeze(-1) > 0, top, torch.zeros_like(top))
+            pooled.append(top @ fp["weight"] + fp["bias"])
+        else:
+            pooled.append(pooled[0])
+        logits = torch.stack(pooled, 1)  # [B, 2 (mean, max), 3, U]
+        return torch.sigmoid(logits.reshape(bsz, -1).index_select(1, fp["pooled_index"]))
+
+    def _leaf_decisions(self, k: dict[str, Any], value: Tensor, n: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Aggregated leaf values ``[B, L]`` (with ``n [B, L]`` tokens in scope) -> value, score, fired."""
         has = n > 0
         value = value.masked_fill(~has, 0.0)
         thr = k["leaf_threshold"]
@@ -594,8 +637,7 @@ class PolicyEngine:
                 value / k["leaf_divisor"],
                 fired.to(torch.float32) * NOT_SCORE_CAP,  # a threshold <= 0 fires on anything in scope
             )
-        score = _consistent(score, fired)
-        return value, score, fired, _TokenHolds(vals, k["leaf_above"], leaf_mask, k["leaf_counting"], thr)
+        return value, _consistent(score, fired), fired
 
     def _nodes(
         self, k: dict[str, Any], score: Tensor, fired: Tensor, holds: _TokenHolds
@@ -714,6 +756,105 @@ class PolicyEngine:
 
 
 _LEVEL_ACTIONS: tuple[Literal["allow", "alert", "block"], ...] = ("allow", "alert", "block")
+
+
+class IncrementalMatcher:
+    """:meth:`PolicyEngine.matched` for sequences that grow chunk by chunk, at a cost per chunk that
+    does not grow with the sequence.
+
+    Feed each chunk's new positions only (:meth:`update`, an :class:`AuditBatch` of ``[B, t]``);
+    it returns which rules match on everything fed so far, the same decision as ``matched`` on the
+    concatenated sequence. What the aggregations need is kept per row and leaf: the running max,
+    the sum (``mean``), the count (``count_above`` / ``fraction_above``), the tokens in each scope,
+    each scope's sum of feature-probe logits and (max pooling) its feature max, and each
+    ``for_tokens`` rule's current and longest run. Means and probe logits are sums in a different
+    order than one full evaluation, so a value within float rounding of its threshold may decide
+    differently; max, counts and runs are exact. Everything stays on the device.
+    """
+
+    def __init__(self, engine: PolicyEngine, batch_size: int, device: torch.device) -> None:
+        c = engine.compiled
+        self.engine = engine
+        self._k = k = engine._tensors(device)
+        n_leaves = len(c.leaves)
+        b = batch_size
+        self.n_scope = torch.zeros(b, 3, dtype=torch.long, device=device)
+        self.vmax = torch.full((b, n_leaves), float("-inf"), device=device)
+        self.vsum = torch.zeros(b, int(k["mean"].numel()), device=device) if "mean" in k else None
+        self.vcount = torch.zeros(b, int(k["count"].numel()), device=device) if "count" in k else None
+        fp = k["feature_probes"]
+        self.logit_sum = torch.zeros(b, 3, int(fp["weight"].shape[1]), device=device) if fp is not None else None
+        n_feat = int(engine.watched.numel())
+        self.feat_max = (
+            torch.full((b, 3, n_feat), float("-inf"), device=device) if fp is not None and engine._probe_max_pool else None
+        )
+        n_ft = int(k["ft_rules"].numel())
+        self.run_now = torch.zeros(b, n_ft, dtype=torch.long, device=device)
+        self.run_best = torch.zeros(b, n_ft, dtype=torch.long, device=device)
+        self._last = torch.zeros(b, len(c.rules), dtype=torch.bool, device=device)
+
+    @torch.inference_mode()
+    def update(self, chunk: AuditBatch, *, decide: bool = True) -> Tensor:
+        """Add ``chunk``'s positions; return ``[B, R]`` bool, which rules match on all fed so far.
+
+        ``decide=False`` only records the chunk (a fraction of the work) and returns the last
+        decision; policies with ``for_tokens`` rules always decide (their runs need it).
+        """
+        engine, k = self.engine, self._k
+        feats, mask, comp, prompt, recon, _resid = engine._inputs(chunk)
+        if feats.shape[1] == 0:
+            return self._last  # nothing new: the decision stands
+        scope_masks = torch.stack([mask, mask & prompt, mask & comp], dim=-1)  # [B, t, 3]
+        self.n_scope += scope_masks.sum(1)
+        vals, leaf_mask, logit = engine._token_values(k, feats, recon, scope_masks)
+        self.vmax = torch.maximum(self.vmax, vals.masked_fill(~leaf_mask, float("-inf")).amax(1))
+        if self.vsum is not None:
+            sub = k["mean"]
+            self.vsum += vals.index_select(2, sub).masked_fill(~leaf_mask.index_select(2, sub), 0.0).sum(1)
+        if self.vcount is not None:
+            sub = k["count"]
+            self.vcount += ((vals.index_select(2, sub) > k["count_above"]) & leaf_mask.index_select(2, sub)).sum(1)
+        sm = scope_masks.transpose(1, 2).to(feats.dtype)  # [B, 3, t]
+        if self.logit_sum is not None and logit is not None:
+            self.logit_sum += torch.bmm(sm, logit)
+        if self.feat_max is not None:
+            self.feat_max = torch.maximum(self.feat_max, engine._scope_max(feats, sm))
+        if not decide and not self.run_now.shape[1]:
+            return self._last
+
+        n = self.n_scope.index_select(1, k["leaf_scope"])  # [B, L]
+        nf = n.clamp(min=1).to(torch.float32)
+        value = self.vmax.clone()
+        if self.vsum is not None:
+            sub = k["mean"]
+            value[:, sub] = self.vsum / nf.index_select(1, sub)
+        if self.vcount is not None:
+            sub = k["count"]
+            value[:, sub] = self.vcount / torch.where(k["count_fraction"], nf.index_select(1, sub), 1.0)
+        fp = k["feature_probes"]
+        if fp is not None and self.logit_sum is not None:
+            value[:, fp["leaves"]] = engine._probe_pool(fp, self.logit_sum, self.n_scope, self.feat_max)
+        value, score, fired = engine._leaf_decisions(k, value, n)
+        holds = _TokenHolds(vals, k["leaf_above"], leaf_mask, k["leaf_counting"], k["leaf_threshold"])
+        scores, fires, tok_nodes = engine._nodes(k, score, fired, holds)  # per-token truth of this chunk only
+        run = None
+        if tok_nodes is not None:
+            run = self._runs(engine._held_runs(k, tok_nodes, scope_masks))
+        self._last = engine._rules(k, scores, fires, self.n_scope, run)[2]
+        return self._last
+
+    def _runs(self, held: Tensor) -> Tensor:
+        """Carry each ``for_tokens`` rule's run through ``held [B, t, Rf]``; the longest so far ``[B, Rf]``."""
+        t = held.shape[1]
+        if t:
+            pos = torch.arange(t, device=held.device).view(1, t, 1)
+            last_false = torch.where(held, torch.full_like(pos, -1), pos).cummax(dim=1).values  # [B, t, Rf]
+            run = torch.where(held, pos - last_false, torch.zeros_like(pos))
+            # Held since the chunk began: the run that was going on goes on.
+            run = run + torch.where(held & (last_false < 0), self.run_now.unsqueeze(1), torch.zeros_like(run))
+            self.run_best = torch.maximum(self.run_best, run.amax(1))
+            self.run_now = run[:, -1]
+        return self.run_best
 
 
 class _RuleTensors(NamedTuple):

@@ -28,12 +28,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from auditor.policy.engine import AuditBatch
 from auditor.steering.interventions import ResolvedIntervention, Steerer, SteeringLimits, resolve_interventions
 
 if TYPE_CHECKING:
     from auditor.features import FeatureLibrary
     from auditor.models import Hookpoint
-    from auditor.policy import AuditBatch, PolicyEngine, Verdict
+    from auditor.policy import PolicyEngine, Verdict
     from auditor.sae import SAE
 
 __all__ = ["SteeringHook", "Trigger", "policy_slots"]
@@ -152,6 +153,9 @@ class SteeringHook:
         self._tokens: list[list[str]] | None = None
         self._pending: tuple[Tensor, Tensor] | None = None
         self._steps = 0
+        # Steering rules are decided on each chunk as it comes, from running aggregates (the cost per
+        # token does not grow with the sequence); hookpoint-probe policies re-evaluate the history.
+        self._matcher = self.trigger_engine.incremental(batch_size, dev) if self.trigger_engine is not None else None
         self._rule_hist = _Growing()  # [B, E, R] rules matched at each trigger evaluation (policy rows only)
         self._eval_starts: list[int] = []  # positions recorded before the forward of each trigger evaluation
         self._triggers: list[Trigger] | None = None
@@ -228,8 +232,6 @@ class SteeringHook:
 
     def _history_batch(self, engine: PolicyEngine, cols: Tensor) -> AuditBatch:
         """Everything recorded so far as ``engine``'s input (``cols``: its watched latents' columns)."""
-        from auditor.policy import AuditBatch
-
         h = self.history()
         comp = h["is_completion"]
         return AuditBatch(
@@ -263,23 +265,42 @@ class SteeringHook:
             self._recon.append(recon.view(b, t))
         if self.need_resid:
             self._resid.append(tensor.detach().float())
-        if self.trigger_engine is not None and self._steps % self.policy_every == 0:
-            self._fire(start)
+        if self.trigger_engine is not None:
+            self._fire(start, f.view(b, t, -1), mask, comp, recon, decide=self._steps % self.policy_every == 0)
         self._steps += 1
         enabled = self.enabled.unsqueeze(1).expand(b, t, -1).reshape(b * t, -1)  # [B*T, S]
         new_x, steered = self.steerer.steer(x, f, state, enabled)
         self._steered.append(steered.view(b, t, -1))
         return new_x.view_as(tensor)
 
-    def _fire(self, start: int) -> None:
+    def _fire(self, start: int, f: Tensor, mask: Tensor, comp: Tensor, recon: Tensor | None, *, decide: bool) -> None:
         """Evaluate the steering rules on the history; switch on the slots of every rule that matched.
 
-        All on the device: the decision is recorded (for :attr:`triggers`) and or-ed into
-        ``enabled``; a rule that matched before keeps its slots on, so it fires once per row.
+        ``f``, ``mask``, ``comp``, ``recon`` are this forward's new positions. All on the device:
+        the decision is recorded (for :attr:`triggers`) and or-ed into ``enabled``; a rule that
+        matched before keeps its slots on, so it fires once per row. ``decide=False`` (between
+        ``policy_every`` steps) only records the new positions.
         """
         engine = self.trigger_engine
         assert engine is not None
-        matched = engine.matched(self._history_batch(engine, self.trigger_cols)) & self.policy_rows.unsqueeze(1)  # [B, R]
+        if self._matcher is not None:
+            dev = f.device
+            comp_d = comp.to(dev, non_blocking=True)
+            chunk = AuditBatch(
+                features=f.index_select(-1, self.trigger_cols),
+                mask=mask.to(dev, non_blocking=True),
+                is_completion=comp_d,
+                is_prompt=~comp_d,
+                recon_error=recon.view(f.shape[0], f.shape[1]) if engine.needs_recon_error and recon is not None else None,
+            )
+            matched = self._matcher.update(chunk, decide=decide)
+        elif decide:
+            matched = engine.matched(self._history_batch(engine, self.trigger_cols))
+        else:
+            return
+        if not decide:
+            return
+        matched = matched & self.policy_rows.unsqueeze(1)  # [B, R]
         self._rule_hist.append(matched.unsqueeze(1))
         self._eval_starts.append(start)
         self._triggers = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -87,8 +88,8 @@ def _run(hook: SteeringHook, chunks: list[torch.Tensor], live: torch.Tensor) -> 
     return outs
 
 
-def _reference_triggers(engine, sae: SAE, chunks: list[torch.Tensor], live: torch.Tensor, policy_rows: list[bool]):  # type: ignore[no-untyped-def]
-    """The rules' first matches, step by step, from full verdicts on the growing history."""
+def _reference_triggers(engine, sae: SAE, chunks: list[torch.Tensor], live: torch.Tensor, policy_rows: list[bool], every: int = 1):  # type: ignore[no-untyped-def]
+    """The rules' first matches, every ``every`` forwards, from full verdicts on the growing history."""
     steer = engine.steering_engine
     fired: set[tuple[int, str]] = set()
     out = []
@@ -100,7 +101,7 @@ def _reference_triggers(engine, sae: SAE, chunks: list[torch.Tensor], live: torc
         comp = torch.zeros(b, t, dtype=torch.bool)
         comp[:, PROMPT:] = True
         mask = torch.cat([torch.ones(b, PROMPT, dtype=torch.bool), live[:, :i]], dim=1)
-        verdicts = steer.evaluate(AuditBatch(feats, mask, comp, ~comp))
+        verdicts = steer.evaluate(AuditBatch(feats, mask, comp, ~comp)) if i % every == 0 else []
         for row, verdict in enumerate(verdicts):
             for m in verdict.matches:
                 if policy_rows[row] and (row, m.rule_id) not in fired:
@@ -111,30 +112,60 @@ def _reference_triggers(engine, sae: SAE, chunks: list[torch.Tensor], live: torc
     return out
 
 
-def test_triggers_equal_the_per_step_verdicts_and_steer_from_the_firing_step(tmp_path: Path, library_path: Path, library) -> None:  # type: ignore[no-untyped-def]
+def _hookpoint_probe_policy(tmp_path: Path, library_path: Path) -> Path:
+    """The test policy with an always-true hookpoint probe added to the weather rule (needs resid)."""
+    from sklearn.linear_model import LogisticRegression
+
+    from auditor.policy.probes import save_probe
+
+    g = np.random.default_rng(0)
+    save_probe(LogisticRegression().fit(g.normal(size=(40, HIDDEN)), g.integers(0, 2, 40)), tmp_path / "resid.json", inputs="hookpoint", pool="mean")
+    path = _policy(tmp_path, library_path)
+    text = path.read_text().replace(
+        "condition: {feature: topic.weather, agg: max, threshold: 2.0}",
+        "condition: {all: [{feature: topic.weather, agg: max, threshold: 2.0}, {probe: {path: resid.json, threshold: 0.0}}]}",
+    )
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(("every", "hookpoint_probe"), [(1, False), (2, False), (1, True)])
+def test_triggers_equal_the_per_step_verdicts_and_steer_from_the_firing_step(
+    tmp_path: Path, library_path: Path, library, every: int, hookpoint_probe: bool  # type: ignore[no-untyped-def]
+) -> None:
     sae = random_sae()
-    engine = load_policy(_policy(tmp_path, library_path))
-    hook = SteeringHook(sae, [], engine=engine, library=library)
+    path = _hookpoint_probe_policy(tmp_path, library_path) if hookpoint_probe else _policy(tmp_path, library_path)
+    engine = load_policy(path)
+    hook = SteeringHook(sae, [], engine=engine, library=library, policy_every=every)
     policy_rows = [True, True, False]
     hook.reset(3, torch.zeros(3, dtype=torch.bool), policy_rows=torch.tensor(policy_rows))
+    # Running aggregates decide, except for hookpoint probes (their inputs are re-read from the history).
+    assert (hook._matcher is None) == hookpoint_probe
     chunks = _activations(sae)
     live = torch.ones(3, STEPS, dtype=torch.bool)
     live[1, 0] = False  # one padded step in row 1: its completion count lags by one
     outs = _run(hook, chunks, live)
 
-    want = _reference_triggers(engine, sae, chunks, live, policy_rows)
+    want = _reference_triggers(engine, sae, chunks, live, policy_rows, every) if not hookpoint_probe else None
     got = [(t.rule_id, t.row, t.token) for t in hook.triggers]
-    assert got == want
+    if want is not None:
+        assert got == want
+    else:  # the probe always holds: the same triggers as the plain policy
+        plain = tmp_path / "plain"
+        plain.mkdir()
+        assert got == _reference_triggers(load_policy(_policy(plain, library_path)), sae, chunks, live, policy_rows)
     # The schedule makes this a real test: rules fire at different steps and rows, row 2 never steers.
     assert {r for _, r, _ in got} == {0, 1} and len(got) == 3
     assert hook.fired == [{"weather-steer", "fraud-steer"}, {"weather-steer"}, set()]
     assert [t.interventions for t in hook.triggers if t.rule_id == "fraud-steer"] == [["deception.fraud=clamp:0@active"]]
-    # Steering starts at the firing step's own forward: row 0's sad latent gets +30 from step WEATHER_AT[0].
+    # Steering starts at the firing step's own forward: row 0's sad latent gets +30 from there on.
+    fired_at = next(t.token for t in hook.triggers if (t.rule_id, t.row) == ("weather-steer", 0))
+    assert fired_at == WEATHER_AT[0] + (WEATHER_AT[0] + 1) % every  # the first evaluated step after the rise
     sad = hook.steerer.column(SAD)
     steered = hook.history()["steered"][0, PROMPT:, sad]
     measured = hook.history()["features"][0, PROMPT:, sad]
     delta = (steered - measured).tolist()
-    assert delta == pytest.approx([0.0] * WEATHER_AT[0] + [30.0] * (STEPS - WEATHER_AT[0]))
+    assert delta == pytest.approx([0.0] * fired_at + [30.0] * (STEPS - fired_at))
     # Row 2 (not a policy row) passes through unchanged.
     for x, out in zip(chunks, outs):
         assert torch.equal(out[2], x[2])
