@@ -52,6 +52,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--top-k", type=int, default=5, help="features shown per token (0: none; default 5)")
     p.add_argument("--max-tokens", type=int, default=2048, help="tokens kept per input (longer inputs are cut and flagged)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="the model's dtype (default float32 on the CPU, bfloat16 on a GPU); bfloat16 on a CPU with AMX is "
+        "much faster, with verdicts that can differ near thresholds (benchmarks/dtype_agreement.py)",
+    )
     alerts = p.add_argument_group("alerts (with --policy)")
     alerts.add_argument("--audit-log", metavar="PATH", help="write every alert to this SQLite audit log before printing it")
     alerts.add_argument(
@@ -217,6 +223,7 @@ def run_audit(args: argparse.Namespace) -> int:
         hookpoint=args.hookpoint,
         device=args.device,
         max_tokens=args.max_tokens,
+        dtype=args.dtype,
     )
     model_name = auditor.model.name
     sae_name = sae_arg or (auditor.library.sae.id if auditor.library is not None else "sae")

@@ -167,11 +167,13 @@ class Auditor:
         device: str = "cpu",
         max_tokens: int = 2048,
         compile: bool | str = False,
+        dtype: str | torch.dtype | None = None,
     ) -> Auditor:
         """Load model, SAE, library and policy by name or path.
 
         ``compile`` (True or a ``torch.compile`` backend) compiles the model's decoder layers
-        (:func:`auditor.models.compile_layers`).
+        (:func:`auditor.models.compile_layers`). ``dtype`` is the model's (default: float32 on
+        the CPU, bfloat16 elsewhere); the SAE and the policy always compute in float32.
 
         The library is ``library``, else the one ``policy`` names, else (without ``sae``)
         the default ``feature_libraries/smollm2-135m-instruct`` (:func:`resolve_library`);
@@ -192,7 +194,7 @@ class Auditor:
             sae_obj = load_sae(str(lib.resolve_path(lib.sae.path)), device=device, dtype=_SAE_DTYPE)
         else:  # pragma: no cover - _default_library raises first
             raise ConfigError("no SAE given")
-        loaded = load_model(model, device=device, compile=compile)
+        loaded = load_model(model, device=device, dtype=dtype, compile=compile)
         return cls(
             loaded,
             sae_obj,

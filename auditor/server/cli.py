@@ -35,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--library", help="feature library path or id")
     p.add_argument("--hookpoint", help="override the SAE's hookpoint")
     p.add_argument("--device", help="torch device (default cpu)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="the model's dtype (default float32 on CPU, bfloat16 on GPU)")
     p.add_argument(
         "--compile", action="store_true", default=None, help="torch.compile the model's decoder layers (for GPUs; slower start)"
     )
@@ -94,7 +95,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 _SERVE_FLAGS = (
-    "host port model sae sae_format library hookpoint device compile policies default_policy policy_watch_s upstream "
+    "host port model sae sae_format library hookpoint device dtype compile policies default_policy policy_watch_s upstream "
     "stream_mode stream_chunk_chars fail_mode max_body_bytes max_tokens batch_max_wait_ms batch_max_tokens "
     "queue_size request_timeout_s max_generate_tokens auth_all_routes data_dir viewer_index log_level"
 ).split()

@@ -232,7 +232,7 @@ def _load_runtime(
         for engine in store.engines.values():
             fits(engine)
         store.check = fits  # a reload that no longer fits the SAE is refused, the old set stays
-    model = load_model(settings.model, device=settings.device, compile=settings.compile)
+    model = load_model(settings.model, device=settings.device, dtype=settings.dtype, compile=settings.compile)
     auditor = Auditor(
         model,
         sae,

@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     """Override the SAE's hookpoint."""
     device: str = "cpu"
     """Torch device."""
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """The model's dtype (default: float32 on the CPU, bfloat16 on a GPU). bfloat16 on a CPU with AMX is
+    several times faster; verdicts can differ near thresholds (``benchmarks/dtype_agreement.py``)."""
     compile: bool = False
     """``torch.compile`` the model's decoder layers (for GPUs; the first forward of each shape compiles)."""
     policies: list[str] = Field(default_factory=list)

@@ -59,3 +59,9 @@ def test_policy_eval_script_runs() -> None:
 def test_steering_hook_script_runs() -> None:
     out = first_json(run_script("benchmarks/steering_hook.py", "--steps", "10", "--repeats", "1", "--steer-rules", "3"))
     assert out["steer_rules"] == 3 and out["us_per_step"] > 0 and out["ops_per_step"] > 10
+
+
+def test_dtype_agreement_script_runs() -> None:
+    out = first_json(run_script("benchmarks/dtype_agreement.py", "--texts", "14", "--chunk", "7"))
+    assert out["texts"] == 14 and out["dtype"] == "bfloat16"
+    assert 0 <= out["same_action"] <= 14 and out["float32_texts_per_s"] > 0 and out["low_texts_per_s"] > 0
