@@ -15,18 +15,20 @@ Example::
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings.sources.utils import parse_env_vars
 
 from auditor.alerts import AlertsConfig
 from auditor.errors import ConfigError
+from auditor.features.yamlsource import SourceMap, parse_yaml
 
 __all__ = ["Settings", "ENV_PREFIX", "default_data_dir"]
 
@@ -165,8 +167,10 @@ class Settings(BaseSettings):
         origin: dict[str, str] = {}
         merged: dict[str, Any] = {}
         path = config_file or env.get(f"{ENV_PREFIX}CONFIG")
+        in_file: _YamlFile | None = None
         if path:
-            for key, value in _read_yaml(Path(path)).items():
+            in_file = _read_yaml(Path(path))
+            for key, value in in_file.values.items():
                 merged[key] = value
                 origin[key] = f"config file {path}"
         env_values = _env_values(cls, env)
@@ -181,7 +185,7 @@ class Settings(BaseSettings):
         try:
             return cls(**merged)
         except ValidationError as exc:
-            raise ConfigError(_describe(exc, origin)) from None
+            raise ConfigError(_describe(exc, origin, in_file)) from None
 
     def resolved_data_dir(self, env: Mapping[str, str] | None = None) -> Path:
         """``data_dir`` or the default one."""
@@ -213,18 +217,40 @@ def _env_values(cls: type[Settings], env: Mapping[str, str]) -> dict[str, Any]:
         raise ConfigError(f"invalid {ENV_PREFIX}* environment variable: {exc}") from None
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+@dataclass
+class _YamlFile:
+    """A config file's settings (dashes in keys read as underscores) and where each one was written."""
+
+    path: Path
+    values: dict[str, Any]
+    raw: dict[Any, Any]
+    source: SourceMap
+    spelling: dict[str, Any]
+    """Setting name -> the key as written in the file."""
+
+    def position(self, loc: tuple[Any, ...], *, key: bool = False) -> str | None:
+        """``FILE:LINE:COLUMN`` of the value at pydantic ``loc`` (its first item a setting name), or of
+        its key (``key``: for an unknown setting)."""
+        if not loc or loc[0] not in self.spelling:
+            return None
+        pos = self.source.locate(self.raw, (self.spelling[loc[0]], *loc[1:]), prefer_key=key)
+        return f"{self.path}:{pos[0]}:{pos[1]}" if pos is not None else None
+
+
+def _read_yaml(path: Path) -> _YamlFile:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found (--config / {ENV_PREFIX}CONFIG)")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    data, source, problems = parse_yaml(path.read_text(encoding="utf-8"))
+    if problems:
+        first = problems[0]
+        where = f"{path}:{first.line}:{first.column}" if first.line is not None else str(path)
+        raise ConfigError(f"{where}: {first.message}")
     if data is None:
-        return {}
+        return _YamlFile(path, {}, {}, source, {})
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the config file must be a mapping of setting names to values")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    spelling = {str(k).replace("-", "_"): k for k in data}
+    return _YamlFile(path, {name: data[key] for name, key in spelling.items()}, data, source, spelling)
 
 
 def _deep_merge(base: Any, top: Any) -> Any:
@@ -236,13 +262,19 @@ def _deep_merge(base: Any, top: Any) -> Any:
     return top
 
 
-def _describe(exc: ValidationError, origin: Mapping[str, str]) -> str:
+def _describe(exc: ValidationError, origin: Mapping[str, str], in_file: _YamlFile | None = None) -> str:
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "settings"
         where = origin.get(str(err["loc"][0])) if err["loc"] else None
+        if where is not None and where.startswith("config file") and in_file is not None:
+            # Say where in the file (a value from the environment or a flag has no line).
+            unknown = err["type"] == "extra_forbidden"
+            where = f"config file {in_file.position(tuple(err['loc']), key=unknown) or in_file.path}"
         msg = err["msg"]
         if err["type"] == "extra_forbidden" and len(err["loc"]) == 1:
-            msg = f"unknown setting; known: {', '.join(sorted(Settings.model_fields))}"
+            close = difflib.get_close_matches(str(err["loc"][0]), list(Settings.model_fields), n=1, cutoff=0.7)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            msg = f"unknown setting; {hint}known: {', '.join(sorted(Settings.model_fields))}"
         lines.append(f"setting {loc}: {msg}" + (f" (from {where})" if where else ""))
     return "invalid settings:\n  " + "\n  ".join(lines)

@@ -46,12 +46,14 @@ def test_token_is_secret() -> None:
     [
         ({"port": 70000}, {}, None, ["setting port", "flag --port"]),
         ({}, {"AUDITOR_QUEUE_SIZE": "lots"}, None, ["setting queue_size", "AUDITOR_QUEUE_SIZE"]),
-        ({}, {}, "fail_mode: sometimes\n", ["setting fail_mode", "config file"]),
-        ({}, {}, "prot: 1\n", ["setting prot", "unknown setting", "port"]),
+        ({}, {}, "port: 8081\nfail_mode: sometimes\n", ["setting fail_mode", "bad.yaml:2:12"]),
+        ({}, {}, "prot: 1\n", ["setting prot", "unknown setting; did you mean 'port'?", "bad.yaml:1:1"]),
+        ({}, {}, "alerts:\n  cooldown_s: -1\n", ["setting alerts.cooldown_s", "bad.yaml:2:15"]),
+        ({}, {}, "port: 1\nport: 2\n", ["bad.yaml:2:1", "duplicate key 'port'"]),
         ({"auth_all_routes": True}, {}, None, ["auth_all_routes needs api_token"]),
         ({"upstream": "localhost:8000"}, {}, None, ["http:// or https://"]),
         ({}, {}, "- just\n- a list\n", ["must be a mapping"]),
-        ({}, {}, "port: [unclosed\n", ["not valid YAML"]),
+        ({}, {}, "port: [unclosed\n", ["bad.yaml:2:1", "YAML syntax error"]),
     ],
 )
 def test_errors_name_the_setting_and_its_source(
@@ -97,3 +99,13 @@ def test_compile_comes_from_the_flag_env_or_yaml(tmp_path: Path) -> None:
     assert Settings.load(flags=flags, env={}).compile is True
     args = parser.parse_args(["serve"])
     assert Settings.load(flags={name: getattr(args, name, None) for name in _SERVE_FLAGS}, env={"AUDITOR_COMPILE": "1"}).compile
+
+
+def test_dtype_is_checked_where_it_is_given(tmp_path: Path) -> None:
+    assert Settings.load(env={}).dtype is None
+    assert Settings.load(env={"AUDITOR_DTYPE": "bfloat16"}).dtype == "bfloat16"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("port: 8081\ndtype: int8\n")
+    with pytest.raises(ConfigError) as info:
+        Settings.load(env={}, config_file=cfg)
+    assert "c.yaml:2:8" in str(info.value) and "dtype" in str(info.value) and "bfloat16" in str(info.value)
