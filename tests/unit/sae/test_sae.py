@@ -88,6 +88,22 @@ def test_subset_encodes_the_listed_latents(arch: str, norm: str, apply_b_dec: bo
     assert (sae.encode(x)[:, idx] > 0).any()
 
 
+def test_fused_bias_relu_gemm_means_relu_of_addmm() -> None:
+    """The op the CUDA path uses for a full ReLU encode (bias and ReLU in the GEMM epilogue) keeps
+    its meaning in this torch: relu(bias + x @ w). On the CPU the encode itself uses addmm + relu_."""
+    from auditor.sae import sae as sae_mod
+
+    gen = torch.Generator().manual_seed(5)
+    x, w, b = torch.randn(7, D_IN, generator=gen), torch.randn(D_IN, D_SAE, generator=gen), torch.randn(D_SAE, generator=gen)
+    want = torch.relu(x @ w + b)
+    assert_close(sae_mod._addmm_relu(b, x, w), want)
+    if sae_mod._FUSED_ADDMM_RELU is not None:
+        assert_close(sae_mod._FUSED_ADDMM_RELU(b, x, w), want)
+    if torch.cuda.is_available():
+        dev = torch.device("cuda")
+        assert_close(sae_mod._addmm_relu(b.to(dev), x.to(dev), w.to(dev)).cpu(), want, rtol=1e-4, atol=1e-4)
+
+
 def test_subset_of_topk_is_refused() -> None:
     sae, _ = make_sae("topk")
     with pytest.raises(ValueError, match="ranks all latents"):
