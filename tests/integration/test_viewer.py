@@ -418,6 +418,24 @@ def test_browser_feature_page_shows_contexts(site: Site, browser: Any) -> None:
     assert "lv8" in peak.get_attribute("class") or summary.contexts[0].max_activation < summary.max_activation
     assert browser.find_elements(By.CSS_SELECTOR, "figure.hist rect.bar")
     assert RULE in browser.find_element(By.ID, "uses").text
+    # Without a pointer: Tab reaches the first context (one stop per context), focus starts on its
+    # peak token, and the arrow keys walk its tokens while the readout says each value.
+    for _ in range(40):
+        browser.switch_to.active_element.send_keys(Keys.TAB)
+        if "tokens" in (browser.switch_to.active_element.get_attribute("class") or ""):
+            break
+    row = browser.switch_to.active_element
+    assert row == first
+    readout = browser.find_element(By.ID, "context-readout")
+    spans = first.find_elements(By.CSS_SELECTOR, ".tok")
+    peak_at = next(i for i, t in enumerate(spans) if "peak" in t.get_attribute("class"))
+    assert readout.text == f"\u201c{spans[peak_at].get_attribute('textContent')}\u201d {spans[peak_at].get_attribute('title')}".strip()
+    row.send_keys(Keys.HOME)
+    row.send_keys(Keys.ARROW_RIGHT)
+    assert "active" in spans[1].get_attribute("class") and "active" not in spans[0].get_attribute("class")
+    assert readout.text.endswith(spans[1].get_attribute("title")) and spans[1].get_attribute("title")
+    row.send_keys(Keys.END)
+    assert "active" in spans[-1].get_attribute("class")
     _screenshot(browser, "feature")
     assert _console_errors(browser) == []
 
@@ -425,6 +443,7 @@ def test_browser_feature_page_shows_contexts(site: Site, browser: Any) -> None:
 @browser_needed
 def test_browser_playground_highlights_the_trigger_tokens(site: Site, browser: Any) -> None:
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select
 
     expected = httpx.post(site.url + "/v1/audit", json={"text": FRAUD, "id": "expected"}, timeout=60).json()
@@ -449,6 +468,13 @@ def test_browser_playground_highlights_the_trigger_tokens(site: Site, browser: A
     above = {int(t.get_attribute("data-position")) for t in shaded if float(t.get_attribute("data-activation")) >= site.threshold}
     assert above == positions  # the outlined tokens are exactly where the rule's feature reached its threshold
     assert all("lv0" not in t.get_attribute("class") for t in trig)
+    # The heat map reads with the keyboard too: End goes to the last token, its value in the readout.
+    heatmap = browser.find_element(By.ID, "heatmap")
+    browser.execute_script("arguments[0].focus()", heatmap)
+    heatmap.send_keys(Keys.END)
+    readout = browser.find_element(By.ID, "heat-readout").text
+    assert shaded[-1].get_attribute("title") and readout.endswith(shaded[-1].get_attribute("title"))
+    assert readout.startswith("\u201c")
 
     browser.find_element(By.ID, "steer-toggle").click()
     Select(browser.find_element(By.ID, "steer-feature")).select_by_value(site.feature)

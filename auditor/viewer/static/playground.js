@@ -2,7 +2,7 @@
 "use strict";
 
 (() => {
-  const { el, api, fmt, level } = Viewer;
+  const { el, api, fmt, level, tokenNav } = Viewer;
   const form = document.getElementById("audit-form");
   const input = document.getElementById("input");
   const policy = document.getElementById("policy");
@@ -167,8 +167,10 @@
       }, t.token);
     }));
     heatmap.dataset.latent = String(idx);
+    heatNav.reset();
   }
   heatSelect.addEventListener("change", drawHeat);
+  const heatNav = tokenNav(heatmap, document.getElementById("heat-readout"));
 
   // ------------------------------------------------------------ steering
   const toggle = document.getElementById("steer-toggle");

@@ -56,5 +56,38 @@ const Viewer = (() => {
     return Number(x).toPrecision(digits || 3).replace(/(\.\d*?)0+$/, "$1").replace(/\.$/, "");
   }
 
-  return { level, el, api, fmt };
+  /**
+   * Read a row of heat-map tokens without a pointer: `container` becomes one tab stop, the arrow
+   * keys (and Home / End) move between its `.tok` spans, and `readout` (a polite live region) says
+   * the current token and its value (the span's title); hovering a token does the same. A row that
+   * is redrawn starts again from its first token. Returns `{ reset }` for callers that redraw.
+   */
+  function tokenNav(container, readout, start) {
+    container.tabIndex = 0;
+    let active = -1;
+    const tokens = () => Array.from(container.querySelectorAll(".tok"));
+    function show(i) {
+      const all = tokens();
+      if (!all.length) return;
+      const k = Math.max(0, Math.min(all.length - 1, i));
+      for (const t of container.querySelectorAll(".tok.active")) t.classList.remove("active");
+      active = k;
+      all[k].classList.add("active");
+      readout.textContent = "\u201c" + all[k].textContent + "\u201d " + (all[k].getAttribute("title") || "");
+    }
+    container.addEventListener("focus", () => show(active >= 0 ? active : (start ? start(tokens()) : 0)));
+    container.addEventListener("keydown", (e) => {
+      const moves = { ArrowRight: active + 1, ArrowLeft: active - 1, Home: 0, End: tokens().length - 1 };
+      if (!(e.key in moves)) return;
+      e.preventDefault();
+      show(moves[e.key]);
+    });
+    container.addEventListener("mouseover", (e) => {
+      const t = e.target.closest(".tok");
+      if (t && container.contains(t)) show(tokens().indexOf(t));
+    });
+    return { reset() { active = -1; readout.textContent = ""; } };
+  }
+
+  return { level, el, api, fmt, tokenNav };
 })();
