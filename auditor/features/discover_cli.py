@@ -32,6 +32,10 @@ def _common(p: argparse.ArgumentParser, *, data_required: bool = True) -> None:
     p.add_argument("--heldout", type=float, default=0.3, help="held-out fraction per (category, kind) (default 0.3)")
     p.add_argument("--salt", default="safety-v1", help="salt of the id hash that orders rows for the split")
     p.add_argument("--model", metavar="NAME|PATH", help="model (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"],
+        help="the model's dtype (default float32 on the CPU): calibrate in the dtype the sidecar will run",
+    )
     p.add_argument("--cache-dir", metavar="DIR", help="where pooled features are cached (default .cache/labelled-features)")
     p.add_argument("--batch-tokens", type=int, default=2048, help="padded tokens per forward batch (default 2048)")
     p.add_argument("--category", action="append", default=[], metavar="C", help="only these categories (repeatable; default: all)")
@@ -159,7 +163,8 @@ def _pooled(args: argparse.Namespace, rows: list[Any], saes: list[tuple[str, str
     from auditor.features.labelled import cached_pooled
 
     return cached_pooled(
-        rows, saes, model=model, model_name=args.model, cache_dir=args.cache_dir, batch_tokens=args.batch_tokens, progress=True
+        rows, saes, model=model, model_name=args.model, cache_dir=args.cache_dir, batch_tokens=args.batch_tokens,
+        progress=True, dtype=args.dtype,
     )
 
 
@@ -322,7 +327,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     rows, split = _load(args)
     cats = _categories(args, rows)
-    auditor = Auditor.load(policy=args.policy, model=args.model)
+    auditor = Auditor.load(policy=args.policy, model=args.model, dtype=args.dtype)
     engine = auditor.policy
     lib = auditor.library
     if engine is None or lib is None:

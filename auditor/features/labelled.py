@@ -349,18 +349,20 @@ def cached_pooled(
     cache_dir: str | Path | None = None,
     batch_tokens: int = 2048,
     progress: bool = False,
+    dtype: str | None = None,
 ) -> dict[str, Pooled]:
     """:func:`extract_pooled` over ``rows`` for ``saes`` (``(name, path)`` pairs), through a disk cache.
 
     Only the SAEs missing from the cache are computed (in one shared forward);
-    the model is loaded (``model_name`` or the default) only when something is missing.
+    the model is loaded (``model_name`` or the default, in ``dtype`` when given) only when
+    something is missing. Features of another model dtype are another cache entry.
     """
     from auditor.sae import load_sae
 
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     fp = data_fingerprint(rows)
     # The key names the model as the caller did; ``model``, when given, must be that model.
-    label = model_name or "default"
+    label = (model_name or "default") + (f"@{dtype}" if dtype else "")
     keys = {name: hashlib.sha256(f"{fp}|{label}|{_file_digest(Path(p))}".encode()).hexdigest()[:20] for name, p in saes}
     out: dict[str, Pooled] = {}
     todo: dict[str, Any] = {}
@@ -374,7 +376,7 @@ def cached_pooled(
         if model is None:
             from auditor.models import load_model
 
-            model = load_model(model_name)
+            model = load_model(model_name, dtype=dtype)
         fresh = extract_pooled(
             model, todo, [r.text for r in rows], [r.id for r in rows], batch_tokens=batch_tokens, progress=progress
         )

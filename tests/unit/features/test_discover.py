@@ -241,3 +241,19 @@ def test_cached_pooled_reads_back_without_the_model(tiny: tuple[Path, Path], tmp
     changed = [*rows[:-1], LabelledRow("3", "benign", "prompt", "scam scam")]
     with pytest.raises(ModelError):
         cached_pooled(changed, [("a", sae_dir)], model_name=str(copy), cache_dir=cache)
+    # So is another model dtype: bfloat16 features are not the float32 ones.
+    with pytest.raises(ModelError):
+        cached_pooled(rows, [("a", sae_dir)], model_name=str(copy), cache_dir=cache, dtype="bfloat16")
+
+
+def test_cached_pooled_in_bfloat16_is_its_own_entry(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    model_dir, sae_dir = tiny
+    cache = tmp_path / "cache"
+    rows = [LabelledRow(str(i), "benign", "prompt", t) for i, t in enumerate(TEXTS)]
+    full = cached_pooled(rows, [("a", sae_dir)], model_name=str(model_dir), cache_dir=cache)["a"]
+    low = cached_pooled(rows, [("a", sae_dir)], model_name=str(model_dir), cache_dir=cache, dtype="bfloat16")["a"]
+    assert len(list(cache.glob("*.pt"))) == 2
+    assert low.tokens == full.tokens and not torch.equal(low.max, full.max)
+    # Close, not equal: a latent near the top-k boundary may swap in or out in bfloat16.
+    close = (low.max - full.max).abs() <= 0.1 + 0.1 * full.max.abs()
+    assert close.float().mean() > 0.9
