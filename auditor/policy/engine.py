@@ -183,7 +183,7 @@ class Verdict:
         """Plain JSON-able form, matches with their explanations."""
         return {
             "action": self.action,
-            "matches": [m.to_dict() if hasattr(m, "to_dict") else dataclasses.asdict(m) for m in self.matches],
+            "matches": [m.to_dict() for m in self.matches],
             "scores": dict(self.scores),
             "category_scores": dict(self.category_scores),
             "annotations": list(self.annotations),
@@ -235,6 +235,11 @@ def _as(t: Tensor, device: torch.device | None, dtype: torch.dtype) -> Tensor:
     if t.dtype == dtype and (device is None or t.device == device):
         return t
     return t.to(device or t.device, dtype)
+
+
+def _scope_masks(mask: Tensor, prompt: Tensor, comp: Tensor) -> Tensor:
+    """Which tokens each scope sees, ``[B, T, 3]`` in ``SCOPES`` order (any, prompt, completion)."""
+    return torch.stack([mask, mask & prompt, mask & comp], dim=-1)
 
 
 def _consistent(score: Tensor, fired: Tensor) -> Tensor:
@@ -473,7 +478,7 @@ class PolicyEngine:
             recon = feats.new_zeros(bsz, 1) if recon is not None else None
             resid = feats.new_zeros(bsz, 1, resid.shape[2]) if resid is not None else None
         k = self._tensors(feats.device)
-        scope_masks = torch.stack([mask, mask & prompt, mask & comp], dim=-1)  # [B, T, 3]
+        scope_masks = _scope_masks(mask, prompt, comp)  # [B, T, 3]
         n_scope = scope_masks.sum(1)  # [B, 3]
 
         value, score, fired, holds = self._leaves(k, feats, recon, resid, scope_masks, n_scope)
@@ -553,18 +558,7 @@ class PolicyEngine:
         c = self.compiled
         vals, leaf_mask, logit = self._token_values(k, feats, recon, scope_masks)
         n = n_scope.index_select(1, k["leaf_scope"])  # [B, L]
-        nf = n.clamp(min=1).to(torch.float32)
-        # Max for every leaf (cheap), then the other aggregations on their own leaves only.
-        value = vals.masked_fill(~leaf_mask, float("-inf")).amax(1)  # [B, L]
-        if "mean" in k:
-            sub = k["mean"]
-            v, m = vals.index_select(2, sub), leaf_mask.index_select(2, sub)
-            value[:, sub] = v.masked_fill(~m, 0.0).sum(1) / nf.index_select(1, sub)
-        if "count" in k:
-            sub = k["count"]
-            v, m = vals.index_select(2, sub), leaf_mask.index_select(2, sub)
-            count = ((v > k["count_above"]) & m).sum(1).to(torch.float32)  # [B, n]
-            value[:, sub] = count / torch.where(k["count_fraction"], nf.index_select(1, sub), 1.0)
+        value = self._aggregate(k, *self._partials(k, vals, leaf_mask), n)  # [B, L]
         fp = k["feature_probes"]
         if fp is not None and logit is not None:
             sm = scope_masks.transpose(1, 2).to(feats.dtype)  # [B, 3, T]
@@ -601,6 +595,36 @@ class PolicyEngine:
         logit = feats @ fp["weight"] + fp["bias"]  # [B, T, U]
         vals[:, :, fp["leaves"]] = torch.sigmoid(logit).index_select(2, fp["unit"])
         return vals, leaf_mask, logit
+
+    @staticmethod
+    def _partials(k: dict[str, Any], vals: Tensor, leaf_mask: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """What the aggregations need from some tokens, each adding up over more tokens: the max of
+        every leaf ``[B, L]`` (cheap), the sum of the ``mean`` leaves and the count of the
+        ``count_above`` / ``fraction_above`` leaves (None when the policy has none)."""
+        vmax = vals.masked_fill(~leaf_mask, float("-inf")).amax(1)
+        vsum = vcount = None
+        if "mean" in k:
+            sub = k["mean"]
+            vsum = vals.index_select(2, sub).masked_fill(~leaf_mask.index_select(2, sub), 0.0).sum(1)
+        if "count" in k:
+            sub = k["count"]
+            above = vals.index_select(2, sub) > k["count_above"]
+            vcount = (above & leaf_mask.index_select(2, sub)).sum(1).to(torch.float32)
+        return vmax, vsum, vcount
+
+    @staticmethod
+    def _aggregate(k: dict[str, Any], vmax: Tensor, vsum: Tensor | None, vcount: Tensor | None, n: Tensor) -> Tensor:
+        """Each leaf's aggregated value ``[B, L]`` from :meth:`_partials` over its ``n [B, L]`` tokens in
+        scope; written into ``vmax``, which the caller hands over."""
+        nf = n.clamp(min=1).to(torch.float32)
+        value = vmax
+        if vsum is not None:
+            sub = k["mean"]
+            value[:, sub] = vsum / nf.index_select(1, sub)
+        if vcount is not None:
+            sub = k["count"]
+            value[:, sub] = vcount / torch.where(k["count_fraction"], nf.index_select(1, sub), 1.0)
+        return value
 
     @staticmethod
     def _scope_max(feats: Tensor, sm: Tensor) -> Tensor:
@@ -804,16 +828,15 @@ class IncrementalMatcher:
         feats, mask, comp, prompt, recon, _resid = engine._inputs(chunk)
         if feats.shape[1] == 0:
             return self._last  # nothing new: the decision stands
-        scope_masks = torch.stack([mask, mask & prompt, mask & comp], dim=-1)  # [B, t, 3]
+        scope_masks = _scope_masks(mask, prompt, comp)  # [B, t, 3]
         self.n_scope += scope_masks.sum(1)
         vals, leaf_mask, logit = engine._token_values(k, feats, recon, scope_masks)
-        self.vmax = torch.maximum(self.vmax, vals.masked_fill(~leaf_mask, float("-inf")).amax(1))
-        if self.vsum is not None:
-            sub = k["mean"]
-            self.vsum += vals.index_select(2, sub).masked_fill(~leaf_mask.index_select(2, sub), 0.0).sum(1)
-        if self.vcount is not None:
-            sub = k["count"]
-            self.vcount += ((vals.index_select(2, sub) > k["count_above"]) & leaf_mask.index_select(2, sub)).sum(1)
+        vmax, vsum, vcount = engine._partials(k, vals, leaf_mask)
+        self.vmax = torch.maximum(self.vmax, vmax)
+        if self.vsum is not None and vsum is not None:
+            self.vsum += vsum
+        if self.vcount is not None and vcount is not None:
+            self.vcount += vcount
         sm = scope_masks.transpose(1, 2).to(feats.dtype)  # [B, 3, t]
         if self.logit_sum is not None and logit is not None:
             self.logit_sum += torch.bmm(sm, logit)
@@ -823,14 +846,7 @@ class IncrementalMatcher:
             return self._last
 
         n = self.n_scope.index_select(1, k["leaf_scope"])  # [B, L]
-        nf = n.clamp(min=1).to(torch.float32)
-        value = self.vmax.clone()
-        if self.vsum is not None:
-            sub = k["mean"]
-            value[:, sub] = self.vsum / nf.index_select(1, sub)
-        if self.vcount is not None:
-            sub = k["count"]
-            value[:, sub] = self.vcount / torch.where(k["count_fraction"], nf.index_select(1, sub), 1.0)
+        value = engine._aggregate(k, self.vmax.clone(), self.vsum, self.vcount, n)
         fp = k["feature_probes"]
         if fp is not None and self.logit_sum is not None:
             value[:, fp["leaves"]] = engine._probe_pool(fp, self.logit_sum, self.n_scope, self.feat_max)
