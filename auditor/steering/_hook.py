@@ -233,15 +233,7 @@ class SteeringHook:
     def _history_batch(self, engine: PolicyEngine, cols: Tensor) -> AuditBatch:
         """Everything recorded so far as ``engine``'s input (``cols``: its watched latents' columns)."""
         h = self.history()
-        comp = h["is_completion"]
-        return AuditBatch(
-            features=h["features"].index_select(-1, cols),
-            mask=h["mask"],
-            is_completion=comp,
-            is_prompt=~comp,
-            recon_error=h.get("recon") if engine.needs_recon_error else None,
-            resid=h.get("resid") if engine.needs_resid else None,
-        )
+        return _batch(engine, cols, h["features"], h["mask"], h["is_completion"], h.get("recon"), h.get("resid"))
 
     # ------------------------------------------------------------------ the hook
 
@@ -284,20 +276,11 @@ class SteeringHook:
         engine = self.trigger_engine
         assert engine is not None
         if self._matcher is not None:
-            dev = f.device
-            comp_d = comp.to(dev, non_blocking=True)
-            chunk = AuditBatch(
-                features=f.index_select(-1, self.trigger_cols),
-                mask=mask.to(dev, non_blocking=True),
-                is_completion=comp_d,
-                is_prompt=~comp_d,
-                recon_error=recon.view(f.shape[0], f.shape[1]) if engine.needs_recon_error and recon is not None else None,
-            )
+            b, t = f.shape[:2]
+            chunk = _batch(engine, self.trigger_cols, f, mask, comp, recon.view(b, t) if recon is not None else None, None)
             matched = self._matcher.update(chunk, decide=decide)
         elif decide:
             matched = engine.matched(self._history_batch(engine, self.trigger_cols))
-        else:
-            return
         if not decide:
             return
         matched = matched & self.policy_rows.unsqueeze(1)  # [B, R]
@@ -305,6 +288,23 @@ class SteeringHook:
         self._eval_starts.append(start)
         self._triggers = None
         self.enabled |= (matched.unsqueeze(2) & self._rule_slot_map.unsqueeze(0)).any(1)  # [B, S]
+
+
+def _batch(
+    engine: PolicyEngine, cols: Tensor, feats: Tensor, mask: Tensor, comp: Tensor, recon: Tensor | None, resid: Tensor | None
+) -> AuditBatch:
+    """Recorded positions as ``engine``'s input: its watched columns ``cols`` of ``feats [B, T, U]``, the
+    position masks moved beside them (without waiting for the device), and what else it reads."""
+    dev = feats.device
+    comp = comp.to(dev, non_blocking=True)
+    return AuditBatch(
+        features=feats.index_select(-1, cols),
+        mask=mask.to(dev, non_blocking=True),
+        is_completion=comp,
+        is_prompt=~comp,
+        recon_error=recon if engine.needs_recon_error else None,
+        resid=resid if engine.needs_resid else None,
+    )
 
 
 class _Growing:
