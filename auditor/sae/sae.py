@@ -291,7 +291,7 @@ class SAE(nn.Module):
         if arch == "topk":
             # Top-k ranks all latents, so a watch-list encode still needs every pre-activation.
             indices, values = self._topk_normed(xn)
-            dense = xn.new_zeros((xn.shape[0], self.cfg.d_sae)).scatter_(-1, indices, values)
+            dense = self._dense(indices, values)
             return dense if idx is None else dense.index_select(-1, idx)
 
         # The other rules are per latent: slice the W_enc columns before the matmul.
@@ -326,6 +326,10 @@ class SAE(nn.Module):
         k = self.cfg.k if self.cfg.k is not None else self.cfg.d_sae
         values, indices = _row_topk(pre, min(k, self.cfg.d_sae))
         return indices, torch.relu(values)
+
+    def _dense(self, indices: Tensor, values: Tensor) -> Tensor:
+        """TopK codes ``indices`` / ``values [N, k]`` as the dense ``[N, d_sae]`` (zeros elsewhere)."""
+        return values.new_zeros((values.shape[0], self.cfg.d_sae)).scatter_(-1, indices, values)
 
     def encode_topk(self, x: Tensor) -> tuple[Tensor, Tensor, NormState]:
         """A TopK SAE's codes in sparse form: ``indices [N, k]``, ``values [N, k]`` and the norm state.
@@ -380,7 +384,7 @@ class SAE(nn.Module):
         x_hat: Tensor | None = None
         if self.cfg.architecture == "topk":
             indices, values, state = self.encode_topk(x)
-            dense = x.new_zeros((x.shape[0], self.cfg.d_sae)).scatter_(-1, indices, values)
+            dense = self._dense(indices, values)
             if recon_error:
                 x_hat = self.decode_sparse(indices, values, state)
         elif recon_error or full:
