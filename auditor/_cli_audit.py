@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from auditor.errors import ConfigError
+from auditor.models.loading import MODEL_DTYPES
 from auditor.text import AuditInput, audited_text, parse_input
 
 __all__ = ["register", "result_to_json"]
@@ -54,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument(
         "--dtype",
-        choices=["float32", "bfloat16", "float16"],
+        choices=MODEL_DTYPES,
         help="the model's dtype (default float32 on the CPU, bfloat16 on a GPU); bfloat16 on a CPU with AMX is "
         "much faster, with verdicts that can differ near thresholds (benchmarks/dtype_agreement.py)",
     )

@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from auditor.models.loading import MODEL_DTYPES
+
 __all__ = ["register"]
 
 _DEFAULT_LIBRARY = "smollm2-135m-instruct"
@@ -33,7 +35,7 @@ def _common(p: argparse.ArgumentParser, *, data_required: bool = True) -> None:
     p.add_argument("--salt", default="safety-v1", help="salt of the id hash that orders rows for the split")
     p.add_argument("--model", metavar="NAME|PATH", help="model (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument(
-        "--dtype", choices=["float32", "bfloat16", "float16"],
+        "--dtype", choices=MODEL_DTYPES,
         help="the model's dtype (default float32 on the CPU): calibrate in the dtype the sidecar will run",
     )
     p.add_argument("--cache-dir", metavar="DIR", help="where pooled features are cached (default .cache/labelled-features)")

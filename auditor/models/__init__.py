@@ -9,6 +9,8 @@ from auditor.models.hookpoints import HOOK_KINDS, HookKind, Hookpoint, parse_hoo
 from auditor.models.hooks import HookFn, hooks, resolve_hookpoints
 from auditor.models.loading import (
     DEFAULT_MODEL_NAME,
+    MODEL_DTYPES,
+    ModelDType,
     LoadedModel,
     cache_root,
     check_sae_compatible,
@@ -19,6 +21,8 @@ from auditor.models.loading import (
 __all__ = [
     "ADAPTERS",
     "DEFAULT_MODEL_NAME",
+    "MODEL_DTYPES",
+    "ModelDType",
     "HOOK_KINDS",
     "ArchitectureAdapter",
     "HookFn",

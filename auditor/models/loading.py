@@ -25,7 +25,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -51,6 +51,10 @@ _DEFAULT_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110d
 _DEFAULT_CACHE_KEY = "smollm2-135m-instruct"
 # Written last into a finished cache folder; a folder without it is not trusted.
 _MARKER = "auditor-cache.json"
+ModelDType = Literal["float32", "bfloat16", "float16"]
+"""The model dtypes offered by name on the command line and in the sidecar's settings."""
+MODEL_DTYPES: tuple[str, ...] = get_args(ModelDType)
+
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "fp32": torch.float32,

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from auditor.errors import ConfigError
+from auditor.models.loading import MODEL_DTYPES
 
 __all__ = ["register", "run_serve", "run_alerts"]
 
@@ -35,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--library", help="feature library path or id")
     p.add_argument("--hookpoint", help="override the SAE's hookpoint")
     p.add_argument("--device", help="torch device (default cpu)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="the model's dtype (default float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--dtype", choices=MODEL_DTYPES, help="the model's dtype (default float32 on CPU, bfloat16 on GPU)")
     p.add_argument(
         "--compile", action="store_true", default=None, help="torch.compile the model's decoder layers (for GPUs; slower start)"
     )

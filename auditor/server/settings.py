@@ -29,6 +29,7 @@ from pydantic_settings.sources.utils import parse_env_vars
 from auditor.alerts import AlertsConfig
 from auditor.errors import ConfigError
 from auditor.features.yamlsource import SourceMap, parse_yaml
+from auditor.models.loading import ModelDType
 
 __all__ = ["Settings", "ENV_PREFIX", "default_data_dir"]
 
@@ -68,7 +69,7 @@ class Settings(BaseSettings):
     """Override the SAE's hookpoint."""
     device: str = "cpu"
     """Torch device."""
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    dtype: ModelDType | None = None
     """The model's dtype (default: float32 on the CPU, bfloat16 on a GPU). bfloat16 on a CPU with AMX is
     several times faster; verdicts can differ near thresholds (``benchmarks/dtype_agreement.py``)."""
     compile: bool = False
@@ -222,11 +223,15 @@ class _YamlFile:
     """A config file's settings (dashes in keys read as underscores) and where each one was written."""
 
     path: Path
-    values: dict[str, Any]
     raw: dict[Any, Any]
     source: SourceMap
     spelling: dict[str, Any]
     """Setting name -> the key as written in the file."""
+
+    @property
+    def values(self) -> dict[str, Any]:
+        """Setting name -> value."""
+        return {name: self.raw[key] for name, key in self.spelling.items()}
 
     def position(self, loc: tuple[Any, ...], *, key: bool = False) -> str | None:
         """``FILE:LINE:COLUMN`` of the value at pydantic ``loc`` (its first item a setting name), or of
@@ -246,11 +251,10 @@ def _read_yaml(path: Path) -> _YamlFile:
         where = f"{path}:{first.line}:{first.column}" if first.line is not None else str(path)
         raise ConfigError(f"{where}: {first.message}")
     if data is None:
-        return _YamlFile(path, {}, {}, source, {})
+        return _YamlFile(path, {}, source, {})
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the config file must be a mapping of setting names to values")
-    spelling = {str(k).replace("-", "_"): k for k in data}
-    return _YamlFile(path, {name: data[key] for name, key in spelling.items()}, data, source, spelling)
+    return _YamlFile(path, data, source, {str(k).replace("-", "_"): k for k in data})
 
 
 def _deep_merge(base: Any, top: Any) -> Any:

@@ -22,6 +22,7 @@ from typing import Any, Literal, get_args, get_origin
 from pydantic import ValidationError
 
 from auditor.errors import ConfigError
+from auditor.models.loading import MODEL_DTYPES
 
 __all__ = ["register", "run_train_sae"]
 
@@ -90,7 +91,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--collect-only", action="store_true", help="with --save-activations: collect and save, do not train")
     parser.add_argument("--activations", metavar="FILE", help="train from stored activations (.safetensors shard or .npy [N, d_in])")
     parser.add_argument(
-        "--model-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+        "--model-dtype", default="float32", choices=MODEL_DTYPES,
         help="dtype of the model that produces the activations (default float32, the dtype the CPU audits with)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
