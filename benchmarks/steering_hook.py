@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from collections.abc import Sequence
@@ -29,13 +28,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from auditor.models import Hookpoint  # noqa: E402
-from auditor.policy.compile import compile_policy  # noqa: E402
 from auditor.policy.engine import PolicyEngine  # noqa: E402
-from auditor.policy.schema import Policy  # noqa: E402
-from auditor.sae import SAE, SAEConfig  # noqa: E402
+from auditor.sae import SAE  # noqa: E402
 from auditor.steering._hook import SteeringHook  # noqa: E402
 from auditor.steering.interventions import ResolvedIntervention  # noqa: E402
-from benchmarks.policy_eval import random_library, random_policy  # noqa: E402
+from benchmarks.gpu_llama8b import random_engine, random_sae, with_steer_rules  # noqa: E402
 
 D_IN, D_SAE = 64, 8192
 
@@ -51,24 +48,14 @@ class _Count(TorchDispatchMode):
 
 
 def build(steer_rules: int) -> tuple[SAE, PolicyEngine, ResolvedIntervention]:
-    gen = torch.Generator().manual_seed(0)
-    w = torch.randn(D_IN, D_SAE, generator=gen)
-    w = w / w.norm(dim=0, keepdim=True)
-    sae = SAE.from_tensors(
-        SAEConfig(d_in=D_IN, d_sae=D_SAE, metadata={"hook_name": "blocks.1.hook_resid_post"}),
-        {"W_enc": w, "b_enc": -torch.rand(D_SAE, generator=gen), "W_dec": w.T.contiguous(), "b_dec": torch.zeros(D_IN)},
-    )
-    rng = random.Random(0)
-    library = random_library(rng, 400)
-    policy = random_policy(rng, library.names, 100)
-    first = library.name_for_index(int(compile_policy(policy, library, base_dir=".", path="<b>").watched[0]))
-    data = policy.model_dump(mode="json", by_alias=True, exclude_none=True)
-    for rule in data["rules"][:steer_rules]:
-        rule["actions"] = [*rule["actions"], {"steer": {"feature": first, "mode": "clamp", "value": 0.0}}]
-    policy = Policy.model_validate(data)
-    engine = PolicyEngine(policy, library, compile_policy(policy, library, base_dir=".", path="<b>"))
-    clamp = ResolvedIntervention(library.feature(first).index, "clamp", 0.0, "all", first)
-    return sae, engine, clamp
+    """The GPU script's random ReLU SAE and 100-rule policy (its first ``steer_rules`` rules clamping
+    the first watched feature), and that clamp as the requested intervention."""
+    cpu = torch.device("cpu")
+    sae = random_sae(D_IN, D_SAE, "blocks.1.hook_resid_post", cpu, torch.float32)
+    engine = random_engine(D_SAE, cpu)
+    first = engine.library.name_for_index(int(engine.watched[0]))
+    clamp = ResolvedIntervention(int(engine.watched[0]), "clamp", 0.0, "all", first)
+    return sae, with_steer_rules(engine, steer_rules, first), clamp
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
