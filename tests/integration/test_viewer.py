@@ -94,14 +94,21 @@ def _pick_rule(rt: Any) -> tuple[str, int, float]:
     raise AssertionError("no library feature is active on three tokens of the test text")
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    root = tmp_path_factory.mktemp("viewer")
+def _sidecar_files(root: Path) -> tuple[Path, Path]:
+    """A random SAE for the default model and a policy folder with one quiet rule: (SAE, policy file)."""
     sae = make_random_sae(root / "sae", d_in=576, d_sae=64, hookpoint="blocks.5.hook_resid_post")
     pol = root / "policies"
     pol.mkdir()
     policy = pol / "viewer-test.yaml"
     policy.write_text(_policy_yaml("deception.fraud", 1e6))
+    return sae, policy
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    root = tmp_path_factory.mktemp("viewer")
+    sae, policy = _sidecar_files(root)
+    pol = policy.parent
     corpus = root / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": t, "source": "test"}) + "\n" for t in CORPUS))
     index_path = root / "index" / "feature_index.safetensors"
@@ -542,10 +549,8 @@ TOKEN = "viewer-s3cret"
 def locked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A sidecar whose every route needs the API token (the viewer signs in)."""
     root = tmp_path_factory.mktemp("locked")
-    sae = make_random_sae(root / "sae", d_in=576, d_sae=64, hookpoint="blocks.5.hook_resid_post")
-    pol = root / "policies"
-    pol.mkdir()
-    (pol / "viewer-test.yaml").write_text(_policy_yaml("deception.fraud", 1e6))
+    sae, policy = _sidecar_files(root)
+    pol = policy.parent
     settings = Settings.load(
         flags={"sae": str(sae), "policies": [str(pol)], "data_dir": str(root / "data"), "max_tokens": 128,
                "auth_all_routes": True},
