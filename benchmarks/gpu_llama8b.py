@@ -47,6 +47,7 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from auditor.models import LoadedModel, capture, compile_layers, get_adapter, hooks  # noqa: E402
+from auditor.models.capture import _cache_keyword  # noqa: E402
 from auditor.policy.compile import compile_policy  # noqa: E402
 from auditor.policy.engine import AuditBatch, PolicyEngine  # noqa: E402
 from auditor.policy.schema import Policy  # noqa: E402
@@ -226,7 +227,7 @@ def decode_loop(
     applies one clamp, and the whole policy gives the verdict once at the end.
     """
     cache = transformers.DynamicCache(config=model.config)
-    key = "cache" if "cache" in __import__("inspect").signature(model.forward).parameters else "past_key_values"
+    key = _cache_keyword(model)
 
     def step(ids: torch.Tensor) -> torch.Tensor:
         out = model(input_ids=ids, use_cache=True, **{key: cache})

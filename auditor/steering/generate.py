@@ -275,9 +275,10 @@ def _cached_forward(model: Any) -> Any:
     transformers 5.x names the KV cache ``cache`` (``past_key_values`` is deprecated);
     older releases and some families still use ``past_key_values``.
     """
-    params = inspect.signature(model.forward).parameters
-    key = "cache" if "cache" in params else "past_key_values"
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    from auditor.models.capture import _cache_keyword
+
+    key = _cache_keyword(model)
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
     def run(ids: Tensor, cache: Any) -> tuple[Tensor, Any]:
         kwargs = {key: cache} if cache is not None else {}
