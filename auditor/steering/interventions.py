@@ -31,6 +31,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -299,7 +300,6 @@ class Steerer:
     latents: Tensor = field(init=False)
     _slot_cols: list[int] = field(init=False)
     _w_dec: Tensor = field(init=False)
-    _sub: SAE | None = field(init=False)
 
     def __post_init__(self) -> None:
         order = list(dict.fromkeys([s.index for s in self.slots] + [int(i) for i in self.extra]))
@@ -310,9 +310,12 @@ class Steerer:
         # Only the slots' decoder rows can change x; they come first in `latents`.
         self._w_dec = self.sae.W_dec.index_select(0, self.latents[:n_slot_latents]).float()  # [S', d_in]
         self._n_slot_latents = n_slot_latents
-        # Per-latent architectures encode the measured latents from a copy of just their columns
-        # (no gather per call); TopK must rank all latents every time.
-        self._sub = self.sae.subset(self.latents) if self.sae.cfg.architecture != "topk" and order else None
+
+    @functools.cached_property
+    def _sub(self) -> SAE | None:
+        """Per-latent architectures encode the measured latents from a copy of just their columns
+        (no gather per call), made on the first encode that can use it; TopK ranks all latents."""
+        return self.sae.subset(self.latents) if self.sae.cfg.architecture != "topk" and self.latents.numel() else None
 
     def column(self, index: int) -> int:
         """Column of latent ``index`` in :attr:`SteerOutput.features`."""
