@@ -257,6 +257,35 @@ def decode_loop(
             return time.perf_counter() - t0
 
 
+def profile_generation(model: torch.nn.Module, serve: dict[str, Any], cfg: dict[str, Any], batch: int, prompt_len: int,
+                       n_new: int, device: torch.device, out_dir: Path) -> None:
+    """Write ``torch.profiler`` op tables of one plain and one serve-mode generation to ``out_dir``.
+
+    Each table (``profile_plain.txt``, ``profile_serve.txt``) is sorted by self CPU time, then
+    by self device time; the wall time of each profiled run heads its file.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    gen = torch.Generator(device=device).manual_seed(1)
+    prompt = torch.randint(0, cfg["vocab_size"], (batch, prompt_len), generator=gen, device=device)
+    for name, conf in (("plain", None), ("serve", serve)):
+        decode_loop(model, prompt, n_new, conf)  # warm
+        sync(device)
+        with profile(activities=acts) as prof:
+            t0 = time.perf_counter()
+            decode_loop(model, prompt, n_new, conf)
+            sync(device)
+            wall = time.perf_counter() - t0
+        table = prof.key_averages()
+        text = [f"{name}: batch {batch}, {n_new} new tokens, {wall * 1000:.1f} ms under the profiler", ""]
+        text.append(table.table(sort_by="self_cpu_time_total", row_limit=40))
+        if device.type == "cuda":
+            text.append(table.table(sort_by="self_cuda_time_total", row_limit=25))
+        (out_dir / f"profile_{name}.txt").write_text("\n".join(text))
+
+
 def with_steer_rules(engine: PolicyEngine, n: int, feature: str) -> PolicyEngine:
     """``engine``'s policy with a clamp of ``feature`` added to the first ``n`` rules' actions."""
     data = engine.policy.model_dump(mode="json", by_alias=True, exclude_none=True)
@@ -287,6 +316,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     "encode (matmul+add+relu, addmm+relu_, fused addmm activation, two-stage top-k, fp8 on CUDA)")
     ap.add_argument("--policy-every", type=int, default=1)
     ap.add_argument("--gen-repeats", type=int, default=5, help="timed runs of each generation configuration (median)")
+    ap.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                    help="after the timings, profile one plain and one serve-mode (first --steer-rules entry) "
+                         "generation at the largest --gen-batches size and write the op tables to DIR")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -380,7 +412,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         runs: dict[Any, list[float]] = {None: [], **{key: [] for key in serves}}
         verdict: dict[Any, list[float]] = {key: [] for key in serves}
         for rep in range(args.gen_repeats + 1):
-            for key in runs:
+            # Alternate the order too: whatever runs first after a switch (allocator, clocks) is
+            # not always the same configuration.
+            for key in (list(runs) if rep % 2 else list(runs)[::-1]):
                 sync(device)
                 t0 = time.perf_counter()
                 t_v = decode_loop(model, prompt, gen_tokens, serves[key] if key is not None else None)
@@ -397,8 +431,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 {"batch_size": gb, "steer_rules": n, "policy_every": e, "new_tokens": gen_tokens,
                  "plain_tok_s": gb * gen_tokens / t_plain, "serve_tok_s": gb * gen_tokens / t_serve,
                  "serve_vs_plain": t_plain / t_serve, "final_verdict_s": t_verdict,
+                 # Each repeat's plain and serve runs ran back to back: the median of their ratios.
+                 "serve_vs_plain_paired": statistics.median(p / q for p, q in zip(runs[None], runs[(n, e)])),
                  "decoding_vs_plain": t_plain / (t_serve - t_verdict), "runs": args.gen_repeats}
             )
+
+    if args.profile is not None:
+        profile_generation(model, serves[configs[0]], cfg, max(int(b) for b in args.gen_batches.split(",")),
+                           args.gen_prompt, gen_tokens, device, args.profile)
 
     result = {
         "benchmark": "gpu_llama8b",
@@ -429,7 +469,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for r in gen_rows:
         print(f"generation batch {r['batch_size']:>2}, {r['steer_rules']:>3} steering rules every {r['policy_every']} "
               f"token(s): plain {r['plain_tok_s']:.1f} "
-              f"tok/s, serve {r['serve_tok_s']:.1f} tok/s, ratio {r['serve_vs_plain']:.3f} (the final verdict "
+              f"tok/s, serve {r['serve_tok_s']:.1f} tok/s, ratio {r['serve_vs_plain']:.3f} (median of paired runs "
+              f"{r['serve_vs_plain_paired']:.3f}; the final verdict "
               f"{1000 * r['final_verdict_s']:.1f} ms; decoding alone {r['decoding_vs_plain']:.3f})")
     for r in encode_rows:
         if r["variants_s"]:

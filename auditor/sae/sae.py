@@ -121,22 +121,27 @@ def _addmm_relu(bias: Tensor, x: Tensor, w: Tensor) -> Tensor:
 
 
 _TOPK_BLOCK = 64
-_BLOCK_TOPK_MIN_WIDTH = 16384
+_BLOCK_TOPK_MIN_WIDTH = 16384  # on the CPU (benchmarks/topk_rows.py)
+_BLOCK_TOPK_MIN_WIDTH_GPU = 65536  # on CUDA: measured at 65,536 and 131,072 latents (gpu_llama8b.py --encode-variants)
 
 
 def _row_topk(pre: Tensor, k: int, *, blocks: bool | None = None) -> tuple[Tensor, Tensor]:
     """The ``k`` largest values of each row of ``pre [N, W]`` and their column indices (both ``[N, k]``).
 
-    For wide rows on the CPU (``W >= 16,384``, a multiple of 64) the maxima of 64-wide blocks
-    pick the ``k`` blocks that can hold the top ``k`` (an element outside them has ``k`` block
-    maxima at least as large), and only those ``64 k`` candidates are ranked: the same values as
-    :func:`torch.topk`, 1.4-2.3x faster there (``benchmarks/topk_rows.py``). Elsewhere, and on
-    accelerators (not measured yet), :func:`torch.topk`. ``blocks`` forces the choice (True still
-    needs a width that is a multiple of 64 and above ``64 k``).
+    For wide rows (``W >= 16,384`` on the CPU, ``W >= 65,536`` on CUDA; a multiple of 64) the
+    maxima of 64-wide blocks pick the ``k`` blocks that can hold the top ``k`` (an element outside
+    them has ``k`` block maxima at least as large), and only those ``64 k`` candidates are ranked:
+    the same values as :func:`torch.topk`, 1.4-2.3x faster on the CPU (``benchmarks/topk_rows.py``)
+    and 1.2x (65,536) / 1.5x (131,072) on an H100 at 16,384 rows (``gpu_llama8b.py
+    --encode-variants``). Narrower rows and other devices use :func:`torch.topk`. ``blocks`` forces
+    the choice (True still needs a width that is a multiple of 64 and above ``64 k``).
     """
     n, w = pre.shape
     if blocks is None:
-        blocks = pre.device.type == "cpu" and w >= _BLOCK_TOPK_MIN_WIDTH
+        if pre.device.type == "cpu":
+            blocks = w >= _BLOCK_TOPK_MIN_WIDTH
+        else:
+            blocks = pre.device.type == "cuda" and w >= _BLOCK_TOPK_MIN_WIDTH_GPU
     if not blocks or w % _TOPK_BLOCK or k * _TOPK_BLOCK >= w:
         top = pre.topk(k, dim=-1)
         return top.values, top.indices

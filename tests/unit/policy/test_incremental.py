@@ -76,3 +76,29 @@ def test_hookpoint_probes_are_not_incremental(tmp_path: Path) -> None:
     save_probe(clf, tmp_path / "resid.json", inputs="hookpoint", pool="mean")
     engine = make_engine(one_rule({"probe": {"path": "resid.json", "threshold": 0.5}}), tmp_path)
     assert engine.needs_resid and engine.incremental(2) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(policy=policies(), seed=st.integers(0, 2**31 - 1))
+def test_incremental_on_cuda_equals_matched_on_cpu(probe_dir: Path, policy: dict[str, Any], seed: int) -> None:
+    engine = make_engine(policy, probe_dir)
+    dev = torch.device("cuda")
+    inc = engine.incremental(3, dev)
+    assume(inc is not None)
+    assert inc is not None
+    full, mask, comp, recon = random_inputs(seed, 3, 10)
+    feats = full[:, :, engine.watched]
+    recon_in = recon if engine.needs_recon_error else None
+    for a, b in _chunks(10, seed):
+        got = inc.update(
+            AuditBatch(feats[:, a:b].to(dev), mask[:, a:b].to(dev), comp[:, a:b].to(dev), is_prompt=~comp[:, a:b].to(dev),
+                       recon_error=None if recon_in is None else recon_in[:, a:b].to(dev))
+        )
+        assert got.device.type == "cuda"
+        prefix = AuditBatch(feats[:, :b], mask[:, :b], comp[:, :b], is_prompt=~comp[:, :b], recon_error=_sub(recon_in, 0, b))
+        want = engine.matched(prefix)
+        differ = got.cpu() != want
+        if differ.any():
+            score = engine._rule_tensors(prefix).score
+            assert ((score[differ] - 1.0).abs() < 1e-4).all(), (a, b, got, want, score)

@@ -126,6 +126,21 @@ def test_wide_row_topk_equals_torch_topk(n: int, width: int, k: int, ties: bool)
     assert all(len(set(row)) == k for row in indices.tolist())  # k distinct columns per row
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("ties", [False, True])
+def test_wide_row_topk_on_cuda_equals_torch_topk(ties: bool) -> None:
+    from auditor.sae.sae import _row_topk
+
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    pre = torch.randn(64, 65536, generator=gen, device="cuda", dtype=torch.bfloat16)
+    if ties:
+        pre = pre.mul(2).round()
+    values, indices = _row_topk(pre, 64)  # the block path: 65,536 columns on CUDA
+    assert torch.equal(values, pre.topk(64, dim=-1).values)
+    assert torch.equal(pre.gather(1, indices), values)
+    assert all(len(set(row)) == 64 for row in indices.tolist())
+
+
 def test_wide_topk_sae_encodes_like_the_reference() -> None:
     gen = torch.Generator().manual_seed(3)
     d_in, d_sae, k = 8, 16384, 24
