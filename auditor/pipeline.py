@@ -9,6 +9,7 @@ server, library) goes through it.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -138,7 +139,13 @@ class Auditor:
         self.batch_tokens = batch_tokens
         self._pack = pack
         self.device = torch.device(model.device)
-        self.last_timings = StageTimings()
+        self._timings = threading.local()
+
+    @property
+    def last_timings(self) -> StageTimings:
+        """Stage timings of this thread's latest :meth:`run` (threads that share an auditor each see their own)."""
+        timings = getattr(self._timings, "value", None)
+        return timings if timings is not None else StageTimings()
 
     @property
     def pack(self) -> bool:
@@ -234,7 +241,7 @@ class Auditor:
             sub = _select_rows(batch, rows)
             for row, res in zip(rows, self._run_batch(sub, items, rows, top_k, engine, timings)):
                 results[row] = res
-        self.last_timings = timings
+        self._timings.value = timings
         return [r for r in results if r is not None]
 
     def _buckets(self, batch: TokenBatch) -> Iterator[list[int]]:

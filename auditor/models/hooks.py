@@ -11,13 +11,20 @@ Example::
 
     with hooks(model, {"blocks.3.hook_resid_post": zero}):
         logits = model(input_ids).logits
+
+Threads that share one model and run forwards at the same time (the sidecar's model workers)
+call :func:`isolate_this_thread` first: hooks such a thread installs fire only on its own
+forwards, and its forwards skip every other thread's hooks. Other threads keep the usual
+module semantics (a hook fires on every forward), so a generation started on a helper thread
+(a streamer, say) is still steered by a session entered on the main thread.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
+import threading
 from contextlib import contextmanager
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -27,7 +34,9 @@ from auditor.errors import HookpointError, ModelError
 from auditor.models.adapters import ArchitectureAdapter, get_adapter, replace_output, unwrap_output
 from auditor.models.hookpoints import Hookpoint, parse_hookpoint
 
-__all__ = ["HookFn", "hooks", "resolve_hookpoints"]
+__all__ = ["HookFn", "hooks", "isolate_this_thread", "resolve_hookpoints", "scoped", "thread_is_isolated"]
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class HookFn(Protocol):
@@ -66,6 +75,37 @@ def _checked(result: torch.Tensor | None, original: torch.Tensor, hook: Hookpoin
     return result
 
 
+_local = threading.local()
+
+
+def isolate_this_thread() -> None:
+    """From now on, hooks installed on this thread fire only on its forwards, which skip other threads' hooks."""
+    _local.isolated = True
+
+
+def thread_is_isolated() -> bool:
+    """Whether this thread called :func:`isolate_this_thread`."""
+    return bool(getattr(_local, "isolated", False))
+
+
+def scoped(hook: F) -> F:
+    """Wrap a raw ``nn.Module`` hook with the thread rule of this module (see its docstring).
+
+    :func:`hooks` wraps its own; use it for any other hook a caller registers on a shared model.
+    """
+    owner = threading.get_ident() if getattr(_local, "isolated", False) else None
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if owner is None:
+            if getattr(_local, "isolated", False):
+                return None
+        elif threading.get_ident() != owner:
+            return None
+        return hook(*args, **kwargs)
+
+    return run  # type: ignore[return-value]
+
+
 def _pre_hook(fn: HookFn, hook: Hookpoint) -> Callable[..., Any]:
     # The decoder loops of all supported families pass hidden_states positionally, but a
     # caller (or a future release) may pass it by keyword: handle both.
@@ -99,14 +139,16 @@ def _post_hook(fn: HookFn, hook: Hookpoint) -> Callable[..., Any]:
 
 def _install(model: nn.Module, adapter: ArchitectureAdapter, hook: Hookpoint, fn: HookFn) -> RemovableHandle:
     if hook.kind == "resid_pre":
-        return adapter.layer(model, hook.layer).register_forward_pre_hook(_pre_hook(fn, hook), with_kwargs=True)
+        return adapter.layer(model, hook.layer).register_forward_pre_hook(
+            scoped(_pre_hook(fn, hook)), with_kwargs=True
+        )
     if hook.kind == "resid_post":
         module = adapter.layer(model, hook.layer)
     elif hook.kind == "attn_out":
         module = adapter.attn_module(model, hook.layer)
     else:
         module = adapter.mlp_module(model, hook.layer)
-    return module.register_forward_hook(_post_hook(fn, hook))
+    return module.register_forward_hook(scoped(_post_hook(fn, hook)))
 
 
 @contextmanager
@@ -115,7 +157,8 @@ def hooks(model: nn.Module, fns: HookSpec, *, adapter: ArchitectureAdapter | Non
 
     All names are validated before anything is installed; the hooks are always removed on
     exit, also when the block raises. Several hooks on one hookpoint run in the given order
-    (pass ``(name, fn)`` pairs), each seeing the previous one's replacement.
+    (pass ``(name, fn)`` pairs), each seeing the previous one's replacement. On a thread that
+    called :func:`isolate_this_thread` they fire only on that thread's forwards.
     """
     adapter = adapter or get_adapter(model)
     pairs = list(fns.items()) if isinstance(fns, Mapping) else list(fns)

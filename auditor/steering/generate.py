@@ -30,6 +30,7 @@ from __future__ import annotations
 import inspect
 import threading
 import weakref
+from contextlib import nullcontext
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -38,6 +39,7 @@ import torch
 from torch import Tensor
 
 from auditor.errors import ConfigError
+from auditor.models.hooks import thread_is_isolated
 from auditor.steering._hook import SteeringHook, Trigger
 from auditor.steering.interventions import Intervention, SteeringLimits, feature_label, resolve_interventions
 from auditor.text import AuditInput, tokenize_batch
@@ -55,9 +57,10 @@ _LOCKS_GUARD = threading.Lock()
 def model_lock(model: Any) -> threading.Lock:
     """The lock :func:`generate` holds while its steering hook is installed on ``model``.
 
-    Hooks are installed on the shared module, so any other forward pass on the same
-    model (an audit, another generation) must not run meanwhile: a server takes this
-    lock around its own forwards on that model.
+    Hooks are installed on the shared module, so two generations on ordinary threads must not
+    overlap; a caller running other forwards on that model from another ordinary thread takes
+    it too. Threads that called :func:`~auditor.models.hooks.isolate_this_thread` (the
+    sidecar's model workers) skip it: their hooks fire only on their own forwards.
     """
     with _LOCKS_GUARD:
         lock = _LOCKS.get(model)
@@ -204,7 +207,9 @@ def generate(
     pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos), 0))
 
     forward = _cached_forward(model)
-    with model_lock(model), hooks(model, {auditor.hookpoint: hook}):
+    # An isolated thread's hooks are its own (a sidecar model worker): no other forward sees them.
+    lock = nullcontext() if thread_is_isolated() else model_lock(model)
+    with lock, hooks(model, {auditor.hookpoint: hook}):
         logits, cache = forward(ids, None)  # [R, V]
         for i in range(max_tokens):
             nxt = _next_tokens(logits, temperature, generator)  # [R]

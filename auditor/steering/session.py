@@ -133,12 +133,13 @@ class Session:
 
     def __enter__(self) -> Session:
         from auditor.models import hooks
+        from auditor.models.hooks import scoped
 
         stack = ExitStack()
         try:
             # Dispatch through a method so steer() can swap the hook object mid-session.
             stack.enter_context(hooks(self.model, {self.hookpoint: self._on_hookpoint}))
-            handle = self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
+            handle = self.model.register_forward_pre_hook(scoped(self._on_forward), with_kwargs=True)
             stack.callback(handle.remove)
         except BaseException:
             stack.close()

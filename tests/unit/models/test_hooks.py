@@ -12,7 +12,7 @@ from auditor.models.adapters import ArchitectureAdapter, get_adapter
 from auditor.models.hookpoints import Hookpoint
 from auditor.models.hooks import hooks
 
-from .conftest import LAYERS
+from .conftest import LAYERS, build_model
 
 
 def _hook_counts(model: nn.Module) -> list[tuple[int, int]]:
@@ -229,3 +229,67 @@ def test_resid_pre_replacement_with_keyword_hidden_states() -> None:
             out = model(x)
         expected = model.layers[1](hidden_states=torch.zeros_like(x), scale=0.5)
     torch.testing.assert_close(out, expected)
+
+
+def _in_thread(fn: Any, *, isolated: bool) -> Any:
+    """``fn()`` on a fresh thread (isolated for hooks or not); its result or exception."""
+    import threading
+
+    from auditor.models.hooks import isolate_this_thread
+
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        if isolated:
+            isolate_this_thread()
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            out["error"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+@pytest.mark.parametrize("kind", ["resid_pre", "resid_post", "mlp_out"])
+def test_isolated_threads_see_only_their_own_hooks(kind: str, input_ids: torch.Tensor) -> None:
+    import threading
+
+    from auditor.models.hooks import isolate_this_thread
+
+    model = build_model("llama")
+    plain = _run(model, input_ids).logits
+    name = f"blocks.1.hook_{kind}"
+    installed, release = threading.Event(), threading.Event()
+    seen: dict[str, Any] = {}
+
+    def steering_worker() -> None:
+        # An isolated worker holds a zeroing hook while another isolated worker runs forwards.
+        isolate_this_thread()
+        with hooks(model, {name: lambda t, *, hook: torch.zeros_like(t)}):
+            installed.set()
+            release.wait(30)
+            seen["own"] = _run(model, input_ids).logits
+
+    t = threading.Thread(target=steering_worker)
+    t.start()
+    assert installed.wait(30)
+    try:
+        # Another isolated worker, and this (ordinary) thread, run past the isolated hook.
+        torch.testing.assert_close(_in_thread(lambda: _run(model, input_ids).logits, isolated=True), plain)
+        torch.testing.assert_close(_run(model, input_ids).logits, plain)
+    finally:
+        release.set()
+        t.join()
+    assert not torch.allclose(seen["own"], plain)  # the worker's own forward is steered
+
+    # An ordinary thread's hooks keep module semantics for ordinary threads (a generation on a
+    # helper thread is still steered) but not for isolated workers.
+    with hooks(model, {name: lambda t, *, hook: torch.zeros_like(t)}):
+        torch.testing.assert_close(_in_thread(lambda: _run(model, input_ids).logits, isolated=False), seen["own"])
+        torch.testing.assert_close(_in_thread(lambda: _run(model, input_ids).logits, isolated=True), plain)
+    assert _hook_counts(model) == _hook_counts(build_model("llama"))
