@@ -141,6 +141,11 @@ class AuditorMetrics:
             "Audit requests waiting for the model.",
             registry=registry,
         )
+        self.model_workers = Gauge(
+            "auditor_model_workers",
+            "Threads running audits and generation side by side on the one loaded model.",
+            registry=registry,
+        )
         self.queue_capacity = Gauge(
             "auditor_queue_capacity",
             "Most audit requests that may wait; beyond it requests get 503.",

@@ -35,7 +35,7 @@ from auditor.errors import AuditorError
 from auditor.metrics import AuditorMetrics
 from auditor.server.auth import LOGIN_PATH, check_bearer, needs_token, session_allows
 from auditor.server.errors import NotReadyError, ServerError, TooLargeError
-from auditor.server.batcher import model_thread
+from auditor.server.batcher import ModelWorkers
 from auditor.server.runtime import Runtime, load_runtime
 from auditor.server.settings import Settings
 
@@ -90,9 +90,9 @@ def create_app(
 
     async def load() -> None:
         loop = asyncio.get_running_loop()
-        model_executor = model_thread()
+        workers = ModelWorkers()
         try:
-            runtime = await loop.run_in_executor(model_executor, load_runtime, settings, metrics, env, model_executor)
+            runtime = await loop.run_in_executor(workers.executor(0), load_runtime, settings, metrics, env, workers)
             await runtime.batcher.start()
             if settings.upstream is not None:
                 import httpx
@@ -103,7 +103,7 @@ def create_app(
                     limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
                 )
         except Exception as exc:
-            model_executor.shutdown(wait=False)
+            workers.shutdown(wait=False)
             state.load_error = exc.message if isinstance(exc, AuditorError) else f"{type(exc).__name__}: {exc}"
             _log.error("loading failed: %s", state.load_error)
             if on_load_error is not None:

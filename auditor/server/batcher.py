@@ -4,21 +4,26 @@ Requests are put on a bounded :class:`asyncio.Queue`; a collector task on the
 event loop takes the first waiting job, then keeps taking more until the next
 job would push the batch over ``max_tokens``, or the queue is empty and either
 the batch holds as many jobs as were in flight when the previous batch started
-or ``max_wait_ms`` has passed since the first job arrived; it runs the batch on
-the single model thread (:attr:`MicroBatcher.executor`). While a batch runs, new requests queue up and
-form the next batch, so under load batches fill without any extra wait. The bound
+(closed-loop clients whose answers just went out are about to send again) or
+``max_wait_ms`` has passed since a worker was free for it; it runs the batch on an idle
+model worker (:class:`ModelWorkers`). With ``n`` workers a batch takes (and waits for)
+at most ``1/n`` of the jobs in flight, so the workers' batches stay even. While every
+worker is busy, new requests queue up and form the next batch, so under load batches
+fill without any extra wait. The bound
 counts every admitted request that has not finished (waiting, collected or
 running), so it caps the latency a new request can face; over it,
 :meth:`MicroBatcher.submit` raises
 :class:`~auditor.server.errors.OverloadedError` (503 + ``Retry-After``) at once.
 
-All model work (audits and generation) goes through the one model thread:
-hooks are installed on shared modules, so two forwards must never overlap.
+All model work (loading, audits, generation, streams) runs on the model workers: threads
+that share the model's weights, each with its own share of torch's CPU threads and hooks
+that only its own forwards see (:func:`~auditor.models.hooks.isolate_this_thread`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -34,15 +39,141 @@ if TYPE_CHECKING:
     from auditor.policy import PolicyEngine
     from auditor.text import AuditInput
 
-__all__ = ["MicroBatcher", "AuditJob", "model_thread"]
+__all__ = ["AuditJob", "MicroBatcher", "ModelWorkers", "auto_workers"]
 
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def model_thread() -> ThreadPoolExecutor:
-    """A one-thread executor for everything that runs torch: loading, audits, generation."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="auditor-model")
+def auto_workers(device: str, threads: int) -> int:
+    """Model workers when the settings name none: 2 on a CPU with 2+ torch threads, else 1.
+
+    On a CPU, two workers with half the threads each audit 12% more texts per second than one
+    worker with all of them, 21% more next to a bursty event loop (2-core VM,
+    ``benchmarks/model_thread.py``): one-thread GEMMs on short batches waste less time in OpenMP
+    barriers, and a worker the event loop preempts stalls only itself. A GPU runs one worker
+    (its kernels share one stream).
+    """
+    return 2 if device == "cpu" and threads >= 2 else 1
+
+
+def _call(threads: int | None, fn: Callable[..., T], *args: Any) -> T:
+    """On a worker: ``fn(*args)`` with ``threads`` torch threads (None: as they are)."""
+    if threads is not None:
+        import torch
+
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+    return fn(*args)
+
+
+def _start_worker(threads: int | None) -> None:
+    from auditor.models.hooks import isolate_this_thread
+
+    isolate_this_thread()
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+class ModelWorkers:
+    """The threads that run torch in the sidecar: one loads the model, ``n`` audit and generate.
+
+    Worker 0 exists from the start (load on it: torch's OpenMP pool belongs to the thread that
+    uses it, and a thread that loads and another that audits would bring two pools whose
+    spinning workers take each other's cores). :meth:`configure` then sets how many workers share
+    the model and how many torch threads each gets. A job that starts while every other worker is
+    idle runs with all the threads (a lone request is as fast as on one worker); one that starts
+    beside running work, with its share. Every worker is isolated for hooks: its forwards see
+    only the hooks it installed itself, so workers never see each other's captures or steering.
+
+    Example::
+
+        workers = ModelWorkers()
+        model = await loop.run_in_executor(workers.executor(0), load)
+        workers.configure(2)                      # on worker 0, after the model is on its device
+        out = await workers.run(fn, *args)        # on whichever worker is idle
+        i = await workers.acquire()               # or reserve one, then run on it
+        out = await workers.start(i, fn, *args)
+        workers.release(i)
+        workers.shutdown()
+    """
+
+    def __init__(self) -> None:
+        self._pools = [ThreadPoolExecutor(1, "auditor-model-0", initializer=_start_worker, initargs=(None,))]
+        self._idle: asyncio.Queue[int] | None = None
+        self.threads: int | None = None
+        """torch threads per worker while others run (None: torch's default, all cores)."""
+        self.total_threads: int | None = None
+        """torch threads of a job that starts while every other worker is idle."""
+
+    @property
+    def n(self) -> int:
+        return len(self._pools)
+
+    def configure(self, n: int, threads: int | None = None) -> None:
+        """``n`` workers of ``threads`` torch threads each (default: the cores split evenly).
+
+        Call it on worker 0 (it sets that thread's own count) before the first :meth:`run`.
+        """
+        import torch
+
+        if n < 1:
+            raise ValueError(f"model workers must be at least 1, got {n}")
+        if n > 1 or threads is not None:
+            self.total_threads = torch.get_num_threads()
+            threads = threads or max(1, self.total_threads // n)
+            torch.set_num_threads(threads)
+            self.threads = threads
+        for i in range(len(self._pools), n):
+            self._pools.append(
+                ThreadPoolExecutor(1, f"auditor-model-{i}", initializer=_start_worker, initargs=(self.threads,))
+            )
+
+    def executor(self, i: int) -> ThreadPoolExecutor:
+        return self._pools[i]
+
+    def _queue(self) -> asyncio.Queue[int]:
+        if self._idle is None:
+            # Last in, first out, worker 0 on top: a job that finds every worker idle runs on
+            # the thread that loaded the model (another thread's OpenMP pool runs the same
+            # forwards ~25% slower, benchmarks/model_thread.py), and the worker that just
+            # finished takes the next job while its threads are awake and its caches warm.
+            self._idle = asyncio.LifoQueue()
+            for i in reversed(range(self.n)):
+                self._idle.put_nowait(i)
+        return self._idle
+
+    async def acquire(self) -> int:
+        """Wait for an idle worker and reserve it (waiters are served first come, first served)."""
+        return await self._queue().get()
+
+    def release(self, i: int) -> None:
+        self._queue().put_nowait(i)
+
+    @property
+    def idle(self) -> int:
+        """Workers idle now (not counting one just acquired)."""
+        return self._queue().qsize()
+
+    def start(self, i: int, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Start ``fn(*args)`` on worker ``i`` (acquired): with all the torch threads when every
+        other worker is idle now, else with its share. Call it on the event loop."""
+        threads = self.total_threads if self.n > 1 and self.idle == self.n - 1 else self.threads
+        return asyncio.get_running_loop().run_in_executor(self._pools[i], functools.partial(_call, threads, fn, *args))
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the next idle worker."""
+        i = await self.acquire()
+        try:
+            return await self.start(i, fn, *args)
+        finally:
+            self.release(i)
+
+    def shutdown(self, wait: bool = True) -> None:
+        for pool in self._pools:
+            pool.shutdown(wait=wait, cancel_futures=True)
 
 
 @dataclass(eq=False)
@@ -58,7 +189,7 @@ class AuditJob:
 
 
 class MicroBatcher:
-    """Collect audit jobs into batches and run them on one model thread.
+    """Collect audit jobs into batches and run them on the model workers.
 
     Example::
 
@@ -76,20 +207,18 @@ class MicroBatcher:
         max_tokens: int,
         queue_size: int,
         metrics: AuditorMetrics | None = None,
-        executor: ThreadPoolExecutor | None = None,
+        workers: ModelWorkers | None = None,
     ) -> None:
         self.auditor = auditor
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_tokens = max_tokens
         self.queue_size = queue_size
         self.metrics = metrics
-        # One thread for all model work, ideally the one that loaded the model too
-        # (model_thread()): torch's OpenMP pool belongs to the thread that uses it, and a
-        # second thread running torch work brings a second pool whose spinning workers
-        # take cores from the first (25% slower audits on 2 cores, benchmarks/RESULTS.md).
-        self.executor = executor if executor is not None else model_thread()
+        # The workers that loaded the model, ideally (see ModelWorkers); one otherwise.
+        self.workers = workers if workers is not None else ModelWorkers()
         self._queue: asyncio.Queue[AuditJob] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._running_batches: set[asyncio.Task[None]] = set()
         self._carry: AuditJob | None = None
         self._admitted = 0
         self._recent_in_flight = 1  # jobs admitted when the last batch started
@@ -107,9 +236,10 @@ class MicroBatcher:
         self._task = asyncio.create_task(self._collect(), name="auditor-batcher")
         if self.metrics is not None:
             self.metrics.queue_capacity.set(self.queue_size)
+            self.metrics.model_workers.set(self.workers.n)
 
     async def stop(self) -> None:
-        """Stop collecting, fail waiting jobs and shut the model thread down."""
+        """Stop collecting, fail waiting jobs, let running batches finish and shut the workers down."""
         if self._task is not None:
             self._task.cancel()
             try:
@@ -122,7 +252,12 @@ class MicroBatcher:
                 job = self._queue.get_nowait()
                 if not job.future.done():
                     job.future.set_exception(OverloadedError("the auditor is shutting down", retry_after_s=5))
-        self.executor.shutdown(wait=True, cancel_futures=True)
+        if self._carry is not None and not self._carry.future.done():
+            self._carry.future.set_exception(OverloadedError("the auditor is shutting down", retry_after_s=5))
+        self._carry = None
+        if self._running_batches:
+            await asyncio.gather(*self._running_batches, return_exceptions=True)
+        self.workers.shutdown(wait=True)
 
     def submit(
         self, items: Sequence[AuditInput], engine: PolicyEngine | None, *, top_k: int, n_tokens: int
@@ -167,9 +302,9 @@ class MicroBatcher:
             if self.metrics is not None:
                 self.metrics.audit_duration.observe(time.perf_counter() - job.enqueued)
 
-    async def run_exclusive(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` on the model thread, between batches (used for generation)."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, lambda: fn(*args))
+    async def run_model(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the next idle model worker (generation, streamed audits, the viewer)."""
+        return await self.workers.run(fn, *args)
 
     # ------------------------------------------------------------------ internals
 
@@ -200,43 +335,74 @@ class MicroBatcher:
             first = await self._next(None)
             if first.future.done():
                 continue
-            batch, tokens = [first], first.n_tokens
-            # The wait counts from the first job's arrival: jobs that queued while the
-            # previous batch ran have waited long enough. Waiting only pays while fewer
-            # jobs are here than were in flight when the last batch started (clients whose
-            # answers just went out are about to send again); past that, take what is
-            # queued and go. A lone client therefore never waits.
-            waited = time.perf_counter() - first.enqueued
-            deadline = loop.time() + max(0.0, self.max_wait_s - waited)
-            target = self._recent_in_flight
-            while tokens < self.max_tokens:
-                timeout = deadline - loop.time() if len(batch) < target else 0.0
-                job = await self._next(timeout)
-                if job is None:
-                    break
-                if job.future.done():
-                    continue
-                if tokens + job.n_tokens > self.max_tokens:
-                    self._carry = job  # heads the next batch
-                    break
-                batch.append(job)
-                tokens += job.n_tokens
-            self._recent_in_flight = self._admitted
+            batch = [first]
             try:
-                outcomes = await loop.run_in_executor(self.executor, self._run, batch)
-            except Exception as exc:  # the executor itself failed (shutdown)
-                outcomes = [exc] * len(batch)
-            for job, outcome in zip(batch, outcomes):
-                if job.future.done():
-                    continue
-                if isinstance(outcome, BaseException):
-                    job.future.set_exception(outcome)
-                else:
-                    job.future.set_result(outcome)
+                worker = await self.workers.acquire()
+            except BaseException:
+                self._carry = first  # stop() fails it
+                raise
+            # Closed-loop clients whose answers just went out are about to send again: wait for
+            # as many jobs as were in flight when the last batch started. With several workers,
+            # a batch takes (and waits for) only its worker's share of the jobs in flight, so
+            # the workers' batches stay even instead of one carrying most clients and the
+            # other a straggler or two.
+            target, share = self._recent_in_flight, None
+            if self.workers.n > 1:
+                share = -(-max(self._recent_in_flight, self._admitted) // self.workers.n)
+                target = share
+            try:
+                await self._fill(loop, batch, target, share)
+            except BaseException:
+                self.workers.release(worker)
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(OverloadedError("the auditor is shutting down", retry_after_s=5))
+                raise
+            self._recent_in_flight = self._admitted
+            self.batches += 1
+            task = loop.create_task(self._dispatch(worker, batch))
+            self._running_batches.add(task)
+            task.add_done_callback(self._running_batches.discard)
+
+    async def _fill(self, loop: asyncio.AbstractEventLoop, batch: list[AuditJob], target: int, share: int | None) -> None:
+        """Add jobs to ``batch`` (one job so far): up to ``share`` jobs and the token budget,
+        waiting (at most ``max_wait_ms`` from now) while it holds fewer than ``target``."""
+        tokens = batch[0].n_tokens
+        # The wait counts from now, when a worker is ready for the batch: jobs left over from
+        # a full batch head the next one, and it still waits for the clients that are about to
+        # return (counting from their arrival sent such leftovers out alone, and the workers'
+        # batches split into ever smaller ones). A lone client never waits (target 1).
+        deadline = loop.time() + self.max_wait_s
+        while tokens < self.max_tokens and (share is None or len(batch) < share):
+            timeout = deadline - loop.time() if len(batch) < target else 0.0
+            job = await self._next(timeout)
+            if job is None:
+                break
+            if job.future.done():
+                continue
+            if tokens + job.n_tokens > self.max_tokens:
+                self._carry = job  # heads the next batch
+                break
+            batch.append(job)
+            tokens += job.n_tokens
+
+    async def _dispatch(self, worker: int, batch: list[AuditJob]) -> None:
+        try:
+            outcomes = await self.workers.start(worker, self._run, batch)
+        except Exception as exc:  # the executor itself failed (shutdown)
+            outcomes = [exc] * len(batch)
+        finally:
+            self.workers.release(worker)
+        for job, outcome in zip(batch, outcomes):
+            if job.future.done():
+                continue
+            if isinstance(outcome, BaseException):
+                job.future.set_exception(outcome)
+            else:
+                job.future.set_result(outcome)
 
     def _run(self, batch: list[AuditJob]) -> list[list[AuditResult] | BaseException]:
-        """On the model thread: one ``Auditor.run`` per (policy, top_k) group of the batch."""
-        self.batches += 1
+        """On a model worker: one ``Auditor.run`` per (policy, top_k) group of the batch."""
         groups: dict[tuple[int, int], list[int]] = {}
         for i, job in enumerate(batch):
             groups.setdefault((id(job.engine), job.top_k), []).append(i)

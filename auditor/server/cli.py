@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--device", help="torch device (default cpu)")
     p.add_argument("--dtype", choices=MODEL_DTYPES, help="the model's dtype (default float32 on CPU, bfloat16 on GPU)")
     p.add_argument(
-        "--compile", action="store_true", default=None, help="torch.compile the model's decoder layers (for GPUs; slower start)"
+        "--compile", action="store_true", default=None, help="torch.compile the model's decoder layers (for GPUs: faster audits, slower start and decoding)"
     )
     p.add_argument("--policy", dest="policies", action="append", metavar="PATH", help="policy file or folder (repeatable)")
     p.add_argument("--default-policy", help="policy used when a request names none")
@@ -56,6 +56,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "for the last batch; default 20)",
     )
     p.add_argument("--batch-max-tokens", type=int, help="most tokens per micro-batched forward")
+    p.add_argument(
+        "--model-workers",
+        type=int,
+        metavar="N",
+        help="threads running audits and generation side by side on the one model, each with its share of the CPU "
+        "threads (default 2 on a CPU with 2+ cores, 1 on a GPU)",
+    )
     p.add_argument("--queue-size", type=int, help="audit requests that may wait (503 + Retry-After above)")
     p.add_argument("--request-timeout", dest="request_timeout_s", type=float, metavar="SECONDS", help="longest an audit may take")
     p.add_argument("--max-generate-tokens", type=int, help="most tokens the sidecar's own model generates per request")
@@ -97,7 +104,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 _SERVE_FLAGS = (
     "host port model sae sae_format library hookpoint device dtype compile policies default_policy policy_watch_s upstream "
-    "stream_mode stream_chunk_chars fail_mode max_body_bytes max_tokens batch_max_wait_ms batch_max_tokens "
+    "stream_mode stream_chunk_chars fail_mode max_body_bytes max_tokens batch_max_wait_ms batch_max_tokens model_workers "
     "queue_size request_timeout_s max_generate_tokens auth_all_routes data_dir viewer_index log_level"
 ).split()
 

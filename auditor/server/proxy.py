@@ -153,10 +153,10 @@ async def guarded_stream_feed(
     source: str,
     request_id: str | None = None,
 ) -> AuditOutcome:
-    """Feed ``text`` to an incremental audit on the model thread, with the same fail mode as
+    """Feed ``text`` to an incremental audit on a model worker, with the same fail mode as
     :func:`guarded_audit`; the verdict is recorded (metrics, alerts) like any audit's."""
     try:
-        result = await rt.batcher.run_exclusive(stream.feed, text)
+        result = await rt.batcher.run_model(stream.feed, text)
         if result.truncated:
             raise TooLargeError(
                 f"the completion so far has more than {rt.settings.max_tokens} tokens; "
@@ -651,7 +651,7 @@ async def _run_generation(
         )
 
     try:
-        result = await rt.batcher.run_exclusive(run)
+        result = await rt.batcher.run_model(run)
     except AuditorError as exc:
         raise BadRequestError(exc.message) from None
     for iv in interventions:

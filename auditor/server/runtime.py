@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from auditor.errors import AuditorError, ConfigError
 from auditor.pipeline import default_policy_path
-from auditor.server.batcher import MicroBatcher
+from auditor.server.batcher import MicroBatcher, ModelWorkers, auto_workers
 from auditor.server.errors import BadRequestError, NotFoundError, TooLargeError
 from auditor.server.settings import Settings
 from auditor.server.sse import Broadcaster
@@ -179,20 +179,24 @@ def load_runtime(
     settings: Settings,
     metrics: AuditorMetrics,
     env: Mapping[str, str] | None = None,
-    executor: ThreadPoolExecutor | None = None,
+    workers: ModelWorkers | None = None,
 ) -> Runtime:
     """Load model, SAE, library, policies and the alert pipeline (blocking; run it off the event loop).
 
-    ``executor``: the model thread the batcher will use; load on that same thread so that
-    torch keeps one OpenMP pool (see :class:`~auditor.server.batcher.MicroBatcher`).
+    ``workers``: the model workers the batcher will use; call this on their worker 0, so that
+    torch keeps one OpenMP pool for the loading thread and the first worker (see
+    :class:`~auditor.server.batcher.ModelWorkers`). They are configured here, once the model's
+    device is known (``model_workers`` setting).
     """
     with _LOAD_LOCK:
-        return _load_runtime(settings, metrics, env, executor)
+        return _load_runtime(settings, metrics, env, workers)
 
 
 def _load_runtime(
-    settings: Settings, metrics: AuditorMetrics, env: Mapping[str, str] | None, executor: ThreadPoolExecutor | None
+    settings: Settings, metrics: AuditorMetrics, env: Mapping[str, str] | None, workers: ModelWorkers | None
 ) -> Runtime:
+    import torch
+
     from auditor.alerts import AlertDispatcher
     from auditor.features import load_library
     from auditor.models import load_model
@@ -233,6 +237,11 @@ def _load_runtime(
             fits(engine)
         store.check = fits  # a reload that no longer fits the SAE is refused, the old set stays
     model = load_model(settings.model, device=settings.device, dtype=settings.dtype, compile=settings.compile)
+    workers = workers if workers is not None else ModelWorkers()
+    workers.configure(settings.model_workers or auto_workers(torch.device(model.device).type, torch.get_num_threads()))
+    _log.info(
+        "model workers: %d x %s torch thread(s)", workers.n, workers.threads or torch.get_num_threads()
+    )
     auditor = Auditor(
         model,
         sae,
@@ -251,7 +260,7 @@ def _load_runtime(
         max_tokens=settings.batch_max_tokens,
         queue_size=settings.queue_size,
         metrics=metrics,
-        executor=executor,
+        workers=workers,
     )
     if store is not None and settings.policy_watch_s > 0:
         store.watch(settings.policy_watch_s)

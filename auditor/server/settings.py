@@ -109,6 +109,9 @@ class Settings(BaseSettings):
     """How long the batcher waits for more requests before running a forward."""
     batch_max_tokens: int = Field(default=8192, ge=2)
     """Most tokens per micro-batched forward."""
+    model_workers: int | None = Field(default=None, ge=1, le=64)
+    """Threads that run audits and generation at the same time on the one loaded model, each with
+    an even share of torch's CPU threads (default: 2 on a CPU with 2+ cores, 1 on a GPU)."""
     queue_size: int = Field(default=256, ge=1)
     """Audit requests that may wait for the model; beyond it requests get 503 + Retry-After."""
     request_timeout_s: float = Field(default=30.0, gt=0)

@@ -277,7 +277,7 @@ def router(*, index_path: str | os.PathLike[str] | None = None) -> APIRouter:
             item, latents = _activation_request(body, rt.auditor.sae.cfg.d_sae)
         except AuditorError as exc:
             return JSONResponse(_error(exc.message, "invalid_request"), status_code=422)
-        out = await rt.batcher.run_exclusive(_latent_activations, rt.auditor, item, latents, rt.settings.max_tokens)
+        out = await rt.batcher.run_model(_latent_activations, rt.auditor, item, latents, rt.settings.max_tokens)
         return JSONResponse(out)
 
     @r.get("/login", response_class=HTMLResponse)

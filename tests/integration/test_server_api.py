@@ -199,11 +199,17 @@ def test_401_on_mutating_routes_and_the_token_never_leaks(
 def test_503_with_retry_after_when_the_queue_is_full(server: BackgroundServer) -> None:
     async def scenario() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
-            # A generation holds the model thread; queue_size=2 admits two audits, the rest get 503.
-            gen = asyncio.create_task(client.post("/v1/generate", json={"prompt": "Once upon a time", "max_tokens": 48}, headers=AUTH))
+            # Two generations hold the model workers (two on a 2-core CPU); queue_size=2 admits
+            # two audits, the rest get 503.
+            gens = [
+                asyncio.create_task(
+                    client.post("/v1/generate", json={"prompt": "Once upon a time", "max_tokens": 48}, headers=AUTH)
+                )
+                for _ in range(2)
+            ]
             await asyncio.sleep(0.5)
             audits = await asyncio.gather(*(client.post("/v1/audit", json={"text": f"text {i}"}) for i in range(6)))
-            assert (await gen).status_code == 200
+            assert [(await g).status_code for g in gens] == [200, 200]
             return list(audits)
 
     responses = asyncio.run(scenario())
@@ -220,7 +226,8 @@ def test_concurrent_requests_share_batches(server: BackgroundServer) -> None:
 
     async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
-            # Two at a time (queue_size=2), each pair lands in one forward.
+            # Two at a time (queue_size=2): with one model worker each pair lands in one
+            # forward; with two, the pair is split between the idle workers and runs side by side.
             out: list[httpx.Response] = []
             for i in range(4):
                 out += await asyncio.gather(*(client.post("/v1/audit", json={"text": f"batch {i} {j}"}) for j in range(2)))
@@ -230,7 +237,9 @@ def test_concurrent_requests_share_batches(server: BackgroundServer) -> None:
     after = _metrics(server)
     items = _sample(after, "auditor_batch_size_sum") - _sample(before, "auditor_batch_size_sum")
     batches = _sample(after, "auditor_batch_size_count") - _sample(before, "auditor_batch_size_count")
-    assert items == 8 and batches < 8
+    workers = _sample(after, "auditor_model_workers")  # auto_workers: 2 on a CPU with 2+ threads
+    assert workers in (1, 2)
+    assert items == 8 and (batches < 8 if workers == 1 else batches == 8)
 
 
 def test_policies_list_validate_reload(server: BackgroundServer) -> None:

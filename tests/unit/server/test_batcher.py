@@ -117,3 +117,129 @@ def test_a_lone_request_never_waits_but_returning_clients_are_waited_for(auditor
     lone, batches = asyncio.run(scenario())
     assert lone < 2.0  # not held for max_wait_ms (3 s): nothing else was in flight
     assert batches == 3  # every round waits for all four clients, none runs alone
+
+
+@pytest.fixture
+def two_workers():  # type: ignore[no-untyped-def]
+    """Two model workers with one torch thread each (the CPU default); torch's count restored after."""
+    from auditor.server.batcher import ModelWorkers
+
+    before = torch.get_num_threads()
+    workers = ModelWorkers()
+    workers.executor(0).submit(workers.configure, 2).result()
+    yield workers
+    workers.shutdown()
+    torch.set_num_threads(before)
+
+
+def test_two_workers_run_batches_side_by_side_with_single_run_results(auditor, two_workers) -> None:  # type: ignore[no-untyped-def]
+    import threading
+    import time as _time
+
+    spans: list[tuple[str, float, float]] = []
+    run = auditor.run
+
+    class Recording:
+        """The real auditor, with when and where each batch ran recorded."""
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(auditor, name)
+
+        def run(self, *args: object, **kwargs: object) -> object:
+            t0 = _time.perf_counter()
+            out = run(*args, **kwargs)
+            spans.append((threading.current_thread().name, t0, _time.perf_counter()))
+            return out
+
+    texts = TEXTS * 2
+
+    async def scenario() -> list[list[object]]:
+        # 40-token batches: two jobs each, four batches, two workers free from the start.
+        batcher = MicroBatcher(Recording(), max_wait_ms=50, max_tokens=40, queue_size=16, workers=two_workers)  # type: ignore[arg-type]
+        await batcher.start()
+        try:
+            return await asyncio.gather(
+                *(batcher.audit([AuditInput(text=t)], auditor.policy, top_k=0, n_tokens=20, timeout_s=60) for t in texts)
+            )
+        finally:
+            await batcher.stop()
+
+    results = asyncio.run(scenario())
+    assert two_workers.n == 2 and two_workers.threads == 1
+    assert len(spans) == 4 and {name for name, _, _ in spans} == {"auditor-model-0_0", "auditor-model-1_0"}
+    first, second = sorted(spans, key=lambda s: s[1])[:2]
+    assert second[1] < first[2]  # the second batch started before the first ended
+    for text, [res] in zip(texts, results):
+        [alone] = auditor.run([AuditInput(text=text)])
+        assert res.tokens == alone.tokens  # type: ignore[attr-defined]
+        for rule, score in alone.verdict.scores.items():
+            torch.testing.assert_close(res.verdict.scores[rule], score, rtol=1e-4, atol=1e-5)  # type: ignore[attr-defined]
+
+
+def test_a_steered_generation_on_one_worker_leaves_audits_on_the_other_alone(auditor, two_workers) -> None:  # type: ignore[no-untyped-def]
+    from auditor.steering import generate
+
+    item = AuditInput(prompt="The cat sat on the mat and")
+    plain = generate(auditor, item, max_tokens=12)
+    steered_alone = generate(auditor, item, max_tokens=12, interventions=["5=add:40"])
+    assert steered_alone.text != plain.text  # the intervention matters, so a leak would show
+    alone = {t: auditor.run([AuditInput(text=t)])[0] for t in TEXTS}
+
+    async def scenario() -> tuple[object, list[object]]:
+        batcher = MicroBatcher(auditor, max_wait_ms=1, max_tokens=4096, queue_size=64, workers=two_workers)
+        await batcher.start()
+        try:
+            gen = asyncio.ensure_future(
+                batcher.run_model(lambda: generate(auditor, item, max_tokens=12, interventions=["5=add:40"]))
+            )
+            audited = []
+            while not gen.done():  # audits keep the other worker busy for the whole generation
+                for text in TEXTS:
+                    [res] = await batcher.audit([AuditInput(text=text)], auditor.policy, top_k=0, n_tokens=20, timeout_s=60)
+                    audited.append((text, res))
+            return await gen, audited
+        finally:
+            await batcher.stop()
+
+    steered, audited = asyncio.run(scenario())
+    assert steered.text == steered_alone.text  # type: ignore[attr-defined]
+    assert len(audited) >= 4
+    for text, res in audited:
+        assert res.tokens == alone[text].tokens
+        for rule, score in alone[text].verdict.scores.items():
+            torch.testing.assert_close(res.verdict.scores[rule], score, rtol=1e-4, atol=1e-5)
+
+
+def test_with_two_workers_each_batch_takes_its_share_and_a_lone_request_still_never_waits(auditor, two_workers) -> None:  # type: ignore[no-untyped-def]
+    async def scenario() -> tuple[float, list[int]]:
+        loop = asyncio.get_running_loop()
+        batcher = MicroBatcher(auditor, max_wait_ms=3000, max_tokens=4096, queue_size=16, workers=two_workers)
+        await batcher.start()
+        sizes: list[int] = []
+        run = batcher._run
+
+        def recording(batch):  # type: ignore[no-untyped-def]
+            sizes.append(len(batch))
+            return run(batch)
+
+        batcher._run = recording  # type: ignore[method-assign]
+        try:
+            t0 = loop.time()
+            await batcher.audit([AuditInput(text=TEXTS[0])], auditor.policy, top_k=0, n_tokens=20, timeout_s=60)
+            lone = loop.time() - t0
+
+            async def client(text: str) -> None:
+                for _ in range(3):
+                    await batcher.audit([AuditInput(text=text)], auditor.policy, top_k=0, n_tokens=20, timeout_s=60)
+                    await asyncio.sleep(0.01)
+
+            await asyncio.gather(*(client(t) for t in TEXTS))
+            return lone, sizes[1:]
+        finally:
+            await batcher.stop()
+
+    lone, sizes = asyncio.run(scenario())
+    assert lone < 2.0  # not held for max_wait_ms (3 s)
+    # Four closed-loop clients on two workers: every round is two batches of two, none waits out
+    # the 3 s for all four, none runs a straggler alone.
+    assert sizes == [2] * 6

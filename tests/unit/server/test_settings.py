@@ -109,3 +109,23 @@ def test_dtype_is_checked_where_it_is_given(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         Settings.load(env={}, config_file=cfg)
     assert "c.yaml:2:8" in str(info.value) and "dtype" in str(info.value) and "bfloat16" in str(info.value)
+
+
+def test_model_workers_from_the_flag_env_or_yaml_and_checked(tmp_path: Path) -> None:
+    import argparse
+
+    from auditor.server.batcher import auto_workers
+    from auditor.server.cli import _SERVE_FLAGS, register
+
+    assert Settings.load(env={}).model_workers is None  # chosen at load: auto_workers
+    assert (auto_workers("cpu", 2), auto_workers("cpu", 1), auto_workers("cuda", 16)) == (2, 1, 1)
+    assert Settings.load(env={"AUDITOR_MODEL_WORKERS": "3"}).model_workers == 3
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--model-workers", "1"])
+    assert Settings.load(flags={name: getattr(args, name, None) for name in _SERVE_FLAGS}, env={}).model_workers == 1
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("port: 8081\nmodel_workers: 0\n")
+    with pytest.raises(ConfigError) as info:
+        Settings.load(env={}, config_file=cfg)
+    assert "c.yaml:2:16" in str(info.value) and "model_workers" in str(info.value)
