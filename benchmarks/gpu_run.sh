@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# One prepared call on a lent GPU machine (see benchmarks/RESULTS.md, "GPU"): the CUDA tests,
-# then the Llama-3.1-8B-shaped benchmark in eager mode and with --compile. Writes its logs to
-# ${OUT:-/tmp/gpu-out}. Extra Python packages the machine lacks travel as wheels in .whl/.
+# One prepared call on a lent GPU machine (see benchmarks/RESULTS.md, "GPU"): the CUDA tests, then
+# the Llama-3.1-8B-shaped benchmark. Writes its logs to ${OUT:-/tmp/gpu-out}. Extra Python
+# packages the machine lacks travel as wheels in .whl/.
+#   bash benchmarks/gpu_run.sh          # eager (with encode variants and op profiles) and --compile
+#   bash benchmarks/gpu_run.sh serve    # the full encodes at 131k and serve mode at batch 16, 11 paired runs
 set -u
+mode="${1:-full}"
 out="${OUT:-/tmp/gpu-out}"
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -15,8 +18,14 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 timeout 120 python3 -m pytest -q -W ignore -p no:cacheprovider tests/unit/steering/test_hook.py \
-    tests/unit/policy/test_engine.py tests/unit/train/test_trainer.py tests/unit/sae/test_sae.py \
-    -k "cuda or subset or incremental" 2>&1 | tail -n 8
+    tests/unit/policy/test_engine.py tests/unit/policy/test_incremental.py tests/unit/train/test_trainer.py \
+    tests/unit/sae/test_sae.py -k "cuda or subset" 2>&1 | tail -n 8
+if [ "$mode" = serve ]; then
+    timeout 300 python3 benchmarks/gpu_llama8b.py --batch-sizes 32 --widths 131072 --repeats 3 --gen-batches 16 \
+        --gen-tokens 128 --gen-repeats 11 --steer-rules 0 >"$out/serve.log" 2>&1
+    tail -n 6 "$out/serve.log"
+    exit 0
+fi
 timeout 240 python3 benchmarks/gpu_llama8b.py --batch-sizes 8,32 --repeats 3 --gen-batches 16 --gen-tokens 128 \
     --gen-repeats 5 --steer-rules 0,10 --encode-variants --profile "$out" >"$out/eager.log" 2>&1
 tail -n 12 "$out/eager.log"

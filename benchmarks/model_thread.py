@@ -1,4 +1,4 @@
-"""Benchmark: which thread runs torch matters (why the server loads and audits on one model thread).
+"""Benchmark: which thread runs torch matters (how the server's model workers are set up).
 
 torch's OpenMP pool belongs to the thread that first runs a parallel op in it. A process that
 loads the model on one thread and audits on another ends up with two pools, and on a small
@@ -11,7 +11,11 @@ like) with the default model, SAE and policy.
    the server did before it loaded on its model thread);
 3. ``worker``: load and audit on the same worker thread (one pool; what the server does now);
 4. ``worker+busy``: as 3, plus a thread doing short bursts of Python work every 4 ms (an event
-   loop answering requests).
+   loop answering requests);
+5. ``two-workers``: the server's default on a CPU: ``ModelWorkers`` loads on worker 0, then two
+   workers with half the torch threads each take the chunks in turn, side by side on the one
+   model (hooks isolated per thread);
+6. ``two-workers+busy``: as 5, next to the bursty thread.
 
 Prints one JSON object and a table (texts/s, best of ``--repeats``).
 
@@ -28,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-CASES = ["main", "load-main-audit-worker", "worker", "worker+busy"]
+CASES = ["main", "load-main-audit-worker", "worker", "worker+busy", "two-workers", "two-workers+busy"]
 
 
 def run_case(case: str, repeats: int) -> float:
@@ -59,12 +63,38 @@ def run_case(case: str, repeats: int) -> float:
 
     worker = ThreadPoolExecutor(max_workers=1)
     on_main = case == "main"
-    if case in ("main", "load-main-audit-worker"):
+    run: Any = None
+    if case.startswith("two-workers"):
+        from auditor.server.batcher import ModelWorkers
+
+        workers = ModelWorkers()
+        workers.executor(0).submit(load).result()
+        workers.executor(0).submit(workers.configure, 2).result()
+
+        def audit_two() -> float:
+            aud = holder["auditor"]
+            pending, lock = [items[i : i + 8] for i in range(0, len(items), 8)][::-1], threading.Lock()
+
+            def take() -> None:
+                while True:
+                    with lock:
+                        if not pending:
+                            return
+                        chunk = pending.pop()
+                    aud.run(chunk)
+
+            t0 = time.perf_counter()
+            for f in [workers.executor(i).submit(take) for i in range(workers.n)]:
+                f.result()
+            return len(items) / (time.perf_counter() - t0)
+
+        run = audit_two
+    elif case in ("main", "load-main-audit-worker"):
         load()
     else:
         worker.submit(load).result()
     stop = threading.Event()
-    if case == "worker+busy":
+    if case.endswith("+busy"):
 
         def busy() -> None:
             while not stop.is_set():
@@ -73,7 +103,8 @@ def run_case(case: str, repeats: int) -> float:
                 time.sleep(0.004)
 
         threading.Thread(target=busy, daemon=True).start()
-    run = audit if on_main else (lambda: worker.submit(audit).result())
+    if run is None:
+        run = audit if on_main else (lambda: worker.submit(audit).result())
     run()  # untimed pass
     best = max(run() for _ in range(repeats))
     stop.set()

@@ -1,8 +1,9 @@
 """Benchmark: sidecar audit throughput and latency under N concurrent clients, against offline batching.
 
 1. Offline baseline: ``Auditor.run`` over the same texts in chunks of 64 (what
-   ``auditor audit --input`` does) and of 8, each timed after an untimed pass,
-   before and after the server run; the fastest run is the baseline.
+   ``auditor audit --input`` does) and of 8, on this thread and on two model workers
+   side by side (``--offline-workers``; what the server runs on a CPU), each timed after an
+   untimed pass, before and after the server run; the fastest run is the baseline.
 2. Server: starts ``auditor serve`` in a child process on a free loopback port
    (``--in-process`` for a thread here, ``--url`` for a running server), then N asyncio clients each send one ``POST /v1/audit`` at a time
    until every text was audited once per round. The clients are minimal keep-alive HTTP/1.1
@@ -13,8 +14,8 @@ ms, mean batch size from the server's metrics) and a summary line with the ratio
 of server to offline throughput (the goal is at least 0.8 with 16 clients).
 
     PYTHONPATH=. python benchmarks/server_load.py [--clients 16] [--texts 256] [--rounds 1]
-        [--policy FILE] [--sae PATH] [--batch-max-wait-ms 20] [--offline-chunks 64,8]
-        [--url http://127.0.0.1:8080] [--client raw|httpx]
+        [--policy FILE] [--sae PATH] [--batch-max-wait-ms 20] [--offline-chunks 64,8] [--offline-workers 2]
+        [--url http://127.0.0.1:8080] [--client raw|httpx] [--model-workers N]
 """
 
 from __future__ import annotations
@@ -63,23 +64,52 @@ def make_texts(n: int, seed: int = 0) -> list[str]:
     return out
 
 
-def offline(auditor: Any, texts: list[str], chunk: int = 64) -> dict[str, float]:
+def offline(auditor: Any, texts: list[str], chunk: int = 64, workers: Any = None) -> dict[str, Any]:
     """Texts/s of ``Auditor.run`` over ``texts`` in chunks, after one untimed pass.
 
     The untimed pass matters on CPU: the first forward of each new batch shape is
-    several times slower than later ones.
+    several times slower than later ones. ``workers`` (a configured
+    :class:`~auditor.server.batcher.ModelWorkers`): its workers take the chunks in turn, side
+    by side on the one model, as the server's do.
     """
+    import threading
+
     from auditor.text import AuditInput
 
     items = [AuditInput(text=t) for t in texts]
-    for i in range(0, len(items), chunk):
-        auditor.run(items[i : i + chunk])
+    chunks = [items[i : i + chunk] for i in range(0, len(items), chunk)]
+
+    def run_all() -> int:
+        if workers is None:
+            return sum(r.n_content_tokens for c in chunks for r in auditor.run(c))
+        pending, lock = list(reversed(chunks)), threading.Lock()
+
+        def loop() -> int:
+            done = 0
+            while True:
+                with lock:
+                    if not pending:
+                        return done
+                    c = pending.pop()
+                done += sum(r.n_content_tokens for r in auditor.run(c))
+
+        futures = [workers.executor(i).submit(loop) for i in range(workers.n)]
+        return sum(f.result() for f in futures)
+
+    run_all()
     t0 = time.perf_counter()
-    tokens = 0
-    for i in range(0, len(items), chunk):
-        tokens += sum(r.n_content_tokens for r in auditor.run(items[i : i + chunk]))
+    tokens = run_all()
     elapsed = time.perf_counter() - t0
-    return {"chunk": chunk, "seconds": elapsed, "texts_per_s": len(items) / elapsed, "tokens_per_s": tokens / elapsed}
+    return {"chunk": chunk, "workers": workers.n if workers is not None else 1, "seconds": elapsed,
+            "texts_per_s": len(items) / elapsed, "tokens_per_s": tokens / elapsed}
+
+
+def offline_runs(auditor: Any, texts: list[str], chunks: list[int], workers: Any) -> list[dict[str, Any]]:
+    """:func:`offline` for each chunk size, on this thread and (``workers``) on the model workers."""
+    runs = [offline(auditor, texts, c) for c in chunks]
+    if workers is not None:
+        runs += [offline(auditor, texts, c, workers) for c in chunks]
+    return runs
 
 
 class _RawConnection:
@@ -303,6 +333,7 @@ def main() -> None:
     )
     parser.add_argument("--batch-max-wait-ms", type=float, default=20.0)
     parser.add_argument("--batch-max-tokens", type=int, default=8192)
+    parser.add_argument("--model-workers", type=int, help="the server's model_workers (default: its own choice)")
     parser.add_argument("--url", help="benchmark a running server instead (offline baseline still runs here)")
     parser.add_argument(
         "--in-process",
@@ -322,6 +353,13 @@ def main() -> None:
         default="64,8",
         help="comma-separated chunk sizes for the offline baseline (64 is what `auditor audit --input` uses); "
         "the fastest is the baseline",
+    )
+    parser.add_argument(
+        "--offline-workers",
+        type=int,
+        default=2,
+        help="also run the offline baseline on this many model workers side by side, as the server does "
+        "(1: only on one thread); the fastest of all offline runs is the baseline",
     )
     args = parser.parse_args()
 
@@ -345,7 +383,13 @@ def main() -> None:
     if not args.skip_offline:
         auditor = Auditor.load(sae=sae, policy=policy)
         chunks = [int(c) for c in args.offline_chunks.split(",")]
-        result["offline_before"] = [offline(auditor, texts, c) for c in chunks]
+        workers = None
+        if args.offline_workers > 1:
+            from auditor.server.batcher import ModelWorkers
+
+            workers = ModelWorkers()
+            workers.executor(0).submit(workers.configure, args.offline_workers).result()
+        result["offline_before"] = offline_runs(auditor, texts, chunks, workers)
 
     if args.url:
         result["server"] = measured_drive(args.url, texts, args.clients, client=args.client, pid=None)
@@ -359,6 +403,8 @@ def main() -> None:
             "batch_max_tokens": args.batch_max_tokens,
             "queue_size": max(256, args.clients * 4),
         }
+        if args.model_workers:
+            flags["model_workers"] = args.model_workers
         if args.in_process:
             with BackgroundServer(create_app(Settings.load(flags=flags, env={}))) as server:
                 server.wait_ready()
@@ -373,7 +419,7 @@ def main() -> None:
     if auditor is not None:
         # Measured before and after the server run; the faster one is the baseline, so a
         # burst of load from other processes cannot flatter the ratio.
-        result["offline_after"] = [offline(auditor, texts, c) for c in chunks]
+        result["offline_after"] = offline_runs(auditor, texts, chunks, workers)
         runs = result["offline_before"] + result["offline_after"]
         result["offline"] = max(runs, key=lambda r: r["texts_per_s"])
         result["ratio"] = result["server"]["texts_per_s"] / result["offline"]["texts_per_s"]
@@ -385,10 +431,11 @@ def main() -> None:
     )
     if "ratio" in result:
         best = result["offline"]
-        line += f"; offline {best['texts_per_s']:.1f} texts/s (chunks of {best['chunk']}); ratio {result['ratio']:.2f}"
+        line += (f"; offline {best['texts_per_s']:.1f} texts/s (chunks of {best['chunk']}, {best['workers']} worker(s)); "
+                 f"ratio {result['ratio']:.2f}")
     print(line)
     print(
-        f"model thread busy {100 * s['model_thread_busy_share']:.0f}% of the run "
+        f"model workers busy {100 * s['model_thread_busy_share']:.0f}% of the run (summed over workers) "
         f"(forward {s['model_thread_stage_s'].get('forward', 0.0):.2f} s); clients' CPU {s['client_cpu_s']:.2f} s"
         + (
             "; server CPU by thread: " + ", ".join(f"{k} {v:.2f} s" for k, v in list(s["server_thread_cpu_s"].items())[:5])

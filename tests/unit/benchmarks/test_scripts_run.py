@@ -30,10 +30,16 @@ def first_json(out: str) -> dict:
     return obj
 
 
-def test_gpu_script_smoke_runs_on_cpu() -> None:
+def test_gpu_script_smoke_runs_on_cpu(tmp_path: Path) -> None:
     out = first_json(
-        run_script("benchmarks/gpu_llama8b.py", "--tiny", "--repeats", "1", "--steer-rules", "0,5/2", "--encode-variants", "--gen-repeats", "1")
+        run_script(
+            "benchmarks/gpu_llama8b.py", "--tiny", "--repeats", "1", "--steer-rules", "0,5/2", "--encode-variants",
+            "--gen-repeats", "1", "--profile", str(tmp_path / "prof"),
+        )
     )
+    for name in ("plain", "serve"):
+        table = (tmp_path / "prof" / f"profile_{name}.txt").read_text()
+        assert table.startswith(f"{name}: batch 16, 8 new tokens") and "aten::mm" in table
     assert out["tiny"] is True and out["steer_rules"] == [0, 5]
     assert [(r["batch_size"], r["steer_rules"]) for r in out["generation"]] == [(1, 0), (1, 5), (16, 0), (16, 5)]
     assert [r["policy_every"] for r in out["generation"]] == [1, 2, 1, 2]
@@ -65,3 +71,16 @@ def test_dtype_agreement_script_runs() -> None:
     out = first_json(run_script("benchmarks/dtype_agreement.py", "--texts", "14", "--chunk", "7"))
     assert out["texts"] == 14 and out["dtype"] == "bfloat16"
     assert 0 <= out["same_action"] <= 14 and out["float32_texts_per_s"] > 0 and out["low_texts_per_s"] > 0
+
+
+def test_server_load_script_runs() -> None:
+    out = first_json(
+        run_script(
+            "benchmarks/server_load.py", "--clients", "3", "--texts", "12", "--offline-chunks", "4",
+            "--sae", "random", "--policy", "policies/examples/deception.yaml", "--model-workers", "2", "--in-process",
+        )
+    )
+    assert out["server"]["statuses"] == {"200": 12} and out["server"]["texts_per_s"] > 0
+    runs = out["offline_before"] + out["offline_after"]
+    assert sorted({(r["chunk"], r["workers"]) for r in runs}) == [(4, 1), (4, 2)]
+    assert out["ratio"] == out["server"]["texts_per_s"] / max(r["texts_per_s"] for r in runs)
