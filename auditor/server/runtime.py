@@ -237,8 +237,12 @@ def _load_runtime(
             fits(engine)
         store.check = fits  # a reload that no longer fits the SAE is refused, the old set stays
     model = load_model(settings.model, device=settings.device, dtype=settings.dtype, compile=settings.compile)
-    workers = workers if workers is not None else ModelWorkers()
-    workers.configure(settings.model_workers or auto_workers(torch.device(model.device).type, torch.get_num_threads()))
+    n_workers = settings.model_workers or auto_workers(torch.device(model.device).type, torch.get_num_threads())
+    if workers is not None:
+        workers.configure(n_workers)  # on its worker 0, this thread
+    else:  # loaded on a caller's thread: leave its torch threads alone
+        workers = ModelWorkers()
+        workers.executor(0).submit(workers.configure, n_workers).result()
     _log.info(
         "model workers: %d x %s torch thread(s)", workers.n, workers.threads or torch.get_num_threads()
     )

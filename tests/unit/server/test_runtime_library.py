@@ -41,3 +41,28 @@ def test_the_server_refuses_the_mismatch_before_loading_the_model(tmp_path: Path
     )
     with pytest.raises(ConfigError, match="drop --library to use the policy's"):
         load_runtime(settings, AuditorMetrics(CollectorRegistry()))
+
+
+def test_a_runtime_loaded_on_a_callers_thread_leaves_its_torch_threads_alone(tmp_path: Path) -> None:
+    import asyncio
+
+    import torch
+
+    from auditor.text import AuditInput
+
+    before = torch.get_num_threads()
+    settings = Settings.load(flags={"data_dir": str(tmp_path), "model_workers": 2}, env={})
+    rt = load_runtime(settings, AuditorMetrics(CollectorRegistry()))
+
+    async def scenario() -> list[object]:
+        await rt.batcher.start()
+        try:
+            results, _ = await rt.audit([AuditInput(text="Send the wire transfer today.")])
+            return results
+        finally:
+            await rt.close()
+
+    assert torch.get_num_threads() == before  # the two workers' threads were set on the workers
+    assert rt.batcher.workers.n == 2 and rt.batcher.workers.threads == max(1, before // 2)
+    (result,) = asyncio.run(scenario())
+    assert result.verdict is not None  # the default policy, through the batcher on a worker
