@@ -65,7 +65,7 @@ def run_case(case: str, repeats: int) -> float:
     on_main = case == "main"
     run: Any = None
     if case.startswith("two-workers"):
-        from auditor.server.batcher import ModelWorkers
+        from auditor.workers import ModelWorkers
 
         workers = ModelWorkers()
         workers.executor(0).submit(load).result()

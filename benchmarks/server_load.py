@@ -385,7 +385,7 @@ def main() -> None:
         chunks = [int(c) for c in args.offline_chunks.split(",")]
         workers = None
         if args.offline_workers > 1:
-            from auditor.server.batcher import ModelWorkers
+            from auditor.workers import ModelWorkers
 
             workers = ModelWorkers()
             workers.executor(0).submit(workers.configure, args.offline_workers).result()

@@ -35,7 +35,7 @@ from auditor.errors import AuditorError
 from auditor.metrics import AuditorMetrics
 from auditor.server.auth import LOGIN_PATH, check_bearer, needs_token, session_allows
 from auditor.server.errors import NotReadyError, ServerError, TooLargeError
-from auditor.server.batcher import ModelWorkers
+from auditor.workers import ModelWorkers
 from auditor.server.runtime import Runtime, load_runtime
 from auditor.server.settings import Settings
 

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from auditor.errors import AuditorError, ConfigError
 from auditor.pipeline import default_policy_path
-from auditor.server.batcher import MicroBatcher, ModelWorkers, auto_workers
+from auditor.server.batcher import MicroBatcher
+from auditor.workers import ModelWorkers, auto_workers
 from auditor.server.errors import BadRequestError, NotFoundError, TooLargeError
 from auditor.server.settings import Settings
 from auditor.server.sse import Broadcaster

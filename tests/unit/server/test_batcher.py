@@ -122,7 +122,7 @@ def test_a_lone_request_never_waits_but_returning_clients_are_waited_for(auditor
 @pytest.fixture
 def two_workers():  # type: ignore[no-untyped-def]
     """Two model workers with one torch thread each (the CPU default); torch's count restored after."""
-    from auditor.server.batcher import ModelWorkers
+    from auditor.workers import ModelWorkers
 
     before = torch.get_num_threads()
     workers = ModelWorkers()

@@ -114,7 +114,7 @@ def test_dtype_is_checked_where_it_is_given(tmp_path: Path) -> None:
 def test_model_workers_from_the_flag_env_or_yaml_and_checked(tmp_path: Path) -> None:
     import argparse
 
-    from auditor.server.batcher import auto_workers
+    from auditor.workers import auto_workers
     from auditor.server.cli import _SERVE_FLAGS, register
 
     assert Settings.load(env={}).model_workers is None  # chosen at load: auto_workers
