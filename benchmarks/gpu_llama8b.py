@@ -184,6 +184,11 @@ def encode_variants(x: torch.Tensor, sae: SAE, k: int, device: torch.device, rep
     run("topk_blockmax_only", lambda: _row_topk(pre, k, blocks=True))
     with torch.inference_mode():
         out["topk_blockmax_exact"] = bool(torch.equal(_row_topk(pre, k, blocks=True)[0], ref))
+    for block in (16, 32, 64, 128, 256):  # block widths of the block-maxima top-k (the product's choice above)
+        if pre.shape[1] % block == 0 and k * block < pre.shape[1]:
+            run(f"topk_blockmax_{block}_only", lambda b=block: _row_topk(pre, k, blocks=True, block=b))
+            with torch.inference_mode():
+                out[f"topk_blockmax_{block}_exact"] = bool(torch.equal(_row_topk(pre, k, blocks=True, block=block)[0], ref))
     for chunk in (4096, 16384):
         if pre.shape[1] % chunk == 0:
             run(f"topk_two_stage_{chunk}_only", lambda c=chunk: two_stage_topk(pre, k, c))

@@ -120,21 +120,28 @@ def _addmm_relu(bias: Tensor, x: Tensor, w: Tensor) -> Tensor:
     return torch.addmm(bias, x, w).relu_()
 
 
-_TOPK_BLOCK = 64
-_BLOCK_TOPK_MIN_WIDTH = 16384  # on the CPU (benchmarks/topk_rows.py)
+_TOPK_BLOCK = 64  # block width on the CPU (benchmarks/topk_rows.py)
+_BLOCK_TOPK_MIN_WIDTH = 16384  # on the CPU
 _BLOCK_TOPK_MIN_WIDTH_GPU = 65536  # on CUDA: measured at 65,536 and 131,072 latents (gpu_llama8b.py --encode-variants)
 
 
-def _row_topk(pre: Tensor, k: int, *, blocks: bool | None = None) -> tuple[Tensor, Tensor]:
+def _cuda_topk_block(width: int) -> int:
+    """Block width of the block-maxima top-k on CUDA (H100, 16,384 rows, k=64, widths 16-256 timed):
+    128 at 65,536 latents (4.8 ms; 64: 6.5, 256: 5.0), 256 from 131,072 (6.7 ms; 64: 11.5, 128: 7.8)."""
+    return 256 if width >= 131072 else 128
+
+
+def _row_topk(pre: Tensor, k: int, *, blocks: bool | None = None, block: int | None = None) -> tuple[Tensor, Tensor]:
     """The ``k`` largest values of each row of ``pre [N, W]`` and their column indices (both ``[N, k]``).
 
-    For wide rows (``W >= 16,384`` on the CPU, ``W >= 65,536`` on CUDA; a multiple of 64) the
-    maxima of 64-wide blocks pick the ``k`` blocks that can hold the top ``k`` (an element outside
-    them has ``k`` block maxima at least as large), and only those ``64 k`` candidates are ranked:
-    the same values as :func:`torch.topk`, 1.4-2.3x faster on the CPU (``benchmarks/topk_rows.py``)
-    and 1.2x (65,536) / 1.5x (131,072) on an H100 at 16,384 rows (``gpu_llama8b.py
-    --encode-variants``). Narrower rows and other devices use :func:`torch.topk`. ``blocks`` forces
-    the choice (True still needs a width that is a multiple of 64 and above ``64 k``).
+    For wide rows (``W >= 16,384`` on the CPU, ``W >= 65,536`` on CUDA) the maxima of blocks of
+    ``block`` columns pick the ``k`` blocks that can hold the top ``k`` (an element outside them has
+    ``k`` block maxima at least as large), and only those ``block * k`` candidates are ranked: the
+    same values as :func:`torch.topk`, 1.3-2.2x faster on the CPU with 64-wide blocks
+    (``benchmarks/topk_rows.py``) and 1.8x (65,536, 128-wide) / 2.7x (131,072, 256-wide) on an
+    H100 at 16,384 rows (``gpu_llama8b.py --encode-variants``). Narrower rows and other devices use
+    :func:`torch.topk`. ``blocks`` forces the choice (True still needs a width that is a multiple
+    of ``block`` and above ``block * k``); ``block`` overrides the block width.
     """
     n, w = pre.shape
     if blocks is None:
@@ -142,15 +149,18 @@ def _row_topk(pre: Tensor, k: int, *, blocks: bool | None = None) -> tuple[Tenso
             blocks = w >= _BLOCK_TOPK_MIN_WIDTH
         else:
             blocks = pre.device.type == "cuda" and w >= _BLOCK_TOPK_MIN_WIDTH_GPU
-    if not blocks or w % _TOPK_BLOCK or k * _TOPK_BLOCK >= w:
+    if block is None:
+        block = _cuda_topk_block(w) if pre.device.type == "cuda" else _TOPK_BLOCK
+    if not blocks or w % block or k * block >= w:
         top = pre.topk(k, dim=-1)
         return top.values, top.indices
-    blocks = pre.view(n, w // _TOPK_BLOCK, _TOPK_BLOCK)
-    chosen = blocks.amax(-1).topk(k, dim=-1).indices  # [N, k] blocks
-    cand = blocks.gather(1, chosen.unsqueeze(-1).expand(n, k, _TOPK_BLOCK)).reshape(n, k * _TOPK_BLOCK)
+    grid = pre.view(n, w // block, block)
+    chosen = grid.amax(-1).topk(k, dim=-1).indices  # [N, k] blocks
+    cand = grid.gather(1, chosen.unsqueeze(-1).expand(n, k, block)).reshape(n, k * block)
     top = cand.topk(k, dim=-1)
-    cols = (chosen.unsqueeze(-1) * _TOPK_BLOCK + torch.arange(_TOPK_BLOCK, device=pre.device)).reshape(n, k * _TOPK_BLOCK)
-    return top.values, cols.gather(1, top.indices)
+    # Candidate j is element j % block of chosen block j // block.
+    cols = chosen.gather(1, top.indices.div(block, rounding_mode="floor")) * block + top.indices.remainder(block)
+    return top.values, cols
 
 
 def param_shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
