@@ -42,7 +42,7 @@ def run_case(case: str, repeats: int) -> float:
     from concurrent.futures import ThreadPoolExecutor
 
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from server_load import make_texts
+    from server_load import audit_chunks, make_texts
 
     from auditor.text import AuditInput
 
@@ -72,20 +72,8 @@ def run_case(case: str, repeats: int) -> float:
         workers.executor(0).submit(workers.configure, 2).result()
 
         def audit_two() -> float:
-            aud = holder["auditor"]
-            pending, lock = [items[i : i + 8] for i in range(0, len(items), 8)][::-1], threading.Lock()
-
-            def take() -> None:
-                while True:
-                    with lock:
-                        if not pending:
-                            return
-                        chunk = pending.pop()
-                    aud.run(chunk)
-
             t0 = time.perf_counter()
-            for f in [workers.executor(i).submit(take) for i in range(workers.n)]:
-                f.result()
+            audit_chunks(holder["auditor"], [items[i : i + 8] for i in range(0, len(items), 8)], workers)
             return len(items) / (time.perf_counter() - t0)
 
         run = audit_two

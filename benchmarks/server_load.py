@@ -64,41 +64,42 @@ def make_texts(n: int, seed: int = 0) -> list[str]:
     return out
 
 
-def offline(auditor: Any, texts: list[str], chunk: int = 64, workers: Any = None) -> dict[str, Any]:
-    """Texts/s of ``Auditor.run`` over ``texts`` in chunks, after one untimed pass.
-
-    The untimed pass matters on CPU: the first forward of each new batch shape is
-    several times slower than later ones. ``workers`` (a configured
-    :class:`~auditor.server.batcher.ModelWorkers`): its workers take the chunks in turn, side
-    by side on the one model, as the server's do.
-    """
+def audit_chunks(auditor: Any, chunks: list[list[Any]], workers: Any = None) -> int:
+    """``Auditor.run`` over each chunk in turn; content tokens audited. ``workers`` (a configured
+    :class:`~auditor.workers.ModelWorkers`): its workers take the chunks as they free up, side by
+    side on the one model, as the server's do."""
+    if workers is None:
+        return sum(r.n_content_tokens for c in chunks for r in auditor.run(c))
     import threading
 
+    pending, lock = list(reversed(chunks)), threading.Lock()
+
+    def take() -> int:
+        done = 0
+        while True:
+            with lock:
+                if not pending:
+                    return done
+                c = pending.pop()
+            done += sum(r.n_content_tokens for r in auditor.run(c))
+
+    futures = [workers.executor(i).submit(take) for i in range(workers.n)]
+    return sum(f.result() for f in futures)
+
+
+def offline(auditor: Any, texts: list[str], chunk: int = 64, workers: Any = None) -> dict[str, Any]:
+    """Texts/s of :func:`audit_chunks` over ``texts`` in chunks, after one untimed pass.
+
+    The untimed pass matters on CPU: the first forward of each new batch shape is
+    several times slower than later ones.
+    """
     from auditor.text import AuditInput
 
     items = [AuditInput(text=t) for t in texts]
     chunks = [items[i : i + chunk] for i in range(0, len(items), chunk)]
-
-    def run_all() -> int:
-        if workers is None:
-            return sum(r.n_content_tokens for c in chunks for r in auditor.run(c))
-        pending, lock = list(reversed(chunks)), threading.Lock()
-
-        def loop() -> int:
-            done = 0
-            while True:
-                with lock:
-                    if not pending:
-                        return done
-                    c = pending.pop()
-                done += sum(r.n_content_tokens for r in auditor.run(c))
-
-        futures = [workers.executor(i).submit(loop) for i in range(workers.n)]
-        return sum(f.result() for f in futures)
-
-    run_all()
+    audit_chunks(auditor, chunks, workers)
     t0 = time.perf_counter()
-    tokens = run_all()
+    tokens = audit_chunks(auditor, chunks, workers)
     elapsed = time.perf_counter() - t0
     return {"chunk": chunk, "workers": workers.n if workers is not None else 1, "seconds": elapsed,
             "texts_per_s": len(items) / elapsed, "tokens_per_s": tokens / elapsed}

@@ -93,11 +93,11 @@ def scoped(hook: F) -> F:
 
     :func:`hooks` wraps its own; use it for any other hook a caller registers on a shared model.
     """
-    owner = threading.get_ident() if getattr(_local, "isolated", False) else None
+    owner = threading.get_ident() if thread_is_isolated() else None
 
     def run(*args: Any, **kwargs: Any) -> Any:
         if owner is None:
-            if getattr(_local, "isolated", False):
+            if thread_is_isolated():
                 return None
         elif threading.get_ident() != owner:
             return None

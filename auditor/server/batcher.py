@@ -44,6 +44,11 @@ _log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def _fail_shutting_down(job: AuditJob) -> None:
+    if not job.future.done():
+        job.future.set_exception(OverloadedError("the auditor is shutting down", retry_after_s=5))
+
+
 @dataclass(eq=False)
 class AuditJob:
     """One request's inputs, audited together under one policy."""
@@ -117,11 +122,9 @@ class MicroBatcher:
             self._task = None
         if self._queue is not None:
             while not self._queue.empty():
-                job = self._queue.get_nowait()
-                if not job.future.done():
-                    job.future.set_exception(OverloadedError("the auditor is shutting down", retry_after_s=5))
-        if self._carry is not None and not self._carry.future.done():
-            self._carry.future.set_exception(OverloadedError("the auditor is shutting down", retry_after_s=5))
+                _fail_shutting_down(self._queue.get_nowait())
+        if self._carry is not None:
+            _fail_shutting_down(self._carry)
         self._carry = None
         if self._running_batches:
             await asyncio.gather(*self._running_batches, return_exceptions=True)
@@ -223,8 +226,7 @@ class MicroBatcher:
             except BaseException:
                 self.workers.release(worker)
                 for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(OverloadedError("the auditor is shutting down", retry_after_s=5))
+                    _fail_shutting_down(job)
                 raise
             self._recent_in_flight = self._admitted
             self.batches += 1

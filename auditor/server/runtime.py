@@ -186,7 +186,7 @@ def load_runtime(
 
     ``workers``: the model workers the batcher will use; call this on their worker 0, so that
     torch keeps one OpenMP pool for the loading thread and the first worker (see
-    :class:`~auditor.server.batcher.ModelWorkers`). They are configured here, once the model's
+    :class:`~auditor.workers.ModelWorkers`). They are configured here, once the model's
     device is known (``model_workers`` setting).
     """
     with _LOAD_LOCK:
