@@ -3,8 +3,8 @@
 The sidecar runs every piece of model work on them (``auditor.server.batcher``). On a CPU two
 workers with half the torch threads each get more done than one worker with all of them on the
 sidecar's short batches (8 texts: +12%, ``benchmarks/model_thread.py``); on chunks of 64 texts,
-what ``auditor audit --input`` runs, a trial gained nothing (larger GEMMs use both threads well),
-so the CLI keeps one thread. Their hooks are isolated per thread
+what ``auditor audit --input`` runs, they gain nothing (``benchmarks/server_load.py``'s offline
+runs: larger GEMMs use both threads well), so the CLI keeps one thread. Their hooks are isolated per thread
 (:func:`~auditor.models.hooks.isolate_this_thread`).
 """
 
