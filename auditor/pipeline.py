@@ -112,6 +112,7 @@ class Auditor:
         max_tokens: int = 2048,
         batch_tokens: int = 512,
         pack: bool | None = None,
+        shared_streams: bool | None = None,
     ) -> None:
         from auditor.models import check_sae_compatible, parse_hookpoint
 
@@ -138,6 +139,8 @@ class Auditor:
         # the budget still runs, alone in its batch.
         self.batch_tokens = batch_tokens
         self._pack = pack
+        self._shared_streams = shared_streams
+        self._streams_lock = threading.Lock()
         self.device = torch.device(model.device)
         self._timings = threading.local()
 
@@ -375,6 +378,7 @@ class Auditor:
         Each :meth:`AuditStream.feed` runs the model only on the tokens not seen before,
         reusing the KV cache of the prefix, and returns the verdict on everything so far:
         the same result :meth:`run` gives on the whole input (up to float rounding).
+        :meth:`feed_streams` feeds several streams in one forward.
 
         Example::
 
@@ -389,6 +393,152 @@ class Auditor:
             raise ConfigError("a streaming audit needs a policy; load one with policy=... or pass policy=")
         return AuditStream(self, item, engine)
 
+    @property
+    def shared_stream_forwards(self) -> bool:
+        """Whether streams' new tokens share forwards (:func:`~auditor.models.streams.capture_streams`).
+
+        ``Auditor(shared_streams=None)`` (the default) decides on first use: on when the model's
+        streamed activations match its plain ones (:func:`~auditor.models.streams.streams_supported`);
+        otherwise (or with ``shared_streams=False``) each stream keeps a ``transformers`` cache
+        and runs its own forward.
+        """
+        if self._shared_streams is None:
+            from auditor.models.streams import streams_supported
+
+            with self._streams_lock:
+                if self._shared_streams is None:
+                    self._shared_streams = streams_supported(self.model.model, self.hookpoint)
+        return self._shared_streams
+
+    def feed_streams(self, feeds: Sequence[tuple[AuditStream, str]]) -> list[AuditResult]:
+        """Append each chunk to its stream and audit every stream so far, sharing the work.
+
+        The new tokens of all the streams run through one forward (each stream attends to its
+        own cache), one encode per policy and one policy evaluation per policy, so ``n``
+        streams fed together cost about one forward over their new tokens instead of ``n``
+        forwards (each of which reads every weight). Results come back in ``feeds`` order and
+        equal what :meth:`AuditStream.feed` gives each stream alone. A stream may appear once.
+        If the work fails, every stream in ``feeds`` starts over on its next feed (its cache is
+        dropped; its text so far is kept).
+        """
+        streams = [stream for stream, _ in feeds]
+        if len({id(s) for s in streams}) != len(streams):
+            raise ValueError("feed_streams got the same stream twice; feed it one chunk per call")
+        for stream in streams:
+            if stream.auditor is not self:
+                raise ValueError("feed_streams got a stream started by another Auditor")
+        for stream, chunk in feeds:
+            stream._append(chunk)
+        if not streams:
+            return []
+        try:
+            return self._update_streams(streams)
+        except BaseException:
+            # A half-finished update leaves caches and features out of step: start over next time.
+            for stream in streams:
+                stream._reset()
+            raise
+
+    @torch.inference_mode()
+    def _update_streams(self, streams: list[AuditStream]) -> list[AuditResult]:
+        timings = StageTimings()
+        t0 = time.perf_counter()
+        batch = tokenize_batch(self.model.tokenizer, [s.item for s in streams], max_tokens=self.max_tokens)
+        lengths = batch.lengths.tolist()
+        all_ids = [row[:n] for row, n in zip(batch.input_ids.tolist(), lengths)]
+        t1 = time.perf_counter()
+        timings.tokenize = t1 - t0
+
+        new_ids = [stream._keep_common(ids) for stream, ids in zip(streams, all_ids)]
+        growing = [i for i, ids in enumerate(new_ids) if ids]
+        acts: dict[int, torch.Tensor] = {}  # stream -> [n_new, d_in]
+        if growing:
+            if self.shared_stream_forwards:
+                from auditor.models.streams import capture_streams
+
+                budget = self.batch_tokens * PACKED_BUDGET_FACTOR
+                group: list[int] = []
+                total = 0
+                for i in [*growing, None]:
+                    if group and (i is None or total + len(new_ids[i]) > budget):
+                        outs = capture_streams(
+                            self.model.model, self.hookpoint, [streams[j]._kv for j in group], [new_ids[j] for j in group]
+                        )
+                        acts.update({j: out.float() for j, out in zip(group, outs)})
+                        group, total = [], 0
+                    if i is not None:
+                        group.append(i)
+                        total += len(new_ids[i])
+            else:
+                for i in growing:
+                    acts[i] = streams[i]._forward_alone(new_ids[i])
+        t2 = time.perf_counter()
+        timings.forward = t2 - t1
+
+        # One encode per policy over all its streams' new rows; rows encode independently.
+        by_engine: dict[int, list[int]] = {}
+        for i, stream in enumerate(streams):
+            by_engine.setdefault(id(stream.engine), []).append(i)
+        for members in by_engine.values():
+            fed = [i for i in members if i in acts]
+            if not fed:
+                continue
+            feats, recon, _ = self._encode_watched(torch.cat([acts[i] for i in fed]), streams[fed[0]].engine)
+            start = 0
+            for i in fed:
+                n = acts[i].shape[0]
+                streams[i]._store(acts[i], feats[start : start + n], None if recon is None else recon[start : start + n])
+                start += n
+        for stream, ids in zip(streams, all_ids):
+            stream._ids = ids
+        t3 = time.perf_counter()
+        timings.encode = t3 - t2
+
+        verdicts: dict[int, Any] = {}
+        for members in by_engine.values():
+            engine = streams[members[0]].engine
+            sub = _select_rows(batch, members)
+            width = sub.input_ids.shape[1]
+            mask = sub.content_mask.to(self.device)  # [G, T]
+            feats_bt = self._acts_like(len(members), width, streams[members[0]]._feats.shape[1])
+            recon_bt = self._acts_like(len(members), width, None) if engine.needs_recon_error else None
+            acts_bt = self._acts_like(len(members), width, self.sae.cfg.d_in) if engine.needs_resid else None
+            for g, i in enumerate(members):
+                n = lengths[i]
+                feats_bt[g, :n] = streams[i]._feats
+                if recon_bt is not None:
+                    recon_bt[g, :n] = streams[i]._recon
+                if acts_bt is not None:
+                    acts_bt[g, :n] = streams[i]._acts
+            feats_bt = torch.where(mask[..., None], feats_bt, 0.0)
+            if recon_bt is not None:
+                recon_bt = torch.where(mask, recon_bt, 0.0)
+            if acts_bt is not None:
+                acts_bt = torch.where(mask[..., None], acts_bt, 0.0)
+            for i, verdict in zip(members, _evaluate(engine, sub, acts_bt, feats_bt, recon_bt)):
+                verdicts[i] = verdict
+        timings.evaluate = time.perf_counter() - t3
+        self._timings.value = timings
+        results = []
+        for i, stream in enumerate(streams):
+            stream.last_timings = timings
+            n = lengths[i]
+            results.append(
+                AuditResult(
+                    id=stream.item.id,
+                    tokens=batch.tokens[i],
+                    content_mask=batch.content_mask[i, :n].tolist(),
+                    truncated=batch.truncated[i],
+                    n_content_tokens=int(batch.content_mask[i].sum()),
+                    verdict=verdicts[i],
+                )
+            )
+        return results
+
+    def _acts_like(self, rows: int, width: int, features: int | None) -> torch.Tensor:
+        shape = (rows, width) if features is None else (rows, width, features)
+        return torch.zeros(shape, dtype=_SAE_DTYPE, device=self.device)
+
 
 class AuditStream:
     """An audit of one growing input that keeps the truncated model's KV cache between chunks.
@@ -398,13 +548,14 @@ class AuditStream:
     tokenization of the last tokens (a word split across chunks), the cache is cut back
     to the longest common prefix and the changed tokens are recomputed. Per-token watched
     features are cached too, so a chunk costs a forward and an encode of its own tokens
-    plus one policy evaluation over the sequence. Not thread-safe: one stream per caller,
-    and, like :meth:`Auditor.run`, not concurrent with steering on the same model.
+    plus one policy evaluation over the sequence. :meth:`Auditor.feed_streams` feeds many
+    streams in one forward. Not thread-safe: one stream per caller (feeds of one stream
+    must not overlap); streams of one auditor may be fed from several threads, and, like
+    :meth:`Auditor.run`, not concurrently with steering on the same model from ordinary
+    threads.
     """
 
     def __init__(self, auditor: Auditor, item: AuditInput, engine: PolicyEngine) -> None:
-        from transformers import DynamicCache
-
         self.auditor = auditor
         self.engine = engine
         # Text that is not a completion (a bare text) grows itself; everything else grows its completion.
@@ -412,7 +563,7 @@ class AuditStream:
         if not self._grows_text and item.completion is None:
             item = AuditInput(messages=item.messages, prompt=item.prompt, completion="", id=item.id)
         self.item = item
-        self._cache = DynamicCache(config=auditor.model.model.config)
+        self._kv: Any = self._new_cache()
         self._ids: list[int] = []
         d_in = auditor.sae.cfg.d_in
         n_watched = engine.watched.numel()
@@ -428,110 +579,99 @@ class AuditStream:
 
     def feed(self, chunk: str) -> AuditResult:
         """Append ``chunk`` to the input and audit everything so far; ``feed("")`` audits the prefix."""
-        if chunk:
-            if self._grows_text:
-                self.item = AuditInput(text=(self.item.text or "") + chunk, id=self.item.id)
-            else:
-                self.item = AuditInput(
-                    messages=self.item.messages,
-                    prompt=self.item.prompt,
-                    completion=(self.item.completion or "") + chunk,
-                    id=self.item.id,
-                )
-        try:
-            return self._update()
-        except BaseException:
-            # A half-finished update leaves cache and features out of step: start over next time.
-            self._reset()
-            raise
+        [result] = self.auditor.feed_streams([(self, chunk)])
+        return result
 
-    def _reset(self) -> None:
+    def estimate_new_tokens(self, chunk: str) -> int:
+        """About how many tokens feeding ``chunk`` runs through the model (the whole input on a
+        first feed), from its characters (a batcher's token budget needs no tokenizer)."""
+        chars = len(chunk)
+        if not self._ids:
+            item = self.item
+            chars += sum(len(x or "") for x in (item.text, item.prompt, item.completion))
+            chars += sum(len(m.get("content") or "") + 8 for m in item.messages or ())
+        return chars // 4 + 1
+
+    # ------------------------------------------------------------------ used by Auditor.feed_streams
+    def _new_cache(self) -> Any:
+        if self.auditor.shared_stream_forwards:
+            from auditor.models.streams import StreamCache
+
+            return StreamCache()
         from transformers import DynamicCache
 
-        self._cache = DynamicCache(config=self.auditor.model.model.config)
+        return DynamicCache(config=self.auditor.model.model.config)
+
+    def _append(self, chunk: str) -> None:
+        if not chunk:
+            return
+        if self._grows_text:
+            self.item = AuditInput(text=(self.item.text or "") + chunk, id=self.item.id)
+        else:
+            self.item = AuditInput(
+                messages=self.item.messages,
+                prompt=self.item.prompt,
+                completion=(self.item.completion or "") + chunk,
+                id=self.item.id,
+            )
+
+    def _reset(self) -> None:
+        self._kv = self._new_cache()
         self._ids = []
         self._acts, self._feats, self._recon = self._acts[:0], self._feats[:0], self._recon[:0]
 
-    @torch.inference_mode()
-    def _update(self) -> AuditResult:
+    def _keep_common(self, ids: list[int]) -> list[int]:
+        """Cut cache and features back to the prefix ``ids`` shares with what was seen; the ids to run."""
+        limit = min(len(ids), len(self._ids))
+        common = next((i for i in range(limit) if ids[i] != self._ids[i]), limit)
+        if common < len(self._ids):
+            # The new chunk re-split the last tokens: forget them (cache included) and redo them.
+            if hasattr(self._kv, "get_seq_length"):  # a transformers cache
+                try:
+                    self._kv.crop(common - len(self._ids))  # a negative count removes that many tokens
+                except (ValueError, RuntimeError):
+                    # A cache layer that cannot roll back (a full sliding window): start over.
+                    self._kv = self._new_cache()
+                    common = 0
+            else:
+                self._kv.crop(common)
+            self._acts, self._feats, self._recon = self._acts[:common], self._feats[:common], self._recon[:common]
+        return ids[common:]
+
+    def _forward_alone(self, new: list[int]) -> torch.Tensor:
+        """The new tokens' activations ``[n, d_in]`` from a forward that continues this stream's own cache."""
         from auditor.models import capture
 
         aud = self.auditor
-        timings = StageTimings()
-        t0 = time.perf_counter()
-        batch = tokenize_batch(aud.model.tokenizer, [self.item], max_tokens=aud.max_tokens)
-        ids: list[int] = batch.input_ids[0].tolist()
-        t1 = time.perf_counter()
-        timings.tokenize = t1 - t0
+        return capture(
+            aud.model.model,
+            torch.tensor([new], dtype=torch.long, device=aud.device),
+            None,
+            [aud.hookpoint],
+            stop_early=True,
+            past_key_values=self._kv,
+        )[aud.hookpoint][0].float()
 
-        limit = min(len(ids), len(self._ids))
-        differs = (torch.tensor(ids[:limit]) != torch.tensor(self._ids[:limit])).nonzero()
-        common = int(differs[0, 0]) if differs.numel() else limit
-        if common < len(self._ids):
-            # The new chunk re-split the last tokens: forget them (cache included) and redo them.
-            try:
-                self._cache.crop(common - len(self._ids))  # a negative count removes that many tokens
-            except (ValueError, RuntimeError):
-                # A cache layer that cannot roll back (a full sliding window): start over.
-                from transformers import DynamicCache
-
-                self._cache = DynamicCache(config=aud.model.model.config)
-                common = 0
-            self._acts, self._feats, self._recon = self._acts[:common], self._feats[:common], self._recon[:common]
-        new = ids[common:]
-        if new:
-            acts = capture(
-                aud.model.model,
-                torch.tensor([new], dtype=torch.long, device=aud.device),
-                None,
-                [aud.hookpoint],
-                stop_early=True,
-                past_key_values=self._cache,
-            )[aud.hookpoint][0].float()  # [T_new, d_in]
-            t2 = time.perf_counter()
-            timings.forward = t2 - t1
-            # Encode every new position; masking to content happens at evaluation, and
-            # rows are encoded independently, so content rows equal a masked encode's.
-            feats, recon, _ = aud._encode_watched(acts, self.engine)
-            self._acts = torch.cat([self._acts, acts])
-            self._feats = torch.cat([self._feats, feats])
-            if recon is not None:
-                self._recon = torch.cat([self._recon, recon])
-            timings.encode = time.perf_counter() - t2
-        self._ids = ids
-        t3 = time.perf_counter()
-        mask = batch.content_mask.to(aud.device)  # [1, T]
-        feats_bt = torch.where(mask[0, :, None], self._feats, 0.0).unsqueeze(0)  # [1, T, F]
-        recon_bt = None
-        if self.engine.needs_recon_error:
-            recon_bt = torch.where(mask[0], self._recon, 0.0).unsqueeze(0)  # [1, T]
-        acts_bt = torch.where(mask[0, :, None], self._acts, 0.0).unsqueeze(0)  # [1, T, d_in]
-        [verdict] = _evaluate(self.engine, batch, acts_bt, feats_bt, recon_bt)
-        timings.evaluate = time.perf_counter() - t3
-        self.last_timings = timings
-        n_tok = len(ids)
-        return AuditResult(
-            id=self.item.id,
-            tokens=batch.tokens[0],
-            content_mask=batch.content_mask[0, :n_tok].tolist(),
-            truncated=batch.truncated[0],
-            n_content_tokens=int(batch.content_mask[0].sum()),
-            verdict=verdict,
-        )
+    def _store(self, acts: torch.Tensor, feats: torch.Tensor, recon: torch.Tensor | None) -> None:
+        self._acts = torch.cat([self._acts, acts])
+        self._feats = torch.cat([self._feats, feats])
+        if recon is not None:
+            self._recon = torch.cat([self._recon, recon])
 
 
 def _evaluate(
     engine: PolicyEngine,
     batch: TokenBatch,
-    acts: torch.Tensor,
+    acts: torch.Tensor | None,
     watched_feats: torch.Tensor,
     recon: torch.Tensor | None,
 ) -> list[Any]:
-    """Policy verdicts for a batch: ``acts [B, T, d_in]``, ``watched_feats [B, T, F]``, ``recon [B, T]``."""
+    """Policy verdicts for a batch: ``acts [B, T, d_in]`` (needed only when the policy reads the
+    residual stream), ``watched_feats [B, T, F]``, ``recon [B, T]``."""
     from auditor.policy import AuditBatch
 
-    mask = batch.content_mask.to(acts.device)
-    role = batch.role.to(acts.device)
+    mask = batch.content_mask.to(watched_feats.device)
+    role = batch.role.to(watched_feats.device)
     return engine.evaluate(
         AuditBatch(
             features=watched_feats,

@@ -9,15 +9,30 @@ everything so far is computed in one of three ways:
   new tokens and keeps the KV cache of the prefix (and the prefix's encoded features);
 * ``chunked_recompute``: ``Auditor.run`` on prompt + completion so far after every chunk.
 
-Prints one JSON object and a summary table; the goal is ``chunked_reuse / single <= 1.5``.
+Then ``--streams`` completions (different texts, the same prompt) are streamed side by side,
+the way a sidecar sees concurrent streamed responses, and each round of chunks is audited:
+
+* ``many_single``: the whole completions audited at the end, the faster of one
+  ``Auditor.run`` over all of them (packed, batched) and one run per completion (the floor);
+* ``many_alone``: every stream fed on its own (``AuditStream.feed``), a forward per chunk;
+* ``many_shared``: each round's chunks fed together (``Auditor.feed_streams``): one forward
+  over all the streams' new tokens, each stream attending to its own cache;
+* ``many_batcher``: every stream a client of the sidecar's micro-batcher (``MicroBatcher.feed``,
+  ``--batcher-workers`` model workers, the server's default of two on a CPU), feeding its next
+  chunk when the last one's verdict is back: the batches form on their own.
+
+Prints one JSON object and a summary table; the goal is ``chunked / single <= 1.5``, for
+one stream (``reuse_vs_single``) and per stream with ``--streams`` streams side by side
+(``shared_vs_single``).
 
     PYTHONPATH=. python benchmarks/streaming.py [--tokens 256] [--chunk 16] [--repeats 2]
-        [--policy policies/default.yaml] [--threads N]
+        [--streams 16] [--batcher-workers 2] [--policy policies/default.yaml] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import platform
 import time
@@ -34,13 +49,15 @@ REPO = Path(__file__).resolve().parents[1]
 PROMPT = "Write a long, careful answer: how should a small team handle customer data and payments safely?"
 
 
-def completion_chunks(auditor: Auditor, n_tokens: int, chunk: int) -> list[str]:
-    """Text chunks of ``chunk`` tokens each that join into a completion of ``n_tokens`` tokens."""
+def completion_chunks(auditor: Auditor, n_tokens: int, chunk: int, offset: int = 0) -> list[str]:
+    """Text chunks of ``chunk`` tokens each that join into a completion of ``n_tokens`` tokens
+    (the dataset's texts from the ``offset``-th on, joined)."""
     texts = [
         json.loads(line)["text"]
         for line in (REPO / "datasets" / "safety-v1" / "benign_a.jsonl").read_text().splitlines()
         if line.strip()
     ]
+    texts = texts[offset % len(texts) :] + texts[: offset % len(texts)]
     tok = auditor.model.tokenizer
     ids = tok(" ".join(texts), add_special_tokens=False)["input_ids"][:n_tokens]
     return [tok.decode(ids[i : i + chunk]) for i in range(0, len(ids), chunk)]
@@ -61,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--chunk", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--streams", type=int, default=16, help="completions streamed side by side (0: skip)")
+    ap.add_argument("--batcher-workers", type=int, default=2, help="model workers of the micro-batcher case (0: skip it)")
     ap.add_argument("--policy", default=str(REPO / "policies" / "default.yaml"))
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args(argv)
@@ -124,15 +143,150 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "verdicts_agree": same,
         "max_score_abs_diff": max_score_diff,
         "stage_s": stages,
+        "shared_stream_forwards": auditor.shared_stream_forwards,
     }
+    if args.streams:
+        result["many"] = many_streams(
+            auditor, messages, args.streams, args.tokens, args.chunk, args.repeats, args.batcher_workers
+        )
     print(json.dumps(result, indent=2))
     print()
-    print(f"{'mode':<20} {'seconds':>8} {'x single':>9}")
+    print(f"{'mode':<32} {'seconds':>8} {'x single':>9}")
     for name, t in [("single", t_single), ("chunked, KV reuse", t_reuse), ("chunked, recompute", t_recompute)]:
-        print(f"{name:<20} {t:>8.3f} {t / t_single:>8.2f}x")
+        print(f"{name:<32} {t:>8.3f} {t / t_single:>8.2f}x")
     for name in ("single", "reuse"):
         print(f"stages ({name}): " + ", ".join(f"{k} {v:.3f} s" for k, v in stages[name].items()))
+    if args.streams:
+        many = result["many"]
+        n = many["streams"]
+        print()
+        print(f"{n} streams side by side ({many['rounds']} rounds of chunks)")
+        floor = many["single_s"]
+        for name, key in [
+            (f"single audits ({many['single_mode']})", "single_s"),
+            ("each stream fed alone", "alone_s"),
+            ("fed together (feed_streams)", "shared_s"),
+            (f"micro-batcher, {many['batcher_workers']} workers", "batcher_s"),
+        ]:
+            if key in many:
+                print(f"{name:<32} {many[key]:>8.3f} {many[key] / floor:>8.2f}x")
+        print("stages (fed together): " + ", ".join(f"{k} {v:.3f} s" for k, v in many["stage_s"]["shared"].items()))
+        print(f"verdicts agree: {many['verdicts_agree']}, max score difference {many['max_score_abs_diff']:.2g}")
     return result
+
+
+def many_streams(
+    auditor: Auditor,
+    messages: tuple[dict[str, str], ...],
+    n_streams: int,
+    n_tokens: int,
+    chunk: int,
+    repeats: int,
+    batcher_workers: int = 0,
+) -> dict[str, Any]:
+    """``n_streams`` completions streamed side by side: single audits vs streams fed alone vs together."""
+    chunk_lists = [completion_chunks(auditor, n_tokens, chunk, offset=7 * s) for s in range(n_streams)]
+    fulls = [AuditInput(messages=messages, completion="".join(c)) for c in chunk_lists]
+    rounds = max(len(c) for c in chunk_lists)
+    final: dict[str, list[Any]] = {}
+    stages: dict[str, dict[str, float]] = {}
+
+    def single_batched() -> None:
+        final["batched"] = auditor.run(fulls)
+
+    def single_each() -> None:
+        final["each"] = [auditor.run([f])[0] for f in fulls]
+
+    def fed(together: bool) -> None:
+        streams = [auditor.stream(AuditInput(messages=messages)) for _ in chunk_lists]
+        last: list[Any] = [None] * len(streams)
+        totals: dict[str, float] = {}
+        for r in range(rounds):
+            live = [i for i, c in enumerate(chunk_lists) if r < len(c)]
+            if together:
+                results = auditor.feed_streams([(streams[i], chunk_lists[i][r]) for i in live])
+                timings = [auditor.last_timings]
+            else:
+                results = [streams[i].feed(chunk_lists[i][r]) for i in live]
+                timings = [streams[i].last_timings for i in live]
+            for i, res in zip(live, results):
+                last[i] = res
+            for t in timings:
+                for k, v in t.as_dict().items():
+                    totals[k] = totals.get(k, 0.0) + v
+        key = "shared" if together else "alone"
+        final[key] = last
+        stages[key] = totals
+
+    batches: list[int] = []
+
+    def batcher_fed() -> None:
+        from auditor.server.batcher import MicroBatcher
+        from auditor.workers import ModelWorkers
+
+        workers = ModelWorkers()
+        if batcher_workers > 1:
+            workers.executor(0).submit(workers.configure, batcher_workers).result()
+
+        async def drive() -> list[Any]:
+            batcher = MicroBatcher(auditor, max_wait_ms=20, max_tokens=8192, queue_size=256, workers=workers)
+            await batcher.start()
+            try:
+
+                async def client(chunks: list[str]) -> Any:
+                    stream = auditor.stream(AuditInput(messages=messages))
+                    res = None
+                    for c in chunks:
+                        res = await batcher.feed(stream, c)
+                    return res
+
+                return list(await asyncio.gather(*(client(c) for c in chunk_lists)))
+            finally:
+                batches.append(batcher.batches)
+                await batcher.stop()
+
+        final["batcher"] = asyncio.run(drive())
+
+    t_batched = best_of(single_batched, repeats)
+    t_each = best_of(single_each, repeats)
+    t_alone = best_of(lambda: fed(False), repeats)
+    t_shared = best_of(lambda: fed(True), repeats)
+    t_batcher = best_of(batcher_fed, repeats) if batcher_workers else None
+    t_single = min(t_batched, t_each)
+    want = final["each"]
+    agree = True
+    diff = 0.0
+    for key in ("batched", "alone", "shared", "batcher"):
+        if key not in final:
+            continue
+        for got, ref in zip(final[key], want):
+            v, w = got.verdict, ref.verdict
+            agree = agree and v.action == w.action and sorted(v.scores) == sorted(w.scores)
+            diff = max([diff, *(abs(v.scores[k] - w.scores[k]) for k in w.scores)])
+    out = {
+        "streams": n_streams,
+        "rounds": rounds,
+        "tokens": sum(len(r.tokens) for r in want),
+        "single_batched_s": t_batched,
+        "single_each_s": t_each,
+        "single_s": t_single,
+        "single_mode": "one batched run" if t_batched <= t_each else "one run each",
+        "alone_s": t_alone,
+        "shared_s": t_shared,
+        "alone_vs_single": t_alone / t_single,
+        "shared_vs_single": t_shared / t_single,
+        "verdicts_agree": agree,
+        "max_score_abs_diff": diff,
+        "stage_s": stages,
+    }
+    if t_batcher is not None:
+        out.update(
+            batcher_workers=batcher_workers,
+            batcher_s=t_batcher,
+            batcher_vs_single=t_batcher / t_single,
+            batcher_batches=batches[-1],
+        )
+    return out
 
 
 if __name__ == "__main__":

@@ -15,6 +15,11 @@ running), so it caps the latency a new request can face; over it,
 :meth:`MicroBatcher.submit` raises
 :class:`~auditor.server.errors.OverloadedError` (503 + ``Retry-After``) at once.
 
+Chunks of streamed audits (:meth:`MicroBatcher.feed`) are jobs too: the chunks of the
+concurrent streams in one batch share one forward (:meth:`Auditor.feed_streams`), so a
+sidecar watching many streamed completions reads the weights once per round of chunks,
+not once per stream.
+
 All model work (loading, audits, generation, streams) runs on the model workers: threads
 that share the model's weights, each with its own share of torch's CPU threads and hooks
 that only its own forwards see (:func:`~auditor.models.hooks.isolate_this_thread`).
@@ -34,7 +39,7 @@ from auditor.workers import ModelWorkers
 
 if TYPE_CHECKING:
     from auditor.metrics import AuditorMetrics
-    from auditor.pipeline import Auditor, AuditResult
+    from auditor.pipeline import Auditor, AuditResult, AuditStream
     from auditor.policy import PolicyEngine
     from auditor.text import AuditInput
 
@@ -51,7 +56,7 @@ def _fail_shutting_down(job: AuditJob) -> None:
 
 @dataclass(eq=False)
 class AuditJob:
-    """One request's inputs, audited together under one policy."""
+    """One request's inputs, audited together under one policy, or one chunk of a streamed audit."""
 
     items: Sequence[AuditInput]
     engine: PolicyEngine | None
@@ -59,6 +64,8 @@ class AuditJob:
     n_tokens: int
     future: asyncio.Future[list[AuditResult]]
     enqueued: float = field(default_factory=time.perf_counter)
+    feed: tuple[AuditStream, str] | None = None
+    """``(stream, chunk)`` for a chunk of a streamed audit (``items`` is then empty)."""
 
 
 class MicroBatcher:
@@ -131,7 +138,13 @@ class MicroBatcher:
         self.workers.shutdown(wait=True)
 
     def submit(
-        self, items: Sequence[AuditInput], engine: PolicyEngine | None, *, top_k: int, n_tokens: int
+        self,
+        items: Sequence[AuditInput],
+        engine: PolicyEngine | None,
+        *,
+        top_k: int,
+        n_tokens: int,
+        feed: tuple[AuditStream, str] | None = None,
     ) -> AuditJob:
         """Queue a job; raises :class:`OverloadedError` when the queue is full."""
         if self._queue is None:
@@ -141,7 +154,7 @@ class MicroBatcher:
                 f"the audit queue is full ({self.queue_size} requests admitted, queue_size); retry shortly",
                 retry_after_s=1,
             )
-        job = AuditJob(items, engine, top_k, n_tokens, asyncio.get_running_loop().create_future())
+        job = AuditJob(items, engine, top_k, n_tokens, asyncio.get_running_loop().create_future(), feed=feed)
         self._admitted += 1
         job.future.add_done_callback(self._finished)
         self._queue.put_nowait(job)
@@ -172,6 +185,22 @@ class MicroBatcher:
         finally:
             if self.metrics is not None:
                 self.metrics.audit_duration.observe(time.perf_counter() - job.enqueued)
+
+    async def feed(self, stream: AuditStream, chunk: str) -> AuditResult:
+        """Feed ``chunk`` to a streamed audit in the next batch; the verdict on the stream so far.
+
+        Feeds of concurrent streams that land in one batch share one forward
+        (:meth:`Auditor.feed_streams`). A stream's feeds must not overlap (await each). The
+        chunk is audited even if the caller stops waiting (the stream stays consistent), so
+        there is no timeout; raises :class:`OverloadedError` when the queue is full.
+        """
+        job = self.submit([], stream.engine, top_k=0, n_tokens=stream.estimate_new_tokens(chunk), feed=(stream, chunk))
+        try:
+            [result] = await asyncio.shield(job.future)
+        finally:
+            if self.metrics is not None:
+                self.metrics.audit_duration.observe(time.perf_counter() - job.enqueued)
+        return result
 
     async def run_model(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` on the next idle model worker (generation, streamed audits, the viewer)."""
@@ -272,12 +301,19 @@ class MicroBatcher:
                 job.future.set_result(outcome)
 
     def _run(self, batch: list[AuditJob]) -> list[list[AuditResult] | BaseException]:
-        """On a model worker: one ``Auditor.run`` per (policy, top_k) group of the batch."""
+        """On a model worker: one ``Auditor.run`` per (policy, top_k) group of the batch and
+        one ``Auditor.feed_streams`` for its stream chunks."""
         groups: dict[tuple[int, int], list[int]] = {}
+        feeds: list[int] = []
         for i, job in enumerate(batch):
-            groups.setdefault((id(job.engine), job.top_k), []).append(i)
+            if job.feed is not None:
+                feeds.append(i)
+            else:
+                groups.setdefault((id(job.engine), job.top_k), []).append(i)
         out: list[list[AuditResult] | BaseException] = [[] for _ in batch]
-        n_items = sum(len(job.items) for job in batch)
+        if feeds:
+            self._run_feeds(batch, feeds, out)
+        n_items = sum(len(job.items) or 1 for job in batch)
         if self.metrics is not None:
             self.metrics.batch_size.observe(n_items)
             self.metrics.batch_tokens.observe(sum(job.n_tokens for job in batch))
@@ -300,3 +336,24 @@ class MicroBatcher:
                 out[i] = results[pos : pos + len(job.items)]
                 pos += len(job.items)
         return out
+
+    def _run_feeds(self, batch: list[AuditJob], feeds: list[int], out: list[list[AuditResult] | BaseException]) -> None:
+        """Stream chunks of ``batch[feeds]``: one ``feed_streams`` call, split where a stream comes again."""
+        calls: list[list[int]] = [[]]
+        for i in feeds:
+            stream = batch[i].feed[0]  # type: ignore[index]
+            if any(batch[j].feed[0] is stream for j in calls[-1]):  # type: ignore[index]
+                calls.append([])
+            calls[-1].append(i)
+        for call in calls:
+            try:
+                results = self.auditor.feed_streams([batch[i].feed for i in call])  # type: ignore[misc]
+            except Exception as exc:
+                _log.exception("streamed audit batch failed")
+                for i in call:
+                    out[i] = exc
+                continue
+            if self.metrics is not None:
+                self.metrics.observe_stages(self.auditor.last_timings.as_dict())
+            for i, result in zip(call, results):
+                out[i] = [result]

@@ -153,10 +153,11 @@ async def guarded_stream_feed(
     source: str,
     request_id: str | None = None,
 ) -> AuditOutcome:
-    """Feed ``text`` to an incremental audit on a model worker, with the same fail mode as
-    :func:`guarded_audit`; the verdict is recorded (metrics, alerts) like any audit's."""
+    """Feed ``text`` to an incremental audit in the next batch (concurrent streams' chunks
+    share a forward), with the same fail mode as :func:`guarded_audit`; the verdict is
+    recorded (metrics, alerts) like any audit's."""
     try:
-        result = await rt.batcher.run_model(stream.feed, text)
+        result = await rt.batcher.feed(stream, text)
         if result.truncated:
             raise TooLargeError(
                 f"the completion so far has more than {rt.settings.max_tokens} tokens; "

@@ -84,3 +84,17 @@ def test_server_load_script_runs() -> None:
     runs = out["offline_before"] + out["offline_after"]
     assert sorted({(r["chunk"], r["workers"]) for r in runs}) == [(4, 1), (4, 2)]
     assert out["ratio"] == out["server"]["texts_per_s"] / max(r["texts_per_s"] for r in runs)
+
+
+def test_streaming_script_runs_with_streams_side_by_side() -> None:
+    out = first_json(
+        run_script(
+            "benchmarks/streaming.py", "--tokens", "32", "--chunk", "16", "--repeats", "1", "--streams", "3",
+            "--batcher-workers", "2",
+        )
+    )
+    assert out["chunks"] == 2 and out["verdicts_agree"] and out["shared_stream_forwards"] is True
+    many = out["many"]
+    assert many["streams"] == 3 and many["rounds"] == 2 and many["verdicts_agree"]
+    assert all(many[k] > 0 for k in ("single_s", "alone_s", "shared_s", "batcher_s"))
+    assert 2 <= many["batcher_batches"] <= 6  # three clients, two rounds each

@@ -9,6 +9,7 @@ from auditor.models.adapters import get_adapter
 from auditor.models.capture import capture, capture_packed, pack_rows, packing_supported, position_ids_from_mask
 from auditor.models.hookpoints import Hookpoint
 from auditor.models.hooks import hooks
+from auditor.models.streams import streams_supported
 
 from .conftest import LAYERS, VOCAB
 
@@ -154,4 +155,8 @@ def test_packing_check_fails_when_position_restarts_are_ignored(model: nn.Module
         return forward(*args, **kwargs)  # positions (and the packed mask) come from the row itself
 
     model.forward = no_restarts  # type: ignore[method-assign]
-    assert not packing_supported(model, f"blocks.{LAYERS - 1}.hook_resid_post")
+    try:
+        assert not packing_supported(model, f"blocks.{LAYERS - 1}.hook_resid_post")
+        assert not streams_supported(model, f"blocks.{LAYERS - 1}.hook_resid_post")  # positions matter there too
+    finally:
+        del model.forward  # the class's forward again: the model is shared with later tests

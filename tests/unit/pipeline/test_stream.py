@@ -67,10 +67,37 @@ def auditor(tmp_path_factory: pytest.TempPathFactory) -> Auditor:
     return Auditor(loaded, random_sae(), hookpoint=HOOKPOINT, library=engine.library, policy=engine)
 
 
+@pytest.fixture(scope="module")
+def alone(auditor: Auditor) -> Auditor:
+    """The same parts, each stream with its own transformers cache and forward."""
+    return Auditor(auditor.model, auditor.sae, hookpoint=HOOKPOINT, library=auditor.library, policy=auditor.policy, shared_streams=False)
+
+
 def _chunks(text: str, size: int) -> list[str]:
     return [text[i : i + size] for i in range(0, len(text), size)]
 
 
+def _grown(item: AuditInput, so_far: str) -> AuditInput:
+    if item.text is not None:
+        return AuditInput(text=item.text + so_far)
+    return AuditInput(messages=item.messages, prompt=item.prompt, completion=so_far)
+
+
+def _same_verdict(got: object, want: object) -> None:
+    assert got.tokens == want.tokens  # type: ignore[attr-defined]
+    assert got.content_mask == want.content_mask  # type: ignore[attr-defined]
+    gv, wv = got.verdict, want.verdict  # type: ignore[attr-defined]
+    assert gv is not None and wv is not None
+    assert gv.action == wv.action
+    assert [m.rule_id for m in gv.matches] == [m.rule_id for m in wv.matches]
+    keys = sorted(wv.scores)
+    assert sorted(gv.scores) == keys
+    torch.testing.assert_close(
+        torch.tensor([gv.scores[k] for k in keys]), torch.tensor([wv.scores[k] for k in keys]), rtol=1e-4, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-forwards", "own-cache"])
 @pytest.mark.parametrize(
     ("item", "chunk"),
     [
@@ -80,7 +107,11 @@ def _chunks(text: str, size: int) -> list[str]:
         (AuditInput(text="Notes: "), 23),
     ],
 )
-def test_stream_matches_a_single_audit_after_every_chunk(auditor: Auditor, item: AuditInput, chunk: int) -> None:
+def test_stream_matches_a_single_audit_after_every_chunk(
+    auditor: Auditor, alone: Auditor, shared: bool, item: AuditInput, chunk: int
+) -> None:
+    auditor = auditor if shared else alone
+    assert auditor.shared_stream_forwards is shared
     stream = auditor.stream(item)
     so_far = ""
     for piece in _chunks(COMPLETION, chunk)[:12]:
@@ -105,6 +136,61 @@ def test_stream_matches_a_single_audit_after_every_chunk(auditor: Auditor, item:
         )
     # Only new tokens ran through the model: the cache holds exactly the sequence.
     assert stream.n_cached == len(got.tokens)
+
+
+def test_streams_fed_together_share_one_forward_and_match_single_audits(auditor: Auditor, alone: Auditor) -> None:
+    items = [
+        AuditInput(prompt="Tell me about the weather. "),
+        AuditInput(messages=({"role": "user", "content": "How was your day?"},)),
+        AuditInput(text="Notes: "),
+    ]
+    # Chunk sizes differ (16 characters, 1, 23), and the streams run out at different rounds.
+    plans = [_chunks(COMPLETION, 16)[:6], _chunks(COMPLETION, 1)[:9], _chunks(COMPLETION, 23)[:3]]
+    streams = [auditor.stream(item) for item in items]
+    solo = [alone.stream(item) for item in items]
+    forwards = []
+    handle = auditor.model.model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        for r in range(max(len(p) for p in plans)):
+            live = [i for i, plan in enumerate(plans) if r < len(plan)]
+            before = len(forwards)
+            results = auditor.feed_streams([(streams[i], plans[i][r]) for i in live])
+            assert len(forwards) - before == 1  # one forward for every stream fed this round
+            for i, got in zip(live, results):
+                so_far = "".join(plans[i][: r + 1])
+                [want] = auditor.run([_grown(items[i], so_far)])
+                _same_verdict(got, want)
+                _same_verdict(solo[i].feed(plans[i][r]), want)
+                assert streams[i].n_cached == len(want.tokens)
+    finally:
+        handle.remove()
+
+
+def test_streams_under_different_policies_are_fed_together(auditor: Auditor, tmp_path: Path) -> None:
+    from auditor.policy import load_policy
+
+    (tmp_path / "library.yaml").write_text(LIBRARY_YAML)
+    (tmp_path / "policy.yaml").write_text(ANOMALY_POLICY.format(library=tmp_path / "library.yaml"))
+    other = load_policy(tmp_path / "policy.yaml")
+    item = AuditInput(prompt="Tell me about the weather. ")
+    mine, theirs = auditor.stream(item), auditor.stream(item, policy=other)
+    for piece in _chunks(COMPLETION, 20)[:3]:
+        got_mine, got_theirs = auditor.feed_streams([(mine, piece), (theirs, piece)])
+    whole = _grown(item, "".join(_chunks(COMPLETION, 20)[:3]))
+    _same_verdict(got_mine, auditor.run([whole])[0])
+    _same_verdict(got_theirs, auditor.run([whole], policy=other)[0])
+    assert "odd" in got_theirs.verdict.scores and "odd" not in got_mine.verdict.scores  # type: ignore[union-attr]
+
+
+def test_feed_streams_refuses_a_stream_twice_or_from_another_auditor(auditor: Auditor, alone: Auditor) -> None:
+    stream = auditor.stream(AuditInput(text="Notes: "))
+    with pytest.raises(ValueError, match="same stream twice"):
+        auditor.feed_streams([(stream, "a"), (stream, "b")])
+    with pytest.raises(ValueError, match="another Auditor"):
+        alone.feed_streams([(stream, "a")])
+    assert auditor.feed_streams([]) == []
+    # Nothing was appended by the refused calls.
+    assert stream.feed("").tokens == auditor.run([AuditInput(text="Notes: ")])[0].tokens
 
 
 def test_stream_first_feed_of_nothing_audits_the_prefix(auditor: Auditor) -> None:

@@ -243,3 +243,40 @@ def test_with_two_workers_each_batch_takes_its_share_and_a_lone_request_still_ne
     # Four closed-loop clients on two workers: every round is two batches of two, none waits out
     # the 3 s for all four, none runs a straggler alone.
     assert sizes == [2] * 6
+
+
+def test_concurrent_stream_chunks_share_a_forward_and_match_streams_fed_alone(auditor) -> None:  # type: ignore[no-untyped-def]
+    prompts = ["Summarize the memo.", "Answer the customer.", "Describe the weather.", "Plan the trip."]
+    chunks = ["The committee met on Tuesday ", "and asked for the wire transfer ", "before the account closes."]
+
+    async def scenario() -> tuple[list[list[object]], int]:
+        batcher = MicroBatcher(auditor, max_wait_ms=200, max_tokens=4096, queue_size=16)
+        await batcher.start()
+        try:
+            streams = [auditor.stream(AuditInput(prompt=p)) for p in prompts]
+
+            async def client(stream: object) -> list[object]:
+                return [await batcher.feed(stream, c) for c in chunks]  # type: ignore[arg-type]
+
+            results = await asyncio.gather(*(client(s) for s in streams))
+            return results, batcher.batches
+        finally:
+            await batcher.stop()
+
+    assert auditor.shared_stream_forwards  # decided (the check runs forwards of its own) before counting
+    forwards: list[int] = []
+    handle = auditor.model.model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        results, batches = asyncio.run(scenario())
+    finally:
+        handle.remove()
+    assert batches == len(chunks)  # each round of four chunks ran as one batch
+    assert len(forwards) == len(chunks)  # and as one forward
+    for prompt, got in zip(prompts, results):
+        solo = auditor.stream(AuditInput(prompt=prompt))
+        for chunk, res in zip(chunks, got):
+            want = solo.feed(chunk)
+            assert res.tokens == want.tokens  # type: ignore[attr-defined]
+            assert res.verdict.action == want.verdict.action  # type: ignore[attr-defined]
+            for rule, score in want.verdict.scores.items():
+                torch.testing.assert_close(res.verdict.scores[rule], score, rtol=1e-4, atol=1e-5)  # type: ignore[attr-defined]
