@@ -105,3 +105,23 @@ def test_a_compiled_model_keeps_one_forward_per_stream() -> None:
     model.model.layers[0].self_attn._auditor_compiled = True  # what compile_layers marks
     assert not streams_supported(model, HOOK)
     assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streams_on_cuda_match_whole_sequences(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS["llama"]()).eval().to("cuda", dtype)
+    assert streams_supported(model, HOOK)
+    seqs = _seqs([30, 12], seed=7)
+    caches = [StreamCache(), StreamCache()]
+    parts: list[list[torch.Tensor]] = [[], []]
+    for cuts in ([(0, 10), (0, 1)], [(10, 11), (1, 12)], [(11, 30), None]):
+        live = [i for i, cut in enumerate(cuts) if cut is not None]
+        outs = capture_streams(model, HOOK, [caches[i] for i in live], [seqs[i][cuts[i][0] : cuts[i][1]] for i in live])  # type: ignore[index]
+        for i, out in zip(live, outs):
+            assert out.device.type == "cuda" and out.dtype == dtype
+            parts[i].append(out)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for seq, got in zip(seqs, parts):
+        torch.testing.assert_close(torch.cat(got).float(), _whole(model, seq).float(), rtol=tol, atol=tol)
