@@ -17,6 +17,7 @@ from auditor.models.loading import (
     default_model_path,
     load_model,
 )
+from auditor.models.streams import StreamCache, capture_streams, enable_streams, streams_supported
 
 __all__ = [
     "ADAPTERS",
@@ -32,9 +33,11 @@ __all__ = [
     "cache_root",
     "capture",
     "capture_packed",
+    "capture_streams",
     "check_sae_compatible",
     "compile_layers",
     "default_model_path",
+    "enable_streams",
     "get_adapter",
     "hooks",
     "load_model",
@@ -43,4 +46,6 @@ __all__ = [
     "parse_hookpoint",
     "position_ids_from_mask",
     "resolve_hookpoints",
+    "streams_supported",
+    "StreamCache",
 ]

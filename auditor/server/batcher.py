@@ -146,10 +146,15 @@ class MicroBatcher:
         n_tokens: int,
         feed: tuple[AuditStream, str] | None = None,
     ) -> AuditJob:
-        """Queue a job; raises :class:`OverloadedError` when the queue is full."""
+        """Queue a job; raises :class:`OverloadedError` when the queue is full.
+
+        A stream's chunk (``feed``) is admitted even then: its stream was admitted when its
+        request was, and refusing it would cut an answer off halfway; it still counts toward
+        the bound for the requests that come after it.
+        """
         if self._queue is None:
             raise OverloadedError("the auditor is not running", retry_after_s=5)
-        if self._admitted >= self.queue_size:
+        if feed is None and self._admitted >= self.queue_size:
             raise OverloadedError(
                 f"the audit queue is full ({self.queue_size} requests admitted, queue_size); retry shortly",
                 retry_after_s=1,
@@ -192,7 +197,7 @@ class MicroBatcher:
         Feeds of concurrent streams that land in one batch share one forward
         (:meth:`Auditor.feed_streams`). A stream's feeds must not overlap (await each). The
         chunk is audited even if the caller stops waiting (the stream stays consistent), so
-        there is no timeout; raises :class:`OverloadedError` when the queue is full.
+        there is no timeout, and a full queue does not refuse it (see :meth:`submit`).
         """
         job = self.submit([], stream.engine, top_k=0, n_tokens=stream.estimate_new_tokens(chunk), feed=(stream, chunk))
         try:

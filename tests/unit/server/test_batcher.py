@@ -80,6 +80,12 @@ def test_queue_bound_rejects_at_once_and_timeouts_fail(auditor) -> None:  # type
                 batcher.submit([AuditInput(text="c")], None, top_k=0, n_tokens=3)
             assert info.value.headers == {"Retry-After": "1"} and info.value.status == 503
             assert batcher.depth == 2
+            # A chunk of a stream already under way is not cut off by the bound, and counts toward it.
+            stream = auditor.stream(AuditInput(prompt="Hi. "))
+            chunk = batcher.submit([], stream.engine, top_k=0, n_tokens=4, feed=(stream, "there"))
+            assert batcher.depth == 3
+            [fed] = await chunk.future
+            assert fed.verdict is not None and stream.n_cached == len(fed.tokens)
             await first.future
             await asyncio.sleep(0.2)
             assert batcher.depth == 0
