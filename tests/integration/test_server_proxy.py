@@ -207,6 +207,23 @@ def test_chunked_release_streams_audited_chunks(servers: dict[str, BackgroundSer
     assert [c.choices[0].finish_reason for c in blocked if c.choices] == ["content_filter"]
 
 
+def test_concurrent_chunked_streams_each_release_their_own_completion(servers: dict[str, BackgroundServer]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = _client(servers["chunked"])
+    asks = [[{"role": "user", "content": q}] for q in ("Name three colours.", "Name two rivers.", "Say hello.", "Count to five.")]
+    wants = [client.chat.completions.create(model="m", messages=m, max_tokens=MAX_TOKENS).choices[0].message.content for m in asks]  # type: ignore[arg-type]
+
+    def streamed(messages: list[dict[str, str]]) -> str:
+        chunks = client.chat.completions.create(model="m", messages=messages, max_tokens=MAX_TOKENS, stream=True)  # type: ignore[arg-type]
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    # The streams' chunks are audited in shared batches where they meet; each keeps its own text.
+    with ThreadPoolExecutor(len(asks)) as pool:
+        assert list(pool.map(streamed, asks)) == wants
+    assert len(set(wants)) > 1
+
+
 def test_fail_closed_is_an_auditor_error_not_a_policy_block(servers: dict[str, BackgroundServer]) -> None:
     before = _upstream_calls(servers)
     with pytest.raises(openai.APIStatusError) as info:
