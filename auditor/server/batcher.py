@@ -325,16 +325,13 @@ class MicroBatcher:
         for members in groups.values():
             jobs = [batch[i] for i in members]
             items = [item for job in jobs for item in job.items]
-            engine = jobs[0].engine
-            try:
-                results = self.auditor.run(items, top_k=jobs[0].top_k, policy=engine, evaluate=engine is not None)
-            except Exception as exc:
-                _log.exception("audit batch failed")
-                for i in members:
-                    out[i] = exc
+            engine, top_k = jobs[0].engine, jobs[0].top_k
+            results = self._attempt(
+                "audit batch", members, out, lambda: self.auditor.run(items, top_k=top_k, policy=engine, evaluate=engine is not None)
+            )
+            if results is None:
                 continue
             if self.metrics is not None:
-                self.metrics.observe_stages(self.auditor.last_timings.as_dict())
                 self.metrics.tokens_audited.inc(sum(r.n_content_tokens for r in results))
             pos = 0
             for i, job in zip(members, jobs):
@@ -351,14 +348,22 @@ class MicroBatcher:
                 calls.append([])
             calls[-1].append(i)
         for call in calls:
-            try:
-                results = self.auditor.feed_streams([batch[i].feed for i in call])  # type: ignore[misc]
-            except Exception as exc:
-                _log.exception("streamed audit batch failed")
-                for i in call:
-                    out[i] = exc
-                continue
-            if self.metrics is not None:
-                self.metrics.observe_stages(self.auditor.last_timings.as_dict())
-            for i, result in zip(call, results):
+            feeds_now = [batch[i].feed for i in call]
+            results = self._attempt("streamed audit batch", call, out, lambda: self.auditor.feed_streams(feeds_now))  # type: ignore[arg-type]
+            for i, result in zip(call, results or []):
                 out[i] = [result]
+
+    def _attempt(
+        self, what: str, members: list[int], out: list[list[AuditResult] | BaseException], fn: Callable[[], list[AuditResult]]
+    ) -> list[AuditResult] | None:
+        """``fn()`` with its stage timings observed, or None with its exception as every member's outcome."""
+        try:
+            results = fn()
+        except Exception as exc:
+            _log.exception("%s failed", what)
+            for i in members:
+                out[i] = exc
+            return None
+        if self.metrics is not None:
+            self.metrics.observe_stages(self.auditor.last_timings.as_dict())
+        return results
