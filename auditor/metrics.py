@@ -120,13 +120,13 @@ class AuditorMetrics:
         )
         self.audit_duration = Histogram(
             "auditor_audit_duration_seconds",
-            "Time from enqueueing an audit to its verdict (queue wait included).",
+            "Time from enqueueing an audit (or a streamed chunk) to its verdict (queue wait included).",
             buckets=LATENCY_BUCKETS_S,
             registry=registry,
         )
         self.batch_size = Histogram(
             "auditor_batch_size",
-            "Inputs per micro-batched forward.",
+            "Inputs (and streamed chunks) per micro-batch.",
             buckets=_BATCH_SIZE_BUCKETS,
             registry=registry,
         )
