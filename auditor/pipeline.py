@@ -563,7 +563,8 @@ class AuditStream:
         if not self._grows_text and item.completion is None:
             item = AuditInput(messages=item.messages, prompt=item.prompt, completion="", id=item.id)
         self.item = item
-        self._kv: Any = self._new_cache()
+        # Made on the first feed, on the thread that runs it (deciding the kind may run the model).
+        self._kv: Any = None
         self._ids: list[int] = []
         d_in = auditor.sae.cfg.d_in
         n_watched = engine.watched.numel()
@@ -616,12 +617,14 @@ class AuditStream:
             )
 
     def _reset(self) -> None:
-        self._kv = self._new_cache()
+        self._kv = None
         self._ids = []
         self._acts, self._feats, self._recon = self._acts[:0], self._feats[:0], self._recon[:0]
 
     def _keep_common(self, ids: list[int]) -> list[int]:
         """Cut cache and features back to the prefix ``ids`` shares with what was seen; the ids to run."""
+        if self._kv is None:
+            self._kv = self._new_cache()
         limit = min(len(ids), len(self._ids))
         common = next((i for i in range(limit) if ids[i] != self._ids[i]), limit)
         if common < len(self._ids):

@@ -182,6 +182,20 @@ def test_streams_under_different_policies_are_fed_together(auditor: Auditor, tmp
     assert "odd" in got_theirs.verdict.scores and "odd" not in got_mine.verdict.scores  # type: ignore[union-attr]
 
 
+def test_starting_a_stream_runs_nothing_until_its_first_feed(auditor: Auditor) -> None:
+    # The server starts streams on its event loop; the model runs only on its workers, in feeds.
+    fresh = Auditor(auditor.model, auditor.sae, hookpoint=HOOKPOINT, library=auditor.library, policy=auditor.policy)
+    forwards: list[int] = []
+    handle = auditor.model.model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        stream = fresh.stream(AuditInput(prompt="Hi. "))
+        assert forwards == [] and fresh._shared_streams is None
+        stream.feed("there")
+        assert forwards and fresh._shared_streams is True
+    finally:
+        handle.remove()
+
+
 def test_feed_streams_refuses_a_stream_twice_or_from_another_auditor(auditor: Auditor, alone: Auditor) -> None:
     stream = auditor.stream(AuditInput(text="Notes: "))
     with pytest.raises(ValueError, match="same stream twice"):
