@@ -521,7 +521,8 @@ async def _chunked_release(
     route = _path(call)
     try:
         # An incremental audit keeps the KV cache of the prompt and of what was released,
-        # so each chunk costs a forward over its own tokens only.
+        # so each chunk costs a forward over its own tokens only, and the chunks of concurrent
+        # streams that meet in a batch share that forward (MicroBatcher.feed).
         engine = rt.engine(call.policy)
         stream = rt.auditor.stream(call.completion_item(""), policy=engine) if engine is not None else None
         finished = False
