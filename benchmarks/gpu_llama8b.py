@@ -14,7 +14,11 @@ in the same process:
    (the product's steering hook at layer 16: the watched latents of every new position
    encoded once, one clamp intervention, the ``--steer-rules`` rules that steer evaluated
    every ``--policy-every`` tokens on the growing sequence, the whole policy at the end);
-   plain and serve runs take turns, medians of ``--gen-repeats``.
+   plain and serve runs take turns, medians of ``--gen-repeats``;
+4. streaming (``--streams N``, 0 skips): a prompt plus a completion audited in chunks through
+   ``capture_streams`` (one stream alone, and N streams fed together), against one stopped
+   forward of the whole sequence (and of the N sequences as one batch). Forwards only: encode
+   and evaluation are the same rows either way and are timed in 2.
 
 ``--encode-variants`` also times ways of computing the full-width encode (the product's
 ``SAE.encode``, the bare GEMM, matmul + add + ReLU, addmm + in-place ReLU, the GEMM with a fused
@@ -25,7 +29,7 @@ model and 4,608- and 8,192-wide SAEs so the script can be smoke-tested on a CPU 
 
     python benchmarks/gpu_llama8b.py [--tiny] [--device cuda] [--seq 512] [--batch-sizes 1,8,32]
         [--gen-tokens 64] [--gen-batches 1,16] [--gen-repeats 5] [--steer-rules 0,10,10/4] [--policy-every 1]
-        [--encode-variants] [--compile]
+        [--encode-variants] [--compile] [--streams 16] [--stream-chunk 16] [--stream-tokens 256]
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from auditor.models import LoadedModel, capture, compile_layers, get_adapter, hooks  # noqa: E402
 from auditor.models.capture import _cache_keyword  # noqa: E402
+from auditor.models.streams import StreamCache, capture_streams, streams_supported  # noqa: E402
 from auditor.policy.compile import compile_policy  # noqa: E402
 from auditor.policy.engine import AuditBatch, PolicyEngine  # noqa: E402
 from auditor.policy.schema import Policy  # noqa: E402
@@ -291,6 +296,34 @@ def profile_generation(model: torch.nn.Module, serve: dict[str, Any], cfg: dict[
         (out_dir / f"profile_{name}.txt").write_text("\n".join(text))
 
 
+def streaming(
+    model: torch.nn.Module, hook: str, vocab: int, device: torch.device, n_streams: int, prompt: int, tokens: int,
+    chunk: int, repeats: int, gen: torch.Generator,
+) -> dict[str, Any]:
+    """Chunked streamed forwards (the prompt with the first chunk, then ``chunk`` tokens at a time)
+    vs one stopped forward of the whole sequence, for one stream and for ``n_streams`` fed together."""
+    if not streams_supported(model, hook):
+        return {"supported": False}
+    seqs = torch.randint(0, vocab, (n_streams, prompt + tokens), generator=gen, device=device).tolist()
+    cuts = [0, *range(prompt + chunk, prompt + tokens, chunk), prompt + tokens]
+
+    def chunked(k: int) -> None:
+        caches = [StreamCache() for _ in range(k)]
+        for a, b in zip(cuts, cuts[1:]):
+            capture_streams(model, hook, caches, [s[a:b] for s in seqs[:k]])
+
+    def whole(k: int) -> None:
+        capture(model, torch.tensor(seqs[:k], device=device), None, [hook], stop_early=True)
+
+    out: dict[str, Any] = {"supported": True, "streams": n_streams, "tokens": prompt + tokens, "chunk": chunk,
+                           "chunks": len(cuts) - 1}
+    for name, k in (("one", 1), ("many", n_streams)):
+        t_whole = best_time(lambda: whole(k), device, repeats)
+        t_chunked = best_time(lambda: chunked(k), device, repeats)
+        out[name] = {"whole_s": t_whole, "chunked_s": t_chunked, "chunked_vs_whole": t_chunked / t_whole}
+    return out
+
+
 def with_steer_rules(engine: PolicyEngine, n: int, feature: str) -> PolicyEngine:
     """``engine``'s policy with a clamp of ``feature`` added to the first ``n`` rules' actions."""
     data = engine.policy.model_dump(mode="json", by_alias=True, exclude_none=True)
@@ -321,6 +354,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     "encode (matmul+add+relu, addmm+relu_, fused addmm activation, two-stage top-k, fp8 on CUDA)")
     ap.add_argument("--policy-every", type=int, default=1)
     ap.add_argument("--gen-repeats", type=int, default=5, help="timed runs of each generation configuration (median)")
+    ap.add_argument("--streams", type=int, default=16, help="streams fed together in the streaming case (0: skip it)")
+    ap.add_argument("--stream-chunk", type=int, default=16)
+    ap.add_argument("--stream-tokens", type=int, default=256, help="completion tokens per stream (after a 49-token prompt)")
     ap.add_argument("--profile", type=Path, default=None, metavar="DIR",
                     help="after the timings, profile one plain and one serve-mode (first --steer-rules entry) "
                          "generation at the largest --gen-batches size and write the op tables to DIR")
@@ -441,6 +477,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                  "decoding_vs_plain": t_plain / (t_serve - t_verdict), "runs": args.gen_repeats}
             )
 
+    stream_row = None
+    if args.streams:
+        stream_tokens = min(args.stream_tokens, 32) if args.tiny else args.stream_tokens
+        stream_row = streaming(model, hook, cfg["vocab_size"], device, args.streams, 49, stream_tokens, args.stream_chunk,
+                               args.repeats, gen)
+
     if args.profile is not None:
         profile_generation(model, serves[configs[0]], cfg, max(int(b) for b in args.gen_batches.split(",")),
                            args.gen_prompt, gen_tokens, device, args.profile)
@@ -458,6 +500,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "encode": encode_rows,
         "generation": gen_rows,
         "steer_rules": [n for n, _ in configs],
+        "streaming": stream_row,
         "gpu_peak_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "total_s": time.perf_counter() - t_start,
     }
@@ -477,6 +520,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               f"tok/s, serve {r['serve_tok_s']:.1f} tok/s, ratio {r['serve_vs_plain']:.3f} (median of paired runs "
               f"{r['serve_vs_plain_paired']:.3f}; the final verdict "
               f"{1000 * r['final_verdict_s']:.1f} ms; decoding alone {r['decoding_vs_plain']:.3f})")
+    if stream_row is not None and stream_row["supported"]:
+        for name, label in (("one", "one stream"), ("many", f"{stream_row['streams']} streams fed together")):
+            r = stream_row[name]
+            print(f"streaming, {label}, {stream_row['chunks']} chunks of {stream_row['chunk']} tokens: "
+                  f"{1000 * r['chunked_s']:.1f} ms vs {1000 * r['whole_s']:.1f} ms for the whole sequence(s), "
+                  f"{r['chunked_vs_whole']:.2f}x (goal <= 1.5x; forwards only)")
+    elif stream_row is not None:
+        print("streaming: streamed forwards are off for this model (compiled layers, or attention they do not cover)")
     for r in encode_rows:
         if r["variants_s"]:
             print(f"SAE {r['d_sae']:>6} full-encode variants: " + json.dumps(r["variants_s"]))

@@ -2,7 +2,7 @@
 # One prepared call on a lent GPU machine (see benchmarks/RESULTS.md, "GPU"): the CUDA tests, then
 # the Llama-3.1-8B-shaped benchmark. Writes its logs to ${OUT:-/tmp/gpu-out}. Extra Python
 # packages the machine lacks travel as wheels in .whl/.
-#   bash benchmarks/gpu_run.sh          # eager (with encode variants and op profiles) and --compile
+#   bash benchmarks/gpu_run.sh          # eager (with encode variants, streaming and op profiles) and --compile
 #   bash benchmarks/gpu_run.sh serve    # the full encodes at 131k and serve mode at batch 16, 11 paired runs
 #   bash benchmarks/gpu_run.sh topk     # the full encodes and their variants (top-k block widths) at 65k and 131k
 set -u
@@ -20,22 +20,22 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,temperature.gpu -
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 timeout 120 python3 -m pytest -q -W ignore -p no:cacheprovider tests/unit/steering/test_hook.py \
     tests/unit/policy/test_engine.py tests/unit/policy/test_incremental.py tests/unit/train/test_trainer.py \
-    tests/unit/sae/test_sae.py -k "cuda or subset" 2>&1 | tail -n 8
+    tests/unit/sae/test_sae.py tests/unit/models/test_streams.py -k "cuda or subset" 2>&1 | tail -n 8
 if [ "$mode" = topk ]; then
     timeout 200 python3 benchmarks/gpu_llama8b.py --batch-sizes 32 --repeats 3 --gen-batches 1 --gen-tokens 2 \
-        --gen-repeats 1 --steer-rules 0 --encode-variants >"$out/topk.log" 2>&1
+        --gen-repeats 1 --steer-rules 0 --encode-variants --streams 0 >"$out/topk.log" 2>&1
     tail -n 6 "$out/topk.log"
     exit 0
 fi
 if [ "$mode" = serve ]; then
     timeout 300 python3 benchmarks/gpu_llama8b.py --batch-sizes 32 --widths 131072 --repeats 3 --gen-batches 16 \
-        --gen-tokens 128 --gen-repeats 11 --steer-rules 0 >"$out/serve.log" 2>&1
+        --gen-tokens 128 --gen-repeats 11 --steer-rules 0 --streams 0 >"$out/serve.log" 2>&1
     tail -n 6 "$out/serve.log"
     exit 0
 fi
 timeout 240 python3 benchmarks/gpu_llama8b.py --batch-sizes 8,32 --repeats 3 --gen-batches 16 --gen-tokens 128 \
     --gen-repeats 5 --steer-rules 0,10 --encode-variants --profile "$out" >"$out/eager.log" 2>&1
-tail -n 12 "$out/eager.log"
+tail -n 14 "$out/eager.log"
 timeout 170 python3 benchmarks/gpu_llama8b.py --batch-sizes 8 --widths 131072 --repeats 3 --gen-batches 16 \
     --gen-tokens 128 --gen-repeats 5 --steer-rules 0 --compile >"$out/compile.log" 2>&1
 tail -n 6 "$out/compile.log"

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from auditor.models.adapters import ArchitectureAdapter, get_adapter
-from auditor.models.capture import _device, _run_capturing, capture
+from auditor.models.capture import _device, _run_capturing, agrees, capture
 from auditor.models.hookpoints import Hookpoint
 from auditor.models.hooks import resolve_hookpoints
 
@@ -265,9 +265,7 @@ def streams_supported(model: nn.Module, hookpoint: str | Hookpoint, *, adapter: 
                 got[i].append(out)
         for seq, parts in zip(seqs, got):
             [want] = capture(model, torch.tensor([seq]), None, [hookpoint], adapter=adapter).values()
-            have = torch.cat(parts).float()
-            scale = want.float().abs().max().clamp(min=1e-6)
-            if have.shape != want[0].shape or not bool(((have - want[0].float()).abs().max() / scale) < 1e-3):
+            if not agrees(want[0], torch.cat(parts)):
                 return False
     except Exception:  # a model whose forward does not pass the streams down, for example
         return False

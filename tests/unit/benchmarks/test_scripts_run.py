@@ -41,6 +41,9 @@ def test_gpu_script_smoke_runs_on_cpu(tmp_path: Path) -> None:
         table = (tmp_path / "prof" / f"profile_{name}.txt").read_text()
         assert table.startswith(f"{name}: batch 16, 8 new tokens") and "aten::mm" in table
     assert out["tiny"] is True and out["steer_rules"] == [0, 5]
+    stream = out["streaming"]
+    assert stream["supported"] and stream["streams"] == 16 and stream["chunks"] == 2  # 49 + 32 tokens: 65, then 16
+    assert all(stream[k]["chunked_s"] > 0 and stream[k]["whole_s"] > 0 for k in ("one", "many"))
     assert [(r["batch_size"], r["steer_rules"]) for r in out["generation"]] == [(1, 0), (1, 5), (16, 0), (16, 5)]
     assert [r["policy_every"] for r in out["generation"]] == [1, 2, 1, 2]
     assert all(r["serve_tok_s"] > 0 and r["plain_tok_s"] > 0 for r in out["generation"])

@@ -160,3 +160,14 @@ def test_packing_check_fails_when_position_restarts_are_ignored(model: nn.Module
         assert not streams_supported(model, f"blocks.{LAYERS - 1}.hook_resid_post")  # positions matter there too
     finally:
         del model.forward  # the class's forward again: the model is shared with later tests
+
+
+def test_agreement_is_judged_token_by_token_and_by_dtype() -> None:
+    from auditor.models.capture import agrees
+
+    want = torch.tensor([[[1.0e4, 0.0], [1.0, 1.0]]])  # an attention-sink-sized first token
+    assert agrees(want, want.clone())
+    assert not agrees(want, torch.tensor([[[1.0e4, 0.0], [1.5, 1.0]]]))  # the small token is off by half
+    assert not agrees(want, want[:, :1])  # shapes differ
+    near = want * (1 + 2**-7)  # two bfloat16 roundings
+    assert agrees(want.bfloat16(), near.bfloat16()) and not agrees(want, near)

@@ -125,3 +125,22 @@ def test_streams_on_cuda_match_whole_sequences(dtype: torch.dtype) -> None:
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     for seq, got in zip(seqs, parts):
         torch.testing.assert_close(torch.cat(got).float(), _whole(model, seq).float(), rtol=tol, atol=tol)
+
+
+def test_bfloat16_models_pass_the_checks_that_catch_real_faults() -> None:
+    from auditor.models import packing_supported
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS["llama"]()).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.3)
+    model = model.to(torch.bfloat16)
+    # bfloat16 rounds at 1/256 (on a GPU, GEMMs of other shapes round differently: streamed and
+    # packed forwards differ from plain ones by that much), which the checks allow; they still
+    # fail when position ids are ignored.
+    assert streams_supported(model, HOOK) and packing_supported(model, HOOK)
+    forward = model.forward
+    model.forward = lambda *a, position_ids=None, **k: forward(*a, **k)  # type: ignore[method-assign]
+    assert not streams_supported(model, HOOK) and not packing_supported(model, HOOK)
