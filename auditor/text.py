@@ -210,6 +210,24 @@ class TokenBatch:
         return int(self.content_mask.sum())
 
 
+def _token_roles(offsets: Sequence[Sequence[int]], spans: Sequence[tuple[int, int, int]]) -> list[int]:
+    """Each token's role: that of the first content span its ``(start, end)`` characters overlap, else -1.
+
+    ``spans`` (from :func:`render`) are sorted and disjoint, so one sweep along the tokens finds
+    them; it starts over wherever a tokenizer's offsets step back.
+    """
+    out: list[int] = []
+    j, last = 0, -1
+    for a, b in offsets:
+        if a < last:
+            j = 0
+        last = a
+        while j < len(spans) and spans[j][1] <= a:
+            j += 1
+        out.append(spans[j][2] if j < len(spans) and spans[j][0] < b and a < spans[j][1] else -1)
+    return out
+
+
 def tokenize_batch(
     tokenizer: Any,
     items: Sequence[AuditInput],
@@ -225,23 +243,21 @@ def tokenize_batch(
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     rows: list[tuple[list[int], list[bool], list[int], list[str], bool]] = []
-    for item in items:
-        rendered, spans, needs_sink = render(tokenizer, item)
-        enc = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
-        ids: list[int] = list(enc["input_ids"])
-        offsets: list[tuple[int, int]] = [tuple(o) for o in enc["offset_mapping"]]
-        content: list[bool] = []
-        roles: list[int] = []
-        texts: list[str] = []
-        for a, b in offsets:
-            role = -1
-            for s0, s1, r in spans:
-                if a < s1 and b > s0:
-                    role = r
-                    break
-            content.append(role >= 0)
-            roles.append(max(role, 0))
-            texts.append(rendered[a:b])
+    rendered_items = [render(tokenizer, item) for item in items]
+    # One call for the batch: a fast tokenizer encodes the strings in parallel.
+    encoded = (
+        tokenizer([r[0] for r in rendered_items], add_special_tokens=False, return_offsets_mapping=True)
+        if rendered_items
+        else {"input_ids": [], "offset_mapping": []}
+    )
+    for (rendered, spans, needs_sink), ids, offsets in zip(
+        rendered_items, encoded["input_ids"], encoded["offset_mapping"]
+    ):
+        ids = list(ids)
+        token_roles = _token_roles(offsets, spans)
+        content = [role >= 0 for role in token_roles]
+        roles = [max(role, 0) for role in token_roles]
+        texts = [rendered[a:b] for a, b in offsets]
         if needs_sink and sink is not None:
             ids.insert(0, sink)
             content.insert(0, False)

@@ -22,3 +22,28 @@ CHAT = ({"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hel
 def test_audited_text(item: AuditInput, full: str, completion_only: str) -> None:
     assert audited_text(item) == full
     assert audited_text(item, completion_only=True) == completion_only
+
+
+def test_token_roles_sweep_equals_the_first_overlapping_span() -> None:
+    import random
+
+    from auditor.text import _token_roles
+
+    def naive(offsets: list[tuple[int, int]], spans: list[tuple[int, int, int]]) -> list[int]:
+        return [next((r for s0, s1, r in spans if a < s1 and b > s0), -1) for a, b in offsets]
+
+    rng = random.Random(0)
+    for _ in range(300):
+        cuts = sorted(rng.sample(range(1, 60), rng.randint(0, 6)))
+        bounds = [0, *cuts, 60]
+        spans = [(s0, s1, rng.randint(0, 2)) for s0, s1 in zip(bounds, bounds[1:]) if rng.random() < 0.6]
+        # Tokens along the text, some of zero width, some overlapping the previous one, and now
+        # and then a step back (offsets a tokenizer may give around special or split characters).
+        offsets, a = [], 0
+        while a < 60:
+            b = min(60, a + rng.randint(0, 5))
+            offsets.append((a, b))
+            a = max(0, b - rng.randint(0, 1)) if rng.random() < 0.9 else max(0, a - rng.randint(1, 10))
+            if b == 60:
+                break
+        assert _token_roles(offsets, spans) == naive(offsets, spans)
