@@ -454,21 +454,17 @@ class Auditor:
         acts: dict[int, torch.Tensor] = {}  # stream -> [n_new, d_in]
         if growing:
             if self.shared_stream_forwards:
+                from auditor.models import pack_rows
                 from auditor.models.streams import capture_streams
 
+                # Forwards of at most a packed batch's token budget (a longer stream runs alone).
                 budget = self.batch_tokens * PACKED_BUDGET_FACTOR
-                group: list[int] = []
-                total = 0
-                for i in [*growing, None]:
-                    if group and (i is None or total + len(new_ids[i]) > budget):
-                        outs = capture_streams(
-                            self.model.model, self.hookpoint, [streams[j]._kv for j in group], [new_ids[j] for j in group]
-                        )
-                        acts.update({j: out.float() for j, out in zip(group, outs)})
-                        group, total = [], 0
-                    if i is not None:
-                        group.append(i)
-                        total += len(new_ids[i])
+                for rows in pack_rows([len(new_ids[i]) for i in growing], budget):
+                    group = [growing[r] for r in rows]
+                    outs = capture_streams(
+                        self.model.model, self.hookpoint, [streams[j]._kv for j in group], [new_ids[j] for j in group]
+                    )
+                    acts.update({j: out.float() for j, out in zip(group, outs)})
             else:
                 for i in growing:
                     acts[i] = streams[i]._forward_alone(new_ids[i])
@@ -500,9 +496,9 @@ class Auditor:
             sub = _select_rows(batch, members)
             width = sub.input_ids.shape[1]
             mask = sub.content_mask.to(self.device)  # [G, T]
-            feats_bt = self._acts_like(len(members), width, streams[members[0]]._feats.shape[1])
-            recon_bt = self._acts_like(len(members), width, None) if engine.needs_recon_error else None
-            acts_bt = self._acts_like(len(members), width, self.sae.cfg.d_in) if engine.needs_resid else None
+            feats_bt = self._zeros(len(members), width, streams[members[0]]._feats.shape[1])
+            recon_bt = self._zeros(len(members), width, None) if engine.needs_recon_error else None
+            acts_bt = self._zeros(len(members), width, self.sae.cfg.d_in) if engine.needs_resid else None
             for g, i in enumerate(members):
                 n = lengths[i]
                 feats_bt[g, :n] = streams[i]._feats
@@ -535,7 +531,8 @@ class Auditor:
             )
         return results
 
-    def _acts_like(self, rows: int, width: int, features: int | None) -> torch.Tensor:
+    def _zeros(self, rows: int, width: int, features: int | None) -> torch.Tensor:
+        """SAE-dtype zeros ``[rows, width]`` or ``[rows, width, features]`` on the auditor's device."""
         shape = (rows, width) if features is None else (rows, width, features)
         return torch.zeros(shape, dtype=_SAE_DTYPE, device=self.device)
 
@@ -629,15 +626,12 @@ class AuditStream:
         common = next((i for i in range(limit) if ids[i] != self._ids[i]), limit)
         if common < len(self._ids):
             # The new chunk re-split the last tokens: forget them (cache included) and redo them.
-            if hasattr(self._kv, "get_seq_length"):  # a transformers cache
-                try:
-                    self._kv.crop(common - len(self._ids))  # a negative count removes that many tokens
-                except (ValueError, RuntimeError):
-                    # A cache layer that cannot roll back (a full sliding window): start over.
-                    self._kv = self._new_cache()
-                    common = 0
-            else:
-                self._kv.crop(common)
+            try:
+                self._kv.crop(common - len(self._ids))  # a negative count removes that many tokens
+            except (ValueError, RuntimeError):
+                # A cache layer that cannot roll back (a full sliding window): start over.
+                self._kv = self._new_cache()
+                common = 0
             self._acts, self._feats, self._recon = self._acts[:common], self._feats[:common], self._recon[:common]
         return ids[common:]
 

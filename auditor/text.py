@@ -224,7 +224,8 @@ def _token_roles(offsets: Sequence[Sequence[int]], spans: Sequence[tuple[int, in
         last = a
         while j < len(spans) and spans[j][1] <= a:
             j += 1
-        out.append(spans[j][2] if j < len(spans) and spans[j][0] < b and a < spans[j][1] else -1)
+        # spans[j] ends after a (the sweep skipped the others): it is hit if it starts before b.
+        out.append(spans[j][2] if j < len(spans) and spans[j][0] < b else -1)
     return out
 
 

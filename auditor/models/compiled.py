@@ -25,15 +25,21 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from auditor.errors import ModelError
 
 if TYPE_CHECKING:
     from auditor.models.loading import LoadedModel
 
-__all__ = ["compile_layers"]
+__all__ = ["compile_layers", "has_compiled_layers"]
 
 _MARK = "_auditor_compiled"
+
+
+def has_compiled_layers(model: nn.Module) -> bool:
+    """Whether :func:`compile_layers` compiled any of ``model``'s modules."""
+    return any(getattr(module, _MARK, False) for module in model.modules())
 
 
 def compile_layers(loaded: LoadedModel, backend: str = "inductor") -> int:

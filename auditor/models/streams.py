@@ -31,6 +31,7 @@ from torch import nn
 
 from auditor.models.adapters import ArchitectureAdapter, get_adapter
 from auditor.models.capture import _device, _run_capturing, agrees, capture
+from auditor.models.compiled import has_compiled_layers
 from auditor.models.hookpoints import Hookpoint
 from auditor.models.hooks import resolve_hookpoints
 
@@ -49,7 +50,7 @@ class StreamCache:
     """Keys and values of one sequence, per layer, in buffers that grow in place.
 
     ``length`` tokens are held; :meth:`crop` forgets the tail (a chunk that re-split the last
-    tokens). Only the layers a stopped forward runs get entries.
+    tokens), as ``transformers``' caches do. Only the layers a stopped forward runs get entries.
     """
 
     def __init__(self) -> None:
@@ -57,9 +58,11 @@ class StreamCache:
         self._keys: dict[int, torch.Tensor] = {}  # layer -> [1, kv_heads, capacity, head_dim]
         self._values: dict[int, torch.Tensor] = {}
 
-    def crop(self, n: int) -> None:
-        """Keep the first ``n`` tokens."""
-        self.length = max(0, min(self.length, n))
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last ``-tokens_to_remove`` tokens (a negative count, like ``transformers.Cache.crop``)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative count of tokens to remove, got {tokens_to_remove}")
+        self.length = max(0, self.length + tokens_to_remove)
 
     def _extend(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write ``key``/``value`` ``[1, kv_heads, n, d]`` after the held tokens; return all of them.
@@ -247,7 +250,7 @@ def streams_supported(model: nn.Module, hookpoint: str | Hookpoint, *, adapter: 
     vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
     if vocab < 8:
         return False
-    if any(getattr(m, "_auditor_compiled", False) for m in model.modules()):
+    if has_compiled_layers(model):
         return False  # compiled layers (auditor.models.compile_layers) keep their own attention path
     try:
         if not enable_streams(model):

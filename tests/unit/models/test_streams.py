@@ -60,8 +60,10 @@ def test_crop_forgets_the_tail_and_the_stream_continues_from_there() -> None:
     [seq, other] = _seqs([20, 8], seed=3)
     cache = StreamCache()
     capture_streams(model, HOOK, [cache], [seq[:14]])
-    cache.crop(10)  # the last four tokens were re-split: redo them differently
+    cache.crop(-4)  # the last four tokens were re-split: redo them differently
     assert cache.length == 10
+    with pytest.raises(ValueError, match="negative count"):
+        cache.crop(3)
     tail = capture_streams(model, HOOK, [cache], [other])[0]
     torch.testing.assert_close(tail, _whole(model, seq[:10] + other)[10:], rtol=1e-4, atol=1e-4)
 
@@ -100,9 +102,16 @@ def test_bad_calls_say_what_was_wrong() -> None:
 
 
 def test_a_compiled_model_keeps_one_forward_per_stream() -> None:
+    from auditor.models import LoadedModel, compile_layers, get_adapter
+
     config = CONFIGS["llama"]()
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    model.model.layers[0].self_attn._auditor_compiled = True  # what compile_layers marks
+    adapter = get_adapter(model)
+    loaded = LoadedModel(
+        model=model, tokenizer=None, name="tiny", adapter=adapter, d_model=adapter.d_model(model),
+        n_layers=adapter.n_layers(model), device=torch.device("cpu"),
+    )
+    assert compile_layers(loaded, backend="eager") > 0
     assert not streams_supported(model, HOOK)
     assert model.config._attn_implementation == "sdpa"
 

@@ -166,6 +166,23 @@ def test_streams_fed_together_share_one_forward_and_match_single_audits(auditor:
         handle.remove()
 
 
+def test_streams_beyond_the_token_budget_split_into_several_forwards(auditor: Auditor) -> None:
+    # batch_tokens=5: forwards of at most 20 new tokens (the packed budget is 4x).
+    small = Auditor(auditor.model, auditor.sae, hookpoint=HOOKPOINT, library=auditor.library, policy=auditor.policy, batch_tokens=5)
+    items = [AuditInput(text="Notes: "), AuditInput(text="Weather: "), AuditInput(text="Diary: ")]
+    streams = [small.stream(item) for item in items]
+    forwards: list[int] = []
+    assert small.shared_stream_forwards  # decided (its check runs forwards) before counting
+    handle = auditor.model.model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        results = small.feed_streams([(s, COMPLETION[:12]) for s in streams])  # 3 x ~20 tokens
+    finally:
+        handle.remove()
+    assert len(forwards) >= 2
+    for item, got in zip(items, results):
+        _same_verdict(got, auditor.run([_grown(item, COMPLETION[:12])])[0])
+
+
 def test_streams_under_different_policies_are_fed_together(auditor: Auditor, tmp_path: Path) -> None:
     from auditor.policy import load_policy
 
