@@ -251,7 +251,8 @@ def decode_loop(
             return 0.0
         b, p = prompt.shape
         hook = SteeringHook(
-            serve["sae"], [serve["clamp"]], engine=serve["engine"], policy_every=serve["policy_every"]
+            serve["sae"], [serve["clamp"]], engine=serve["engine"], policy_every=serve["policy_every"],
+            cuda_graph=serve.get("cuda_graph", True),
         )
         hook.reset(b, torch.ones(b, dtype=torch.bool))
         with hooks(model, [(serve["hook"], hook)]):
@@ -264,6 +265,7 @@ def decode_loop(
             t0 = time.perf_counter()
             hook.evaluate()
             sync(prompt.device)
+            serve["graph_steps"] = hook.graph_steps
             return time.perf_counter() - t0
 
 
@@ -353,6 +355,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--encode-variants", action="store_true", help="also time ways of computing the full-width "
                     "encode (matmul+add+relu, addmm+relu_, fused addmm activation, two-stage top-k, fp8 on CUDA)")
     ap.add_argument("--policy-every", type=int, default=1)
+    ap.add_argument("--serve-eager", action="store_true", help="also time each serve configuration with the steering "
+                    "hook's decode step run eagerly (no CUDA graph), in the same alternating runs")
     ap.add_argument("--gen-repeats", type=int, default=5, help="timed runs of each generation configuration (median)")
     ap.add_argument("--streams", type=int, default=16, help="streams fed together in the streaming case (0: skip it)")
     ap.add_argument("--stream-chunk", type=int, default=16)
@@ -444,8 +448,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # "N" or "N/E": N steering rules evaluated every E tokens (E defaults to --policy-every).
     configs = [(int(c.split("/")[0]), int(c.split("/")[1]) if "/" in c else args.policy_every)
                for c in str(args.steer_rules).split(",")]
-    serves = {(n, e): {"sae": sae, "clamp": clamp, "engine": with_steer_rules(engine, n, clamp_feature), "hook": hook,
-                       "policy_every": e} for n, e in configs}
+    graphs = (True, False) if args.serve_eager else (True,)
+    serves = {(n, e, g): {"sae": sae, "clamp": clamp, "engine": with_steer_rules(engine, n, clamp_feature), "hook": hook,
+                          "policy_every": e, "cuda_graph": g} for n, e in configs for g in graphs}
     for gb in [int(b) for b in args.gen_batches.split(",")]:
         prompt = torch.randint(0, cfg["vocab_size"], (gb, args.gen_prompt), generator=gen, device=device)
         # Plain and every serve configuration take turns, so drift on the machine hits them alike;
@@ -465,15 +470,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     if key is not None:
                         verdict[key].append(t_v)
         t_plain = statistics.median(runs[None])
-        for (n, e) in serves:
-            t_serve = statistics.median(runs[(n, e)])
-            t_verdict = statistics.median(verdict[(n, e)])
+        for (n, e, g) in serves:
+            t_serve = statistics.median(runs[(n, e, g)])
+            t_verdict = statistics.median(verdict[(n, e, g)])
             gen_rows.append(
                 {"batch_size": gb, "steer_rules": n, "policy_every": e, "new_tokens": gen_tokens,
+                 "cuda_graph": g, "graph_steps": serves[(n, e, g)].get("graph_steps", 0),
                  "plain_tok_s": gb * gen_tokens / t_plain, "serve_tok_s": gb * gen_tokens / t_serve,
                  "serve_vs_plain": t_plain / t_serve, "final_verdict_s": t_verdict,
                  # Each repeat's plain and serve runs ran back to back: the median of their ratios.
-                 "serve_vs_plain_paired": statistics.median(p / q for p, q in zip(runs[None], runs[(n, e)])),
+                 "serve_vs_plain_paired": statistics.median(p / q for p, q in zip(runs[None], runs[(n, e, g)])),
                  "decoding_vs_plain": t_plain / (t_serve - t_verdict), "runs": args.gen_repeats}
             )
 
@@ -484,7 +490,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                args.repeats, gen)
 
     if args.profile is not None:
-        profile_generation(model, serves[configs[0]], cfg, max(int(b) for b in args.gen_batches.split(",")),
+        profile_generation(model, serves[(*configs[0], True)], cfg, max(int(b) for b in args.gen_batches.split(",")),
                            args.gen_prompt, gen_tokens, device, args.profile)
 
     result = {
@@ -516,7 +522,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               f"(goal <= 10%)")
     for r in gen_rows:
         print(f"generation batch {r['batch_size']:>2}, {r['steer_rules']:>3} steering rules every {r['policy_every']} "
-              f"token(s): plain {r['plain_tok_s']:.1f} "
+              f"token(s), hook {'graph' if r['cuda_graph'] else 'eager'} ({r['graph_steps']} graph steps): plain {r['plain_tok_s']:.1f} "
               f"tok/s, serve {r['serve_tok_s']:.1f} tok/s, ratio {r['serve_vs_plain']:.3f} (median of paired runs "
               f"{r['serve_vs_plain_paired']:.3f}; the final verdict "
               f"{1000 * r['final_verdict_s']:.1f} ms; decoding alone {r['decoding_vs_plain']:.3f})")

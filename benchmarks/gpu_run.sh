@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_run.sh          # eager (with encode variants, streaming and op profiles) and --compile
 #   bash benchmarks/gpu_run.sh serve    # the full encodes at 131k and serve mode at batch 16, 11 paired runs
 #   bash benchmarks/gpu_run.sh topk     # the full encodes and their variants (top-k block widths) at 65k and 131k
+#   bash benchmarks/gpu_run.sh graph    # serve mode at batch 16 with the hook's step as a CUDA graph and eager, 11 runs; streaming
 set -u
 mode="${1:-full}"
 out="${OUT:-/tmp/gpu-out}"
@@ -25,6 +26,12 @@ if [ "$mode" = topk ]; then
     timeout 200 python3 benchmarks/gpu_llama8b.py --batch-sizes 32 --repeats 3 --gen-batches 1 --gen-tokens 2 \
         --gen-repeats 1 --steer-rules 0 --encode-variants --streams 0 >"$out/topk.log" 2>&1
     tail -n 6 "$out/topk.log"
+    exit 0
+fi
+if [ "$mode" = graph ]; then
+    timeout 330 python3 benchmarks/gpu_llama8b.py --batch-sizes 32 --widths 131072 --repeats 3 --gen-batches 16 \
+        --gen-tokens 128 --gen-repeats 11 --steer-rules 0 --serve-eager --streams 16 >"$out/graph.log" 2>&1
+    tail -n 8 "$out/graph.log"
     exit 0
 fi
 if [ "$mode" = serve ]; then

@@ -16,12 +16,23 @@ At the SAE hookpoint, every forward pass (prefill or one cached decode step):
    the recorded decisions back once, when asked;
 4. writes back the steered activation (the reconstruction error kept).
 
+On a CUDA device, a one-token decode step that only measures, records and steers
+(no rule that steers is evaluated per step, no reconstruction error or residual is
+kept) runs as one CUDA graph: the hook copies the activation in, replays the
+captured encode-record-steer kernels (the history position advances on the
+device) and hands back a copy of the result. Decoding is bound by the host
+launching kernels, and the graph turns a dozen launches and the Python around
+them into three (:class:`_StepGraph`). It is captured on the first such step and
+again when the history outgrows its buffers, a new batch starts or the slots'
+switches are replaced; a capture that fails leaves the hook eager.
+
 The caller tells the hook, before each forward, which of the new positions are
 content and which are completion tokens (:meth:`SteeringHook.set_positions`).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -38,6 +49,8 @@ if TYPE_CHECKING:
     from auditor.sae import SAE
 
 __all__ = ["SteeringHook", "Trigger", "policy_slots"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -79,7 +92,12 @@ class SteeringHook:
     ``user`` slots are switched on for the rows in ``user_rows`` at every
     :meth:`reset`; ``engine``'s steer slots start off and are switched on per row
     when their rule matches. ``trace`` adds latents to measure without steering.
+    ``cuda_graph`` (default :attr:`cuda_graphs`) replays plain decode steps on a CUDA device
+    as one captured graph.
     """
+
+    cuda_graphs: bool = True
+    """The default of ``cuda_graph`` for new hooks (:func:`~auditor.steering.generate` makes its own)."""
 
     def __init__(
         self,
@@ -92,8 +110,14 @@ class SteeringHook:
         trace: list[int] | tuple[int, ...] = (),
         policy_every: int = 1,
         policy_steering: bool = True,
+        cuda_graph: bool | None = None,
     ) -> None:
         self.sae = sae
+        self.cuda_graph = type(self).cuda_graphs if cuda_graph is None else cuda_graph
+        """Run the plain one-token decode step as a CUDA graph on a CUDA device (see the module docstring)."""
+        self.graph_steps = 0
+        """Decode steps run by replaying a captured graph (over the hook's life)."""
+        self._graph: _StepGraph | None = None
         self.engine = engine
         self.user = list(user)
         self.rule_slots = policy_slots(engine, library, sae.cfg.d_sae, limits) if engine is not None and policy_steering else []
@@ -159,6 +183,7 @@ class SteeringHook:
         self._rule_hist = _Growing()  # [B, E, R] rules matched at each trigger evaluation (policy rows only)
         self._eval_starts: list[int] = []  # positions recorded before the forward of each trigger evaluation
         self._triggers: list[Trigger] | None = None
+        self._graph = None  # it wrote into the buffers just dropped
 
     def set_positions(self, mask: Tensor, is_completion: Tensor) -> None:
         """Describe the positions of the next forward: ``mask``/``is_completion`` are ``[B, T]`` bool."""
@@ -239,6 +264,10 @@ class SteeringHook:
 
     def __call__(self, tensor: Tensor, *, hook: Hookpoint) -> Tensor:
         b, t, d = tensor.shape
+        if t == 1 and tensor.is_cuda and self._graph_ok(b):
+            out = self._graph_step(tensor)
+            if out is not None:
+                return out
         x = tensor.reshape(b * t, d)
         f, state, recon = self.steerer.measure_with_error(x, recon_error=self.need_recon)  # [B*T, U], [B*T]
         if self._pending is not None and tuple(self._pending[0].shape) == (b, t):
@@ -264,6 +293,46 @@ class SteeringHook:
         new_x, steered = self.steerer.steer(x, f, state, enabled)
         self._steered.append(steered.view(b, t, -1))
         return new_x.view_as(tensor)
+
+    # ------------------------------------------------------------------ the CUDA graph step
+
+    def _graph_ok(self, b: int) -> bool:
+        """Whether a one-token step of batch ``b`` is the plain measure-record-steer step a graph replays."""
+        return (
+            self.cuda_graph
+            and self.trigger_engine is None
+            and not self.need_recon
+            and not self.need_resid
+            and b == self.enabled.shape[0]
+        )
+
+    def _graph_step(self, tensor: Tensor) -> Tensor | None:
+        """One decode step by graph replay (capturing first if needed); None: run it eagerly."""
+        n = len(self._feats)
+        g = self._graph
+        if g is None or not g.fits(self, tensor, n):
+            self._graph = g = None
+            if not self.cuda_graph:
+                return None
+            g = _StepGraph.capture(self, tensor)
+            if g is None:
+                self.cuda_graph = False  # this model/SAE cannot be captured: stay eager
+                return None
+            self._graph = g
+        b = tensor.shape[0]
+        if self._pending is not None and tuple(self._pending[0].shape) == (b, 1):
+            mask, comp = self._pending
+        else:
+            mask = comp = torch.ones(b, 1, dtype=torch.bool)
+        self._pending = None
+        out = g.run(tensor, n)
+        self._feats.advance(1)
+        self._steered.advance(1)
+        self._mask.append(mask)
+        self._comp.append(comp)
+        self._steps += 1
+        self.graph_steps += 1
+        return out
 
     def _fire(self, start: int, f: Tensor, mask: Tensor, comp: Tensor, recon: Tensor | None, *, decide: bool) -> None:
         """Evaluate the steering rules on the history; switch on the slots of every rule that matched.
@@ -307,6 +376,100 @@ def _batch(
     )
 
 
+class _StepGraph:
+    """The hook's one-token step (measure, record, steer) captured as a CUDA graph.
+
+    Static buffers: the input activation ``x [B, d]``, the output ``out [B, d]``, the history
+    position ``pos`` (a device scalar the graph advances), and the tensors the step reads and
+    writes in place: the two history buffers and the slots' switches ``enabled``. The graph
+    fits the hook only while those are the very tensors it holds and the buffers have room.
+    """
+
+    def __init__(
+        self, graph: torch.cuda.CUDAGraph, x: Tensor, out: Tensor, pos: Tensor, hook: SteeringHook, n: int, inference: bool
+    ) -> None:
+        self.graph = graph
+        self.x = x
+        self.out = out
+        self.pos = pos
+        self.feats = hook._feats._buf
+        self.steered = hook._steered._buf
+        self.enabled = hook.enabled
+        self.n = n  # the history length `pos` holds
+        self.inference = inference  # its static tensors are inference tensors: written only in inference mode
+
+    def fits(self, hook: SteeringHook, tensor: Tensor, n: int) -> bool:
+        return (
+            tensor.shape[0] == self.x.shape[0]
+            and tensor.dtype == self.x.dtype
+            and tensor.device == self.x.device
+            and hook._feats._buf is self.feats
+            and hook._steered._buf is self.steered
+            and hook.enabled is self.enabled
+            and self.feats is not None
+            and n < self.feats.shape[1]
+            and torch.is_inference_mode_enabled() == self.inference
+        )
+
+    def run(self, tensor: Tensor, n: int) -> Tensor:
+        if n != self.n:  # an eager forward recorded positions since the last replay
+            self.pos.fill_(n)
+        self.x.copy_(tensor.view_as(self.x))
+        self.graph.replay()
+        self.n = n + 1
+        return self.out.clone().view_as(tensor)
+
+    @staticmethod
+    def capture(hook: SteeringHook, tensor: Tensor) -> _StepGraph | None:
+        """Capture the step for ``tensor [B, 1, d]``'s shape; None if this step cannot be captured."""
+        b, _, d = tensor.shape
+        n = len(hook._feats)
+        width = hook.steerer.latents.numel()
+        like = torch.empty(b, 1, width, dtype=torch.float32, device=tensor.device)
+        hook._feats.reserve(like, 64)
+        hook._steered.reserve(like, 64)
+        x = tensor.reshape(b, d).clone()
+        out = torch.empty_like(x)
+        pos = torch.full((1,), n, dtype=torch.long, device=tensor.device)
+        feats, steered, enabled, steerer = hook._feats._buf, hook._steered._buf, hook.enabled, hook.steerer
+        assert feats is not None and steered is not None
+
+        def step() -> None:
+            f, state, _ = steerer.measure_with_error(x, recon_error=False)  # [B, U] float32
+            feats.index_copy_(1, pos, f.unsqueeze(1))
+            new_x, new = steerer.steer(x, f, state, enabled)
+            steered.index_copy_(1, pos, new.unsqueeze(1))
+            out.copy_(new_x)
+            pos.add_(1)
+
+        graph = torch.cuda.CUDAGraph()
+        current = torch.cuda.current_stream(tensor.device)
+        side = torch.cuda.Stream(tensor.device)
+        side.wait_stream(current)
+        try:
+            with torch.cuda.stream(side):
+                # Warm up first (lazy initializations, workspaces), as CUDA graphs require; what the
+                # warm-up writes lies past the recorded history and is overwritten later. Then capture
+                # on the same side stream (not `torch.cuda.graph`, whose synchronize and gc.collect
+                # would cost more than the steps it saves); "thread_local": other threads' model
+                # workers may run their own forwards meanwhile.
+                step()
+                step()
+                graph.capture_begin(capture_error_mode="thread_local")
+                try:
+                    step()
+                finally:
+                    graph.capture_end()
+        except RuntimeError as exc:
+            current.wait_stream(side)
+            log.warning("steering hook: the decode step cannot run as a CUDA graph (%s); running it eagerly", exc)
+            return None
+        current.wait_stream(side)
+        inference = torch.is_inference_mode_enabled()
+        pos.fill_(n)
+        return _StepGraph(graph, x, out, pos, hook, n, inference)
+
+
 class _Growing:
     """A tensor that grows along dim 1 by appended chunks, in amortized O(chunk) time (capacity doubles)."""
 
@@ -322,13 +485,24 @@ class _Growing:
 
     def append(self, chunk: Tensor) -> None:
         t = chunk.shape[1]
-        if self._buf is None or self._n + t > self._buf.shape[1]:
-            capacity = max(2 * (self._buf.shape[1] if self._buf is not None else 0), self._n + t, 64)
-            grown = chunk.new_empty((chunk.shape[0], capacity, *chunk.shape[2:]))
-            if self._buf is not None:
-                grown[:, : self._n] = self._buf[:, : self._n]
-            self._buf = grown
+        self.reserve(chunk, t)
+        assert self._buf is not None
         self._buf[:, self._n : self._n + t] = chunk
+        self._n += t
+
+    def reserve(self, like: Tensor, extra: int) -> None:
+        """Room for ``extra`` more positions shaped like ``like [B, 1, ...]`` (capacity at least doubles when it grows)."""
+        if self._buf is not None and self._n + extra <= self._buf.shape[1]:
+            return
+        capacity = max(2 * (self._buf.shape[1] if self._buf is not None else 0), self._n + extra, 64)
+        grown = like.new_empty((like.shape[0], capacity, *like.shape[2:]))
+        if self._buf is not None:
+            grown[:, : self._n] = self._buf[:, : self._n]
+        self._buf = grown
+
+    def advance(self, t: int) -> None:
+        """Count ``t`` positions someone else wrote into the buffer past the recorded ones."""
+        assert self._buf is not None and self._n + t <= self._buf.shape[1]
         self._n += t
 
     def view(self) -> Tensor:

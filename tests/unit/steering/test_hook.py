@@ -250,3 +250,109 @@ def _cpu_triggers(tmp_path: Path, library_path: Path, library):  # type: ignore[
     hook.reset(3, torch.zeros(3, dtype=torch.bool))
     _run(hook, _activations(sae), torch.ones(3, STEPS, dtype=torch.bool))
     return hook.triggers
+
+
+def test_history_buffers_reserve_room_and_count_what_others_wrote() -> None:
+    from auditor.steering._hook import _Growing
+
+    g = _Growing()
+    g.append(torch.arange(6.0).view(1, 3, 2))
+    g.reserve(torch.empty(1, 1, 2), 100)  # grows: the recorded positions move along
+    assert g._buf is not None and g._buf.shape[1] >= 103
+    buf = g._buf
+    g.reserve(torch.empty(1, 1, 2), 100)  # room enough: the same buffer (a captured graph keeps writing it)
+    assert g._buf is buf
+    buf[:, 3] = torch.tensor([7.0, 8.0])
+    g.advance(1)
+    assert g.view().flatten().tolist() == [0, 1, 2, 3, 4, 5, 7, 8]
+    with pytest.raises(AssertionError):
+        g.advance(buf.shape[1])
+
+
+def _clamp_hook(sae: SAE, engine, library, graph: bool, value: float = 0.0) -> SteeringHook:  # type: ignore[no-untyped-def]
+    """One user clamp with the policy watching, no rule that steers: the decode step a graph replays."""
+    from auditor.steering.interventions import ResolvedIntervention
+
+    clamp = ResolvedIntervention(FRAUD, "clamp", value, "all", "deception.fraud")
+    return SteeringHook(sae, [clamp], engine=engine, library=library, policy_steering=False, cuda_graph=graph)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_decode_steps_equal_eager_steps(tmp_path: Path, library_path: Path, library) -> None:  # type: ignore[no-untyped-def]
+    dev = torch.device("cuda")
+    sae = random_sae().to(dev)
+    engine = load_policy(_policy(tmp_path, library_path))
+    chunks = [c.to(dev) for c in _activations(random_sae())]
+    gen = torch.Generator().manual_seed(2)
+    # 150 more steps: the history buffers outgrow their room (a new capture), and one 2-token
+    # chunk in between runs eagerly (the graph's device position must follow it).
+    chunks += [(torch.randn(3, 2 if i == 40 else 1, HIDDEN, generator=gen) * 0.05).to(dev) for i in range(150)]
+    point = Hookpoint(1, "resid_post")
+    results = {}
+    for graph in (False, True):
+        hook = _clamp_hook(sae, engine, library, graph)
+        hook.reset(3, torch.tensor([True, False, True]))
+        outs = []
+        for i, x in enumerate(chunks):
+            b, t, _ = x.shape
+            hook.set_positions(torch.ones(b, t, dtype=torch.bool), torch.full((b, t), i > 0, dtype=torch.bool))
+            outs.append(hook(x, hook=point))
+        results[graph] = (torch.cat(outs, 1), hook.history(), hook.evaluate(), hook.graph_steps)
+    eager, graphed = results[False], results[True]
+    assert eager[3] == 0 and graphed[3] == len(chunks) - 2  # every one-token step, none of the others
+    torch.testing.assert_close(graphed[0], eager[0], rtol=1e-5, atol=1e-6)
+    for key in ("features", "steered", "mask", "is_completion"):
+        assert graphed[1][key].shape == eager[1][key].shape
+        assert graphed[1][key].shape[:2] == (3, PROMPT + STEPS + 151)
+        torch.testing.assert_close(graphed[1][key], eager[1][key], rtol=1e-5, atol=1e-6)
+    col = _clamp_hook(sae, engine, library, True).steerer.column(FRAUD)
+    assert (graphed[1]["steered"][[0, 2], :, col] == 0).all() and (graphed[1]["features"][:, :, col] > 0).any()
+    assert [(v.action, [m.rule_id for m in v.matches]) for v in graphed[2]] == [
+        (v.action, [m.rule_id for m in v.matches]) for v in eager[2]
+    ]
+    assert [v.scores for v in graphed[2]] == [pytest.approx(v.scores, rel=1e-5) for v in eager[2]]
+    assert any(v.matches for v in eager[2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_replays_never_synchronize_and_steer_a_real_decode_loop(tokenizer, library) -> None:  # type: ignore[no-untyped-def]
+    import transformers
+
+    from auditor.models import hooks
+    from tests.unit.steering.conftest import build_model
+
+    dev = torch.device("cuda")
+    model = build_model(len(tokenizer)).to(dev)
+    sae = random_sae().to(dev)
+    prompt = torch.tensor([tokenizer.encode("the weather is fine."), tokenizer.encode("send your password!!")], device=dev)
+
+    def decode(graph: bool | None, steps: int = 40) -> tuple[torch.Tensor, SteeringHook]:
+        hook = _clamp_hook(sae, None, library, bool(graph), value=5.0)
+        hook.reset(2, torch.ones(2, dtype=torch.bool))
+
+        def checked(tensor: torch.Tensor, *, hook: Hookpoint, inner: SteeringHook = hook) -> torch.Tensor:
+            # Past the step that captured the graph, a step must not wait for the device.
+            if inner.graph_steps:
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                return inner(tensor, hook=hook)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+        cache = transformers.DynamicCache(config=model.config)
+        out = []
+        with torch.inference_mode(), hooks(model, {HOOKPOINT: checked} if graph is not None else {}):
+            ids = prompt
+            for _ in range(steps):
+                logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
+                ids = logits.argmax(-1, keepdim=True)
+                out.append(logits.float())
+        return torch.stack(out, 1), hook
+
+    eager, eager_hook = decode(False)
+    graphed, graphed_hook = decode(True)
+    plain, _ = decode(None)
+    assert eager_hook.graph_steps == 0 and graphed_hook.graph_steps == 39
+    torch.testing.assert_close(graphed, eager, rtol=1e-4, atol=1e-4)
+    assert torch.equal(graphed.argmax(-1), eager.argmax(-1))
+    assert (graphed - plain).abs().amax() > 0.1  # the clamp steered the replayed steps too
