@@ -255,7 +255,19 @@ def decode_loop(
             cuda_graph=serve.get("cuda_graph", True),
         )
         hook.reset(b, torch.ones(b, dtype=torch.bool))
-        with hooks(model, [(serve["hook"], hook)]):
+        host = [0.0, 0]  # host seconds spent inside the hook on decode steps, and their count
+
+        def timed(tensor: torch.Tensor, *, hook: Any, inner: SteeringHook = hook) -> torch.Tensor:
+            # Decoding is bound by the host launching kernels: the hook's host time per step is its
+            # cost, measured without a device sync (which would change what it measures).
+            t0 = time.perf_counter()
+            out = inner(tensor, hook=hook)
+            if tensor.shape[1] == 1:
+                host[0] += time.perf_counter() - t0
+                host[1] += 1
+            return out
+
+        with hooks(model, [(serve["hook"], timed)]):
             hook.set_positions(torch.ones(b, p, dtype=torch.bool), torch.zeros(b, p, dtype=torch.bool))
             nxt = step(prompt)
             for _ in range(n_new - 1):
@@ -266,6 +278,7 @@ def decode_loop(
             hook.evaluate()
             sync(prompt.device)
             serve["graph_steps"] = hook.graph_steps
+            serve.setdefault("hook_host_s", []).append(host[0] / max(host[1], 1))
             return time.perf_counter() - t0
 
 
@@ -453,6 +466,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                           "policy_every": e, "cuda_graph": g} for n, e in configs for g in graphs}
     for gb in [int(b) for b in args.gen_batches.split(",")]:
         prompt = torch.randint(0, cfg["vocab_size"], (gb, args.gen_prompt), generator=gen, device=device)
+        for conf in serves.values():
+            conf["hook_host_s"] = []
         # Plain and every serve configuration take turns, so drift on the machine hits them alike;
         # each is the median of its runs after one warm-up.
         runs: dict[Any, list[float]] = {None: [], **{key: [] for key in serves}}
@@ -476,6 +491,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             gen_rows.append(
                 {"batch_size": gb, "steer_rules": n, "policy_every": e, "new_tokens": gen_tokens,
                  "cuda_graph": g, "graph_steps": serves[(n, e, g)].get("graph_steps", 0),
+                 # The hook's host time per decode step (median over all its runs) against a plain step.
+                 "hook_host_ms_per_step": 1000 * statistics.median(serves[(n, e, g)].get("hook_host_s", [0.0])),
+                 "plain_step_ms": 1000 * t_plain / gen_tokens,
                  "plain_tok_s": gb * gen_tokens / t_plain, "serve_tok_s": gb * gen_tokens / t_serve,
                  "serve_vs_plain": t_plain / t_serve, "final_verdict_s": t_verdict,
                  # Each repeat's plain and serve runs ran back to back: the median of their ratios.
@@ -524,7 +542,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"generation batch {r['batch_size']:>2}, {r['steer_rules']:>3} steering rules every {r['policy_every']} "
               f"token(s), hook {'graph' if r['cuda_graph'] else 'eager'} ({r['graph_steps']} graph steps): plain {r['plain_tok_s']:.1f} "
               f"tok/s, serve {r['serve_tok_s']:.1f} tok/s, ratio {r['serve_vs_plain']:.3f} (median of paired runs "
-              f"{r['serve_vs_plain_paired']:.3f}; the final verdict "
+              f"{r['serve_vs_plain_paired']:.3f}; hook host time {r['hook_host_ms_per_step']:.3f} ms a step of "
+              f"{r['plain_step_ms']:.2f} ms; the final verdict "
               f"{1000 * r['final_verdict_s']:.1f} ms; decoding alone {r['decoding_vs_plain']:.3f})")
     if stream_row is not None and stream_row["supported"]:
         for name, label in (("one", "one stream"), ("many", f"{stream_row['streams']} streams fed together")):

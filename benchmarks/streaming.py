@@ -82,11 +82,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--batcher-workers", type=int, default=2, help="model workers of the micro-batcher case (0: skip it)")
     ap.add_argument("--policy", default=str(REPO / "policies" / "default.yaml"))
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--dtype", default=None, help="model dtype (float32, bfloat16; default: the model's default on this device)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    auditor = Auditor.load(policy=args.policy)
+    auditor = Auditor.load(policy=args.policy, dtype=args.dtype)
     chunks = completion_chunks(auditor, args.tokens, args.chunk)
     messages = ({"role": "user", "content": PROMPT},)
     full = AuditInput(messages=messages, completion="".join(chunks))
@@ -128,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     result = {
         "benchmark": "streaming",
+        "dtype": str(next(auditor.model.model.parameters()).dtype),
         "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()},
         "model": auditor.model.name,
         "policy": auditor.policy.name if auditor.policy else None,
