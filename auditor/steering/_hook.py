@@ -414,7 +414,7 @@ class _StepGraph:
     def run(self, tensor: Tensor, n: int) -> Tensor:
         if n != self.n:  # an eager forward recorded positions since the last replay
             self.pos.fill_(n)
-        self.x.copy_(tensor.view_as(self.x))
+        self.x.copy_(tensor.reshape(self.x.shape))
         self.graph.replay()
         self.n = n + 1
         return self.out.clone().view_as(tensor)
