@@ -33,6 +33,7 @@ content and which are completion tokens (:meth:`SteeringHook.set_positions`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -98,6 +99,14 @@ class SteeringHook:
 
     cuda_graphs: bool = True
     """The default of ``cuda_graph`` for new hooks (:func:`~auditor.steering.generate` makes its own)."""
+    graph_device: str = "cuda"
+    """The device type whose one-token steps are captured (with :meth:`record_step`)."""
+
+    @staticmethod
+    def record_step(step: Callable[[], None], device: torch.device) -> Callable[[], None] | None:
+        """Capture ``step`` (which reads and writes only static tensors) and return what replays it;
+        None when it cannot be captured. The CUDA graph capture; see :func:`_capture_cuda_graph`."""
+        return _capture_cuda_graph(step, device)
 
     def __init__(
         self,
@@ -264,7 +273,7 @@ class SteeringHook:
 
     def __call__(self, tensor: Tensor, *, hook: Hookpoint) -> Tensor:
         b, t, d = tensor.shape
-        if t == 1 and tensor.is_cuda and self._graph_ok(b):
+        if t == 1 and tensor.device.type == self.graph_device and self._graph_ok(b):
             out = self._graph_step(tensor)
             if out is not None:
                 return out
@@ -386,9 +395,9 @@ class _StepGraph:
     """
 
     def __init__(
-        self, graph: torch.cuda.CUDAGraph, x: Tensor, out: Tensor, pos: Tensor, hook: SteeringHook, n: int, inference: bool
+        self, replay: Callable[[], None], x: Tensor, out: Tensor, pos: Tensor, hook: SteeringHook, n: int, inference: bool
     ) -> None:
-        self.graph = graph
+        self.replay = replay
         self.x = x
         self.out = out
         self.pos = pos
@@ -415,7 +424,7 @@ class _StepGraph:
         if n != self.n:  # an eager forward recorded positions since the last replay
             self.pos.fill_(n)
         self.x.copy_(tensor.reshape(self.x.shape))
-        self.graph.replay()
+        self.replay()
         self.n = n + 1
         return self.out.clone().view_as(tensor)
 
@@ -442,32 +451,40 @@ class _StepGraph:
             out.copy_(new_x)
             pos.add_(1)
 
-        graph = torch.cuda.CUDAGraph()
-        current = torch.cuda.current_stream(tensor.device)
-        side = torch.cuda.Stream(tensor.device)
-        side.wait_stream(current)
-        try:
-            with torch.cuda.stream(side):
-                # Warm up first (lazy initializations, workspaces), as CUDA graphs require; what the
-                # warm-up writes lies past the recorded history and is overwritten later. Then capture
-                # on the same side stream (not `torch.cuda.graph`, whose synchronize and gc.collect
-                # would cost more than the steps it saves); "thread_local": other threads' model
-                # workers may run their own forwards meanwhile.
-                step()
-                step()
-                graph.capture_begin(capture_error_mode="thread_local")
-                try:
-                    step()
-                finally:
-                    graph.capture_end()
-        except RuntimeError as exc:
-            current.wait_stream(side)
-            log.warning("steering hook: the decode step cannot run as a CUDA graph (%s); running it eagerly", exc)
+        replay = hook.record_step(step, tensor.device)
+        if replay is None:
             return None
-        current.wait_stream(side)
         inference = torch.is_inference_mode_enabled()
         pos.fill_(n)
-        return _StepGraph(graph, x, out, pos, hook, n, inference)
+        return _StepGraph(replay, x, out, pos, hook, n, inference)
+
+
+def _capture_cuda_graph(step: Callable[[], None], device: torch.device) -> Callable[[], None] | None:
+    """``step`` captured as a CUDA graph on ``device``: its ``replay``, or None when capture fails."""
+    graph = torch.cuda.CUDAGraph()
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    try:
+        with torch.cuda.stream(side):
+            # Warm up first (lazy initializations, workspaces), as CUDA graphs require; what the
+            # warm-up writes lies past the recorded history and is overwritten later. Then capture
+            # on the same side stream (not `torch.cuda.graph`, whose synchronize and gc.collect
+            # would cost more than the steps it saves); "thread_local": other threads' model
+            # workers may run their own forwards meanwhile.
+            step()
+            step()
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                step()
+            finally:
+                graph.capture_end()
+    except RuntimeError as exc:
+        current.wait_stream(side)
+        log.warning("steering hook: the decode step cannot run as a CUDA graph (%s); running it eagerly", exc)
+        return None
+    current.wait_stream(side)
+    return graph.replay
 
 
 class _Growing:

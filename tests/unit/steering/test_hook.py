@@ -277,27 +277,85 @@ def _clamp_hook(sae: SAE, engine, library, graph: bool, value: float = 0.0) -> S
     return SteeringHook(sae, [clamp], engine=engine, library=library, policy_steering=False, cuda_graph=graph)
 
 
+class _ReplayOnCPU(SteeringHook):
+    """The graph step's bookkeeping on the CPU: "capturing" keeps the step function and a replay
+    runs it again, on the same static tensors (what a CUDA graph re-executes). The CUDA graph
+    itself is checked by the CUDA tests below."""
+
+    graph_device = "cpu"
+    captures = 0
+
+    def record_step(self, step, device):  # type: ignore[no-untyped-def, override]
+        type(self).captures += 1
+        return step
+
+
+def _graph_chunks(sae: SAE, device: str = "cpu") -> list[torch.Tensor]:
+    """Prefill, 7 scheduled steps, then 150 more one-token steps with one 2-token chunk among them."""
+    chunks = [c.to(device) for c in _activations(sae)]
+    gen = torch.Generator().manual_seed(2)
+    return chunks + [(torch.randn(3, 2 if i == 40 else 1, HIDDEN, generator=gen) * 0.05).to(device) for i in range(150)]
+
+
+def _feed_graph_chunks(hook: SteeringHook, chunks: list[torch.Tensor]) -> torch.Tensor:
+    point = Hookpoint(1, "resid_post")
+    outs = []
+    for i, x in enumerate(chunks):
+        b, t, _ = x.shape
+        live = torch.ones(b, t, dtype=torch.bool)
+        live[1] = i % 5 != 3  # row 1 skips some positions (a finished row, say)
+        hook.set_positions(live, torch.full((b, t), i > 0, dtype=torch.bool))
+        outs.append(hook(x, hook=point))
+    return torch.cat(outs, 1)
+
+
+def test_graph_steps_keep_the_eager_history_through_growth_chunks_and_resets(tmp_path: Path, library_path: Path, library) -> None:  # type: ignore[no-untyped-def]
+    sae = random_sae()
+    engine = load_policy(_policy(tmp_path, library_path))
+    chunks = _graph_chunks(sae)
+    from auditor.steering.interventions import ResolvedIntervention
+
+    clamp = [ResolvedIntervention(FRAUD, "clamp", 0.0, "all", "deception.fraud")]
+    eager = SteeringHook(sae, clamp, engine=engine, library=library, policy_steering=False, cuda_graph=False)
+    graphed = _ReplayOnCPU(sae, clamp, engine=engine, library=library, policy_steering=False)
+    _ReplayOnCPU.captures = 0
+    for round_ in range(2):  # the second generation starts from reset: a new capture on new buffers
+        for hook in (eager, graphed):
+            hook.reset(3, torch.tensor([True, False, True]))
+        want, got = _feed_graph_chunks(eager, chunks), _feed_graph_chunks(graphed, chunks)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        for key, value in eager.history().items():
+            torch.testing.assert_close(graphed.history()[key], value, rtol=0, atol=0)
+        assert [v.to_dict() for v in graphed.evaluate() or []] == [v.to_dict() for v in eager.evaluate() or []]
+        assert graphed.graph_steps == (round_ + 1) * (len(chunks) - 2) and eager.graph_steps == 0
+    # Per generation: the first step captures (buffers for 64 more positions: 68 -> 128), the
+    # 2-token chunk at position 51 runs eagerly, position 128 outgrows the buffers (-> 256).
+    assert _ReplayOnCPU.captures == 4
+    # Other steps run eagerly: a new batch size resets the hook, chunks of several tokens, and
+    # hooks whose policy steers or reads the reconstruction error.
+    graphed.reset(3, torch.ones(3, dtype=torch.bool))
+    for _ in range(3):  # batch 2: the first step resets eagerly, the next captures anew
+        graphed(torch.randn(2, 1, HIDDEN), hook=Hookpoint(1, "resid_post"))
+    assert _ReplayOnCPU.captures == 5 and graphed.graph_steps == 2 * (len(chunks) - 2) + 2
+    assert graphed.history()["features"].shape[:2] == (2, 3)
+    steering = _ReplayOnCPU(sae, clamp, engine=engine, library=library)
+    steering.reset(3, torch.ones(3, dtype=torch.bool))
+    _feed_graph_chunks(steering, chunks[:5])
+    assert steering.graph_steps == 0 and _ReplayOnCPU.captures == 5
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_decode_steps_equal_eager_steps(tmp_path: Path, library_path: Path, library) -> None:  # type: ignore[no-untyped-def]
     dev = torch.device("cuda")
     sae = random_sae().to(dev)
     engine = load_policy(_policy(tmp_path, library_path))
-    chunks = [c.to(dev) for c in _activations(random_sae())]
-    gen = torch.Generator().manual_seed(2)
-    # 150 more steps: the history buffers outgrow their room (a new capture), and one 2-token
-    # chunk in between runs eagerly (the graph's device position must follow it).
-    chunks += [(torch.randn(3, 2 if i == 40 else 1, HIDDEN, generator=gen) * 0.05).to(dev) for i in range(150)]
-    point = Hookpoint(1, "resid_post")
+    chunks = _graph_chunks(random_sae(), "cuda")  # same seed, same weights
     results = {}
     for graph in (False, True):
         hook = _clamp_hook(sae, engine, library, graph)
         hook.reset(3, torch.tensor([True, False, True]))
-        outs = []
-        for i, x in enumerate(chunks):
-            b, t, _ = x.shape
-            hook.set_positions(torch.ones(b, t, dtype=torch.bool), torch.full((b, t), i > 0, dtype=torch.bool))
-            outs.append(hook(x, hook=point))
-        results[graph] = (torch.cat(outs, 1), hook.history(), hook.evaluate(), hook.graph_steps)
+        out = _feed_graph_chunks(hook, chunks)
+        results[graph] = (out, hook.history(), hook.evaluate(), hook.graph_steps)
     eager, graphed = results[False], results[True]
     assert eager[3] == 0 and graphed[3] == len(chunks) - 2  # every one-token step, none of the others
     torch.testing.assert_close(graphed[0], eager[0], rtol=1e-5, atol=1e-6)
