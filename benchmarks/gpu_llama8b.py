@@ -154,6 +154,13 @@ def random_engine(d_sae: int, device: torch.device) -> PolicyEngine:
     return engine
 
 
+def verdict_build_time(engine: PolicyEngine, batch: AuditBatch, repeats: int) -> float:
+    """Best time of what :meth:`PolicyEngine.evaluate` adds to ``matched``: from the rule tensors
+    already computed, the one copy to the host and the Python that builds the verdict objects."""
+    r = engine._rule_tensors(batch)
+    return best_time(lambda: engine._verdicts_of(r, batch.tokens), r.score.device, repeats)
+
+
 def two_stage_topk(pre: torch.Tensor, k: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-``k`` of each row of ``pre [N, W]`` via the top ``k`` of each ``chunk``-wide slice first."""
     n, w = pre.shape
@@ -442,12 +449,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         comp[:, seq // 2 :] = True
         t_eval = best_time(lambda: engine.evaluate(AuditBatch(f, m, comp)), device, args.repeats)
         t_matched = best_time(lambda: engine.matched(AuditBatch(f, m, comp)), device, args.repeats)
+        # The host side of a verdict alone: the rules' tensors computed and copied once, then only
+        # the Python that builds the verdict objects (what evaluate adds to matched, past the copy).
+        t_verdicts = verdict_build_time(engine, AuditBatch(f, m, comp), args.repeats)
         variants = encode_variants(x, sae, 64, device, args.repeats) if args.encode_variants else {}
         del topk
         encode_rows.append(
             {"d_sae": width, "tokens": x.shape[0], "watched": int(watched.numel()),
              "watch_list_encode_s": t_watch, "full_encode_relu_s": t_full_enc, "full_encode_topk_s": t_topk,
-             "policy_eval_s": t_eval, "policy_matched_only_s": t_matched, "stopped_forward_s": t_stop_big,
+             "policy_eval_s": t_eval, "policy_matched_only_s": t_matched, "policy_verdict_objects_s": t_verdicts,
+             "stopped_forward_s": t_stop_big,
              "watch_plus_eval_share": (t_watch + t_eval) / t_stop_big,
              "full_relu_share": t_full_enc / t_stop_big, "full_topk_share": t_topk / t_stop_big,
              "variants_s": variants}
@@ -536,7 +547,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for r in encode_rows:
         print(f"SAE {r['d_sae']:>6}: watch-list + policy {100 * r['watch_plus_eval_share']:.2f}% of stopped forward "
               f"(goal <= 1%; the rules' decision alone, no verdicts: "
-              f"{100 * (r['watch_list_encode_s'] + r['policy_matched_only_s']) / r['stopped_forward_s']:.2f}%), full ReLU {100 * r['full_relu_share']:.2f}%, full TopK {100 * r['full_topk_share']:.2f}% "
+              f"{100 * (r['watch_list_encode_s'] + r['policy_matched_only_s']) / r['stopped_forward_s']:.2f}%; building the verdict "
+              f"objects {100 * r['policy_verdict_objects_s'] / r['stopped_forward_s']:.2f}%), full ReLU {100 * r['full_relu_share']:.2f}%, full TopK {100 * r['full_topk_share']:.2f}% "
               f"(goal <= 10%)")
     for r in gen_rows:
         print(f"generation batch {r['batch_size']:>2}, {r['steer_rules']:>3} steering rules every {r['policy_every']} "

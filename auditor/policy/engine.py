@@ -440,7 +440,10 @@ class PolicyEngine:
     @torch.inference_mode()
     def evaluate(self, batch: AuditBatch) -> list[Verdict]:
         """One :class:`Verdict` per batch row (see the module docstring)."""
-        r = self._rule_tensors(batch)
+        return self._verdicts_of(self._rule_tensors(batch), batch.tokens)
+
+    def _verdicts_of(self, r: _RuleTensors, tokens: list[list[str]] | None) -> list[Verdict]:
+        """The verdicts from one evaluation's rule tensors (``tokens``: for explanations' span texts)."""
         # What every verdict needs crosses to the host in one copy; what only explanations
         # need (values, per-token holds) stays where it is until an explanation is read.
         n_r, n_e = r.score.shape[1], r.exc_fired.shape[1]
@@ -454,7 +457,7 @@ class PolicyEngine:
             r.leaf_value,
             r.leaf_fired,
             r.holds,
-            batch.tokens,
+            tokens,
         )
 
     @torch.inference_mode()
