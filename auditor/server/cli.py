@@ -40,6 +40,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument(
         "--compile", action="store_true", default=None, help="torch.compile the model's decoder layers (for GPUs: faster audits, slower start and decoding)"
     )
+    p.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="on a GPU, replay the steering hook's decode step as a CUDA graph while generating (default on)",
+    )
     p.add_argument("--policy", dest="policies", action="append", metavar="PATH", help="policy file or folder (repeatable)")
     p.add_argument("--default-policy", help="policy used when a request names none")
     p.add_argument("--policy-watch", dest="policy_watch_s", type=float, metavar="SECONDS", help="reload policies on file change, polling this often")
@@ -103,7 +109,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 _SERVE_FLAGS = (
-    "host port model sae sae_format library hookpoint device dtype compile policies default_policy policy_watch_s upstream "
+    "host port model sae sae_format library hookpoint device dtype compile cuda_graphs policies default_policy policy_watch_s upstream "
     "stream_mode stream_chunk_chars fail_mode max_body_bytes max_tokens batch_max_wait_ms batch_max_tokens model_workers "
     "queue_size request_timeout_s max_generate_tokens auth_all_routes data_dir viewer_index log_level"
 ).split()

@@ -650,6 +650,7 @@ async def _run_generation(
             policy=engine,
             stop=stop or None,
             seed=seed,
+            cuda_graph=rt.settings.cuda_graphs,
         )
 
     try:

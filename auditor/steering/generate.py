@@ -163,6 +163,7 @@ def generate(
     limits: SteeringLimits | None = None,
     seed: int | None = None,
     policy_every: int = 1,
+    cuda_graph: bool | None = None,
 ) -> GenerationResult:
     """Generate a completion of ``item`` with ``interventions`` applied at the SAE hookpoint.
 
@@ -173,7 +174,8 @@ def generate(
     growing completion and switch their interventions on when they match; the whole
     policy gives ``GenerationResult.verdict`` at the end. ``temperature`` 0 is greedy;
     above 0 it samples (``seed`` makes it repeatable). ``stop`` strings end the
-    completion (they are not included in ``text``).
+    completion (they are not included in ``text``). ``cuda_graph`` (default
+    :attr:`SteeringHook.cuda_graphs`): on a GPU, replay plain decode steps as a CUDA graph.
     """
     if max_tokens < 1:
         raise ConfigError(f"max_tokens must be at least 1, got {max_tokens}")
@@ -186,7 +188,9 @@ def generate(
     engine = policy if policy is not None else auditor.policy
     library = auditor.library if auditor.library is not None else (engine.library if engine is not None else None)
     user = resolve_interventions(interventions, library=library, d_sae=auditor.sae.cfg.d_sae, limits=limits)
-    hook = SteeringHook(auditor.sae, user, engine=engine, library=library, limits=limits, policy_every=policy_every)
+    hook = SteeringHook(
+        auditor.sae, user, engine=engine, library=library, limits=limits, policy_every=policy_every, cuda_graph=cuda_graph
+    )
 
     batch = tokenize_batch(tokenizer, [prompt_for_generation(item)], max_tokens=None)
     prompt_ids = batch.input_ids[:, : int(batch.lengths[0])]  # [1, P]

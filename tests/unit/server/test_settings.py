@@ -101,6 +101,32 @@ def test_compile_comes_from_the_flag_env_or_yaml(tmp_path: Path) -> None:
     assert Settings.load(flags={name: getattr(args, name, None) for name in _SERVE_FLAGS}, env={"AUDITOR_COMPILE": "1"}).compile
 
 
+def test_cuda_graphs_are_on_unless_a_flag_env_or_yaml_turns_them_off(tmp_path: Path) -> None:
+    import argparse
+
+    from auditor.server.cli import _SERVE_FLAGS, register
+
+    assert Settings.load(env={}).cuda_graphs is True
+    assert Settings.load(env={"AUDITOR_CUDA_GRAPHS": "false"}).cuda_graphs is False
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("cuda_graphs: false\n")
+    assert Settings.load(env={}, config_file=cfg).cuda_graphs is False
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+
+    def from_flags(*argv: str) -> Settings:
+        args = parser.parse_args(["serve", *argv])
+        return Settings.load(flags={name: getattr(args, name, None) for name in _SERVE_FLAGS}, env={"AUDITOR_CUDA_GRAPHS": "0"})
+
+    assert from_flags("--cuda-graphs").cuda_graphs is True  # the flag beats the environment
+    assert from_flags("--no-cuda-graphs").cuda_graphs is False
+    assert from_flags().cuda_graphs is False  # no flag: the environment's value stands
+    cfg.write_text("cuda_graphs: maybe\n")
+    with pytest.raises(ConfigError) as info:
+        Settings.load(env={}, config_file=cfg)
+    assert "cuda_graphs" in str(info.value)
+
+
 def test_dtype_is_checked_where_it_is_given(tmp_path: Path) -> None:
     assert Settings.load(env={}).dtype is None
     assert Settings.load(env={"AUDITOR_DTYPE": "bfloat16"}).dtype == "bfloat16"
