@@ -375,6 +375,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--encode-variants", action="store_true", help="also time ways of computing the full-width "
                     "encode (matmul+add+relu, addmm+relu_, fused addmm activation, two-stage top-k, fp8 on CUDA)")
     ap.add_argument("--policy-every", type=int, default=1)
+    ap.add_argument("--graph-policy-steps", action="store_true", help="let the steering hook's CUDA graph also cover "
+                    "steps that decide steering rules (SteeringHook.graph_policy_steps; off by default)")
     ap.add_argument("--serve-eager", action="store_true", help="also time each serve configuration with the steering "
                     "hook's decode step run eagerly (no CUDA graph), in the same alternating runs")
     ap.add_argument("--gen-repeats", type=int, default=5, help="timed runs of each generation configuration (median)")
@@ -387,6 +389,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
+    SteeringHook.graph_policy_steps = args.graph_policy_steps
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = TINY if args.tiny else LLAMA_31_8B
     layer = min(args.layer, cfg["num_hidden_layers"] - 2) if args.tiny else args.layer
@@ -528,6 +531,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "dtype": str(dtype),
         "compile": args.compile,
+        "graph_policy_steps": args.graph_policy_steps,
         "hookpoint": hook,
         "seq": seq,
         "build_s": build_s,

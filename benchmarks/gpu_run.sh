@@ -3,7 +3,8 @@
 # the Llama-3.1-8B-shaped benchmark. Writes its logs to ${OUT:-/tmp/gpu-out}. Extra Python
 # packages the machine lacks travel as wheels in .whl/.
 #   bash benchmarks/gpu_run.sh          # eager (with encode variants, streaming and op profiles) and --compile
-#   bash benchmarks/gpu_run.sh serve    # the full encodes at 131k and serve mode at batch 16 (graph and eager hook), 11 paired runs
+#   bash benchmarks/gpu_run.sh serve    # the full encodes at 131k and serve mode at batch 16 (graph and eager hook; one clamp,
+#                                       # and 10 steering rules with graph_policy_steps), 11 paired runs
 #   bash benchmarks/gpu_run.sh topk     # the full encodes and their variants (top-k block widths) at 65k and 131k
 #   bash benchmarks/gpu_run.sh graph    # serve mode at batch 16 with the hook's step as a CUDA graph and eager, 11 runs; streaming
 set -u
@@ -36,8 +37,9 @@ if [ "$mode" = graph ]; then
 fi
 if [ "$mode" = serve ]; then
     timeout 300 python3 benchmarks/gpu_llama8b.py --batch-sizes 32 --widths 131072 --repeats 3 --gen-batches 16 \
-        --gen-tokens 128 --gen-repeats 11 --steer-rules 0 --serve-eager --streams 0 >"$out/serve.log" 2>&1
-    tail -n 6 "$out/serve.log"
+        --gen-tokens 128 --gen-repeats 11 --steer-rules 0,10 --serve-eager --graph-policy-steps --streams 0 \
+        >"$out/serve.log" 2>&1
+    tail -n 8 "$out/serve.log"
     exit 0
 fi
 timeout 240 python3 benchmarks/gpu_llama8b.py --batch-sizes 8,32 --repeats 3 --gen-batches 16 --gen-tokens 128 \

@@ -796,7 +796,9 @@ class IncrementalMatcher:
     each scope's sum of feature-probe logits and (max pooling) its feature max, and each
     ``for_tokens`` rule's current and longest run. Means and probe logits are sums in a different
     order than one full evaluation, so a value within float rounding of its threshold may decide
-    differently; max, counts and runs are exact. Everything stays on the device.
+    differently; max, counts and runs are exact. Everything stays on the device, and the running
+    state is updated in place (the same tensors for the matcher's life), so a captured CUDA graph
+    of an update stays valid; :meth:`update` returns the matcher's own decision tensor.
     """
 
     def __init__(self, engine: PolicyEngine, batch_size: int, device: torch.device) -> None:
@@ -835,7 +837,7 @@ class IncrementalMatcher:
         self.n_scope += scope_masks.sum(1)
         vals, leaf_mask, logit = engine._token_values(k, feats, recon, scope_masks)
         vmax, vsum, vcount = engine._partials(k, vals, leaf_mask)
-        self.vmax = torch.maximum(self.vmax, vmax)
+        torch.maximum(self.vmax, vmax, out=self.vmax)
         if self.vsum is not None and vsum is not None:
             self.vsum += vsum
         if self.vcount is not None and vcount is not None:
@@ -844,7 +846,7 @@ class IncrementalMatcher:
         if self.logit_sum is not None and logit is not None:
             self.logit_sum += torch.bmm(sm, logit)
         if self.feat_max is not None:
-            self.feat_max = torch.maximum(self.feat_max, engine._scope_max(feats, sm))
+            torch.maximum(self.feat_max, engine._scope_max(feats, sm), out=self.feat_max)
         if not decide and not self.run_now.shape[1]:
             return self._last
 
@@ -859,7 +861,7 @@ class IncrementalMatcher:
         run = None
         if tok_nodes is not None:
             run = self._runs(engine._held_runs(k, tok_nodes, scope_masks))
-        self._last = engine._rules(k, scores, fires, self.n_scope, run)[2]
+        self._last.copy_(engine._rules(k, scores, fires, self.n_scope, run)[2])
         return self._last
 
     def _runs(self, held: Tensor) -> Tensor:
@@ -871,8 +873,8 @@ class IncrementalMatcher:
             run = torch.where(held, pos - last_false, torch.zeros_like(pos))
             # Held since the chunk began: the run that was going on goes on.
             run = run + torch.where(held & (last_false < 0), self.run_now.unsqueeze(1), torch.zeros_like(run))
-            self.run_best = torch.maximum(self.run_best, run.amax(1))
-            self.run_now = run[:, -1]
+            torch.maximum(self.run_best, run.amax(1), out=self.run_best)
+            self.run_now.copy_(run[:, -1])
         return self.run_best
 
 

@@ -25,6 +25,9 @@ launching kernels, and the graph turns a dozen launches and the Python around
 them into three (:class:`_StepGraph`). It is captured on the first such step and
 again when the history outgrows its buffers, a new batch starts or the slots'
 switches are replaced; a capture that fails leaves the hook eager.
+:attr:`SteeringHook.graph_policy_steps` (off by default) extends the graph to steps
+that decide steering rules with the incremental matcher (whose state is updated in
+place) and to the reconstruction error; the positions' masks are then copied in too.
 
 The caller tells the hook, before each forward, which of the new positions are
 content and which are completion tokens (:meth:`SteeringHook.set_positions`).
@@ -35,7 +38,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -99,6 +102,9 @@ class SteeringHook:
 
     cuda_graphs: bool = True
     """The default of ``cuda_graph`` for new hooks (:func:`~auditor.steering.generate` makes its own)."""
+    graph_policy_steps: bool = False
+    """Also replay one-token steps that evaluate steering rules (with the incremental matcher) or
+    compute the reconstruction error. Off by default until the CUDA tests have run it on a GPU."""
     graph_device: str = "cuda"
     """The device type whose one-token steps are captured (with :meth:`record_step`)."""
 
@@ -126,7 +132,7 @@ class SteeringHook:
         """Run the plain one-token decode step as a CUDA graph on a CUDA device (see the module docstring)."""
         self.graph_steps = 0
         """Decode steps run by replaying a captured graph (over the hook's life)."""
-        self._graph: _StepGraph | None = None
+        self._graphs: dict[bool, _StepGraph] = {}  # by whether the step decides the steering rules
         self.engine = engine
         self.user = list(user)
         self.rule_slots = policy_slots(engine, library, sae.cfg.d_sae, limits) if engine is not None and policy_steering else []
@@ -192,7 +198,7 @@ class SteeringHook:
         self._rule_hist = _Growing()  # [B, E, R] rules matched at each trigger evaluation (policy rows only)
         self._eval_starts: list[int] = []  # positions recorded before the forward of each trigger evaluation
         self._triggers: list[Trigger] | None = None
-        self._graph = None  # it wrote into the buffers just dropped
+        self._graphs = {}  # they wrote into the buffers just dropped
 
     def set_positions(self, mask: Tensor, is_completion: Tensor) -> None:
         """Describe the positions of the next forward: ``mask``/``is_completion`` are ``[B, T]`` bool."""
@@ -306,39 +312,44 @@ class SteeringHook:
     # ------------------------------------------------------------------ the CUDA graph step
 
     def _graph_ok(self, b: int) -> bool:
-        """Whether a one-token step of batch ``b`` is the plain measure-record-steer step a graph replays."""
-        return (
-            self.cuda_graph
-            and self.trigger_engine is None
-            and not self.need_recon
-            and not self.need_resid
-            and b == self.enabled.shape[0]
-        )
+        """Whether a one-token step of batch ``b`` is one a graph replays: measure, record, steer and
+        (with :attr:`graph_policy_steps`) the incremental steering decision and reconstruction error."""
+        if not self.cuda_graph or self.need_resid or b != self.enabled.shape[0]:
+            return False
+        if self.trigger_engine is None and not self.need_recon:
+            return True
+        return self.graph_policy_steps and (self.trigger_engine is None or self._matcher is not None)
 
     def _graph_step(self, tensor: Tensor) -> Tensor | None:
         """One decode step by graph replay (capturing first if needed); None: run it eagerly."""
-        n = len(self._feats)
-        g = self._graph
-        if g is None or not g.fits(self, tensor, n):
-            self._graph = g = None
-            if not self.cuda_graph:
-                return None
-            g = _StepGraph.capture(self, tensor)
+        n, n_eval = len(self._feats), len(self._rule_hist)
+        rules = self.trigger_engine is not None
+        decide = not rules or self._steps % self.policy_every == 0
+        g = self._graphs.get(decide)
+        if g is None or not g.fits(self, tensor, n, n_eval):
+            self._graphs.pop(decide, None)
+            g = _StepGraph.capture(self, tensor, decide=decide)
             if g is None:
-                self.cuda_graph = False  # this model/SAE cannot be captured: stay eager
+                self.cuda_graph = False  # this model/SAE/policy cannot be captured: stay eager
                 return None
-            self._graph = g
+            self._graphs[decide] = g
         b = tensor.shape[0]
         if self._pending is not None and tuple(self._pending[0].shape) == (b, 1):
             mask, comp = self._pending
         else:
             mask = comp = torch.ones(b, 1, dtype=torch.bool)
         self._pending = None
-        out = g.run(tensor, n)
+        start = len(self._mask)
+        out = g.run(tensor, n, n_eval, mask, comp)
         self._feats.advance(1)
         self._steered.advance(1)
+        if self.need_recon:
+            self._recon.advance(1)
         self._mask.append(mask)
         self._comp.append(comp)
+        if rules and decide:
+            self._rule_hist.advance(1)
+            self._decided(start)
         self._steps += 1
         self.graph_steps += 1
         return out
@@ -351,6 +362,15 @@ class SteeringHook:
         matched before keeps its slots on, so it fires once per row. ``decide=False`` (between
         ``policy_every`` steps) only records the new positions.
         """
+        matched = self._decide(f, mask, comp, recon, decide=decide)
+        if matched is not None:
+            self._rule_hist.append(matched.unsqueeze(1))
+            self._decided(start)
+
+    def _decide(self, f: Tensor, mask: Tensor, comp: Tensor, recon: Tensor | None, *, decide: bool) -> Tensor | None:
+        """:meth:`_fire`'s device part: the rules matched ``[B, R]`` (policy rows only), their slots
+        switched on; None when not deciding. With the incremental matcher, nothing here reads or
+        writes host state (a graph step runs it)."""
         engine = self.trigger_engine
         assert engine is not None
         if self._matcher is not None:
@@ -360,12 +380,15 @@ class SteeringHook:
         elif decide:
             matched = engine.matched(self._history_batch(engine, self.trigger_cols))
         if not decide:
-            return
+            return None
         matched = matched & self.policy_rows.unsqueeze(1)  # [B, R]
-        self._rule_hist.append(matched.unsqueeze(1))
+        self.enabled |= (matched.unsqueeze(2) & self._rule_slot_map.unsqueeze(0)).any(1)  # [B, S]
+        return matched
+
+    def _decided(self, start: int) -> None:
+        """Host bookkeeping of one recorded decision (``start``: positions recorded before its forward)."""
         self._eval_starts.append(start)
         self._triggers = None
-        self.enabled |= (matched.unsqueeze(2) & self._rule_slot_map.unsqueeze(0)).any(1)  # [B, S]
 
 
 def _batch(
@@ -386,77 +409,128 @@ def _batch(
 
 
 class _StepGraph:
-    """The hook's one-token step (measure, record, steer) captured as a CUDA graph.
+    """The hook's one-token step captured as a CUDA graph (or another recorder's replay).
 
     Static buffers: the input activation ``x [B, d]``, the output ``out [B, d]``, the history
-    position ``pos`` (a device scalar the graph advances), and the tensors the step reads and
-    writes in place: the two history buffers and the slots' switches ``enabled``. The graph
-    fits the hook only while those are the very tensors it holds and the buffers have room.
+    position ``pos`` and the decision count ``eval_pos`` (device scalars the graph advances), the
+    positions' masks ``mask`` / ``comp [B, 1]`` (when steering rules read them), and the tensors
+    the step reads and writes in place: the history buffers, the slots' switches, the policy rows
+    and the incremental matcher's state. The graph fits the hook only while those are the very
+    tensors it holds and the buffers have room.
     """
 
-    def __init__(
-        self, replay: Callable[[], None], x: Tensor, out: Tensor, pos: Tensor, hook: SteeringHook, n: int, inference: bool
-    ) -> None:
+    def __init__(self, replay: Callable[[], None], hook: SteeringHook, static: dict[str, Any], n: int, n_eval: int) -> None:
         self.replay = replay
-        self.x = x
-        self.out = out
-        self.pos = pos
-        self.feats = hook._feats._buf
-        self.steered = hook._steered._buf
-        self.enabled = hook.enabled
-        self.n = n  # the history length `pos` holds
-        self.inference = inference  # its static tensors are inference tensors: written only in inference mode
+        self.x, self.out, self.pos, self.eval_pos = static["x"], static["out"], static["pos"], static["eval_pos"]
+        self.mask, self.comp = static["mask"], static["comp"]
+        self.feats, self.steered = hook._feats._buf, hook._steered._buf
+        self.recon = hook._recon._buf if hook.need_recon else None
+        self.rule_hist = hook._rule_hist._buf if self.eval_pos is not None else None
+        self.enabled, self.policy_rows, self.matcher = hook.enabled, hook.policy_rows, hook._matcher
+        self.n, self.n_eval = n, n_eval  # the positions `pos` and `eval_pos` hold
+        self.inference = torch.is_inference_mode_enabled()  # static tensors made in inference mode stay there
 
-    def fits(self, hook: SteeringHook, tensor: Tensor, n: int) -> bool:
+    def fits(self, hook: SteeringHook, tensor: Tensor, n: int, n_eval: int) -> bool:
+        def room(buf: Tensor | None, mine: Tensor | None, at: int) -> bool:
+            return buf is mine and mine is not None and at < mine.shape[1]
+
         return (
             tensor.shape[0] == self.x.shape[0]
             and tensor.dtype == self.x.dtype
             and tensor.device == self.x.device
-            and hook._feats._buf is self.feats
-            and hook._steered._buf is self.steered
-            and hook.enabled is self.enabled
-            and self.feats is not None
-            and n < self.feats.shape[1]
             and torch.is_inference_mode_enabled() == self.inference
+            and room(hook._feats._buf, self.feats, n)
+            and room(hook._steered._buf, self.steered, n)
+            and (self.recon is None or room(hook._recon._buf, self.recon, n))
+            and (self.rule_hist is None or room(hook._rule_hist._buf, self.rule_hist, n_eval))
+            and hook.enabled is self.enabled
+            and hook.policy_rows is self.policy_rows
+            and hook._matcher is self.matcher
         )
 
-    def run(self, tensor: Tensor, n: int) -> Tensor:
+    def run(self, tensor: Tensor, n: int, n_eval: int, mask: Tensor, comp: Tensor) -> Tensor:
         if n != self.n:  # an eager forward recorded positions since the last replay
             self.pos.fill_(n)
+        if self.eval_pos is not None and n_eval != self.n_eval:
+            self.eval_pos.fill_(n_eval)
         self.x.copy_(tensor.reshape(self.x.shape))
+        if self.mask is not None and self.comp is not None:
+            self.mask.copy_(mask.reshape(self.mask.shape), non_blocking=True)
+            self.comp.copy_(comp.reshape(self.comp.shape), non_blocking=True)
         self.replay()
         self.n = n + 1
+        if self.eval_pos is not None:
+            self.n_eval = n_eval + 1
         return self.out.clone().view_as(tensor)
 
     @staticmethod
-    def capture(hook: SteeringHook, tensor: Tensor) -> _StepGraph | None:
+    def capture(hook: SteeringHook, tensor: Tensor, *, decide: bool) -> _StepGraph | None:
         """Capture the step for ``tensor [B, 1, d]``'s shape; None if this step cannot be captured."""
         b, _, d = tensor.shape
-        n = len(hook._feats)
+        dev = tensor.device
+        n, n_eval = len(hook._feats), len(hook._rule_hist)
+        rules = hook.trigger_engine is not None
+        recording = rules and decide
         width = hook.steerer.latents.numel()
-        like = torch.empty(b, 1, width, dtype=torch.float32, device=tensor.device)
-        hook._feats.reserve(like, 64)
-        hook._steered.reserve(like, 64)
-        x = tensor.reshape(b, d).clone()
-        out = torch.empty_like(x)
-        pos = torch.full((1,), n, dtype=torch.long, device=tensor.device)
-        feats, steered, enabled, steerer = hook._feats._buf, hook._steered._buf, hook.enabled, hook.steerer
+        hook._feats.reserve(torch.empty(b, 1, width, device=dev), 64)
+        hook._steered.reserve(torch.empty(b, 1, width, device=dev), 64)
+        if hook.need_recon:
+            hook._recon.reserve(torch.empty(b, 1, device=dev), 64)
+        if recording:
+            hook._rule_hist.reserve(torch.empty(b, 1, len(hook._trigger_ids), dtype=torch.bool, device=dev), 64)
+        static: dict[str, Any] = {
+            "x": tensor.reshape(b, d).clone(),
+            "out": torch.empty(b, d, dtype=tensor.dtype, device=dev),
+            "pos": torch.full((1,), n, dtype=torch.long, device=dev),
+            "eval_pos": torch.full((1,), n_eval, dtype=torch.long, device=dev) if recording else None,
+            "mask": torch.ones(b, 1, dtype=torch.bool, device=dev) if rules else None,
+            "comp": torch.ones(b, 1, dtype=torch.bool, device=dev) if rules else None,
+        }
+        x, out, pos, eval_pos = static["x"], static["out"], static["pos"], static["eval_pos"]
+        feats, steered, recon_buf = hook._feats._buf, hook._steered._buf, hook._recon._buf if hook.need_recon else None
+        rule_hist, enabled, steerer = hook._rule_hist._buf, hook.enabled, hook.steerer
         assert feats is not None and steered is not None
 
         def step() -> None:
-            f, state, _ = steerer.measure_with_error(x, recon_error=False)  # [B, U] float32
+            f, state, recon = steerer.measure_with_error(x, recon_error=hook.need_recon)  # [B, U] float32, [B]
             feats.index_copy_(1, pos, f.unsqueeze(1))
+            if recon_buf is not None and recon is not None:
+                recon_buf.index_copy_(1, pos, recon.view(b, 1))
+            if rules:
+                r = recon.view(b, 1) if recon is not None else None
+                matched = hook._decide(f.view(b, 1, -1), static["mask"], static["comp"], r, decide=decide)
+                if matched is not None and rule_hist is not None and eval_pos is not None:
+                    rule_hist.index_copy_(1, eval_pos, matched.unsqueeze(1))
+                    eval_pos.add_(1)
             new_x, new = steerer.steer(x, f, state, enabled)
             steered.index_copy_(1, pos, new.unsqueeze(1))
             out.copy_(new_x)
             pos.add_(1)
 
-        replay = hook.record_step(step, tensor.device)
+        # What capturing runs (a CUDA graph warms up first) also advances the decision's state: the
+        # matcher's running aggregates and the switches. Keep them and put them back afterwards.
+        saved = _state_of(hook)
+        replay = hook.record_step(step, dev)
+        _restore(saved)
         if replay is None:
             return None
-        inference = torch.is_inference_mode_enabled()
         pos.fill_(n)
-        return _StepGraph(replay, x, out, pos, hook, n, inference)
+        if eval_pos is not None:
+            eval_pos.fill_(n_eval)
+        return _StepGraph(replay, hook, static, n, n_eval)
+
+
+def _state_of(hook: SteeringHook) -> list[tuple[Tensor, Tensor]]:
+    """The tensors a step updates in place outside the history (switches, matcher state), with copies."""
+    live = [hook.enabled]
+    if hook._matcher is not None:
+        live += [v for v in vars(hook._matcher).values() if isinstance(v, Tensor)]
+    return [(t, t.clone()) for t in live]
+
+
+def _restore(saved: list[tuple[Tensor, Tensor]]) -> None:
+    for t, copy in saved:
+        t.copy_(copy)
 
 
 def _capture_cuda_graph(step: Callable[[], None], device: torch.device) -> Callable[[], None] | None:

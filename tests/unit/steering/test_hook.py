@@ -344,6 +344,63 @@ def test_graph_steps_keep_the_eager_history_through_growth_chunks_and_resets(tmp
     assert steering.graph_steps == 0 and _ReplayOnCPU.captures == 5
 
 
+class _ReplayPolicyStepsOnCPU(_ReplayOnCPU):
+    graph_policy_steps = True
+
+
+_ANOMALY_RULE = """  - id: odd-tokens
+    severity: low
+    category: anomaly
+    scope: completion
+    condition: {anomaly: {threshold: 0.9}, agg: count_above, threshold: 3}
+    actions:
+      - alert
+      - steer: {feature: topic.weather, mode: scale, value: 0.5}
+"""
+
+
+def _tensor_ids(hook: SteeringHook) -> dict[str, int]:
+    """Where the state a step updates lives (a captured graph keeps writing those very tensors)."""
+    out = {"enabled": hook.enabled.data_ptr()}
+    if hook._matcher is not None:
+        out.update({k: v.data_ptr() for k, v in vars(hook._matcher).items() if isinstance(v, torch.Tensor)})
+    return out
+
+
+@pytest.mark.parametrize(("every", "anomaly"), [(1, False), (2, False), (1, True)])
+def test_graph_steps_that_decide_steering_rules_equal_eager_steps(  # type: ignore[no-untyped-def]
+    tmp_path: Path, library_path: Path, library, every: int, anomaly: bool
+) -> None:
+    path = _policy(tmp_path, library_path)
+    if anomaly:  # a steering rule on the reconstruction error: the step computes it too
+        path.write_text(path.read_text() + _ANOMALY_RULE)
+    engine = load_policy(path)
+    sae = random_sae()
+    chunks = _graph_chunks(sae)
+    kw = {"engine": engine, "library": library, "policy_every": every}
+    eager = SteeringHook(sae, [], cuda_graph=False, **kw)
+    graphed = _ReplayPolicyStepsOnCPU(sae, [], **kw)
+    plain = _ReplayOnCPU(sae, [], **kw)  # without graph_policy_steps: every step eager
+    for hook in (eager, graphed, plain):
+        hook.reset(3, torch.zeros(3, dtype=torch.bool))
+    want = _feed_graph_chunks(eager, chunks[:3])
+    got = _feed_graph_chunks(graphed, chunks[:3])
+    ids = _tensor_ids(graphed)
+    want = torch.cat([want, _feed_graph_chunks(eager, chunks[3:])], 1)
+    got = torch.cat([got, _feed_graph_chunks(graphed, chunks[3:])], 1)
+    _feed_graph_chunks(plain, chunks)
+    assert plain.graph_steps == 0 and graphed.graph_steps == len(chunks) - 2
+    assert _tensor_ids(graphed) == ids  # updated in place only
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for key, value in eager.history().items():
+        torch.testing.assert_close(graphed.history()[key], value, rtol=0, atol=0)
+    assert graphed.triggers == eager.triggers and len(eager.triggers) >= 4
+    assert torch.equal(graphed.enabled, eager.enabled)
+    assert graphed._eval_starts == eager._eval_starts
+    if anomaly:
+        assert "recon" in graphed.history() and any(t.rule_id == "odd-tokens" for t in eager.triggers)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_decode_steps_equal_eager_steps(tmp_path: Path, library_path: Path, library) -> None:  # type: ignore[no-untyped-def]
     dev = torch.device("cuda")
@@ -370,6 +427,37 @@ def test_cuda_graph_decode_steps_equal_eager_steps(tmp_path: Path, library_path:
     ]
     assert [v.scores for v in graphed[2]] == [pytest.approx(v.scores, rel=1e-5) for v in eager[2]]
     assert any(v.matches for v in eager[2])
+
+
+class _CudaPolicySteps(SteeringHook):
+    graph_policy_steps = True
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(("every", "anomaly"), [(1, False), (2, True)])
+def test_cuda_graph_steps_that_decide_steering_rules_equal_eager_steps(  # type: ignore[no-untyped-def]
+    tmp_path: Path, library_path: Path, library, every: int, anomaly: bool
+) -> None:
+    path = _policy(tmp_path, library_path)
+    if anomaly:
+        path.write_text(path.read_text() + _ANOMALY_RULE)
+    engine = load_policy(path)
+    sae = random_sae().to("cuda")
+    chunks = _graph_chunks(random_sae(), "cuda")  # same seed, same weights
+    kw = {"engine": engine, "library": library, "policy_every": every}
+    eager = SteeringHook(sae, [], cuda_graph=False, **kw)
+    graphed = _CudaPolicySteps(sae, [], **kw)
+    for hook in (eager, graphed):
+        hook.reset(3, torch.zeros(3, dtype=torch.bool))
+    want, got = _feed_graph_chunks(eager, chunks), _feed_graph_chunks(graphed, chunks)
+    assert graphed.graph_steps == len(chunks) - 2 and eager.graph_steps == 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for key, value in eager.history().items():
+        torch.testing.assert_close(graphed.history()[key], value, rtol=1e-5, atol=1e-5)
+    # The warm-up before a capture runs the step for real: the matcher's counts and the switches
+    # are put back, or the rules would fire early.
+    assert [(t.rule_id, t.row, t.token) for t in graphed.triggers] == [(t.rule_id, t.row, t.token) for t in eager.triggers]
+    assert len(eager.triggers) >= 4 and torch.equal(graphed.enabled, eager.enabled)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
