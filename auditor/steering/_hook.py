@@ -472,10 +472,10 @@ class _StepGraph:
         rules = hook.trigger_engine is not None
         recording = rules and decide
         width = hook.steerer.latents.numel()
-        hook._feats.reserve(torch.empty(b, 1, width, device=dev), 64)
-        hook._steered.reserve(torch.empty(b, 1, width, device=dev), 64)
+        hook._feats.reserve(torch.empty(b, 1, width, dtype=torch.float32, device=dev), 64)
+        hook._steered.reserve(torch.empty(b, 1, width, dtype=torch.float32, device=dev), 64)
         if hook.need_recon:
-            hook._recon.reserve(torch.empty(b, 1, device=dev), 64)
+            hook._recon.reserve(torch.empty(b, 1, dtype=torch.float32, device=dev), 64)
         if recording:
             hook._rule_hist.reserve(torch.empty(b, 1, len(hook._trigger_ids), dtype=torch.bool, device=dev), 64)
         static: dict[str, Any] = {
