@@ -495,7 +495,7 @@ class _StepGraph:
             f, state, recon = steerer.measure_with_error(x, recon_error=hook.need_recon)  # [B, U] float32, [B]
             feats.index_copy_(1, pos, f.unsqueeze(1))
             if recon_buf is not None and recon is not None:
-                recon_buf.index_copy_(1, pos, recon.view(b, 1))
+                recon_buf.index_copy_(1, pos, recon.view(b, 1).to(recon_buf.dtype))
             if rules:
                 r = recon.view(b, 1) if recon is not None else None
                 matched = hook._decide(f.view(b, 1, -1), static["mask"], static["comp"], r, decide=decide)
@@ -586,7 +586,8 @@ class _Growing:
         if self._buf is not None and self._n + extra <= self._buf.shape[1]:
             return
         capacity = max(2 * (self._buf.shape[1] if self._buf is not None else 0), self._n + extra, 64)
-        grown = like.new_empty((like.shape[0], capacity, *like.shape[2:]))
+        # A buffer keeps the dtype of what it first recorded.
+        grown = (self._buf if self._buf is not None else like).new_empty((like.shape[0], capacity, *like.shape[2:]))
         if self._buf is not None:
             grown[:, : self._n] = self._buf[:, : self._n]
         self._buf = grown
