@@ -82,49 +82,33 @@ def test_alert_log_lives_under_the_data_dir(tmp_path: Path) -> None:
     assert default_data_dir({"XDG_DATA_HOME": "/data"}) == Path("/data/sae-auditor")
 
 
-def test_compile_comes_from_the_flag_env_or_yaml(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("name", "default"), [("compile", False), ("cuda_graphs", True)])
+def test_switches_come_from_the_flag_env_or_yaml(tmp_path: Path, name: str, default: bool) -> None:
     import argparse
 
     from auditor.server.cli import _SERVE_FLAGS, register
 
-    assert Settings.load(env={}).compile is False
-    assert Settings.load(env={"AUDITOR_COMPILE": "true"}).compile is True
+    env_key, flag = f"AUDITOR_{name.upper()}", "--" + name.replace("_", "-")
+    assert getattr(Settings.load(env={}), name) is default
+    assert getattr(Settings.load(env={env_key: str(not default).lower()}), name) is (not default)
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("compile: true\n")
-    assert Settings.load(env={}, config_file=cfg).compile is True
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers())
-    args = parser.parse_args(["serve", "--compile"])
-    flags = {name: getattr(args, name, None) for name in _SERVE_FLAGS}
-    assert Settings.load(flags=flags, env={}).compile is True
-    args = parser.parse_args(["serve"])
-    assert Settings.load(flags={name: getattr(args, name, None) for name in _SERVE_FLAGS}, env={"AUDITOR_COMPILE": "1"}).compile
-
-
-def test_cuda_graphs_are_on_unless_a_flag_env_or_yaml_turns_them_off(tmp_path: Path) -> None:
-    import argparse
-
-    from auditor.server.cli import _SERVE_FLAGS, register
-
-    assert Settings.load(env={}).cuda_graphs is True
-    assert Settings.load(env={"AUDITOR_CUDA_GRAPHS": "false"}).cuda_graphs is False
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("cuda_graphs: false\n")
-    assert Settings.load(env={}, config_file=cfg).cuda_graphs is False
+    cfg.write_text(f"{name}: {str(not default).lower()}\n")
+    assert getattr(Settings.load(env={}, config_file=cfg), name) is (not default)
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
 
-    def from_flags(*argv: str) -> Settings:
+    def from_flags(*argv: str, env: dict[str, str]) -> bool:
         args = parser.parse_args(["serve", *argv])
-        return Settings.load(flags={name: getattr(args, name, None) for name in _SERVE_FLAGS}, env={"AUDITOR_CUDA_GRAPHS": "0"})
+        return bool(getattr(Settings.load(flags={n: getattr(args, n, None) for n in _SERVE_FLAGS}, env=env), name))
 
-    assert from_flags("--cuda-graphs").cuda_graphs is True  # the flag beats the environment
-    assert from_flags("--no-cuda-graphs").cuda_graphs is False
-    assert from_flags().cuda_graphs is False  # no flag: the environment's value stands
-    cfg.write_text("cuda_graphs: maybe\n")
+    assert from_flags(flag, env={env_key: "false"}) is True  # the flag beats the environment
+    assert from_flags(env={env_key: "1"}) is True  # no flag: the environment's value stands
+    if default:  # a switch that is on by default can be turned off on the command line
+        assert from_flags(f"--no-{flag[2:]}", env={}) is False
+    cfg.write_text(f"{name}: maybe\n")
     with pytest.raises(ConfigError) as info:
         Settings.load(env={}, config_file=cfg)
-    assert "cuda_graphs" in str(info.value)
+    assert name in str(info.value)
 
 
 def test_dtype_is_checked_where_it_is_given(tmp_path: Path) -> None:
