@@ -444,21 +444,11 @@ class PolicyEngine:
 
     def _verdicts_of(self, r: _RuleTensors, tokens: list[list[str]] | None) -> list[Verdict]:
         """The verdicts from one evaluation's rule tensors (``tokens``: for explanations' span texts)."""
-        # What every verdict needs crosses to the host in one copy; what only explanations
-        # need (values, per-token holds) stays where it is until an explanation is read.
-        n_r, n_e = r.score.shape[1], r.exc_fired.shape[1]
-        host = torch.cat([r.score, r.matched.float(), r.fired.float(), r.exc_fired.float(), r.cat_scores], dim=1).cpu()
-        return self._verdicts(
-            host[:, :n_r],
-            host[:, n_r : 2 * n_r] > 0,
-            host[:, 2 * n_r : 3 * n_r] > 0,
-            host[:, 3 * n_r : 3 * n_r + n_e] > 0,
-            host[:, 3 * n_r + n_e :],
-            r.leaf_value,
-            r.leaf_fired,
-            r.holds,
-            tokens,
-        )
+        # What every verdict needs crosses to the host in one copy and becomes Python numbers in one
+        # call; what only explanations need (values, per-token holds) stays where it is until an
+        # explanation is read.
+        host = torch.cat([r.score, r.matched.float(), r.fired.float(), r.exc_fired.float(), r.cat_scores], dim=1)
+        return self._verdicts(host.cpu().tolist(), r.exc_fired.shape[1], r.leaf_value, r.leaf_fired, r.holds, tokens, r.matched)
 
     @torch.inference_mode()
     def matched(self, batch: AuditBatch) -> Tensor:
@@ -710,28 +700,25 @@ class PolicyEngine:
 
     def _verdicts(
         self,
-        rscore: Tensor,
-        matched: Tensor,
-        rfired: Tensor,
-        exc_fired: Tensor,
-        cat_scores: Tensor,
+        rows: list[list[float]],
+        n_e: int,
         value: Tensor,
         fired: Tensor,
         tok: _TokenHolds,
         tokens: list[list[str]] | None,
+        matched_t: Tensor,
     ) -> list[Verdict]:
+        """Verdicts from each row's host numbers: rule scores, matched, fired (``R`` each), ``n_e``
+        exceptions' fired, then the category scores; the rest stays on the device for explanations."""
         c = self.compiled
-        bsz = rscore.shape[0]
-        score_rows = rscore.tolist()
-        cat_rows = cat_scores.tolist()
-        hits: list[list[int]] = [[] for _ in range(bsz)]
-        for b, r_i in torch.nonzero(matched).tolist():
-            hits[b].append(r_i)
-        held: list[list[int]] = [[] for _ in range(bsz)]
-        for b, r_i in torch.nonzero(rfired & ~matched).tolist():
-            held[b].append(r_i)
-        detail = _BatchDetail(c, value, fired, tok, tokens, matched) if any(hits) else None
-        exc_rows = exc_fired.tolist() if any(held) else []
+        n_r = len(c.rules)
+        bsz = len(rows)
+        hits = [[i for i in range(n_r) if row[n_r + i] > 0] for row in rows]
+        held = [[i for i in range(n_r) if row[2 * n_r + i] > 0 and not row[n_r + i] > 0] for row in rows]
+        detail = _BatchDetail(c, value, fired, tok, tokens, matched_t) if any(hits) else None
+        score_rows = [row[:n_r] for row in rows]
+        cat_rows = [row[3 * n_r + n_e :] for row in rows]
+        exc_rows = [[e > 0 for e in row[3 * n_r : 3 * n_r + n_e]] for row in rows]
         verdicts: list[Verdict] = []
         for b in range(bsz):
             matches: list[RuleMatch] = []
