@@ -565,7 +565,7 @@ class AuditStream:
         self._ids: list[int] = []
         d_in = auditor.sae.cfg.d_in
         n_watched = engine.watched.numel()
-        self._acts = torch.zeros((0, d_in), device=auditor.device)  # [T_seen, d_in]
+        self._acts = torch.zeros((0, d_in), device=auditor.device)  # [T_seen, d_in], kept only if the policy reads it
         self._feats = torch.zeros((0, n_watched), device=auditor.device)  # [T_seen, F]
         self._recon = torch.zeros((0,), device=auditor.device)  # [T_seen]
         self.last_timings = StageTimings()
@@ -650,7 +650,8 @@ class AuditStream:
         )[aud.hookpoint][0].float()
 
     def _store(self, acts: torch.Tensor, feats: torch.Tensor, recon: torch.Tensor | None) -> None:
-        self._acts = torch.cat([self._acts, acts])
+        if self.engine.needs_resid:  # hookpoint probes read the residual stream; nothing else does
+            self._acts = torch.cat([self._acts, acts])
         self._feats = torch.cat([self._feats, feats])
         if recon is not None:
             self._recon = torch.cat([self._recon, recon])

@@ -299,3 +299,45 @@ def test_shared_encode_gives_the_reference_features_and_error(
     assert full is not None
     torch.testing.assert_close(full, sae.encode(x))
     torch.testing.assert_close(feats, full[:, engine.watched])
+
+
+def test_stream_under_a_residual_probe_keeps_the_activations_it_reads(auditor: Auditor, tmp_path: Path) -> None:
+    """A hookpoint probe reads the residual stream, so its streams keep each token's activations
+    (and still match a whole audit after every chunk); other policies' streams keep none."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    from auditor.policy import load_policy
+    from auditor.policy.probes import save_probe
+    from tests.unit.steering.conftest import HIDDEN
+
+    g = np.random.default_rng(0)
+    save_probe(LogisticRegression().fit(g.normal(size=(40, HIDDEN)), g.integers(0, 2, 40)), tmp_path / "resid.json", inputs="hookpoint", pool="mean")
+    assert auditor.policy is not None and auditor.policy.path is not None
+    (tmp_path / "policy.yaml").write_text(
+        f"""apiVersion: auditor/v1
+kind: Policy
+metadata: {{name: resid-probe}}
+library: {Path(auditor.policy.path).parent / "library.yaml"}
+rules:
+  - id: resid-mean
+    severity: medium
+    category: topic
+    scope: completion
+    condition: {{probe: {{path: resid.json, threshold: 0.5}}}}
+    actions: [alert]
+"""
+    )
+    engine = load_policy(tmp_path / "policy.yaml")
+    assert engine.needs_resid
+    item = AuditInput(prompt="Tell me about the weather. ")
+    probed, plain = auditor.stream(item, policy=engine), auditor.stream(item)
+    so_far = ""
+    for piece in _chunks(COMPLETION, 16)[:6]:
+        so_far += piece
+        got = probed.feed(piece)
+        plain.feed(piece)
+        [want] = auditor.run([_grown(item, so_far)], policy=engine)
+        _same_verdict(got, want)
+        assert probed._acts.shape == (probed.n_cached, HIDDEN)
+        assert plain._acts.shape[0] == 0
