@@ -285,12 +285,7 @@ class SteeringHook:
                 return out
         x = tensor.reshape(b * t, d)
         f, state, recon = self.steerer.measure_with_error(x, recon_error=self.need_recon)  # [B*T, U], [B*T]
-        if self._pending is not None and tuple(self._pending[0].shape) == (b, t):
-            mask, comp = self._pending
-        else:
-            # Nobody described these positions: count them as completion content.
-            mask = comp = torch.ones(b, t, dtype=torch.bool)
-        self._pending = None
+        mask, comp = self._take_positions(b, t)
         if b != self.enabled.shape[0]:
             self.reset(b, torch.ones(b, dtype=torch.bool) if self.user else torch.zeros(b, dtype=torch.bool))
         start = len(self._mask)
@@ -308,6 +303,14 @@ class SteeringHook:
         new_x, steered = self.steerer.steer(x, f, state, enabled)
         self._steered.append(steered.view(b, t, -1))
         return new_x.view_as(tensor)
+
+    def _take_positions(self, b: int, t: int) -> tuple[Tensor, Tensor]:
+        """The masks :meth:`set_positions` gave for this ``[B, T]`` forward (used up here); positions
+        nobody described count as completion content."""
+        pending, self._pending = self._pending, None
+        if pending is not None and tuple(pending[0].shape) == (b, t):
+            return pending
+        return torch.ones(b, t, dtype=torch.bool), torch.ones(b, t, dtype=torch.bool)
 
     # ------------------------------------------------------------------ the CUDA graph step
 
@@ -333,12 +336,7 @@ class SteeringHook:
                 self.cuda_graph = False  # this model/SAE/policy cannot be captured: stay eager
                 return None
             self._graphs[decide] = g
-        b = tensor.shape[0]
-        if self._pending is not None and tuple(self._pending[0].shape) == (b, 1):
-            mask, comp = self._pending
-        else:
-            mask = comp = torch.ones(b, 1, dtype=torch.bool)
-        self._pending = None
+        mask, comp = self._take_positions(tensor.shape[0], 1)
         start = len(self._mask)
         out = g.run(tensor, n, n_eval, mask, comp)
         self._feats.advance(1)
