@@ -105,10 +105,10 @@ def test_switches_come_from_the_flag_env_or_yaml(tmp_path: Path, name: str, defa
     assert from_flags(env={env_key: "1"}) is True  # no flag: the environment's value stands
     if default:  # a switch that is on by default can be turned off on the command line
         assert from_flags(f"--no-{flag[2:]}", env={}) is False
-    cfg.write_text(f"{name}: maybe\n")
+    cfg.write_text(f"port: 8081\n{name}: maybe\n")
     with pytest.raises(ConfigError) as info:
         Settings.load(env={}, config_file=cfg)
-    assert name in str(info.value)
+    assert f"setting {name}" in str(info.value) and "c.yaml:2" in str(info.value)  # the file and line to fix
 
 
 def test_dtype_is_checked_where_it_is_given(tmp_path: Path) -> None:
