@@ -37,7 +37,7 @@ if [ "$mode" = graph ]; then
 fi
 if [ "$mode" = serve ]; then
     timeout 300 python3 benchmarks/gpu_llama8b.py --batch-sizes 32 --widths 131072 --repeats 3 --gen-batches 16 \
-        --gen-tokens 128 --gen-repeats 11 --steer-rules 0,10 --serve-eager --graph-policy-steps --streams 0 \
+        --gen-tokens 128 --gen-repeats 11 --steer-rules 0,10 --serve-eager --streams 0 \
         >"$out/serve.log" 2>&1
     tail -n 8 "$out/serve.log"
     exit 0

@@ -25,7 +25,7 @@ launching kernels, and the graph turns a dozen launches and the Python around
 them into three (:class:`_StepGraph`). It is captured on the first such step and
 again when the history outgrows its buffers, a new batch starts or the slots'
 switches are replaced; a capture that fails leaves the hook eager.
-:attr:`SteeringHook.graph_policy_steps` (off by default) extends the graph to steps
+:attr:`SteeringHook.graph_policy_steps` (on by default) extends the graph to steps
 that decide steering rules with the incremental matcher (whose state is updated in
 place) and to the reconstruction error; the positions' masks are then copied in too.
 
@@ -102,9 +102,9 @@ class SteeringHook:
 
     cuda_graphs: bool = True
     """The default of ``cuda_graph`` for new hooks (:func:`~auditor.steering.generate` makes its own)."""
-    graph_policy_steps: bool = False
+    graph_policy_steps: bool = True
     """Also replay one-token steps that evaluate steering rules (with the incremental matcher) or
-    compute the reconstruction error. Off by default until the CUDA tests have run it on a GPU."""
+    compute the reconstruction error (False: those steps run eagerly)."""
     graph_device: str = "cuda"
     """The device type whose one-token steps are captured (with :meth:`record_step`)."""
 

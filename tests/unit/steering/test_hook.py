@@ -290,6 +290,10 @@ class _ReplayOnCPU(SteeringHook):
         return step
 
 
+class _ReplayPlainStepsOnCPU(_ReplayOnCPU):
+    graph_policy_steps = False
+
+
 def _graph_chunks(sae: SAE, device: str = "cpu") -> list[torch.Tensor]:
     """Prefill, 7 scheduled steps, then 150 more one-token steps with one 2-token chunk among them."""
     chunks = [c.to(device) for c in _activations(sae)]
@@ -332,20 +336,16 @@ def test_graph_steps_keep_the_eager_history_through_growth_chunks_and_resets(tmp
     # 2-token chunk at position 51 runs eagerly, position 128 outgrows the buffers (-> 256).
     assert _ReplayOnCPU.captures == 4
     # Other steps run eagerly: a new batch size resets the hook, chunks of several tokens, and
-    # hooks whose policy steers or reads the reconstruction error.
+    # (without graph_policy_steps) hooks whose policy steers or reads the reconstruction error.
     graphed.reset(3, torch.ones(3, dtype=torch.bool))
     for _ in range(3):  # batch 2: the first step resets eagerly, the next captures anew
         graphed(torch.randn(2, 1, HIDDEN), hook=Hookpoint(1, "resid_post"))
     assert _ReplayOnCPU.captures == 5 and graphed.graph_steps == 2 * (len(chunks) - 2) + 2
     assert graphed.history()["features"].shape[:2] == (2, 3)
-    steering = _ReplayOnCPU(sae, clamp, engine=engine, library=library)
+    steering = _ReplayPlainStepsOnCPU(sae, clamp, engine=engine, library=library)
     steering.reset(3, torch.ones(3, dtype=torch.bool))
     _feed_graph_chunks(steering, chunks[:5])
     assert steering.graph_steps == 0 and _ReplayOnCPU.captures == 5
-
-
-class _ReplayPolicyStepsOnCPU(_ReplayOnCPU):
-    graph_policy_steps = True
 
 
 _ANOMALY_RULE = """  - id: odd-tokens
@@ -379,8 +379,8 @@ def test_graph_steps_that_decide_steering_rules_equal_eager_steps(  # type: igno
     chunks = _graph_chunks(sae)
     kw = {"engine": engine, "library": library, "policy_every": every}
     eager = SteeringHook(sae, [], cuda_graph=False, **kw)
-    graphed = _ReplayPolicyStepsOnCPU(sae, [], **kw)
-    plain = _ReplayOnCPU(sae, [], **kw)  # without graph_policy_steps: every step eager
+    graphed = _ReplayOnCPU(sae, [], **kw)
+    plain = _ReplayPlainStepsOnCPU(sae, [], **kw)  # without graph_policy_steps: every step eager
     for hook in (eager, graphed, plain):
         hook.reset(3, torch.zeros(3, dtype=torch.bool))
     want = _feed_graph_chunks(eager, chunks[:3])
@@ -429,10 +429,6 @@ def test_cuda_graph_decode_steps_equal_eager_steps(tmp_path: Path, library_path:
     assert any(v.matches for v in eager[2])
 
 
-class _CudaPolicySteps(SteeringHook):
-    graph_policy_steps = True
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize(("every", "anomaly"), [(1, False), (2, True)])
 def test_cuda_graph_steps_that_decide_steering_rules_equal_eager_steps(  # type: ignore[no-untyped-def]
@@ -446,7 +442,7 @@ def test_cuda_graph_steps_that_decide_steering_rules_equal_eager_steps(  # type:
     chunks = _graph_chunks(random_sae(), "cuda")  # same seed, same weights
     kw = {"engine": engine, "library": library, "policy_every": every}
     eager = SteeringHook(sae, [], cuda_graph=False, **kw)
-    graphed = _CudaPolicySteps(sae, [], **kw)
+    graphed = SteeringHook(sae, [], **kw)  # graph_policy_steps by default
     for hook in (eager, graphed):
         hook.reset(3, torch.zeros(3, dtype=torch.bool))
     want, got = _feed_graph_chunks(eager, chunks), _feed_graph_chunks(graphed, chunks)
