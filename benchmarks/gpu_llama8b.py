@@ -285,6 +285,8 @@ def decode_loop(
             hook.evaluate()
             sync(prompt.device)
             serve["graph_steps"] = hook.graph_steps
+            serve.setdefault("capture_s", []).append(hook.graph_capture_s)
+            serve["captures"] = hook.graph_captures
             serve.setdefault("hook_host_s", []).append(host[0] / max(host[1], 1))
             return time.perf_counter() - t0
 
@@ -483,6 +485,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         prompt = torch.randint(0, cfg["vocab_size"], (gb, args.gen_prompt), generator=gen, device=device)
         for conf in serves.values():
             conf["hook_host_s"] = []
+            conf["capture_s"] = []
         # Plain and every serve configuration take turns, so drift on the machine hits them alike;
         # each is the median of its runs after one warm-up.
         runs: dict[Any, list[float]] = {None: [], **{key: [] for key in serves}}
@@ -508,6 +511,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                  "cuda_graph": g, "graph_steps": serves[(n, e, g)].get("graph_steps", 0),
                  # The hook's host time per decode step (median over all its runs) against a plain step.
                  "hook_host_ms_per_step": 1000 * statistics.median(serves[(n, e, g)].get("hook_host_s", [0.0])),
+                 # Each generation captures its graphs anew (warm-up steps included): host ms per generation.
+                 "graph_captures": serves[(n, e, g)].get("captures", 0),
+                 "graph_capture_ms": 1000 * statistics.median(serves[(n, e, g)].get("capture_s", [0.0])),
                  "plain_step_ms": 1000 * t_plain / gen_tokens,
                  "plain_tok_s": gb * gen_tokens / t_plain, "serve_tok_s": gb * gen_tokens / t_serve,
                  "serve_vs_plain": t_plain / t_serve, "final_verdict_s": t_verdict,
@@ -562,7 +568,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               f"token(s), hook {'graph' if r['cuda_graph'] else 'eager'} ({r['graph_steps']} graph steps): plain {r['plain_tok_s']:.1f} "
               f"tok/s, serve {r['serve_tok_s']:.1f} tok/s, ratio {r['serve_vs_plain']:.3f} (median of paired runs "
               f"{r['serve_vs_plain_paired']:.3f}; fastest runs {r['serve_vs_plain_best']:.3f}; hook host time {r['hook_host_ms_per_step']:.3f} ms a step of "
-              f"{r['plain_step_ms']:.2f} ms; the final verdict "
+              f"{r['plain_step_ms']:.2f} ms; {r['graph_captures']} graph capture(s) {r['graph_capture_ms']:.1f} ms; the final verdict "
               f"{1000 * r['final_verdict_s']:.1f} ms; decoding alone {r['decoding_vs_plain']:.3f})")
     if stream_row is not None and stream_row["supported"]:
         for name, label in (("one", "one stream"), ("many", f"{stream_row['streams']} streams fed together")):

@@ -5,6 +5,8 @@
 #   bash benchmarks/gpu_run.sh          # eager (with encode variants, streaming and op profiles) and --compile
 #   bash benchmarks/gpu_run.sh serve    # the full encodes at 131k and serve mode at batch 16 (graph and eager hook; one clamp,
 #                                       # and 10 steering rules with graph_policy_steps), 11 paired runs
+#   bash benchmarks/gpu_run.sh confirm  # the full encodes at 131k and serve mode at batch 16 as shipped (the hook's steps as
+#                                       # CUDA graphs; one clamp, and 10 steering rules), 21 paired runs
 #   bash benchmarks/gpu_run.sh topk     # the full encodes and their variants (top-k block widths) at 65k and 131k
 #   bash benchmarks/gpu_run.sh graph    # serve mode at batch 16 with the hook's step as a CUDA graph and eager, 11 runs; streaming
 set -u
@@ -33,6 +35,12 @@ if [ "$mode" = graph ]; then
     timeout 330 python3 benchmarks/gpu_llama8b.py --batch-sizes 32 --widths 131072 --repeats 3 --gen-batches 16 \
         --gen-tokens 128 --gen-repeats 11 --steer-rules 0 --serve-eager --streams 16 >"$out/graph.log" 2>&1
     tail -n 8 "$out/graph.log"
+    exit 0
+fi
+if [ "$mode" = confirm ]; then
+    timeout 330 python3 benchmarks/gpu_llama8b.py --batch-sizes 32 --widths 131072 --repeats 3 --gen-batches 16 \
+        --gen-tokens 128 --gen-repeats 21 --steer-rules 0,10 --streams 0 >"$out/confirm.log" 2>&1
+    tail -n 6 "$out/confirm.log"
     exit 0
 fi
 if [ "$mode" = serve ]; then

@@ -36,6 +36,7 @@ content and which are completion tokens (:meth:`SteeringHook.set_positions`).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -132,6 +133,9 @@ class SteeringHook:
         """Run the plain one-token decode step as a CUDA graph on a CUDA device (see the module docstring)."""
         self.graph_steps = 0
         """Decode steps run by replaying a captured graph (over the hook's life)."""
+        self.graph_captures = 0
+        self.graph_capture_s = 0.0
+        """Graphs captured and the host seconds the captures took, warm-up steps included (over the hook's life)."""
         self._graphs: dict[bool, _StepGraph] = {}  # by whether the step decides the steering rules
         self.engine = engine
         self.user = list(user)
@@ -331,7 +335,10 @@ class SteeringHook:
         g = self._graphs.get(decide)
         if g is None or not g.fits(self, tensor, n, n_eval):
             self._graphs.pop(decide, None)
+            t0 = time.perf_counter()
             g = _StepGraph.capture(self, tensor, decide=decide)
+            self.graph_capture_s += time.perf_counter() - t0
+            self.graph_captures += g is not None
             if g is None:
                 self.cuda_graph = False  # this model/SAE/policy cannot be captured: stay eager
                 return None

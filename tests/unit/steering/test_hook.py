@@ -341,6 +341,7 @@ def test_graph_steps_keep_the_eager_history_through_growth_chunks_and_resets(tmp
     for _ in range(3):  # batch 2: the first step resets eagerly, the next captures anew
         graphed(torch.randn(2, 1, HIDDEN), hook=Hookpoint(1, "resid_post"))
     assert _ReplayOnCPU.captures == 5 and graphed.graph_steps == 2 * (len(chunks) - 2) + 2
+    assert graphed.graph_captures == 5 and graphed.graph_capture_s > 0 and eager.graph_captures == 0
     assert graphed.history()["features"].shape[:2] == (2, 3)
     steering = _ReplayPlainStepsOnCPU(sae, clamp, engine=engine, library=library)
     steering.reset(3, torch.ones(3, dtype=torch.bool))
