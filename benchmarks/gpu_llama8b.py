@@ -521,7 +521,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                  "serve_vs_plain_paired": statistics.median(p / q for p, q in zip(runs[None], runs[(n, e, g)])),
                  # Interference on the host only ever adds time: the fastest run of each.
                  "serve_vs_plain_best": min(runs[None]) / min(runs[(n, e, g)]),
-                 "decoding_vs_plain": t_plain / (t_serve - t_verdict), "runs": args.gen_repeats}
+                 "decoding_vs_plain": t_plain / (t_serve - t_verdict), "runs": args.gen_repeats,
+                 # Every timed run in order (plain and serve of one repeat ran back to back).
+                 "plain_runs_s": runs[None], "serve_runs_s": runs[(n, e, g)]}
             )
 
     stream_row = None
