@@ -69,6 +69,53 @@ def test_watch_list_encode_equals_full_columns(arch: str, norm: str) -> None:
     assert sae.encode(x, []).shape == (N, 0)
 
 
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "topk"])
+def test_watch_list_columns_are_kept_until_the_list_or_the_weights_change(arch: str) -> None:
+    # A policy's watch-list tensor comes back on every call: its parameter columns are gathered
+    # once and used again while neither that tensor nor the weights change.
+    sae, _ = make_sae(arch, "expected_average_only_in")
+    x = acts()
+    watched = torch.tensor([5, 0, 63, 17, 5])
+    with torch.inference_mode():
+        first = sae.encode(x, watched)
+    assert_close(first, sae.encode(x)[:, watched])
+    kept = sae._watch_columns(watched)[1]
+    assert kept is not None and sae._watch_columns(watched)[1] is kept  # the same columns, not a new gather
+    assert_close(sae.encode_watched(x, watched).features, first)
+    # Kept during an inference-mode call, they are ordinary tensors: later calls outside
+    # inference mode (autograd included) can use them.
+    assert not any(t.is_inference() for t in kept.values())
+    # The weights change in place: the next encode reads the new ones.
+    sae.fold_activation_norm_scaling()
+    with torch.no_grad():
+        sae.W_enc[:, 63] *= -1.0
+    assert_close(sae.encode(x, watched), sae.encode(x)[:, watched])
+    assert not torch.equal(sae.encode(x, watched), first)
+    # New parameters (another dtype): their columns, not the old ones.
+    sae = sae.to(torch.float64)
+    assert sae.encode(x.double(), watched).dtype == torch.float64
+    assert_close(sae.encode(x.double(), watched), sae.encode(x.double())[:, watched])
+    # The list itself changes in place: the new latents.
+    watched[2] = 9
+    assert_close(sae.encode(x.double(), watched), sae.encode(x.double())[:, [5, 0, 9, 17, 5]])
+    # A bad index still fails, kept list or not.
+    with pytest.raises(IndexError, match="feature indices must be in"):
+        sae.encode(x.double(), torch.tensor([0, D_SAE]))
+
+
+def test_watch_list_columns_kept_are_bounded_and_inference_lists_are_not_kept() -> None:
+    sae, _ = make_sae("jumprelu")
+    x = acts()
+    lists = [torch.tensor([i, i + 1]) for i in range(12)]
+    for w in lists:
+        assert_close(sae.encode(x, w), sae.encode(x)[:, w])
+    assert len(sae.__dict__["_columns_cache"]) == 8
+    with torch.inference_mode():
+        w = torch.tensor([3, 4])  # an inference tensor keeps no version counter: gathered per call
+        assert_close(sae.encode(x, w), sae.encode(x)[:, [3, 4]])
+        assert sae._watch_columns(w)[1] is not sae._watch_columns(w)[1]
+
+
 @pytest.mark.parametrize(("arch", "norm", "apply_b_dec"), [(a, n, b) for a in ARCHS if a != "topk" for n in NORMS for b in (True, False)])
 def test_subset_encodes_the_listed_latents(arch: str, norm: str, apply_b_dec: bool) -> None:
     sae, _ = make_sae(arch, norm, apply_b_dec)
