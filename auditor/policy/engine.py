@@ -385,7 +385,12 @@ class PolicyEngine:
                 "leaf_divisor": torch.where(c.leaf_threshold > 0, c.leaf_threshold, 1.0).to(device),
                 **self._agg_subsets(device),
                 "leaf_scope": c.leaf_scope.to(device),
-                "groups": [(g.op, g.out.to(device), g.children.to(device)) for g in c.groups],
+                "groups": [(g.op, g.out.to(device), g.children.to(device), g.children.reshape(-1).to(device)) for g in c.groups],
+                # Scores of the nodes after the leaves before the program runs: const_true inf (neutral
+                # for min), const_false and the internal nodes 0.
+                "node_tail": torch.tensor(
+                    [math.inf if i == c.const_true else 0.0 for i in range(len(c.leaves), c.n_nodes)], device=device
+                ).unsqueeze(0),
                 "rule_node": c.rule_node.to(device),
                 "rule_scope": c.rule_scope.to(device),
                 "rule_for_tokens": c.rule_for_tokens.to(device),
@@ -475,9 +480,9 @@ class PolicyEngine:
         n_scope = scope_masks.sum(1)  # [B, 3]
 
         value, score, fired, holds = self._leaves(k, feats, recon, resid, scope_masks, n_scope)
-        scores, fires, tok_nodes = self._nodes(k, score, fired, holds)
+        scores, tok_nodes = self._nodes(k, score, holds)
         run = _longest_run(self._held_runs(k, tok_nodes, scope_masks)) if tok_nodes is not None else None
-        return _RuleTensors(*self._rules(k, scores, fires, n_scope, run), value, fired, holds)
+        return _RuleTensors(*self._rules(k, scores, n_scope, run), value, fired, holds)
 
     def _inputs(self, batch: AuditBatch) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
         """The batch checked and converted: features, mask, completion, prompt, recon error, resid."""
@@ -498,33 +503,31 @@ class PolicyEngine:
         return tok_nodes[:, :, k["rule_node"][ft]] & scope_masks[:, :, k["rule_scope"][ft]]
 
     def _rules(
-        self, k: dict[str, Any], scores: Tensor, fires: Tensor, n_scope: Tensor, run: Tensor | None
+        self, k: dict[str, Any], scores: Tensor, n_scope: Tensor, run: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Rule score, fired, matched ``[B, R]``, exceptions ``[B, E]`` and category scores from the node
-        program's outputs; ``run [B, Rf]`` is each ``for_tokens`` rule's longest run of held tokens."""
+        program's scores (a node fires when its score is >= 1); ``run [B, Rf]`` is each ``for_tokens``
+        rule's longest run of held tokens."""
         rnode, rscope = k["rule_node"], k["rule_scope"]
         rscore = scores.index_select(1, rnode)  # [B, R]
-        rfired = fires.index_select(1, rnode)
         if run is not None:
             ft = k["ft_rules"]
             need = k["rule_for_tokens"][ft]  # [Rf]
-            run_ok = run >= need
-            run_score = _consistent(run.to(torch.float32) / need.to(torch.float32), run_ok)
-            rscore[:, ft] = torch.minimum(rscore[:, ft], run_score)
-            rfired[:, ft] = rfired[:, ft] & run_ok
+            run_score = _consistent(run.to(torch.float32) / need.to(torch.float32), run >= need)
+            rscore[:, ft] = torch.minimum(rscore[:, ft], run_score)  # >= 1: the condition and the run
         rule_has = n_scope.index_select(1, rscope) > 0  # [B, R]
-        rscore = torch.where(rule_has, rscore, torch.zeros_like(rscore))
-        rfired = rfired & rule_has
+        rscore = torch.where(rule_has, rscore, 0.0)
+        rfired = rscore >= 1.0
         bsz = scores.shape[0]
         if self._has_exceptions:
-            exc_fired = fires.index_select(1, k["exc_node"])  # [B, E]
+            exc_fired = scores.index_select(1, k["exc_node"]) >= 1.0  # [B, E]
             excepted = (
                 torch.zeros(bsz, len(self.compiled.rules), device=scores.device).index_add_(1, k["exc_rule"], exc_fired.float())
                 > 0
             )
             matched = rfired & ~excepted
         else:
-            exc_fired = fires[:, :0]
+            exc_fired = rfired[:, :0]
             matched = rfired
         cat_scores = scores.new_zeros(bsz, len(self.categories)).scatter_reduce(
             1, k["rule_cat"].unsqueeze(0).expand(bsz, -1), rscore, reduce="amax", include_self=True
@@ -633,7 +636,7 @@ class PolicyEngine:
         # (for a scope with no token the leaf is 0 anyway).
         pooled = [logit_sum / counts]  # [B, 3, U]
         if top is not None:
-            top = torch.where(n_scope.unsqueeze(-1) > 0, top, torch.zeros_like(top))
+            top = torch.where(n_scope.unsqueeze(-1) > 0, top, 0.0)
             pooled.append(top @ fp["weight"] + fp["bias"])
         else:
             pooled.append(pooled[0])
@@ -641,9 +644,12 @@ class PolicyEngine:
         return torch.sigmoid(logits.reshape(bsz, -1).index_select(1, fp["pooled_index"]))
 
     def _leaf_decisions(self, k: dict[str, Any], value: Tensor, n: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Aggregated leaf values ``[B, L]`` (with ``n [B, L]`` tokens in scope) -> value, score, fired."""
+        """Aggregated leaf values ``[B, L]`` (with ``n [B, L]`` tokens in scope) -> value, score, fired.
+
+        A NaN value (broken activations) counts as 0: the leaf does not fire and scores 0, so every
+        score stays a number and ``score >= 1`` stays the node's decision."""
         has = n > 0
-        value = value.masked_fill(~has, 0.0)
+        value = torch.nan_to_num(value, nan=0.0, posinf=math.inf, neginf=-math.inf).masked_fill_(~has, 0.0)
         thr = k["leaf_threshold"]
         fired = (value >= thr) & has
         if self._all_positive:
@@ -656,38 +662,32 @@ class PolicyEngine:
             )
         return value, _consistent(score, fired), fired
 
-    def _nodes(
-        self, k: dict[str, Any], score: Tensor, fired: Tensor, holds: _TokenHolds
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Run the node program: scores and fired ``[B, N]``, and per-token holds ``[B, T, N]`` when needed."""
+    def _nodes(self, k: dict[str, Any], score: Tensor, holds: _TokenHolds) -> tuple[Tensor, Tensor | None]:
+        """Run the node program: scores ``[B, N]``, and per-token holds ``[B, T, N]`` when needed.
+
+        A node fires exactly when its score is >= 1 (the leaves' scores are made consistent with
+        their decisions, and min, max and the capped ``not`` keep that), so the program runs on
+        scores alone and callers read ``fired`` as ``score >= 1``.
+        """
         c = self.compiled
         bsz, t, n_leaves = holds.vals.shape
-        dev = score.device
-        scores = score.new_zeros(bsz, c.n_nodes)
-        fires = torch.zeros(bsz, c.n_nodes, dtype=torch.bool, device=dev)
-        scores[:, :n_leaves] = score
-        fires[:, :n_leaves] = fired
-        scores[:, c.const_true] = float("inf")  # neutral for min (all); const_false (0, False) for any
-        fires[:, c.const_true] = True
+        scores = torch.cat([score, k["node_tail"].expand(bsz, -1)], dim=1)  # [B, N]
         tok_nodes = None
         if self._ft_rules.numel() > 0:
             # Per-token truth is only needed for for_tokens rules' run lengths.
-            tok_nodes = torch.zeros(bsz, t, c.n_nodes, dtype=torch.bool, device=dev)
+            tok_nodes = torch.zeros(bsz, t, c.n_nodes, dtype=torch.bool, device=score.device)
             tok_nodes[:, :, :n_leaves] = holds.get()
             tok_nodes[:, :, c.const_true] = True
-        for op, out, children in k["groups"]:
-            flat = children.reshape(-1)
+        for op, out, children, flat in k["groups"]:
             cs = scores.index_select(1, flat).view(bsz, *children.shape)  # [B, n, c]
-            cf = fires.index_select(1, flat).view(bsz, *children.shape)
             if op == OP_ALL:
-                scores[:, out], fires[:, out] = cs.amin(-1), cf.all(-1)
+                scores[:, out] = cs.amin(-1)
             elif op == OP_ANY:
-                scores[:, out], fires[:, out] = cs.amax(-1), cf.any(-1)
+                scores[:, out] = cs.amax(-1)
             else:
                 child = cs[..., 0]
-                inv = torch.where(child > 0, 1.0 / child, torch.full_like(child, NOT_SCORE_CAP))
-                negated = ~cf[..., 0]
-                scores[:, out], fires[:, out] = _consistent(inv.clamp(max=NOT_SCORE_CAP), negated), negated
+                inv = torch.where(child > 0, 1.0 / child, NOT_SCORE_CAP)
+                scores[:, out] = _consistent(inv.clamp(max=NOT_SCORE_CAP), child < 1.0)
             if tok_nodes is not None:
                 ct = tok_nodes.index_select(2, flat).view(bsz, t, *children.shape)  # [B, T, n, c]
                 if op == OP_ALL:
@@ -696,7 +696,7 @@ class PolicyEngine:
                     tok_nodes[:, :, out] = ct.any(-1)
                 else:
                     tok_nodes[:, :, out] = ~ct[..., 0]
-        return scores, fires, tok_nodes
+        return scores, tok_nodes
 
     def _verdicts(
         self,
@@ -842,13 +842,13 @@ class IncrementalMatcher:
         fp = k["feature_probes"]
         if fp is not None and self.logit_sum is not None:
             value[:, fp["leaves"]] = engine._probe_pool(fp, self.logit_sum, self.n_scope, self.feat_max)
-        value, score, fired = engine._leaf_decisions(k, value, n)
+        value, score, _ = engine._leaf_decisions(k, value, n)
         holds = _TokenHolds(vals, k["leaf_above"], leaf_mask, k["leaf_counting"], k["leaf_threshold"])
-        scores, fires, tok_nodes = engine._nodes(k, score, fired, holds)  # per-token truth of this chunk only
+        scores, tok_nodes = engine._nodes(k, score, holds)  # per-token truth of this chunk only
         run = None
         if tok_nodes is not None:
             run = self._runs(engine._held_runs(k, tok_nodes, scope_masks))
-        self._last.copy_(engine._rules(k, scores, fires, self.n_scope, run)[2])
+        self._last.copy_(engine._rules(k, scores, self.n_scope, run)[2])
         return self._last
 
     def _runs(self, held: Tensor) -> Tensor:

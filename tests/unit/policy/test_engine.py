@@ -439,6 +439,32 @@ def test_leaf_exactly_at_threshold_fires(tmp_path: Path) -> None:
     torch.testing.assert_close(below.scores["r"], 1.999 / 2.0)
 
 
+def test_a_nan_activation_counts_as_zero_and_scores_stay_numbers(tmp_path: Path) -> None:
+    # Broken activations (NaN) must not leave NaN in scores (the verdict is JSON) nor hide a
+    # sibling that fires: a NaN leaf is a leaf at 0.
+    policy = {
+        "rules": [
+            {"id": "either", "severity": "high", "category": "alpha",
+             "condition": {"any": [{"feature": "a.one", "threshold": 1.0}, {"feature": "a.two", "threshold": 1.0}]}},
+            {"id": "both", "severity": "low", "category": "alpha",
+             "condition": {"all": [{"feature": "a.one", "threshold": 1.0}, {"feature": "a.two", "threshold": 1.0}]}},
+            {"id": "not-one", "severity": "low", "category": "beta", "condition": {"not": {"feature": "a.one", "threshold": 1.0}}},
+        ]
+    }
+    engine = make_engine(policy, tmp_path)
+    nan = float("nan")
+    got = engine.evaluate(batch_from({"a.one": [nan, nan], "a.two": [0.5, 3.0]}, engine))[0]
+    zero = engine.evaluate(batch_from({"a.one": [0.0, 0.0], "a.two": [0.5, 3.0]}, engine))[0]
+    assert [m.rule_id for m in got.matches] == ["either", "not-one"] == [m.rule_id for m in zero.matches]
+    assert got.scores == zero.scores and all(v == v for v in got.scores.values())
+    assert got.category_scores == zero.category_scores
+    assert json.loads(json.dumps(got.to_dict(), allow_nan=False))["action"] == "alert"
+    matcher = engine.incremental(1)
+    assert matcher is not None
+    step = batch_from({"a.one": [nan, nan], "a.two": [0.5, 3.0]}, engine)
+    assert matcher.update(step).tolist() == [[True, False, True]]
+
+
 def test_padding_and_special_tokens_never_count(tmp_path: Path) -> None:
     engine = make_engine(
         one_rule({"feature": "a.one", "agg": "count_above", "above": 1.0, "threshold": 2.0}), tmp_path
