@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from auditor.errors import AuditorError, ConfigError
-from auditor.text import ROLE_BOTH, ROLE_COMPLETION, ROLE_PROMPT, AuditInput, TokenBatch, tokenize_batch
+from auditor.text import ROLE_BOTH, ROLE_COMPLETION, ROLE_PROMPT, AuditInput, TokenBatch, role_masks, tokenize_batch
 
 if TYPE_CHECKING:
     from auditor.features import FeatureLibrary
@@ -669,13 +669,13 @@ def _evaluate(
     from auditor.policy import AuditBatch
 
     mask = batch.content_mask.to(watched_feats.device)
-    role = batch.role.to(watched_feats.device)
+    is_completion, is_prompt = role_masks(batch.role.to(watched_feats.device))
     return engine.evaluate(
         AuditBatch(
             features=watched_feats,
             mask=mask,
-            is_completion=(role == ROLE_COMPLETION) | (role == ROLE_BOTH),
-            is_prompt=(role == ROLE_PROMPT) | (role == ROLE_BOTH),
+            is_completion=is_completion,
+            is_prompt=is_prompt,
             recon_error=recon,
             resid=acts if engine.needs_resid else None,
             tokens=batch.tokens,

@@ -35,7 +35,7 @@ from auditor.models import capture
 from auditor.pipeline import Auditor
 from auditor.policy import AuditBatch
 from auditor.sae import SAE, SAEConfig
-from auditor.text import ROLE_BOTH, ROLE_COMPLETION, ROLE_PROMPT, AuditInput, TokenBatch, tokenize_batch
+from auditor.text import AuditInput, TokenBatch, role_masks, tokenize_batch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -194,13 +194,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         def evaluate() -> None:
             with torch.inference_mode():
                 for a, b, f, recon in feats:
-                    role = b.role
+                    is_completion, is_prompt = role_masks(b.role)
                     engine.evaluate(
                         AuditBatch(
                             features=f,
                             mask=b.content_mask,
-                            is_completion=(role == ROLE_COMPLETION) | (role == ROLE_BOTH),
-                            is_prompt=(role == ROLE_PROMPT) | (role == ROLE_BOTH),
+                            is_completion=is_completion,
+                            is_prompt=is_prompt,
                             recon_error=recon,
                             resid=a if engine.needs_resid else None,
                             tokens=b.tokens,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from auditor.text import AuditInput, audited_text
 
@@ -47,3 +48,12 @@ def test_token_roles_sweep_equals_the_first_overlapping_span() -> None:
             if b == 60:
                 break
         assert _token_roles(offsets, spans) == naive(offsets, spans)
+
+
+def test_role_masks_give_each_scope_its_tokens() -> None:
+    from auditor.text import ROLE_BOTH, ROLE_COMPLETION, ROLE_PROMPT, role_masks
+
+    role = torch.tensor([[ROLE_PROMPT, ROLE_COMPLETION, ROLE_BOTH, ROLE_PROMPT]])
+    is_completion, is_prompt = role_masks(role)
+    assert is_completion.tolist() == [[False, True, True, False]]
+    assert is_prompt.tolist() == [[True, False, True, True]]
