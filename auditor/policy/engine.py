@@ -651,10 +651,11 @@ class PolicyEngine:
         has = n > 0
         value = torch.nan_to_num(value, nan=0.0, posinf=math.inf, neginf=-math.inf).masked_fill_(~has, 0.0)
         thr = k["leaf_threshold"]
-        fired = (value >= thr) & has
         if self._all_positive:
+            fired = value >= thr  # a value out of scope is 0, below every threshold
             score = value / thr
         else:
+            fired = (value >= thr) & has
             score = torch.where(
                 k["leaf_positive"],
                 value / k["leaf_divisor"],
