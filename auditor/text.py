@@ -43,14 +43,14 @@ ROLE_COMPLETION = 1
 # completion-scoped rules both see it.
 ROLE_BOTH = 2
 
+Role = Literal[0, 1, 2]
+
 
 def role_masks(role: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Which tokens completion-scoped and prompt-scoped rules see, from a role tensor:
     ``(is_completion, is_prompt)``; :data:`ROLE_BOTH` is both. One comparison each, as the
     roles are 0, 1, 2 (prompt, completion, both)."""
     return role >= ROLE_COMPLETION, role != ROLE_COMPLETION
-
-Role = Literal[0, 1, 2]
 
 
 class InputError(AuditorError):
