@@ -47,6 +47,12 @@ def test_gpu_script_smoke_runs_on_cpu(tmp_path: Path) -> None:
     assert [(r["batch_size"], r["steer_rules"]) for r in out["generation"]] == [(1, 0), (1, 5), (16, 0), (16, 5)]
     assert [r["policy_every"] for r in out["generation"]] == [1, 2, 1, 2]
     assert all(r["serve_tok_s"] > 0 and r["plain_tok_s"] > 0 for r in out["generation"])
+    # Every timed run is kept; the CPU never captures a CUDA graph.
+    assert out["graph_policy_steps"] is True
+    for r in out["generation"]:
+        assert len(r["plain_runs_s"]) == len(r["serve_runs_s"]) == r["runs"] == 1
+        assert r["serve_vs_plain_best"] == min(r["plain_runs_s"]) / min(r["serve_runs_s"])
+        assert r["graph_captures"] == 0 and r["graph_capture_ms"] == 0.0 and r["graph_steps"] == 0
     assert all(0 < r["watch_plus_eval_share"] for r in out["encode"])
     # The encode variants ran (no error strings) and the two-stage top-k is exact where it applies.
     variants = out["encode"][1]["variants_s"]
