@@ -75,8 +75,8 @@ class Settings(BaseSettings):
     compile: bool = False
     """``torch.compile`` the model's decoder layers (for GPUs; the first forward of each shape compiles)."""
     cuda_graphs: bool = True
-    """On a GPU, replay the steering hook's plain decode step (measure, record, steer) as one captured
-    CUDA graph while generating; off runs every step eagerly."""
+    """On a GPU, replay the steering hook's decode step (measure, record, steer, and the decision of
+    rules that steer) as one captured CUDA graph while generating; off runs every step eagerly."""
     policies: list[str] = Field(default_factory=list)
     """Policy files and folders; empty loads ``policies/default.yaml`` when it exists."""
     default_policy: str | None = None

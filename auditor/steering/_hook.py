@@ -16,18 +16,18 @@ At the SAE hookpoint, every forward pass (prefill or one cached decode step):
    the recorded decisions back once, when asked;
 4. writes back the steered activation (the reconstruction error kept).
 
-On a CUDA device, a one-token decode step that only measures, records and steers
-(no rule that steers is evaluated per step, no reconstruction error or residual is
-kept) runs as one CUDA graph: the hook copies the activation in, replays the
-captured encode-record-steer kernels (the history position advances on the
-device) and hands back a copy of the result. Decoding is bound by the host
-launching kernels, and the graph turns a dozen launches and the Python around
-them into three (:class:`_StepGraph`). It is captured on the first such step and
-again when the history outgrows its buffers, a new batch starts or the slots'
-switches are replaced; a capture that fails leaves the hook eager.
-:attr:`SteeringHook.graph_policy_steps` (on by default) extends the graph to steps
-that decide steering rules with the incremental matcher (whose state is updated in
-place) and to the reconstruction error; the positions' masks are then copied in too.
+On a CUDA device, a one-token decode step runs as one CUDA graph: the hook copies
+the activation in, replays the captured encode-record-steer kernels (the history
+position advances on the device) and hands back a copy of the result. Decoding is
+bound by the host launching kernels, and the graph turns a dozen launches and the
+Python around them into three (:class:`_StepGraph`). With
+:attr:`SteeringHook.graph_policy_steps` (on by default) the graph also covers the
+incremental decision of the rules that steer (the matcher's state is updated in
+place) and the reconstruction error; the positions' masks are then copied in too.
+Steps that keep the residual (hookpoint probes), steering rules without the
+incremental matcher, prefill and multi-token chunks stay eager. A graph is captured
+on the first such step and again when the history outgrows its buffers, a new batch
+starts or the slots' switches are replaced; a capture that fails leaves the hook eager.
 
 The caller tells the hook, before each forward, which of the new positions are
 content and which are completion tokens (:meth:`SteeringHook.set_positions`).
@@ -97,7 +97,7 @@ class SteeringHook:
     ``user`` slots are switched on for the rows in ``user_rows`` at every
     :meth:`reset`; ``engine``'s steer slots start off and are switched on per row
     when their rule matches. ``trace`` adds latents to measure without steering.
-    ``cuda_graph`` (default :attr:`cuda_graphs`) replays plain decode steps on a CUDA device
+    ``cuda_graph`` (default :attr:`cuda_graphs`) replays one-token decode steps on a CUDA device
     as one captured graph.
     """
 
@@ -130,7 +130,7 @@ class SteeringHook:
     ) -> None:
         self.sae = sae
         self.cuda_graph = type(self).cuda_graphs if cuda_graph is None else cuda_graph
-        """Run the plain one-token decode step as a CUDA graph on a CUDA device (see the module docstring)."""
+        """Run one-token decode steps as a CUDA graph on a CUDA device (see the module docstring)."""
         self.graph_steps = 0
         """Decode steps run by replaying a captured graph (over the hook's life)."""
         self.graph_captures = 0

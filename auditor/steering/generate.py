@@ -175,7 +175,7 @@ def generate(
     policy gives ``GenerationResult.verdict`` at the end. ``temperature`` 0 is greedy;
     above 0 it samples (``seed`` makes it repeatable). ``stop`` strings end the
     completion (they are not included in ``text``). ``cuda_graph`` (default
-    :attr:`SteeringHook.cuda_graphs`): on a GPU, replay plain decode steps as a CUDA graph.
+    :attr:`SteeringHook.cuda_graphs`): on a GPU, replay decode steps as a CUDA graph.
     """
     if max_tokens < 1:
         raise ConfigError(f"max_tokens must be at least 1, got {max_tokens}")
