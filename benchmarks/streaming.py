@@ -120,13 +120,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     t_reuse = best_of(reuse, args.repeats)
     t_recompute = best_of(recompute, args.repeats)
     [res] = auditor.run([full])
-    same = all(
-        v is not None and v.action == verdicts["single"].action and sorted(v.scores) == sorted(verdicts["single"].scores)
-        for v in verdicts.values()
-    )
-    max_score_diff = max(
-        abs(v.scores[k] - verdicts["single"].scores[k]) for v in verdicts.values() for k in v.scores
-    )
+    same, max_score_diff = agreement([(v, verdicts["single"]) for v in verdicts.values()])
     result = {
         "benchmark": "streaming",
         "dtype": str(next(auditor.model.model.parameters()).dtype),
@@ -175,6 +169,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print("stages (fed together): " + ", ".join(f"{k} {v:.3f} s" for k, v in many["stage_s"]["shared"].items()))
         print(f"verdicts agree: {many['verdicts_agree']}, max score difference {many['max_score_abs_diff']:.2g}")
     return result
+
+
+def agreement(pairs: Sequence[tuple[Any, Any]]) -> tuple[bool, float]:
+    """Whether each ``(verdict, reference)`` pair has the same action and rules, and the largest
+    score difference over all pairs."""
+    same = all(v is not None and v.action == w.action and sorted(v.scores) == sorted(w.scores) for v, w in pairs)
+    diff = max((abs(v.scores[k] - w.scores[k]) for v, w in pairs if v is not None for k in w.scores), default=0.0)
+    return same, diff
 
 
 def many_streams(
@@ -256,15 +258,10 @@ def many_streams(
     t_batcher = best_of(batcher_fed, repeats) if batcher_workers else None
     t_single = min(t_batched, t_each)
     want = final["each"]
-    agree = True
-    diff = 0.0
-    for key in ("batched", "alone", "shared", "batcher"):
-        if key not in final:
-            continue
-        for got, ref in zip(final[key], want):
-            v, w = got.verdict, ref.verdict
-            agree = agree and v.action == w.action and sorted(v.scores) == sorted(w.scores)
-            diff = max([diff, *(abs(v.scores[k] - w.scores[k]) for k in w.scores)])
+    agree, diff = agreement(
+        [(got.verdict, ref.verdict) for key in ("batched", "alone", "shared", "batcher") if key in final
+         for got, ref in zip(final[key], want)]
+    )
     out = {
         "streams": n_streams,
         "rounds": rounds,
