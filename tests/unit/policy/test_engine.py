@@ -31,10 +31,15 @@ D_SAE = 48
 FEATURES = {"a.one": 3, "a.two": 17, "b.three": 5, "b.four": 40, "c.five": 8, "c.six": 11}
 CATEGORY_OF = {"a.one": "alpha", "a.two": "alpha", "b.three": "beta", "b.four": "beta", "c.five": "gamma", "c.six": "gamma"}
 QUANTILES = {"0.9": 1.0, "0.99": 2.0}
-PROBE_FEATURES = ["a.two", "c.five", "b.three"]
-PROBE_COEF = [0.8, -0.5, 1.1]
-PROBE_INTERCEPT = -1.0
-PROBE_SCALER = {"mean": [0.5, 0.25, 0.75], "scale": [1.5, 2.0, 0.5]}
+# Two probes, each written with mean and max pooling (``p_mean.json``, ``q_max.json``, ...): the
+# engine folds every probe of a policy into one matrix, so a policy may read several at once.
+PROBES = {
+    "p": {"features": ["a.two", "c.five", "b.three"], "coef": [0.8, -0.5, 1.1], "intercept": -1.0,
+          "scaler": {"mean": [0.5, 0.25, 0.75], "scale": [1.5, 2.0, 0.5]}},
+    "q": {"features": ["b.four", "a.one"], "coef": [-0.6, 1.3], "intercept": 0.4,
+          "scaler": {"mean": [0.25, 1.0], "scale": [0.5, 2.5]}},
+}
+PROBE_FILES = [f"{name}_{pool}.json" for name in PROBES for pool in ("mean", "max")]
 
 
 def make_library(tmp: Path | None = None) -> FeatureLibrary:
@@ -56,20 +61,9 @@ def make_library(tmp: Path | None = None) -> FeatureLibrary:
 
 
 def write_probes(folder: Path) -> None:
-    for pool in ("mean", "max"):
-        (folder / f"p_{pool}.json").write_text(
-            json.dumps(
-                {
-                    "kind": "logistic",
-                    "inputs": "features",
-                    "features": PROBE_FEATURES,
-                    "pool": pool,
-                    "coef": PROBE_COEF,
-                    "intercept": PROBE_INTERCEPT,
-                    "scaler": PROBE_SCALER,
-                }
-            )
-        )
+    for file in PROBE_FILES:
+        name, pool = file.removesuffix(".json").split("_")
+        (folder / file).write_text(json.dumps({"kind": "logistic", "inputs": "features", "pool": pool, **PROBES[name]}))
 
 
 def make_engine(policy: dict[str, Any], folder: Path) -> PolicyEngine:
@@ -105,11 +99,15 @@ class Reference:
             if self.mask[b, t] and (scope == "any" or (scope == "completion") == bool(self.comp[b, t]))
         ]
 
-    def probe_prob(self, x: list[Any]) -> Any:
-        z = F32(PROBE_INTERCEPT)
-        for v, c, m, sc in zip(x, PROBE_COEF, PROBE_SCALER["mean"], PROBE_SCALER["scale"]):
+    def probe_prob(self, path: str, x: list[Any]) -> Any:
+        probe = PROBES[path.split("_")[0]]
+        z = F32(probe["intercept"])
+        for v, c, m, sc in zip(x, probe["coef"], probe["scaler"]["mean"], probe["scaler"]["scale"]):
             z = F32(z + F32(F32(F32(v) - F32(m)) / F32(sc)) * F32(c))
         return F32(1.0) / (F32(1.0) + np.exp(-z, dtype=np.float32))
+
+    def probe_inputs(self, path: str, b: int, t: int) -> list[Any]:
+        return [F32(self.full[b, t, FEATURES[n]]) for n in PROBES[path.split("_")[0]]["features"]]
 
     def leaf_spec(self, node: dict[str, Any]) -> tuple[Any, ...]:
         """(key, kind, name, agg, above, threshold)."""
@@ -137,7 +135,8 @@ class Reference:
 
     def per_token(self, node: dict[str, Any], b: int, scope: str) -> list[Any]:
         if "probe" in node:
-            return [self.probe_prob([self.full[b, t, FEATURES[n]] for n in PROBE_FEATURES]) for t in range(self.T)]
+            path = node["probe"]["path"]
+            return [self.probe_prob(path, self.probe_inputs(path, b, t)) for t in range(self.T)]
         if "anomaly" in node:
             return [F32(self.recon[b, t]) for t in range(self.T)]
         key = self.leaf_spec(node)[0]
@@ -159,13 +158,14 @@ class Reference:
         elif agg == "fraction_above":
             value = F32(sum(1 for t in toks if pv[t] > F32(above))) / F32(len(toks))
         else:
-            vecs = [[F32(self.full[b, t, FEATURES[n]]) for n in PROBE_FEATURES] for t in toks]
-            pool = node["probe"]["path"].split("_")[1].split(".")[0]
-            if pool == "mean":
-                pooled = [F32(sum(float(v[j]) for v in vecs)) / F32(len(vecs)) for j in range(3)]
+            path = node["probe"]["path"]
+            vecs = [self.probe_inputs(path, b, t) for t in toks]
+            width = len(vecs[0])
+            if path.split("_")[1] == "mean.json":
+                pooled = [F32(sum(float(v[j]) for v in vecs)) / F32(len(vecs)) for j in range(width)]
             else:
-                pooled = [max(v[j] for v in vecs) for j in range(3)]
-            value = self.probe_prob(pooled)
+                pooled = [max(v[j] for v in vecs) for j in range(width)]
+            value = self.probe_prob(path, pooled)
         fired = bool(toks) and value >= F32(thr)
         score = consistent(F32(value) / F32(thr), fired)
         level = F32(above) if counting else F32(thr)
@@ -293,7 +293,7 @@ def leaves(draw: st.DrawFn, with_probe: bool = True) -> dict[str, Any]:
     kind = draw(st.sampled_from(["feature", "features", "list", "anomaly", "probe"] if with_probe else ["feature", "features", "list", "anomaly"]))
     agg = draw(st.sampled_from(["max", "mean", "count_above", "fraction_above"]))
     if kind == "probe":
-        return {"probe": {"path": draw(st.sampled_from(["p_mean.json", "p_max.json"])), "threshold": draw(st.sampled_from([0.2, 0.35, 0.5, 0.7]))}}
+        return {"probe": {"path": draw(st.sampled_from(PROBE_FILES)), "threshold": draw(st.sampled_from([0.2, 0.35, 0.5, 0.7]))}}
     if kind == "anomaly":
         level = draw(st.sampled_from([{"quantile": "0.9"}, {"quantile": "0.99"}, {"threshold": 0.5}]))
         node: dict[str, Any] = {"anomaly": level, "agg": agg}
