@@ -336,8 +336,7 @@ class PolicyEngine:
         )
         self.categories: tuple[str, ...] = tuple(dict.fromkeys(r.category for r in policy.rules))
         col_of = {int(lat): c for c, lat in enumerate(compiled.watched.tolist())}
-        cat_index = {c: k for k, c in enumerate(self.categories)}
-        self._rule_cat = torch.tensor([cat_index[r.category] for r in compiled.rules], dtype=torch.long)
+        self._rule_cat = [self.categories.index(r.category) for r in compiled.rules]
         self._ft_rules = torch.nonzero(compiled.rule_for_tokens > 0).flatten()
         self._has_exceptions = compiled.exc_node.numel() > 0
         self._all_positive = bool((compiled.leaf_threshold > 0).all())
@@ -349,6 +348,7 @@ class PolicyEngine:
             self._exc_start.append(pos)
             pos += len(r.exceptions)
         self._feature_probes, self._probe_max_pool = _stack_feature_probes(compiled, col_of)
+        self._value_columns, self._value_pad = self._value_layout()
         self._device_cache: dict[torch.device, dict[str, Any]] = {}
 
     @functools.cached_property
@@ -378,6 +378,7 @@ class PolicyEngine:
             c = self.compiled
             cached = {
                 "leaf_columns": c.leaf_columns.to(device),
+                "value_columns": self._value_columns.to(device),
                 "leaf_agg": c.leaf_agg.to(device),
                 "leaf_above": c.leaf_above.to(device),
                 "leaf_threshold": c.leaf_threshold.to(device),
@@ -396,7 +397,6 @@ class PolicyEngine:
                 "rule_for_tokens": c.rule_for_tokens.to(device),
                 "exc_node": c.exc_node.to(device),
                 "exc_rule": c.exc_rule.to(device),
-                "rule_cat": self._rule_cat.to(device),
                 "ft_rules": self._ft_rules.to(device),
                 "feature_probes": (
                     {k: v.to(device) for k, v in self._feature_probes.items()} if self._feature_probes is not None else None
@@ -404,6 +404,22 @@ class PolicyEngine:
             }
             self._device_cache[device] = cached  # benign race: equal values either way
         return cached
+
+    def _value_layout(self) -> tuple[Tensor, bool]:
+        """Where each leaf's per-token values come from, ``[L * G]`` flat columns of the value matrix
+        that :meth:`_token_values` builds (the watched latents, the reconstruction error if the policy
+        reads it, the feature probes' probabilities if it has any, a ``-inf`` column if a leaf's group
+        needs padding), and whether that padding column is there."""
+        c = self.compiled
+        n_feat = int(c.watched.numel())
+        recon = int(c.needs_recon_error)
+        fp = self._feature_probes
+        n_units = int(fp["weight"].shape[1]) if fp is not None else 0
+        pad = n_feat + recon + n_units
+        cols = torch.where(c.leaf_columns == c.pad_column, pad, c.leaf_columns)  # the recon column keeps its place
+        if fp is not None:
+            cols[fp["leaves"], 0] = n_feat + recon + fp["unit"]  # a feature probe's per-token probability
+        return cols.reshape(-1), bool((cols == pad).any())
 
     def _agg_subsets(self, device: torch.device) -> dict[str, Tensor]:
         """Which leaves count (``leaf_counting [L]``) and the leaf indices of the mean and the
@@ -449,11 +465,14 @@ class PolicyEngine:
 
     def _verdicts_of(self, r: _RuleTensors, tokens: list[list[str]] | None) -> list[Verdict]:
         """The verdicts from one evaluation's rule tensors (``tokens``: for explanations' span texts)."""
-        # What every verdict needs crosses to the host in one copy and becomes Python numbers in one
-        # call; what only explanations need (values, per-token holds) stays where it is until an
-        # explanation is read.
-        host = torch.cat([r.score, r.matched.float(), r.fired.float(), r.exc_fired.float(), r.cat_scores], dim=1)
-        return self._verdicts(host.cpu().tolist(), r.exc_fired.shape[1], r.leaf_value, r.leaf_fired, r.holds, tokens, r.matched)
+        # What every verdict needs (the rule scores and the exceptions' node scores) crosses to the
+        # host in one copy and becomes Python numbers in one call; fired (score >= 1), matched and
+        # category scores follow from them there. What only explanations need (values, per-token
+        # holds) stays where it is until an explanation is read.
+        host = r.score
+        if self._has_exceptions:
+            host = torch.cat([host, r.nodes.index_select(1, self._tensors(host.device)["exc_node"])], dim=1)
+        return self._verdicts(host.cpu().tolist(), r.leaf_value, r.leaf_fired, r.holds, tokens)
 
     @torch.inference_mode()
     def matched(self, batch: AuditBatch) -> Tensor:
@@ -463,10 +482,11 @@ class PolicyEngine:
         copying anything to the host: on an accelerator nothing waits for the device, so a caller
         that only needs the decision (steering while decoding) keeps the GPU's queue full.
         """
-        return self._rule_tensors(batch).matched
+        r = self._rule_tensors(batch)
+        return self._matched(self._tensors(r.score.device), r.nodes, r.score)
 
     def _rule_tensors(self, batch: AuditBatch) -> _RuleTensors:
-        """Every rule's score, fired and matched state (and what explanations need), on the batch's device."""
+        """Every node's and rule's score (and what explanations need), on the batch's device."""
         feats, mask, comp, prompt, recon, resid = self._inputs(batch)
         if feats.shape[1] == 0:
             # Empty texts: one masked-out token keeps every reduction defined; nothing is in scope.
@@ -482,7 +502,7 @@ class PolicyEngine:
         value, score, fired, holds = self._leaves(k, feats, recon, resid, scope_masks, n_scope)
         scores, tok_nodes = self._nodes(k, score, holds)
         run = _longest_run(self._held_runs(k, tok_nodes, scope_masks)) if tok_nodes is not None else None
-        return _RuleTensors(*self._rules(k, scores, n_scope, run), value, fired, holds)
+        return _RuleTensors(scores, self._rule_scores(k, scores, n_scope, run), value, fired, holds)
 
     def _inputs(self, batch: AuditBatch) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
         """The batch checked and converted: features, mask, completion, prompt, recon error, resid."""
@@ -502,37 +522,26 @@ class PolicyEngine:
         ft = k["ft_rules"]
         return tok_nodes[:, :, k["rule_node"][ft]] & scope_masks[:, :, k["rule_scope"][ft]]
 
-    def _rules(
-        self, k: dict[str, Any], scores: Tensor, n_scope: Tensor, run: Tensor | None
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Rule score, fired, matched ``[B, R]``, exceptions ``[B, E]`` and category scores from the node
-        program's scores (a node fires when its score is >= 1); ``run [B, Rf]`` is each ``for_tokens``
-        rule's longest run of held tokens."""
-        rnode, rscope = k["rule_node"], k["rule_scope"]
-        rscore = scores.index_select(1, rnode)  # [B, R]
+    @staticmethod
+    def _rule_scores(k: dict[str, Any], scores: Tensor, n_scope: Tensor, run: Tensor | None) -> Tensor:
+        """Rule scores ``[B, R]`` from the node program's scores ``[B, N]``; ``run [B, Rf]`` is each
+        ``for_tokens`` rule's longest run of held tokens. A rule fired when its score is >= 1."""
+        rscore = scores.index_select(1, k["rule_node"])  # [B, R]
         if run is not None:
             ft = k["ft_rules"]
             need = k["rule_for_tokens"][ft]  # [Rf]
             run_score = _consistent(run.to(torch.float32) / need.to(torch.float32), run >= need)
             rscore[:, ft] = torch.minimum(rscore[:, ft], run_score)  # >= 1: the condition and the run
-        rule_has = n_scope.index_select(1, rscope) > 0  # [B, R]
-        rscore = torch.where(rule_has, rscore, 0.0)
+        return torch.where(n_scope.index_select(1, k["rule_scope"]) > 0, rscore, 0.0)  # no token in scope: 0
+
+    def _matched(self, k: dict[str, Any], scores: Tensor, rscore: Tensor) -> Tensor:
+        """Which rules matched ``[B, R]``: fired (``rscore >= 1``) and no exception's node fired."""
         rfired = rscore >= 1.0
-        bsz = scores.shape[0]
-        if self._has_exceptions:
-            exc_fired = scores.index_select(1, k["exc_node"]) >= 1.0  # [B, E]
-            excepted = (
-                torch.zeros(bsz, len(self.compiled.rules), device=scores.device).index_add_(1, k["exc_rule"], exc_fired.float())
-                > 0
-            )
-            matched = rfired & ~excepted
-        else:
-            exc_fired = rfired[:, :0]
-            matched = rfired
-        cat_scores = scores.new_zeros(bsz, len(self.categories)).scatter_reduce(
-            1, k["rule_cat"].unsqueeze(0).expand(bsz, -1), rscore, reduce="amax", include_self=True
-        )
-        return rscore, rfired, matched, exc_fired, cat_scores
+        if not self._has_exceptions:
+            return rfired
+        exc_fired = scores.index_select(1, k["exc_node"]) >= 1.0  # [B, E]
+        excepted = torch.zeros_like(rscore).index_add_(1, k["exc_rule"], exc_fired.to(rscore.dtype)) > 0
+        return rfired & ~excepted
 
     def incremental(self, batch_size: int, device: torch.device | str = "cpu") -> IncrementalMatcher | None:
         """A :class:`IncrementalMatcher` for ``batch_size`` sequences that grow chunk by chunk, or
@@ -575,29 +584,30 @@ class PolicyEngine:
         """Per-token leaf values ``[B, T, L]`` (feature probes: their per-token probability), which
         tokens each leaf sees ``[B, T, L]``, and the feature probes' per-token logits ``[B, T, U]``."""
         bsz, t, _ = feats.shape
-        ext = torch.cat(
-            [feats, (recon if recon is not None else feats.new_zeros(bsz, t)).unsqueeze(-1), feats.new_full((bsz, t, 1), float("-inf"))],
-            dim=-1,
-        )  # [B, T, F + 2]: watched latents, reconstruction error, -inf padding
+        parts = [feats]  # [B, T, F + ...]: the value matrix, columns as in _value_layout
+        if self.compiled.needs_recon_error:
+            assert recon is not None  # _check insists on it
+            parts.append(recon.unsqueeze(-1))
+        fp = k["feature_probes"]
+        logit = None
+        if fp is not None:
+            # All feature-input probes at once: per-token logits and probabilities.
+            logit = feats @ fp["weight"] + fp["bias"]  # [B, T, U]
+            parts.append(torch.sigmoid(logit))
+        if self._value_pad:
+            parts.append(feats.new_full((bsz, t, 1), float("-inf")))
         cols = k["leaf_columns"]  # [L, G]
-        vals = ext.index_select(2, cols.reshape(-1))  # [B, T, L * G]
+        vals = (torch.cat(parts, dim=-1) if len(parts) > 1 else feats).index_select(2, k["value_columns"])  # [B, T, L * G]
         if cols.shape[1] > 1:
             vals = vals.view(bsz, t, *cols.shape).amax(-1)  # [B, T, L]: max over each leaf's group
-        leaf_mask = scope_masks.index_select(2, k["leaf_scope"])  # [B, T, L]
-        fp = k["feature_probes"]
-        if fp is None:
-            return vals, leaf_mask, None
-        # All feature-input probes at once: per-token logits and probabilities.
-        logit = feats @ fp["weight"] + fp["bias"]  # [B, T, U]
-        vals[:, :, fp["leaves"]] = torch.sigmoid(logit).index_select(2, fp["unit"])
-        return vals, leaf_mask, logit
+        return vals, scope_masks.index_select(2, k["leaf_scope"]), logit
 
     @staticmethod
     def _partials(k: dict[str, Any], vals: Tensor, leaf_mask: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """What the aggregations need from some tokens, each adding up over more tokens: the max of
         every leaf ``[B, L]`` (cheap), the sum of the ``mean`` leaves and the count of the
         ``count_above`` / ``fraction_above`` leaves (None when the policy has none)."""
-        vmax = vals.masked_fill(~leaf_mask, float("-inf")).amax(1)
+        vmax = torch.where(leaf_mask, vals, float("-inf")).amax(1)
         vsum = vcount = None
         if "mean" in k:
             sub = k["mean"]
@@ -634,13 +644,11 @@ class PolicyEngine:
         counts = n_scope.unsqueeze(-1).clamp(min=1).to(logit_sum.dtype)  # [B, 3, 1]
         # The model is linear: the logit of the mean input is the mean of the token logits
         # (for a scope with no token the leaf is 0 anyway).
-        pooled = [logit_sum / counts]  # [B, 3, U]
+        logits = logit_sum / counts  # [B, 3, U]
         if top is not None:
             top = torch.where(n_scope.unsqueeze(-1) > 0, top, 0.0)
-            pooled.append(top @ fp["weight"] + fp["bias"])
-        else:
-            pooled.append(pooled[0])
-        logits = torch.stack(pooled, 1)  # [B, 2 (mean, max), 3, U]
+            logits = torch.stack([logits, top @ fp["weight"] + fp["bias"]], 1)  # [B, 2 (mean, max), 3, U]
+        # Without max pooling every index is in the mean half, which is all there is.
         return torch.sigmoid(logits.reshape(bsz, -1).index_select(1, fp["pooled_index"]))
 
     def _leaf_decisions(self, k: dict[str, Any], value: Tensor, n: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -648,14 +656,13 @@ class PolicyEngine:
 
         A NaN value (broken activations) counts as 0: the leaf does not fire and scores 0, so every
         score stays a number and ``score >= 1`` stays the node's decision."""
-        has = n > 0
-        value = torch.nan_to_num(value, nan=0.0, posinf=math.inf, neginf=-math.inf).masked_fill_(~has, 0.0)
+        value = torch.nan_to_num(value, nan=0.0, posinf=math.inf, neginf=-math.inf).masked_fill_(n == 0, 0.0)
         thr = k["leaf_threshold"]
         if self._all_positive:
             fired = value >= thr  # a value out of scope is 0, below every threshold
             score = value / thr
         else:
-            fired = (value >= thr) & has
+            fired = (value >= thr) & (n > 0)
             score = torch.where(
                 k["leaf_positive"],
                 value / k["leaf_divisor"],
@@ -702,37 +709,44 @@ class PolicyEngine:
     def _verdicts(
         self,
         rows: list[list[float]],
-        n_e: int,
         value: Tensor,
         fired: Tensor,
         tok: _TokenHolds,
         tokens: list[list[str]] | None,
-        matched_t: Tensor,
     ) -> list[Verdict]:
-        """Verdicts from each row's host numbers: rule scores, matched, fired (``R`` each), ``n_e``
-        exceptions' fired, then the category scores; the rest stays on the device for explanations."""
+        """Verdicts from each row's host numbers: the ``R`` rule scores, then each exception's node
+        score; the rest stays on the device for explanations."""
         c = self.compiled
         n_r = len(c.rules)
-        bsz = len(rows)
-        hits = [[i for i in range(n_r) if row[n_r + i] > 0] for row in rows]
-        held = [[i for i in range(n_r) if row[2 * n_r + i] > 0 and not row[n_r + i] > 0] for row in rows]
-        detail = _BatchDetail(c, value, fired, tok, tokens, matched_t) if any(hits) else None
-        score_rows = [row[:n_r] for row in rows]
-        cat_rows = [row[3 * n_r + n_e :] for row in rows]
-        exc_rows = [[e > 0 for e in row[3 * n_r : 3 * n_r + n_e]] for row in rows]
+        hits: list[list[int]] = []
+        held: list[dict[int, str]] = []  # rule -> the exception that suppressed it
+        cats: list[list[float]] = []  # the highest rule score per category, 0 at least
+        for row in rows:
+            hit: list[int] = []
+            excepted: dict[int, str] = {}
+            cat = [0.0] * len(self.categories)
+            for r_i, score, c_i in zip(range(n_r), row, self._rule_cat):
+                if score > cat[c_i]:
+                    cat[c_i] = score
+                if not score >= 1.0:
+                    continue
+                first = n_r + self._exc_start[r_i]
+                exc = next((e.name for j, e in enumerate(c.rules[r_i].exceptions) if row[first + j] >= 1.0), None)
+                if exc is None:
+                    hit.append(r_i)
+                else:
+                    excepted[r_i] = exc
+            hits.append(hit)
+            held.append(excepted)
+            cats.append(cat)
+        matched_rules = sorted({r_i for hit in hits for r_i in hit})
+        detail = _BatchDetail(c, value, fired, tok, tokens, matched_rules) if matched_rules else None
         verdicts: list[Verdict] = []
-        for b in range(bsz):
+        for b, row in enumerate(rows):
             matches: list[RuleMatch] = []
             annotations: list[str] = []
             steering: list[SteerAction] = []
-            suppressed: dict[str, str] = {}
             level = 0
-            for r_i in held[b]:
-                rule = c.rules[r_i]
-                first = self._exc_start[r_i]
-                hit = next(e for j, e in enumerate(rule.exceptions) if exc_rows[b][first + j])
-                suppressed[rule.id] = hit.name
-            row = score_rows[b]
             for r_i in hits[b]:
                 rule = c.rules[r_i]
                 matches.append(
@@ -761,10 +775,10 @@ class PolicyEngine:
                     action=_LEVEL_ACTIONS[level],
                     matches=matches,
                     scores=dict(zip(self._rule_ids, row)),
-                    category_scores=dict(zip(self.categories, cat_rows[b])),
+                    category_scores=dict(zip(self.categories, cats[b])),
                     annotations=annotations,
                     steering=steering,
-                    suppressed=suppressed,
+                    suppressed={c.rules[r_i].id: name for r_i, name in held[b].items()},
                 )
             )
         return verdicts
@@ -849,7 +863,7 @@ class IncrementalMatcher:
         run = None
         if tok_nodes is not None:
             run = self._runs(engine._held_runs(k, tok_nodes, scope_masks))
-        self._last.copy_(engine._rules(k, scores, self.n_scope, run)[2])
+        self._last.copy_(engine._matched(k, scores, engine._rule_scores(k, scores, self.n_scope, run)))
         return self._last
 
     def _runs(self, held: Tensor) -> Tensor:
@@ -867,17 +881,12 @@ class IncrementalMatcher:
 
 
 class _RuleTensors(NamedTuple):
-    """One evaluation's rule-level results on the batch's device (``[B, R]`` unless noted)."""
+    """One evaluation's results on the batch's device (``[B, R]`` unless noted)."""
 
+    nodes: Tensor
+    """``[B, N]`` every node's score (exceptions read theirs)."""
     score: Tensor
-    fired: Tensor
-    """The rule's condition held (before exceptions)."""
-    matched: Tensor
-    """Fired and no exception held."""
-    exc_fired: Tensor
-    """``[B, E]`` each exception's condition."""
-    cat_scores: Tensor
-    """``[B, categories]`` the highest rule score per category."""
+    """The rule's score: its condition held (before exceptions) where it is >= 1."""
     leaf_value: Tensor
     """``[B, L]`` aggregated leaf values (for explanations)."""
     leaf_fired: Tensor
@@ -911,12 +920,12 @@ class _BatchDetail:
         fired: Tensor,
         tok: _TokenHolds,
         tokens: list[list[str]] | None,
-        matched: Tensor,
+        matched_rules: list[int],
     ) -> None:
         self.compiled = compiled
         self._device = (value, fired, tok)  # moved to the host on first use
         self._host: tuple[list[list[float]], list[list[bool]], Tensor] | None = None
-        self.tokens, self.matched = tokens, matched
+        self.tokens, self.matched_rules = tokens, matched_rules
         self._spans: dict[tuple[int, int], list[tuple[int, int]]] | None = None
 
     def host(self) -> tuple[list[list[float]], list[list[bool]], Tensor]:
@@ -929,8 +938,7 @@ class _BatchDetail:
         if self._spans is None:
             # Spans only for leaves that a matched rule explains: [B, T, L'] -> keyed by the original leaf index.
             c = self.compiled
-            rules = torch.nonzero(self.matched.any(0)).flatten().tolist()
-            needed = sorted({li for r_i in rules for li in c.rules[r_i].leaves})
+            needed = sorted({li for r_i in self.matched_rules for li in c.rules[r_i].leaves})
             found = _spans(self.host()[2][:, :, needed]) if needed else {}
             self._spans = {(b, needed[j]): v for (b, j), v in found.items()}
         return self._spans
