@@ -422,19 +422,20 @@ class PolicyEngine:
         return cols.reshape(-1), bool((cols == pad).any())
 
     def _agg_subsets(self, device: torch.device) -> dict[str, Tensor]:
-        """Which leaves count (``leaf_counting [L]``) and the leaf indices of the mean and the
-        count / fraction aggregations (those keys only when some exist)."""
+        """Which leaves count (``leaf_counting [L]``, count_above or fraction_above) and, only when
+        some exist, which leaves take the ``mean`` (``leaf_mean``), which count at all (``count``)
+        and which divide their count by the tokens in scope (``leaf_fraction``)."""
         c = self.compiled
         is_counting = (c.leaf_agg == _COUNT_AGGS[0]) | (c.leaf_agg == _COUNT_AGGS[1])
         out: dict[str, Tensor] = {"leaf_counting": is_counting.to(device)}
-        mean = torch.nonzero(c.leaf_agg == AGGS.index("mean")).flatten()
-        if mean.numel():
-            out["mean"] = mean.to(device)
-        counting = torch.nonzero(is_counting).flatten()
-        if counting.numel():
-            out["count"] = counting.to(device)
-            out["count_above"] = c.leaf_above[counting].to(device)
-            out["count_fraction"] = (c.leaf_agg[counting] == _COUNT_AGGS[1]).to(device)
+        is_mean = c.leaf_agg == AGGS.index("mean")
+        if is_mean.any():
+            out["leaf_mean"] = is_mean.to(device)
+        if is_counting.any():
+            out["count"] = is_counting.to(device)
+        is_fraction = c.leaf_agg == _COUNT_AGGS[1]
+        if is_fraction.any():
+            out["leaf_fraction"] = is_fraction.to(device)
         return out
 
     def _check(self, batch: AuditBatch) -> None:
@@ -604,32 +605,30 @@ class PolicyEngine:
 
     @staticmethod
     def _partials(k: dict[str, Any], vals: Tensor, leaf_mask: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """What the aggregations need from some tokens, each adding up over more tokens: the max of
-        every leaf ``[B, L]`` (cheap), the sum of the ``mean`` leaves and the count of the
-        ``count_above`` / ``fraction_above`` leaves (None when the policy has none)."""
+        """What the aggregations need from some tokens, each adding up over more tokens, ``[B, L]``
+        each: every leaf's max, and when the policy has such leaves its sum (for ``mean``) and its
+        count of tokens above ``above`` (for ``count_above`` / ``fraction_above``), else None. The
+        sum and the count are taken over every leaf, a few cheap operations on small tensors
+        where picking the leaves that need them out and back would be more; the others' are unused."""
         vmax = torch.where(leaf_mask, vals, float("-inf")).amax(1)
-        vsum = vcount = None
-        if "mean" in k:
-            sub = k["mean"]
-            vsum = vals.index_select(2, sub).masked_fill(~leaf_mask.index_select(2, sub), 0.0).sum(1)
-        if "count" in k:
-            sub = k["count"]
-            above = vals.index_select(2, sub) > k["count_above"]
-            vcount = (above & leaf_mask.index_select(2, sub)).sum(1).to(torch.float32)
+        vsum = torch.where(leaf_mask, vals, 0.0).sum(1) if "leaf_mean" in k else None
+        vcount = ((vals > k["leaf_above"]) & leaf_mask).sum(1, dtype=torch.float32) if "count" in k else None
         return vmax, vsum, vcount
 
     @staticmethod
     def _aggregate(k: dict[str, Any], vmax: Tensor, vsum: Tensor | None, vcount: Tensor | None, n: Tensor) -> Tensor:
         """Each leaf's aggregated value ``[B, L]`` from :meth:`_partials` over its ``n [B, L]`` tokens in
-        scope; written into ``vmax``, which the caller hands over."""
-        nf = n.clamp(min=1).to(torch.float32)
+        scope (``vmax`` itself when every leaf takes the max, so the caller hands it over)."""
         value = vmax
+        if vsum is None and "leaf_fraction" not in k:
+            return value if vcount is None else torch.where(k["leaf_counting"], vcount, value)
+        nf = n.clamp(min=1).to(torch.float32)
         if vsum is not None:
-            sub = k["mean"]
-            value[:, sub] = vsum / nf.index_select(1, sub)
+            value = torch.where(k["leaf_mean"], vsum / nf, value)
         if vcount is not None:
-            sub = k["count"]
-            value[:, sub] = vcount / torch.where(k["count_fraction"], nf.index_select(1, sub), 1.0)
+            if "leaf_fraction" in k:
+                vcount = torch.where(k["leaf_fraction"], vcount / nf, vcount)
+            value = torch.where(k["leaf_counting"], vcount, value)
         return value
 
     @staticmethod
@@ -811,8 +810,8 @@ class IncrementalMatcher:
         b = batch_size
         self.n_scope = torch.zeros(b, 3, dtype=torch.long, device=device)
         self.vmax = torch.full((b, n_leaves), float("-inf"), device=device)
-        self.vsum = torch.zeros(b, int(k["mean"].numel()), device=device) if "mean" in k else None
-        self.vcount = torch.zeros(b, int(k["count"].numel()), device=device) if "count" in k else None
+        self.vsum = torch.zeros(b, n_leaves, device=device) if "leaf_mean" in k else None
+        self.vcount = torch.zeros(b, n_leaves, device=device) if "count" in k else None
         fp = k["feature_probes"]
         self.logit_sum = torch.zeros(b, 3, int(fp["weight"].shape[1]), device=device) if fp is not None else None
         n_feat = int(engine.watched.numel())
