@@ -107,3 +107,18 @@ def test_streaming_script_runs_with_streams_side_by_side() -> None:
     assert many["streams"] == 3 and many["rounds"] == 2 and many["verdicts_agree"]
     assert all(many[k] > 0 for k in ("single_s", "alone_s", "shared_s", "batcher_s"))
     assert 2 <= many["batcher_batches"] <= 6  # three clients, two rounds each
+
+
+def test_audit_throughput_script_runs() -> None:
+    out = first_json(
+        run_script("benchmarks/audit_throughput.py", "--texts", "4", "--repeats", "2", "--batch-sizes", "1,2", "--batch-tokens", "256")
+    )
+    assert [r["batch_size"] for r in out["rows"]] == [1, 2] and out["watched_latents"] > 0
+    for r in out["rows"]:
+        stages = r["audit_stages_s"]
+        assert set(stages) == {"tokenize", "forward", "encode", "evaluate"} and all(v > 0 for v in stages.values())
+        # Each stage's best over the timed calls: together no more than the best call's wall time.
+        assert sum(stages.values()) <= r["audit_s"]
+        assert r["audit_vs_full_forward"] == r["full_forward_s"] / r["audit_s"]
+        assert set(r["encode"]) == {"loaded (topk)", "random standard (ReLU)", "random jumprelu"}
+    assert [t["batch_tokens"] for t in out["batch_tokens_tuning"]] == [256]
