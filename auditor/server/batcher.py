@@ -188,8 +188,7 @@ class MicroBatcher:
             job.future.cancel()
             raise AuditTimeoutError(f"the audit did not finish within {timeout_s:g} s (request_timeout_s)") from None
         finally:
-            if self.metrics is not None:
-                self.metrics.audit_duration.observe(time.perf_counter() - job.enqueued)
+            self._observe(job)
 
     async def feed(self, stream: AuditStream, chunk: str) -> AuditResult:
         """Feed ``chunk`` to a streamed audit in the next batch; the verdict on the stream so far.
@@ -203,9 +202,13 @@ class MicroBatcher:
         try:
             [result] = await asyncio.shield(job.future)
         finally:
-            if self.metrics is not None:
-                self.metrics.audit_duration.observe(time.perf_counter() - job.enqueued)
+            self._observe(job)
         return result
+
+    def _observe(self, job: AuditJob) -> None:
+        """Record ``job``'s time from admission to now (answered, failed or given up on)."""
+        if self.metrics is not None:
+            self.metrics.audit_duration.observe(time.perf_counter() - job.enqueued)
 
     async def run_model(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` on the next idle model worker (generation, streamed audits, the viewer)."""
