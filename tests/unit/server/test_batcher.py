@@ -286,3 +286,36 @@ def test_concurrent_stream_chunks_share_a_forward_and_match_streams_fed_alone(au
             assert res.verdict.action == want.verdict.action  # type: ignore[attr-defined]
             for rule, score in want.verdict.scores.items():
                 torch.testing.assert_close(res.verdict.scores[rule], score, rtol=1e-4, atol=1e-5)  # type: ignore[attr-defined]
+
+
+def test_audit_duration_counts_audits_feeds_and_timeouts(auditor) -> None:  # type: ignore[no-untyped-def]
+    from prometheus_client import CollectorRegistry
+
+    from auditor.metrics import AuditorMetrics
+
+    registry = CollectorRegistry()
+
+    def observed() -> tuple[float, float]:
+        count = registry.get_sample_value("auditor_audit_duration_seconds_count")
+        total = registry.get_sample_value("auditor_audit_duration_seconds_sum")
+        return count or 0.0, total or 0.0
+
+    async def scenario() -> list[tuple[float, float]]:
+        batcher = MicroBatcher(auditor, max_wait_ms=1, max_tokens=4096, queue_size=8, metrics=AuditorMetrics(registry))
+        await batcher.start()
+        seen = [observed()]
+        try:
+            await batcher.audit([AuditInput(text="The committee met.")], None, top_k=0, n_tokens=6, timeout_s=60)
+            seen.append(observed())
+            await batcher.feed(auditor.stream(AuditInput(prompt="Hi. ")), "there")
+            seen.append(observed())
+            with pytest.raises(AuditTimeoutError):
+                await batcher.audit([AuditInput(text="d")], None, top_k=0, n_tokens=3, timeout_s=1e-9)
+            seen.append(observed())
+        finally:
+            await batcher.stop()
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert [count for count, _ in seen] == [0.0, 1.0, 2.0, 3.0]
+    assert all(later > earlier for (_, earlier), (_, later) in zip(seen[:2], seen[1:3]))  # real durations were added
