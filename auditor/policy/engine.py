@@ -2,10 +2,11 @@
 
 ``PolicyEngine.evaluate`` runs a fixed handful of tensor ops for the whole batch
 and every rule: gather the leaf columns (``[B, T, L]``), aggregate them under
-their scope masks (``[B, L]``), run the node program of the condition trees,
-compute sustained-run lengths for ``for_tokens`` rules with a cumulative max,
-and apply exceptions. Python only loops over batch rows and matched rules to
-build the result objects.
+their scope masks (``[B, L]``), run the node program of the condition trees, and
+compute sustained-run lengths for ``for_tokens`` rules with a cumulative max.
+The rule scores and the exceptions' scores then cross to the host in one copy,
+where Python loops over batch rows to decide which rules fired and which an
+exception suppressed, and builds the result objects.
 
 Rule semantics (leaf semantics are in :mod:`auditor.policy.compile`):
 
