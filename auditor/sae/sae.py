@@ -320,7 +320,7 @@ class SAE(nn.Module):
         again (a policy's ``watched``) the columns are kept, together with that very tensor,
         and used while neither it nor the parameters have changed (same storage, no in-place
         write: tensors' version counters). Lists, and inference-mode tensors (which keep no
-        version counter), are gathered on every call.
+        version counter), are gathered on every call. A TopK SAE keeps the checked index alone.
         """
         names = _PER_LATENT_PARAMS.get(self.cfg.architecture)
         params = [getattr(self, name) for name in names] if names else []
@@ -333,11 +333,12 @@ class SAE(nn.Module):
             if hit is not None and hit[0] is features and hit[1] == stamp:
                 return hit[2], hit[3]
         idx = self._feature_index(features)
-        if not names:
-            return idx, None
-        # Outside inference mode: the kept columns must serve later calls made without it too.
-        with torch.inference_mode(False):
-            cols = {name: p.detach().index_select(-1, idx) for name, p in zip(names, params)}
+        cols = None
+        if names:
+            # Outside inference mode: the kept columns must serve later calls made without it too.
+            with torch.inference_mode(False):
+                cols = {name: p.detach().index_select(-1, idx) for name, p in zip(names, params)}
+        # TopK reads no columns, but keeping its checked index saves the range check per call.
         if cache is not None and stamp is not None:
             with _columns_lock:
                 while len(cache) >= _COLUMNS_KEPT:

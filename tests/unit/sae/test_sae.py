@@ -103,6 +103,21 @@ def test_watch_list_columns_are_kept_until_the_list_or_the_weights_change(arch: 
         sae.encode(x.double(), torch.tensor([0, D_SAE]))
 
 
+def test_topk_keeps_the_checked_watch_list_until_it_changes() -> None:
+    # TopK reads no columns; the checked index of a list that comes back is kept all the same.
+    sae, _ = make_sae("topk")
+    x = acts()
+    watched = torch.tensor([5, 0, 63, 17, 5])
+    idx, cols = sae._watch_columns(watched)
+    assert cols is None and sae._watch_columns(watched)[0] is idx
+    assert_close(sae.encode_watched(x, watched).features, sae.encode(x)[:, [5, 0, 63, 17, 5]])
+    watched[2] = 9  # in place: the new latents
+    assert_close(sae.encode(x, watched), sae.encode(x)[:, [5, 0, 9, 17, 5]])
+    watched[2] = D_SAE  # out of range in place: checked again
+    with pytest.raises(IndexError, match="feature indices must be in"):
+        sae.encode(x, watched)
+
+
 def test_watch_list_columns_kept_are_bounded_and_inference_lists_are_not_kept() -> None:
     sae, _ = make_sae("jumprelu")
     x = acts()
