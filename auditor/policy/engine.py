@@ -341,6 +341,16 @@ class PolicyEngine:
         self._ft_rules = torch.nonzero(compiled.rule_for_tokens > 0).flatten()
         self._has_exceptions = compiled.exc_node.numel() > 0
         self._all_positive = bool((compiled.leaf_threshold > 0).all())
+        # Which leaves take the mean, count tokens above `above` (count_above and fraction_above),
+        # or divide that count by the tokens in scope; and whether any do (each adds a few
+        # operations to an evaluation only when present).
+        agg = compiled.leaf_agg
+        self._leaf_mean = agg == AGGS.index("mean")
+        self._leaf_counting = (agg == _COUNT_AGGS[0]) | (agg == _COUNT_AGGS[1])
+        self._leaf_fraction = agg == _COUNT_AGGS[1]
+        self._has_mean, self._has_count, self._has_fraction = (
+            bool(m.any()) for m in (self._leaf_mean, self._leaf_counting, self._leaf_fraction)
+        )
         self._rule_ids = [r.id for r in compiled.rules]
         self._rule_level = [2 if "block" in r.actions else 1 if "alert" in r.actions else 0 for r in compiled.rules]
         self._exc_start: list[int] = []
@@ -378,14 +388,14 @@ class PolicyEngine:
         if cached is None:
             c = self.compiled
             cached = {
-                "leaf_columns": c.leaf_columns.to(device),
                 "value_columns": self._value_columns.to(device),
-                "leaf_agg": c.leaf_agg.to(device),
                 "leaf_above": c.leaf_above.to(device),
                 "leaf_threshold": c.leaf_threshold.to(device),
                 "leaf_positive": (c.leaf_threshold > 0).to(device),
                 "leaf_divisor": torch.where(c.leaf_threshold > 0, c.leaf_threshold, 1.0).to(device),
-                **self._agg_subsets(device),
+                "leaf_mean": self._leaf_mean.to(device),
+                "leaf_counting": self._leaf_counting.to(device),
+                "leaf_fraction": self._leaf_fraction.to(device),
                 "leaf_scope": c.leaf_scope.to(device),
                 "groups": [(g.op, g.out.to(device), g.children.to(device), g.children.reshape(-1).to(device)) for g in c.groups],
                 # Scores of the nodes after the leaves before the program runs: const_true inf (neutral
@@ -421,23 +431,6 @@ class PolicyEngine:
         if fp is not None:
             cols[fp["leaves"], 0] = n_feat + recon + fp["unit"]  # a feature probe's per-token probability
         return cols.reshape(-1), bool((cols == pad).any())
-
-    def _agg_subsets(self, device: torch.device) -> dict[str, Tensor]:
-        """Which leaves count (``leaf_counting [L]``, count_above or fraction_above) and, only when
-        some exist, which leaves take the ``mean`` (``leaf_mean``), which count at all (``count``)
-        and which divide their count by the tokens in scope (``leaf_fraction``)."""
-        c = self.compiled
-        is_counting = (c.leaf_agg == _COUNT_AGGS[0]) | (c.leaf_agg == _COUNT_AGGS[1])
-        out: dict[str, Tensor] = {"leaf_counting": is_counting.to(device)}
-        is_mean = c.leaf_agg == AGGS.index("mean")
-        if is_mean.any():
-            out["leaf_mean"] = is_mean.to(device)
-        if is_counting.any():
-            out["count"] = is_counting.to(device)
-        is_fraction = c.leaf_agg == _COUNT_AGGS[1]
-        if is_fraction.any():
-            out["leaf_fraction"] = is_fraction.to(device)
-        return out
 
     def _check(self, batch: AuditBatch) -> None:
         f = batch.features
@@ -598,36 +591,34 @@ class PolicyEngine:
             parts.append(torch.sigmoid(logit))
         if self._value_pad:
             parts.append(feats.new_full((bsz, t, 1), float("-inf")))
-        cols = k["leaf_columns"]  # [L, G]
         vals = (torch.cat(parts, dim=-1) if len(parts) > 1 else feats).index_select(2, k["value_columns"])  # [B, T, L * G]
-        if cols.shape[1] > 1:
-            vals = vals.view(bsz, t, *cols.shape).amax(-1)  # [B, T, L]: max over each leaf's group
+        n_leaves, width = self.compiled.leaf_columns.shape
+        if width > 1:
+            vals = vals.view(bsz, t, n_leaves, width).amax(-1)  # [B, T, L]: max over each leaf's group
         return vals, scope_masks.index_select(2, k["leaf_scope"]), logit
 
-    @staticmethod
-    def _partials(k: dict[str, Any], vals: Tensor, leaf_mask: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def _partials(self, k: dict[str, Any], vals: Tensor, leaf_mask: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """What the aggregations need from some tokens, each adding up over more tokens, ``[B, L]``
         each: every leaf's max, and when the policy has such leaves its sum (for ``mean``) and its
         count of tokens above ``above`` (for ``count_above`` / ``fraction_above``), else None. The
         sum and the count are taken over every leaf, a few cheap operations on small tensors
         where picking the leaves that need them out and back would be more; the others' are unused."""
         vmax = torch.where(leaf_mask, vals, float("-inf")).amax(1)
-        vsum = torch.where(leaf_mask, vals, 0.0).sum(1) if "leaf_mean" in k else None
-        vcount = ((vals > k["leaf_above"]) & leaf_mask).sum(1, dtype=torch.float32) if "count" in k else None
+        vsum = torch.where(leaf_mask, vals, 0.0).sum(1) if self._has_mean else None
+        vcount = ((vals > k["leaf_above"]) & leaf_mask).sum(1, dtype=torch.float32) if self._has_count else None
         return vmax, vsum, vcount
 
-    @staticmethod
-    def _aggregate(k: dict[str, Any], vmax: Tensor, vsum: Tensor | None, vcount: Tensor | None, n: Tensor) -> Tensor:
+    def _aggregate(self, k: dict[str, Any], vmax: Tensor, vsum: Tensor | None, vcount: Tensor | None, n: Tensor) -> Tensor:
         """Each leaf's aggregated value ``[B, L]`` from :meth:`_partials` over its ``n [B, L]`` tokens in
         scope (``vmax`` itself when every leaf takes the max, so the caller hands it over)."""
         value = vmax
-        if vsum is None and "leaf_fraction" not in k:
+        if vsum is None and not self._has_fraction:
             return value if vcount is None else torch.where(k["leaf_counting"], vcount, value)
         nf = n.clamp(min=1).to(torch.float32)
         if vsum is not None:
             value = torch.where(k["leaf_mean"], vsum / nf, value)
         if vcount is not None:
-            if "leaf_fraction" in k:
+            if self._has_fraction:
                 vcount = torch.where(k["leaf_fraction"], vcount / nf, vcount)
             value = torch.where(k["leaf_counting"], vcount, value)
         return value
@@ -811,8 +802,8 @@ class IncrementalMatcher:
         b = batch_size
         self.n_scope = torch.zeros(b, 3, dtype=torch.long, device=device)
         self.vmax = torch.full((b, n_leaves), float("-inf"), device=device)
-        self.vsum = torch.zeros(b, n_leaves, device=device) if "leaf_mean" in k else None
-        self.vcount = torch.zeros(b, n_leaves, device=device) if "count" in k else None
+        self.vsum = torch.zeros(b, n_leaves, device=device) if engine._has_mean else None
+        self.vcount = torch.zeros(b, n_leaves, device=device) if engine._has_count else None
         fp = k["feature_probes"]
         self.logit_sum = torch.zeros(b, 3, int(fp["weight"].shape[1]), device=device) if fp is not None else None
         n_feat = int(engine.watched.numel())
