@@ -337,7 +337,20 @@ class PolicyEngine:
         )
         self.categories: tuple[str, ...] = tuple(dict.fromkeys(r.category for r in policy.rules))
         col_of = {int(lat): c for c, lat in enumerate(compiled.watched.tolist())}
-        self._rule_cat = [self.categories.index(r.category) for r in compiled.rules]
+        # The host side of a verdict, per rule, made once: the rule indices of each category, each
+        # rule's exceptions (their first column in a host row past the R rule scores, and names),
+        # its action level, its annotation text, and whether it steers.
+        n_r = len(compiled.rules)
+        self._cat_rules = [[i for i, r in enumerate(compiled.rules) if r.category == cat] for cat in self.categories]
+        self._rule_exc: list[tuple[int, tuple[str, ...]] | None] = []
+        pos = n_r
+        for r in compiled.rules:
+            self._rule_exc.append((pos, tuple(e.name for e in r.exceptions)) if r.exceptions else None)
+            pos += len(r.exceptions)
+        self._rule_note = [
+            f"{r.id}: {r.annotations.get('summary') or r.description or r.id}" if "annotate" in r.actions else None
+            for r in compiled.rules
+        ]
         self._ft_rules = torch.nonzero(compiled.rule_for_tokens > 0).flatten()
         self._has_exceptions = compiled.exc_node.numel() > 0
         self._all_positive = bool((compiled.leaf_threshold > 0).all())
@@ -353,11 +366,6 @@ class PolicyEngine:
         )
         self._rule_ids = [r.id for r in compiled.rules]
         self._rule_level = [2 if "block" in r.actions else 1 if "alert" in r.actions else 0 for r in compiled.rules]
-        self._exc_start: list[int] = []
-        pos = 0
-        for r in compiled.rules:
-            self._exc_start.append(pos)
-            pos += len(r.exceptions)
         self._feature_probes, self._probe_max_pool = _stack_feature_probes(compiled, col_of)
         self._value_columns, self._value_pad = self._value_layout()
         self._device_cache: dict[torch.device, dict[str, Any]] = {}
@@ -709,27 +717,21 @@ class PolicyEngine:
         score; the rest stays on the device for explanations."""
         c = self.compiled
         n_r = len(c.rules)
+        rule_exc, cat_rules = self._rule_exc, self._cat_rules
         hits: list[list[int]] = []
         held: list[dict[int, str]] = []  # rule -> the exception that suppressed it
-        cats: list[list[float]] = []  # the highest rule score per category, 0 at least
         for row in rows:
             hit: list[int] = []
             excepted: dict[int, str] = {}
-            cat = [0.0] * len(self.categories)
-            for r_i, score, c_i in zip(range(n_r), row, self._rule_cat):
-                if score > cat[c_i]:
-                    cat[c_i] = score
-                if not score >= 1.0:
-                    continue
-                first = n_r + self._exc_start[r_i]
-                exc = next((e.name for j, e in enumerate(c.rules[r_i].exceptions) if row[first + j] >= 1.0), None)
-                if exc is None:
+            for r_i in [i for i, score in enumerate(row[:n_r]) if score >= 1.0]:
+                exc = rule_exc[r_i]
+                name = next((n for j, n in enumerate(exc[1]) if row[exc[0] + j] >= 1.0), None) if exc else None
+                if name is None:
                     hit.append(r_i)
                 else:
-                    excepted[r_i] = exc
+                    excepted[r_i] = name
             hits.append(hit)
             held.append(excepted)
-            cats.append(cat)
         matched_rules = sorted({r_i for hit in hits for r_i in hit})
         detail = _BatchDetail(c, value, fired, tok, tokens, matched_rules) if matched_rules else None
         verdicts: list[Verdict] = []
@@ -740,33 +742,35 @@ class PolicyEngine:
             level = 0
             for r_i in hits[b]:
                 rule = c.rules[r_i]
+                # Positional, in RuleMatch's field order (keywords cost as much as the rest of the
+                # object here; a batch can hold thousands of matches). Each match has its own copies.
                 matches.append(
                     RuleMatch(
-                        rule_id=rule.id,
-                        description=rule.description,
-                        severity=rule.severity,
-                        category=rule.category,
-                        actions=list(rule.actions),
-                        score=row[r_i],
-                        labels=dict(rule.labels),
-                        annotations=dict(rule.annotations),
-                        explain=functools.partial(detail.explain, b, r_i),  # type: ignore[union-attr]
+                        rule.id, rule.description, rule.severity, rule.category, list(rule.actions), row[r_i],
+                        dict(rule.labels), dict(rule.annotations),
+                        functools.partial(detail.explain, b, r_i),  # type: ignore[union-attr]
                     )
                 )
-                level = max(level, self._rule_level[r_i])
-                if "annotate" in rule.actions:
-                    note = rule.annotations.get("summary") or rule.description or rule.id
-                    annotations.append(f"{rule.id}: {note}")
-                steering.extend(
-                    SteerAction(st.feature, st.index, st.mode, st.value, rule.id)  # type: ignore[arg-type]
-                    for st in rule.steering
-                )
+                if self._rule_level[r_i] > level:
+                    level = self._rule_level[r_i]
+                if self._rule_note[r_i] is not None:
+                    annotations.append(self._rule_note[r_i])  # type: ignore[arg-type]
+                if rule.steering:
+                    steering.extend(
+                        SteerAction(st.feature, st.index, st.mode, st.value, rule.id)  # type: ignore[arg-type]
+                        for st in rule.steering
+                    )
+            # Each category's score: its highest rule score, 0 at least.
+            cat_scores = {}
+            for cat, idx in zip(self.categories, cat_rules):
+                top = max(map(row.__getitem__, idx), default=0.0)  # a category of disabled rules only: 0
+                cat_scores[cat] = top if top > 0.0 else 0.0
             verdicts.append(
                 Verdict(
                     action=_LEVEL_ACTIONS[level],
                     matches=matches,
                     scores=dict(zip(self._rule_ids, row)),
-                    category_scores=dict(zip(self.categories, cats[b])),
+                    category_scores=cat_scores,
                     annotations=annotations,
                     steering=steering,
                     suppressed={c.rules[r_i].id: name for r_i, name in held[b].items()},

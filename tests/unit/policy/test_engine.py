@@ -548,6 +548,10 @@ def test_category_scores_take_the_max(tmp_path: Path) -> None:
     torch.testing.assert_close(v.scores, {"x": 0.5, "y": 0.75, "z": 0.75})
     torch.testing.assert_close(v.category_scores, {"alpha": 0.75, "beta": 0.75})
     assert v.action == "allow"
+    # A category whose rules all score below 0 (negative activations) scores 0.
+    v = engine.evaluate(batch_from({"a.one": [2.0], "a.two": [0.5], "b.four": [-3.0]}, engine))[0]
+    torch.testing.assert_close(v.scores, {"x": 0.5, "y": 0.5, "z": -1.5})
+    torch.testing.assert_close(v.category_scores, {"alpha": 0.5, "beta": 0.0})
 
 
 def test_explanation_values_and_spans(tmp_path: Path) -> None:
@@ -596,6 +600,30 @@ def test_exceptions_suppress_but_keep_score(tmp_path: Path) -> None:
     excused = engine.evaluate(batch_from({"a.one": [2.0], "c.six": [3.0]}, engine))[0]
     assert excused.action == "allow" and excused.matches == []
     assert excused.suppressed == {"r": "training"} and excused.scores["r"] == 2.0
+
+
+def test_the_first_exception_that_holds_names_the_suppression(tmp_path: Path) -> None:
+    rules = {
+        "rules": [
+            {"id": "q", "severity": "low", "category": "beta", "condition": {"feature": "b.three", "threshold": 1.0},
+             "exceptions": [{"name": "quiet", "condition": {"feature": "b.four", "threshold": 1.0}}]},
+            {"id": "r", "severity": "high", "category": "alpha", "condition": {"feature": "a.one", "threshold": 1.0},
+             "actions": ["block"],
+             "exceptions": [{"name": "training", "condition": {"feature": "c.five", "threshold": 1.0}},
+                            {"name": "eval", "condition": {"feature": "c.six", "threshold": 1.0}}]},
+        ]
+    }
+    engine = make_engine(rules, tmp_path)
+
+    def verdict(**values: float) -> Any:
+        return engine.evaluate(batch_from({k.replace("_", "."): [v] for k, v in values.items()}, engine))[0]
+
+    v = verdict(a_one=2.0, b_three=2.0, b_four=0.0, c_five=0.0, c_six=3.0)  # only r's second exception holds
+    assert v.suppressed == {"r": "eval"} and [m.rule_id for m in v.matches] == ["q"]
+    v = verdict(a_one=2.0, b_three=2.0, b_four=2.0, c_five=2.0, c_six=3.0)  # both of r's hold: the first names it
+    assert v.suppressed == {"q": "quiet", "r": "training"} and v.matches == [] and v.action == "allow"
+    v = verdict(a_one=2.0, b_three=0.0, b_four=2.0, c_five=0.0, c_six=0.0)  # q's exception alone does not fire r's
+    assert v.suppressed == {} and [m.rule_id for m in v.matches] == ["r"] and v.action == "block"
 
 
 def test_actions_steering_and_annotations(tmp_path: Path) -> None:
