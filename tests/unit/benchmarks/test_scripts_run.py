@@ -69,6 +69,8 @@ def test_topk_rows_script_agrees_with_torch_topk() -> None:
 def test_policy_eval_script_runs() -> None:
     out = first_json(run_script("benchmarks/policy_eval.py", "--rules", "20", "--repeats", "3", "--tokens", "16"))
     assert out["rules"] == 20 and out["watched"] > 0
+    # Building the verdicts is part of an evaluation: it cannot take longer than the whole.
+    assert 0 < out["verdicts_median_ms"] <= out["median_batch_ms"]
 
 
 def test_steering_hook_script_runs() -> None:
