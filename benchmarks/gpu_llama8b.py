@@ -291,6 +291,35 @@ def decode_loop(
             return time.perf_counter() - t0
 
 
+def profile_policy(engine: PolicyEngine, batch: AuditBatch, device: torch.device, out_dir: Path) -> None:
+    """Write a ``torch.profiler`` op table of the policy's decision (``matched``) and of a whole
+    evaluation (``evaluate``) on ``batch`` to ``out_dir/profile_policy.txt``: best wall times and,
+    per call, the operators and (on CUDA) the kernel launches, which bound the decision there."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    n = 5
+    text = [f"policy: {len(engine.compiled.rules)} rules, batch {tuple(batch.features.shape)}, {n} calls each", ""]
+    with torch.inference_mode():
+        for name, fn in (("matched", lambda: engine.matched(batch)), ("evaluate", lambda: engine.evaluate(batch))):
+            best = best_time(fn, device, n)
+            with profile(activities=acts) as prof:
+                for _ in range(n):
+                    fn()
+                sync(device)
+            table = prof.key_averages()
+            line = f"{name}: best {best * 1000:.3f} ms"
+            if device.type == "cuda":
+                launches = sum(e.count for e in table if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC"))
+                line += f", {launches / n:.0f} kernel launches a call"
+            text.append(line)
+            text.append(table.table(sort_by="self_cpu_time_total", row_limit=25))
+            if device.type == "cuda":
+                text.append(table.table(sort_by="self_cuda_time_total", row_limit=25))
+    (out_dir / "profile_policy.txt").write_text("\n".join(text))
+
+
 def profile_generation(model: torch.nn.Module, serve: dict[str, Any], cfg: dict[str, Any], batch: int, prompt_len: int,
                        n_new: int, device: torch.device, out_dir: Path) -> None:
     """Write ``torch.profiler`` op tables of one plain and one serve-mode generation to ``out_dir``.
@@ -458,6 +487,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         # The host side of a verdict alone: the rules' tensors computed and copied once, then only
         # the Python that builds the verdict objects (what evaluate adds to matched, past the copy).
         t_verdicts = verdict_build_time(engine, AuditBatch(f, m, comp), args.repeats)
+        if args.profile is not None and width == max(widths):
+            profile_policy(engine, AuditBatch(f, m, comp), device, args.profile)
         variants = encode_variants(x, sae, 64, device, args.repeats) if args.encode_variants else {}
         del topk
         encode_rows.append(

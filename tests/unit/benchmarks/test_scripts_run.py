@@ -40,6 +40,9 @@ def test_gpu_script_smoke_runs_on_cpu(tmp_path: Path) -> None:
     for name in ("plain", "serve"):
         table = (tmp_path / "prof" / f"profile_{name}.txt").read_text()
         assert table.startswith(f"{name}: batch 16, 8 new tokens") and "aten::mm" in table
+    policy = (tmp_path / "prof" / "profile_policy.txt").read_text()
+    assert policy.startswith("policy: 100 rules") and "matched: best" in policy and "evaluate: best" in policy
+    assert "aten::index_select" in policy
     assert out["tiny"] is True and out["steer_rules"] == [0, 5]
     stream = out["streaming"]
     assert stream["supported"] and stream["streams"] == 16 and stream["chunks"] == 2  # 49 + 32 tokens: 65, then 16
