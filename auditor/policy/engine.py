@@ -46,6 +46,7 @@ from torch import Tensor
 from auditor.errors import AuditorError, PolicyError, PolicyErrors
 from auditor.features.library import FeatureLibrary
 from auditor.policy import schema as s
+from auditor.policy._graphs import EvalGraphs
 from auditor.policy.compile import (
     AGGS,
     SCOPES,
@@ -301,6 +302,11 @@ def _stack_feature_probes(compiled: CompiledPolicy, col_of: dict[int, int]) -> t
 class PolicyEngine:
     """One compiled policy: immutable, safe to share across threads."""
 
+    cuda_graphs: bool = True
+    """On a CUDA device, replay evaluations of batch shapes that recur as CUDA graphs (see
+    :mod:`auditor.policy._graphs`); off evaluates every batch eagerly. Per engine, or for every
+    engine on the class."""
+
     def __init__(
         self,
         policy: s.Policy,
@@ -369,6 +375,7 @@ class PolicyEngine:
         self._feature_probes, self._probe_max_pool = _stack_feature_probes(compiled, col_of)
         self._value_columns, self._value_pad = self._value_layout()
         self._device_cache: dict[torch.device, dict[str, Any]] = {}
+        self._graphs = EvalGraphs(self._graph_outputs)
 
     @functools.cached_property
     def steering_engine(self) -> PolicyEngine | None:
@@ -498,6 +505,17 @@ class PolicyEngine:
             comp, prompt = comp.new_zeros(bsz, 1), prompt.new_zeros(bsz, 1)
             recon = feats.new_zeros(bsz, 1) if recon is not None else None
             resid = feats.new_zeros(bsz, 1, resid.shape[2]) if resid is not None else None
+        elif feats.is_cuda and self.cuda_graphs and not self.needs_resid:
+            # Hookpoint probes (resid) run their own modules: those policies stay eager.
+            out = self._graphs.run((feats, mask, comp, prompt, recon))
+            if out is not None:
+                nodes, rscore, value, fired, tok = out
+                return _RuleTensors(nodes, rscore, value, fired, _KnownHolds(tok))
+        return self._compute(feats, mask, comp, prompt, recon, resid)
+
+    def _compute(
+        self, feats: Tensor, mask: Tensor, comp: Tensor, prompt: Tensor, recon: Tensor | None, resid: Tensor | None
+    ) -> _RuleTensors:
         k = self._tensors(feats.device)
         scope_masks = _scope_masks(mask, prompt, comp)  # [B, T, 3]
         n_scope = scope_masks.sum(1)  # [B, 3]
@@ -506,6 +524,11 @@ class PolicyEngine:
         scores, tok_nodes = self._nodes(k, score, holds)
         run = _longest_run(self._held_runs(k, tok_nodes, scope_masks)) if tok_nodes is not None else None
         return _RuleTensors(scores, self._rule_scores(k, scores, n_scope, run), value, fired, holds)
+
+    def _graph_outputs(self, values: tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]) -> tuple[Tensor, ...]:
+        """What a captured evaluation writes: the rule tensors, per-token holds included."""
+        r = self._compute(*values, None)
+        return r.nodes, r.score, r.leaf_value, r.leaf_fired, r.holds.get()
 
     def _inputs(self, batch: AuditBatch) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
         """The batch checked and converted: features, mask, completion, prompt, recon error, resid."""
@@ -710,7 +733,7 @@ class PolicyEngine:
         rows: list[list[float]],
         value: Tensor,
         fired: Tensor,
-        tok: _TokenHolds,
+        tok: _TokenHolds | _KnownHolds,
         tokens: list[list[str]] | None,
     ) -> list[Verdict]:
         """Verdicts from each row's host numbers: the ``R`` rule scores, then each exception's node
@@ -886,7 +909,7 @@ class _RuleTensors(NamedTuple):
     """``[B, L]`` aggregated leaf values (for explanations)."""
     leaf_fired: Tensor
     """``[B, L]``."""
-    holds: _TokenHolds
+    holds: _TokenHolds | _KnownHolds
 
 
 class _TokenHolds:
@@ -904,6 +927,16 @@ class _TokenHolds:
         return self._tok
 
 
+class _KnownHolds:
+    """Per-token holds already computed (by a CUDA graph replay)."""
+
+    def __init__(self, tok: Tensor) -> None:
+        self._tok = tok
+
+    def get(self) -> Tensor:
+        return self._tok
+
+
 class _BatchDetail:
     """What explanations of one evaluated batch need, left where it was computed until the first
     explanation is asked for (then copied to the host once)."""
@@ -913,7 +946,7 @@ class _BatchDetail:
         compiled: CompiledPolicy,
         value: Tensor,
         fired: Tensor,
-        tok: _TokenHolds,
+        tok: _TokenHolds | _KnownHolds,
         tokens: list[list[str]] | None,
         matched_rules: list[int],
     ) -> None:

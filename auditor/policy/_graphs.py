@@ -1,0 +1,147 @@
+"""A policy evaluation replayed as a CUDA graph, one graph per padded batch shape.
+
+On a GPU the evaluation is bound by launching its kernels (a hundred or more for a policy of a
+hundred rules, each doing microseconds of work), not by the work itself: for one text of 512
+tokens on the Llama-3.1-8B shape that is several percent of the audit forward. A captured graph
+launches them all at once. Graphs need fixed shapes and fixed memory, so a batch is copied into
+static buffers padded to a bucket of rows (the next power of two) and tokens (the next power of
+two up to 256, then the next multiple of 256); padded positions are masked, which every
+aggregation already ignores. A shape is captured the second time it is seen (a one-off shape
+stays eager), and only up to ``max_tokens`` padded tokens (beyond that the launches are a
+negligible share of the evaluation). Outputs are copied out of the graph's buffers before the
+next replay can overwrite them; one lock serializes loading, replay and copying, so threads
+sharing an engine stay correct.
+
+What can differ from the eager evaluation: the padded shape may sum means and probe logits in
+another order (the last bit of a mean; a value within float rounding of its threshold may decide
+differently), as the incremental matcher's sums may.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+Inputs = tuple[Tensor, Tensor, Tensor, Tensor, "Tensor | None"]
+"""feats [B, T, F] float32, mask, comp, prompt [B, T] bool, recon [B, T] float32 or None."""
+
+
+def bucket_rows(b: int) -> int:
+    """Rows padded to the next power of two."""
+    return 1 << max(b - 1, 0).bit_length()
+
+
+def bucket_tokens(t: int) -> int:
+    """Tokens padded to the next power of two (16 at least) up to 256, then to a multiple of 256."""
+    if t <= 256:
+        return max(16, 1 << (t - 1).bit_length())
+    return -(-t // 256) * 256
+
+
+class _Graph:
+    """One captured evaluation: its static inputs and the output tensors its replays write."""
+
+    def __init__(self, inputs: list[Tensor | None], replay: Callable[[], None], outputs: tuple[Tensor, ...]) -> None:
+        self.inputs, self.replay, self.outputs = inputs, replay, outputs
+
+    def load(self, values: Inputs) -> None:
+        """Copy a batch into the static inputs. The tokens past it in its rows become zero (masked,
+        so no aggregation sees them); rows past it keep what they held, as rows never mix and
+        their results are cut off."""
+        for buf, x in zip(self.inputs, values):
+            if buf is None or x is None:
+                continue
+            b, t = x.shape[:2]
+            buf[:b, :t].copy_(x)
+            if t < buf.shape[1]:
+                buf[:b, t:].zero_()
+
+
+class EvalGraphs:
+    """Captured evaluations of one engine, at most ``max_graphs`` shapes (least recently used go)."""
+
+    def __init__(
+        self,
+        compute: Callable[[Inputs], tuple[Tensor, ...]],
+        *,
+        max_graphs: int = 8,
+        max_tokens: int = 8192,
+    ) -> None:
+        self._compute = compute
+        self.max_graphs, self.max_tokens = max_graphs, max_tokens
+        self._graphs: OrderedDict[tuple[Any, ...], _Graph] = OrderedDict()
+        self._seen: set[tuple[Any, ...]] = set()
+        self._lock = threading.Lock()
+        self.disabled = False
+        """Set when a capture failed: this engine then evaluates eagerly."""
+        self.captures = 0
+        self.replays = 0
+
+    def run(self, values: Inputs) -> tuple[Tensor, ...] | None:
+        """``compute(values)``'s outputs (``[B, ...]`` each, padding cut off), or None when this
+        batch is evaluated eagerly (a shape not seen before, too large, or graphs disabled)."""
+        feats, recon = values[0], values[4]
+        b, t, f = feats.shape
+        bb, tb = bucket_rows(b), bucket_tokens(t)
+        if self.disabled or t == 0 or bb * tb > self.max_tokens or torch.cuda.is_current_stream_capturing():
+            return None
+        key = (feats.device, bb, tb, f, recon is not None)
+        with self._lock:
+            graph = self._graphs.get(key)
+            if graph is None:
+                if key not in self._seen:
+                    self._seen.add(key)  # capture when the shape comes back
+                    return None
+                graph = self._capture(key, values)
+                if graph is None:
+                    return None
+                self._graphs[key] = graph
+                while len(self._graphs) > self.max_graphs:
+                    self._graphs.popitem(last=False)
+            else:
+                self._graphs.move_to_end(key)
+            graph.load(values)
+            graph.replay()
+            self.replays += 1
+            # Copies: the next replay (another batch, another thread) overwrites the graph's outputs.
+            return tuple(o[:b, :t].clone() if o.dim() == 3 else o[:b].clone() for o in graph.outputs)
+
+    def _capture(self, key: tuple[Any, ...], values: Inputs) -> _Graph | None:
+        device, bb, tb = key[0], key[1], key[2]
+        inputs: list[Tensor | None] = [
+            None if x is None else x.new_zeros((bb, tb, *x.shape[2:])) for x in values
+        ]
+        graph = _Graph(inputs, lambda: None, ())
+        graph.load(values)
+        static = tuple(inputs)
+        cuda_graph = torch.cuda.CUDAGraph()
+        current = torch.cuda.current_stream(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(current)
+        try:
+            with torch.cuda.stream(side):
+                # Warm up first (lazy initializations, workspaces), as CUDA graphs require, then
+                # capture on the same stream; "thread_local": other threads' model workers may run
+                # their own forwards meanwhile.
+                self._compute(static)  # type: ignore[arg-type]
+                cuda_graph.capture_begin(capture_error_mode="thread_local")
+                try:
+                    outputs = self._compute(static)  # type: ignore[arg-type]
+                finally:
+                    cuda_graph.capture_end()
+        except RuntimeError as exc:
+            current.wait_stream(side)
+            self.disabled = True
+            log.warning("policy evaluation cannot run as a CUDA graph (%s); evaluating eagerly", exc)
+            return None
+        current.wait_stream(side)
+        self.captures += 1
+        return _Graph(inputs, cuda_graph.replay, outputs)
