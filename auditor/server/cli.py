@@ -44,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--cuda-graphs",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="on a GPU, replay the steering hook's decode step as a CUDA graph while generating (default on)",
+        help="on a GPU, replay the steering hook's decode step while generating, and policy evaluations of "
+        "recurring batch shapes, as CUDA graphs (default on)",
     )
     p.add_argument("--policy", dest="policies", action="append", metavar="PATH", help="policy file or folder (repeatable)")
     p.add_argument("--default-policy", help="policy used when a request names none")

@@ -233,10 +233,10 @@ def _load_runtime(
     else:  # pragma: no cover - the branches above always give one
         raise ConfigError("no SAE: pass --sae or --library")
     if store is not None:
-        fits = _fits(sae.cfg.d_sae)
+        admit = _admit(sae.cfg.d_sae, settings.cuda_graphs)
         for engine in store.engines.values():
-            fits(engine)
-        store.check = fits  # a reload that no longer fits the SAE is refused, the old set stays
+            admit(engine)
+        store.check = admit  # a reload that no longer fits the SAE is refused, the old set stays
     model = load_model(settings.model, device=settings.device, dtype=settings.dtype, compile=settings.compile)
     n_workers = settings.model_workers or auto_workers(torch.device(model.device).type, torch.get_num_threads())
     if workers is not None:
@@ -281,8 +281,9 @@ def _load_runtime(
     )
 
 
-def _fits(d_sae: int) -> Callable[[Any], None]:
-    """A check that a policy engine only watches latents the loaded SAE has."""
+def _admit(d_sae: int, cuda_graphs: bool) -> Callable[[Any], None]:
+    """A check that a policy engine only watches latents the loaded SAE has; an engine that passes
+    takes the server's ``cuda_graphs`` setting (loaded and reloaded engines alike)."""
 
     def check(engine: Any) -> None:
         if engine.watched.numel() and int(engine.watched.max()) >= d_sae:
@@ -290,6 +291,7 @@ def _fits(d_sae: int) -> Callable[[Any], None]:
                 f"policy {engine.name!r} watches latent {int(engine.watched.max())} but the SAE has {d_sae} "
                 "latents; its feature library describes another SAE (pass the matching --sae)"
             )
+        engine.cuda_graphs = cuda_graphs
 
     return check
 

@@ -76,7 +76,8 @@ class Settings(BaseSettings):
     """``torch.compile`` the model's decoder layers (for GPUs; the first forward of each shape compiles)."""
     cuda_graphs: bool = True
     """On a GPU, replay the steering hook's decode step (measure, record, steer, and the decision of
-    rules that steer) as one captured CUDA graph while generating; off runs every step eagerly."""
+    rules that steer) as one captured CUDA graph while generating, and policy evaluations of batch
+    shapes that recur as CUDA graphs; off runs every step and evaluation eagerly."""
     policies: list[str] = Field(default_factory=list)
     """Policy files and folders; empty loads ``policies/default.yaml`` when it exists."""
     default_policy: str | None = None

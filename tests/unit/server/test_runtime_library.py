@@ -66,3 +66,22 @@ def test_a_runtime_loaded_on_a_callers_thread_leaves_its_torch_threads_alone(tmp
     assert rt.batcher.workers.n == 2 and rt.batcher.workers.threads == max(1, before // 2)
     (result,) = asyncio.run(scenario())
     assert result.verdict is not None  # the default policy, through the batcher on a worker
+
+
+def test_the_servers_cuda_graphs_setting_reaches_loaded_and_reloaded_engines(tmp_path: Path) -> None:
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "default.yaml").write_text(DEFAULT_POLICY.read_text())
+    settings = Settings.load(flags={"data_dir": str(tmp_path), "policies": [str(policies)], "cuda_graphs": False}, env={})
+    rt = load_runtime(settings, AuditorMetrics(CollectorRegistry()))
+    try:
+        assert rt.store is not None
+        first = rt.store.current()
+        assert first.cuda_graphs is False
+        (policies / "default.yaml").write_text(DEFAULT_POLICY.read_text().replace("name: default", "name: default\n  # edited"))
+        assert rt.store.reload().ok
+        assert rt.store.current() is not first and rt.store.current().cuda_graphs is False
+    finally:
+        import asyncio
+
+        asyncio.run(rt.close())
