@@ -44,6 +44,8 @@ def test_gpu_script_smoke_runs_on_cpu(tmp_path: Path) -> None:
     assert policy.startswith("policy: 100 rules") and "matched: best" in policy and "evaluate: best" in policy
     assert "aten::index_select" in policy
     assert out["tiny"] is True and out["steer_rules"] == [0, 5]
+    small = out["encode"][-1]["smaller_batches"]  # the widest SAE at the batch sizes below the largest
+    assert [q["batch_size"] for q in small] == [1, 8] and all(q["policy_eval_eager_s"] > 0 for q in small)
     stream = out["streaming"]
     assert stream["supported"] and stream["streams"] == 16 and stream["chunks"] == 2  # 49 + 32 tokens: 65, then 16
     assert all(stream[k]["chunked_s"] > 0 and stream[k]["whole_s"] > 0 for k in ("one", "many"))
