@@ -6,7 +6,9 @@ their scope masks (``[B, L]``), run the node program of the condition trees, and
 compute sustained-run lengths for ``for_tokens`` rules with a cumulative max.
 The rule scores and the exceptions' scores then cross to the host in one copy,
 where Python loops over batch rows to decide which rules fired and which an
-exception suppressed, and builds the result objects.
+exception suppressed, and builds the result objects. On a CUDA device, where those ops
+cost more to launch than to run, a batch shape that recurs replays them as one CUDA graph
+(:mod:`auditor.policy._graphs`; ``PolicyEngine.cuda_graphs``).
 
 Rule semantics (leaf semantics are in :mod:`auditor.policy.compile`):
 
