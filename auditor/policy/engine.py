@@ -345,9 +345,9 @@ class PolicyEngine:
         )
         self.categories: tuple[str, ...] = tuple(dict.fromkeys(r.category for r in policy.rules))
         col_of = {int(lat): c for c, lat in enumerate(compiled.watched.tolist())}
-        # The host side of a verdict, per rule, made once: the rule indices of each category, each
-        # rule's exceptions (their first column in a host row past the R rule scores, and names),
-        # its action level, its annotation text, and whether it steers.
+        # The host side of a verdict, made once: the rule indices of each category, and per rule its
+        # exceptions (their first column in a host row, past the R rule scores, and their names)
+        # and its annotation text.
         n_r = len(compiled.rules)
         self._cat_rules = [[i for i, r in enumerate(compiled.rules) if r.category == cat] for cat in self.categories]
         self._rule_exc: list[tuple[int, tuple[str, ...]] | None] = []
