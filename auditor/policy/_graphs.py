@@ -19,7 +19,6 @@ differently), as the incremental matcher's sums may.
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-log = logging.getLogger(__name__)
+from auditor._cuda import capture_cuda_graph
 
 Inputs = tuple[Tensor, Tensor, Tensor, Tensor, "Tensor | None"]
 """feats [B, T, F] float32, mask, comp, prompt [B, T] bool, recon [B, T] float32 or None."""
@@ -116,32 +115,13 @@ class EvalGraphs:
 
     def _capture(self, key: tuple[Any, ...], values: Inputs) -> _Graph | None:
         device, bb, tb = key[0], key[1], key[2]
-        inputs: list[Tensor | None] = [
-            None if x is None else x.new_zeros((bb, tb, *x.shape[2:])) for x in values
-        ]
-        graph = _Graph(inputs, lambda: None, ())
-        graph.load(values)
+        inputs: list[Tensor | None] = [None if x is None else x.new_zeros((bb, tb, *x.shape[2:])) for x in values]
+        _Graph(inputs, lambda: None, ()).load(values)
         static = tuple(inputs)
-        cuda_graph = torch.cuda.CUDAGraph()
-        current = torch.cuda.current_stream(device)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(current)
-        try:
-            with torch.cuda.stream(side):
-                # Warm up first (lazy initializations, workspaces), as CUDA graphs require, then
-                # capture on the same stream; "thread_local": other threads' model workers may run
-                # their own forwards meanwhile.
-                self._compute(static)  # type: ignore[arg-type]
-                cuda_graph.capture_begin(capture_error_mode="thread_local")
-                try:
-                    outputs = self._compute(static)  # type: ignore[arg-type]
-                finally:
-                    cuda_graph.capture_end()
-        except RuntimeError as exc:
-            current.wait_stream(side)
+        outputs: list[tuple[Tensor, ...]] = []  # the last call's are the captured call's
+        replay = capture_cuda_graph(lambda: outputs.append(self._compute(static)), device, "policy evaluation")  # type: ignore[arg-type]
+        if replay is None:
             self.disabled = True
-            log.warning("policy evaluation cannot run as a CUDA graph (%s); evaluating eagerly", exc)
             return None
-        current.wait_stream(side)
         self.captures += 1
-        return _Graph(inputs, cuda_graph.replay, outputs)
+        return _Graph(inputs, replay, outputs[-1])

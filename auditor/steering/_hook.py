@@ -35,7 +35,6 @@ content and which are completion tokens (:meth:`SteeringHook.set_positions`).
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from auditor._cuda import capture_cuda_graph
 from auditor.policy.engine import AuditBatch
 from auditor.steering.interventions import ResolvedIntervention, Steerer, SteeringLimits, resolve_interventions
 
@@ -54,8 +54,6 @@ if TYPE_CHECKING:
     from auditor.sae import SAE
 
 __all__ = ["SteeringHook", "Trigger", "policy_slots"]
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -112,8 +110,8 @@ class SteeringHook:
     @staticmethod
     def record_step(step: Callable[[], None], device: torch.device) -> Callable[[], None] | None:
         """Capture ``step`` (which reads and writes only static tensors) and return what replays it;
-        None when it cannot be captured. The CUDA graph capture; see :func:`_capture_cuda_graph`."""
-        return _capture_cuda_graph(step, device)
+        None when it cannot be captured. The CUDA graph capture; see :func:`auditor._cuda.capture_cuda_graph`."""
+        return capture_cuda_graph(step, device, "steering hook: the decode step")
 
     def __init__(
         self,
@@ -536,34 +534,6 @@ def _state_of(hook: SteeringHook) -> list[tuple[Tensor, Tensor]]:
 def _restore(saved: list[tuple[Tensor, Tensor]]) -> None:
     for t, copy in saved:
         t.copy_(copy)
-
-
-def _capture_cuda_graph(step: Callable[[], None], device: torch.device) -> Callable[[], None] | None:
-    """``step`` captured as a CUDA graph on ``device``: its ``replay``, or None when capture fails."""
-    graph = torch.cuda.CUDAGraph()
-    current = torch.cuda.current_stream(device)
-    side = torch.cuda.Stream(device)
-    side.wait_stream(current)
-    try:
-        with torch.cuda.stream(side):
-            # Warm up first (lazy initializations, workspaces), as CUDA graphs require; what the
-            # warm-up writes lies past the recorded history and is overwritten later. Then capture
-            # on the same side stream (not `torch.cuda.graph`, whose synchronize and gc.collect
-            # would cost more than the steps it saves); "thread_local": other threads' model
-            # workers may run their own forwards meanwhile.
-            step()
-            step()
-            graph.capture_begin(capture_error_mode="thread_local")
-            try:
-                step()
-            finally:
-                graph.capture_end()
-    except RuntimeError as exc:
-        current.wait_stream(side)
-        log.warning("steering hook: the decode step cannot run as a CUDA graph (%s); running it eagerly", exc)
-        return None
-    current.wait_stream(side)
-    return graph.replay
 
 
 class _Growing:
