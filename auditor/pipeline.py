@@ -668,8 +668,11 @@ def _evaluate(
     residual stream), ``watched_feats [B, T, F]``, ``recon [B, T]``."""
     from auditor.policy import AuditBatch
 
-    mask = batch.content_mask.to(watched_feats.device)
-    is_completion, is_prompt = role_masks(batch.role.to(watched_feats.device))
+    dev = watched_feats.device
+    mask, role = batch.content_mask, batch.role
+    if mask.device != dev:  # a call each, even when already there
+        mask, role = mask.to(dev), role.to(dev)
+    is_completion, is_prompt = role_masks(role)
     return engine.evaluate(
         AuditBatch(
             features=watched_feats,

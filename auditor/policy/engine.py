@@ -55,6 +55,7 @@ from auditor.policy.compile import (
     NOT_SCORE_CAP,
     OP_ALL,
     OP_ANY,
+    OP_NOT,
     CompiledPolicy,
     compile_policy,
     policy_hash,
@@ -426,6 +427,9 @@ class PolicyEngine:
                 "exc_node": c.exc_node.to(device),
                 "exc_rule": c.exc_rule.to(device),
                 "ft_rules": self._ft_rules.to(device),
+                # A `not` of leaves that saw no token scores high: rules are then zeroed where their
+                # scope has no token. Without one, out-of-scope leaves score 0, and so do their rules.
+                "scope_guard": any(g.op == OP_NOT for g in c.groups),
                 "feature_probes": (
                     {k: v.to(device) for k, v in self._feature_probes.items()} if self._feature_probes is not None else None
                 ),
@@ -484,7 +488,8 @@ class PolicyEngine:
         host = r.score
         if self._has_exceptions:
             host = torch.cat([host, r.nodes.index_select(1, self._tensors(host.device)["exc_node"])], dim=1)
-        return self._verdicts(host.cpu().tolist(), r.leaf_value, r.leaf_fired, r.holds, tokens)
+        rows = (host if host.device.type == "cpu" else host.cpu()).tolist()
+        return self._verdicts(rows, r.leaf_value, r.leaf_fired, r.holds, tokens)
 
     @torch.inference_mode()
     def matched(self, batch: AuditBatch) -> Tensor:
@@ -560,6 +565,8 @@ class PolicyEngine:
             need = k["rule_for_tokens"][ft]  # [Rf]
             run_score = _consistent(run.to(torch.float32) / need.to(torch.float32), run >= need)
             rscore[:, ft] = torch.minimum(rscore[:, ft], run_score)  # >= 1: the condition and the run
+        if not k["scope_guard"]:
+            return rscore  # without `not`, a rule with no token in scope scores 0 already (its leaves do)
         return torch.where(n_scope.index_select(1, k["rule_scope"]) > 0, rscore, 0.0)  # no token in scope: 0
 
     def _matched(self, k: dict[str, Any], scores: Tensor, rscore: Tensor) -> Tensor:
