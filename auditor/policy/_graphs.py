@@ -9,8 +9,8 @@ two up to 256, then the next multiple of 256); padded positions are masked, whic
 aggregation already ignores. A shape is captured the second time it is seen (a one-off shape
 stays eager), and only up to ``max_tokens`` padded tokens (beyond that the launches are a
 negligible share of the evaluation). Outputs are copied out of the graph's buffers before the
-next replay can overwrite them; one lock serializes loading, replay and copying, so threads
-sharing an engine stay correct.
+next replay can overwrite them; one lock serializes loading, replay and copying, and an event
+orders them on the GPU when callers use other streams, so threads sharing an engine stay correct.
 
 What can differ from the eager evaluation: the padded shape may sum means and probe logits in
 another order (the last bit of a mean; a value within float rounding of its threshold may decide
@@ -50,6 +50,8 @@ class _Graph:
 
     def __init__(self, inputs: list[Tensor | None], replay: Callable[[], None], outputs: tuple[Tensor, ...]) -> None:
         self.inputs, self.replay, self.outputs = inputs, replay, outputs
+        self.done: torch.cuda.Event | None = None
+        """Recorded after the last replay's outputs were copied out, on the stream that replayed it."""
 
     def load(self, values: Inputs) -> None:
         """Copy a batch into the static inputs. The tokens past it in its rows become zero (masked,
@@ -107,11 +109,18 @@ class EvalGraphs:
                     self._graphs.popitem(last=False)
             else:
                 self._graphs.move_to_end(key)
+            stream = torch.cuda.current_stream(feats.device)
+            if graph.done is not None:
+                # A caller on another stream: its loads must not overtake the last replay's copies.
+                stream.wait_event(graph.done)
             graph.load(values)
             graph.replay()
             self.replays += 1
             # Copies: the next replay (another batch, another thread) overwrites the graph's outputs.
-            return tuple(o[:b, :t].clone() if o.dim() == 3 else o[:b].clone() for o in graph.outputs)
+            out = tuple(o[:b, :t].clone() if o.dim() == 3 else o[:b].clone() for o in graph.outputs)
+            graph.done = torch.cuda.Event()
+            graph.done.record(stream)
+            return out
 
     def _capture(self, key: tuple[Any, ...], values: Inputs) -> _Graph | None:
         device, bb, tb = key[0], key[1], key[2]

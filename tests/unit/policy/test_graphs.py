@@ -3,7 +3,8 @@
 On the CPU: the bucketing, and that an evaluation of a batch copied into padded buffers (what a
 graph computes on) gives the batch's own rule tensors, whatever an earlier batch left in them.
 On a GPU: graph replays give the CPU's verdicts, explanations stay right after later replays,
-threads share an engine's graphs, and ``cuda_graphs = False`` turns them off.
+threads share an engine's graphs (on the default stream and on their own), and
+``cuda_graphs = False`` turns them off.
 """
 
 from __future__ import annotations
@@ -106,14 +107,17 @@ def test_cuda_graphs_shared_by_threads_and_switched_off(probe_dir: Path) -> None
     got: dict[int, list[Verdict]] = {}
 
     def work(first: int) -> None:
-        for i in range(1 + first, len(inputs), 4):
-            got[i] = engine.evaluate(on(dev, *inputs[i], engine))
+        # Two threads on the default stream, two on streams of their own.
+        with torch.cuda.stream(torch.cuda.current_stream() if first < 2 else torch.cuda.Stream()):
+            for i in range(1 + first, len(inputs), 4):
+                got[i] = engine.evaluate(on(dev, *inputs[i], engine))
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
     for th in threads:
         th.start()
     for th in threads:
         th.join()
+    torch.cuda.synchronize()  # explanations below read what the threads' streams copied out
     assert engine._graphs.captures == 1 and engine._graphs.replays == 33
     for i, verdicts in got.items():
         same_verdicts(want[i], verdicts)
