@@ -9,6 +9,7 @@
 #                                       # CUDA graphs; one clamp, and 10 steering rules), 21 paired runs
 #   bash benchmarks/gpu_run.sh topk     # the full encodes and their variants (top-k block widths) at 65k and 131k
 #   bash benchmarks/gpu_run.sh graph    # serve mode at batch 16 with the hook's step as a CUDA graph and eager, 11 runs; streaming
+#   bash benchmarks/gpu_run.sh policy   # watch-list + policy at batch 1, 8 and 32 x 512 tokens, eager and as CUDA graphs
 set -u
 mode="${1:-full}"
 out="${OUT:-/tmp/gpu-out}"
@@ -23,12 +24,19 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 timeout 120 python3 -m pytest -q -W ignore -p no:cacheprovider tests/unit/steering/test_hook.py \
-    tests/unit/policy/test_engine.py tests/unit/policy/test_incremental.py tests/unit/train/test_trainer.py \
+    tests/unit/policy/test_engine.py tests/unit/policy/test_incremental.py tests/unit/policy/test_graphs.py \
+    tests/unit/train/test_trainer.py \
     tests/unit/sae/test_sae.py tests/unit/models/test_streams.py -k "cuda or subset" 2>&1 | tail -n 8
 if [ "$mode" = topk ]; then
     timeout 200 python3 benchmarks/gpu_llama8b.py --batch-sizes 32 --repeats 3 --gen-batches 1 --gen-tokens 2 \
         --gen-repeats 1 --steer-rules 0 --encode-variants --streams 0 >"$out/topk.log" 2>&1
     tail -n 6 "$out/topk.log"
+    exit 0
+fi
+if [ "$mode" = policy ]; then
+    timeout 150 python3 benchmarks/gpu_llama8b.py --batch-sizes 1,8,32 --widths 131072 --repeats 3 --gen-batches 16 \
+        --gen-tokens 32 --gen-repeats 3 --steer-rules 0 --streams 0 --profile "$out" >"$out/policy.log" 2>&1
+    tail -n 6 "$out/policy.log"
     exit 0
 fi
 if [ "$mode" = graph ]; then
