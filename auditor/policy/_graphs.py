@@ -8,7 +8,8 @@ static buffers padded to a bucket of rows (the next power of two) and tokens (th
 two up to 256, then the next multiple of 256); padded positions are masked, which every
 aggregation already ignores. A shape is captured the second time it is seen (a one-off shape
 stays eager), and only up to ``max_tokens`` padded tokens (beyond that the launches are a
-negligible share of the evaluation). Outputs are copied out of the graph's buffers before the
+negligible share of the evaluation); the graphs kept hold at most twice that many tokens in all, as
+each keeps the memory of its evaluation's intermediate tensors. Outputs are copied out of the graph's buffers before the
 next replay can overwrite them; one lock serializes loading, replay and copying, and an event
 orders them on the GPU when callers use other streams, so threads sharing an engine stay correct.
 
@@ -105,8 +106,7 @@ class EvalGraphs:
                 if graph is None:
                     return None
                 self._graphs[key] = graph
-                while len(self._graphs) > self.max_graphs:
-                    self._graphs.popitem(last=False)
+                self._evict()
             else:
                 self._graphs.move_to_end(key)
             stream = torch.cuda.current_stream(feats.device)
@@ -121,6 +121,15 @@ class EvalGraphs:
             graph.done = torch.cuda.Event()
             graph.done.record(stream)
             return out
+
+    def _evict(self) -> None:
+        """Drop the least recently used graphs beyond ``max_graphs``, or while the kept graphs'
+        padded tokens add up to more than twice ``max_tokens`` (a graph keeps the memory of every
+        intermediate tensor of its evaluation, which grows with its tokens); the newest stays."""
+        while len(self._graphs) > 1 and (
+            len(self._graphs) > self.max_graphs or sum(k[1] * k[2] for k in self._graphs) > 2 * self.max_tokens
+        ):
+            self._graphs.popitem(last=False)
 
     def _capture(self, key: tuple[Any, ...], values: Inputs) -> _Graph | None:
         device, bb, tb = key[0], key[1], key[2]

@@ -18,7 +18,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from auditor.policy._graphs import _Graph, bucket_rows, bucket_tokens
+from auditor.policy._graphs import EvalGraphs, _Graph, bucket_rows, bucket_tokens
 from auditor.policy.engine import PolicyEngine, Verdict
 from tests.unit.policy.test_engine import full_batch, make_engine, one_rule, policies, probe_dir, random_inputs  # noqa: F401
 
@@ -30,6 +30,24 @@ def test_buckets() -> None:
     assert [bucket_tokens(t) for t in (1, 15, 16, 17, 100, 128, 129, 256, 257, 512, 513)] == [
         16, 16, 16, 32, 128, 128, 256, 256, 512, 512, 768,
     ]
+
+
+def test_kept_graphs_are_bounded_by_count_and_tokens() -> None:
+    graphs = EvalGraphs(lambda values: (), max_graphs=3, max_tokens=1024)
+    cpu = torch.device("cpu")
+
+    def keep(bb: int, tb: int) -> None:
+        graphs._graphs[(cpu, bb, tb, 5, False)] = _Graph([], lambda: None, ())
+        graphs._evict()
+
+    for bb, tb in ((1, 16), (1, 32), (2, 16), (4, 64)):
+        keep(bb, tb)
+    assert [k[1:3] for k in graphs._graphs] == [(1, 32), (2, 16), (4, 64)]  # three at most
+    keep(8, 256)  # 2,048 tokens: with the others over twice 1,024, the oldest go until it fits
+    assert [k[1:3] for k in graphs._graphs] == [(8, 256)]
+    graphs._graphs.move_to_end((cpu, 8, 256, 5, False), last=False)
+    keep(1, 16)  # the newest stays; the least recently used goes
+    assert [k[1:3] for k in graphs._graphs] == [(1, 16)]
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
