@@ -129,7 +129,9 @@ class EvalGraphs:
         while len(self._graphs) > 1 and (
             len(self._graphs) > self.max_graphs or sum(k[1] * k[2] for k in self._graphs) > 2 * self.max_tokens
         ):
-            self._graphs.popitem(last=False)
+            _, old = self._graphs.popitem(last=False)
+            if old.done is not None:
+                old.done.synchronize()  # its memory returns to the allocator: no replay of it may still run
 
     def _capture(self, key: tuple[Any, ...], values: Inputs) -> _Graph | None:
         device, bb, tb = key[0], key[1], key[2]
