@@ -362,6 +362,9 @@ class PolicyEngine:
         ]
         self._ft_rules = torch.nonzero(compiled.rule_for_tokens > 0).flatten()
         self._has_exceptions = compiled.exc_node.numel() > 0
+        # A `not` of leaves that saw no token scores high: rules are then zeroed where their scope
+        # has no token. Without one, out-of-scope leaves score 0, and so do their rules.
+        self._scope_guard = any(g.op == OP_NOT for g in compiled.groups)
         self._all_positive = bool((compiled.leaf_threshold > 0).all())
         # Which leaves take the mean, count tokens above `above` (count_above and fraction_above),
         # or divide that count by the tokens in scope; and whether any do (each adds a few
@@ -427,9 +430,6 @@ class PolicyEngine:
                 "exc_node": c.exc_node.to(device),
                 "exc_rule": c.exc_rule.to(device),
                 "ft_rules": self._ft_rules.to(device),
-                # A `not` of leaves that saw no token scores high: rules are then zeroed where their
-                # scope has no token. Without one, out-of-scope leaves score 0, and so do their rules.
-                "scope_guard": any(g.op == OP_NOT for g in c.groups),
                 "feature_probes": (
                     {k: v.to(device) for k, v in self._feature_probes.items()} if self._feature_probes is not None else None
                 ),
@@ -488,8 +488,7 @@ class PolicyEngine:
         host = r.score
         if self._has_exceptions:
             host = torch.cat([host, r.nodes.index_select(1, self._tensors(host.device)["exc_node"])], dim=1)
-        rows = (host if host.device.type == "cpu" else host.cpu()).tolist()
-        return self._verdicts(rows, r.leaf_value, r.leaf_fired, r.holds, tokens)
+        return self._verdicts(host.tolist(), r.leaf_value, r.leaf_fired, r.holds, tokens)
 
     @torch.inference_mode()
     def matched(self, batch: AuditBatch) -> Tensor:
@@ -555,8 +554,7 @@ class PolicyEngine:
         ft = k["ft_rules"]
         return tok_nodes[:, :, k["rule_node"][ft]] & scope_masks[:, :, k["rule_scope"][ft]]
 
-    @staticmethod
-    def _rule_scores(k: dict[str, Any], scores: Tensor, n_scope: Tensor, run: Tensor | None) -> Tensor:
+    def _rule_scores(self, k: dict[str, Any], scores: Tensor, n_scope: Tensor, run: Tensor | None) -> Tensor:
         """Rule scores ``[B, R]`` from the node program's scores ``[B, N]``; ``run [B, Rf]`` is each
         ``for_tokens`` rule's longest run of held tokens. A rule fired when its score is >= 1."""
         rscore = scores.index_select(1, k["rule_node"])  # [B, R]
@@ -565,7 +563,7 @@ class PolicyEngine:
             need = k["rule_for_tokens"][ft]  # [Rf]
             run_score = _consistent(run.to(torch.float32) / need.to(torch.float32), run >= need)
             rscore[:, ft] = torch.minimum(rscore[:, ft], run_score)  # >= 1: the condition and the run
-        if not k["scope_guard"]:
+        if not self._scope_guard:
             return rscore  # without `not`, a rule with no token in scope scores 0 already (its leaves do)
         return torch.where(n_scope.index_select(1, k["rule_scope"]) > 0, rscore, 0.0)  # no token in scope: 0
 
