@@ -60,7 +60,7 @@ from auditor.sae import SAE, SAEConfig  # noqa: E402
 from auditor.sae.sae import _row_topk  # noqa: E402
 from auditor.steering._hook import SteeringHook  # noqa: E402
 from auditor.steering.interventions import ResolvedIntervention  # noqa: E402
-from benchmarks.policy_eval import random_library, random_policy  # noqa: E402
+from benchmarks.policy_eval import random_library, random_policy, verdict_build_times  # noqa: E402
 
 LLAMA_31_8B = {
     "hidden_size": 4096,
@@ -152,13 +152,6 @@ def random_engine(d_sae: int, device: torch.device) -> PolicyEngine:
     if int(engine.watched.max()) >= d_sae:  # the random library indexes 4,608 latents
         raise SystemExit(f"SAE width {d_sae} is below the random library's indices")
     return engine
-
-
-def verdict_build_time(engine: PolicyEngine, batch: AuditBatch, repeats: int) -> float:
-    """Best time of what :meth:`PolicyEngine.evaluate` adds to ``matched``: from the rule tensors
-    already computed, the one copy to the host and the Python that builds the verdict objects."""
-    r = engine._rule_tensors(batch)
-    return best_time(lambda: engine._verdicts_of(r, batch.tokens), r.score.device, repeats)
 
 
 def two_stage_topk(pre: torch.Tensor, k: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -486,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         t_matched = best_time(lambda: engine.matched(AuditBatch(f, m, comp)), device, args.repeats)
         # The host side of a verdict alone: the rules' tensors computed and copied once, then only
         # the Python that builds the verdict objects (what evaluate adds to matched, past the copy).
-        t_verdicts = verdict_build_time(engine, AuditBatch(f, m, comp), args.repeats)
+        t_verdicts = min(verdict_build_times(engine, AuditBatch(f, m, comp), args.repeats))
         if args.profile is not None and width == max(widths):
             profile_policy(engine, AuditBatch(f, m, comp), device, args.profile)
         variants = encode_variants(x, sae, 64, device, args.repeats) if args.encode_variants else {}
