@@ -35,8 +35,7 @@ import argparse
 import asyncio
 import json
 import platform
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,7 @@ import torch
 
 from auditor.pipeline import Auditor
 from auditor.text import AuditInput
+from benchmarks.audit_throughput import timed
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "Write a long, careful answer: how should a small team handle customer data and payments safely?"
@@ -61,16 +61,6 @@ def completion_chunks(auditor: Auditor, n_tokens: int, chunk: int, offset: int =
     tok = auditor.model.tokenizer
     ids = tok(" ".join(texts), add_special_tokens=False)["input_ids"][:n_tokens]
     return [tok.decode(ids[i : i + chunk]) for i in range(0, len(ids), chunk)]
-
-
-def best_of(fn: Callable[[], Any], repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -116,9 +106,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             [res] = auditor.run([AuditInput(messages=messages, completion=so_far)])
         verdicts["recompute"] = res.verdict
 
-    t_single = best_of(single, args.repeats)
-    t_reuse = best_of(reuse, args.repeats)
-    t_recompute = best_of(recompute, args.repeats)
+    t_single = timed(single, args.repeats)
+    t_reuse = timed(reuse, args.repeats)
+    t_recompute = timed(recompute, args.repeats)
     [res] = auditor.run([full])
     same, max_score_diff = agreement([(v, verdicts["single"]) for v in verdicts.values()])
     result = {
@@ -251,11 +241,11 @@ def many_streams(
 
         final["batcher"] = asyncio.run(drive())
 
-    t_batched = best_of(single_batched, repeats)
-    t_each = best_of(single_each, repeats)
-    t_alone = best_of(lambda: fed(False), repeats)
-    t_shared = best_of(lambda: fed(True), repeats)
-    t_batcher = best_of(batcher_fed, repeats) if batcher_workers else None
+    t_batched = timed(single_batched, repeats)
+    t_each = timed(single_each, repeats)
+    t_alone = timed(lambda: fed(False), repeats)
+    t_shared = timed(lambda: fed(True), repeats)
+    t_batcher = timed(batcher_fed, repeats) if batcher_workers else None
     t_single = min(t_batched, t_each)
     want = final["each"]
     agree, diff = agreement(
