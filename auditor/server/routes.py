@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from auditor.errors import AuditorError
 from auditor.metrics import CONTENT_TYPE_LATEST, render
@@ -247,12 +247,53 @@ class ValidateRequest(BaseModel):
     """A policy file or folder readable by the server."""
 
 
-@router.post("/v1/policies/validate")
-async def validate_policy(body: ValidateRequest, request: Request) -> JSONResponse:
+_YAML_TYPES = frozenset({"application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml"})
+_VALIDATE_HOW = (
+    'send {"content": "<policy YAML>"} or {"path": "<policy file on the server>"} as JSON, '
+    "or the policy YAML itself with Content-Type: application/yaml"
+)
+
+
+async def _validate_request(request: Request) -> ValidateRequest:
+    """The body of ``POST /v1/policies/validate``: JSON (:class:`ValidateRequest`), or the policy
+    YAML itself when the content type says YAML."""
+    raw = await request.body()
+    ctype = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if ctype in _YAML_TYPES:
+        try:
+            return ValidateRequest(content=raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise BadRequestError(f"the policy YAML is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    try:
+        return ValidateRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors()
+        )
+        raise BadRequestError(f"invalid request: {problems}; {_VALIDATE_HOW}") from None
+
+
+@router.post(
+    "/v1/policies/validate",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": ValidateRequest.model_json_schema()},
+                "application/yaml": {"schema": {"type": "string", "description": "the policy YAML"}},
+            },
+        }
+    },
+)
+async def validate_policy(request: Request) -> JSONResponse:
     """Validate without loading: every problem with file, line and column."""
     get_runtime(request)
+    body = await _validate_request(request)
     if (body.content is None) == (body.path is None):
-        raise BadRequestError("give exactly one of 'content' (policy YAML text) or 'path' (a file on the server)")
+        raise BadRequestError(
+            "give exactly one of 'content' (policy YAML text) or 'path' (a policy file on the server), "
+            "or send the policy YAML itself with Content-Type: application/yaml"
+        )
     from auditor.policy import load_policy, validate_files
     from auditor.policy.store import policy_files
 
@@ -272,7 +313,13 @@ async def validate_policy(body: ValidateRequest, request: Request) -> JSONRespon
                 for f in files:
                     engine = load_policy(f)
                     policies.append({"name": engine.name, "hash": engine.hash, "rules": [r.id for r in engine.rules]})
-            return {"valid": not errors, "errors": [_error_json(e) for e in errors], "policies": policies}
+            found = [_error_json(e) for e in errors]
+            if body.content is not None:  # the temporary file is the request's content to the caller
+                for e in found:
+                    if e["path"] == str(target):
+                        e["path"] = "<content>"
+                    e["message"] = str(e["message"]).replace(str(target), "<content>")
+            return {"valid": not errors, "errors": found, "policies": policies}
 
     return JSONResponse(await asyncio.get_running_loop().run_in_executor(None, run))
 

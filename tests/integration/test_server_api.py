@@ -262,11 +262,30 @@ rules:
     assert resp.status_code == 200
     out = resp.json()
     assert out["valid"] is False and out["errors"]
-    assert all(e["line"] is not None for e in out["errors"])
+    assert all(e["line"] is not None and e["path"] == "<content>" for e in out["errors"]), out["errors"]
     assert any("severity" in e["message"] for e in out["errors"]), out["errors"]
     good = _post(server, "/v1/policies/validate", {"path": str(REPO / "policies" / "examples" / "deception.yaml")}, headers=AUTH)
     assert good.json()["valid"] is True and good.json()["policies"][0]["name"] == "example-deception"
-    assert _post(server, "/v1/policies/validate", {}, headers=AUTH).status_code == 422
+    empty = _post(server, "/v1/policies/validate", {}, headers=AUTH)
+    assert empty.status_code == 422 and "application/yaml" in empty.json()["error"]["message"]
+
+    # The policy YAML itself as the body: the same problems, with their lines.
+    yaml_headers = {**AUTH, "Content-Type": "application/yaml; charset=utf-8"}
+    raw = httpx.post(server.url + "/v1/policies/validate", content=bad.encode(), headers=yaml_headers, timeout=60)
+    assert raw.status_code == 200 and raw.json()["errors"] == out["errors"]
+    good_yaml = (REPO / "policies" / "examples" / "deception.yaml").read_text().replace(
+        "library: ../../feature_libraries/", f"library: {REPO}/feature_libraries/"
+    )
+    raw_good = httpx.post(server.url + "/v1/policies/validate", content=good_yaml.encode(), headers=yaml_headers, timeout=60)
+    assert raw_good.json()["valid"] is True, raw_good.json()
+    # YAML sent as JSON: what was wrong and how to send it.
+    wrong = httpx.post(server.url + "/v1/policies/validate", content=bad.encode(), headers={**AUTH, "Content-Type": "application/json"})
+    assert wrong.status_code == 422
+    message = wrong.json()["error"]["message"]
+    assert message.startswith("invalid request: body: Invalid JSON"), message
+    assert '{"content": "<policy YAML>"}' in message and "Content-Type: application/yaml" in message
+    not_utf8 = httpx.post(server.url + "/v1/policies/validate", content=b"rules: \xff\xfe", headers=yaml_headers)
+    assert not_utf8.status_code == 422 and "not UTF-8" in not_utf8.json()["error"]["message"]
 
     before = _sample(_metrics(server), "auditor_policy_reloads_total", result="success")
     reloaded = _post(server, "/v1/policies/reload", None, headers=AUTH)
