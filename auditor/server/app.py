@@ -161,17 +161,32 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         _set_outcome(request, "client_error")
-        problems = []
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
-            problems.append(f"{loc}: {err.get('msg', 'invalid')}")
-        message = "invalid request: " + "; ".join(problems)
+        message = "invalid request: " + "; ".join(_problem(err) for err in exc.errors())
         return JSONResponse(error_body(message, "invalid_request_error", "invalid_request"), status_code=422)
 
     # Added last = outermost: metrics see every response, the guard runs before routing.
     app.add_middleware(_Guard, state=state)
     app.add_middleware(_Metrics, metrics=metrics)
     return app
+
+
+_NOT_AN_OBJECT = frozenset({"model_attributes_type", "dict_type", "model_type", "missing"})
+
+
+def _problem(err: Mapping[str, Any]) -> str:
+    """One request validation problem as ``where: what``, with how to mend a body that is not
+    a JSON object at all."""
+    loc = tuple(err.get("loc", ()))
+    kind = err.get("type")
+    if kind == "json_invalid":
+        at = f" at character {loc[1]}" if len(loc) > 1 else ""
+        reason = (err.get("ctx") or {}).get("error") or err.get("msg", "invalid")
+        return f"body: not valid JSON{at} ({reason})"
+    where = ".".join(str(p) for p in loc if p != "body") or "body"
+    message = f"{where}: {err.get('msg', 'invalid')}"
+    if loc == ("body",) and kind in _NOT_AN_OBJECT:
+        message += "; send a JSON object with Content-Type: application/json"
+    return message
 
 
 def _set_outcome(request: Request, outcome: str) -> None:

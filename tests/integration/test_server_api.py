@@ -157,6 +157,24 @@ def test_422_names_the_problem(server: BackgroundServer, body: dict[str, object]
     assert error["type"] == "invalid_request_error" and needle in error["message"], error
 
 
+@pytest.mark.parametrize(
+    ("content", "headers", "message"),
+    [
+        (b"hello", {}, "body: Input should be a valid dictionary or object to extract fields from; "
+         "send a JSON object with Content-Type: application/json"),
+        (b"", {}, "body: Field required; send a JSON object with Content-Type: application/json"),
+        (b'"hello"', {"Content-Type": "application/json"}, "; send a JSON object with Content-Type: application/json"),
+        (b'{"text": "a",}', {"Content-Type": "application/json"}, "body: not valid JSON at character 13 ("),
+    ],
+)
+def test_422_for_a_body_that_is_not_a_json_object_says_how_to_send_one(
+    server: BackgroundServer, content: bytes, headers: dict[str, str], message: str
+) -> None:
+    resp = httpx.post(server.url + "/v1/audit", content=content, headers=headers, timeout=60)
+    assert resp.status_code == 422
+    assert message in resp.json()["error"]["message"], resp.json()
+
+
 def test_unknown_policy_is_404_listing_the_loaded_ones(server: BackgroundServer) -> None:
     resp = _post(server, "/v1/audit", {"text": "hi", "policy": "nope"})
     assert resp.status_code == 404
