@@ -300,7 +300,7 @@ rules:
     wrong = httpx.post(server.url + "/v1/policies/validate", content=bad.encode(), headers={**AUTH, "Content-Type": "application/json"})
     assert wrong.status_code == 422
     message = wrong.json()["error"]["message"]
-    assert message.startswith("invalid request: body: Invalid JSON"), message
+    assert message.startswith("invalid request: body: not valid JSON (expected value at line 1 column 1)"), message
     assert '{"content": "<policy YAML>"}' in message and "Content-Type: application/yaml" in message
     not_utf8 = httpx.post(server.url + "/v1/policies/validate", content=b"rules: \xff\xfe", headers=yaml_headers)
     assert not_utf8.status_code == 422 and "not UTF-8" in not_utf8.json()["error"]["message"]
