@@ -15,7 +15,7 @@ import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import IO, Literal
 
@@ -78,6 +78,34 @@ def apply_text_mode(alert: Alert, mode: TextMode) -> Alert:
             return alert
         return alert.model_copy(update={"text": None, "text_sha256": None})
     raise AuditLogError(f"text_mode must be one of store, hash, drop; got {mode!r}")
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_time(value: str, *, now: datetime | None = None) -> datetime:
+    """A time filter as users write it: an ISO time (``2026-11-26T04:00:00Z``; without a zone,
+    UTC), a date, Unix seconds, or a duration back from ``now`` (``90s``, ``15m``, ``2h``, ``7d``).
+    Raises ValueError saying what is accepted."""
+    text = value.strip()
+    unit = _DURATION_UNITS.get(text[-1:])
+    try:
+        if unit is not None and _is_number(text[:-1]):
+            return (now or datetime.now(timezone.utc)) - timedelta(seconds=float(text[:-1]) * unit)
+        try:
+            parsed = datetime.fromisoformat(text)
+        except ValueError:
+            if not _is_number(text):
+                raise
+            parsed = datetime.fromtimestamp(float(text), timezone.utc)
+    except (ValueError, OverflowError, OSError):  # not a time, or one past the calendar
+        raise ValueError(f"{value!r}: expected an ISO time (2026-11-26T04:00:00Z) or a duration like 15m, 2h, 7d") from None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=timezone.utc)
+
+
+def _is_number(text: str) -> bool:
+    """Digits with at most one decimal point."""
+    return text.replace(".", "", 1).isdigit()
 
 
 def _to_us(value: datetime) -> int:

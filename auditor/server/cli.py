@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -150,16 +150,12 @@ def run_serve(args: argparse.Namespace) -> int:
 def _parse_time(value: str | None, flag: str) -> datetime | None:
     if value is None:
         return None
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if value[-1:] in units and value[:-1].replace(".", "", 1).isdigit():
-        from datetime import timedelta
+    from auditor.alerts.log import parse_time
 
-        return datetime.now(timezone.utc) - timedelta(seconds=float(value[:-1]) * units[value[-1]])
     try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise ConfigError(f"{flag} {value!r}: expected an ISO time (2026-11-26T04:00:00Z) or a duration like 15m, 2h, 7d") from None
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=timezone.utc)
+        return parse_time(value)
+    except ValueError as exc:
+        raise ConfigError(f"{flag} {exc}") from None
 
 
 def run_alerts(args: argparse.Namespace) -> int:

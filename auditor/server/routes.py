@@ -345,11 +345,14 @@ async def reload_policies(request: Request) -> JSONResponse:
 Severity = Literal["info", "low", "medium", "high", "critical"]
 
 
+_TIME_HELP = "an ISO time (2026-11-26T04:00:00Z; without a zone, UTC), Unix seconds, or a duration back from now: 15m, 2h, 7d"
+
+
 @router.get("/v1/alerts")
 async def list_alerts(
     request: Request,
-    since: datetime | None = None,
-    until: datetime | None = None,
+    since: str | None = Query(default=None, description=_TIME_HELP),
+    until: str | None = Query(default=None, description=_TIME_HELP),
     rule_id: list[str] | None = Query(default=None),
     severity: list[Severity] | None = Query(default=None),
     min_severity: Severity | None = None,
@@ -362,8 +365,8 @@ async def list_alerts(
     """Alerts from the durable audit log, newest first by default; page with ``after=<next>``."""
     rt = get_runtime(request)
     filters: dict[str, Any] = {
-        "since": _aware(since),
-        "until": _aware(until),
+        "since": _time_filter("since", since),
+        "until": _time_filter("until", until),
         "rule_id": rule_id,
         "severity": severity,
         "min_severity": min_severity,
@@ -389,12 +392,16 @@ async def list_alerts(
     return JSONResponse(body)
 
 
-def _aware(value: datetime | None) -> datetime | None:
-    from datetime import timezone
+def _time_filter(name: str, value: str | None) -> datetime | None:
+    """A ``since`` / ``until`` query value as an aware time (see :func:`auditor.alerts.log.parse_time`)."""
+    if value is None:
+        return None
+    from auditor.alerts.log import parse_time
 
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
-    return value
+    try:
+        return parse_time(value)
+    except ValueError as exc:
+        raise BadRequestError(f"invalid request: query.{name}: {exc}") from None
 
 
 @router.get("/v1/alerts/stream")

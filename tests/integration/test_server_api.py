@@ -12,6 +12,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -345,6 +346,25 @@ def test_alerts_query_paging_and_stream(server: BackgroundServer) -> None:
     one = httpx.get(server.url + "/v1/alerts", params={"request_id": "page-1"}).json()
     assert [a["request_id"] for a in one["alerts"]] == ["page-1"]
     assert httpx.get(server.url + "/v1/alerts", params={"min_severity": "extreme"}).status_code == 422
+
+    # Time filters as the CLI takes them: a duration back from now, an ISO time, Unix seconds.
+    def fraud_ids(**params: object) -> set[str]:
+        resp = httpx.get(server.url + "/v1/alerts", params={"rule_id": "fraud-any", "limit": 1000, **params})
+        assert resp.status_code == 200, resp.text
+        return {a["id"] for a in resp.json()["alerts"]}
+
+    recent = fraud_ids(since="10m")
+    assert set(ids) <= recent
+    assert fraud_ids(until="10m") & set(ids) == set()
+    newest = max(datetime.fromisoformat(a["created_at"]) for a in page["alerts"])
+    assert fraud_ids(since=newest.isoformat()) and not fraud_ids(since=(newest + timedelta(seconds=1)).isoformat())
+    from_unix = fraud_ids(since=str(newest.timestamp() - 0.5))
+    assert page["alerts"][0]["id"] in from_unix and from_unix <= recent
+    bad = httpx.get(server.url + "/v1/alerts", params={"since": "yesterday"})
+    assert bad.status_code == 422
+    assert bad.json()["error"]["message"] == (
+        "invalid request: query.since: 'yesterday': expected an ISO time (2026-11-26T04:00:00Z) or a duration like 15m, 2h, 7d"
+    )
 
 
 def test_features_search(server: BackgroundServer) -> None:

@@ -310,3 +310,34 @@ def test_prune_by_age_and_count_keeps_what_a_sink_still_waits_for(log: AuditLog)
     assert log.count() == 0
     with pytest.raises(AuditLogError, match="keep_last must be >= 0"):
         log.prune(keep_last=-1)
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("2026-01-01T12:00:00Z", T0),
+        ("2026-01-01T13:00:00+01:00", T0),
+        ("2026-01-01T12:00:00", T0),  # no zone: UTC
+        ("2026-01-01", T0 - timedelta(hours=12)),
+        (str(T0.timestamp()), T0),
+        ("15", datetime(1970, 1, 1, 0, 0, 15, tzinfo=timezone.utc)),  # bare digits: Unix seconds
+        ("90s", T0 - timedelta(seconds=90)),
+        ("15m", T0 - timedelta(minutes=15)),
+        ("2h", T0 - timedelta(hours=2)),
+        ("1.5d", T0 - timedelta(hours=36)),
+        (" 7d ", T0 - timedelta(days=7)),
+    ],
+)
+def test_parse_time_takes_iso_times_unix_seconds_and_durations(text: str, want: datetime) -> None:
+    from auditor.alerts.log import parse_time
+
+    got = parse_time(text, now=T0)
+    assert got == want and got.tzinfo is not None
+
+
+@pytest.mark.parametrize("text", ["yesterday", "", "-2h", "2w", "2026-13-01", "9" * 30, "9" * 30 + "d"])
+def test_parse_time_says_what_it_takes(text: str) -> None:
+    from auditor.alerts.log import parse_time
+
+    with pytest.raises(ValueError, match=r"expected an ISO time \(2026-11-26T04:00:00Z\) or a duration like 15m, 2h, 7d"):
+        parse_time(text)
