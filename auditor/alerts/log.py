@@ -93,7 +93,8 @@ def parse_time(value: str, *, now: datetime | None = None) -> datetime:
         if unit is not None and _is_number(text[:-1]):
             return (now or datetime.now(timezone.utc)) - timedelta(seconds=float(text[:-1]) * unit)
         try:
-            parsed = datetime.fromisoformat(text)
+            # A trailing Z is UTC; Python 3.10's fromisoformat does not read it.
+            parsed = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text)
         except ValueError:
             if not _is_number(text):
                 raise
