@@ -21,7 +21,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -161,7 +161,7 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         _set_outcome(request, "client_error")
-        message = "invalid request: " + "; ".join(request_problem(err) for err in exc.errors())
+        message = invalid_request(exc.errors())
         return JSONResponse(error_body(message, "invalid_request_error", "invalid_request"), status_code=422)
 
     # Added last = outermost: metrics see every response, the guard runs before routing.
@@ -173,7 +173,12 @@ def create_app(
 _NOT_AN_OBJECT = frozenset({"model_attributes_type", "dict_type", "model_type", "missing"})
 
 
-def request_problem(err: Mapping[str, Any]) -> str:
+def invalid_request(errors: Iterable[Mapping[str, Any]]) -> str:
+    """The message of a request that failed validation: ``invalid request: where: what; ...``."""
+    return "invalid request: " + "; ".join(_problem(err) for err in errors)
+
+
+def _problem(err: Mapping[str, Any]) -> str:
     """One request validation problem as ``where: what``, with how to mend a body that is not
     a JSON object at all."""
     loc = tuple(err.get("loc", ()))

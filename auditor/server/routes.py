@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from auditor.errors import AuditorError
 from auditor.metrics import CONTENT_TYPE_LATEST, render
-from auditor.server.app import get_runtime, request_problem
+from auditor.server.app import get_runtime, invalid_request
 from auditor.server.errors import BadRequestError, NotFoundError
 from auditor.server.proxy import blocked_reason, guarded_audit
 from auditor.server.sse import SSE_HEADERS
@@ -267,8 +267,7 @@ async def _validate_request(request: Request) -> ValidateRequest:
     try:
         return ValidateRequest.model_validate_json(raw)
     except ValidationError as exc:
-        problems = "; ".join(request_problem(err) for err in exc.errors())
-        raise BadRequestError(f"invalid request: {problems}; {_VALIDATE_HOW}") from None
+        raise BadRequestError(f"{invalid_request(exc.errors())}; {_VALIDATE_HOW}") from None
 
 
 @router.post(
