@@ -400,7 +400,7 @@ def _time_filter(name: str, value: str | None) -> datetime | None:
     try:
         return parse_time(value)
     except ValueError as exc:
-        raise BadRequestError(f"invalid request: query.{name}: {exc}") from None
+        raise BadRequestError(invalid_request([{"loc": ("query", name), "msg": str(exc)}])) from None
 
 
 @router.get("/v1/alerts/stream")
