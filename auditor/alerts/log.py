@@ -100,7 +100,7 @@ def parse_time(value: str, *, now: datetime | None = None) -> datetime:
                 raise
             parsed = datetime.fromtimestamp(float(text), timezone.utc)
     except (ValueError, OverflowError, OSError):  # not a time, or one past the calendar
-        raise ValueError(f"{value!r}: expected an ISO time (2026-11-26T04:00:00Z) or a duration like 15m, 2h, 7d") from None
+        raise ValueError(f"{value!r}: expected an ISO time (2026-11-26T04:00:00Z), Unix seconds (1795665600) or a duration like 15m, 2h, 7d") from None
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=timezone.utc)
 
 

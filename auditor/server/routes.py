@@ -347,6 +347,11 @@ Severity = Literal["info", "low", "medium", "high", "critical"]
 _TIME_HELP = "an ISO time (2026-11-26T04:00:00Z; without a zone, UTC), Unix seconds, or a duration back from now: 15m, 2h, 7d"
 
 
+_ALERT_PARAMS = frozenset(
+    {"since", "until", "rule_id", "severity", "min_severity", "category", "request_id", "limit", "after", "order"}
+)
+
+
 @router.get("/v1/alerts")
 async def list_alerts(
     request: Request,
@@ -362,6 +367,12 @@ async def list_alerts(
     order: Literal["asc", "desc"] = "desc",
 ) -> JSONResponse:
     """Alerts from the durable audit log, newest first by default; page with ``after=<next>``."""
+    unknown = sorted(set(request.query_params) - _ALERT_PARAMS)
+    if unknown:  # a misspelt filter would otherwise answer every alert, as if it had matched
+        raise BadRequestError(
+            f"unknown query parameter(s) {', '.join(unknown)}; accepted: {', '.join(sorted(_ALERT_PARAMS))} "
+            "(page with after=<the previous page's next>)"
+        )
     rt = get_runtime(request)
     filters: dict[str, Any] = {
         "since": _time_filter("since", since),

@@ -339,5 +339,5 @@ def test_parse_time_takes_iso_times_unix_seconds_and_durations(text: str, want: 
 def test_parse_time_says_what_it_takes(text: str) -> None:
     from auditor.alerts.log import parse_time
 
-    with pytest.raises(ValueError, match=r"expected an ISO time \(2026-11-26T04:00:00Z\) or a duration like 15m, 2h, 7d"):
+    with pytest.raises(ValueError, match=r"expected an ISO time \(2026-11-26T04:00:00Z\), Unix seconds \(1795665600\) or a duration like 15m, 2h, 7d"):
         parse_time(text)
