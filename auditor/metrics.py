@@ -192,7 +192,8 @@ class AuditorMetrics:
         )
         self.auditor_errors = Counter(
             "auditor_errors_total",
-            "Audits that failed inside the auditor (not policy blocks), by kind (timeout, overloaded, internal).",
+            "Audits that failed inside the auditor (not policy blocks), by kind (timeout, overloaded, "
+            "completion_too_long, internal).",
             ["kind"],
             registry=registry,
         )
@@ -221,7 +222,11 @@ class AuditorMetrics:
     def observe_verdict(self, policy: str, verdict: Any) -> None:
         """Count a policy verdict and its matched rules."""
         self.verdicts.labels(policy=policy, action=verdict.action).inc()
-        for match in verdict.matches:
+        self.observe_matches(policy, verdict.matches)
+
+    def observe_matches(self, policy: str, matches: Any) -> None:
+        """Count matched rules (``auditor_rule_matches_total``)."""
+        for match in matches:
             self.rule_matches.labels(
                 policy=policy,
                 rule=match.rule_id,

@@ -32,6 +32,8 @@ __all__ = [
     "role_masks",
     "audited_text",
     "parse_input",
+    "message_text",
+    "with_tool_calls",
     "render",
     "tokenize_batch",
     "sink_token_id",
@@ -72,6 +74,50 @@ class AuditInput:
     id: str | None = None
 
 
+def message_text(message: Mapping[str, Any], where: str) -> str:
+    """What a chat message says, as audited: its ``content`` (a string, or OpenAI content parts
+    whose text parts are joined by newlines; other parts such as images carry no text) followed
+    by its tool calls, each ``name arguments`` on its own line (text the model wrote as surely as
+    its content; see :func:`with_tool_calls`)."""
+    content = message.get("content")
+    if content is None:
+        if not with_tool_calls("", message):
+            raise InputError(f"{where} needs a 'content': a string or a list of content parts (null only with 'tool_calls')")
+        text = ""
+    elif isinstance(content, str):
+        text = content
+    elif isinstance(content, list):
+        parts = []
+        for i, part in enumerate(content):
+            if not isinstance(part, Mapping):
+                raise InputError(f"{where}.content[{i}] must be an object such as {{'type': 'text', 'text': ...}}")
+            if part.get("type") == "text" and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+        text = "\n".join(parts)
+    else:
+        raise InputError(f"{where}.content must be a string, a list of content parts or null")
+    return with_tool_calls(text, message)
+
+
+def with_tool_calls(text: str, message: Mapping[str, Any]) -> str:
+    """``text`` followed by the tool calls (and legacy ``function_call``) of a chat message or of
+    a streamed delta: a call's name starts a new line, its arguments follow a space. Fed the
+    deltas of a stream one by one (each with the text so far), it builds the same text as the
+    whole message gives."""
+    calls = message.get("tool_calls")
+    functions = [c.get("function") for c in calls if isinstance(c, Mapping)] if isinstance(calls, list) else []
+    functions.append(message.get("function_call"))
+    for fn in functions:
+        if not isinstance(fn, Mapping):
+            continue
+        name, args = fn.get("name"), fn.get("arguments")
+        if isinstance(name, str) and name:
+            text += ("\n" if text else "") + name + " "
+        if isinstance(args, str):
+            text += args
+    return text
+
+
 def parse_input(obj: Any, *, where: str = "input") -> AuditInput:
     """Validate one JSON object (a line of ``--input`` or a request body).
 
@@ -105,13 +151,9 @@ def parse_input(obj: Any, *, where: str = "input") -> AuditInput:
             raise InputError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
         checked = []
         for i, m in enumerate(raw):
-            if (
-                not isinstance(m, Mapping)
-                or not isinstance(m.get("role"), str)
-                or not isinstance(m.get("content"), str)
-            ):
-                raise InputError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
-            checked.append({"role": m["role"], "content": m["content"]})
+            if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
+                raise InputError(f"{where}: messages[{i}] must be an object with a string 'role' and a 'content'")
+            checked.append({"role": m["role"], "content": message_text(m, f"{where}: messages[{i}]")})
         messages = tuple(checked)
     return AuditInput(
         text=obj.get("text"),

@@ -39,7 +39,7 @@ from auditor.workers import ModelWorkers
 from auditor.server.runtime import Runtime, load_runtime
 from auditor.server.settings import Settings
 
-__all__ = ["create_app", "get_runtime", "error_body"]
+__all__ = ["create_app", "get_runtime", "error_body", "outcome_for"]
 
 _log = logging.getLogger("auditor.server")
 
@@ -144,11 +144,13 @@ def create_app(
 
     app.include_router(routes.router)
     app.include_router(proxy.router)
-    mount_viewer(app, index_path=settings.viewer_index)  # /ui/: feature browser, playground, live alerts
+    viewer = mount_viewer(app, index_path=settings.viewer_index)  # /ui/: feature browser, playground, live alerts
+    # Route templates by path, to label requests the guard answers before routing (401, 413).
+    templates = [(r.path_regex, r.path) for rr in (routes.router, proxy.router, viewer) for r in rr.routes if hasattr(r, "path_regex")]
 
     @app.exception_handler(ServerError)
     async def _server_error(request: Request, exc: ServerError) -> JSONResponse:
-        _set_outcome(request, _outcome_for(exc))
+        _set_outcome(request, outcome_for(exc))
         return JSONResponse(
             error_body(exc.message, exc.type, exc.code), status_code=exc.status, headers=exc.headers or None
         )
@@ -166,7 +168,7 @@ def create_app(
 
     # Added last = outermost: metrics see every response, the guard runs before routing.
     app.add_middleware(_Guard, state=state)
-    app.add_middleware(_Metrics, metrics=metrics)
+    app.add_middleware(_Metrics, metrics=metrics, templates=templates)
     return app
 
 
@@ -201,7 +203,7 @@ def _set_outcome(request: Request, outcome: str) -> None:
 _OUTCOME_BY_STATUS = {401: "unauthorized", 413: "too_large", 502: "upstream_error", 504: "timeout"}
 
 
-def _outcome_for(exc: ServerError) -> str:
+def outcome_for(exc: ServerError) -> str:
     """The ``outcome`` label of a request that ended in ``exc``."""
     if exc.status in _OUTCOME_BY_STATUS:
         return _OUTCOME_BY_STATUS[exc.status]
@@ -298,9 +300,10 @@ async def _send_error(send: Send, exc: ServerError) -> None:
 class _Metrics:
     """``auditor_requests_total`` and ``auditor_request_duration_seconds`` by route template."""
 
-    def __init__(self, app: ASGIApp, metrics: AuditorMetrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: AuditorMetrics, templates: list[tuple[Any, str]]) -> None:
         self.app = app
         self.metrics = metrics
+        self.templates = templates
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -318,11 +321,19 @@ class _Metrics:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
+            template = self._template(scope)
             outcome = scope.get("state", {}).get("outcome") or _status_outcome(status)
             self.metrics.requests.labels(route=template, outcome=outcome).inc()
             self.metrics.request_duration.labels(route=template).observe(time.perf_counter() - t0)
+
+    def _template(self, scope: Scope) -> str:
+        """The route template that served the request or, for one the guard answered before
+        routing, that would have; ``unmatched`` for paths no route serves."""
+        route = scope.get("route")
+        if route is not None:
+            return getattr(route, "path", None) or "unmatched"
+        path = scope.get("path", "")
+        return next((template for regex, template in self.templates if regex.match(path)), "unmatched")
 
 
 def _status_outcome(status: int) -> str:

@@ -19,6 +19,7 @@ __all__ = [
     "OverloadedError",
     "AuditTimeoutError",
     "AuditFailedError",
+    "CompletionTooLongError",
     "UpstreamError",
     "NotReadyError",
 ]
@@ -93,6 +94,15 @@ class AuditFailedError(ServerError):
     status = 503
     type = "auditor_error"
     code = "auditor_unavailable"
+
+
+class CompletionTooLongError(ServerError):
+    """An upstream's completion is longer than the auditor reads (``max_tokens``): the auditor's
+    limit, not the client's mistake, so the fail mode applies."""
+
+    status = 503
+    type = "auditor_error"
+    code = "completion_too_long"
 
 
 class UpstreamError(ServerError):

@@ -24,6 +24,7 @@ needs the API token when one is set) is a list of ``{feature, mode, value}``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import re
@@ -38,12 +39,19 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from auditor.errors import AuditorError
-from auditor.server.app import error_body, get_runtime
+from auditor.server.app import error_body, get_runtime, outcome_for
 from auditor.server.auth import check_bearer
-from auditor.server.errors import AuditFailedError, BadRequestError, ServerError, TooLargeError, UpstreamError
+from auditor.server.errors import (
+    AuditFailedError,
+    BadRequestError,
+    CompletionTooLongError,
+    ServerError,
+    TooLargeError,
+    UpstreamError,
+)
 from auditor.server.runtime import Runtime
 from auditor.server.sse import SSE_HEADERS, sse_event
-from auditor.text import AuditInput
+from auditor.text import AuditInput, message_text, with_tool_calls
 
 if TYPE_CHECKING:
     from auditor.pipeline import AuditStream
@@ -139,9 +147,23 @@ async def guarded_audit(
     :class:`AuditFailedError` (closed) or come back as ``AuditOutcome(error=...)`` (open)."""
     try:
         results, engine = await rt.audit(items, policy=policy, source=source, request_id=request_id)
+    except TooLargeError as exc:
+        if source != "completion":
+            raise
+        return _failed(rt, request, _too_long(rt, exc.message))
     except Exception as exc:
         return _failed(rt, request, exc)
     return AuditOutcome(list(results), engine)
+
+
+def _too_long(rt: Runtime, what: str) -> CompletionTooLongError:
+    """A completion the auditor cannot read whole: counted, and the fail mode decides."""
+    error = CompletionTooLongError(
+        f"the upstream's completion is longer than the auditor reads ({what}); "
+        f"raise the sidecar's --max-tokens (now {rt.settings.max_tokens}) to audit completions this long"
+    )
+    rt.count_failure(error)
+    return error
 
 
 async def guarded_stream_feed(
@@ -149,24 +171,52 @@ async def guarded_stream_feed(
     request: Request,
     stream: AuditStream,
     text: str,
+    seen: _StreamVerdict,
     *,
     source: str,
     request_id: str | None = None,
 ) -> AuditOutcome:
     """Feed ``text`` to an incremental audit in the next batch (concurrent streams' chunks
-    share a forward), with the same fail mode as :func:`guarded_audit`; the verdict is
-    recorded (metrics, alerts) like any audit's."""
+    share a forward), with the same fail mode as :func:`guarded_audit`. The verdict covers
+    the completion so far; ``seen`` records each rule's alert once per stream (see
+    :class:`_StreamVerdict`)."""
     try:
-        result = await rt.batcher.feed(stream, text)
+        try:
+            result = await rt.batcher.feed(stream, text)
+        except Exception as exc:
+            rt.count_failure(exc)
+            raise
         if result.truncated:
-            raise TooLargeError(
-                f"the completion so far has more than {rt.settings.max_tokens} tokens; "
-                "the limit is max_tokens per input"
-            )
-        await rt.record([result.verdict], [stream.item], stream.engine, source=source, request_id=request_id)
+            return _failed(rt, request, _too_long(rt, f"with the prompt, over {rt.settings.max_tokens} tokens so far"))
+        fresh = seen.fresh(result.verdict)
+        await rt.record([fresh], [stream.item], stream.engine, source=source, request_id=request_id, count_verdicts=False)
     except Exception as exc:
         return _failed(rt, request, exc)
     return AuditOutcome([result], stream.engine)
+
+
+class _StreamVerdict:
+    """What a stream audited chunk by chunk has recorded: each verdict covers the completion so
+    far, so a rule's alert is written once (when it first matches), and the stream's verdict is
+    counted once, the worst of its chunks, when it ends."""
+
+    def __init__(self) -> None:
+        self.rules: set[str] = set()
+        self.worst: str | None = None
+
+    def fresh(self, verdict: Any) -> Any:
+        """``verdict`` with only the matches of rules not recorded before in this stream."""
+        if verdict is None:
+            return None
+        if self.worst is None or _RANK[verdict.action] > _RANK[self.worst]:
+            self.worst = verdict.action
+        new = [m for m in verdict.matches if m.rule_id not in self.rules]
+        self.rules.update(m.rule_id for m in new)
+        return dataclasses.replace(verdict, matches=new)
+
+    def count(self, rt: Runtime, engine: Any) -> None:
+        if self.worst is not None and engine is not None:
+            rt.metrics.verdicts.labels(policy=engine.name, action=self.worst).inc()
 
 
 def _failed(rt: Runtime, request: Request, exc: Exception) -> AuditOutcome:
@@ -174,13 +224,13 @@ def _failed(rt: Runtime, request: Request, exc: Exception) -> AuditOutcome:
     cause = _auditor_failure(exc)
     if cause is None:
         raise exc
-    kind = exc.code if isinstance(exc, ServerError) else "internal"
-    rt.metrics.auditor_errors.labels(kind=kind).inc()
     if not isinstance(exc, ServerError):
         _log.exception("audit failed")
     route = getattr(request.scope.get("route"), "path", "unmatched")
     if rt.settings.fail_mode == "open":
-        rt.metrics.fail_open.labels(route=route).inc()
+        if not getattr(request.state, "failed_open", False):  # a request counts once, however many audits failed
+            request.state.failed_open = True
+            rt.metrics.fail_open.labels(route=route).inc()
         _log.warning("auditor failed (%s); fail_mode=open lets the request through unaudited", cause)
         return AuditOutcome(error=cause)
     raise AuditFailedError(
@@ -209,22 +259,6 @@ class _Call:
         return AuditInput(prompt=self.prompts[min(index, len(self.prompts) - 1)], completion=text)
 
 
-def _content_text(content: Any, where: str) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for i, part in enumerate(content):
-            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
-                parts.append(part["text"])
-            elif not isinstance(part, dict):
-                raise BadRequestError(f"{where}.content[{i}] must be an object such as {{'type': 'text', 'text': ...}}")
-        return "\n".join(parts)
-    raise BadRequestError(f"{where}.content must be a string or a list of content parts")
-
-
 async def _parse(request: Request, kind: str) -> _Call:
     try:
         body = json.loads(await request.body() or b"null")
@@ -248,7 +282,7 @@ async def _parse(request: Request, kind: str) -> _Call:
         for i, m in enumerate(raw):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str):
                 raise BadRequestError(f"messages[{i}] must be an object with a string 'role'")
-            checked.append({"role": m["role"], "content": _content_text(m.get("content"), f"messages[{i}]")})
+            checked.append({"role": m["role"], "content": message_text(m, f"messages[{i}]")})
         messages = tuple(checked)
         items = [AuditInput(messages=messages)]
     else:
@@ -288,7 +322,33 @@ async def _handle(request: Request, kind: str) -> Response:
         if rt.http is not None:
             raise BadRequestError("steering needs the sidecar's own model; it is not available with --upstream")
         check_bearer(rt.settings, request.headers)
-    pre = await guarded_audit(rt, request, call.prompt_items, policy=call.policy, source="prompt", request_id=call.request_id)
+    if rt.http is None:
+        _check_servable(call.body)
+    try:
+        pre = await guarded_audit(rt, request, call.prompt_items, policy=call.policy, source="prompt", request_id=call.request_id)
+    except ServerError as exc:
+        raise _with_verdict(exc, None) from None
+    try:
+        return await _answer(rt, request, call, pre)
+    except ServerError as exc:
+        raise _with_verdict(exc, pre) from None
+
+
+def _with_verdict(exc: ServerError, pre: AuditOutcome | None) -> ServerError:
+    """``exc`` with the ``X-Auditor-Verdict`` header: ``error`` when the auditor failed, else the
+    prompt's verdict once it was audited (an upstream that failed after an allowed prompt)."""
+    if exc.type == "auditor_error":
+        extra = {"X-Auditor-Verdict": "error"}
+    elif pre is not None:
+        extra = pre.headers()
+    else:
+        return exc
+    exc.headers = {**(exc.headers or {}), **extra}
+    return exc
+
+
+async def _answer(rt: Runtime, request: Request, call: _Call, pre: AuditOutcome) -> Response:
+    """The answer to a call whose prompt was audited: 400 when it is blocked, else proxied or served."""
     for i in range(len(pre.results)):
         if pre.blocked(i):
             request.state.outcome = "blocked"
@@ -325,8 +385,13 @@ def _path(call: _Call) -> str:
 
 def _choice_text(call: _Call, choice: dict[str, Any]) -> str:
     if call.kind == "chat":
-        return (choice.get("message") or {}).get("content") or ""
-    return choice.get("text") or ""
+        message = choice.get("message")
+        if not isinstance(message, dict):
+            return ""
+        content = message.get("content")
+        return with_tool_calls(content if isinstance(content, str) else "", message)
+    text = choice.get("text")
+    return text if isinstance(text, str) else ""
 
 
 def _annotation(pre: AuditOutcome, post: AuditOutcome | None) -> dict[str, Any]:
@@ -364,10 +429,12 @@ async def _proxy(rt: Runtime, request: Request, call: _Call, pre: AuditOutcome) 
     rt.metrics.upstream_duration.labels(route=route, outcome=str(resp.status_code)).observe(time.perf_counter() - t0)
     if resp.status_code >= 400:
         request.state.outcome = "upstream_error"
-        return Response(resp.content, status_code=resp.status_code, media_type=resp.headers.get("content-type"))
-    data = resp.json()
-    choices = data.get("choices") or []
-    items = [call.completion_item(_choice_text(call, c), c.get("index", i)) for i, c in enumerate(choices)]
+        return Response(
+            resp.content, status_code=resp.status_code, media_type=resp.headers.get("content-type"), headers=pre.headers()
+        )
+    data = _upstream_json(rt, resp)
+    choices = _choices(data)
+    items = [call.completion_item(_choice_text(call, c), _index(c)) for c in choices]
     post = (
         await guarded_audit(rt, request, items, policy=call.policy, source="completion", request_id=call.request_id)
         if items
@@ -380,17 +447,37 @@ async def _proxy(rt: Runtime, request: Request, call: _Call, pre: AuditOutcome) 
     return JSONResponse(data, headers=_verdict_headers(pre, post))
 
 
+def _upstream_json(rt: Runtime, resp: Any) -> dict[str, Any]:
+    """The upstream's answer as a completion object; anything else is the upstream's failure (502),
+    not something to relay unaudited."""
+    try:
+        data = resp.json()
+    except ValueError:
+        data = None
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+        kind = resp.headers.get("content-type") or "no content type"
+        raise UpstreamError(
+            f"the upstream {rt.settings.upstream} answered {resp.status_code} with a body that is not an "
+            f"OpenAI completion object ({kind}, {len(resp.content)} bytes); check that --upstream points "
+            "at an OpenAI-compatible server's base URL"
+        )
+    return data
+
+
 def _filter_choices(call: _Call, choices: list[dict[str, Any]], post: AuditOutcome) -> None:
     for i, choice in enumerate(choices):
         if post.blocked(i):
             if call.kind == "chat":
-                choice["message"] = {**(choice.get("message") or {}), "content": ""}
+                message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+                kept = {k: v for k, v in message.items() if k not in ("tool_calls", "function_call")}
+                choice["message"] = {**kept, "content": ""}
             else:
                 choice["text"] = ""
             choice["finish_reason"] = "content_filter"
 
 
-async def _upstream_events(rt: Runtime, request: Request, call: _Call) -> tuple[Any, Any]:
+async def _upstream_events(rt: Runtime, request: Request, call: _Call, t0: float) -> tuple[Any, Any]:
     """Open the upstream stream; returns (response, context manager) for the caller to close."""
     import httpx
 
@@ -399,12 +486,22 @@ async def _upstream_events(rt: Runtime, request: Request, call: _Call) -> tuple[
     try:
         resp = await ctx.__aenter__()
     except httpx.HTTPError as exc:
+        rt.metrics.upstream_duration.labels(route=_path(call), outcome="error").observe(time.perf_counter() - t0)
         raise UpstreamError(f"the upstream {rt.settings.upstream} could not be reached: {type(exc).__name__}") from None
     return resp, ctx
 
 
 async def _iter_chunks(resp: Any) -> AsyncIterator[dict[str, Any]]:
-    async for line in resp.aiter_lines():
+    import httpx
+
+    lines = resp.aiter_lines()
+    while True:
+        try:
+            line = await lines.__anext__()
+        except StopAsyncIteration:
+            return
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"the upstream's stream broke off: {type(exc).__name__}: {exc}") from None
         if not line.startswith("data:"):
             continue
         payload = line[5:].strip()
@@ -415,16 +512,38 @@ async def _iter_chunks(resp: Any) -> AsyncIterator[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
         if isinstance(obj, dict):
+            obj.pop("auditor", None)  # only this sidecar annotates what it releases
             yield obj
 
 
-def _chunk_text(call: _Call, chunk: dict[str, Any]) -> dict[int, str]:
+def _chunk_text(call: _Call, chunk: dict[str, Any], so_far: dict[int, str] | None = None) -> dict[int, str]:
+    """Each choice's new text in a stream chunk: content, and for chat the pieces of tool calls
+    (a call's name starts a line, as in :func:`~auditor.text.with_tool_calls`, given each choice's text ``so_far``)."""
     out: dict[int, str] = {}
-    for c in chunk.get("choices") or []:
-        idx = int(c.get("index", 0))
-        text = ((c.get("delta") or {}).get("content") if call.kind == "chat" else c.get("text")) or ""
+    for c in _choices(chunk):
+        idx = _index(c)
+        if call.kind == "chat":
+            delta = c.get("delta")
+            delta = delta if isinstance(delta, dict) else {}
+            content = delta.get("content")
+            before = (so_far or {}).get(idx, "") + out.get(idx, "")
+            text = before + (content if isinstance(content, str) else "")
+            text = with_tool_calls(text, delta)[len(before) :]
+        else:
+            text = c.get("text") if isinstance(c.get("text"), str) else ""
         out[idx] = out.get(idx, "") + text
     return out
+
+
+def _choices(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The choice objects of an upstream answer or chunk (anything else in the list is skipped)."""
+    choices = data.get("choices")
+    return [c for c in choices if isinstance(c, dict)] if isinstance(choices, list) else []
+
+
+def _index(choice: dict[str, Any]) -> int:
+    idx = choice.get("index", 0)
+    return idx if isinstance(idx, int) and not isinstance(idx, bool) else 0
 
 
 def _filtered_chunk(call: _Call, template: dict[str, Any], index: int) -> dict[str, Any]:
@@ -452,13 +571,13 @@ def _final_chunk(call: _Call, template: dict[str, Any], annotation: dict[str, An
 async def _proxy_stream(rt: Runtime, request: Request, call: _Call, pre: AuditOutcome) -> Response:
     t0 = time.perf_counter()
     route = _path(call)
-    resp, ctx = await _upstream_events(rt, request, call)
+    resp, ctx = await _upstream_events(rt, request, call, t0)
     if resp.status_code >= 400:
         content = await resp.aread()
         await ctx.__aexit__(None, None, None)
         rt.metrics.upstream_duration.labels(route=route, outcome=str(resp.status_code)).observe(time.perf_counter() - t0)
         request.state.outcome = "upstream_error"
-        return Response(content, status_code=resp.status_code, media_type=resp.headers.get("content-type"))
+        return Response(content, status_code=resp.status_code, media_type=resp.headers.get("content-type"), headers=pre.headers())
     if rt.settings.stream_mode == "chunked" and call.body.get("n", 1) in (None, 1):
         return StreamingResponse(
             _chunked_release(rt, request, call, pre, resp, ctx, t0),
@@ -479,7 +598,7 @@ async def _release_held(
     """Audit a fully buffered stream, then release it (blocked choices end with content_filter)."""
     texts: dict[int, str] = {}
     for chunk in chunks:
-        for idx, text in _chunk_text(call, chunk).items():
+        for idx, text in _chunk_text(call, chunk, texts).items():
             texts[idx] = texts.get(idx, "") + text
     indices = sorted(texts) or [0]
     items = [call.completion_item(texts.get(i, ""), i) for i in indices]
@@ -488,7 +607,7 @@ async def _release_held(
     template = chunks[0] if chunks else {}
     events: list[bytes] = []
     for chunk in chunks:
-        kept = [c for c in chunk.get("choices") or [] if int(c.get("index", 0)) not in blocked]
+        kept = [c for c in _choices(chunk) if _index(c) not in blocked]
         if chunk.get("choices") and not kept:
             continue
         events.append(sse_event({**chunk, "choices": kept} if chunk.get("choices") else chunk))
@@ -519,6 +638,8 @@ async def _chunked_release(
     template: dict[str, Any] = {}
     post: AuditOutcome | None = None
     route = _path(call)
+    seen = _StreamVerdict()
+    engine = None
     try:
         # An incremental audit keeps the KV cache of the prompt and of what was released,
         # so each chunk costs a forward over its own tokens only, and the chunks of concurrent
@@ -536,7 +657,7 @@ async def _chunked_release(
             if chunk is not None:
                 template = template or chunk
                 held.append(chunk)
-                pending += _chunk_text(call, chunk).get(0, "")
+                pending += _chunk_text(call, chunk, {0: released + pending}).get(0, "")
                 if len(pending) < step:
                     continue
             if not held:
@@ -544,7 +665,7 @@ async def _chunked_release(
             try:
                 if stream is not None:
                     post = await guarded_stream_feed(
-                        rt, request, stream, pending, source="completion", request_id=call.request_id
+                        rt, request, stream, pending, seen, source="completion", request_id=call.request_id
                     )
                 else:
                     post = await guarded_audit(
@@ -556,9 +677,14 @@ async def _chunked_release(
                         request_id=call.request_id,
                     )
             except ServerError as exc:
+                # The headers went out with the prompt's verdict; the stream ends with the error
+                # (an OpenAI client raises it) and nothing unaudited is released.
+                request.state.outcome = outcome_for(exc)
                 yield sse_event(error_body(exc.message, exc.type, exc.code))
+                yield b"data: [DONE]\n\n"
                 return
             if post.blocked(0):
+                request.state.outcome = "blocked"
                 yield sse_event(_filtered_chunk(call, template, 0))
                 yield sse_event(_final_chunk(call, template, _annotation(pre, post)))
                 yield b"data: [DONE]\n\n"
@@ -571,6 +697,7 @@ async def _chunked_release(
         yield sse_event(_final_chunk(call, template, _annotation(pre, post)))
         yield b"data: [DONE]\n\n"
     finally:
+        seen.count(rt, engine)
         await ctx.__aexit__(None, None, None)
         rt.metrics.upstream_duration.labels(route=route, outcome=str(resp.status_code)).observe(time.perf_counter() - t0)
 
@@ -671,6 +798,39 @@ async def _run_generation(
         )
         await rt.record([result.verdict], [audited], engine, source="completion", request_id=None)
     return result, engine
+
+
+# Request fields the sidecar's own model cannot honour, with the value that asks for nothing
+# (a client sending that value, as some SDKs do, is served as usual).
+_SERVE_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "n": (None, 1),
+    "best_of": (None, 1),
+    "tools": (None, []),
+    "functions": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "function_call": (None, "none", "auto"),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "response_format": (None, {"type": "text"}),
+}
+
+
+def _check_servable(body: dict[str, Any]) -> None:
+    """Refuse what the sidecar's own model would otherwise silently ignore (one choice, plain
+    text): a client asking for two choices or a tool call must not get one text back as if served."""
+    for key, neutral in _SERVE_UNSUPPORTED.items():
+        value = body.get(key)
+        if any(value == n and type(value) is type(n) for n in neutral):
+            continue
+        if key in ("tool_choice", "function_call") and not (body.get("tools") or body.get("functions")):
+            continue  # a choice among no tools asks for nothing
+        raise BadRequestError(
+            f"{key}={json.dumps(value)} is not supported by the sidecar's own model, which answers one "
+            f"plain-text choice per request; leave {key} out, or run the sidecar with --upstream to "
+            "forward it to a model server"
+        )
 
 
 async def _serve(rt: Runtime, request: Request, call: _Call, pre: AuditOutcome) -> Response:
@@ -791,7 +951,7 @@ async def generate_route(body: GenerateRequest, request: Request) -> JSONRespons
         raise BadRequestError("give exactly one of 'prompt' or 'messages'")
     if body.messages is not None:
         msgs = tuple(
-            {"role": str(m.get("role")), "content": _content_text(m.get("content"), f"messages[{i}]")}
+            {"role": str(m.get("role")), "content": message_text(m, f"messages[{i}]")}
             for i, m in enumerate(body.messages)
         )
         item = AuditInput(messages=msgs)

@@ -21,7 +21,7 @@ from auditor.errors import AuditorError, ConfigError
 from auditor.pipeline import default_policy_path
 from auditor.server.batcher import MicroBatcher
 from auditor.workers import ModelWorkers, auto_workers
-from auditor.server.errors import BadRequestError, NotFoundError, TooLargeError
+from auditor.server.errors import BadRequestError, NotFoundError, ServerError, TooLargeError
 from auditor.server.settings import Settings
 from auditor.server.sse import Broadcaster
 from auditor.text import AuditInput, audited_text, render, sink_token_id
@@ -42,6 +42,10 @@ NO_POLICY_NOTE = (
     "no policy loaded: every verdict is 'allow' and scores are empty; "
     "pass --policy FILE (or AUDITOR_POLICIES) or add policies/default.yaml"
 )
+
+
+# ``auditor_errors_total`` kinds of the server errors whose code says more than the metric needs.
+_FAILURE_KINDS = {"audit_timeout": "timeout"}
 
 
 @dataclass
@@ -111,13 +115,33 @@ class Runtime:
         for i, n in enumerate(counts):
             if n > limit:
                 where = f"input {i}" if len(items) > 1 else "the input"
-                raise TooLargeError(f"{where} has {n} tokens; the limit is {limit} tokens per input (max_tokens)")
-        results = await self.batcher.audit(
-            items, engine, top_k=top_k, n_tokens=sum(counts), timeout_s=self.settings.request_timeout_s
-        )
+                raise TooLargeError(
+                    f"{where} has {n} tokens; the sidecar audits at most {limit} tokens per input "
+                    "(--max-tokens, AUDITOR_MAX_TOKENS)"
+                )
+        try:
+            results = await self.batcher.audit(
+                items, engine, top_k=top_k, n_tokens=sum(counts), timeout_s=self.settings.request_timeout_s
+            )
+        except Exception as exc:
+            self.count_failure(exc)
+            raise
         if engine is not None:
             await self.record([r.verdict for r in results], items, engine, source=source, request_id=request_id)
         return results, engine
+
+    def count_failure(self, exc: BaseException) -> None:
+        """Count an audit that failed inside the auditor (``auditor_errors_total`` by kind);
+        a client's error (a bad input, an unknown policy) is not counted."""
+        if isinstance(exc, ServerError):
+            if exc.type != "auditor_error" and exc.status < 500:
+                return
+            kind = _FAILURE_KINDS.get(exc.code, exc.code)
+        elif isinstance(exc, (AuditorError, asyncio.CancelledError)):
+            return
+        else:
+            kind = "internal"
+        self.metrics.auditor_errors.labels(kind=kind).inc()
 
     async def record(
         self,
@@ -127,8 +151,12 @@ class Runtime:
         *,
         source: str,
         request_id: str | None,
+        count_verdicts: bool = True,
     ) -> None:
-        """Count verdicts, write alerts for matched rules to the audit log and stream them."""
+        """Count verdicts, write alerts for matched rules to the audit log and stream them.
+
+        ``count_verdicts=False``: count the matched rules but not the verdicts (a streamed
+        completion's chunks, whose one verdict is counted when the stream ends)."""
         from auditor.alerts import alerts_from_verdict
 
         alerts: list[Alert] = []
@@ -136,7 +164,10 @@ class Runtime:
         for verdict, item in zip(verdicts, items):
             if verdict is None:
                 continue
-            self.metrics.observe_verdict(engine.name, verdict)
+            if count_verdicts:
+                self.metrics.observe_verdict(engine.name, verdict)
+            else:
+                self.metrics.observe_matches(engine.name, verdict.matches)
             if verdict.matches:
                 alerts.extend(
                     alerts_from_verdict(

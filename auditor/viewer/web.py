@@ -332,9 +332,11 @@ def router(*, index_path: str | os.PathLike[str] | None = None) -> APIRouter:
     return r
 
 
-def mount_viewer(app: Any, *, index_path: str | os.PathLike[str] | None = None) -> None:
-    """Serve the viewer pages on ``app`` under ``/ui``."""
-    app.include_router(router(index_path=index_path))
+def mount_viewer(app: Any, *, index_path: str | os.PathLike[str] | None = None) -> Any:
+    """Serve the viewer pages on ``app`` under ``/ui``; returns their router."""
+    pages = router(index_path=index_path)
+    app.include_router(pages)
+    return pages
 
 
 def _safe_next(target: str) -> str:

@@ -176,6 +176,29 @@ def test_422_for_a_body_that_is_not_a_json_object_says_how_to_send_one(
     assert message in resp.json()["error"]["message"], resp.json()
 
 
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        ({"n": 2}, "n=2 is not supported"),
+        ({"n": "two"}, 'n="two" is not supported'),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools=[{"),
+        ({"response_format": {"type": "json_object"}}, "response_format="),
+        ({"logprobs": True}, "logprobs=true"),
+    ],
+)
+def test_serve_mode_refuses_what_its_own_model_cannot_do(
+    server: BackgroundServer, extra: dict[str, object], needle: str
+) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    resp = _post(server, "/v1/chat/completions", {**body, **extra})
+    assert resp.status_code == 422
+    message = resp.json()["error"]["message"]
+    assert needle in message and "one plain-text choice per request" in message and "--upstream" in message
+    # The values that ask for nothing are served as usual (SDKs send some of them by default).
+    neutral = {"n": 1, "tools": [], "tool_choice": "auto", "logprobs": False, "response_format": {"type": "text"}}
+    assert _post(server, "/v1/chat/completions", {**body, **neutral}).status_code == 200
+
+
 def test_unknown_policy_is_404_listing_the_loaded_ones(server: BackgroundServer) -> None:
     resp = _post(server, "/v1/audit", {"text": "hi", "policy": "nope"})
     assert resp.status_code == 404
@@ -188,7 +211,7 @@ def test_413_body_and_tokens_state_the_limit(server: BackgroundServer) -> None:
     many = _post(server, "/v1/audit", {"text": "word " * 200})
     assert many.status_code == 413
     msg = many.json()["error"]["message"]
-    assert "the limit is 64 tokens" in msg
+    assert "the sidecar audits at most 64 tokens per input (--max-tokens, AUDITOR_MAX_TOKENS)" in msg
     assert int(re.search(r"has (\d+) tokens", msg).group(1)) > 200  # type: ignore[union-attr]
     # A chunked body without Content-Length is cut off the same way.
     chunks = (b"x" * 1024 for _ in range(6))
@@ -210,6 +233,10 @@ def test_401_on_mutating_routes_and_the_token_never_leaks(
         assert _post(server, path, body, headers=AUTH).status_code in (200, 422)
     gen = _post(server, "/v1/generate", {"prompt": "Hi", "max_tokens": 1})
     assert gen.status_code == 401
+    # Refused before routing, still counted under the route that was asked for.
+    text = _metrics(server)
+    assert _sample(text, "auditor_requests_total", route="/v1/policies/reload", outcome="unauthorized") >= 2
+    assert _sample(text, "auditor_requests_total", route="/v1/generate", outcome="unauthorized") >= 1
     # Read-only routes stay open without auth_all_routes.
     assert httpx.get(server.url + "/v1/policies").status_code == 200
     assert TOKEN not in caplog.text and TOKEN not in _metrics(server)
@@ -360,10 +387,16 @@ def test_alerts_query_paging_and_stream(server: BackgroundServer) -> None:
     assert fraud_ids(since=newest.isoformat()) and not fraud_ids(since=(newest + timedelta(seconds=1)).isoformat())
     from_unix = fraud_ids(since=str(newest.timestamp() - 0.5))
     assert page["alerts"][0]["id"] in from_unix and from_unix <= recent
+    # A misspelt parameter is refused, not ignored (which would answer every alert).
+    for params in ({"cursor": page["next"]}, {"rule": "fraud-any"}):
+        refused = httpx.get(server.url + "/v1/alerts", params=params)
+        assert refused.status_code == 422
+        assert f"unknown query parameter(s) {next(iter(params))}; accepted: after, category," in refused.json()["error"]["message"]
+        assert "(page with after=<the previous page's next>)" in refused.json()["error"]["message"]
     bad = httpx.get(server.url + "/v1/alerts", params={"since": "yesterday"})
     assert bad.status_code == 422
     assert bad.json()["error"]["message"] == (
-        "invalid request: query.since: 'yesterday': expected an ISO time (2026-11-26T04:00:00Z) or a duration like 15m, 2h, 7d"
+        "invalid request: query.since: 'yesterday': expected an ISO time (2026-11-26T04:00:00Z), Unix seconds (1795665600) or a duration like 15m, 2h, 7d"
     )
 
 

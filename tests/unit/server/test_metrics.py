@@ -36,7 +36,7 @@ def _filled() -> tuple[CollectorRegistry, AuditorMetrics]:
     m.policy_reloads.labels(result="failure").inc()
     m.on_delivery("webhook", "success")
     m.fail_open.labels(route="/v1/chat/completions").inc()
-    m.auditor_errors.labels(kind="audit_timeout").inc()
+    m.auditor_errors.labels(kind="timeout").inc()
     m.upstream_duration.labels(route="/v1/chat/completions", outcome="200").observe(0.2)
     m.interventions.labels(mode="clamp").inc()
     return registry, m
