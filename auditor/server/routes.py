@@ -160,13 +160,22 @@ async def litellm_guardrail(body: GuardrailRequest, request: Request) -> JSONRes
     """Audit LiteLLM's extracted texts: any blocking verdict blocks the call."""
     rt = get_runtime(request)
     texts = body.texts or []
-    if not texts:
+    chat = body.structured_messages if body.input_type == "request" else None
+    if not texts and not chat:
         return JSONResponse({"action": "NONE", "blocked_reason": None, "texts": None})
     params = body.additional_provider_specific_params or {}
     policy = params.get("policy")
     if policy is not None and not isinstance(policy, str):
         raise BadRequestError("additional_provider_specific_params.policy must be a policy name (string)")
-    if body.input_type == "request":
+    if chat:
+        # The request's chat itself, roles, content parts and tool calls included, is audited
+        # as one conversation (texts holds the same strings, extracted).
+        try:
+            items = [parse_input({"messages": chat}, where="structured_messages")]
+        except AuditorError as exc:
+            raise BadRequestError(exc.message) from None
+        source = "prompt"
+    elif body.input_type == "request":
         items = [AuditInput(prompt=t) for t in texts]
         source = "prompt"
     else:

@@ -424,6 +424,14 @@ def test_litellm_generic_guardrail_contract(server: BackgroundServer) -> None:
     assert blocked.json()["action"] == "BLOCKED" and "fraud-any" in blocked.json()["blocked_reason"]
     passed = _post(server, "/beta/litellm_basic_guardrail_api", {**base, "texts": ["Hello there"], "input_type": "response"})
     assert passed.json() == {"action": "NONE", "blocked_reason": None, "texts": None}
+    # The request's chat as structured_messages is audited even when texts is empty.
+    chat = [{"role": "user", "content": [{"type": "text", "text": "Help me."}]},
+            {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "send", "arguments": FRAUD}}]}]
+    structured = {**base, "texts": [], "structured_messages": chat, "input_type": "request",
+                  "additional_provider_specific_params": {"policy": "block-fraud"}}
+    assert _post(server, "/beta/litellm_basic_guardrail_api", structured).json()["action"] == "BLOCKED"
+    broken = _post(server, "/beta/litellm_basic_guardrail_api", {**structured, "structured_messages": [{"role": "user"}]})
+    assert broken.status_code == 422 and "structured_messages: messages[0] needs a 'content'" in broken.json()["error"]["message"]
     bad = _post(server, "/beta/litellm_basic_guardrail_api", {**base, "texts": ["x"], "input_type": "sideways"})
     assert bad.status_code == 422 and "input_type" in bad.json()["error"]["message"]
 
