@@ -245,6 +245,8 @@ class SAE(nn.Module):
                 f"(expected {sorted(shapes)})",
             )
         for name, shape in shapes.items():
+            if not isinstance(tensors[name], Tensor):
+                raise SAEFormatError(source, f"{name!r} is a {type(tensors[name]).__name__}, not a tensor")
             got = tuple(tensors[name].shape)
             if got != shape:
                 raise SAEFormatError(

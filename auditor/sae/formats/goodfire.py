@@ -18,6 +18,7 @@ from auditor.sae.formats._common import (
     LoadOptions,
     build_sae,
     make_config,
+    matrix,
     read_torch_state,
     require,
     tl_hook,
@@ -36,7 +37,8 @@ def _load(path: Path, opts: LoadOptions) -> SAE:
         raise SAEFormatError(str(path), "a Goodfire SAE is a single .pth/.pt file")
     state = read_torch_state(path)
     require(state, _KEYS, path)
-    d_sae, d_in = state["encoder_linear.weight"].shape
+    w_enc = matrix(state, "encoder_linear.weight", path, "[d_sae, d_in]")  # nn.Linear: [out, in]
+    d_sae, d_in = w_enc.shape
     m = _NAME.match(path.stem)
     cfg = make_config(
         path,
@@ -54,9 +56,9 @@ def _load(path: Path, opts: LoadOptions) -> SAE:
         },
     )
     tensors = {
-        "W_enc": state["encoder_linear.weight"].T,
+        "W_enc": w_enc.T,
         "b_enc": state["encoder_linear.bias"],
-        "W_dec": state["decoder_linear.weight"].T,
+        "W_dec": matrix(state, "decoder_linear.weight", path, "[d_in, d_sae]").T,
         "b_dec": state["decoder_linear.bias"],
     }
     return build_sae(cfg, tensors, path, opts)
