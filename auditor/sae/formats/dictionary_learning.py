@@ -9,7 +9,9 @@ State dicts per class and how they map (``nn.Linear`` weights are ``[out, in]``)
 - AutoEncoderTopK: ``topk(relu(encoder(x - b_dec)), k)``; plus ``b_dec`` and buffers
   ``k``, ``threshold`` (the threshold is only used on request there, so ignored) -> topk.
 - BatchTopKSAE: inference ``relu(encoder(x - b_dec)) * (. > threshold)`` with a scalar
-  ``threshold`` buffer -> batchtopk with that value in every slot.
+  ``threshold`` buffer -> batchtopk with that value in every slot. The library saves one
+  threshold (a 0-d tensor) and its loader refuses any other shape, so a per-latent
+  vector there is refused too.
 - GatedAutoEncoder: ``x_enc = encoder(x - decoder_bias)`` (no bias), gate
   ``x_enc + gate_bias > 0``, magnitude ``relu(exp(r_mag) * x_enc + mag_bias)`` -> gated.
 - JumpReluAutoEncoder: ``W_enc [d, M]``, ``b_enc``, ``W_dec [M, d]``, ``b_dec``,
@@ -73,6 +75,15 @@ def _linear_sae(s: dict[str, Any], source: Path, b_dec_key: str) -> dict[str, Te
 
 def _batch_topk(s: dict[str, Any], source: Path) -> dict[str, Tensor]:
     out = _linear_sae(s, source, "b_dec")
+    stored = s["threshold"]
+    if isinstance(stored, Tensor) and stored.numel() != 1:
+        raise SAEFormatError(
+            str(source),
+            f"tensor 'threshold' has shape {list(stored.shape)}, but a BatchTopKSAE keeps one "
+            "threshold for all latents (dictionary_learning saves a 0-d tensor and cannot load "
+            "this file either); for per-latent thresholds save the SAE as a SAELens folder with "
+            "architecture 'jumprelu' and apply_b_dec_to_input true, which encodes the same way",
+        )
     threshold = ConfigFields(s, source).number("threshold", required=True)
     out["threshold"] = torch.full((out["W_enc"].shape[1],), threshold, dtype=out["W_enc"].dtype)
     return out

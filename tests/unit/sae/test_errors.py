@@ -165,6 +165,8 @@ CASES: list[tuple[str, Callable[[Path], str | Path], dict, type[AuditorError], l
      ["matches no known SAE format"]),
     ("dictionary_learning 1-D weight", lambda t: dl_folder(t, **{"decoder.weight": torch.zeros(32)}), {}, SAEFormatError,
      ["ae.pt", "tensor 'decoder.weight' must be 2-D [activation_dim, dict_size]"]),
+    ("BatchTopK per-latent threshold", lambda t: dl_folder(t, "BatchTopKSAE", threshold=torch.rand(8)), {}, SAEFormatError,
+     ["ae.pt", "tensor 'threshold' has shape [8]", "one threshold for all latents", "architecture 'jumprelu'"]),
     ("BatchTopK threshold not a number", lambda t: dl_folder(t, "BatchTopKSAE", threshold="high"), {}, SAEFormatError,
      ["ae.pt", "field 'threshold' must be a finite number, got 'high'"]),
     ("llama scope norm not an object", lambda t: llama_scope_folder(t, dataset_average_activation_norm=5.0), {},
