@@ -147,6 +147,15 @@ def _fold_decoder_norm(
         )
     require(tensors, ["W_enc", "b_enc", "W_dec"], source)
     n = matrix(tensors, "W_dec", source, "[d_sae, d_in]").norm(dim=-1)  # [d_sae]
+    dead = (n == 0).nonzero().flatten().tolist()
+    if dead:
+        shown = ", ".join(map(str, dead[:10])) + (", ..." if len(dead) > 10 else "")
+        raise SAEFormatError(
+            str(source),
+            f"rescale_acts_by_decoder_norm is set but {len(dead)} of the {n.numel()} W_dec rows "
+            f"are all zero (latents {shown}), and the rescaling divides by each row's norm; "
+            "remove those latents from the SAE or give them a non-zero decoder row",
+        )
     return {
         **tensors,
         "W_enc": tensors["W_enc"] * n,

@@ -73,6 +73,21 @@ def saelens_cfg(tmp: Path, **changes: object) -> Path:
     return folder
 
 
+def saelens_nan(tmp: Path) -> Path:
+    w_dec = torch.ones(8, 4)
+    w_dec[2, 1] = float("nan")
+    return saelens_folder(tmp, W_dec=w_dec)
+
+
+def saelens_rescaled_zero_row(tmp: Path) -> Path:
+    w_dec = torch.ones(8, 4)
+    w_dec[3] = 0
+    folder = saelens_folder(tmp, W_dec=w_dec)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps({**cfg, "rescale_acts_by_decoder_norm": True}))
+    return folder
+
+
 def sparsify_folder(tmp: Path, cfg: dict | None = None, **overrides: torch.Tensor) -> Path:
     folder = tmp / "layers.1"
     folder.mkdir()
@@ -144,6 +159,14 @@ CASES: list[tuple[str, Callable[[Path], str | Path], dict, type[AuditorError], l
      ["cfg.json", "metadata.context_size: Input should be a valid integer", "(got 'long')"]),
     ("saelens metadata not an object", lambda t: saelens_cfg(t, metadata=["x"]), {}, SAEFormatError,
      ["cfg.json", "field 'metadata' must be an object of named fields, got ['x']"]),
+    ("saelens NaN weight", saelens_nan, {}, SAEFormatError,
+     ["sae_weights.safetensors", "tensor 'W_dec' has NaN or infinite values (1 of 32)"]),
+    ("saelens inf weight", lambda t: saelens_folder(t, b_enc=torch.full((8,), float("inf"))), {}, SAEFormatError,
+     ["sae_weights.safetensors", "tensor 'b_enc' has NaN or infinite values (8 of 8)"]),
+    ("overflow of the chosen dtype", lambda t: saelens_folder(t, W_enc=torch.full((4, 8), 1e6)),
+     {"dtype": torch.float16}, SAEFormatError, ["sae_weights.safetensors", "tensor 'W_enc' overflows float16"]),
+    ("rescale with a zero decoder row", saelens_rescaled_zero_row, {}, SAEFormatError,
+     ["sae_weights.safetensors", "rescale_acts_by_decoder_norm", "1 of the 8 W_dec rows are all zero (latents 3)"]),
     ("sparsify 1-D weight", lambda t: sparsify_folder(t, **{"encoder.weight": torch.zeros(32)}), {}, SAEFormatError,
      ["sae.safetensors", "tensor 'encoder.weight' must be 2-D [d_sae, d_in], got a tensor of shape [32]"]),
     ("sparsify k not a number", lambda t: sparsify_folder(t, {"k": "x"}), {}, SAEFormatError,
