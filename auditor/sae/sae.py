@@ -174,6 +174,21 @@ def _row_topk(pre: Tensor, k: int, *, blocks: bool | None = None, block: int | N
     return top.values, cols
 
 
+def _non_finite(name: str, stored: Tensor, loaded: Tensor) -> str:
+    """Why the parameter ``name`` is refused: NaN/inf in the file, or an overflow of the chosen dtype."""
+    if bool(torch.isfinite(stored).all()):
+        peak = float(stored.detach().abs().max())
+        return (
+            f"tensor {name!r} overflows {_dtype_name(loaded.dtype)} (values up to {peak:.3g}); "
+            "load it in float32 or bfloat16 (dtype=...)"
+        )
+    bad = int((~torch.isfinite(stored)).sum())
+    return (
+        f"tensor {name!r} has NaN or infinite values ({bad} of {stored.numel()}); the weights are "
+        "broken (a diverged training run or a damaged export): re-export or re-download the SAE"
+    )
+
+
 def param_shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
     """Canonical parameter names and shapes for ``cfg.architecture``."""
     shapes: dict[str, tuple[int, ...]] = {
@@ -226,8 +241,9 @@ class SAE(nn.Module):
     ) -> SAE:
         """Build an SAE from canonical tensors, checking names and shapes.
 
-        Missing or extra keys and wrong shapes raise :class:`SAEFormatError` naming
-        ``source`` (the file they came from). ``dtype`` defaults to the tensors' own.
+        Missing or extra keys, wrong shapes and NaN or infinite values (also those that a
+        narrower ``dtype`` overflows to) raise :class:`SAEFormatError` naming ``source`` (the
+        file they came from). ``dtype`` defaults to the tensors' own.
         """
         shapes = param_shapes(cfg)
         missing = sorted(set(shapes) - set(tensors))
@@ -245,6 +261,8 @@ class SAE(nn.Module):
                 f"(expected {sorted(shapes)})",
             )
         for name, shape in shapes.items():
+            if not isinstance(tensors[name], Tensor):
+                raise SAEFormatError(source, f"{name!r} is a {type(tensors[name]).__name__}, not a tensor")
             got = tuple(tensors[name].shape)
             if got != shape:
                 raise SAEFormatError(
@@ -258,6 +276,9 @@ class SAE(nn.Module):
         sae = cls(cfg, device="meta")
         for name in shapes:
             value = tensors[name].detach().to(device=device, dtype=torch_dtype).contiguous()
+            # One reduction per tensor: a NaN or inf weight would turn every encode into NaN.
+            if not bool(torch.isfinite(value).all()):
+                raise SAEFormatError(source, _non_finite(name, tensors[name], value))
             setattr(sae, name, nn.Parameter(value, requires_grad=False))
         return sae
 

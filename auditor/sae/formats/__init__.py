@@ -72,7 +72,8 @@ class FormatRegistry:
         raise SAEFormatError(
             str(path),
             f"this {kind} matches no known SAE format (tried: {', '.join(self._formats)}); "
-            "pass format=... to force one and see what is missing",
+            "to force one and see what is missing, pass --format NAME to 'auditor audit' "
+            "(--sae-format NAME to 'auditor serve', format=NAME in Python)",
         )
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NoReturn, overload
 
 import torch
 from pydantic import ValidationError
@@ -18,9 +19,11 @@ from auditor.sae.config import SAEConfig
 from auditor.sae.sae import SAE
 
 __all__ = [
+    "ConfigFields",
     "LoadOptions",
     "build_sae",
     "make_config",
+    "matrix",
     "read_json",
     "read_safetensors",
     "read_torch_state",
@@ -105,13 +108,118 @@ def require(tensors: Mapping[str, Any], keys: list[str], source: Path) -> None:
         )
 
 
+def _shown(value: Any) -> str:
+    """A short description of a bad value for an error message."""
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {list(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
+@dataclass(frozen=True)
+class ConfigFields:
+    """Typed reads from one mapping of an SAE file (a JSON config, a section of it, a state dict).
+
+    A value of the wrong type raises :class:`SAEFormatError` naming the file and the dotted
+    field (``trainer.k``) and saying what the field must hold; a missing or null field reads
+    as None unless ``required``.
+
+    Example::
+
+        hp = ConfigFields(read_json(path), path)
+        norm = hp.section("dataset_average_activation_norm").number("in", required=True, positive=True)
+    """
+
+    data: Mapping[str, Any]
+    """The mapping read from."""
+    source: Path
+    """File the mapping came from, named in errors."""
+    prefix: str = ""
+    """Dotted path of this mapping inside the file (``"trainer."``), empty at the top."""
+
+    def fail(self, key: str, rule: str) -> NoReturn:
+        """Raise :class:`SAEFormatError` for field ``key``: it breaks ``rule``."""
+        name = self.prefix + key
+        got = f", got {_shown(self.data[key])}" if key in self.data else ""
+        raise SAEFormatError(str(self.source), f"field {name!r} {rule}{got}; correct it in this file")
+
+    def section(self, key: str) -> ConfigFields:
+        """The nested mapping ``key`` (empty when missing or null)."""
+        value = self.data.get(key)
+        if value is None:
+            value = {}
+        if not isinstance(value, Mapping):
+            self.fail(key, "must be an object of named fields")
+        return ConfigFields(value, self.source, f"{self.prefix}{key}.")
+
+    def _present(self, key: str, required: bool) -> Any:
+        value = self.data.get(key)
+        if value is None and required:
+            self.fail(key, "is required")
+        if isinstance(value, Tensor) and value.numel() == 1:
+            value = value.item()  # torch state dicts keep scalars such as k as 0-d tensors
+        return value
+
+    @overload
+    def integer(self, key: str, *, required: Literal[True], positive: bool = ...) -> int: ...
+    @overload
+    def integer(self, key: str, *, required: bool = ..., positive: bool = ...) -> int | None: ...
+    def integer(self, key: str, *, required: bool = False, positive: bool = False) -> int | None:
+        """Field ``key`` as an int (a float with no fractional part counts; bools and strings do not)."""
+        value = self._present(key, required)
+        if value is None:
+            return None
+        whole = isinstance(value, float) and value.is_integer()
+        if isinstance(value, bool) or not (isinstance(value, int) or whole):
+            self.fail(key, "must be a whole number")
+        if positive and value <= 0:
+            self.fail(key, "must be > 0")
+        return int(value)
+
+    @overload
+    def number(self, key: str, *, required: Literal[True], positive: bool = ...) -> float: ...
+    @overload
+    def number(self, key: str, *, required: bool = ..., positive: bool = ...) -> float | None: ...
+    def number(self, key: str, *, required: bool = False, positive: bool = False) -> float | None:
+        """Field ``key`` as a finite float (ints count; bools, strings, NaN and inf do not)."""
+        value = self._present(key, required)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            self.fail(key, "must be a finite number")
+        if positive and value <= 0:
+            self.fail(key, "must be > 0")
+        return float(value)
+
+    def text(self, key: str) -> str | None:
+        """Field ``key`` as a string, or None when missing or null."""
+        value = self.data.get(key)
+        if value is not None and not isinstance(value, str):
+            self.fail(key, "must be a string")
+        return value
+
+
+def matrix(tensors: Mapping[str, Any], key: str, source: Path, layout: str) -> Tensor:
+    """``tensors[key]`` checked to be a 2-D tensor; ``layout`` names its axes (``"[d_sae, d_in]"``)."""
+    value = tensors[key]
+    if not isinstance(value, Tensor) or value.ndim != 2:
+        raise SAEFormatError(
+            str(source),
+            f"tensor {key!r} must be 2-D {layout}, got {_shown(value)}; the file is damaged "
+            "or holds another kind of model: re-export or re-download it",
+        )
+    return value
+
+
 def make_config(source: Path, fields: dict[str, Any]) -> SAEConfig:
     """Validate config ``fields``; a pydantic error becomes :class:`SAEFormatError`."""
     try:
         return SAEConfig.model_validate(fields)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors()
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {_shown(e['input'])})" if e["loc"]
+            else f"config: {e['msg']}"
+            for e in exc.errors()
         )
         raise SAEFormatError(str(source), f"invalid SAE config: {problems}") from exc
 

@@ -9,7 +9,9 @@ State dicts per class and how they map (``nn.Linear`` weights are ``[out, in]``)
 - AutoEncoderTopK: ``topk(relu(encoder(x - b_dec)), k)``; plus ``b_dec`` and buffers
   ``k``, ``threshold`` (the threshold is only used on request there, so ignored) -> topk.
 - BatchTopKSAE: inference ``relu(encoder(x - b_dec)) * (. > threshold)`` with a scalar
-  ``threshold`` buffer -> batchtopk with that value in every slot.
+  ``threshold`` buffer -> batchtopk with that value in every slot. The library saves one
+  threshold (a 0-d tensor) and its loader refuses any other shape, so a per-latent
+  vector there is refused too.
 - GatedAutoEncoder: ``x_enc = encoder(x - decoder_bias)`` (no bias), gate
   ``x_enc + gate_bias > 0``, magnitude ``relu(exp(r_mag) * x_enc + mag_bias)`` -> gated.
 - JumpReluAutoEncoder: ``W_enc [d, M]``, ``b_enc``, ``W_dec [M, d]``, ``b_dec``,
@@ -31,9 +33,11 @@ from torch import Tensor
 from auditor.errors import SAEFormatError
 from auditor.sae.formats import SAEFormat
 from auditor.sae.formats._common import (
+    ConfigFields,
     LoadOptions,
     build_sae,
     make_config,
+    matrix,
     read_json,
     read_torch_state,
     require,
@@ -52,46 +56,65 @@ def hook_from_submodule(name: str | None) -> str | None:
     return tl_hook(m.group(2), m.group(1)) if m else None
 
 
-def _linear_sae(s: dict[str, Any], b_dec_key: str) -> dict[str, Tensor]:
+def _encoder(s: dict[str, Any], source: Path) -> Tensor:
+    return matrix(s, "encoder.weight", source, "[dict_size, activation_dim]").T
+
+
+def _decoder(s: dict[str, Any], source: Path) -> Tensor:
+    return matrix(s, "decoder.weight", source, "[activation_dim, dict_size]").T
+
+
+def _linear_sae(s: dict[str, Any], source: Path, b_dec_key: str) -> dict[str, Tensor]:
     return {
-        "W_enc": s["encoder.weight"].T,
+        "W_enc": _encoder(s, source),
         "b_enc": s["encoder.bias"],
-        "W_dec": s["decoder.weight"].T,
+        "W_dec": _decoder(s, source),
         "b_dec": s[b_dec_key],
     }
 
 
-def _batch_topk(s: dict[str, Any]) -> dict[str, Tensor]:
-    out = _linear_sae(s, "b_dec")
-    threshold = torch.as_tensor(s["threshold"], dtype=out["W_enc"].dtype).reshape(())
-    out["threshold"] = threshold.expand(out["b_enc"].shape[0]).clone()
+def _batch_topk(s: dict[str, Any], source: Path) -> dict[str, Tensor]:
+    out = _linear_sae(s, source, "b_dec")
+    stored = s["threshold"]
+    if isinstance(stored, Tensor) and stored.numel() != 1:
+        raise SAEFormatError(
+            str(source),
+            f"tensor 'threshold' has shape {list(stored.shape)}, but a BatchTopKSAE keeps one "
+            "threshold for all latents (dictionary_learning saves a 0-d tensor and cannot load "
+            "this file either); for per-latent thresholds save the SAE as a SAELens folder with "
+            "architecture 'jumprelu' and apply_b_dec_to_input true, which encodes the same way",
+        )
+    threshold = ConfigFields(s, source).number("threshold", required=True)
+    out["threshold"] = torch.full((out["W_enc"].shape[1],), threshold, dtype=out["W_enc"].dtype)
     return out
 
 
-def _gated(s: dict[str, Any]) -> dict[str, Tensor]:
+def _gated(s: dict[str, Any], source: Path) -> dict[str, Tensor]:
     return {
-        "W_enc": s["encoder.weight"].T,
+        "W_enc": _encoder(s, source),
         "b_gate": s["gate_bias"],
         "r_mag": s["r_mag"],
         "b_mag": s["mag_bias"],
-        "W_dec": s["decoder.weight"].T,
+        "W_dec": _decoder(s, source),
         "b_dec": s["decoder_bias"],
     }
 
 
-def _jumprelu(s: dict[str, Any]) -> dict[str, Tensor]:
+def _jumprelu(s: dict[str, Any], source: Path) -> dict[str, Tensor]:
     return {k: s[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")}
 
 
+Converter = Callable[[dict[str, Any], Path], dict[str, Tensor]]
+
 # dict_class -> (architecture, apply_b_dec_to_input, required keys, converter)
-_CLASSES: dict[str, tuple[str, bool, list[str], Callable[[dict[str, Any]], dict[str, Tensor]]]] = {
+_CLASSES: dict[str, tuple[str, bool, list[str], Converter]] = {
     "AutoEncoder": (
         "standard", True, ["encoder.weight", "encoder.bias", "decoder.weight", "bias"],
-        lambda s: _linear_sae(s, "bias"),
+        lambda s, source: _linear_sae(s, source, "bias"),
     ),
     "AutoEncoderTopK": (
         "topk", True, ["encoder.weight", "encoder.bias", "decoder.weight", "b_dec"],
-        lambda s: _linear_sae(s, "b_dec"),
+        lambda s, source: _linear_sae(s, source, "b_dec"),
     ),
     "BatchTopKSAE": (
         "batchtopk", True, ["encoder.weight", "encoder.bias", "decoder.weight", "b_dec", "threshold"],
@@ -122,9 +145,10 @@ def _detect(path: Path) -> bool:
     if files is None:
         return False
     try:
-        return "dict_class" in (read_json(files[1]).get("trainer") or {})
+        trainer = read_json(files[1]).get("trainer")
     except SAEFormatError:
         return False
+    return isinstance(trainer, dict) and "dict_class" in trainer
 
 
 def _load(path: Path, opts: LoadOptions) -> SAE:
@@ -132,10 +156,11 @@ def _load(path: Path, opts: LoadOptions) -> SAE:
     if files is None:
         raise SAEFormatError(str(path), "not a dictionary_learning SAE: need ae.pt and config.json")
     ae_path, cfg_path = files
-    trainer = read_json(cfg_path).get("trainer")
-    if not isinstance(trainer, dict) or "dict_class" not in trainer:
+    config = ConfigFields(read_json(cfg_path), cfg_path)
+    trainer = config.section("trainer")
+    if "dict_class" not in trainer.data:
         raise SAEFormatError(str(cfg_path), "missing trainer.dict_class")
-    dict_class = str(trainer["dict_class"])
+    dict_class = str(trainer.data["dict_class"])
     if dict_class not in _CLASSES:
         raise SAEFormatError(
             str(cfg_path), f"unsupported dict_class {dict_class!r}; supported: {', '.join(_CLASSES)}"
@@ -143,33 +168,35 @@ def _load(path: Path, opts: LoadOptions) -> SAE:
     arch, apply_b_dec, keys, convert = _CLASSES[dict_class]
     state = read_torch_state(ae_path)
     require(state, keys, ae_path)
-    tensors = convert(state)
-    d_in, d_sae = tensors["W_enc"].shape
+    tensors = convert(state, ae_path)
+    d_in, d_sae = matrix(tensors, "W_enc", ae_path, "[activation_dim, dict_size]").shape
     for name, want in (("activation_dim", d_in), ("dict_size", d_sae)):
-        if trainer.get(name) not in (None, want):
+        if trainer.integer(name) not in (None, want):
             raise SAEFormatError(
-                str(cfg_path), f"trainer.{name}={trainer[name]} but the weights say {want}"
+                str(cfg_path), f"trainer.{name}={trainer.data[name]} but the weights say {want}"
             )
-    k = opts.k if opts.k is not None else trainer.get("k")
-    if k is None and "k" in state:
-        k = int(state["k"])
-    buffer = read_json(cfg_path).get("buffer") or {}
+    k = opts.k
+    if k is None and arch in ("topk", "batchtopk"):
+        k = trainer.integer("k")
+        if k is None:
+            k = ConfigFields(state, ae_path).integer("k")
+    submodule = trainer.text("submodule_name")
     cfg = make_config(
         cfg_path,
         {
             "architecture": arch,
             "d_in": int(d_in),
             "d_sae": int(d_sae),
-            "k": int(k) if k is not None and arch in ("topk", "batchtopk") else None,
+            "k": k if arch in ("topk", "batchtopk") else None,
             "dtype": str(tensors["W_enc"].dtype).removeprefix("torch."),
             "apply_b_dec_to_input": apply_b_dec,
             "normalize_activations": "none",
             "metadata": {
-                "model_name": trainer.get("lm_name"),
-                "hook_name": hook_from_submodule(trainer.get("submodule_name")),
-                "context_size": buffer.get("ctx_len"),
-                "layer": trainer.get("layer"),
-                "submodule_name": trainer.get("submodule_name"),
+                "model_name": trainer.text("lm_name"),
+                "hook_name": hook_from_submodule(submodule),
+                "context_size": config.section("buffer").integer("ctx_len"),
+                "layer": trainer.data.get("layer"),
+                "submodule_name": submodule,
                 "dict_class": dict_class,
             },
         },

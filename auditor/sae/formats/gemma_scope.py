@@ -20,7 +20,7 @@ from torch import Tensor
 
 from auditor.errors import SAEFormatError
 from auditor.sae.formats import SAEFormat
-from auditor.sae.formats._common import LoadOptions, build_sae, make_config, read_safetensors, tl_hook
+from auditor.sae.formats._common import LoadOptions, build_sae, make_config, matrix, read_safetensors, tl_hook
 from auditor.sae.sae import SAE
 
 __all__ = ["FORMAT"]
@@ -72,10 +72,7 @@ def _load(path: Path, opts: LoadOptions) -> SAE:
     if missing:
         raise SAEFormatError(str(file), f"missing keys {missing} (found {sorted(raw)})")
     tensors = {k: by_lower[k.lower()] for k in _KEYS}
-    if tensors["W_enc"].ndim != 2:
-        shape = list(tensors["W_enc"].shape)
-        raise SAEFormatError(str(file), f"W_enc must be 2-D [d_in, d_sae], got {shape}")
-    d_in, d_sae = tensors["W_enc"].shape
+    d_in, d_sae = matrix(tensors, "W_enc", file, "[d_in, d_sae]").shape
     cfg = make_config(
         file,
         {

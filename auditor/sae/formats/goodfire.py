@@ -4,7 +4,10 @@ Keys ``encoder_linear.weight [M, d]``, ``encoder_linear.bias [M]``,
 ``decoder_linear.weight [d, M]``, ``decoder_linear.bias [d]``;
 ``f = relu(encoder_linear(x))``, ``x_hat = decoder_linear(f)``: a standard SAE
 without b_dec subtraction. The file name (``Llama-3.1-8B-Instruct-SAE-l19.pth``)
-gives the model and the layer; ``lN`` is the output of decoder layer N.
+gives the layer (``lN`` is the output of decoder layer N) and the model. Goodfire's
+releases in this layout are on Meta's Llama models (Llama 3.1 8B and 3.3 70B
+Instruct, whose hub ids are ``meta-llama/<name>``), so a ``Llama-...`` name becomes
+that id; any other name leaves the model unset, as the file does not say whose it is.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from auditor.sae.formats._common import (
     LoadOptions,
     build_sae,
     make_config,
+    matrix,
     read_torch_state,
     require,
     tl_hook,
@@ -31,12 +35,18 @@ _KEYS = ["encoder_linear.weight", "encoder_linear.bias", "decoder_linear.weight"
 _NAME = re.compile(r"^(?P<model>.+)-SAE-l(?P<layer>\d+)$")
 
 
+def _model_id(name: str) -> str | None:
+    """``Llama-3.1-8B-Instruct`` -> ``meta-llama/Llama-3.1-8B-Instruct``; None for other models."""
+    return f"meta-llama/{name}" if name.startswith("Llama-") else None
+
+
 def _load(path: Path, opts: LoadOptions) -> SAE:
     if not path.is_file():
         raise SAEFormatError(str(path), "a Goodfire SAE is a single .pth/.pt file")
     state = read_torch_state(path)
     require(state, _KEYS, path)
-    d_sae, d_in = state["encoder_linear.weight"].shape
+    w_enc = matrix(state, "encoder_linear.weight", path, "[d_sae, d_in]")  # nn.Linear: [out, in]
+    d_sae, d_in = w_enc.shape
     m = _NAME.match(path.stem)
     cfg = make_config(
         path,
@@ -48,15 +58,15 @@ def _load(path: Path, opts: LoadOptions) -> SAE:
             "apply_b_dec_to_input": False,
             "normalize_activations": "none",
             "metadata": {
-                "model_name": f"meta-llama/{m.group('model')}" if m else None,
+                "model_name": _model_id(m.group("model")) if m else None,
                 "hook_name": tl_hook(m.group("layer")) if m else None,
             },
         },
     )
     tensors = {
-        "W_enc": state["encoder_linear.weight"].T,
+        "W_enc": w_enc.T,
         "b_enc": state["encoder_linear.bias"],
-        "W_dec": state["decoder_linear.weight"].T,
+        "W_dec": matrix(state, "decoder_linear.weight", path, "[d_in, d_sae]").T,
         "b_dec": state["decoder_linear.bias"],
     }
     return build_sae(cfg, tensors, path, opts)

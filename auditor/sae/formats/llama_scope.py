@@ -20,9 +20,11 @@ import torch
 from auditor.errors import SAEFormatError
 from auditor.sae.formats import SAEFormat
 from auditor.sae.formats._common import (
+    ConfigFields,
     LoadOptions,
     build_sae,
     make_config,
+    matrix,
     read_json,
     read_safetensors,
     require,
@@ -44,40 +46,43 @@ def _load(path: Path, opts: LoadOptions) -> SAE:
             str(path), "not a Llama Scope folder: need hyperparams.json and checkpoints/final.safetensors"
         )
     hp_path = path / "hyperparams.json"
-    hp = read_json(hp_path)
-    require(hp, ["d_model", "jump_relu_threshold", "dataset_average_activation_norm"], hp_path)
-    hook_in, hook_out = hp.get("hook_point_in"), hp.get("hook_point_out", hp.get("hook_point_in"))
+    raw = read_json(hp_path)
+    require(raw, ["d_model", "jump_relu_threshold", "dataset_average_activation_norm"], hp_path)
+    hp = ConfigFields(raw, hp_path)
+    hook_in = hp.text("hook_point_in")
+    hook_out = hp.text("hook_point_out") if "hook_point_out" in raw else hook_in
     if hook_in != hook_out:
         raise SAEFormatError(
             str(hp_path), f"hook_point_in {hook_in!r} != hook_point_out {hook_out!r}: a transcoder"
         )
-    norm_in = hp["dataset_average_activation_norm"].get("in")
-    if not norm_in or norm_in <= 0:
-        raise SAEFormatError(str(hp_path), "dataset_average_activation_norm.in must be > 0")
+    norm_in = hp.section("dataset_average_activation_norm").number("in", required=True, positive=True)
+    d_model = hp.integer("d_model", required=True, positive=True)
+    jump_threshold = hp.number("jump_relu_threshold", required=True)
     weights = read_safetensors(path / _WEIGHTS)
     require(weights, ["encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias"], path / _WEIGHTS)
-    d_sae, d_in = weights["encoder.weight"].shape
-    scale = math.sqrt(int(hp["d_model"])) / float(norm_in)
+    w_enc = matrix(weights, "encoder.weight", path / _WEIGHTS, "[d_sae, d_in]")  # nn.Linear: [out, in]
+    d_sae, d_in = w_enc.shape
+    scale = math.sqrt(d_model) / norm_in
     cfg = make_config(
         hp_path,
         {
             "architecture": "jumprelu",
             "d_in": int(d_in),
             "d_sae": int(d_sae),
-            "dtype": str(weights["encoder.weight"].dtype).removeprefix("torch."),
+            "dtype": str(w_enc.dtype).removeprefix("torch."),
             "apply_b_dec_to_input": False,
             "normalize_activations": "expected_average_only_in",
             "activation_norm_scaling_factor": scale,
-            "metadata": {"model_name": hp.get("model_name"), "hook_name": hook_in},
+            "metadata": {"model_name": raw.get("model_name"), "hook_name": hook_in},
         },
     )
-    threshold = torch.full((int(d_sae),), float(hp["jump_relu_threshold"]) * scale)
+    threshold = torch.full((int(d_sae),), jump_threshold * scale)
     tensors = {
-        "W_enc": weights["encoder.weight"].T,
+        "W_enc": w_enc.T,
         "b_enc": weights["encoder.bias"],
-        "W_dec": weights["decoder.weight"].T,
+        "W_dec": matrix(weights, "decoder.weight", path / _WEIGHTS, "[d_in, d_sae]").T,
         "b_dec": weights["decoder.bias"],
-        "threshold": threshold.to(weights["encoder.weight"].dtype),
+        "threshold": threshold.to(w_enc.dtype),
     }
     return build_sae(cfg, tensors, path / _WEIGHTS, opts)
 

@@ -18,9 +18,11 @@ from pathlib import Path
 from auditor.errors import SAEFormatError
 from auditor.sae.formats import SAEFormat
 from auditor.sae.formats._common import (
+    ConfigFields,
     LoadOptions,
     build_sae,
     make_config,
+    matrix,
     read_torch_state,
     require,
     torch_state_keys,
@@ -41,10 +43,12 @@ def _load(path: Path, opts: LoadOptions) -> SAE:
     activation = str(state.get("activation", "ReLU"))
     if activation not in ("TopK", "ReLU"):
         raise SAEFormatError(str(path), f"unsupported activation {activation!r} (TopK, ReLU)")
-    d_sae, d_in = state["encoder.weight"].shape
+    d_sae, d_in = matrix(state, "encoder.weight", path, "[d_sae, d_in]").shape
     topk = activation == "TopK"
-    act_state = state.get("activation_state_dict") or {}
-    k = opts.k if opts.k is not None else int(act_state.get("k", DEFAULT_K))
+    k = opts.k
+    if topk and k is None:
+        k = ConfigFields(state, path).section("activation_state_dict").integer("k")
+        k = DEFAULT_K if k is None else k
     cfg = make_config(
         path,
         {
@@ -61,7 +65,7 @@ def _load(path: Path, opts: LoadOptions) -> SAE:
     tensors = {
         "W_enc": state["encoder.weight"].T,
         "b_enc": state["latent_bias"],
-        "W_dec": state["decoder.weight"].T,
+        "W_dec": matrix(state, "decoder.weight", path, "[d_in, d_sae]").T,
         "b_dec": state["pre_bias"],
     }
     return build_sae(cfg, tensors, path, opts)

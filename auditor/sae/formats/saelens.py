@@ -17,13 +17,16 @@ from torch import Tensor
 
 from auditor.errors import SAEFormatError
 from auditor.sae.formats import SAEFormat
-from auditor.sae.config import SAEConfig, SAEMetadata
+from auditor.sae.config import SAEConfig
 from auditor.sae.formats._common import (
+    ConfigFields,
     LoadOptions,
     build_sae,
     make_config,
+    matrix,
     read_json,
     read_safetensors,
+    require,
 )
 from auditor.sae.sae import CFG_FILENAME, SAE, WEIGHTS_FILENAME, param_shapes
 
@@ -85,7 +88,8 @@ def config_from_saelens(raw: dict[str, Any], source: Path) -> SAEConfig:
             f"unknown normalize_activations {norm_raw!r}; known: "
             "none, expected_average_only_in, constant_norm_rescale, layer_norm",
         )
-    metadata: dict[str, Any] = dict(raw.get("metadata") or {})
+    fields = ConfigFields(raw, source)
+    metadata: dict[str, Any] = dict(fields.section("metadata").data)
     for old, new in _LEGACY_METADATA.items():
         if old in raw and metadata.get(new) is None:
             metadata[new] = raw[old]
@@ -96,21 +100,20 @@ def config_from_saelens(raw: dict[str, Any], source: Path) -> SAEConfig:
         # runtime scaling without one, so such a file is read as already folded.
         normalize = "none"
         metadata.setdefault("normalize_activations_in_file", norm_raw)
-    kwargs = raw.get("activation_fn_kwargs") or {}
-    k = raw.get("k", kwargs.get("k"))
-    fields: dict[str, Any] = {
+    k = fields.integer("k") if "k" in raw else fields.section("activation_fn_kwargs").integer("k")
+    cfg: dict[str, Any] = {
         "architecture": _architecture(raw, source),
         "d_in": raw.get("d_in"),
         "d_sae": raw.get("d_sae"),
-        "k": int(k) if k is not None else None,
+        "k": k,
         "dtype": str(raw.get("dtype", "float32")).removeprefix("torch."),
         # SAELens' default has always been to subtract b_dec.
         "apply_b_dec_to_input": bool(raw.get("apply_b_dec_to_input", True)),
         "normalize_activations": normalize,
         "activation_norm_scaling_factor": factor,
-        "metadata": SAEMetadata.model_validate(metadata).model_dump(),
+        "metadata": metadata,
     }
-    return make_config(source, fields)
+    return make_config(source, cfg)
 
 
 def _tensors(raw_cfg: dict[str, Any], weights: dict[str, Tensor], source: Path) -> dict[str, Tensor]:
@@ -142,7 +145,17 @@ def _fold_decoder_norm(
         raise SAEFormatError(
             str(source), f"rescale_acts_by_decoder_norm is only supported for standard/topk, not {arch!r}"
         )
-    n = tensors["W_dec"].norm(dim=-1)  # [d_sae]
+    require(tensors, ["W_enc", "b_enc", "W_dec"], source)
+    n = matrix(tensors, "W_dec", source, "[d_sae, d_in]").norm(dim=-1)  # [d_sae]
+    dead = (n == 0).nonzero().flatten().tolist()
+    if dead:
+        shown = ", ".join(map(str, dead[:10])) + (", ..." if len(dead) > 10 else "")
+        raise SAEFormatError(
+            str(source),
+            f"rescale_acts_by_decoder_norm is set but {len(dead)} of the {n.numel()} W_dec rows "
+            f"are all zero (latents {shown}), and the rescaling divides by each row's norm; "
+            "remove those latents from the SAE or give them a non-zero decoder row",
+        )
     return {
         **tensors,
         "W_enc": tensors["W_enc"] * n,

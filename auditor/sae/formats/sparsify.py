@@ -18,9 +18,11 @@ from pathlib import Path
 from auditor.errors import SAEFormatError
 from auditor.sae.formats import SAEFormat
 from auditor.sae.formats._common import (
+    ConfigFields,
     LoadOptions,
     build_sae,
     make_config,
+    matrix,
     read_json,
     read_safetensors,
     require,
@@ -56,14 +58,14 @@ def _load(path: Path, opts: LoadOptions) -> SAE:
         raise SAEFormatError(
             str(path), "sparsify transcoders / skip connections are not SAEs and are not supported"
         )
-    d_sae, d_in = weights["encoder.weight"].shape
+    d_sae, d_in = matrix(weights, "encoder.weight", weights_path, "[d_sae, d_in]").shape
     if raw.get("d_in") not in (None, d_in):
         raise SAEFormatError(
             str(path), f"cfg.json d_in={raw['d_in']} but encoder.weight is [{d_sae}, {d_in}]"
         )
     run_cfg_path = path.parent / "config.json"
     run_cfg = read_json(run_cfg_path) if run_cfg_path.is_file() else {}
-    k = opts.k if opts.k is not None else raw.get("k")
+    k = opts.k if opts.k is not None else ConfigFields(raw, path / "cfg.json").integer("k")
     if k is None:
         raise SAEFormatError(str(path / "cfg.json"), "missing 'k' (pass k=... to load_sae)")
     cfg = make_config(
@@ -72,7 +74,7 @@ def _load(path: Path, opts: LoadOptions) -> SAE:
             "architecture": "topk",
             "d_in": int(d_in),
             "d_sae": int(d_sae),
-            "k": int(k),
+            "k": k,
             "dtype": str(weights["encoder.weight"].dtype).removeprefix("torch."),
             "apply_b_dec_to_input": True,
             "normalize_activations": "none",

@@ -412,3 +412,12 @@ def test_sae_load_is_the_saelens_reader(tmp_path: Path) -> None:
     case = saelens_legacy_topk(tmp_path, torch.Generator().manual_seed(4))
     sae = SAE.load(case.path)
     assert sae.cfg.k == K and sae.cfg.metadata.model_extra["sae_lens_training_version"] == "3.0.0"
+
+
+def test_goodfire_model_id_only_for_llama_names(tmp_path: Path) -> None:
+    case = goodfire(tmp_path, torch.Generator().manual_seed(5))
+    assert load_sae(case.path).cfg.metadata.model_name == "meta-llama/Llama-3.1-8B-Instruct"
+    other = case.path.with_name("SmolLM2-135M-Instruct-SAE-l15.pth")
+    case.path.rename(other)
+    meta = load_sae(other).cfg.metadata
+    assert (meta.model_name, meta.hook_name) == (None, "blocks.15.hook_resid_post")
