@@ -191,6 +191,16 @@ class ConfigFields:
             self.fail(key, "must be > 0")
         return float(value)
 
+    def flag(self, key: str, default: bool) -> bool:
+        """Field ``key`` as a JSON boolean (``default`` when missing or null); a string such as
+        ``"false"`` is refused, not read as true."""
+        value = self._present(key, False)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            self.fail(key, "must be true or false (a JSON boolean, not a string or number)")
+        return value
+
     def text(self, key: str) -> str | None:
         """Field ``key`` as a string, or None when missing or null."""
         value = self.data.get(key)

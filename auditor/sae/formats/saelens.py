@@ -108,7 +108,7 @@ def config_from_saelens(raw: dict[str, Any], source: Path) -> SAEConfig:
         "k": k,
         "dtype": str(raw.get("dtype", "float32")).removeprefix("torch."),
         # SAELens' default has always been to subtract b_dec.
-        "apply_b_dec_to_input": bool(raw.get("apply_b_dec_to_input", True)),
+        "apply_b_dec_to_input": fields.flag("apply_b_dec_to_input", True),
         "normalize_activations": normalize,
         "activation_norm_scaling_factor": factor,
         "metadata": metadata,

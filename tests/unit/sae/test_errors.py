@@ -156,6 +156,8 @@ CASES: list[tuple[str, Callable[[Path], str | Path], dict, type[AuditorError], l
      ["cfg.json", "field 'k' must be a whole number, got 'eight'"]),
     ("saelens legacy k not a number", lambda t: saelens_cfg(t, k=None, activation_fn_kwargs={"k": [2]}), {}, SAEFormatError,
      ["cfg.json", "field 'activation_fn_kwargs.k' must be a whole number, got [2]"]),
+    ("saelens flag as a string", lambda t: saelens_cfg(t, apply_b_dec_to_input="false"), {}, SAEFormatError,
+     ["cfg.json", "field 'apply_b_dec_to_input' must be true or false (a JSON boolean, not a string or number), got 'false'"]),
     ("saelens metadata field type", lambda t: saelens_cfg(t, metadata={"context_size": "long"}), {}, SAEFormatError,
      ["cfg.json", "metadata.context_size: Input should be a valid integer", "(got 'long')"]),
     ("saelens metadata not an object", lambda t: saelens_cfg(t, metadata=["x"]), {}, SAEFormatError,
