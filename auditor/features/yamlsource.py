@@ -15,6 +15,8 @@ Example:
 from __future__ import annotations
 
 import difflib
+import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -122,6 +124,9 @@ def format_path(path: Sequence[Any]) -> str:
     return out
 
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 def _mark(node: Node) -> Position:
     return node.start_mark.line + 1, node.start_mark.column + 1
 
@@ -162,7 +167,19 @@ class _Builder:
             return None
 
     def _mapping(self, node: MappingNode, path: DataPath) -> dict[Any, Any]:
-        self.loader.flatten_mapping(node)  # resolves "<<" merge keys in place
+        try:
+            self.loader.flatten_mapping(node)  # resolves "<<" merge keys in place
+        except yaml.MarkedYAMLError as exc:
+            # "<<: 5": only a mapping or a list of mappings can be merged; keep the mapping's own keys
+            mark = exc.problem_mark or node.start_mark
+            self.problems.append(
+                YamlProblem(
+                    mark.line + 1,
+                    mark.column + 1,
+                    f"YAML merge key error: {exc.problem}; write '<<: *anchor' or '<<: [*a, *b]'",
+                )
+            )
+            node.value = [(k, v) for k, v in node.value if k.tag != _MERGE_TAG]
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
             line, col = _mark(key_node)
@@ -180,15 +197,50 @@ class _Builder:
         return out
 
 
+# What YAML counts as a line break; positions are counted the way PyYAML's marks count them.
+_LINE_BREAK = re.compile("\r\n|[\n\r\x85\u2028\u2029]")
+# The escapes YAML double-quoted strings have a name for; any other character is written \xXX or \uXXXX.
+_NAMED_ESCAPES = {0x00: "\\0", 0x07: "\\a", 0x08: "\\b", 0x0B: "\\v", 0x0C: "\\f", 0x1B: "\\e"}
+
+
+def _position(text: str, index: int) -> Position:
+    """1-based (line, column) of ``text[index]``."""
+    line, start = 1, 0
+    for brk in _LINE_BREAK.finditer(text, 0, index):
+        line, start = line + 1, brk.end()
+    return line, index - start + 1
+
+
+def _unprintable_problem(text: str, exc: yaml.reader.ReaderError) -> YamlProblem:
+    """The located problem for a character YAML does not allow (the reader refuses the whole text)."""
+    code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+    what = "control character" if unicodedata.category(chr(code)) == "Cc" else "character"
+    escape = _NAMED_ESCAPES.get(code) or (f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}")
+    more = len(yaml.reader.Reader.NON_PRINTABLE.findall(text, exc.position + 1))
+    also = f" ({more} more in this file)" if more else ""
+    line, col = _position(text, exc.position)
+    return YamlProblem(
+        line,
+        col,
+        f"{what} U+{code:04X} is not allowed in YAML{also}; "
+        f"remove it or write it as the escape {escape} inside a double-quoted string",
+    )
+
+
 def parse_yaml(text: str) -> tuple[Any, SourceMap, list[YamlProblem]]:
     """Parse one YAML document into plain data plus its :class:`SourceMap`.
 
-    Returns ``(data, source_map, problems)``. A syntax error yields
-    ``(None, empty map, [problem])``; an empty document yields ``None`` data
-    and no problems (the caller knows what an empty file means to it).
-    Duplicate keys are problems (the first value is kept), not silent overrides.
+    Returns ``(data, source_map, problems)``; it never raises for what the
+    text contains. A syntax error or a character YAML does not allow (a NUL,
+    a control character) yields ``(None, empty map, [problem])``; an empty
+    document yields ``None`` data and no problems (the caller knows what an
+    empty file means to it). Duplicate keys are problems (the first value is
+    kept), not silent overrides.
     """
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.reader.ReaderError as exc:  # the reader checks every character up front
+        return None, SourceMap(), [_unprintable_problem(text, exc)]
     try:
         try:
             node = loader.get_single_node()

@@ -176,3 +176,14 @@ def test_in_memory_library_has_no_path() -> None:
         }
     )
     assert lib.path is None and lib.has("a.b") and not lib.has("a.c")
+
+
+def test_control_character_is_located_not_a_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "library.yaml"
+    path.write_text(HEAD + '  - {name: a.one, index: 1, category: a, description: "ring \x07"}\n', encoding="utf-8")
+    with pytest.raises(LibraryFileError) as info:
+        load_library(path)
+    assert info.value.message == (
+        f"{path}:10:61: control character U+0007 is not allowed in YAML; "
+        "remove it or write it as the escape \\a inside a double-quoted string"
+    )

@@ -108,6 +108,16 @@ def test_cli_validate_empty_file(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert capsys.readouterr().err == f"{empty}:1:1: file is empty; expected a policy (apiVersion: auditor/v1, kind: Policy, metadata, library, rules)\n"
 
 
+def test_cli_validate_control_character(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BAD.replace("category: deception", 'category: deception\n    description: "\x07"'), encoding="utf-8")
+    assert main(["policy", "validate", str(bad)]) == 1
+    assert capsys.readouterr().err == (
+        f"{bad}:9:19: control character U+0007 is not allowed in YAML; "
+        "remove it or write it as the escape \\a inside a double-quoted string\n"
+    )
+
+
 def test_cli_schema_prints_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["policy", "schema"]) == 0
     schema = json.loads(capsys.readouterr().out)

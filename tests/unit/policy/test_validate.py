@@ -417,3 +417,41 @@ def test_cross_references_checked_without_the_loader() -> None:
 def test_policy_error_is_an_auditor_error() -> None:
     err = PolicyError("f.yaml", 3, 7, "boom", "r1")
     assert err.message == "f.yaml:3:7: boom"
+
+
+@pytest.mark.parametrize(
+    ("char", "line", "column", "escape"),
+    [("\x00", 5, 1, "\\0"), ("\x07", 9, 23, "\\a")],
+    ids=["nul-starts-a-line", "bel-in-a-quoted-string"],
+)
+def test_control_character_is_located_not_a_traceback(
+    tmp_path: Path, char: str, line: int, column: int, escape: str
+) -> None:
+    text = _case(RULE.replace("    category: deception\n", '    category: deception\n    description: "bad @ here"\n'))
+    text = text.replace("rules:", char + "rules:") if char == "\x00" else text.replace("@", char)
+    path = tmp_path / "policy.yaml"
+    path.write_text(text, encoding="utf-8")
+    result = check_policy(path)
+    assert result.policy is None
+    assert [e.message for e in result.errors] == [
+        f"{path}:{line}:{column}: control character U+{ord(char):04X} is not allowed in YAML; "
+        f"remove it or write it as the escape {escape} inside a double-quoted string"
+    ]
+    with pytest.raises(PolicyErrors) as info:
+        parse_policy_file(path)
+    assert info.value.errors[0].message == result.errors[0].message
+
+
+def test_control_character_in_the_library_points_into_the_library(tmp_path: Path) -> None:
+    lib = tmp_path / "library.yaml"
+    lib.write_text(TINY.read_text(encoding="utf-8").replace("kind: FeatureLibrary", "kind: FeatureLibrary\x00"), encoding="utf-8")
+    line = next(i for i, t in enumerate(lib.read_text(encoding="utf-8").splitlines(), 1) if "\x00" in t)
+    path = tmp_path / "policy.yaml"
+    path.write_text(_case(RULE).replace(str(TINY), str(lib)), encoding="utf-8")
+    result = check_policy(path)
+    messages = [e.message for e in result.errors]
+    assert messages == [
+        f"{path}:4:10: library: feature library '{lib}' is invalid (1 problem(s) in {lib})",
+        f"{lib}:{line}:21: control character U+0000 is not allowed in YAML; "
+        "remove it or write it as the escape \\0 inside a double-quoted string",
+    ]
