@@ -25,10 +25,27 @@ import yaml
 from pydantic import ValidationError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-__all__ = ["DataPath", "Position", "SourceMap", "YamlProblem", "parse_yaml", "format_path", "pydantic_problems"]
+__all__ = [
+    "DataPath",
+    "MAX_ALIAS_NODES",
+    "Position",
+    "SourceMap",
+    "YamlProblem",
+    "parse_yaml",
+    "format_path",
+    "pydantic_problems",
+]
 
 DataPath = tuple[Union[str, int], ...]
 Position = tuple[int, int]  # (line, column), both 1-based
+
+MAX_ALIAS_NODES = 100_000
+"""Most nodes that expanding YAML aliases may add to one document.
+
+An alias (``*name``) is read as a full copy of its anchored value, so aliases
+of aliases grow exponentially: ten levels of ten aliases ("billion laughs")
+are a few hundred bytes that expand to 10**10 nodes. The largest policies and
+libraries have a few thousand nodes, so the limit only refuses such bombs."""
 
 
 @dataclass(frozen=True)
@@ -127,12 +144,53 @@ def format_path(path: Sequence[Any]) -> str:
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
+class _Refused(yaml.MarkedYAMLError):
+    """The document exceeds a limit of this reader; ``problem`` is the whole message."""
+
+
+class _Loader(yaml.SafeLoader):
+    """A SafeLoader that counts, while composing, the nodes its aliases will expand to.
+
+    Composing shares one node per anchor, so it stays small; expansion happens
+    when the node graph is turned into data. Counting here refuses a bomb at the
+    alias that crosses the limit, before anything is expanded.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._expanded: dict[int, int] = {}  # id(node) -> nodes it stands for, aliases expanded
+        self._aliased = 0  # nodes that the aliases composed so far expand to
+
+    def compose_node(self, parent: Node | None, index: Any) -> Node:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            node: Node = super().compose_node(parent, index)
+            self._aliased += self._expanded.get(id(node), 1)  # unknown: an alias inside its own anchor
+            if self._aliased > MAX_ALIAS_NODES:
+                raise _Refused(
+                    problem=f"too many aliased nodes: the aliases up to here expand to more than {MAX_ALIAS_NODES:,} "
+                    "nodes; YAML aliases are expanded into full copies, so aliases of aliases grow exponentially "
+                    "(a 'billion laughs' bomb); write the values out or use fewer levels of aliases",
+                    problem_mark=mark,
+                )
+            return node
+        node = super().compose_node(parent, index)
+        if isinstance(node, SequenceNode):
+            children: Iterable[Node] = node.value
+        elif isinstance(node, MappingNode):
+            children = (n for pair in node.value for n in pair)
+        else:
+            children = ()
+        self._expanded[id(node)] = 1 + sum(self._expanded.get(id(c), 1) for c in children)
+        return node
+
+
 def _mark(node: Node) -> Position:
     return node.start_mark.line + 1, node.start_mark.column + 1
 
 
 class _Builder:
-    def __init__(self, loader: yaml.SafeLoader) -> None:
+    def __init__(self, loader: _Loader) -> None:
         self.loader = loader
         self.smap = SourceMap()
         self.problems: list[YamlProblem] = []
@@ -238,12 +296,16 @@ def parse_yaml(text: str) -> tuple[Any, SourceMap, list[YamlProblem]]:
     kept), not silent overrides.
     """
     try:
-        loader = yaml.SafeLoader(text)
+        loader = _Loader(text)
     except yaml.reader.ReaderError as exc:  # the reader checks every character up front
         return None, SourceMap(), [_unprintable_problem(text, exc)]
     try:
         try:
             node = loader.get_single_node()
+        except _Refused as exc:
+            mark = exc.problem_mark
+            line, col = (mark.line + 1, mark.column + 1) if mark is not None else (None, None)
+            return None, SourceMap(), [YamlProblem(line, col, exc.problem or "document refused")]
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             what = " ".join(p for p in (exc.context, exc.problem) if p) or "invalid YAML"

@@ -187,3 +187,16 @@ def test_control_character_is_located_not_a_traceback(tmp_path: Path) -> None:
         f"{path}:10:61: control character U+0007 is not allowed in YAML; "
         "remove it or write it as the escape \\a inside a double-quoted string"
     )
+
+
+def test_alias_bomb_is_refused_and_located(tmp_path: Path) -> None:
+    bomb = "".join(f"x{i}: &a{i} [{', '.join([f'*a{i - 1}' if i else '1'] * 10)}]\n" for i in range(9))
+    path = tmp_path / "library.yaml"
+    path.write_text(bomb + HEAD + FEAT, encoding="utf-8")  # x4, the 5th line, crosses the limit
+    with pytest.raises(LibraryFileError) as info:
+        load_library(path)
+    assert info.value.message == (
+        f"{path}:5:45: too many aliased nodes: the aliases up to here expand to more than 100,000 nodes; "
+        "YAML aliases are expanded into full copies, so aliases of aliases grow exponentially "
+        "(a 'billion laughs' bomb); write the values out or use fewer levels of aliases"
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from auditor.features.yamlsource import YamlProblem, parse_yaml
+from auditor.features.yamlsource import MAX_ALIAS_NODES, YamlProblem, parse_yaml
 
 
 @pytest.mark.parametrize(
@@ -80,3 +80,52 @@ def test_a_bad_merge_value_is_a_located_problem_and_the_own_keys_stay() -> None:
             "write '<<: *anchor' or '<<: [*a, *b]'",
         )
     ]
+
+
+def _laughs(levels: int) -> str:
+    """The 'billion laughs' bomb: each level is ten aliases of the one before."""
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def test_an_alias_bomb_is_refused_at_the_alias_that_crosses_the_limit() -> None:
+    data, _, problems = parse_yaml(_laughs(10))  # 10**10 nodes if expanded
+    assert data is None
+    # l0..l3 expand to 11, 111, 1111, 11111 nodes: the aliases on lines 2-4 add 12,330, and the
+    # eighth *l3 on line 5 (column 10 + 5 * 7) crosses 100,000.
+    assert problems == [
+        YamlProblem(
+            5,
+            45,
+            "too many aliased nodes: the aliases up to here expand to more than 100,000 nodes; "
+            "YAML aliases are expanded into full copies, so aliases of aliases grow exponentially "
+            "(a 'billion laughs' bomb); write the values out or use fewer levels of aliases",
+        )
+    ]
+
+
+def test_aliases_up_to_the_limit_expand() -> None:
+    anchor = "a: &a [" + ", ".join(["x"] * (MAX_ALIAS_NODES // 100 - 1)) + "]\n"  # one list node + its items
+    data, _, problems = parse_yaml(anchor + "b: [" + ", ".join(["*a"] * 100) + "]\n")
+    assert problems == [] and len(data["b"]) == 100 and data["b"][99] == data["a"]
+    _, _, problems = parse_yaml(anchor + "b: [" + ", ".join(["*a"] * 101) + "]\n")
+    assert len(problems) == 1 and problems[0].message.startswith("too many aliased nodes")
+    assert (problems[0].line, problems[0].column) == (2, 5 + 4 * 100)
+
+
+def test_ordinary_anchors_aliases_and_merge_keys_still_work() -> None:
+    text = (
+        "base: &base {agg: max, threshold: 2.0}\n"
+        "names: &names [a.one, b.two]\n"
+        "one: *base\n"
+        "merged: {<<: *base, feature: a.one}\n"
+        "lists: {g: *names, h: [*names, *names]}\n"
+    )
+    data, smap, problems = parse_yaml(text)
+    assert problems == []
+    assert data["one"] == data["base"] == {"agg": "max", "threshold": 2.0}
+    assert data["merged"] == {"agg": "max", "threshold": 2.0, "feature": "a.one"}
+    assert data["lists"] == {"g": ["a.one", "b.two"], "h": [["a.one", "b.two"], ["a.one", "b.two"]]}
+    assert data["one"] is not data["base"]  # copies, not shared objects
+    assert smap.value(("lists", "h", 1)) == (2, 8)  # an aliased value points at its anchor

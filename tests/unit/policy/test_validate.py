@@ -455,3 +455,35 @@ def test_control_character_in_the_library_points_into_the_library(tmp_path: Path
         f"{lib}:{line}:21: control character U+0000 is not allowed in YAML; "
         "remove it or write it as the escape \\0 inside a double-quoted string",
     ]
+
+
+def test_alias_bomb_is_refused_quickly_and_located(tmp_path: Path) -> None:
+    """A few hundred bytes of nested aliases ('billion laughs') must not expand to 10**9 values."""
+    bomb = "".join(
+        f"x{i}: &a{i} [{', '.join([f'*a{i - 1}' if i else '1'] * 10)}]\n" for i in range(9)
+    )  # lines 5-13
+    path = tmp_path / "policy.yaml"
+    path.write_text(_case(bomb + RULE), encoding="utf-8")
+    result = check_policy(path)
+    # a0..a3 stand for 11, 111, 1111 and 11111 nodes; the 8th alias on line 9 ("x4: &a4 [" + 7 * "*a3, ") crosses 100,000
+    assert [e.message for e in result.errors] == [
+        f"{path}:9:45: too many aliased nodes: the aliases up to here expand to more than 100,000 nodes; "
+        "YAML aliases are expanded into full copies, so aliases of aliases grow exponentially "
+        "(a 'billion laughs' bomb); write the values out or use fewer levels of aliases"
+    ]
+
+
+def test_aliases_reuse_conditions_and_lists(tmp_path: Path) -> None:
+    text = _case(
+        "lists:\n  g: &feats [deception.fraud, bias.ethnic_slur]\n"
+        + RULE.replace("    condition:\n", "    condition: &fraud\n")
+        + "  - id: r2\n    severity: low\n    category: deception\n    condition: {not: *fraud}\n"
+        + "  - id: r3\n    severity: low\n    category: deception\n    condition: {features: *feats, threshold: 1}\n"
+    )
+    path = tmp_path / "policy.yaml"
+    path.write_text(text, encoding="utf-8")
+    policy, _ = parse_policy_file(path)
+    assert [r.id for r in policy.rules] == ["r1", "r2", "r3"]
+    dumped = [r.model_dump(by_alias=True, exclude_none=True)["condition"] for r in policy.rules]
+    assert dumped[1]["not"] == dumped[0]
+    assert dumped[2]["features"] == ["deception.fraud", "bias.ethnic_slur"]
