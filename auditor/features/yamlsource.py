@@ -4,7 +4,9 @@ Feature libraries and policies are hand-written YAML; a problem in them is only
 useful to a user when it says ``FILE:LINE:COLUMN``. :func:`parse_yaml` builds the
 plain Python data *and* a :class:`SourceMap` from data paths (``("rules", 0,
 "condition", "threshold")``) to 1-based positions, and :meth:`SourceMap.locate`
-turns a pydantic error ``loc`` back into a position.
+turns a pydantic error ``loc`` back into a position. It never raises for what
+the text holds: a character YAML refuses, nesting deeper than :data:`MAX_DEPTH`
+and aliases that expand past :data:`MAX_ALIAS_NODES` are located problems too.
 
 Example:
     >>> data, smap, problems = parse_yaml("a:\\n  b: [1, 2]\\n")
@@ -28,6 +30,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 __all__ = [
     "DataPath",
     "MAX_ALIAS_NODES",
+    "MAX_DEPTH",
     "Position",
     "SourceMap",
     "YamlProblem",
@@ -46,6 +49,14 @@ An alias (``*name``) is read as a full copy of its anchored value, so aliases
 of aliases grow exponentially: ten levels of ten aliases ("billion laughs")
 are a few hundred bytes that expand to 10**10 nodes. The largest policies and
 libraries have a few thousand nodes, so the limit only refuses such bombs."""
+
+MAX_DEPTH = 200
+"""Most levels of lists and mappings nested in one document (aliases expanded).
+
+Hand-written policies and libraries nest well under 20 levels. Reading a
+document recurses once or more per level (PyYAML's composer, the builder,
+pydantic, the policy checks), so a limit far below Python's recursion limit
+keeps ``[[[[...]]]]`` a located problem instead of a RecursionError."""
 
 
 @dataclass(frozen=True)
@@ -149,23 +160,27 @@ class _Refused(yaml.MarkedYAMLError):
 
 
 class _Loader(yaml.SafeLoader):
-    """A SafeLoader that counts, while composing, the nodes its aliases will expand to.
+    """A SafeLoader that bounds, while composing, how deep and how large the data will be.
 
-    Composing shares one node per anchor, so it stays small; expansion happens
-    when the node graph is turned into data. Counting here refuses a bomb at the
-    alias that crosses the limit, before anything is expanded.
+    Composing shares one node per anchor, so it stays small; aliases are
+    expanded when the node graph is turned into data, and every step after
+    that (building, pydantic, policy checks) recurses once per level. Counting
+    here refuses a deep or exploding document at the event that crosses the
+    limit, before anything recurses or expands.
     """
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
-        self._expanded: dict[int, int] = {}  # id(node) -> nodes it stands for, aliases expanded
+        self._expanded: dict[int, tuple[int, int]] = {}  # id(collection) -> (nodes, levels), aliases expanded
         self._aliased = 0  # nodes that the aliases composed so far expand to
+        self._depth = 0  # lists and mappings open around the node being composed
 
     def compose_node(self, parent: Node | None, index: Any) -> Node:
         if self.check_event(yaml.AliasEvent):
             mark = self.peek_event().start_mark
             node: Node = super().compose_node(parent, index)
-            self._aliased += self._expanded.get(id(node), 1)  # unknown: an alias inside its own anchor
+            nodes, levels = self._expanded.get(id(node), (1, 0))  # unknown: a scalar, or an alias inside its anchor
+            self._aliased += nodes
             if self._aliased > MAX_ALIAS_NODES:
                 raise _Refused(
                     problem=f"too many aliased nodes: the aliases up to here expand to more than {MAX_ALIAS_NODES:,} "
@@ -173,16 +188,29 @@ class _Loader(yaml.SafeLoader):
                     "(a 'billion laughs' bomb); write the values out or use fewer levels of aliases",
                     problem_mark=mark,
                 )
+            if self._depth + levels > MAX_DEPTH:
+                raise _Refused(problem=_too_deep(" once this alias is expanded"), problem_mark=mark)
             return node
-        node = super().compose_node(parent, index)
-        if isinstance(node, SequenceNode):
-            children: Iterable[Node] = node.value
-        elif isinstance(node, MappingNode):
-            children = (n for pair in node.value for n in pair)
-        else:
-            children = ()
-        self._expanded[id(node)] = 1 + sum(self._expanded.get(id(c), 1) for c in children)
+        if not self.check_event(yaml.SequenceStartEvent, yaml.MappingStartEvent):
+            return super().compose_node(parent, index)  # a scalar: one node, no levels (the default below)
+        if self._depth == MAX_DEPTH:
+            raise _Refused(problem=_too_deep(""), problem_mark=self.peek_event().start_mark)
+        self._depth += 1
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        children = node.value if isinstance(node, SequenceNode) else [n for pair in node.value for n in pair]
+        sizes = [self._expanded.get(id(c), (1, 0)) for c in children]
+        self._expanded[id(node)] = (1 + sum(n for n, _ in sizes), 1 + max((lv for _, lv in sizes), default=0))
         return node
+
+
+def _too_deep(where: str) -> str:
+    return (
+        f"lists and mappings nested more than {MAX_DEPTH} levels deep{where}; "
+        "no policy, feature library or config needs that many, so flatten the structure"
+    )
 
 
 def _mark(node: Node) -> Position:

@@ -200,3 +200,15 @@ def test_alias_bomb_is_refused_and_located(tmp_path: Path) -> None:
         "YAML aliases are expanded into full copies, so aliases of aliases grow exponentially "
         "(a 'billion laughs' bomb); write the values out or use fewer levels of aliases"
     )
+
+
+def test_deep_nesting_is_located_not_a_recursion_error(tmp_path: Path) -> None:
+    path = tmp_path / "library.yaml"
+    path.write_text(HEAD + "  - {name: a.one, index: 1, category: a, stats: " + "[" * 5000 + "]" * 5000 + "}\n", encoding="utf-8")
+    with pytest.raises(LibraryFileError) as info:
+        load_library(path)
+    # the library, its features, the feature are levels 1-3: the 198th "[" (column 49 + 197) is level 201
+    assert info.value.message == (
+        f"{path}:10:246: lists and mappings nested more than 200 levels deep; "
+        "no policy, feature library or config needs that many, so flatten the structure"
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from auditor.features.yamlsource import MAX_ALIAS_NODES, YamlProblem, parse_yaml
+from auditor.features.yamlsource import MAX_ALIAS_NODES, MAX_DEPTH, YamlProblem, parse_yaml
 
 
 @pytest.mark.parametrize(
@@ -129,3 +129,40 @@ def test_ordinary_anchors_aliases_and_merge_keys_still_work() -> None:
     assert data["lists"] == {"g": ["a.one", "b.two"], "h": [["a.one", "b.two"], ["a.one", "b.two"]]}
     assert data["one"] is not data["base"]  # copies, not shared objects
     assert smap.value(("lists", "h", 1)) == (2, 8)  # an aliased value points at its anchor
+
+
+def _too_deep(where: str = "") -> str:
+    return (
+        f"lists and mappings nested more than {MAX_DEPTH} levels deep{where}; "
+        "no policy, feature library or config needs that many, so flatten the structure"
+    )
+
+
+@pytest.mark.parametrize("levels", [MAX_DEPTH + 1, 2000, 10000])
+def test_deep_flow_nesting_is_refused_at_the_first_level_too_many(levels: int) -> None:
+    data, _, problems = parse_yaml("a: " + "[" * levels + "]" * levels + "\n")
+    # the mapping is level 1, so the list opened at column 4 + MAX_DEPTH - 1 is level MAX_DEPTH + 1
+    assert data is None and problems == [YamlProblem(1, 4 + MAX_DEPTH - 1, _too_deep())]
+
+
+def test_deep_block_nesting_is_refused() -> None:
+    text = "".join("  " * i + f"k{i}:\n" for i in range(MAX_DEPTH + 5))
+    _, _, problems = parse_yaml(text)
+    # mapping i (0-based) starts at key k{i}; mapping MAX_DEPTH is one too many
+    assert problems == [YamlProblem(MAX_DEPTH + 1, 2 * MAX_DEPTH + 1, _too_deep())]
+
+
+def test_nesting_up_to_the_limit_is_read() -> None:
+    data, _, problems = parse_yaml("[" * MAX_DEPTH + "1" + "]" * MAX_DEPTH)
+    assert problems == []
+    for _ in range(MAX_DEPTH):
+        assert isinstance(data, list) and len(data) == 1
+        data = data[0]
+    assert data == 1
+
+
+def test_an_alias_that_expands_past_the_limit_is_refused_at_the_alias() -> None:
+    half = MAX_DEPTH // 2 + 10
+    text = "a: &a " + "[" * half + "]" * half + "\nb: " + "[" * half + "*a" + "]" * half + "\n"
+    _, _, problems = parse_yaml(text)
+    assert problems == [YamlProblem(2, 4 + half, _too_deep(" once this alias is expanded"))]

@@ -487,3 +487,17 @@ def test_aliases_reuse_conditions_and_lists(tmp_path: Path) -> None:
     dumped = [r.model_dump(by_alias=True, exclude_none=True)["condition"] for r in policy.rules]
     assert dumped[1]["not"] == dumped[0]
     assert dumped[2]["features"] == ["deception.fraud", "bias.ethnic_slur"]
+
+
+@pytest.mark.parametrize("levels", [300, 500, 2000])
+def test_deeply_nested_condition_is_located_not_a_recursion_error(tmp_path: Path, levels: int) -> None:
+    leaf = "{feature: deception.fraud, threshold: 1}"
+    condition = "    condition: " + "{not: " * levels + leaf + "}" * levels + "\n"
+    path = tmp_path / "policy.yaml"
+    path.write_text(_case(RULE.split("    condition:")[0] + condition), encoding="utf-8")
+    result = check_policy(path)
+    # The policy, rules and the rule are levels 1-3: the 198th "{not:" (column 16 + 6 * 197) is level 201.
+    assert [e.message for e in result.errors] == [
+        f"{path}:9:1198: lists and mappings nested more than 200 levels deep; "
+        "no policy, feature library or config needs that many, so flatten the structure"
+    ]
