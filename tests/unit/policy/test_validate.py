@@ -501,3 +501,16 @@ def test_deeply_nested_condition_is_located_not_a_recursion_error(tmp_path: Path
         f"{path}:9:1198: lists and mappings nested more than 200 levels deep; "
         "no policy, feature library or config needs that many, so flatten the structure"
     ]
+
+
+def test_macros_nested_too_deep_are_located_at_the_first_macro_past_the_limit(tmp_path: Path) -> None:
+    """Shallow YAML, deep condition: m{i} wraps m{i-1} in a 'not', so m50 is 101 levels deep once expanded."""
+    macros = "macros:\n  m0: {feature: deception.fraud, threshold: 1}\n"  # lines 5-6
+    macros += "".join(f"  m{i}: {{not: {{macro: m{i - 1}}}}}\n" for i in range(1, 1500))  # m{i} on line 6 + i
+    path = tmp_path / "policy.yaml"
+    path.write_text(_case(macros + RULE.replace("      feature: deception.fraud\n      threshold: 4.0\n", "      macro: m1499\n")), encoding="utf-8")
+    result = check_policy(path)
+    assert [e.message for e in result.errors] == [
+        f"{path}:56:3: macros.m50: nests 101 levels deep with its macros expanded "
+        "(each all, any, not and macro reference is one level); the most is 100: use fewer levels"
+    ]
