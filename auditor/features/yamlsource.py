@@ -153,6 +153,15 @@ def format_path(path: Sequence[Any]) -> str:
 
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+_UNHASHABLE: list[None] = [None]  # the key of an entry whose key is a list or mapping
+
+
+def _hashable(key: Any) -> bool:
+    try:
+        hash(key)
+    except TypeError:
+        return False
+    return True
 
 
 class _Refused(yaml.MarkedYAMLError):
@@ -223,6 +232,7 @@ class _Builder:
         self.smap = SourceMap()
         self.problems: list[YamlProblem] = []
         self._active: set[int] = set()
+        self._merged: dict[int, int] = {}  # id(mapping) -> how many of its entries came from "<<"
 
     def build(self, node: Node, path: DataPath) -> Any:
         self.smap.values[path] = _mark(node)
@@ -253,27 +263,36 @@ class _Builder:
             return None
 
     def _mapping(self, node: MappingNode, path: DataPath) -> dict[Any, Any]:
-        try:
-            self.loader.flatten_mapping(node)  # resolves "<<" merge keys in place
-        except yaml.MarkedYAMLError as exc:
-            # "<<: 5": only a mapping or a list of mappings can be merged; keep the mapping's own keys
-            mark = exc.problem_mark or node.start_mark
-            self.problems.append(
-                YamlProblem(
-                    mark.line + 1,
-                    mark.column + 1,
-                    f"YAML merge key error: {exc.problem}; write '<<: *anchor' or '<<: [*a, *b]'",
-                )
-            )
-            node.value = [(k, v) for k, v in node.value if k.tag != _MERGE_TAG]
-        out: dict[Any, Any] = {}
-        for key_node, value_node in node.value:
-            line, col = _mark(key_node)
-            key = self._scalar(key_node) if isinstance(key_node, ScalarNode) else [None]
+        merged = self._merged.get(id(node))
+        if merged is None:  # first visit (an aliased mapping is flattened once, in place)
+            own = sum(1 for key_node, _ in node.value if key_node.tag != _MERGE_TAG)
             try:
-                hash(key)
-            except TypeError:
+                self.loader.flatten_mapping(node)  # puts the entries of "<<" mappings first, in place
+            except yaml.MarkedYAMLError as exc:
+                # "<<: 5": only a mapping or a list of mappings can be merged; keep the mapping's own keys
+                mark = exc.problem_mark or node.start_mark
+                self.problems.append(
+                    YamlProblem(
+                        mark.line + 1,
+                        mark.column + 1,
+                        f"YAML merge key error: {exc.problem}; write '<<: *anchor' or '<<: [*a, *b]'",
+                    )
+                )
+                node.value = [(k, v) for k, v in node.value if k.tag != _MERGE_TAG]
+            merged = self._merged[id(node)] = len(node.value) - own
+        keys = [self._scalar(key_node) if isinstance(key_node, ScalarNode) else _UNHASHABLE for key_node, _ in node.value]
+        # YAML merge keys: the mapping's own keys override merged ones, and among merged entries the
+        # last wins (flatten_mapping lists "<<: [*a, *b]" as b's entries, then a's). Only the mapping's
+        # own keys must be unique.
+        own_keys = {key for key in keys[merged:] if _hashable(key)}
+        winner = {key: i for i, key in enumerate(keys[:merged]) if _hashable(key)}
+        out: dict[Any, Any] = {}
+        for i, ((key_node, value_node), key) in enumerate(zip(node.value, keys)):
+            line, col = _mark(key_node)
+            if not _hashable(key):
                 self.problems.append(YamlProblem(line, col, "a mapping key must be a plain value, not a list or mapping"))
+                continue
+            if i < merged and (key in own_keys or winner[key] != i):
                 continue
             if key in out:
                 self.problems.append(YamlProblem(line, col, f"duplicate key {key!r} (a key may appear once per mapping)"))

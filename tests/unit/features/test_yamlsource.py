@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from auditor.features.yamlsource import MAX_ALIAS_NODES, MAX_DEPTH, YamlProblem, parse_yaml
@@ -166,3 +168,24 @@ def test_an_alias_that_expands_past_the_limit_is_refused_at_the_alias() -> None:
     text = "a: &a " + "[" * half + "]" * half + "\nb: " + "[" * half + "*a" + "]" * half + "\n"
     _, _, problems = parse_yaml(text)
     assert problems == [YamlProblem(2, 4 + half, _too_deep(" once this alias is expanded"))]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("base: &b {a: 1, b: 2}\nc: {<<: *b, b: 3}\n", {"a": 1, "b": 3}),
+        ("base: &b {a: 1, b: 2}\nc: {b: 3, <<: *b}\n", {"b": 3, "a": 1}),
+        ("x: &x {a: 1, b: 1}\ny: &y {b: 2, c: 2}\nc: {<<: [*x, *y], c: 3}\n", {"a": 1, "b": 1, "c": 3}),
+        ("base: &b {a: 1}\nc: [{<<: *b, a: 2}, *b, {<<: *b}]\n", [{"a": 2}, {"a": 1}, {"a": 1}]),
+    ],
+    ids=["own-key-overrides", "own-key-first", "earlier-merge-wins", "anchor-unchanged"],
+)
+def test_merge_keys_are_overridden_by_the_mappings_own_keys(text: str, expected: Any) -> None:
+    data, _, problems = parse_yaml(text)
+    assert problems == [] and data["c"] == expected
+
+
+def test_a_mappings_own_keys_must_still_be_unique_next_to_a_merge() -> None:
+    data, _, problems = parse_yaml("base: &b {a: 1}\nc: {<<: *b, a: 2, a: 3}\n")
+    assert data["c"] == {"a": 2}
+    assert problems == [YamlProblem(2, 19, "duplicate key 'a' (a key may appear once per mapping)")]

@@ -514,3 +514,15 @@ def test_macros_nested_too_deep_are_located_at_the_first_macro_past_the_limit(tm
         f"{path}:56:3: macros.m50: nests 101 levels deep with its macros expanded "
         "(each all, any, not and macro reference is one level); the most is 100: use fewer levels"
     ]
+
+
+def test_rules_may_share_fields_through_a_merge_key(tmp_path: Path) -> None:
+    rules = (
+        "rules:\n"
+        "  - &base {id: r1, severity: high, category: deception, condition: {feature: deception.fraud, threshold: 4.0}}\n"
+        "  - {<<: *base, id: r2, severity: low}\n"
+    )
+    path = tmp_path / "policy.yaml"
+    path.write_text(_case(rules), encoding="utf-8")
+    policy, _ = parse_policy_file(path)
+    assert [(r.id, r.severity, r.category) for r in policy.rules] == [("r1", "high", "deception"), ("r2", "low", "deception")]
