@@ -5,7 +5,8 @@ Validation runs in one pass and never stops at the first problem:
 1. YAML syntax (position from the parser), empty file, ``kind`` / ``apiVersion``;
 2. the pydantic schema (:mod:`auditor.policy.schema`), each error mapped back to
    the key or value it is about;
-3. checks on the whole file: duplicate rule ids, unknown list / macro names, macro cycles;
+3. checks on the whole file: duplicate rule ids, unknown list / macro names, macro cycles,
+   conditions too deep or too large with their macros expanded;
 4. checks against the feature library: unknown feature names (with "did you
    mean"), steer targets, probe files and their features, anomaly quantiles.
 

@@ -85,6 +85,8 @@ __all__ = [
     "DataPath",
     "reference_problems",
     "policy_json_schema",
+    "MAX_CONDITION_DEPTH",
+    "MAX_CONDITION_NODES",
 ]
 
 API_VERSION = "auditor/v1"
@@ -98,6 +100,20 @@ NAME_PATTERN = r"^[a-z_][a-z0-9_.-]*$"
 
 LABEL_NAME_PATTERN = r"^[a-zA-Z_][a-zA-Z0-9_]*$"
 """Alert label names follow the Prometheus / Alertmanager rule."""
+
+MAX_CONDITION_DEPTH = 100
+"""Most levels in one condition with its macros expanded (each all, any, not and macro reference is one).
+
+The compiler recurses once or twice per level; a chain of macros that each
+wrap the next is shallow YAML but a deep condition. Hand-written conditions
+are under 10 levels deep."""
+
+MAX_CONDITION_NODES = 10_000
+"""Most condition nodes one condition (rule, exception or macro) stands for with its macros expanded.
+
+Every use of a macro is a full copy, so macros that use the one before twice
+double at each step: 30 lines could stand for 10**9 nodes and stall the
+compiler (and a server's reload). Hand-written rules expand to a few dozen."""
 
 Severity = Literal["info", "low", "medium", "high", "critical"]
 Scope = Literal["prompt", "completion", "any"]
@@ -599,7 +615,8 @@ def reference_problems(data: Mapping[str, Any]) -> list[tuple[DataPath, str]]:
     """Checks that need the whole file but not the library, on raw (or dumped) policy data.
 
     Returns ``(path, message)`` pairs, path pointing at the offending value:
-    duplicate rule ids (at the second), unknown list and macro names, macro cycles.
+    duplicate rule ids (at the second), unknown list and macro names, macro cycles,
+    conditions too deep or too large once their macros are expanded.
     Shapes that are wrong in other ways are skipped (pydantic reports those).
     """
     problems: list[tuple[DataPath, str]] = []
@@ -629,6 +646,7 @@ def reference_problems(data: Mapping[str, Any]) -> list[tuple[DataPath, str]]:
             problems.append(((*path, "macro"), _unknown("macro", ref, macros)))
 
     problems.extend(_macro_cycles(macros))
+    problems.extend(_expansion_problems(data, macros))
     return problems
 
 
@@ -644,39 +662,126 @@ def _unknown(kind: str, name: str, known: Mapping[str, Any]) -> str:
     return msg
 
 
-def _macro_cycles(macros: Mapping[str, Any]) -> list[tuple[DataPath, str]]:
-    """Each cycle once, reported at the macro reference that closes it."""
-    uses: dict[str, list[tuple[str, DataPath]]] = {}
-    for name, cond in macros.items():
-        uses[name] = [
+def _macro_uses(macros: Mapping[str, Any]) -> dict[str, list[tuple[str, DataPath]]]:
+    """For each macro, the defined macros it references and where."""
+    return {
+        name: [
             (node["macro"], (*path, "macro"))
             for path, node in iter_conditions(cond, ("macros", name))
             if isinstance(node.get("macro"), str) and node["macro"] in macros
         ]
+        for name, cond in macros.items()
+    }
+
+
+def _macro_cycles(macros: Mapping[str, Any]) -> list[tuple[DataPath, str]]:
+    """Each cycle once, reported at the macro reference that closes it."""
+    uses = _macro_uses(macros)
     problems: list[tuple[DataPath, str]] = []
     reported: set[frozenset[str]] = set()
     state: dict[str, int] = {}  # 1 = on the DFS stack, 2 = done
-    stack: list[str] = []
-
-    def visit(name: str) -> None:
-        state[name] = 1
-        stack.append(name)
-        for target, path in uses.get(name, []):
-            if state.get(target) == 1:
-                cycle = stack[stack.index(target) :] + [target]
-                key = frozenset(cycle)
-                if key not in reported:
-                    reported.add(key)
-                    problems.append((path, f"macro cycle: {' -> '.join(cycle)}"))
-            elif target not in state:
-                visit(target)
-        stack.pop()
-        state[name] = 2
-
-    for name in macros:
-        if name not in state:
-            visit(name)
+    for root in macros:
+        if root in state:
+            continue
+        # Depth-first with explicit stacks: a chain of macros may be longer than Python's recursion limit.
+        state[root] = 1
+        stack = [root]
+        pending = [iter(uses[root])]
+        while pending:
+            for target, path in pending[-1]:
+                if state.get(target) == 1:
+                    cycle = stack[stack.index(target) :] + [target]
+                    key = frozenset(cycle)
+                    if key not in reported:
+                        reported.add(key)
+                        problems.append((path, f"macro cycle: {' -> '.join(cycle)}"))
+                elif target not in state:
+                    state[target] = 1
+                    stack.append(target)
+                    pending.append(iter(uses[target]))
+                    break
+            else:
+                pending.pop()
+                state[stack.pop()] = 2
     return problems
+
+
+def _expansion_problems(data: Mapping[str, Any], macros: Mapping[str, Any]) -> list[tuple[DataPath, str]]:
+    """Conditions that, with their macros expanded, nest deeper than :data:`MAX_CONDITION_DEPTH` or stand
+    for more than :data:`MAX_CONDITION_NODES` nodes; each reported where it first crosses the limit."""
+    uses = {name: {target for target, _ in refs} for name, refs in _macro_uses(macros).items()}
+    size: dict[str, tuple[int, int]] = {}  # macro -> (nodes, levels) with macros expanded
+    over: set[str] = set()  # macros past a limit (reported at the first one; others use it)
+
+    def measure(cond: Any) -> tuple[int, int, bool]:
+        """(nodes, levels, uses a macro past a limit) of raw condition data; recurses only within ``cond``."""
+        if not isinstance(cond, Mapping):
+            return 1, 1, False
+        ref = cond.get("macro")
+        if isinstance(ref, str):
+            nodes, levels = size.get(ref, (0, 0))  # unknown or on a cycle: reported elsewhere
+            return 1 + nodes, 1 + levels, ref in over
+        children = [c for key in ("all", "any") if isinstance(cond.get(key), list) for c in cond[key]]
+        if "not" in cond:
+            children.append(cond["not"])
+        measured = [measure(c) for c in children]
+        nodes = 1 + sum(m[0] for m in measured)
+        levels = 1 + max((m[1] for m in measured), default=0)
+        return nodes, levels, any(m[2] for m in measured)
+
+    def problem(nodes: int, levels: int) -> str | None:
+        if levels > MAX_CONDITION_DEPTH:
+            return (
+                f"nests {levels} levels deep with its macros expanded (each all, any, not and macro "
+                f"reference is one level); the most is {MAX_CONDITION_DEPTH}: use fewer levels"
+            )
+        if nodes > MAX_CONDITION_NODES:
+            return (
+                f"stands for {nodes:,} conditions with its macros expanded (every use of a macro is a "
+                f"full copy); the most is {MAX_CONDITION_NODES:,}: use the largest macros fewer times"
+            )
+        return None
+
+    problems: list[tuple[DataPath, str]] = []
+    for name in _dependency_order(uses):
+        nodes, levels, uses_over = measure(macros[name])
+        size[name] = (nodes, levels)
+        message = None if uses_over else problem(nodes, levels)
+        if uses_over or message is not None:
+            over.add(name)
+        if message is not None:
+            problems.append((("macros", name), message))
+    rules = data.get("rules")
+    for i, rule in enumerate(rules if isinstance(rules, list) else []):
+        if not isinstance(rule, Mapping):
+            continue
+        roots: list[tuple[DataPath, Any]] = [(("rules", i, "condition"), rule.get("condition"))]
+        exceptions = rule.get("exceptions")
+        for j, exc in enumerate(exceptions if isinstance(exceptions, list) else []):
+            if isinstance(exc, Mapping):
+                roots.append((("rules", i, "exceptions", j, "condition"), exc.get("condition")))
+        for path, cond in roots:
+            nodes, levels, uses_over = measure(cond)
+            message = None if uses_over else problem(nodes, levels)
+            if message is not None:
+                problems.append((path, message))
+    return problems
+
+
+def _dependency_order(uses: Mapping[str, set[str]]) -> list[str]:
+    """Macros ordered so each comes after every macro it uses; macros on or behind a cycle are left out."""
+    waiting = {name: len(targets) for name, targets in uses.items()}
+    users: dict[str, list[str]] = {}
+    for name, targets in uses.items():
+        for target in targets:
+            users.setdefault(target, []).append(name)
+    order = [name for name, n in waiting.items() if n == 0]
+    for name in order:  # grows while it is walked
+        for user in users.get(name, []):
+            waiting[user] -= 1
+            if waiting[user] == 0:
+                order.append(user)
+    return order
 
 
 def policy_json_schema() -> dict[str, Any]:

@@ -3,7 +3,9 @@
 A :class:`PolicyStore` holds one :class:`~auditor.policy.engine.PolicyEngine`
 per policy name. ``reload()`` builds a complete new set first and swaps it in
 with one reference assignment; when any file fails, the previous set stays in
-service, the problems are kept in ``last_error`` and counted as a failure. The
+service, the problems are kept in ``last_error`` and counted as a failure (an
+unexpected exception while loading a file fails the reload the same way: the
+watcher and the metrics must see it, and ``reload()`` never raises). The
 store has no metrics dependency: the server reads ``reloads``, ``hash`` and
 ``last_reload_ok`` or registers ``on_reload`` listeners.
 
@@ -177,12 +179,18 @@ class PolicyStore:
                 except AuditorError as exc:
                     errors.append(PolicyError(str(f), None, None, exc.message))
                     continue
+                except Exception as exc:  # a bug must fail this reload like a bad file, not escape it
+                    errors.append(_unexpected(f, "loading", exc))
+                    continue
                 sources.update(engine.sources)
                 if self.check is not None:
                     try:
                         self.check(engine)
                     except AuditorError as exc:
                         errors.append(PolicyError(str(f), None, None, exc.message))
+                        continue
+                    except Exception as exc:
+                        errors.append(_unexpected(f, "checking", exc))
                         continue
                 if engine.name in engines:
                     errors.append(
@@ -266,6 +274,18 @@ class PolicyStore:
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join()
+
+
+def _unexpected(path: Path, doing: str, exc: Exception) -> PolicyError:
+    """A failure that is not an :class:`AuditorError` (a bug): logged with its traceback, reported like a bad file."""
+    _log.error("unexpected error while %s policy %s", doing, path, exc_info=exc)
+    return PolicyError(
+        str(path),
+        None,
+        None,
+        f"unexpected error while {doing} the policy: {type(exc).__name__}: {exc} "
+        "(a bug in the auditor; the log has its traceback)",
+    )
 
 
 def _stat(path: Path) -> tuple[int, int] | None:

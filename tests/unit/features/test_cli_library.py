@@ -85,3 +85,13 @@ def test_import_bad_category_rule(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert code == 2
     assert "must look like CATEGORY=KEYWORD" in capsys.readouterr().err
     assert not (tmp_path / "o.yaml").exists()
+
+
+def test_validate_control_character_is_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "library.yaml"
+    bad.write_text("\x00" + TINY.read_text(encoding="utf-8"), encoding="utf-8")
+    assert main(["library", "validate", str(bad)]) == 1
+    assert capsys.readouterr().err == (
+        f"{bad}:1:1: control character U+0000 is not allowed in YAML; "
+        "remove it or write it as the escape \\0 inside a double-quoted string\n"
+    )

@@ -176,3 +176,39 @@ def test_in_memory_library_has_no_path() -> None:
         }
     )
     assert lib.path is None and lib.has("a.b") and not lib.has("a.c")
+
+
+def test_control_character_is_located_not_a_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "library.yaml"
+    path.write_text(HEAD + '  - {name: a.one, index: 1, category: a, description: "ring \x07"}\n', encoding="utf-8")
+    with pytest.raises(LibraryFileError) as info:
+        load_library(path)
+    assert info.value.message == (
+        f"{path}:10:61: control character U+0007 is not allowed in YAML; "
+        "remove it or write it as the escape \\a inside a double-quoted string"
+    )
+
+
+def test_alias_bomb_is_refused_and_located(tmp_path: Path) -> None:
+    bomb = "".join(f"x{i}: &a{i} [{', '.join([f'*a{i - 1}' if i else '1'] * 10)}]\n" for i in range(9))
+    path = tmp_path / "library.yaml"
+    path.write_text(bomb + HEAD + FEAT, encoding="utf-8")  # x4, the 5th line, crosses the limit
+    with pytest.raises(LibraryFileError) as info:
+        load_library(path)
+    assert info.value.message == (
+        f"{path}:5:45: too many aliased nodes: the aliases up to here expand to more than 100,000 nodes; "
+        "YAML aliases are expanded into full copies, so aliases of aliases grow exponentially "
+        "(a 'billion laughs' bomb); write the values out or use fewer levels of aliases"
+    )
+
+
+def test_deep_nesting_is_located_not_a_recursion_error(tmp_path: Path) -> None:
+    path = tmp_path / "library.yaml"
+    path.write_text(HEAD + "  - {name: a.one, index: 1, category: a, stats: " + "[" * 5000 + "]" * 5000 + "}\n", encoding="utf-8")
+    with pytest.raises(LibraryFileError) as info:
+        load_library(path)
+    # the library, its features, the feature are levels 1-3: the 198th "[" (column 49 + 197) is level 201
+    assert info.value.message == (
+        f"{path}:10:246: lists and mappings nested more than 200 levels deep; "
+        "no policy, feature library or config needs that many, so flatten the structure"
+    )

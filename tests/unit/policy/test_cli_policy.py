@@ -108,6 +108,16 @@ def test_cli_validate_empty_file(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert capsys.readouterr().err == f"{empty}:1:1: file is empty; expected a policy (apiVersion: auditor/v1, kind: Policy, metadata, library, rules)\n"
 
 
+def test_cli_validate_control_character(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BAD.replace("category: deception", 'category: deception\n    description: "\x07"'), encoding="utf-8")
+    assert main(["policy", "validate", str(bad)]) == 1
+    assert capsys.readouterr().err == (
+        f"{bad}:9:19: control character U+0007 is not allowed in YAML; "
+        "remove it or write it as the escape \\a inside a double-quoted string\n"
+    )
+
+
 def test_cli_schema_prints_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["policy", "schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
@@ -151,3 +161,18 @@ def test_cli_validate_rejects_two_files_with_one_name(tmp_path: Path, capsys: py
     out, err = capsys.readouterr()
     assert out.startswith(f"{a}: ok (")
     assert err.startswith(f"{b}: policy name ") and f"is also used by {a}" in err
+
+
+def test_cli_validate_macros_that_double_finishes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """40 macros that each use the one before twice stand for 2**40 conditions; validate must not expand them."""
+    macros = "macros:\n  m0: {feature: deception.fraud, threshold: 1}\n"
+    macros += "".join(f"  m{i}: {{any: [{{macro: m{i - 1}}}, {{not: {{macro: m{i - 1}}}}}]}}\n" for i in range(1, 40))
+    rule = "rules:\n  - {id: r1, severity: high, category: deception, condition: {macro: m39}}\n"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BAD[: BAD.index("rules:")] + macros + rule, encoding="utf-8")
+    assert main(["policy", "validate", str(bad)]) == 1
+    # m{i} stands for 4 + 2 * size(m{i-1}) conditions: m11 is the first past 10,000 (line 5 + 1 + 11)
+    assert capsys.readouterr().err == (
+        f"{bad}:17:3: macros.m11: stands for 10,236 conditions with its macros expanded "
+        "(every use of a macro is a full copy); the most is 10,000: use the largest macros fewer times\n"
+    )

@@ -17,6 +17,8 @@ from auditor.policy.schema import (
     NotNode,
     Policy,
     ProbeLeaf,
+    MAX_CONDITION_DEPTH,
+    MAX_CONDITION_NODES,
     Rule,
     SteerAction,
     condition_kind,
@@ -165,6 +167,71 @@ def test_reference_problems_on_raw_data() -> None:
 def test_reference_problems_tolerate_bad_shapes() -> None:
     assert reference_problems({"rules": "nope", "macros": [1], "lists": 3}) == []
     assert reference_problems({"rules": [None, {"condition": 5}, {"id": 3}]}) == []
+
+
+LEAF = {"feature": "a.b", "threshold": 1}
+
+
+def _too_deep(levels: int) -> str:
+    return (
+        f"nests {levels} levels deep with its macros expanded (each all, any, not and macro reference is one level); "
+        f"the most is {MAX_CONDITION_DEPTH}: use fewer levels"
+    )
+
+
+def _chain(n: int, *, reverse: bool = False) -> dict[str, Any]:
+    """m0 is a leaf; m{i} is ``not: {macro: m{i-1}}``: shallow YAML, 2 * i + 1 levels once expanded."""
+    macros = {"m0": LEAF, **{f"m{i}": {"not": {"macro": f"m{i - 1}"}} for i in range(1, n)}}
+    return dict(reversed(macros.items())) if reverse else macros
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["defined-in-use-order", "defined-in-reverse"])
+def test_a_macro_chain_too_deep_is_reported_once_at_the_first_macro_past_the_limit(reverse: bool) -> None:
+    first = MAX_CONDITION_DEPTH // 2  # m{first} is 2 * first + 1 levels deep
+    data = _policy(_rule({"macro": "m2999"}), macros=_chain(3000, reverse=reverse))
+    assert reference_problems(data) == [(("macros", f"m{first}"), _too_deep(2 * first + 1))]
+    with pytest.raises(ValidationError, match=f"macros.m{first}: nests {2 * first + 1} levels deep"):
+        Policy.model_validate(data)
+
+
+def test_a_macro_chain_up_to_the_limit_is_accepted() -> None:
+    n = MAX_CONDITION_DEPTH // 2  # the rule's {macro: m{n-1}} is 1 + (2 * (n - 1) + 1) = 2 * n levels
+    policy = Policy.model_validate(_policy(_rule({"macro": f"m{n - 1}"}), macros=_chain(n)))
+    assert len(policy.macros) == n
+
+
+def test_a_deep_condition_without_macros_is_reported_at_the_rule() -> None:
+    cond: dict[str, Any] = LEAF
+    for _ in range(MAX_CONDITION_DEPTH):
+        cond = {"not": cond}
+    data = _policy(_rule({"all": [LEAF]}), {**_rule(cond), "id": "r2"})
+    assert reference_problems(data) == [(("rules", 1, "condition"), _too_deep(MAX_CONDITION_DEPTH + 1))]
+
+
+def test_macros_that_double_are_refused_before_they_are_expanded() -> None:
+    """m{i} uses m{i-1} twice: 40 macros would stand for 2**40 nodes."""
+    macros = {"m0": LEAF, **{f"m{i}": {"any": [{"macro": f"m{i - 1}"}, {"not": {"macro": f"m{i - 1}"}}]} for i in range(1, 40)}}
+    exception = {"name": "e", "condition": {"macro": "m39"}}
+    data = _policy({**_rule(LEAF), "exceptions": [exception]}, macros=macros)
+    # m{i} stands for 1 + 2 + 3 * size(m{i-1}) ... computed the same way as the check:
+    nodes = 1
+    for i in range(1, 40):
+        nodes = 1 + (1 + nodes) + (2 + nodes)
+        if nodes > MAX_CONDITION_NODES:
+            break
+    assert reference_problems(data) == [
+        (
+            ("macros", f"m{i}"),
+            f"stands for {nodes:,} conditions with its macros expanded (every use of a macro is a full copy); "
+            f"the most is {MAX_CONDITION_NODES:,}: use the largest macros fewer times",
+        )
+    ]
+
+
+def test_a_long_macro_cycle_is_reported_without_recursing() -> None:
+    macros = {f"m{i}": {"macro": f"m{(i + 1) % 3000}"} for i in range(3000)}
+    problems = reference_problems(_policy(_rule({"macro": "m0"}), macros=macros))
+    assert problems == [(("macros", "m2999", "macro"), "macro cycle: " + " -> ".join([*(f"m{i}" for i in range(3000)), "m0"]))]
 
 
 def test_json_schema_is_generated_from_the_models() -> None:

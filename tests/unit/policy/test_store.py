@@ -143,6 +143,57 @@ def test_reload_failures_are_reported(folder: Path, setup: object, message: str)
     assert any(message in e.message for e in result.errors)
 
 
+def test_a_control_character_fails_the_reload_and_keeps_the_set(folder: Path) -> None:
+    """The hot reloader: a NUL in a policy is a failed reload (counted, reported), never an exception."""
+    from prometheus_client import CollectorRegistry
+
+    from auditor.metrics import AuditorMetrics
+    from auditor.server.runtime import _on_reload
+
+    store = PolicyStore([folder])
+    registry = CollectorRegistry()
+    metrics = AuditorMetrics(registry)
+    seen: list[ReloadResult] = []
+    store.on_reload(seen.append)
+    store.on_reload(lambda result: _on_reload(metrics, store, result))
+    old_hash, old_engines = store.hash, dict(store.engines)
+    write(folder / "other.yaml", "\x00" + policy_text("other", 5.0, "b.two"))
+    result = store.check_for_changes()
+    assert result is not None and not result.ok and not result.changed and result.hash == old_hash
+    assert store.hash == old_hash and dict(store.engines) == old_engines
+    assert store.reloads == {"success": 1, "failure": 1} and not store.last_reload_ok
+    assert [e.message for e in result.errors] == [
+        f"{folder / 'other.yaml'}:1:1: control character U+0000 is not allowed in YAML; "
+        "remove it or write it as the escape \\0 inside a double-quoted string"
+    ]
+    assert store.last_error is not None and store.last_error.errors == result.errors
+    assert seen == [result]
+    assert registry.get_sample_value("auditor_policy_reloads_total", {"result": "failure"}) == 1
+    assert registry.get_sample_value("auditor_policy_last_reload_success") == 0
+    assert store.check_for_changes() is None  # the failed file was seen; no reload loop until it changes
+    write(folder / "other.yaml", policy_text("other", 5.0, "b.two"))
+    assert store.reload().ok and registry.get_sample_value("auditor_policy_last_reload_success") == 1
+
+
+def test_an_unexpected_exception_fails_the_reload_instead_of_escaping(folder: Path) -> None:
+    store = PolicyStore([folder])
+    seen: list[ReloadResult] = []
+    store.on_reload(seen.append)
+    old_hash = store.hash
+
+    def broken(engine: Any) -> None:
+        raise RuntimeError("check crashed")
+
+    store.check = broken
+    result = store.reload()
+    assert not result.ok and store.hash == old_hash and store.reloads == {"success": 1, "failure": 1}
+    assert seen == [result] and len(result.errors) == 2
+    assert result.errors[0].message == (
+        f"{folder / 'default.yaml'}: unexpected error while checking the policy: RuntimeError: check crashed "
+        "(a bug in the auditor; the log has its traceback)"
+    )
+
+
 def test_constructor_raises_when_nothing_valid(tmp_path: Path) -> None:
     with pytest.raises(PolicyErrors, match="no policy files found"):
         PolicyStore([tmp_path])

@@ -417,3 +417,112 @@ def test_cross_references_checked_without_the_loader() -> None:
 def test_policy_error_is_an_auditor_error() -> None:
     err = PolicyError("f.yaml", 3, 7, "boom", "r1")
     assert err.message == "f.yaml:3:7: boom"
+
+
+@pytest.mark.parametrize(
+    ("char", "line", "column", "escape"),
+    [("\x00", 5, 1, "\\0"), ("\x07", 9, 23, "\\a")],
+    ids=["nul-starts-a-line", "bel-in-a-quoted-string"],
+)
+def test_control_character_is_located_not_a_traceback(
+    tmp_path: Path, char: str, line: int, column: int, escape: str
+) -> None:
+    text = _case(RULE.replace("    category: deception\n", '    category: deception\n    description: "bad @ here"\n'))
+    text = text.replace("rules:", char + "rules:") if char == "\x00" else text.replace("@", char)
+    path = tmp_path / "policy.yaml"
+    path.write_text(text, encoding="utf-8")
+    result = check_policy(path)
+    assert result.policy is None
+    assert [e.message for e in result.errors] == [
+        f"{path}:{line}:{column}: control character U+{ord(char):04X} is not allowed in YAML; "
+        f"remove it or write it as the escape {escape} inside a double-quoted string"
+    ]
+    with pytest.raises(PolicyErrors) as info:
+        parse_policy_file(path)
+    assert info.value.errors[0].message == result.errors[0].message
+
+
+def test_control_character_in_the_library_points_into_the_library(tmp_path: Path) -> None:
+    lib = tmp_path / "library.yaml"
+    lib.write_text(TINY.read_text(encoding="utf-8").replace("kind: FeatureLibrary", "kind: FeatureLibrary\x00"), encoding="utf-8")
+    line = next(i for i, t in enumerate(lib.read_text(encoding="utf-8").splitlines(), 1) if "\x00" in t)
+    path = tmp_path / "policy.yaml"
+    path.write_text(_case(RULE).replace(str(TINY), str(lib)), encoding="utf-8")
+    result = check_policy(path)
+    messages = [e.message for e in result.errors]
+    assert messages == [
+        f"{path}:4:10: library: feature library '{lib}' is invalid (1 problem(s) in {lib})",
+        f"{lib}:{line}:21: control character U+0000 is not allowed in YAML; "
+        "remove it or write it as the escape \\0 inside a double-quoted string",
+    ]
+
+
+def test_alias_bomb_is_refused_quickly_and_located(tmp_path: Path) -> None:
+    """A few hundred bytes of nested aliases ('billion laughs') must not expand to 10**9 values."""
+    bomb = "".join(
+        f"x{i}: &a{i} [{', '.join([f'*a{i - 1}' if i else '1'] * 10)}]\n" for i in range(9)
+    )  # lines 5-13
+    path = tmp_path / "policy.yaml"
+    path.write_text(_case(bomb + RULE), encoding="utf-8")
+    result = check_policy(path)
+    # a0..a3 stand for 11, 111, 1111 and 11111 nodes; the 8th alias on line 9 ("x4: &a4 [" + 7 * "*a3, ") crosses 100,000
+    assert [e.message for e in result.errors] == [
+        f"{path}:9:45: too many aliased nodes: the aliases up to here expand to more than 100,000 nodes; "
+        "YAML aliases are expanded into full copies, so aliases of aliases grow exponentially "
+        "(a 'billion laughs' bomb); write the values out or use fewer levels of aliases"
+    ]
+
+
+def test_aliases_reuse_conditions_and_lists(tmp_path: Path) -> None:
+    text = _case(
+        "lists:\n  g: &feats [deception.fraud, bias.ethnic_slur]\n"
+        + RULE.replace("    condition:\n", "    condition: &fraud\n")
+        + "  - id: r2\n    severity: low\n    category: deception\n    condition: {not: *fraud}\n"
+        + "  - id: r3\n    severity: low\n    category: deception\n    condition: {features: *feats, threshold: 1}\n"
+    )
+    path = tmp_path / "policy.yaml"
+    path.write_text(text, encoding="utf-8")
+    policy, _ = parse_policy_file(path)
+    assert [r.id for r in policy.rules] == ["r1", "r2", "r3"]
+    dumped = [r.model_dump(by_alias=True, exclude_none=True)["condition"] for r in policy.rules]
+    assert dumped[1]["not"] == dumped[0]
+    assert dumped[2]["features"] == ["deception.fraud", "bias.ethnic_slur"]
+
+
+@pytest.mark.parametrize("levels", [300, 500, 2000])
+def test_deeply_nested_condition_is_located_not_a_recursion_error(tmp_path: Path, levels: int) -> None:
+    leaf = "{feature: deception.fraud, threshold: 1}"
+    condition = "    condition: " + "{not: " * levels + leaf + "}" * levels + "\n"
+    path = tmp_path / "policy.yaml"
+    path.write_text(_case(RULE.split("    condition:")[0] + condition), encoding="utf-8")
+    result = check_policy(path)
+    # The policy, rules and the rule are levels 1-3: the 198th "{not:" (column 16 + 6 * 197) is level 201.
+    assert [e.message for e in result.errors] == [
+        f"{path}:9:1198: lists and mappings nested more than 200 levels deep; "
+        "no policy, feature library or config needs that many, so flatten the structure"
+    ]
+
+
+def test_macros_nested_too_deep_are_located_at_the_first_macro_past_the_limit(tmp_path: Path) -> None:
+    """Shallow YAML, deep condition: m{i} wraps m{i-1} in a 'not', so m50 is 101 levels deep once expanded."""
+    macros = "macros:\n  m0: {feature: deception.fraud, threshold: 1}\n"  # lines 5-6
+    macros += "".join(f"  m{i}: {{not: {{macro: m{i - 1}}}}}\n" for i in range(1, 1500))  # m{i} on line 6 + i
+    path = tmp_path / "policy.yaml"
+    path.write_text(_case(macros + RULE.replace("      feature: deception.fraud\n      threshold: 4.0\n", "      macro: m1499\n")), encoding="utf-8")
+    result = check_policy(path)
+    assert [e.message for e in result.errors] == [
+        f"{path}:56:3: macros.m50: nests 101 levels deep with its macros expanded "
+        "(each all, any, not and macro reference is one level); the most is 100: use fewer levels"
+    ]
+
+
+def test_rules_may_share_fields_through_a_merge_key(tmp_path: Path) -> None:
+    rules = (
+        "rules:\n"
+        "  - &base {id: r1, severity: high, category: deception, condition: {feature: deception.fraud, threshold: 4.0}}\n"
+        "  - {<<: *base, id: r2, severity: low}\n"
+    )
+    path = tmp_path / "policy.yaml"
+    path.write_text(_case(rules), encoding="utf-8")
+    policy, _ = parse_policy_file(path)
+    assert [(r.id, r.severity, r.category) for r in policy.rules] == [("r1", "high", "deception"), ("r2", "low", "deception")]
