@@ -197,12 +197,14 @@ def print_result(result: Any, out: TextIO, *, compare: bool) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from auditor._output import check_output_file
     from auditor.features import load_library
     from auditor.pipeline import _default_library
     from auditor.sae import load_sae
     from auditor.steering.control_vector import control_vector, write_control_vector
     from auditor.steering.interventions import resolve_interventions
 
+    check_output_file(args.output)  # before loading the SAE
     lib = load_library(args.library) if args.library else (None if args.sae else _default_library())
     if args.sae:
         sae = load_sae(args.sae)
