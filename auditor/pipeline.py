@@ -27,7 +27,16 @@ if TYPE_CHECKING:
     from auditor.policy import PolicyEngine, Verdict
     from auditor.sae import SAE
 
-__all__ = ["Auditor", "AuditStream", "AuditResult", "TokenFeatures", "StageTimings", "DEFAULT_LIBRARY", "resolve_library"]
+__all__ = [
+    "Auditor",
+    "AuditStream",
+    "AuditResult",
+    "TokenFeatures",
+    "StageTimings",
+    "DEFAULT_LIBRARY",
+    "resolve_library",
+    "check_fit",
+]
 
 #: The feature library (and through it the SAE) used when none is named.
 DEFAULT_LIBRARY = "smollm2-135m-instruct"
@@ -114,15 +123,9 @@ class Auditor:
         pack: bool | None = None,
         shared_streams: bool | None = None,
     ) -> None:
-        from auditor.models import check_sae_compatible, parse_hookpoint
+        from auditor.models import check_sae_compatible
 
-        hook = hookpoint or sae.cfg.metadata.hook_name or (library.sae.hookpoint if library else None)
-        if not hook:
-            raise ConfigError(
-                "the SAE does not say which hookpoint it reads; pass a hookpoint "
-                "such as --hookpoint blocks.15.hook_resid_post"
-            )
-        parse_hookpoint(hook)
+        hook = check_fit(sae, library=library, policy=policy, hookpoint=hookpoint)
         check_sae_compatible(model, sae.cfg.d_in, hook)
         if max_tokens < 2:
             raise ConfigError(f"max_tokens must be at least 2, got {max_tokens}")
@@ -199,11 +202,16 @@ class Auditor:
             load_library(library) if library else None, [engine] if engine is not None else [], sae_given=sae is not None
         )
         if sae is not None:
-            sae_obj = load_sae(sae, format=sae_format, device=device, dtype=_SAE_DTYPE)
+            sae_name = sae
+        elif lib is not None and lib.sae.path is not None:
+            sae_name = str(lib.resolve_path(lib.sae.path))
         elif lib is not None:
-            sae_obj = load_sae(str(lib.resolve_path(lib.sae.path)), device=device, dtype=_SAE_DTYPE)
+            raise ConfigError(f"feature library {lib.id!r} does not say where its SAE is (no sae.path); pass --sae PATH")
         else:  # pragma: no cover - _default_library raises first
             raise ConfigError("no SAE given")
+        sae_obj = load_sae(sae_name, format=sae_format if sae is not None else None, device=device, dtype=_SAE_DTYPE)
+        # Before the (slower) model load (the constructor checks again, for every caller).
+        check_fit(sae_obj, library=lib, policy=engine, hookpoint=hookpoint, sae_name=sae_name)
         loaded = load_model(model, device=device, dtype=dtype, compile=compile)
         return cls(
             loaded,
@@ -723,6 +731,77 @@ def resolve_library(
     if engines:
         return engines[0].library
     return None if sae_given else _default_library()
+
+
+def check_fit(
+    sae: SAE,
+    *,
+    library: FeatureLibrary | None = None,
+    policy: PolicyEngine | None = None,
+    hookpoint: str | None = None,
+    sae_name: str | None = None,
+) -> str:
+    """Check that ``library`` and ``policy`` belong to ``sae``; return the hookpoint an auditor reads.
+
+    The one check of how the parts fit, run when they are put together, before any audit:
+    by :meth:`Auditor.load` (before the model loads), by every :class:`Auditor`, and by the
+    server for each policy it loads or reloads. The hookpoint is ``hookpoint`` (a caller's
+    override), else the SAE's, else the library's. Raises :class:`ConfigError` (naming the
+    files and how to fix it) when
+
+    - the library declares ``sae.d_sae`` and the SAE has another number of latents;
+    - the policy watches a latent the SAE does not have (feature leaves, feature probes);
+    - a hookpoint probe of the policy reads another width than the SAE's ``d_in`` (the
+      model's width at the hookpoint).
+
+    ``sae_name`` (a path or id) is for the messages.
+    """
+    from auditor.models import parse_hookpoint
+
+    hook = hookpoint or sae.cfg.metadata.hook_name or (library.sae.hookpoint if library is not None else None)
+    if not hook:
+        raise ConfigError(
+            "the SAE does not say which hookpoint it reads; pass a hookpoint "
+            "such as --hookpoint blocks.15.hook_resid_post"
+        )
+    point = parse_hookpoint(hook)
+    where = f"the SAE at {sae_name}" if sae_name else "the SAE"
+    d_sae = sae.cfg.d_sae
+    libraries = {id(lib): lib for lib in (policy.library if policy is not None else None, library) if lib is not None}
+    for lib in libraries.values():  # a policy's library is usually the auditor's too: checked once
+        user = f"policy {policy.name!r} uses " if policy is not None and lib is policy.library else ""
+        fix = "pass the matching --sae or another --policy" if user else "pass the matching --sae or another --library"
+        declared = lib.sae.d_sae
+        if declared is not None and declared != d_sae:
+            raise ConfigError(
+                f"{user}{_library_label(lib)}, which describes an SAE with {declared} latents (sae.d_sae), but "
+                f"{where} has {d_sae} latents: {fix}"
+            )
+    if policy is not None:
+        if policy.watched.numel() and int(policy.watched.max()) >= d_sae:
+            top = int(policy.watched.max())
+            name = policy.library.name_for_index(top)
+            feature = f" ({name})" if name else ""
+            raise ConfigError(
+                f"policy {policy.name!r} watches latent {top}{feature} but {where} has {d_sae} latents; its "
+                f"{_library_label(policy.library)} describes another SAE: pass the matching --sae or another --policy"
+            )
+        width = policy.compiled.d_in
+        if width is not None and width != sae.cfg.d_in:
+            probes = [leaf for leaf in policy.compiled.leaves if leaf.probe is not None and leaf.probe.inputs == "hookpoint"]
+            files = sorted({leaf.probe_key or leaf.name for leaf in probes})
+            raise ConfigError(
+                f"policy {policy.name!r} has hookpoint probe {', '.join(files)} of width {width}, but {where} reads "
+                f"{point.name} of width {sae.cfg.d_in} (the model's): use a probe trained on these activations, "
+                "or the SAE and model it was trained for"
+            )
+    return hook
+
+
+def _library_label(lib: FeatureLibrary) -> str:
+    return f"feature library {lib.id!r} ({lib.path})" if lib.path is not None else f"feature library {lib.id!r}"
+
+
 
 
 def _default_library() -> FeatureLibrary:
