@@ -9,6 +9,7 @@ server, library) goes through it.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -18,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from auditor.errors import AuditorError, ConfigError
+from auditor.errors import AuditorError, ConfigError, HookpointError
 from auditor.text import ROLE_BOTH, ROLE_COMPLETION, ROLE_PROMPT, AuditInput, TokenBatch, role_masks, tokenize_batch
 
 if TYPE_CHECKING:
     from auditor.features import FeatureLibrary
-    from auditor.models import LoadedModel
+    from auditor.models import Hookpoint, LoadedModel
     from auditor.policy import PolicyEngine, Verdict
     from auditor.sae import SAE
 
@@ -37,6 +38,8 @@ __all__ = [
     "resolve_library",
     "check_fit",
 ]
+
+_log = logging.getLogger(__name__)
 
 #: The feature library (and through it the SAE) used when none is named.
 DEFAULT_LIBRARY = "smollm2-135m-instruct"
@@ -125,7 +128,7 @@ class Auditor:
     ) -> None:
         from auditor.models import check_sae_compatible
 
-        hook = check_fit(sae, library=library, policy=policy, hookpoint=hookpoint)
+        hook = check_fit(sae, library=library, policy=policy, hookpoint=hookpoint, model_name=model.name)
         check_sae_compatible(model, sae.cfg.d_in, hook)
         if max_tokens < 2:
             raise ConfigError(f"max_tokens must be at least 2, got {max_tokens}")
@@ -210,7 +213,7 @@ class Auditor:
         else:  # pragma: no cover - _default_library raises first
             raise ConfigError("no SAE given")
         sae_obj = load_sae(sae_name, format=sae_format if sae is not None else None, device=device, dtype=_SAE_DTYPE)
-        # Before the (slower) model load (the constructor checks again, for every caller).
+        # Before the (slower) model load; the constructor checks again, with the model's name.
         check_fit(sae_obj, library=lib, policy=engine, hookpoint=hookpoint, sae_name=sae_name)
         loaded = load_model(model, device=device, dtype=dtype, compile=compile)
         return cls(
@@ -740,6 +743,7 @@ def check_fit(
     policy: PolicyEngine | None = None,
     hookpoint: str | None = None,
     sae_name: str | None = None,
+    model_name: str | None = None,
 ) -> str:
     """Check that ``library`` and ``policy`` belong to ``sae``; return the hookpoint an auditor reads.
 
@@ -750,11 +754,17 @@ def check_fit(
     files and how to fix it) when
 
     - the library declares ``sae.d_sae`` and the SAE has another number of latents;
+    - the library's ``sae.hookpoint`` is not that hookpoint;
     - the policy watches a latent the SAE does not have (feature leaves, feature probes);
     - a hookpoint probe of the policy reads another width than the SAE's ``d_in`` (the
       model's width at the hookpoint).
 
-    ``sae_name`` (a path or id) is for the messages.
+    A library's features are only meaningful for its SAE at its hookpoint, so a hookpoint
+    mismatch is an error: hookpoint names are canonical, a mismatch is certain, and auditing
+    there gives verdicts that look valid and mean nothing. Model names are not canonical (a
+    Hub id, a local folder's name and a GGUF stem can all name one model), so a library
+    written for another ``model_name`` only logs a warning. ``sae_name`` (a path or id) and
+    ``model_name`` are for the messages and that warning.
     """
     from auditor.models import parse_hookpoint
 
@@ -776,6 +786,19 @@ def check_fit(
             raise ConfigError(
                 f"{user}{_library_label(lib)}, which describes an SAE with {declared} latents (sae.d_sae), but "
                 f"{where} has {d_sae} latents: {fix}"
+            )
+        if not _same_hookpoint(lib.sae.hookpoint, point):
+            source = "--hookpoint asks for" if hookpoint else f"{where} reads"
+            raise ConfigError(
+                f"{user}{_library_label(lib)}, which labels the latents of an SAE at {lib.sae.hookpoint}, but "
+                f"{source} {point.name}, where those labels mean nothing: {fix} (or correct the library's "
+                "sae.hookpoint if that is what is wrong)"
+            )
+        if model_name is not None and _model_key(lib.sae.model) != _model_key(model_name):
+            _log.warning(
+                "%s describes an SAE of model %s, but the model is %s; its feature names only mean something "
+                "on that model: pass --model %s, or ignore this if both names are the same model",
+                _library_label(lib), lib.sae.model, model_name, lib.sae.model,
             )
     if policy is not None:
         if policy.watched.numel() and int(policy.watched.max()) >= d_sae:
@@ -802,6 +825,18 @@ def _library_label(lib: FeatureLibrary) -> str:
     return f"feature library {lib.id!r} ({lib.path})" if lib.path is not None else f"feature library {lib.id!r}"
 
 
+def _same_hookpoint(name: str, point: Hookpoint) -> bool:
+    from auditor.models import parse_hookpoint
+
+    try:
+        return bool(parse_hookpoint(name) == point)
+    except HookpointError:
+        return False  # a library's hookpoint that is no hookpoint name matches none
+
+
+def _model_key(name: str) -> str:
+    """``HuggingFaceTB/SmolLM2-135M-Instruct`` and ``SmolLM2-135M-Instruct`` name one model."""
+    return name.rstrip("/").rsplit("/", 1)[-1].lower()
 
 
 def _default_library() -> FeatureLibrary:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,15 @@ def test_parts_that_fit_give_the_hookpoint(tmp_path: Path, sae: SAE) -> None:
             "policy 'fit-policy' watches latent 70 (deception.far) but the SAE at SAE_DIR has 64 latents",
         ),
         (
+            {"hookpoint": "blocks.10.hook_resid_post"},
+            FEATURE,
+            None,
+            "policy 'fit-policy' uses feature library 'fit' ({lib}), which labels the latents of an SAE at "
+            f"blocks.10.hook_resid_post, but the SAE at SAE_DIR reads {HOOK}, where those labels mean nothing: "
+            "pass the matching --sae or another --policy (or correct the library's sae.hookpoint if that is what is wrong)",
+        ),
+        ({"hookpoint": "h"}, FEATURE, None, f"which labels the latents of an SAE at h, but the SAE at SAE_DIR reads {HOOK}"),
+        (
             {},
             "{probe: {path: probe.json, threshold: 0.5}}",
             {"inputs": "hookpoint", "coef": [1.0, 2.0, 3.0]},
@@ -102,7 +112,7 @@ def test_parts_that_fit_give_the_hookpoint(tmp_path: Path, sae: SAE) -> None:
             f"{HOOK} of width 576 (the model's)",
         ),
     ],
-    ids=["library-d_sae", "latent-beyond-the-sae", "feature-probe-beyond-the-sae", "probe-width"],
+    ids=["library-d_sae", "latent-beyond-the-sae", "feature-probe-beyond-the-sae", "hookpoint", "no-hookpoint-name", "probe-width"],
 )
 def test_a_policy_for_another_sae_is_refused(
     tmp_path: Path, sae: SAE, library: dict[str, object], condition: str, probe: dict[str, object] | None, message: str
@@ -116,10 +126,38 @@ def test_a_policy_for_another_sae_is_refused(
     assert message.format(lib=lib.resolve(), probe=(tmp_path / "probe.json").resolve()) in info.value.message
 
 
-def test_a_library_alone_is_checked(tmp_path: Path, sae: SAE) -> None:
+def test_a_library_alone_and_a_hookpoint_override_are_checked(tmp_path: Path, sae: SAE) -> None:
     lib = load_library(_library(tmp_path, d_sae=32, top=20))
     with pytest.raises(ConfigError, match=r"has 64 latents: pass the matching --sae or another --library$"):
         check_fit(sae, library=lib)
+    lib = load_library(_library(tmp_path))
+    with pytest.raises(ConfigError, match=f"{HOOK}, but --hookpoint asks for blocks.7.hook_resid_post"):
+        check_fit(sae, library=lib, hookpoint="blocks.7.hook_resid_post")
+    assert check_fit(sae, library=lib, hookpoint=HOOK) == HOOK
+
+
+def test_a_library_for_another_model_is_a_warning(tmp_path: Path, sae: SAE, caplog: pytest.LogCaptureFixture) -> None:
+    lib = load_library(_library(tmp_path, model="openai-community/gpt2"))
+    with caplog.at_level(logging.WARNING, logger="auditor"):
+        assert check_fit(sae, library=lib, model_name="SmolLM2-135M-Instruct") == HOOK
+    [record] = caplog.records
+    assert record.getMessage().startswith(
+        f"feature library 'fit' ({lib.path}) describes an SAE of model openai-community/gpt2, but the model is "
+        "SmolLM2-135M-Instruct"
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="auditor"):
+        check_fit(sae, library=load_library(_library(tmp_path)), model_name="SmolLM2-135M-Instruct")  # owner left out
+    assert caplog.records == []
+
+
+def test_the_cli_prints_the_warning_as_a_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from auditor.cli import _package_warnings_on_stderr
+
+    with _package_warnings_on_stderr("audit"):
+        logging.getLogger("auditor.pipeline").warning("the library fits %s", "another model")
+    logging.getLogger("auditor.pipeline").warning("after the command")  # its handler is gone
+    assert capsys.readouterr().err == "warning: the library fits another model\n"
 
 
 def test_audit_refuses_a_policy_for_another_sae_before_the_model_loads(
@@ -138,4 +176,13 @@ def test_the_server_refuses_a_policy_for_another_sae_before_the_model_loads(tmp_
     policy = _policy(tmp_path, FEATURE)
     flags = {"policies": [str(policy)], "sae": str(sae_dir), "data_dir": str(tmp_path / "data")}
     with pytest.raises(ConfigError, match=f"^policy 'fit-policy' watches latent 4565 .* but the SAE at {sae_dir} has 64 latents"):
+        load_runtime(Settings.load(flags=flags, env={}), AuditorMetrics(CollectorRegistry()))
+
+
+def test_the_server_refuses_a_library_at_another_hookpoint(tmp_path: Path) -> None:
+    sae_dir = make_random_sae(tmp_path / "sae64", d_in=576, d_sae=64, hookpoint=HOOK)
+    _library(tmp_path, hookpoint="blocks.10.hook_resid_post")
+    policy = _policy(tmp_path, FEATURE)
+    flags = {"policies": [str(policy)], "sae": str(sae_dir), "data_dir": str(tmp_path / "data")}
+    with pytest.raises(ConfigError, match=f"^policy 'fit-policy' uses .* SAE at blocks.10.hook_resid_post, but the SAE at {sae_dir} reads {HOOK}"):
         load_runtime(Settings.load(flags=flags, env={}), AuditorMetrics(CollectorRegistry()))
