@@ -9,10 +9,12 @@ returns the process exit code. Errors a user can cause are
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from auditor.errors import AuditorError
 
@@ -42,6 +44,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrLines(logging.Handler):
+    """``warning: message`` on the current ``sys.stderr`` (looked up per record, as tests swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(f"{record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
+        except Exception:  # logging's own rule: a failing handler must not fail the program
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def _package_warnings_on_stderr(command: str) -> Iterator[None]:
+    """While a command runs, the package's logged warnings (a library written for another
+    model, ...) print like its errors; ``serve`` configures logging itself."""
+    if command == "serve":
+        yield
+        return
+    logger = logging.getLogger("auditor")
+    handler = _StderrLines(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # Weight-loading progress bars from transformers / huggingface_hub would
     # bury the command's own output; the caller can still turn them back on.
@@ -50,7 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args))
+        with _package_warnings_on_stderr(args.command):
+            return int(args.func(args))
     except AuditorError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ server, library) goes through it.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -18,16 +19,27 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from auditor.errors import AuditorError, ConfigError
+from auditor.errors import AuditorError, ConfigError, HookpointError
 from auditor.text import ROLE_BOTH, ROLE_COMPLETION, ROLE_PROMPT, AuditInput, TokenBatch, role_masks, tokenize_batch
 
 if TYPE_CHECKING:
     from auditor.features import FeatureLibrary
-    from auditor.models import LoadedModel
+    from auditor.models import Hookpoint, LoadedModel
     from auditor.policy import PolicyEngine, Verdict
     from auditor.sae import SAE
 
-__all__ = ["Auditor", "AuditStream", "AuditResult", "TokenFeatures", "StageTimings", "DEFAULT_LIBRARY", "resolve_library"]
+__all__ = [
+    "Auditor",
+    "AuditStream",
+    "AuditResult",
+    "TokenFeatures",
+    "StageTimings",
+    "DEFAULT_LIBRARY",
+    "resolve_library",
+    "check_fit",
+]
+
+_log = logging.getLogger(__name__)
 
 #: The feature library (and through it the SAE) used when none is named.
 DEFAULT_LIBRARY = "smollm2-135m-instruct"
@@ -114,15 +126,9 @@ class Auditor:
         pack: bool | None = None,
         shared_streams: bool | None = None,
     ) -> None:
-        from auditor.models import check_sae_compatible, parse_hookpoint
+        from auditor.models import check_sae_compatible
 
-        hook = hookpoint or sae.cfg.metadata.hook_name or (library.sae.hookpoint if library else None)
-        if not hook:
-            raise ConfigError(
-                "the SAE does not say which hookpoint it reads; pass a hookpoint "
-                "such as --hookpoint blocks.15.hook_resid_post"
-            )
-        parse_hookpoint(hook)
+        hook = check_fit(sae, library=library, policy=policy, hookpoint=hookpoint, model_name=model.name)
         check_sae_compatible(model, sae.cfg.d_in, hook)
         if max_tokens < 2:
             raise ConfigError(f"max_tokens must be at least 2, got {max_tokens}")
@@ -199,11 +205,16 @@ class Auditor:
             load_library(library) if library else None, [engine] if engine is not None else [], sae_given=sae is not None
         )
         if sae is not None:
-            sae_obj = load_sae(sae, format=sae_format, device=device, dtype=_SAE_DTYPE)
+            sae_name = sae
+        elif lib is not None and lib.sae.path is not None:
+            sae_name = str(lib.resolve_path(lib.sae.path))
         elif lib is not None:
-            sae_obj = load_sae(str(lib.resolve_path(lib.sae.path)), device=device, dtype=_SAE_DTYPE)
+            raise ConfigError(f"feature library {lib.id!r} does not say where its SAE is (no sae.path); pass --sae PATH")
         else:  # pragma: no cover - _default_library raises first
             raise ConfigError("no SAE given")
+        sae_obj = load_sae(sae_name, format=sae_format if sae is not None else None, device=device, dtype=_SAE_DTYPE)
+        # Before the (slower) model load; the constructor checks again, with the model's name.
+        check_fit(sae_obj, library=lib, policy=engine, hookpoint=hookpoint, sae_name=sae_name)
         loaded = load_model(model, device=device, dtype=dtype, compile=compile)
         return cls(
             loaded,
@@ -723,6 +734,109 @@ def resolve_library(
     if engines:
         return engines[0].library
     return None if sae_given else _default_library()
+
+
+def check_fit(
+    sae: SAE,
+    *,
+    library: FeatureLibrary | None = None,
+    policy: PolicyEngine | None = None,
+    hookpoint: str | None = None,
+    sae_name: str | None = None,
+    model_name: str | None = None,
+) -> str:
+    """Check that ``library`` and ``policy`` belong to ``sae``; return the hookpoint an auditor reads.
+
+    The one check of how the parts fit, run when they are put together, before any audit:
+    by :meth:`Auditor.load` (before the model loads), by every :class:`Auditor`, and by the
+    server for each policy it loads or reloads. The hookpoint is ``hookpoint`` (a caller's
+    override), else the SAE's, else the library's. Raises :class:`ConfigError` (naming the
+    files and how to fix it) when
+
+    - the library declares ``sae.d_sae`` and the SAE has another number of latents;
+    - the library's ``sae.hookpoint`` is not that hookpoint;
+    - the policy watches a latent the SAE does not have (feature leaves, feature probes);
+    - a hookpoint probe of the policy reads another width than the SAE's ``d_in`` (the
+      model's width at the hookpoint).
+
+    A library's features are only meaningful for its SAE at its hookpoint, so a hookpoint
+    mismatch is an error: hookpoint names are canonical, a mismatch is certain, and auditing
+    there gives verdicts that look valid and mean nothing. Model names are not canonical (a
+    Hub id, a local folder's name and a GGUF stem can all name one model), so a library
+    written for another ``model_name`` only logs a warning. ``sae_name`` (a path or id) and
+    ``model_name`` are for the messages and that warning.
+    """
+    from auditor.models import parse_hookpoint
+
+    hook = hookpoint or sae.cfg.metadata.hook_name or (library.sae.hookpoint if library is not None else None)
+    if not hook:
+        raise ConfigError(
+            "the SAE does not say which hookpoint it reads; pass a hookpoint "
+            "such as --hookpoint blocks.15.hook_resid_post"
+        )
+    point = parse_hookpoint(hook)
+    where = f"the SAE at {sae_name}" if sae_name else "the SAE"
+    d_sae = sae.cfg.d_sae
+    libraries = {id(lib): lib for lib in (policy.library if policy is not None else None, library) if lib is not None}
+    for lib in libraries.values():  # a policy's library is usually the auditor's too: checked once
+        user = f"policy {policy.name!r} uses " if policy is not None and lib is policy.library else ""
+        fix = "pass the matching --sae or another --policy" if user else "pass the matching --sae or another --library"
+        declared = lib.sae.d_sae
+        if declared is not None and declared != d_sae:
+            raise ConfigError(
+                f"{user}{_library_label(lib)}, which describes an SAE with {declared} latents (sae.d_sae), but "
+                f"{where} has {d_sae} latents: {fix}"
+            )
+        if not _same_hookpoint(lib.sae.hookpoint, point):
+            source = "--hookpoint asks for" if hookpoint else f"{where} reads"
+            raise ConfigError(
+                f"{user}{_library_label(lib)}, which labels the latents of an SAE at {lib.sae.hookpoint}, but "
+                f"{source} {point.name}, where those labels mean nothing: {fix} (or correct the library's "
+                "sae.hookpoint if that is what is wrong)"
+            )
+        if model_name is not None and _model_key(lib.sae.model) != _model_key(model_name):
+            _log.warning(
+                "%s describes an SAE of model %s, but the model is %s; its feature names only mean something "
+                "on that model: pass --model %s, or ignore this if both names are the same model",
+                _library_label(lib), lib.sae.model, model_name, lib.sae.model,
+            )
+    if policy is not None:
+        if policy.watched.numel() and int(policy.watched.max()) >= d_sae:
+            top = int(policy.watched.max())
+            name = policy.library.name_for_index(top)
+            feature = f" ({name})" if name else ""
+            raise ConfigError(
+                f"policy {policy.name!r} watches latent {top}{feature} but {where} has {d_sae} latents; its "
+                f"{_library_label(policy.library)} describes another SAE: pass the matching --sae or another --policy"
+            )
+        width = policy.compiled.d_in
+        if width is not None and width != sae.cfg.d_in:
+            probes = [leaf for leaf in policy.compiled.leaves if leaf.probe is not None and leaf.probe.inputs == "hookpoint"]
+            files = sorted({leaf.probe_key or leaf.name for leaf in probes})
+            raise ConfigError(
+                f"policy {policy.name!r} has hookpoint probe {', '.join(files)} of width {width}, but {where} reads "
+                f"{point.name} of width {sae.cfg.d_in} (the model's): use a probe trained on these activations, "
+                "or the SAE and model it was trained for"
+            )
+    return hook
+
+
+def _library_label(lib: FeatureLibrary) -> str:
+    return f"feature library {lib.id!r} ({lib.path})" if lib.path is not None else f"feature library {lib.id!r}"
+
+
+def _same_hookpoint(name: str, point: Hookpoint) -> bool:
+    from auditor.models import parse_hookpoint
+
+    try:
+        return bool(parse_hookpoint(name) == point)
+    except HookpointError:
+        return False  # a library's hookpoint that is no hookpoint name matches none
+
+
+def _model_key(name: str) -> str:
+    """``HuggingFaceTB/SmolLM2-135M-Instruct`` and ``SmolLM2-135M-Instruct`` name one model."""
+    return name.rstrip("/").rsplit("/", 1)[-1].lower()
 
 
 def _default_library() -> FeatureLibrary:

@@ -99,10 +99,12 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
+    from auditor._output import check_output_file, write_text
     from auditor.features.library import library_to_yaml
     from auditor.features.neuronpedia import import_neuronpedia, parse_category_rule
 
     rules = [parse_category_rule(spec) for spec in args.category]
+    check_output_file(args.output)
     report = import_neuronpedia(
         args.export,
         sae_id=args.sae_id,
@@ -115,8 +117,7 @@ def _import(args: argparse.Namespace) -> int:
         categories=rules,
     )
     header = f"Imported from Neuronpedia explanations: {Path(args.export).name}"
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(library_to_yaml(report.library, header=header), encoding="utf-8")
+    write_text(args.output, library_to_yaml(report.library, header=header))
     skipped = []
     if report.duplicates:
         skipped.append(f"{report.duplicates} extra explanation(s) of an already-named latent")

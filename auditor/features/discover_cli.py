@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from auditor._output import check_output_file, write_text
 from auditor.models.loading import MODEL_DTYPES
 
 __all__ = ["register"]
@@ -185,6 +186,13 @@ def _library_ref(lib: Any, policy_path: Path) -> str:
     return os.path.relpath(lib.path.resolve(), policy_path.resolve().parent)
 
 
+def _outputs(*paths: Path | None) -> None:
+    """Check the files a command will write before its work (a bad path fails at once, not after it)."""
+    for path in paths:
+        if path is not None:
+            check_output_file(path)
+
+
 def _command_line() -> str:
     return "auditor " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
@@ -195,12 +203,14 @@ def _command_line() -> str:
 def _split(args: argparse.Namespace) -> int:
     from auditor.features.labelled import HELDOUT, assign_split, load_labelled, split_counts
 
+    out = args.output if args.output is not None else Path(args.data) / "split.json"
     rows = load_labelled(args.data)
+    if str(out) != "-":
+        _outputs(out)
     split = assign_split(rows, heldout=args.heldout, salt=args.salt)
     print(f"{'category':<12} {'train':>6} {'heldout':>8} {'prompt':>7} {'completion':>11} {'near_miss':>10}")
     for cat, c in split_counts(rows, split).items():
         print(f"{cat:<12} {c['train']:>6} {c['heldout']:>8} {c['prompt']:>7} {c['completion']:>11} {c['near_miss']:>10}")
-    out = args.output if args.output is not None else Path(args.data) / "split.json"
     if str(out) != "-":
         doc = {
             "heldout_fraction": args.heldout,
@@ -208,7 +218,7 @@ def _split(args: argparse.Namespace) -> int:
             "rule": "per (category, kind): rows ordered by sha256(salt + NUL + id); the first round(fraction * n) are held out",
             "heldout": sorted(r.id for r in rows if split[r.id] == HELDOUT),
         }
-        Path(out).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+        write_text(out, json.dumps(doc, indent=1) + "\n")
         print(f"wrote {out}")
     return 0
 
@@ -217,6 +227,7 @@ def _discover(args: argparse.Namespace) -> int:
     from auditor.features.discover import discover
     from auditor.features.library import load_library
 
+    _outputs(args.json_out, args.markdown, args.labels_out if args.propose > 0 else None)
     rows, split = _load(args)
     cats = _categories(args, rows)
     saes = _sae_specs(args.sae) or [_library_sae(load_library(args.library))]
@@ -247,9 +258,9 @@ def _discover(args: argparse.Namespace) -> int:
                 )
             md.append("")
     if args.json_out:
-        args.json_out.write_text(json.dumps(everything, indent=1) + "\n", encoding="utf-8")
+        write_text(args.json_out, json.dumps(everything, indent=1) + "\n")
     if args.markdown:
-        args.markdown.write_text("\n".join(md) + "\n", encoding="utf-8")
+        write_text(args.markdown, "\n".join(md) + "\n")
     if args.propose > 0:
         from auditor.errors import ConfigError
         from auditor.features.calibrate import auto_labels, labels_to_yaml
@@ -257,7 +268,7 @@ def _discover(args: argparse.Namespace) -> int:
         if args.labels_out is None:
             raise ConfigError("--propose needs --labels-out FILE")
         labels = auto_labels(pooled[saes[0][0]], rows, split, cats, per_category=args.propose, exclude=args.exclude_latent)
-        args.labels_out.write_text(labels_to_yaml(labels), encoding="utf-8")
+        write_text(args.labels_out, labels_to_yaml(labels))
         print(f"wrote {len(labels)} proposed labels to {args.labels_out}")
     return 0
 
@@ -268,6 +279,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     from auditor.features.library import library_to_yaml, load_library
 
     lib = load_library(Path(args.library))
+    if not args.dry_run:
+        _outputs(args.write_policy)
     rows, split = _load(args)
     cats = _categories(args, rows)
     name, path = _library_sae(lib)
@@ -308,16 +321,15 @@ def _calibrate(args: argparse.Namespace) -> int:
     )
     if lib.path is None:
         raise LibraryError(f"library {lib.id!r} was not read from a file; pass --library PATH")
-    lib.path.write_text(library_to_yaml(new, header=header), encoding="utf-8")
-    (folder / "calibration.json").write_text(cal.to_json(), encoding="utf-8")
+    write_text(lib.path, library_to_yaml(new, header=header))
+    write_text(folder / "calibration.json", cal.to_json())
     if args.labels is None:
-        (folder / "labels.auto.yaml").write_text(labels_to_yaml(labels), encoding="utf-8")
+        write_text(folder / "labels.auto.yaml", labels_to_yaml(labels))
     print(f"wrote {lib.path}, {folder / 'calibration.json'}, {len(cal.probes)} probes in {folder / 'probes'}")
     if args.write_policy is not None:
         ref = _library_ref(lib, args.write_policy)
         text = policy_from_calibration(cal, library_ref=ref, feature_rules=args.feature_rules)
-        args.write_policy.parent.mkdir(parents=True, exist_ok=True)
-        args.write_policy.write_text(text, encoding="utf-8")
+        write_text(args.write_policy, text)
         print(f"wrote {args.write_policy}")
     return 0
 
@@ -327,6 +339,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from auditor.features.evaluate import compare_hookpoints, evaluate_detection, render_report
     from auditor.pipeline import Auditor
 
+    _outputs(args.output, args.json_out)
     rows, split = _load(args)
     cats = _categories(args, rows)
     auditor = Auditor.load(policy=args.policy, model=args.model, dtype=args.dtype)
@@ -352,9 +365,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     notes = args.notes.read_text(encoding="utf-8") if args.notes is not None else ""
     text = render_report(report, commands=[_command_line()], notes=notes)
     if args.json_out:
-        args.json_out.write_text(json.dumps(report.as_dict(), indent=1) + "\n", encoding="utf-8")
+        write_text(args.json_out, json.dumps(report.as_dict(), indent=1) + "\n")
     if args.output:
-        args.output.write_text(text, encoding="utf-8")
+        write_text(args.output, text)
         print(f"wrote {args.output}")
     else:
         print(text)

@@ -84,7 +84,7 @@ class ImportReport:
     empty: int
     """Rows skipped because their description was empty."""
     renamed: int
-    """Features whose slug clashed with another and got an ``_<index>`` suffix."""
+    """Features whose slug clashed with another and got an ``_<index>`` suffix (``_<index>_<n>`` if that was taken)."""
 
 
 def _row(data: Any, line: int) -> NeuronpediaExplanation | str:
@@ -242,7 +242,13 @@ def import_neuronpedia(
         slug = slugify(r.description) or f"latent_{index}"
         name = f"{category}.{slug}"
         if name in used:
-            name = f"{name}_{index}"
+            # ``_<index>`` can itself be taken (another latent's description ends in that number):
+            # count up from it until the name is free, so the library never repeats a name.
+            base = name = f"{name}_{index}"
+            n = 1
+            while name in used:
+                n += 1
+                name = f"{base}_{n}"
             renamed += 1
         used.add(name)
         features.append(

@@ -282,6 +282,10 @@ def load_probe(path: str | Path) -> Probe:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ProbeError(str(p), f"cannot read probe file: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ProbeError(
+            str(p), f"not a probe file (not UTF-8 JSON: byte {exc.start} cannot be decoded); save_probe writes JSON"
+        ) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -189,12 +189,20 @@ def run_alerts(args: argparse.Namespace) -> int:
         "category": args.category,
         "request_id": args.request_id,
     }
+    out = None
+    if args.alerts_command == "export" and args.output != "-":
+        from auditor._output import output_file
+
+        out = output_file(args.output)  # before the log is opened
     with AuditLog(path) as log:
         if args.alerts_command == "export":
-            if args.output == "-":
+            if out is None:
                 n = log.export_jsonl(sys.stdout, **filters)
             else:
-                n = log.export_jsonl(args.output, **filters)
+                try:
+                    n = log.export_jsonl(out, **filters)
+                except OSError as exc:
+                    raise ConfigError(f"cannot write {out}: {exc.strerror or exc}") from None
             print(f"exported {n} alert(s)", file=sys.stderr)
             return 0
         if args.limit < 1:

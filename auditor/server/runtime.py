@@ -232,7 +232,7 @@ def _load_runtime(
     from auditor.alerts import AlertDispatcher
     from auditor.features import load_library
     from auditor.models import load_model
-    from auditor.pipeline import Auditor, resolve_library
+    from auditor.pipeline import Auditor, check_fit, resolve_library
     from auditor.policy import PolicyStore
     from auditor.sae import load_sae
 
@@ -257,17 +257,20 @@ def _load_runtime(
     )
     if settings.sae is not None:
         sae = load_sae(settings.sae, format=settings.sae_format, device=settings.device, dtype="float32")
-        sae_name = settings.sae
+        sae_name = sae_path = settings.sae
     elif library is not None:
-        sae = load_sae(str(library.resolve_path(library.sae.path or "")), device=settings.device, dtype="float32")
+        sae_path = str(library.resolve_path(library.sae.path or ""))
+        sae = load_sae(sae_path, device=settings.device, dtype="float32")
         sae_name = library.sae.id
     else:  # pragma: no cover - the branches above always give one
         raise ConfigError("no SAE: pass --sae or --library")
+    # The parts must fit before the model loads (Auditor checks the library again, with the model's name).
     if store is not None:
-        admit = _admit(sae.cfg.d_sae, settings.cuda_graphs)
+        admit = _admit(sae, settings.hookpoint, sae_path, settings.cuda_graphs)
         for engine in store.engines.values():
             admit(engine)
         store.check = admit  # a reload that no longer fits the SAE is refused, the old set stays
+    check_fit(sae, library=library, hookpoint=settings.hookpoint, sae_name=sae_path)  # an explicit --library
     model = load_model(settings.model, device=settings.device, dtype=settings.dtype, compile=settings.compile)
     n_workers = settings.model_workers or auto_workers(torch.device(model.device).type, torch.get_num_threads())
     if workers is not None:
@@ -312,16 +315,13 @@ def _load_runtime(
     )
 
 
-def _admit(d_sae: int, cuda_graphs: bool) -> Callable[[Any], None]:
-    """A check that a policy engine only watches latents the loaded SAE has; an engine that passes
-    takes the server's ``cuda_graphs`` setting (loaded and reloaded engines alike)."""
+def _admit(sae: Any, hookpoint: str | None, sae_path: str, cuda_graphs: bool) -> Callable[[Any], None]:
+    """A check that a policy engine fits the loaded SAE (:func:`~auditor.pipeline.check_fit`); an engine
+    that passes takes the server's ``cuda_graphs`` setting (loaded and reloaded engines alike)."""
+    from auditor.pipeline import check_fit
 
     def check(engine: Any) -> None:
-        if engine.watched.numel() and int(engine.watched.max()) >= d_sae:
-            raise ConfigError(
-                f"policy {engine.name!r} watches latent {int(engine.watched.max())} but the SAE has {d_sae} "
-                "latents; its feature library describes another SAE (pass the matching --sae)"
-            )
+        check_fit(sae, policy=engine, hookpoint=hookpoint, sae_name=sae_path)
         engine.cuda_graphs = cuda_graphs
 
     return check

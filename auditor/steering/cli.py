@@ -197,19 +197,23 @@ def print_result(result: Any, out: TextIO, *, compare: bool) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from auditor._output import check_output_file
     from auditor.features import load_library
-    from auditor.pipeline import _default_library
+    from auditor.pipeline import _default_library, check_fit
     from auditor.sae import load_sae
     from auditor.steering.control_vector import control_vector, write_control_vector
     from auditor.steering.interventions import resolve_interventions
 
+    check_output_file(args.output)  # before loading the SAE
     lib = load_library(args.library) if args.library else (None if args.sae else _default_library())
     if args.sae:
-        sae = load_sae(args.sae)
-    elif lib is not None:
-        sae = load_sae(str(lib.resolve_path(lib.sae.path)))
-    else:  # pragma: no cover - _default_library raises first
-        raise ConfigError("no SAE given")
+        sae_name = args.sae
+    elif lib is None or lib.sae.path is None:
+        raise ConfigError("no SAE given, and the library does not say where its SAE is (no sae.path); pass --sae PATH")
+    else:
+        sae_name = str(lib.resolve_path(lib.sae.path))
+    sae = load_sae(sae_name)
+    hookpoint = check_fit(sae, library=lib, hookpoint=args.hookpoint, sae_name=sae_name)
     slots = resolve_interventions(args.steer, library=lib, d_sae=sae.cfg.d_sae, limits=_limits(args))
     wrong = [s for s in slots if s.mode != "add" or s.positions != "all"]
     if wrong:
@@ -217,7 +221,6 @@ def run_export(args: argparse.Namespace) -> int:
             f"{wrong[0].label}={wrong[0].mode}: a control vector is a fixed addition on every token; "
             "only NAME=add:C (on all positions) can be exported, clamp and scale need the sidecar"
         )
-    hookpoint = args.hookpoint or sae.cfg.metadata.hook_name or (lib.sae.hookpoint if lib is not None else None)
     cv = control_vector(sae, [(s.index, s.value) for s in slots], hookpoint=hookpoint, model_hint=args.model_hint)
     path = write_control_vector(cv, args.output)
     [(layer, vec)] = cv.directions.items()

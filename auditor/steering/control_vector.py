@@ -126,7 +126,8 @@ def write_control_vector(cv: ControlVector, path: str | os.PathLike[str]) -> Pat
     """Write ``cv`` as a llama.cpp control-vector GGUF file."""
     import gguf
 
-    out = Path(path)
+    from auditor._output import output_file
+
     if not cv.directions:
         raise SteeringError("a control vector needs at least one direction")
     sizes = {v.shape for v in cv.directions.values()}
@@ -134,18 +135,21 @@ def write_control_vector(cv: ControlVector, path: str | os.PathLike[str]) -> Pat
         raise SteeringError(f"every direction must be one vector of the same length, got shapes {sorted(sizes)}")
     if min(cv.directions) < 1:
         raise SteeringError("llama.cpp control vectors start at layer 1 (direction.0 is rejected)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(out), ARCH)
+    out = output_file(path)
     try:
-        writer.add_string(f"{ARCH}.model_hint", cv.model_hint)
-        writer.add_uint32(f"{ARCH}.layer_count", len(cv.directions))
-        for layer in sorted(cv.directions):
-            writer.add_tensor(f"direction.{layer}", np.ascontiguousarray(cv.directions[layer], dtype=np.float32))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
+        writer = gguf.GGUFWriter(str(out), ARCH)
+        try:
+            writer.add_string(f"{ARCH}.model_hint", cv.model_hint)
+            writer.add_uint32(f"{ARCH}.layer_count", len(cv.directions))
+            for layer in sorted(cv.directions):
+                writer.add_tensor(f"direction.{layer}", np.ascontiguousarray(cv.directions[layer], dtype=np.float32))
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+    except OSError as exc:
+        raise SteeringError(f"cannot write {out}: {exc.strerror or exc}") from None
     return out
 
 

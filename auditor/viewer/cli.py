@@ -50,6 +50,7 @@ def register(subparsers: Any) -> None:
 def _run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from auditor._output import check_output_file
     from auditor.errors import ConfigError
     from auditor.pipeline import Auditor
     from auditor.viewer.index import IndexConfig, build_index, index_path_for, load_index, read_corpus
@@ -62,6 +63,8 @@ def _run(args: argparse.Namespace) -> int:
     config.check()
     if args.sae is not None and args.out is None:
         raise ConfigError("with --sae pass --out FILE for the index (the default place is beside a library)")
+    if args.out is not None:
+        check_output_file(args.out)  # before the model loads
     corpus = Path(args.corpus)
     if not corpus.is_file():
         raise ConfigError(f"{corpus}: corpus file not found (JSONL, one document per line; scripts/build_corpus.py writes one)")
@@ -70,7 +73,7 @@ def _run(args: argparse.Namespace) -> int:
         model=args.model, sae=args.sae, library=args.library, hookpoint=args.hookpoint, device=args.device
     )
     lib = auditor.library
-    out = Path(args.out) if args.out is not None else index_path_for(lib)
+    out = check_output_file(args.out if args.out is not None else index_path_for(lib))
     meta = {
         "sae": args.sae or (lib.sae.id if lib is not None else "sae"),
         "library": lib.id if lib is not None else None,

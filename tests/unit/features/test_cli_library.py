@@ -34,7 +34,7 @@ def test_validate_ok_and_bad(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 def test_show(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["library", "show", str(TINY), "--category", "deception"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("library tiny: SAE tiny-random-64 on tiny-random-model at blocks.1.hook_resid_post, 13 features")
+    assert out[0].startswith("library tiny: SAE tiny-random-64 on HuggingFaceTB/SmolLM2-135M-Instruct at blocks.5.hook_resid_post, 13 features")
     assert [line.split()[:3] for line in out[1:]] == [
         ["12", "deception.fraud", "deception"],
         ["19", "deception.phishing", "deception"],

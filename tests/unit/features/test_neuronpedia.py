@@ -81,6 +81,22 @@ def test_import(tmp_path: Path) -> None:
     assert load_library(out).model_dump() == lib.model_dump()
 
 
+def test_a_clash_suffix_that_is_taken_counts_up_until_the_name_is_free(tmp_path: Path) -> None:
+    rows = [_row(3, "fraud 7"), _row(5, "fraud"), _row(7, "fraud"), _row(8, "fraud 7 2"), _row(9, "fraud")]
+    report = import_neuronpedia(_write_jsonl(tmp_path / "e.jsonl", rows), sae_id="s", model="m", hookpoint="h")
+    assert [(f.index, f.name) for f in report.library.features] == [
+        (3, "uncategorized.fraud_7"),
+        (5, "uncategorized.fraud"),
+        (7, "uncategorized.fraud_7_2"),  # fraud_7 is latent 3's
+        (8, "uncategorized.fraud_7_2_8"),  # its own slug is latent 7's name
+        (9, "uncategorized.fraud_9"),
+    ]
+    assert report.renamed == 3
+    out = tmp_path / "library.yaml"
+    out.write_text(library_to_yaml(report.library), encoding="utf-8")
+    assert load_library(out).names == report.library.names
+
+
 def test_json_array_export(tmp_path: Path) -> None:
     export = tmp_path / "export.json"
     export.write_text(json.dumps(ROWS[:2]), encoding="utf-8")

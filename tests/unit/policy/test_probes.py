@@ -99,6 +99,9 @@ def test_unreadable_and_unsupported(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("{nope")
     with pytest.raises(ProbeError, match="not valid JSON"):
         load_probe(tmp_path / "bad.json")
+    (tmp_path / "binary.json").write_bytes(bytes([0xC2, 0x2F, 0x68, 0x4E, 0xD8, 0x57]))
+    with pytest.raises(ProbeError, match=r"binary\.json: not a probe file \(not UTF-8 JSON"):
+        load_probe(tmp_path / "binary.json")
     x, y = data(0)
     with pytest.raises(ProbeError, match="needs features="):
         save_probe(LogisticRegression().fit(x, y), tmp_path / "p.json")

@@ -375,6 +375,18 @@ def test_invalid_probe_content_is_reported(tmp_path: Path) -> None:
     assert "lacks: unknown feature 'deception.frod'" in errors[1].reason
 
 
+def test_a_binary_probe_file_is_reported_at_its_reference(tmp_path: Path) -> None:
+    (tmp_path / "probe.json").write_bytes(bytes([0xC2, 0x2F, 0x68, 0x4E, 0xD8, 0x57, 0xD1, 0xA8]))
+    body = RULE.replace(
+        "      feature: deception.fraud\n      threshold: 4.0\n", "      probe: {path: probe.json, threshold: 0.5}\n"
+    )
+    path = tmp_path / "p.yaml"
+    path.write_text(_case(body), encoding="utf-8")
+    [error] = validate_files([path])
+    assert (error.path, error.line, error.column) == (str(path), 10, 21)
+    assert f"invalid probe: {tmp_path / 'probe.json'}: not a probe file (not UTF-8 JSON" in error.reason
+
+
 def test_duplicate_policy_names_across_files(tmp_path: Path) -> None:
     a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
     for p in (a, b):

@@ -70,6 +70,13 @@ def test_export_jsonl(log_path: Path, tmp_path: Path, capsys: pytest.CaptureFixt
     assert "exported 1 alert(s)" in capsys.readouterr().err
 
 
+def test_export_to_a_folder_is_refused(log_path: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="it is a directory; give a file path"):
+        _run(["alerts", "export", "--log", str(log_path), "-o", str(tmp_path)])
+    with pytest.raises(ConfigError, match=r"alerts.sqlite3 is a file, not a folder"):
+        _run(["alerts", "export", "--log", str(log_path), "-o", str(log_path / "out.jsonl")])
+
+
 def test_prune_by_age_then_by_count(log_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert _run(["alerts", "prune", "--log", str(log_path), "--older-than", "1h"]) == 0
     assert capsys.readouterr().out.startswith("deleted 1 of 3 alert(s)")

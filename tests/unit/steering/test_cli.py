@@ -72,6 +72,9 @@ def test_export_control_vector(saved: tuple[Path, Path], tmp_path: Path, capsys:
     np.testing.assert_allclose(np.asarray(tensor.data), 4.0 * random_sae().W_dec[5].numpy(), rtol=1e-6)
     code = main(["export-control-vector", "--library", str(lib), "--steer", "deception.fraud=clamp:0", "-o", str(out)])
     assert code == 2 and "only NAME=add:C" in capsys.readouterr().err
+    for bad, why in ((tmp_path, "it is a directory; give a file path"), (out / "v.gguf", f"{out} is a file, not a folder")):
+        code = main(["export-control-vector", "--library", str(lib), "--steer", "deception.fraud=add:4", "-o", str(bad)])
+        assert code == 2 and capsys.readouterr().err == f"error: cannot write {bad}: {why}\n"
 
 
 def test_parser_has_both_commands() -> None:
