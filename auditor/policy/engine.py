@@ -1019,17 +1019,19 @@ def load_policy(
     *,
     search_dirs: Sequence[str | os.PathLike[str]] | None = None,
     env: Mapping[str, str] | None = None,
+    base_dir: str | os.PathLike[str] | None = None,
 ) -> PolicyEngine:
     """Parse, validate and compile one policy file.
 
     Raises :class:`PolicyErrors` listing every problem (YAML, schema, library
     references, probe files), each located by file and, where known, line.
-    ``search_dirs`` / ``env`` are passed to the library lookup.
+    ``search_dirs`` / ``env`` are passed to the library lookup; relative paths
+    resolve against ``base_dir``, by default the file's folder.
     """
     from auditor.policy.loader import parse_policy_file
 
-    policy, library = parse_policy_file(path, search_dirs=search_dirs, env=env)
-    return build_engine(policy, library, path=path)
+    policy, library = parse_policy_file(path, search_dirs=search_dirs, env=env, base_dir=base_dir)
+    return build_engine(policy, library, path=path, base_dir=base_dir)
 
 
 def validate_files(
@@ -1037,6 +1039,7 @@ def validate_files(
     *,
     search_dirs: Sequence[str | os.PathLike[str]] | None = None,
     env: Mapping[str, str] | None = None,
+    base_dir: str | os.PathLike[str] | None = None,
 ) -> list[PolicyError]:
     """Every problem :func:`load_policy` would raise for ``paths`` (empty when all load).
 
@@ -1046,13 +1049,13 @@ def validate_files(
     from auditor.policy.loader import validate_files as check_files
 
     paths = [os.fspath(p) for p in paths]
-    errors = check_files(paths, search_dirs=search_dirs, env=env)
+    errors = check_files(paths, search_dirs=search_dirs, env=env, base_dir=base_dir)
     failed = {e.path for e in errors}
     for path in paths:
         if path in failed:
             continue
         try:
-            load_policy(path, search_dirs=search_dirs, env=env)
+            load_policy(path, search_dirs=search_dirs, env=env, base_dir=base_dir)
         except PolicyErrors as exc:
             errors.extend(exc.errors)
         except AuditorError as exc:

@@ -99,11 +99,16 @@ def check_policy(
     *,
     search_dirs: Sequence[str | os.PathLike[str]] | None = None,
     env: Mapping[str, str] | None = None,
+    base_dir: str | os.PathLike[str] | None = None,
     _library_cache: dict[Path, FeatureLibrary | LibraryError] | None = None,
 ) -> PolicyCheck:
-    """Check one policy file completely; never raises for problems in the file (they are in ``errors``)."""
+    """Check one policy file completely; never raises for problems in the file (they are in ``errors``).
+
+    Relative paths in it (``library``, probe files) resolve against ``base_dir``, by default
+    the file's own folder (another for a policy checked before it is put in place)."""
     fname = os.fspath(path)
     p = Path(fname)
+    base = Path(base_dir).resolve() if base_dir is not None else p.resolve().parent
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -155,9 +160,9 @@ def check_policy(
     for ref_path, message in reference_problems(data):
         c.at(ref_path, message)
 
-    library = _check_library(c, p, search_dirs, env, _library_cache)
+    library = _check_library(c, base, search_dirs, env, _library_cache)
     if library is not None:
-        _check_against_library(c, p, library)
+        _check_against_library(c, base, library)
 
     c.errors.sort(key=lambda e: (e.path != fname, e.path, e.line or 0, e.column or 0))
     errors = _dedupe(c.errors)
@@ -176,7 +181,7 @@ def _dedupe(errors: list[PolicyError]) -> list[PolicyError]:
 
 def _check_library(
     c: _Collector,
-    policy_path: Path,
+    base: Path,
     search_dirs: Sequence[str | os.PathLike[str]] | None,
     env: Mapping[str, str] | None,
     cache: dict[Path, FeatureLibrary | LibraryError] | None,
@@ -184,7 +189,6 @@ def _check_library(
     ref = c.data.get("library")
     if not isinstance(ref, str) or not ref:
         return None  # the schema already reported it
-    base = policy_path.resolve().parent
     try:
         lib_path = find_library(ref, search_dirs=search_dirs, base_dir=base, env=env).resolve()
     except LibraryError as exc:
@@ -209,7 +213,7 @@ def _check_library(
     return cached
 
 
-def _check_against_library(c: _Collector, policy_path: Path, lib: FeatureLibrary) -> None:
+def _check_against_library(c: _Collector, base: Path, lib: FeatureLibrary) -> None:
     data = c.data
 
     def check_name(path: DataPath, name: Any) -> None:
@@ -232,7 +236,7 @@ def _check_against_library(c: _Collector, policy_path: Path, lib: FeatureLibrary
                 check_name((*path, "features", i), name)
         probe = node.get("probe")
         if isinstance(probe, dict):
-            _check_probe(c, (*path, "probe"), probe, policy_path, lib)
+            _check_probe(c, (*path, "probe"), probe, base, lib)
         anomaly = node.get("anomaly")
         if isinstance(anomaly, dict) and "quantile" in anomaly:
             q = anomaly["quantile"]
@@ -265,13 +269,13 @@ def _check_against_library(c: _Collector, policy_path: Path, lib: FeatureLibrary
 
 
 def _check_probe(
-    c: _Collector, path: DataPath, probe: Mapping[str, Any], policy_path: Path, lib: FeatureLibrary
+    c: _Collector, path: DataPath, probe: Mapping[str, Any], base: Path, lib: FeatureLibrary
 ) -> None:
     file: Path | None = None
     where: DataPath = path
     if isinstance(probe.get("path"), str):
         where = (*path, "path")
-        file = (policy_path.resolve().parent / probe["path"]).resolve()
+        file = (base / probe["path"]).resolve()
         if not file.is_file():
             c.at(where, f"probe file not found: {file} (paths are relative to the policy file)")
             return
@@ -304,9 +308,11 @@ def parse_policy_file(
     *,
     search_dirs: Sequence[str | os.PathLike[str]] | None = None,
     env: Mapping[str, str] | None = None,
+    base_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[Policy, FeatureLibrary]:
-    """Read, validate and return ``(policy, library)``; raise :class:`PolicyErrors` listing every problem."""
-    result = check_policy(path, search_dirs=search_dirs, env=env)
+    """Read, validate and return ``(policy, library)``; raise :class:`PolicyErrors` listing every problem
+    (``base_dir``: see :func:`check_policy`)."""
+    result = check_policy(path, search_dirs=search_dirs, env=env, base_dir=base_dir)
     if result.errors or result.policy is None or result.library is None:
         errors = result.errors or [PolicyError(os.fspath(path), None, None, "policy could not be loaded")]
         raise PolicyErrors(errors)
@@ -318,13 +324,15 @@ def validate_files(
     *,
     search_dirs: Sequence[str | os.PathLike[str]] | None = None,
     env: Mapping[str, str] | None = None,
+    base_dir: str | os.PathLike[str] | None = None,
 ) -> list[PolicyError]:
-    """All problems in all ``paths`` (empty when every file is valid); a shared library is read once."""
+    """All problems in all ``paths`` (empty when every file is valid); a shared library is read once
+    (``base_dir``: see :func:`check_policy`)."""
     cache: dict[Path, FeatureLibrary | LibraryError] = {}
     errors: list[PolicyError] = []
     seen_names: dict[str, str] = {}
     for path in paths:
-        result = check_policy(path, search_dirs=search_dirs, env=env, _library_cache=cache)
+        result = check_policy(path, search_dirs=search_dirs, env=env, base_dir=base_dir, _library_cache=cache)
         errors.extend(result.errors)
         if result.policy is not None:
             name = result.policy.metadata.name

@@ -251,9 +251,12 @@ class ValidateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     content: str | None = None
-    """Policy YAML. Refer to libraries by id or absolute path (relative paths resolve in a temp folder)."""
+    """Policy YAML."""
     path: str | None = None
     """A policy file or folder readable by the server."""
+    base_dir: str | None = None
+    """With ``content``: the folder its relative paths (``library``, probe files) resolve
+    against, as if the policy were saved there; by default the server's policy folder."""
 
 
 _YAML_TYPES = frozenset({"application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml"})
@@ -270,7 +273,7 @@ async def _validate_request(request: Request) -> ValidateRequest:
     ctype = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     if ctype in _YAML_TYPES:
         try:
-            return ValidateRequest(content=raw.decode("utf-8"))
+            return ValidateRequest(content=raw.decode("utf-8"), base_dir=request.query_params.get("base_dir"))
         except UnicodeDecodeError as exc:
             raise BadRequestError(f"the policy YAML is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
@@ -293,15 +296,21 @@ async def _validate_request(request: Request) -> ValidateRequest:
 )
 async def validate_policy(request: Request) -> JSONResponse:
     """Validate without loading: every problem with file, line and column."""
-    get_runtime(request)
+    rt = get_runtime(request)
     body = await _validate_request(request)
     if (body.content is None) == (body.path is None):
         raise BadRequestError(
             "give exactly one of 'content' (policy YAML text) or 'path' (a policy file on the server), "
             "or send the policy YAML itself with Content-Type: application/yaml"
         )
+    if body.base_dir is not None and body.content is None:
+        raise BadRequestError("base_dir goes with 'content' (a file sent by 'path' resolves against its own folder)")
     from auditor.policy import load_policy, validate_files
     from auditor.policy.store import policy_files
+
+    base = _content_base(rt.settings, body.base_dir) if body.content is not None else None
+    if base is not None and not base.is_dir():
+        raise NotFoundError(f"base_dir {base}: no such folder on the server")
 
     def run() -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="auditor-validate-") as tmp:
@@ -313,11 +322,11 @@ async def validate_policy(request: Request) -> JSONResponse:
                 files = policy_files([body.path or ""])
                 if not files or not all(f.is_file() for f in files):
                     raise NotFoundError(f"{body.path}: no policy file or folder of *.yaml there")
-            errors = validate_files(files)
+            errors = validate_files(files, base_dir=base)
             policies = []
             if not errors:
                 for f in files:
-                    engine = load_policy(f)
+                    engine = load_policy(f, base_dir=base)
                     policies.append({"name": engine.name, "hash": engine.hash, "rules": [r.id for r in engine.rules]})
             found = [_error_json(e) for e in errors]
             if body.content is not None:  # the temporary file is the request's content to the caller
@@ -325,9 +334,28 @@ async def validate_policy(request: Request) -> JSONResponse:
                     if e["path"] == str(target):
                         e["path"] = "<content>"
                     e["message"] = str(e["message"]).replace(str(target), "<content>")
-            return {"valid": not errors, "errors": found, "policies": policies}
+            out = {"valid": not errors, "errors": found, "policies": policies}
+            if base is not None:
+                out["base_dir"] = str(base)
+                if errors:
+                    out["note"] = (
+                        f"relative paths in the content resolve against {base}; send base_dir (a JSON field, "
+                        "or ?base_dir= with a YAML body) to resolve them in the folder the policy will live in"
+                    )
+            return out
 
     return JSONResponse(await asyncio.get_running_loop().run_in_executor(None, run))
+
+
+def _content_base(settings: Any, base_dir: str | None) -> Path:
+    """Where relative paths in sent policy content resolve: ``base_dir`` (relative to the server's
+    working folder), else the folder the server loads policies from (where the policy would go)."""
+    if base_dir is not None:
+        return Path(base_dir).resolve()
+    from auditor.pipeline import default_policy_path
+
+    first = Path(settings.policies[0]) if settings.policies else default_policy_path()
+    return (first if first.is_dir() else first.parent).resolve()
 
 
 @router.post("/v1/policies/reload")

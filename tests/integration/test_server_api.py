@@ -319,11 +319,23 @@ rules:
     yaml_headers = {**AUTH, "Content-Type": "application/yaml; charset=utf-8"}
     raw = httpx.post(server.url + "/v1/policies/validate", content=bad.encode(), headers=yaml_headers, timeout=60)
     assert raw.status_code == 200 and raw.json()["errors"] == out["errors"]
-    good_yaml = (REPO / "policies" / "examples" / "deception.yaml").read_text().replace(
-        "library: ../../feature_libraries/", f"library: {REPO}/feature_libraries/"
+    # The shipped example as it is: its relative library path resolves against base_dir, as if
+    # the file were saved there; by default against the server's policy folder, where it is not found.
+    example = REPO / "policies" / "examples" / "deception.yaml"
+    raw_good = httpx.post(
+        server.url + "/v1/policies/validate", content=example.read_bytes(), headers=yaml_headers,
+        params={"base_dir": str(example.parent)}, timeout=60,
     )
-    raw_good = httpx.post(server.url + "/v1/policies/validate", content=good_yaml.encode(), headers=yaml_headers, timeout=60)
-    assert raw_good.json()["valid"] is True, raw_good.json()
+    assert raw_good.json()["valid"] is True and raw_good.json()["base_dir"] == str(example.parent), raw_good.json()
+    as_json = _post(server, "/v1/policies/validate", {"content": example.read_text(), "base_dir": str(example.parent)}, headers=AUTH)
+    assert as_json.json()["valid"] is True
+    elsewhere = _post(server, "/v1/policies/validate", {"content": example.read_text()}, headers=AUTH).json()
+    assert elsewhere["valid"] is False and elsewhere["base_dir"] != str(example.parent)
+    [problem] = elsewhere["errors"]
+    assert problem["path"] == "<content>" and problem["line"] is not None
+    assert "auditor-validate-" not in problem["message"] and "feature_libraries" in problem["message"]
+    no_dir = _post(server, "/v1/policies/validate", {"content": bad, "base_dir": "/no/such/dir"}, headers=AUTH)
+    assert no_dir.status_code == 404 and "base_dir /no/such/dir: no such folder" in no_dir.json()["error"]["message"]
     # YAML sent as JSON: what was wrong and how to send it.
     wrong = httpx.post(server.url + "/v1/policies/validate", content=bad.encode(), headers={**AUTH, "Content-Type": "application/json"})
     assert wrong.status_code == 422
