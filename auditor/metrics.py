@@ -59,6 +59,12 @@ _BATCH_TOKEN_BUCKETS = (16, 64, 256, 1024, 4096, 16384, 65536)
 _ACTION_ORDER = ("block", "steer", "alert", "annotate")
 
 
+# Label values known before any event, whose series start at 0 (see AuditorMetrics.__init__).
+FAIL_OPEN_ROUTES = ("/v1/chat/completions", "/v1/completions", "/beta/litellm_basic_guardrail_api")
+FAILURE_KINDS = ("timeout", "overloaded", "completion_too_long", "internal")
+DELIVERY_RESULTS = ("success", "retry", "failure", "dropped")
+
+
 def rule_action(actions: Iterable[str]) -> str:
     """The strongest action of a rule (block > steer > alert > annotate), ``none`` for none."""
     names = set(actions)
@@ -82,7 +88,7 @@ class AuditorMetrics:
         self.requests = Counter(
             "auditor_requests_total",
             "HTTP requests by route template and outcome (ok, blocked, client_error, "
-            "unauthorized, too_large, overloaded, timeout, auditor_error, upstream_error).",
+            "unauthorized, too_large, overloaded, timeout, not_ready, auditor_error, upstream_error).",
             ["route", "outcome"],
             registry=registry,
         )
@@ -209,8 +215,15 @@ class AuditorMetrics:
             "1 once the model and policies are loaded.",
             registry=registry,
         )
+        # Labelled counters exist only once a label set is used, and increase() over a series
+        # that first appears at 6 is 0: a first burst would never fire an alert. Every label set
+        # known in advance starts at 0 here (policies' and sinks' when they are loaded).
         for result in ("success", "failure"):
             self.policy_reloads.labels(result=result)
+        for route in FAIL_OPEN_ROUTES:
+            self.fail_open.labels(route=route)
+        for kind in FAILURE_KINDS:
+            self.auditor_errors.labels(kind=kind)
 
     # ------------------------------------------------------------ helpers
 
@@ -234,10 +247,25 @@ class AuditorMetrics:
                 action=rule_action(match.actions),
             ).inc()
 
-    def set_policy(self, policy_hash: str, names: list[str]) -> None:
-        """Publish the policy set in service."""
+    def set_policy(self, policy_hash: str, names: list[str], engines: Iterable[Any] = ()) -> None:
+        """Publish the policy set in service; the verdict and rule-match series of ``engines``
+        (the loaded policies) start at 0, so the first matches count as an increase."""
         self.policy.info({"hash": policy_hash or "none", "policies": ",".join(sorted(names)) or "none"})
         self.policies_loaded.set(len(names))
+        for engine in engines:
+            for action in ("allow", "alert", "block"):
+                self.verdicts.labels(policy=engine.name, action=action)
+            for rule in engine.rules:
+                if rule.enabled:
+                    self.rule_matches.labels(
+                        policy=engine.name, rule=rule.id, severity=rule.severity, action=rule_action(rule.actions)
+                    )
+
+    def prime_sinks(self, sinks: Iterable[str]) -> None:
+        """Start the delivery series of the alert sinks at 0."""
+        for sink in sinks:
+            for result in DELIVERY_RESULTS:
+                self.alert_deliveries.labels(sink=sink, result=result)
 
     def on_delivery(self, sink: str, result: str) -> None:
         """``AlertDispatcher(on_delivery=...)`` callback."""

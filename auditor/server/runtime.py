@@ -245,7 +245,7 @@ def _load_runtime(
         store.on_reload(lambda result: _on_reload(metrics, store, result))
         metrics.policy_reloads.labels(result="success").inc()
         metrics.policy_reload_ok.set(1)
-        metrics.set_policy(store.hash, store.names)
+        metrics.set_policy(store.hash, store.names, store.engines.values())
     else:
         _log.warning(NO_POLICY_NOTE)
         metrics.set_policy("", [])
@@ -292,6 +292,7 @@ def _load_runtime(
     # Decide packing now (one small forward), not on the first request.
     _log.info("packed forwards: %s", "on" if auditor.pack else "off (the model's packed activations differ)")
     dispatcher = AlertDispatcher.from_config(settings.alerts_config(env), on_delivery=metrics.on_delivery)
+    metrics.prime_sinks(dispatcher.sink_names)
     dispatcher.start()
     batcher = MicroBatcher(
         auditor,
@@ -331,4 +332,4 @@ def _on_reload(metrics: AuditorMetrics, store: PolicyStore | None, result: Any) 
     metrics.policy_reloads.labels(result="success" if result.ok else "failure").inc()
     metrics.policy_reload_ok.set(1 if result.ok else 0)
     if result.ok and store is not None:
-        metrics.set_policy(store.hash, store.names)
+        metrics.set_policy(store.hash, store.names, store.engines.values())

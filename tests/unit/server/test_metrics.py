@@ -92,3 +92,38 @@ def test_promtool_accepts_the_exposition() -> None:
     registry, _ = _filled()
     result = subprocess.run([promtool, "check", "metrics"], input=render(registry), capture_output=True, timeout=60)
     assert result.returncode == 0, (result.stdout + result.stderr).decode()
+
+
+def _sample_values(registry: CollectorRegistry, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    return {
+        tuple(sorted(s.labels.items())): s.value
+        for f in text_string_to_metric_families(render(registry).decode())
+        for s in f.samples
+        if s.name == name
+    }
+
+
+def test_label_sets_known_in_advance_start_at_zero() -> None:
+    """A series that first appears at 6 has increase() 0: the first burst of critical matches,
+    fail-opens or errors would fire no alert. Every label set known in advance starts at 0."""
+    from pathlib import Path
+
+    from auditor.policy import load_policy
+
+    registry = CollectorRegistry()
+    m = AuditorMetrics(registry)
+    assert _sample_values(registry, "auditor_fail_open_total")[(("route", "/v1/chat/completions"),)] == 0.0
+    assert _sample_values(registry, "auditor_errors_total")[(("kind", "timeout"),)] == 0.0
+    engine = load_policy(Path(__file__).resolve().parents[3] / "policies" / "examples" / "deception.yaml")
+    m.set_policy("ab" * 32, [engine.name], [engine])
+    matches = _sample_values(registry, "auditor_rule_matches_total")
+    enabled = [r for r in engine.rules if r.enabled]
+    assert enabled and len(matches) == len(enabled) and set(matches.values()) == {0.0}
+    rule = enabled[0]
+    key = (("action", rule_action(rule.actions)), ("policy", engine.name), ("rule", rule.id), ("severity", rule.severity))
+    assert key in matches
+    verdicts = _sample_values(registry, "auditor_verdicts_total")
+    assert {dict(k)["action"] for k in verdicts} == {"allow", "alert", "block"} and set(verdicts.values()) == {0.0}
+    m.prime_sinks(["webhook"])
+    deliveries = _sample_values(registry, "auditor_alert_deliveries_total")
+    assert {dict(k)["result"] for k in deliveries} == {"success", "retry", "failure", "dropped"}
