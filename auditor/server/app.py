@@ -207,8 +207,8 @@ def outcome_for(exc: ServerError) -> str:
     """The ``outcome`` label of a request that ended in ``exc``."""
     if exc.status in _OUTCOME_BY_STATUS:
         return _OUTCOME_BY_STATUS[exc.status]
-    if exc.code == "overloaded":
-        return "overloaded"
+    if exc.code in ("overloaded", "not_ready"):
+        return exc.code
     return "auditor_error" if exc.status >= 500 else "client_error"
 
 

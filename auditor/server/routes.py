@@ -47,6 +47,7 @@ async def readyz(request: Request) -> JSONResponse:
         body: dict[str, Any] = {"status": status}
         if state.load_error is not None:
             body["error"] = state.load_error
+        request.state.outcome = "not_ready"  # an answer, not a failure of the server
         return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
     rt = state.runtime
     return JSONResponse(
@@ -474,6 +475,28 @@ async def stream_alerts(
         )
 
     return StreamingResponse(rt.alerts.subscribe(accept), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+@router.get("/v1/alerts/{alert_id}")
+async def get_alert(alert_id: str, request: Request) -> JSONResponse:
+    """One alert of the audit log by id (Alertmanager's ``generatorURL`` links here), with its
+    delivery state per sink."""
+    rt = get_runtime(request)
+    log = rt.dispatcher.log
+
+    def run() -> dict[str, Any] | None:
+        alert = log.get(alert_id)
+        if alert is None:
+            return None
+        out: dict[str, Any] = json.loads(alert.model_dump_json())
+        states = {sink: log.delivery_state(alert_id, sink) for sink in rt.dispatcher.sink_names}
+        out["deliveries"] = {sink: state for sink, state in states.items() if state is not None}
+        return out
+
+    body = await asyncio.get_running_loop().run_in_executor(None, run)
+    if body is None:
+        raise NotFoundError(f"no alert {alert_id!r} in the audit log (it may have been pruned); list them with GET /v1/alerts")
+    return JSONResponse(body)
 
 
 # ---------------------------------------------------------------- features

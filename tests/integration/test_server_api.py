@@ -382,6 +382,13 @@ def test_alerts_query_paging_and_stream(server: BackgroundServer) -> None:
     rest = httpx.get(server.url + "/v1/alerts", params={"rule_id": "fraud-any", "limit": 2, "after": page["next"]}).json()
     ids = [a["id"] for a in page["alerts"]] + [a["id"] for a in rest["alerts"]]
     assert len(ids) == len(set(ids)) and len(rest["alerts"]) >= 1
+    # One alert by id, where Alertmanager's generatorURL points.
+    first = page["alerts"][0]
+    by_id = httpx.get(server.url + f"/v1/alerts/{first['id']}")
+    assert by_id.status_code == 200 and by_id.json()["id"] == first["id"] and by_id.json()["rule_id"] == "fraud-any"
+    assert isinstance(by_id.json()["deliveries"], dict)
+    gone = httpx.get(server.url + "/v1/alerts/no-such-alert")
+    assert gone.status_code == 404 and "no alert 'no-such-alert'" in gone.json()["error"]["message"]
     one = httpx.get(server.url + "/v1/alerts", params={"request_id": "page-1"}).json()
     assert [a["request_id"] for a in one["alerts"]] == ["page-1"]
     assert httpx.get(server.url + "/v1/alerts", params={"min_severity": "extreme"}).status_code == 422
@@ -479,3 +486,18 @@ def test_create_app_loads_nothing_until_started(tmp_path: Path) -> None:
     app = create_app(Settings.load(flags={"data_dir": str(tmp_path)}, env={}))
     assert time.perf_counter() - t0 < 1.0
     assert app.state.auditor.runtime is None and not (tmp_path / "auditor-alerts.sqlite3").exists()
+
+
+def test_a_server_that_could_not_load_counts_its_503s_as_not_ready(tmp_path: Path) -> None:
+    settings = Settings.load(flags={"sae": str(tmp_path / "no-such-sae"), "data_dir": str(tmp_path)}, env={})
+    with BackgroundServer(create_app(settings)) as srv:
+        deadline = time.monotonic() + 60
+        while httpx.get(srv.url + "/healthz").status_code != 503:
+            assert time.monotonic() < deadline, "loading should fail on the missing SAE"
+            time.sleep(0.05)
+        assert httpx.get(srv.url + "/readyz").status_code == 503
+        assert _post(srv, "/v1/audit", {"text": "hi"}).status_code == 503
+        text = _metrics(srv)
+        assert _sample(text, "auditor_requests_total", route="/readyz", outcome="not_ready") == 1
+        assert _sample(text, "auditor_requests_total", route="/v1/audit", outcome="not_ready") == 1
+        assert _sample(text, "auditor_requests_total", route="/readyz", outcome="server_error") == 0
