@@ -97,7 +97,8 @@ class Alert(BaseModel):
     policy_name: str
     """Name of the policy the rule belongs to."""
     policy_hash: str
-    """Hash of the loaded policy set when the alert was raised."""
+    """Hash of the policy that raised the alert (its rules, library and probes), as
+    ``GET /v1/policies`` and ``auditor policy list`` show it: which version of the rule fired."""
     action: Literal["allow", "alert", "block"]
     """The verdict's overall action for the audited text."""
     score: float

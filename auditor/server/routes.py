@@ -99,7 +99,7 @@ def result_json(rt: Any, result: Any, engine: Any, *, top_k: int) -> dict[str, A
 
     out = result_to_json(result, model=rt.auditor.model.name, sae=rt.sae_name, top_k=top_k)
     out["policy"] = engine.name if engine is not None else None
-    out["policy_hash"] = rt.store.hash if rt.store is not None else None
+    out["policy_hash"] = engine.hash if engine is not None else None
     if result.verdict is None:
         out.update({"verdict": "allow", "matches": [], "scores": {}, "category_scores": {}, "note": rt.policy_note})
     return out

@@ -160,7 +160,6 @@ class Runtime:
         from auditor.alerts import alerts_from_verdict
 
         alerts: list[Alert] = []
-        policy_hash = self.store.hash if self.store is not None else ""
         for verdict, item in zip(verdicts, items):
             if verdict is None:
                 continue
@@ -173,7 +172,7 @@ class Runtime:
                     alerts_from_verdict(
                         verdict,
                         policy_name=engine.name,
-                        policy_hash=policy_hash,
+                        policy_hash=engine.hash,
                         source=source,  # type: ignore[arg-type]
                         text=audited_text(item, completion_only=True),
                         request_id=request_id or item.id,

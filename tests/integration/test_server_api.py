@@ -115,6 +115,9 @@ def test_audit_verdicts_explanations_and_scores(server: BackgroundServer) -> Non
     assert blocked.headers["x-auditor-verdict"] == "block"
     out = blocked.json()
     assert out["verdict"] == "block" and out["policy"] == "block-fraud" and len(out["policy_hash"]) == 64
+    # The hash of the policy that decided, as the policy listing shows it (not the whole set's).
+    listed = {p["name"]: p["hash"] for p in httpx.get(server.url + "/v1/policies").json()["policies"]}
+    assert out["policy_hash"] == listed["block-fraud"] != listed["quiet"]
     [match] = out["matches"]
     assert match["rule_id"] == "fraud-any" and match["severity"] == "high"
     [leaf] = match["explanation"]
@@ -387,6 +390,8 @@ def test_alerts_query_paging_and_stream(server: BackgroundServer) -> None:
     by_id = httpx.get(server.url + f"/v1/alerts/{first['id']}")
     assert by_id.status_code == 200 and by_id.json()["id"] == first["id"] and by_id.json()["rule_id"] == "fraud-any"
     assert isinstance(by_id.json()["deliveries"], dict)
+    listed = {p["name"]: p["hash"] for p in httpx.get(server.url + "/v1/policies").json()["policies"]}
+    assert by_id.json()["policy_hash"] == listed["block-fraud"]
     gone = httpx.get(server.url + "/v1/alerts/no-such-alert")
     assert gone.status_code == 404 and "no alert 'no-such-alert'" in gone.json()["error"]["message"]
     one = httpx.get(server.url + "/v1/alerts", params={"request_id": "page-1"}).json()
