@@ -270,10 +270,58 @@ def test_sidecar_config_and_starter_policy_load() -> None:
 
     settings = Settings.load(env={}, config_file=DEPLOY / "auditor.yaml")
     assert settings.host == "0.0.0.0" and settings.port == 8080
-    assert settings.policies == ["/etc/sae-auditor/policies"] and settings.policy_watch_s > 0
+    assert settings.policy_watch_s > 0
     [sink] = settings.alerts.sinks
     assert sink.type == "alertmanager" and sink.url == "http://alertmanager:9093"
     assert validate_files([DEPLOY / "policies" / "starter.yaml"]) == []
+
+
+# The sidecars audit with the shipped default policy, read from the image (no copy to drift),
+# beside the editable policy folder the compose file or the ConfigMap mounts.
+POLICY_FOLDER = "/etc/sae-auditor/policies"
+IMAGE_DEFAULT_POLICY = "/app/policies/default.yaml"
+
+
+def _in_image(path: str) -> Path:
+    """The repository file that the image holds at ``path`` (the Dockerfile copies the tree to /app)."""
+    instructions = _dockerfile()
+    assert ("WORKDIR", "/app") in instructions and ("COPY", "policies ./policies") in instructions
+    assert path.startswith("/app/"), path
+    return REPO / path.removeprefix("/app/")
+
+
+def _policy_store(settings: Any, folder: Path) -> Any:
+    """The policy set a sidecar with ``settings`` loads, with the mounted folder at ``folder``."""
+    from auditor.policy import PolicyStore
+
+    paths = [folder if p == POLICY_FOLDER else _in_image(p) for p in settings.policies]
+    return PolicyStore(paths, default=settings.default_policy)
+
+
+def _assert_runs_the_shipped_default(settings: Any, folder: Path) -> None:
+    from auditor.pipeline import default_policy_path
+
+    assert settings.policies == [POLICY_FOLDER, IMAGE_DEFAULT_POLICY]
+    assert _in_image(IMAGE_DEFAULT_POLICY) == default_policy_path()
+    store = _policy_store(settings, folder)
+    assert set(store.names) == {"starter", "default"}
+    default = store.current()  # what a request that names no policy (and the proxy) gets
+    assert default.name == "default" and default.sources and default_policy_path() in default.sources
+    categories = {rule.category for rule in default.policy.rules}
+    assert {"bias", "dangerous", "deception", "privacy", "self_harm"} <= categories
+
+
+def test_compose_sidecars_run_the_shipped_default_policy() -> None:
+    from auditor.server.settings import Settings
+
+    settings = Settings.load(env={}, config_file=DEPLOY / "auditor.yaml")
+    _assert_runs_the_shipped_default(settings, DEPLOY / "policies")
+    # Both sidecars mount the config and the editable folder where the settings look for them.
+    services = load_yaml(DEPLOY / "compose.yaml")["services"]
+    for name in ("auditor", "auditor-proxy"):
+        volumes = services[name]["volumes"]
+        assert f"./policies:{POLICY_FOLDER}:ro" in volumes, name
+        assert "./auditor.yaml:/etc/sae-auditor/auditor.yaml:ro" in volumes, name
 
 
 # ---------------------------------------------------------------- Dockerfile
@@ -422,12 +470,21 @@ def test_configmaps_hold_a_valid_config_and_the_starter_policy(tmp_path: Path) -
     maps = {d["metadata"]["name"]: d for _, d in k8s_documents() if d["kind"] == "ConfigMap"}
     policies = maps["sae-auditor-policies"]["data"]
     assert yaml.safe_load(policies["starter.yaml"]) == load_yaml(DEPLOY / "policies" / "starter.yaml")
+    folder = tmp_path / "policies"
+    folder.mkdir()
     for name, text in policies.items():
-        path = tmp_path / name
+        path = folder / name
         path.write_text(text)
         assert validate_files([path]) == [], name
     config = tmp_path / "auditor.yaml"
     config.write_text(maps["sae-auditor-config"]["data"]["auditor.yaml"])
     settings = Settings.load(env={}, config_file=config)
     assert settings.upstream == "http://127.0.0.1:8000" and settings.policy_watch_s > 0
-    assert settings.policies == ["/etc/sae-auditor/policies"]
+    _assert_runs_the_shipped_default(settings, folder)
+    # The mounts put the ConfigMaps where the settings look for them.
+    pod = _deployment()["spec"]["template"]["spec"]
+    [auditor] = pod["initContainers"]
+    mounts = {m["name"]: m for m in auditor["volumeMounts"]}
+    assert mounts["policies"]["mountPath"] == POLICY_FOLDER
+    env = {e["name"]: e.get("value") for e in auditor["env"]}
+    assert mounts["auditor-config"]["mountPath"] == env["AUDITOR_CONFIG"]
