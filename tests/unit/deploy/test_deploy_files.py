@@ -519,8 +519,12 @@ def test_auditor_is_a_native_sidecar_of_vllm() -> None:
     [vllm] = pod["containers"]
     assert auditor["restartPolicy"] == "Always"
     assert vllm["name"] == "vllm" and "127.0.0.1" in vllm["args"]  # reachable only through the auditor
-    for probe, path in (("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+    # vLLM starts once the sidecar's startup probe passes: that must mean loaded (/readyz), not
+    # only listening (/healthz answers while the model still loads), with time for the load.
+    for probe, path in (("startupProbe", "/readyz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
         assert auditor[probe]["httpGet"] == {"path": path, "port": "http"}
+    startup = auditor["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 180
     assert auditor["resources"]["requests"] and auditor["resources"]["limits"]["memory"]
     assert vllm["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert auditor["securityContext"]["runAsNonRoot"] and auditor["securityContext"]["readOnlyRootFilesystem"]
