@@ -44,6 +44,7 @@ from tests.unit.deploy._shipped import (
     metric_names,
     rule_queries,
     variable_queries,
+    without_zero_fallback,
 )
 
 K8S_VERSION = "1.33"  # native sidecars (initContainers[].restartPolicy) need >= 1.29
@@ -180,6 +181,64 @@ def test_dashboard_queries_parse(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- Grafana
+
+
+#: Panels that count rare events. A labelled counter has no series before its first event, so
+#: without a fallback they would say "No data" where the answer is 0.
+ZERO_WHEN_ABSENT = (
+    "Fail-open events (range)",
+    "Critical matches (range)",
+    "Fail-open events by route",
+    "Auditor errors / s by kind",
+    "Upstream requests / s by status",
+)
+
+
+def _zero_fallback_queries() -> list[tuple[str, str]]:
+    out = [(q.where, q.expr) for q in dashboard_queries() if any(q.where.startswith(f"panel {t!r}") for t in ZERO_WHEN_ABSENT)]
+    assert len(out) == len(ZERO_WHEN_ABSENT)
+    return out
+
+
+def test_rare_event_panels_show_zero_without_series(tmp_path: Path) -> None:
+    absent: list[dict[str, Any]] = []
+    present: list[dict[str, Any]] = []
+    series = []
+    for where, expr in _zero_fallback_queries():
+        signal = without_zero_fallback(expr)
+        assert signal != expr, f"{where}: no `or vector(0)` fallback"
+        if re.match(r"\s*\w+\s+by\s*\(", signal):
+            # Per-label series: `or on()`, so the 0 series shows only while there is no other.
+            assert expr[len(signal):].lstrip().startswith("or on() "), where
+        label = re.search(r'label_replace\(vector\(0\),\s*"(\w+)",\s*"([^"]*)"', expr)
+        labels = f'{{{label[1]}="{label[2]}"}}' if label else "{}"
+        absent.append({"expr": expr, "eval_time": "10m", "exp_samples": [{"labels": labels, "value": 0}]})
+        present.append({"expr": f"count({expr})", "eval_time": "10m", "exp_samples": [{"labels": "{}", "value": 1}]})
+        for name in metric_names(signal):
+            series.append({
+                "series": f'{name}{{job="sae-auditor", instance="a:8080", severity="critical", route="/v1/chat/completions", kind="timeout", outcome="200"}}',
+                "values": "0+1x60",
+            })
+    tests = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [
+            # Nothing exported yet: each panel draws one 0 series.
+            {"interval": "15s", "input_series": [{"series": 'up{job="sae-auditor"}', "values": "1x60"}], "promql_expr_test": absent},
+            # Events counted: only the real series, no extra 0.
+            {"interval": "15s", "input_series": series, "promql_expr_test": present},
+        ],
+    }
+    path = tmp_path / "fallback.test.yml"
+    path.write_text(yaml.safe_dump(tests, sort_keys=False))
+    proc = _run(_tool("promtool"), "test", "rules", str(path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_zero_fallback_is_stripped() -> None:
+    assert without_zero_fallback("sum(x) or vector(0)") == "sum(x)"
+    assert without_zero_fallback('sum by (k) (x) or on() label_replace(vector(0), "k", "none", "", "")') == "sum by (k) (x)"
+    assert without_zero_fallback("a or b") == "a or b"
 
 
 def test_dashboard_structure() -> None:
