@@ -40,6 +40,7 @@ from tests.unit.deploy._shipped import (
     dashboard_queries,
     rule_queries,
     variable_queries,
+    without_zero_fallback,
 )
 
 pytestmark = pytest.mark.integration
@@ -312,6 +313,9 @@ RULE_QUERIES = rule_queries()
 def test_dashboard_query_returns_data(traffic: Stack, query: Query) -> None:
     data = _query(traffic, query.expr)
     assert data["result"], f"{query.where}: no data for {query.expr}"
+    # A panel that falls back to 0 without series must still get them from the traffic.
+    signal = without_zero_fallback(query.expr)
+    assert _query(traffic, signal)["result"], f"{query.where}: no data for {signal}"
 
 
 @pytest.mark.parametrize("query", RULE_QUERIES, ids=_ids(RULE_QUERIES))

