@@ -81,3 +81,13 @@ def test_parser_has_both_commands() -> None:
     parser = build_parser()
     args = parser.parse_args(["generate", "x", "--steer", "a.b=clamp:0", "--steer", "3=add:1", "--compare"])
     assert args.steer == ["a.b=clamp:0", "3=add:1"] and args.compare
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-1"])
+def test_generate_refuses_a_temperature_that_is_not_finite_before_loading(
+    tmp_path: Path, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The model path does not exist: the flag is checked before anything loads.
+    assert main(["generate", "Hi", "--model", str(tmp_path / "none"), f"--temperature={value}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --temperature must be a finite number >= 0 (0 is greedy), got ") and "Traceback" not in err
