@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from auditor.errors import ConfigError
-from auditor.models.loading import MODEL_DTYPES
+from auditor.models.loading import MODEL_DTYPES, parse_device
 from auditor.text import AuditInput, audited_text, parse_input
 
 __all__ = ["register", "result_to_json"]
@@ -198,6 +198,7 @@ def run_audit(args: argparse.Namespace) -> int:
         raise ConfigError("give either a TEXT argument or --input FILE.jsonl (not both, not neither)")
     if args.top_k < 0:
         raise ConfigError(f"--top-k must be >= 0, got {args.top_k}")
+    parse_device(args.device)  # before the inputs are read and anything loads
     if args.input is not None:
         items = _read_inputs(args.input)
     elif args.chat:

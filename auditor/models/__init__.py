@@ -16,6 +16,7 @@ from auditor.models.loading import (
     check_sae_compatible,
     default_model_path,
     load_model,
+    parse_device,
 )
 from auditor.models.streams import StreamCache, capture_streams, enable_streams, streams_supported
 
@@ -43,6 +44,7 @@ __all__ = [
     "load_model",
     "pack_rows",
     "packing_supported",
+    "parse_device",
     "parse_hookpoint",
     "position_ids_from_mask",
     "resolve_hookpoints",

@@ -41,6 +41,7 @@ __all__ = [
     "check_sae_compatible",
     "default_model_path",
     "load_model",
+    "parse_device",
 ]
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -133,7 +134,7 @@ def load_model(
     Raises :class:`ModelError` with what to install or fix.
     """
     env = os.environ if env is None else env
-    torch_device = _parse_device(device)
+    torch_device = parse_device(device)
     torch_dtype = _parse_dtype(dtype, torch_device)
     spec = str(name_or_path) if name_or_path is not None else env.get("AUDITOR_MODEL") or None
 
@@ -192,14 +193,63 @@ def check_sae_compatible(loaded: LoadedModel, d_in: int, hookpoint: str | Hookpo
     return point
 
 
-def _parse_device(device: str | torch.device) -> torch.device:
+def parse_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device this process can use, else :class:`ModelError` saying why.
+
+    The one check of a device (``--device`` of every command, the sidecar's ``device``
+    setting, :func:`load_model`), made before anything loads, so a typo or a GPU that is
+    not there fails at once instead of as torch's error halfway through.
+
+    Example::
+
+        >>> parse_device("cpu")
+        device(type='cpu')
+    """
     try:
         parsed = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ModelError(f"invalid device {device!r}: {exc}; use cpu, cuda, cuda:0, ...") from exc
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise ModelError(f"device {device!r} requested but CUDA is not available; use device='cpu'")
+    except (RuntimeError, TypeError):
+        raise ModelError(
+            f"invalid device {device!r} (expected a torch device such as cpu, cuda or cuda:0); "
+            f"available here: {_usable_devices()}"
+        ) from None
+    if parsed.type == "cpu":
+        return parsed
+    count = _device_count(parsed.type)
+    if count == 0:
+        if parsed.type == "cuda" and not torch.backends.cuda.is_built():
+            why = f"this torch ({torch.__version__}) was built without CUDA"
+        else:
+            why = f"no {parsed.type} device is available"
+        raise ModelError(f"device {device!r} cannot be used: {why}; available here: {_usable_devices()}")
+    if parsed.index is not None and parsed.index >= count:
+        raise ModelError(
+            f"device {device!r} does not exist: there are {count} {parsed.type} device(s); "
+            f"available here: {_usable_devices()}"
+        )
     return parsed
+
+
+def _device_count(kind: str) -> int:
+    """How many ``kind`` devices this process can use (0 also for kinds torch cannot run on here)."""
+    if kind == "mps":
+        return 1 if torch.backends.mps.is_available() else 0
+    backend = getattr(torch, kind, None)  # torch.cuda, torch.xpu, ...
+    try:
+        return int(backend.device_count()) if backend is not None and backend.is_available() else 0
+    except (AttributeError, RuntimeError):
+        return 0
+
+
+def _usable_devices() -> str:
+    """The devices this process can use: ``cpu``, then those of the GPU kinds present."""
+    names = ["cpu"]
+    for kind in ("cuda", "xpu", "mps"):
+        count = _device_count(kind)
+        if kind == "mps" and count:
+            names.append("mps")
+        elif count:
+            names += [kind] + [f"{kind}:{i}" for i in range(count)]
+    return ", ".join(names)
 
 
 def _parse_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:

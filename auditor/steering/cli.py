@@ -87,6 +87,7 @@ def _limits(args: argparse.Namespace) -> Any:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from auditor.models import parse_device
     from auditor.pipeline import Auditor
     from auditor.steering.generate import generate
     from auditor.text import AuditInput
@@ -95,6 +96,7 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise ConfigError(f"--temperature must be a finite number >= 0 (0 is greedy), got {args.temperature}")
+    parse_device(args.device)
     limits = _limits(args)
     if args.raw:
         item = AuditInput(prompt=args.prompt)

@@ -11,7 +11,7 @@ from tokenizers.models import WordLevel
 from auditor.errors import HookpointError, ModelError
 from auditor.models import loading
 from auditor.models.hookpoints import Hookpoint
-from auditor.models.loading import cache_root, check_sae_compatible, default_model_path, load_model
+from auditor.models.loading import cache_root, check_sae_compatible, default_model_path, load_model, parse_device
 
 from .conftest import HIDDEN, LAYERS, build_model
 
@@ -81,8 +81,34 @@ def test_load_errors(tmp_path: Path, tiny_folder: Path, spec: str, kwargs: dict[
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when CUDA is missing")
 def test_cuda_without_cuda(tiny_folder: Path) -> None:
-    with pytest.raises(ModelError, match="CUDA is not available; use device='cpu'"):
+    with pytest.raises(ModelError, match=r"device 'cuda' cannot be used: .*; available here: cpu"):
         load_model(str(tiny_folder), device="cuda", env={})
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("nosuch", "invalid device 'nosuch' (expected a torch device such as cpu, cuda or cuda:0); available here: cpu"),
+        ("", "invalid device '' (expected a torch device such as cpu, cuda or cuda:0); available here: cpu"),
+        ("cuda:x", "invalid device 'cuda:x' (expected a torch device such as cpu, cuda or cuda:0); available here: cpu"),
+        ("meta", "device 'meta' cannot be used: no meta device is available; available here: cpu"),
+    ],
+)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the devices offered are those of a machine without a GPU")
+def test_parse_device_says_what_is_wrong_and_what_is_available(device: str, message: str) -> None:
+    with pytest.raises(ModelError) as info:
+        parse_device(device)
+    assert info.value.message == message
+
+
+def test_parse_device_accepts_the_cpu_and_present_gpus() -> None:
+    assert parse_device("cpu") == torch.device("cpu")
+    assert parse_device(torch.device("cpu")) == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert parse_device("cuda:0") == torch.device("cuda:0")
+        n = torch.cuda.device_count()
+        with pytest.raises(ModelError, match=f"device 'cuda:{n}' does not exist: there are {n} cuda device"):
+            parse_device(f"cuda:{n}")
 
 
 def test_broken_gguf_leaves_no_cache(tmp_path: Path) -> None:
