@@ -70,6 +70,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     e.add_argument("--steer", action="append", required=True, metavar="NAME=add:C", help="feature and coefficient (repeatable)")
     e.add_argument("--output", "-o", required=True, metavar="FILE.gguf", help="where to write the GGUF file")
     e.add_argument("--model-hint", metavar="TEXT", help="controlvector.model_hint (default: the SAE's model name)")
+    e.add_argument(
+        "--model", metavar="NAME|PATH",
+        help="the model llama.cpp will steer, whose layer count and width the SAE's hookpoint must fit: a .gguf file, "
+        "a folder or a Hub id; only its configuration is read (default: embedded SmolLM2-135M-Instruct; env AUDITOR_MODEL)",
+    )
     _sae_args(e)
     _limit_args(e)
     e.set_defaults(func=run_export)
@@ -204,6 +209,7 @@ def print_result(result: Any, out: TextIO, *, compare: bool) -> None:
 def run_export(args: argparse.Namespace) -> int:
     from auditor._output import check_output_file
     from auditor.features import load_library
+    from auditor.models import check_sae_compatible, model_shape
     from auditor.pipeline import _default_library, check_fit
     from auditor.sae import load_sae
     from auditor.steering.control_vector import control_vector, write_control_vector
@@ -219,6 +225,8 @@ def run_export(args: argparse.Namespace) -> int:
         sae_name = str(lib.resolve_path(lib.sae.path))
     sae = load_sae(sae_name)
     hookpoint = check_fit(sae, library=lib, hookpoint=args.hookpoint, sae_name=sae_name)
+    # The layer must exist in the model the file is for (direction.N of a missing layer is silently useless).
+    check_sae_compatible(model_shape(args.model), sae.cfg.d_in, hookpoint)
     slots = resolve_interventions(args.steer, library=lib, d_sae=sae.cfg.d_sae, limits=_limits(args))
     wrong = [s for s in slots if s.mode != "add" or s.positions != "all"]
     if wrong:

@@ -11,7 +11,15 @@ from tokenizers.models import WordLevel
 from auditor.errors import HookpointError, ModelError
 from auditor.models import loading
 from auditor.models.hookpoints import Hookpoint
-from auditor.models.loading import cache_root, check_sae_compatible, default_model_path, load_model, parse_device
+from auditor.models.loading import (
+    ModelShape,
+    cache_root,
+    check_sae_compatible,
+    default_model_path,
+    load_model,
+    model_shape,
+    parse_device,
+)
 
 from .conftest import HIDDEN, LAYERS, build_model
 
@@ -141,3 +149,26 @@ def test_check_sae_compatible(tiny_folder: Path) -> None:
         check_sae_compatible(loaded, HIDDEN, f"blocks.{LAYERS}.hook_resid_post")
     with pytest.raises(HookpointError, match="malformed hookpoint"):
         check_sae_compatible(loaded, HIDDEN, "layers.1")
+
+
+def test_model_shape_reads_only_the_configuration(tiny_folder: Path, tmp_path: Path) -> None:
+    assert model_shape(str(tiny_folder), env={}) == ModelShape(tiny_folder.name, HIDDEN, LAYERS)
+    assert model_shape(env={"AUDITOR_MODEL": str(tiny_folder)}).n_layers == LAYERS
+    import gguf
+
+    path = tmp_path / "meta-only.gguf"  # metadata, no tensors: the weights are never read
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(7)
+    writer.add_embedding_length(48)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert model_shape(str(path), env={}) == ModelShape("meta-only", 48, 7)
+    (tmp_path / "broken.gguf").write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(ModelError, match=r"could not read the model's width and number of layers from the GGUF file"):
+        model_shape(str(tmp_path / "broken.gguf"), env={})
+    with pytest.raises(ModelError, match=r"GGUF file .*missing\.gguf does not exist"):
+        model_shape(str(tmp_path / "missing.gguf"), env={})
+    with pytest.raises(ModelError, match="could not read the configuration of the folder"):
+        model_shape(str(tmp_path), env={})
