@@ -62,6 +62,14 @@ def test_generate_refuses_out_of_bound_steering(saved: tuple[Path, Path], capsys
     assert "exceeds the limit 10" in capsys.readouterr().err
 
 
+def test_a_steering_spec_spells_its_value_in_every_mode(saved: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    model_dir, lib = saved
+    for spec, fix in (("mood.sad=clamp", "mood.sad=clamp:0"), ("mood.sad=add", "mood.sad=add:8"), ("9=scale", "9=scale:0.5")):
+        code = main(["generate", "Hi", "--model", str(model_dir), "--library", str(lib), "--steer", spec, "--max-tokens", "1"])
+        err = capsys.readouterr().err
+        assert code == 2 and f"needs a value, e.g. {fix}; expected NAME=MODE:VALUE" in err, err
+
+
 def test_export_control_vector(saved: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model_dir, lib = saved
     out = tmp_path / "v.gguf"
