@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         ),
     )
     g.add_argument("prompt", help="the user message (or, with --raw, the text to continue)")
-    g.add_argument("--steer", action="append", default=[], metavar="SPEC", help="an intervention, e.g. deception.fraud=clamp:0 (repeatable)")
+    g.add_argument("--steer", action="append", default=[], metavar="SPEC", help="an intervention, e.g. deception.pretend_to_be=clamp:0 (repeatable)")
     g.add_argument("--compare", action="store_true", help="also generate without steering and print both side by side")
     g.add_argument("--raw", action="store_true", help="continue PROMPT as plain text instead of a chat user message")
     g.add_argument("--system", metavar="TEXT", help="system message for the chat (default: the template's own)")

@@ -69,7 +69,8 @@ POSITIONS: tuple[str, ...] = get_args(Positions)
 # name=mode:value[@positions]; the name is a library name, an index or #index.
 _CLI_FORM = re.compile(r"^\s*(?P<feature>[^=\s]+)\s*=\s*(?P<mode>[a-z]+)\s*(?::\s*(?P<value>[^@\s]+))?\s*(?:@\s*(?P<pos>[a-z]+))?\s*$")
 _INDEX_FORM = re.compile(r"^#?(?P<index>[0-9]+)$")
-_CLI_HELP = "expected NAME=MODE:VALUE[@active|@all], e.g. deception.fraud=clamp:0 or 1234=add:8@all"
+# The example names a feature of the default library (a test keeps it there).
+_CLI_HELP = "expected NAME=MODE:VALUE[@active|@all], e.g. deception.pretend_to_be=clamp:0 or 1234=add:8@all"
 _EXAMPLE_VALUES = {"clamp": "0", "scale": "0.5", "add": "8"}
 
 

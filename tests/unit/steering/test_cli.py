@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import gguf
@@ -135,3 +136,17 @@ def test_generate_refuses_a_temperature_that_is_not_finite_before_loading(
     assert main(["generate", "Hi", "--model", str(tmp_path / "none"), f"--temperature={value}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --temperature must be a finite number >= 0 (0 is greedy), got ") and "Traceback" not in err
+
+
+def test_the_steering_examples_name_features_of_the_default_library(capsys: pytest.CaptureFixture[str]) -> None:
+    from auditor.features import load_library
+    from auditor.pipeline import DEFAULT_LIBRARY
+    from auditor.steering.interventions import _CLI_HELP
+
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    shown = capsys.readouterr().out + _CLI_HELP
+    names = set(re.findall(r"\b([a-z_]+\.[a-z_]+)=(?:clamp|scale|add):", shown))
+    assert names, shown
+    library = load_library(DEFAULT_LIBRARY)
+    assert [n for n in sorted(names) if not library.has(n)] == []
