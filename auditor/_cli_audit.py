@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from auditor.errors import ConfigError
-from auditor.models.loading import MODEL_DTYPES
+from auditor.models.loading import MODEL_DTYPES, parse_device
 from auditor.text import AuditInput, audited_text, parse_input
 
 __all__ = ["register", "result_to_json"]
@@ -143,31 +143,12 @@ def _alerts_config(args: argparse.Namespace) -> Any:
         return None
     if args.policy is None:
         raise ConfigError("--audit-log and --alerts-config need --policy (alerts come from policy rules)")
-    import yaml
-    from pydantic import ValidationError
+    from auditor.alerts import AlertsConfig, load_alerts_config
 
-    from auditor.alerts import AlertsConfig
-
-    data: dict[str, Any] = {}
-    if args.alerts_config is not None:
-        path = Path(args.alerts_config)
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such file (--alerts-config expects a YAML file)")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of alert settings")
-        data = dict(loaded.get("alerts", loaded))
+    config = load_alerts_config(args.alerts_config) if args.alerts_config is not None else AlertsConfig()
     if args.audit_log is not None:
-        data["log_path"] = args.audit_log
-    try:
-        return AlertsConfig.model_validate(data)
-    except ValidationError as exc:
-        where = args.alerts_config or "--audit-log"
-        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'alerts'}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"{where}: invalid alerts configuration: {problems}") from None
+        config = config.model_copy(update={"log_path": Path(args.audit_log)})
+    return config
 
 
 def _print_human(result: Any, out: TextIO, *, top_k: int) -> None:
@@ -198,6 +179,7 @@ def run_audit(args: argparse.Namespace) -> int:
         raise ConfigError("give either a TEXT argument or --input FILE.jsonl (not both, not neither)")
     if args.top_k < 0:
         raise ConfigError(f"--top-k must be >= 0, got {args.top_k}")
+    parse_device(args.device)  # before the inputs are read and anything loads
     if args.input is not None:
         items = _read_inputs(args.input)
     elif args.chat:

@@ -196,10 +196,11 @@ class Auditor:
         the SAE is ``sae``, else the library's.
         """
         from auditor.features import load_library
-        from auditor.models import load_model
+        from auditor.models import load_model, parse_device
         from auditor.policy import load_policy
         from auditor.sae import load_sae
 
+        parse_device(device)  # before the SAE loads onto it
         engine = load_policy(policy) if policy else None
         lib = resolve_library(
             load_library(library) if library else None, [engine] if engine is not None else [], sae_given=sae is not None

@@ -12,6 +12,7 @@ from auditor.alerts.config import (
     SinkConfig,
     TextMode,
     WebhookSinkConfig,
+    load_alerts_config,
 )
 from auditor.alerts.dispatcher import AlertDispatcher, DeliveryResult, DispatcherStats, SinkStats, backoff_delay
 from auditor.alerts.log import SCHEMA_VERSION, AuditLog, apply_text_mode
@@ -52,6 +53,7 @@ __all__ = [
     "apply_text_mode",
     "backoff_delay",
     "build_sink",
+    "load_alerts_config",
     "severity_rank",
     "text_sha256",
 ]

@@ -6,11 +6,14 @@ configuration) and validates itself; every field has a docstring.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from auditor.errors import ConfigError
 
 __all__ = [
     "AlertmanagerSinkConfig",
@@ -19,6 +22,7 @@ __all__ = [
     "SinkConfig",
     "TextMode",
     "WebhookSinkConfig",
+    "load_alerts_config",
 ]
 
 TextMode = Literal["store", "hash", "drop"]
@@ -161,3 +165,72 @@ class AlertsConfig(BaseModel):
     def sink_names(self) -> list[str]:
         """Names of the configured sinks, in order (``name`` or else the type)."""
         return [sink.name or sink.type for sink in self.sinks]
+
+
+class _AlertsFile(BaseModel):
+    """An alerts configuration file with its settings under ``alerts:``, as in the sidecar's configuration."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    """The alert settings."""
+
+
+def load_alerts_config(path: str | os.PathLike[str]) -> AlertsConfig:
+    """Read an alerts configuration file: the settings under ``alerts:`` (the sidecar's layout) or at the top.
+
+    The one reader of such files (``auditor audit --alerts-config``). It reads YAML as
+    policies and libraries do (control characters, alias bombs and absurd nesting are
+    refused) and reports every problem, unknown keys at any level included, as
+    ``FILE:LINE:COLUMN: message`` in one :class:`ConfigError`.
+
+    Example::
+
+        cfg = load_alerts_config("alerts.yaml")     # alerts: {log_path: alerts.sqlite3, sinks: [...]}
+    """
+    from auditor.features.yamlsource import YamlProblem, parse_yaml, pydantic_problems
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: no such file (an alerts configuration is a YAML file)")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: cannot read it: {exc}") from None
+    data, smap, problems = parse_yaml(text)
+    config: AlertsConfig | None = None
+    if not problems:
+        data = {} if data is None else data
+        if not isinstance(data, dict):
+            what = "expected a mapping of alert settings (log_path, sinks, ...), or 'alerts:' holding them"
+            problems = [YamlProblem(1, 1, what)]
+        else:
+            wrapped = "alerts" in data
+            if wrapped and data["alerts"] is None:
+                data["alerts"] = {}  # an empty section: the defaults
+            try:
+                if wrapped:
+                    config = _AlertsFile.model_validate(data).alerts
+                else:
+                    config = AlertsConfig.model_validate(data)
+            except ValidationError as exc:
+                problems = pydantic_problems(exc, data, smap, known_keys=_KNOWN_KEYS)
+    if config is None:
+        raise ConfigError("\n".join(_located(p, prob) for prob in problems))
+    return config
+
+
+def _located(path: Path, problem: Any) -> str:
+    where = str(path)
+    if problem.line is not None:
+        where += f":{problem.line}" + (f":{problem.column}" if problem.column is not None else "")
+    return f"{where}: {problem.message}"
+
+
+# Every key an alerts configuration may hold, for "did you mean" on an unknown one.
+_KNOWN_KEYS = {
+    "alerts",
+    *AlertsConfig.model_fields,
+    *WebhookSinkConfig.model_fields,
+    *AlertmanagerSinkConfig.model_fields,
+}

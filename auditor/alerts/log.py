@@ -23,7 +23,7 @@ from auditor.alerts.config import TextMode
 from auditor.alerts.model import SEVERITIES, Alert, severity_rank
 from auditor.errors import AuditLogError
 
-__all__ = ["AuditLog", "DeliveryState", "SCHEMA_VERSION", "apply_text_mode"]
+__all__ = ["AuditLog", "DeliveryState", "SCHEMA_VERSION", "apply_text_mode", "check_time_range", "parse_time"]
 
 DeliveryState = Literal["pending", "delivered", "dropped"]
 
@@ -104,6 +104,26 @@ def parse_time(value: str, *, now: datetime | None = None) -> datetime:
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=timezone.utc)
 
 
+def check_time_range(
+    since: datetime | None, until: datetime | None, *, names: tuple[str, str] = ("since", "until")
+) -> None:
+    """Raise :class:`AuditLogError` when ``since`` is after ``until`` (``names`` say what each is called
+    where the user wrote it). Such a range matches nothing, and a query would answer it as silently
+    as a range with no alerts in it; two durations the wrong way round (``since 1h``, ``until 2h``)
+    are the usual cause."""
+    if since is None or until is None or _to_us(since) <= _to_us(until):
+        return
+    first, second = names
+    raise AuditLogError(
+        f"{first} ({_iso(since)}) is after {second} ({_iso(until)}), so no alert can match; {first} is where the "
+        f"range starts and {second} where it ends (a duration counts back from now: 2h is earlier than 1h)"
+    )
+
+
+def _iso(value: datetime) -> str:
+    return value.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
 def _is_number(text: str) -> bool:
     """Digits with at most one decimal point."""
     return text.replace(".", "", 1).isdigit()
@@ -131,6 +151,7 @@ class _Filters:
     request_id: str | None = None
 
     def where(self) -> tuple[list[str], list[object]]:
+        check_time_range(self.since, self.until)
         clauses: list[str] = []
         params: list[object] = []
         if self.since is not None:
@@ -456,6 +477,7 @@ class AuditLog:
         ``dest`` is a path (overwritten) or an open text file. Filters as :meth:`query`.
         """
         if isinstance(dest, (str, Path)):
+            _Filters(**filters).where()  # type: ignore[arg-type]  # a bad filter fails before the file is made
             with open(dest, "w", encoding="utf-8") as fh:
                 return self._export(fh, filters)
         return self._export(dest, filters)

@@ -38,6 +38,7 @@ from auditor.errors import DatasetError, LibraryError
 from auditor.features.discover import auroc_columns, category_rows, discover, tpr_at_fpr
 from auditor.features.labelled import BENIGN, TRAIN, LabelledRow, Pooled, Side
 from auditor.features.library import FEATURE_NAME_PATTERN, Feature, FeatureLibrary, FeatureStats, ProbeEntry, SAEStats
+from auditor.features.yamlsource import parse_yaml
 
 __all__ = [
     "FeatureLabel",
@@ -93,22 +94,44 @@ class FeatureLabel:
 
 
 def load_labels(path: str | Path) -> list[FeatureLabel]:
-    """Read a labels file: a YAML list of ``{index, name, description}``."""
+    """Read a labels file: a YAML list of ``{index, name, description}``.
+
+    Read as policies and libraries are (:func:`~auditor.features.yamlsource.parse_yaml`:
+    control characters, alias bombs and absurd nesting refused); a problem names
+    ``FILE:LINE:COLUMN``.
+    """
     p = Path(path)
     if not p.is_file():
         raise DatasetError(str(p), "no such labels file")
-    data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetError(str(p), f"cannot read it: {exc}") from None
+    data, smap, problems = parse_yaml(text)
+    if problems:
+        first = problems[0]
+        raise DatasetError(_located(p, first.line, first.column), first.message)
     if not isinstance(data, list):
         raise DatasetError(str(p), "a labels file is a YAML list of {index, name, description}")
     out: list[FeatureLabel] = []
     for i, item in enumerate(data):
-        if not isinstance(item, dict) or not isinstance(item.get("index"), int) or not isinstance(item.get("name"), str):
-            raise DatasetError(str(p), f"entry {i}: needs an integer 'index' and a string 'name'")
+        where = _located(p, *(smap.value((i,)) or (None, None)))
+        index = item.get("index") if isinstance(item, dict) else None
+        if isinstance(index, bool) or not isinstance(index, int) or not isinstance(item.get("name"), str):
+            raise DatasetError(where, f"entry {i}: needs an integer 'index' and a string 'name'")
         if not re.match(FEATURE_NAME_PATTERN, item["name"]):
-            raise DatasetError(str(p), f"entry {i}: name {item['name']!r} is not dotted lowercase like 'deception.fraud'")
-        out.append(FeatureLabel(item["index"], item["name"], str(item.get("description", ""))))
+            raise DatasetError(where, f"entry {i}: name {item['name']!r} is not dotted lowercase like 'deception.fraud'")
+        out.append(FeatureLabel(index, item["name"], str(item.get("description", ""))))
     _check_unique(out, str(p))
     return out
+
+
+def _located(path: Path, line: int | None, column: int | None) -> str:
+    """``FILE:LINE:COLUMN`` (as much of it as is known)."""
+    where = str(path)
+    if line is not None:
+        where += f":{line}" + (f":{column}" if column is not None else "")
+    return where
 
 
 def _check_unique(labels: Sequence[FeatureLabel], where: str) -> None:

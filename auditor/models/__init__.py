@@ -12,10 +12,13 @@ from auditor.models.loading import (
     MODEL_DTYPES,
     ModelDType,
     LoadedModel,
+    ModelShape,
     cache_root,
     check_sae_compatible,
     default_model_path,
     load_model,
+    model_shape,
+    parse_device,
 )
 from auditor.models.streams import StreamCache, capture_streams, enable_streams, streams_supported
 
@@ -30,6 +33,7 @@ __all__ = [
     "HookKind",
     "Hookpoint",
     "LoadedModel",
+    "ModelShape",
     "cache_root",
     "capture",
     "capture_packed",
@@ -41,8 +45,10 @@ __all__ = [
     "get_adapter",
     "hooks",
     "load_model",
+    "model_shape",
     "pack_rows",
     "packing_supported",
+    "parse_device",
     "parse_hookpoint",
     "position_ids_from_mask",
     "resolve_hookpoints",

@@ -37,10 +37,13 @@ from auditor.models.hookpoints import Hookpoint, parse_hookpoint
 __all__ = [
     "DEFAULT_MODEL_NAME",
     "LoadedModel",
+    "ModelShape",
     "cache_root",
     "check_sae_compatible",
     "default_model_path",
     "load_model",
+    "model_shape",
+    "parse_device",
 ]
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -83,6 +86,18 @@ class LoadedModel:
     """Number of decoder layers."""
     device: torch.device
     """Device the weights live on."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A model's name, width and depth, read from its configuration without its weights."""
+
+    name: str
+    """Display name, as :attr:`LoadedModel.name`."""
+    d_model: int
+    """Width of the residual stream."""
+    n_layers: int
+    """Number of decoder layers."""
 
 
 def cache_root(env: Mapping[str, str] | None = None) -> Path:
@@ -133,7 +148,7 @@ def load_model(
     Raises :class:`ModelError` with what to install or fix.
     """
     env = os.environ if env is None else env
-    torch_device = _parse_device(device)
+    torch_device = parse_device(device)
     torch_dtype = _parse_dtype(dtype, torch_device)
     spec = str(name_or_path) if name_or_path is not None else env.get("AUDITOR_MODEL") or None
 
@@ -177,7 +192,68 @@ def load_model(
     return loaded
 
 
-def check_sae_compatible(loaded: LoadedModel, d_in: int, hookpoint: str | Hookpoint) -> Hookpoint:
+def model_shape(
+    name_or_path: str | os.PathLike[str] | None = None, *, env: Mapping[str, str] | None = None
+) -> ModelShape:
+    """The width and depth of the model :func:`load_model` would load, read from its configuration only.
+
+    For commands that need to know the model but not run it (a control vector names a
+    layer): a ``.gguf`` file's metadata, a folder's ``config.json``, a Hub id's config
+    (from the local cache when ``HF_HUB_OFFLINE`` is set). Raises :class:`ModelError`.
+    """
+    env = os.environ if env is None else env
+    spec = str(name_or_path) if name_or_path is not None else env.get("AUDITOR_MODEL") or None
+    if spec is None:
+        return _gguf_shape(default_model_path(), DEFAULT_MODEL_NAME)
+    if spec.lower().endswith(".gguf"):
+        gguf = Path(spec).expanduser()
+        if not gguf.is_file():
+            raise ModelError(f"GGUF file {spec} does not exist; check the path given as the model (or in AUDITOR_MODEL)")
+        return _gguf_shape(gguf, gguf.stem)
+    from transformers import AutoConfig
+
+    if _looks_like_path(spec):
+        folder = Path(spec).expanduser()
+        if not folder.is_dir():
+            raise ModelError(
+                f"model path {spec} is not a folder; pass a model folder (with config.json), a .gguf file "
+                "or a Hugging Face id"
+            )
+        source, name, local, where = str(folder), folder.resolve().name, True, f"the folder {spec}"
+    else:
+        local = env.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+        source, name, where = spec, spec, f"{spec!r} on the Hugging Face Hub" + (" (local cache)" if local else "")
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=local)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"could not read the configuration of {where}: {str(exc).strip().rstrip('.')}") from None
+    text = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
+    d_model, n_layers = (
+        next((v for k in keys if isinstance(v := getattr(text, k, None), int)), None)
+        for keys in (("hidden_size", "n_embd", "d_model"), ("num_hidden_layers", "n_layer", "num_layers"))
+    )
+    if d_model is None or n_layers is None:
+        raise ModelError(f"the configuration of {where} does not give the model's width and number of layers")
+    return ModelShape(name, d_model, n_layers)
+
+
+def _gguf_shape(path: Path, name: str) -> ModelShape:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+        arch = reader.fields["general.architecture"].contents()
+        width = reader.fields[f"{arch}.embedding_length"].contents()
+        depth = reader.fields[f"{arch}.block_count"].contents()
+        return ModelShape(name, int(width), int(depth))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(
+            f"could not read the model's width and number of layers from the GGUF file {path} "
+            f"({type(exc).__name__}: {exc}); check that it is a complete GGUF model file"
+        ) from None
+
+
+def check_sae_compatible(loaded: LoadedModel | ModelShape, d_in: int, hookpoint: str | Hookpoint) -> Hookpoint:
     """Check that an SAE with input width ``d_in`` trained at ``hookpoint`` fits ``loaded``.
 
     Returns the parsed hookpoint. Raises :class:`HookpointError` for a malformed name or a
@@ -192,14 +268,63 @@ def check_sae_compatible(loaded: LoadedModel, d_in: int, hookpoint: str | Hookpo
     return point
 
 
-def _parse_device(device: str | torch.device) -> torch.device:
+def parse_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device this process can use, else :class:`ModelError` saying why.
+
+    The one check of a device (``--device`` of every command, the sidecar's ``device``
+    setting, :func:`load_model`), made before anything loads, so a typo or a GPU that is
+    not there fails at once instead of as torch's error halfway through.
+
+    Example::
+
+        >>> parse_device("cpu")
+        device(type='cpu')
+    """
     try:
         parsed = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ModelError(f"invalid device {device!r}: {exc}; use cpu, cuda, cuda:0, ...") from exc
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise ModelError(f"device {device!r} requested but CUDA is not available; use device='cpu'")
+    except (RuntimeError, TypeError):
+        raise ModelError(
+            f"invalid device {device!r} (expected a torch device such as cpu, cuda or cuda:0); "
+            f"available here: {_usable_devices()}"
+        ) from None
+    if parsed.type == "cpu":
+        return parsed
+    count = _device_count(parsed.type)
+    if count == 0:
+        if parsed.type == "cuda" and not torch.backends.cuda.is_built():
+            why = f"this torch ({torch.__version__}) was built without CUDA"
+        else:
+            why = f"no {parsed.type} device is available"
+        raise ModelError(f"device {device!r} cannot be used: {why}; available here: {_usable_devices()}")
+    if parsed.index is not None and parsed.index >= count:
+        raise ModelError(
+            f"device {device!r} does not exist: there are {count} {parsed.type} device(s); "
+            f"available here: {_usable_devices()}"
+        )
     return parsed
+
+
+def _device_count(kind: str) -> int:
+    """How many ``kind`` devices this process can use (0 also for kinds torch cannot run on here)."""
+    if kind == "mps":
+        return 1 if torch.backends.mps.is_available() else 0
+    backend = getattr(torch, kind, None)  # torch.cuda, torch.xpu, ...
+    try:
+        return int(backend.device_count()) if backend is not None and backend.is_available() else 0
+    except (AttributeError, RuntimeError):
+        return 0
+
+
+def _usable_devices() -> str:
+    """The devices this process can use: ``cpu``, then those of the GPU kinds present."""
+    names = ["cpu"]
+    for kind in ("cuda", "xpu", "mps"):
+        count = _device_count(kind)
+        if kind == "mps" and count:
+            names.append("mps")
+        elif count:
+            names += [kind] + [f"{kind}:{i}" for i in range(count)]
+    return ", ".join(names)
 
 
 def _parse_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:

@@ -17,9 +17,8 @@ from __future__ import annotations
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from auditor.errors import ConfigError, SAESourceError, UnknownKeyError
@@ -109,21 +108,53 @@ class Release(BaseModel):
 
 
 def load_releases(path: str | Path | None = None) -> dict[str, Release]:
-    """Parse a releases file (default: the packaged ``releases.yaml``)."""
+    """Parse a releases file (default: the packaged ``releases.yaml``).
+
+    Read as policies and libraries are (:func:`~auditor.features.yamlsource.parse_yaml`);
+    every problem is reported as ``FILE:LINE:COLUMN: message`` in one :class:`ConfigError`.
+    """
+    from auditor.features.yamlsource import YamlProblem, parse_yaml, pydantic_problems
+
     if path is None:
         text = resources.files("auditor.sae").joinpath("releases.yaml").read_text(encoding="utf-8")
         where = "auditor/sae/releases.yaml"
     else:
-        text = Path(path).read_text(encoding="utf-8")
         where = str(path)
-    data = yaml.safe_load(text) or {}
-    entries = data.get("releases") if isinstance(data, dict) else None
-    if not isinstance(entries, dict):
-        raise ConfigError(f"{where}: expected a top-level 'releases' mapping")
-    try:
-        return {rid: Release.model_validate({"id": rid, **body}) for rid, body in entries.items()}
-    except (ValidationError, TypeError) as exc:
-        raise ConfigError(f"{where}: invalid release entry: {exc}") from exc
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{where}: cannot read the releases file ({exc})") from None
+    data, smap, problems = parse_yaml(text)
+    releases: dict[str, Release] | None = None
+    if not problems:
+        entries = data.get("releases") if isinstance(data, dict) else None
+        if not isinstance(entries, dict):
+            problems = [YamlProblem(1, 1, "expected a top-level 'releases' mapping of release ids to releases")]
+        else:
+            # Each release's id is its key: given to the model, never written in the file.
+            bodies = {rid: {"id": str(rid), **body} if isinstance(body, dict) else body for rid, body in entries.items()}
+            try:
+                releases = dict(_ReleasesFile.model_validate({**data, "releases": bodies}).releases)
+            except ValidationError as exc:
+                problems = pydantic_problems(exc, data, smap, known_keys=[*Release.model_fields, "releases"])
+    if releases is None:
+        raise ConfigError("\n".join(_located(where, prob) for prob in problems))
+    return releases
+
+
+class _ReleasesFile(BaseModel):
+    """The layout of ``releases.yaml``: one mapping of release ids to releases."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    releases: dict[str, Release]
+    """Release id -> release."""
+
+
+def _located(where: str, problem: Any) -> str:
+    if problem.line is not None:
+        where += f":{problem.line}" + (f":{problem.column}" if problem.column is not None else "")
+    return f"{where}: {problem.message}"
 
 
 def list_releases(releases: dict[str, Release] | None = None) -> list[str]:

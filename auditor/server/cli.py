@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -147,19 +147,20 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_time(value: str | None, flag: str) -> datetime | None:
+def _parse_time(value: str | None, flag: str, now: datetime | None = None) -> datetime | None:
     if value is None:
         return None
     from auditor.alerts.log import parse_time
 
     try:
-        return parse_time(value)
+        return parse_time(value, now=now)
     except ValueError as exc:
         raise ConfigError(f"{flag} {exc}") from None
 
 
 def run_alerts(args: argparse.Namespace) -> int:
     from auditor.alerts import AuditLog
+    from auditor.alerts.log import check_time_range
     from auditor.server.settings import Settings
 
     if args.log:
@@ -180,15 +181,17 @@ def run_alerts(args: argparse.Namespace) -> int:
             deleted = log.prune(older_than=cutoff, keep_last=args.keep_last)
         print(f"deleted {deleted} of {before} alert(s) from {path}")
         return 0
+    now = datetime.now(timezone.utc)  # one "now" for both: --since 1h --until 1h is an empty range, not a reversed one
     filters: dict[str, Any] = {
-        "since": _parse_time(args.since, "--since"),
-        "until": _parse_time(args.until, "--until"),
+        "since": _parse_time(args.since, "--since", now),
+        "until": _parse_time(args.until, "--until", now),
         "rule_id": args.rule_id,
         "severity": args.severity,
         "min_severity": args.min_severity,
         "category": args.category,
         "request_id": args.request_id,
     }
+    check_time_range(filters["since"], filters["until"], names=("--since", "--until"))  # before the log opens
     out = None
     if args.alerts_command == "export" and args.output != "-":
         from auditor._output import output_file

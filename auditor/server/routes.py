@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import tempfile
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
@@ -412,15 +412,22 @@ async def list_alerts(
             "(page with after=<the previous page's next>)"
         )
     rt = get_runtime(request)
+    now = datetime.now(timezone.utc)  # one "now" for both bounds
     filters: dict[str, Any] = {
-        "since": _time_filter("since", since),
-        "until": _time_filter("until", until),
+        "since": _time_filter("since", since, now),
+        "until": _time_filter("until", until, now),
         "rule_id": rule_id,
         "severity": severity,
         "min_severity": min_severity,
         "category": category,
         "request_id": request_id,
     }
+    from auditor.alerts.log import check_time_range
+
+    try:
+        check_time_range(filters["since"], filters["until"])  # reversed bounds would answer nothing, silently
+    except AuditorError as exc:
+        raise BadRequestError(exc.message) from None
     log = rt.dispatcher.log
 
     def run() -> dict[str, Any]:
@@ -440,14 +447,14 @@ async def list_alerts(
     return JSONResponse(body)
 
 
-def _time_filter(name: str, value: str | None) -> datetime | None:
+def _time_filter(name: str, value: str | None, now: datetime) -> datetime | None:
     """A ``since`` / ``until`` query value as an aware time (see :func:`auditor.alerts.log.parse_time`)."""
     if value is None:
         return None
     from auditor.alerts.log import parse_time
 
     try:
-        return parse_time(value)
+        return parse_time(value, now=now)
     except ValueError as exc:
         raise BadRequestError(invalid_request([{"loc": ("query", name), "msg": str(exc)}])) from None
 

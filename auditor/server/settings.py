@@ -22,14 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings.sources.utils import parse_env_vars
 
 from auditor.alerts import AlertsConfig
-from auditor.errors import ConfigError
+from auditor.errors import ConfigError, ModelError
 from auditor.features.yamlsource import SourceMap, parse_yaml
-from auditor.models.loading import ModelDType
+from auditor.models.loading import ModelDType, parse_device
 
 __all__ = ["Settings", "ENV_PREFIX", "default_data_dir"]
 
@@ -136,6 +136,16 @@ class Settings(BaseSettings):
     """Where the audit log lives (default ``$XDG_DATA_HOME/sae-auditor``)."""
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     """Audit log and alert sinks; a relative ``log_path`` is under ``data_dir``."""
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        # Checked with the other settings, before the model and the SAE start loading.
+        try:
+            parse_device(value)
+        except ModelError as exc:
+            raise ValueError(exc.message) from None
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import shutil
 import sys
 import textwrap
@@ -41,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         ),
     )
     g.add_argument("prompt", help="the user message (or, with --raw, the text to continue)")
-    g.add_argument("--steer", action="append", default=[], metavar="SPEC", help="an intervention, e.g. deception.fraud=clamp:0 (repeatable)")
+    g.add_argument("--steer", action="append", default=[], metavar="SPEC", help="an intervention, e.g. deception.pretend_to_be=clamp:0 (repeatable)")
     g.add_argument("--compare", action="store_true", help="also generate without steering and print both side by side")
     g.add_argument("--raw", action="store_true", help="continue PROMPT as plain text instead of a chat user message")
     g.add_argument("--system", metavar="TEXT", help="system message for the chat (default: the template's own)")
@@ -69,6 +70,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     e.add_argument("--steer", action="append", required=True, metavar="NAME=add:C", help="feature and coefficient (repeatable)")
     e.add_argument("--output", "-o", required=True, metavar="FILE.gguf", help="where to write the GGUF file")
     e.add_argument("--model-hint", metavar="TEXT", help="controlvector.model_hint (default: the SAE's model name)")
+    e.add_argument(
+        "--model", metavar="NAME|PATH",
+        help="the model llama.cpp will steer, whose layer count and width the SAE's hookpoint must fit: a .gguf file, "
+        "a folder or a Hub id; only its configuration is read (default: embedded SmolLM2-135M-Instruct; env AUDITOR_MODEL)",
+    )
     _sae_args(e)
     _limit_args(e)
     e.set_defaults(func=run_export)
@@ -86,12 +92,16 @@ def _limits(args: argparse.Namespace) -> Any:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from auditor.models import parse_device
     from auditor.pipeline import Auditor
     from auditor.steering.generate import generate
     from auditor.text import AuditInput
 
     if args.max_tokens < 1:
         raise ConfigError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ConfigError(f"--temperature must be a finite number >= 0 (0 is greedy), got {args.temperature}")
+    parse_device(args.device)
     limits = _limits(args)
     if args.raw:
         item = AuditInput(prompt=args.prompt)
@@ -199,6 +209,7 @@ def print_result(result: Any, out: TextIO, *, compare: bool) -> None:
 def run_export(args: argparse.Namespace) -> int:
     from auditor._output import check_output_file
     from auditor.features import load_library
+    from auditor.models import check_sae_compatible, model_shape
     from auditor.pipeline import _default_library, check_fit
     from auditor.sae import load_sae
     from auditor.steering.control_vector import control_vector, write_control_vector
@@ -214,6 +225,8 @@ def run_export(args: argparse.Namespace) -> int:
         sae_name = str(lib.resolve_path(lib.sae.path))
     sae = load_sae(sae_name)
     hookpoint = check_fit(sae, library=lib, hookpoint=args.hookpoint, sae_name=sae_name)
+    # The layer must exist in the model the file is for (direction.N of a missing layer is silently useless).
+    check_sae_compatible(model_shape(args.model), sae.cfg.d_in, hookpoint)
     slots = resolve_interventions(args.steer, library=lib, d_sae=sae.cfg.d_sae, limits=_limits(args))
     wrong = [s for s in slots if s.mode != "add" or s.positions != "all"]
     if wrong:

@@ -74,9 +74,15 @@ def llama_cpp_layer(hookpoint: str | Hookpoint) -> int:
             "only hook_resid_post and hook_resid_pre SAEs can be exported"
         )
     if layer < 1:
+        if layer < 0:
+            what = "the embeddings (the input of block 0)"
+        elif point.kind == "resid_pre":
+            what = f"the output of block 0 (the input of block {point.layer})"
+        else:
+            what = "the output of block 0"
         raise SteeringError(
-            f"{point.name} is the output of block {layer}; llama.cpp's control vectors cannot address "
-            "block 0 (direction.0 is rejected by its loader)"
+            f"{point.name} is {what}; llama.cpp's control vectors add to the output of block 1 or later "
+            "(direction.0 is rejected by its loader), so an SAE here cannot be exported"
         )
     return layer
 

@@ -28,6 +28,7 @@ Example::
 from __future__ import annotations
 
 import inspect
+import math
 import threading
 import weakref
 from contextlib import nullcontext
@@ -179,8 +180,9 @@ def generate(
     """
     if max_tokens < 1:
         raise ConfigError(f"max_tokens must be at least 1, got {max_tokens}")
-    if temperature < 0:
-        raise ConfigError(f"temperature must be >= 0, got {temperature}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        # NaN would reach torch.multinomial as NaN probabilities; inf samples uniformly, which no one means.
+        raise ConfigError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
     from auditor.models import capture, hooks
 
     loaded = auditor.model

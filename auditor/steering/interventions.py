@@ -69,7 +69,9 @@ POSITIONS: tuple[str, ...] = get_args(Positions)
 # name=mode:value[@positions]; the name is a library name, an index or #index.
 _CLI_FORM = re.compile(r"^\s*(?P<feature>[^=\s]+)\s*=\s*(?P<mode>[a-z]+)\s*(?::\s*(?P<value>[^@\s]+))?\s*(?:@\s*(?P<pos>[a-z]+))?\s*$")
 _INDEX_FORM = re.compile(r"^#?(?P<index>[0-9]+)$")
-_CLI_HELP = "expected NAME=MODE:VALUE[@active|@all], e.g. deception.fraud=clamp:0 or 1234=add:8@all"
+# The example names a feature of the default library (a test keeps it there).
+_CLI_HELP = "expected NAME=MODE:VALUE[@active|@all], e.g. deception.pretend_to_be=clamp:0 or 1234=add:8@all"
+_EXAMPLE_VALUES = {"clamp": "0", "scale": "0.5", "add": "8"}
 
 
 @dataclass(frozen=True)
@@ -165,10 +167,11 @@ def _parse_feature(text: str) -> str | int:
 def parse_intervention(obj: Mapping[str, Any] | str | Intervention, library: FeatureLibrary | None = None) -> Intervention:
     """Parse ``{feature, mode, value, positions?}`` or the CLI form ``name=clamp:0[@all]``.
 
-    ``value`` may be left out for clamp (it means 0). A feature written as digits
-    (``1234`` or ``#1234``) is a latent index; anything else must be a name in
-    ``library`` (checked here when a library is given, so the message can
-    suggest close names).
+    The string form always spells the value (``name=clamp:0``); in the object form
+    ``value`` may be left out for clamp (it means 0, as in a policy's ``steer``
+    action). A feature written as digits (``1234`` or ``#1234``) is a latent
+    index; anything else must be a name in ``library`` (checked here when a
+    library is given, so the message can suggest close names).
     """
     if isinstance(obj, Intervention):
         iv = obj
@@ -176,16 +179,18 @@ def parse_intervention(obj: Mapping[str, Any] | str | Intervention, library: Fea
         m = _CLI_FORM.match(obj)
         if m is None:
             raise SteeringError(f"cannot parse steering spec {obj!r}; {_CLI_HELP}")
-        raw_value = m.group("value")
-        if raw_value is None:
-            if m.group("mode") != "clamp":
-                raise SteeringError(f"steering spec {obj!r}: mode {m.group('mode')!r} needs a value; {_CLI_HELP}")
-            value = 0.0
-        else:
-            try:
-                value = float(raw_value)
-            except ValueError:
-                raise SteeringError(f"steering spec {obj!r}: {raw_value!r} is not a number; {_CLI_HELP}") from None
+        raw_value, mode = m.group("value"), m.group("mode")
+        if raw_value is None and mode in MODES:
+            # Every mode spells its value here (the help says NAME=MODE:VALUE): a bare "clamp"
+            # meaning 0 would be the one guess the other modes refuse.
+            raise SteeringError(
+                f"steering spec {obj!r}: mode {mode!r} needs a value, e.g. "
+                f"{m.group('feature')}={mode}:{_EXAMPLE_VALUES[mode]}; {_CLI_HELP}"
+            )
+        try:
+            value = float(raw_value) if raw_value is not None else 0.0  # an unknown mode is refused below
+        except ValueError:
+            raise SteeringError(f"steering spec {obj!r}: {raw_value!r} is not a number; {_CLI_HELP}") from None
         iv = Intervention(
             feature=_parse_feature(m.group("feature")),
             mode=m.group("mode"),  # type: ignore[arg-type]

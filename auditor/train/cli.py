@@ -115,7 +115,7 @@ def _config(args: argparse.Namespace) -> Any:
 def run_train_sae(args: argparse.Namespace) -> int:
     """Handler of ``auditor train-sae``; prints the Markdown report and returns 0."""
     from auditor._output import check_output_file, check_output_folder
-    from auditor.models import load_model
+    from auditor.models import load_model, parse_device
     from auditor.train.activations import load_activations, read_corpus
     from auditor.train.trainer import collect_activations, train_sae
 
@@ -128,7 +128,8 @@ def run_train_sae(args: argparse.Namespace) -> int:
         raise ConfigError("pass --corpus FILE.jsonl to collect activations, or --activations FILE to train from a shard")
     if not args.collect_only and not args.out:
         raise ConfigError("--out DIR is required to save the trained SAE")
-    # Before the model loads and the activations stream: a bad path fails now, not after training.
+    # Before the model loads and the activations stream: a bad device or path fails now, not after training.
+    parse_device(args.device)
     if args.out:
         check_output_folder(args.out)
     if args.save_activations:

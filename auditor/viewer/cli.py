@@ -52,6 +52,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from auditor._output import check_output_file
     from auditor.errors import ConfigError
+    from auditor.models import parse_device
     from auditor.pipeline import Auditor
     from auditor.viewer.index import IndexConfig, build_index, index_path_for, load_index, read_corpus
 
@@ -61,6 +62,7 @@ def _run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1 (got {value})")
     config = IndexConfig(contexts=args.contexts, before=args.before, after=args.after, max_tokens=args.max_tokens)
     config.check()
+    parse_device(args.device)  # before the corpus is read and anything loads
     if args.sae is not None and args.out is None:
         raise ConfigError("with --sae pass --out FILE for the index (the default place is beside a library)")
     if args.out is not None:

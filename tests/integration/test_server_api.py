@@ -417,6 +417,12 @@ def test_alerts_query_paging_and_stream(server: BackgroundServer) -> None:
         assert refused.status_code == 422
         assert f"unknown query parameter(s) {next(iter(params))}; accepted: after, category," in refused.json()["error"]["message"]
         assert "(page with after=<the previous page's next>)" in refused.json()["error"]["message"]
+    # Bounds the wrong way round match nothing: refused, not answered with an empty page.
+    reversed_range = httpx.get(server.url + "/v1/alerts", params={"since": "1h", "until": "2h"})
+    assert reversed_range.status_code == 422
+    assert re.fullmatch(
+        r"since \(\S+Z\) is after until \(\S+Z\), so no alert can match; .*", reversed_range.json()["error"]["message"]
+    )
     bad = httpx.get(server.url + "/v1/alerts", params={"since": "yesterday"})
     assert bad.status_code == 422
     assert bad.json()["error"]["message"] == (

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from auditor.alerts import SCHEMA_VERSION, AuditLog
+from auditor.alerts.log import check_time_range
 from auditor.errors import AuditLogError
 
 from .conftest import make_alert
@@ -140,11 +141,35 @@ def test_cursor_paging_visits_every_alert_once(log: AuditLog) -> None:
         ({"offset": -2}, "offset must be >= 0"),
         ({"after": "not-an-id"}, "is not the id of an alert"),
         ({"since": datetime(2026, 1, 1)}, "must be timezone-aware"),
+        ({"since": T0 + timedelta(minutes=2), "until": T0 + timedelta(minutes=1)}, "is after until"),
     ],
 )
 def test_query_rejects_bad_arguments(log: AuditLog, kwargs: dict, message: str) -> None:
     with pytest.raises(AuditLogError, match=message):
         log.query(**kwargs)
+
+
+def test_a_reversed_time_range_is_refused_by_every_reader(log: AuditLog, tmp_path: Path) -> None:
+    _seed(log)
+    since, until = T0 + timedelta(minutes=3), T0 + timedelta(minutes=1)
+    readers = (
+        lambda: log.query(since=since, until=until),
+        lambda: log.count(since=since, until=until),
+        lambda: list(log.iter_alerts(since=since, until=until)),
+        lambda: log.export_jsonl(tmp_path / "out.jsonl", since=since, until=until),
+    )
+    expected = (
+        f"since ({since.isoformat(timespec='seconds').replace('+00:00', 'Z')}) is after until "
+        f"({until.isoformat(timespec='seconds').replace('+00:00', 'Z')}), so no alert can match; "
+    )
+    for read in readers:
+        with pytest.raises(AuditLogError) as info:
+            read()
+        assert info.value.message.startswith(expected)
+    assert not (tmp_path / "out.jsonl").exists()  # checked before the file is made
+    assert log.count(since=since, until=since) == 0  # an empty range is not a reversed one
+    check_time_range(None, until)
+    check_time_range(since, None)
 
 
 def test_export_jsonl_to_path_and_file(log: AuditLog, tmp_path: Path) -> None:

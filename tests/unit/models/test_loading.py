@@ -11,7 +11,15 @@ from tokenizers.models import WordLevel
 from auditor.errors import HookpointError, ModelError
 from auditor.models import loading
 from auditor.models.hookpoints import Hookpoint
-from auditor.models.loading import cache_root, check_sae_compatible, default_model_path, load_model
+from auditor.models.loading import (
+    ModelShape,
+    cache_root,
+    check_sae_compatible,
+    default_model_path,
+    load_model,
+    model_shape,
+    parse_device,
+)
 
 from .conftest import HIDDEN, LAYERS, build_model
 
@@ -81,8 +89,34 @@ def test_load_errors(tmp_path: Path, tiny_folder: Path, spec: str, kwargs: dict[
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when CUDA is missing")
 def test_cuda_without_cuda(tiny_folder: Path) -> None:
-    with pytest.raises(ModelError, match="CUDA is not available; use device='cpu'"):
+    with pytest.raises(ModelError, match=r"device 'cuda' cannot be used: .*; available here: cpu"):
         load_model(str(tiny_folder), device="cuda", env={})
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("nosuch", "invalid device 'nosuch' (expected a torch device such as cpu, cuda or cuda:0); available here: cpu"),
+        ("", "invalid device '' (expected a torch device such as cpu, cuda or cuda:0); available here: cpu"),
+        ("cuda:x", "invalid device 'cuda:x' (expected a torch device such as cpu, cuda or cuda:0); available here: cpu"),
+        ("meta", "device 'meta' cannot be used: no meta device is available; available here: cpu"),
+    ],
+)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the devices offered are those of a machine without a GPU")
+def test_parse_device_says_what_is_wrong_and_what_is_available(device: str, message: str) -> None:
+    with pytest.raises(ModelError) as info:
+        parse_device(device)
+    assert info.value.message == message
+
+
+def test_parse_device_accepts_the_cpu_and_present_gpus() -> None:
+    assert parse_device("cpu") == torch.device("cpu")
+    assert parse_device(torch.device("cpu")) == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert parse_device("cuda:0") == torch.device("cuda:0")
+        n = torch.cuda.device_count()
+        with pytest.raises(ModelError, match=f"device 'cuda:{n}' does not exist: there are {n} cuda device"):
+            parse_device(f"cuda:{n}")
 
 
 def test_broken_gguf_leaves_no_cache(tmp_path: Path) -> None:
@@ -115,3 +149,26 @@ def test_check_sae_compatible(tiny_folder: Path) -> None:
         check_sae_compatible(loaded, HIDDEN, f"blocks.{LAYERS}.hook_resid_post")
     with pytest.raises(HookpointError, match="malformed hookpoint"):
         check_sae_compatible(loaded, HIDDEN, "layers.1")
+
+
+def test_model_shape_reads_only_the_configuration(tiny_folder: Path, tmp_path: Path) -> None:
+    assert model_shape(str(tiny_folder), env={}) == ModelShape(tiny_folder.name, HIDDEN, LAYERS)
+    assert model_shape(env={"AUDITOR_MODEL": str(tiny_folder)}).n_layers == LAYERS
+    import gguf
+
+    path = tmp_path / "meta-only.gguf"  # metadata, no tensors: the weights are never read
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(7)
+    writer.add_embedding_length(48)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert model_shape(str(path), env={}) == ModelShape("meta-only", 48, 7)
+    (tmp_path / "broken.gguf").write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(ModelError, match=r"could not read the model's width and number of layers from the GGUF file"):
+        model_shape(str(tmp_path / "broken.gguf"), env={})
+    with pytest.raises(ModelError, match=r"GGUF file .*missing\.gguf does not exist"):
+        model_shape(str(tmp_path / "missing.gguf"), env={})
+    with pytest.raises(ModelError, match="could not read the configuration of the folder"):
+        model_shape(str(tmp_path), env={})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,18 @@ rules:
 def test_examples_exist_and_validate() -> None:
     assert len(EXAMPLES) >= 3
     assert validate_files(EXAMPLES) == []
+
+
+def test_the_readme_policy_example_validates(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The README's example names the default library: its features must be that library's.
+    blocks = re.findall(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(encoding="utf-8"), re.S)
+    policies = [b for b in blocks if re.search(r"^kind: Policy$", b, re.M)]
+    assert policies, "README.md has no ```yaml block with kind: Policy"
+    for i, text in enumerate(policies):
+        path = tmp_path / f"readme-{i}.yaml"
+        path.write_text(text, encoding="utf-8")
+        assert main(["policy", "validate", str(path)]) == 0, capsys.readouterr().out
+        assert capsys.readouterr().out.startswith(f"{path}: ok")
 
 
 def test_examples_exercise_every_language_feature() -> None:

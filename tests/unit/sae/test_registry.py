@@ -87,8 +87,39 @@ def test_bad_releases_file(tmp_path: Path) -> None:
     bad = tmp_path / "r.yaml"
     bad.write_text("releases:\n  x:\n    description: d\n    model: m\n    source: hf\n    format: saelens\n"
                    "    sae_id_pattern: a\n    example_sae_id: a\n    path: a\n    hook_name: a\n")
-    with pytest.raises(ConfigError, match="source 'hf' needs 'repo'"):
+    with pytest.raises(ConfigError, match=r"r\.yaml:2:3: releases\.x: Value error, release 'x': source 'hf' needs 'repo'"):
         load_releases(bad)
+
+
+_RELEASE = "description: d\n    model: m\n    source: hf\n    repo: o/r\n    format: saelens\n    sae_id_pattern: a\n    example_sae_id: a\n    path: a\n    hook_name: a\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "messages"),
+    [
+        ("releases:\n  x:\n    " + _RELEASE + "    hook_nam: b\n", ["r.yaml:12:5: releases.x: unknown key 'hook_nam'; did you mean 'hook_name'?"]),
+        ("releases:\n  x:\n    " + _RELEASE.replace("source: hf", "source: ftp"), ["r.yaml:5:13: releases.x.source: Input should be 'hf' or 'url'"]),
+        ("releases:\n  x: 3\n  y:\n    model: m\n", ["r.yaml:2:6: releases.x: Input should be a valid dictionary", "r.yaml:3:3: missing required key"]),
+        ("releases: [1]\n", ["r.yaml:1:1: expected a top-level 'releases' mapping"]),
+        ("release:\n  x: {}\n", ["r.yaml:1:1: expected a top-level 'releases' mapping"]),
+        ("releases:\n  x: {model: \"m\x07\"}\n", ["r.yaml:2:16: control character U+0007 is not allowed in YAML"]),
+        ("releases:\n  x: {}\n  x: {}\n", ["r.yaml:3:3: duplicate key 'x'"]),
+        ("releases: {}\nextra: 1\n", ["r.yaml:2:1: unknown key 'extra'"]),
+    ],
+)
+def test_a_releases_file_is_read_with_located_problems(tmp_path: Path, text: str, messages: list[str]) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_releases(path)
+    lines = info.value.message.splitlines()
+    for expected in messages:
+        assert any(line.startswith(f"{tmp_path}/{expected}") for line in lines), (expected, lines)
+
+
+def test_a_missing_releases_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"none\.yaml: cannot read the releases file"):
+        load_releases(tmp_path / "none.yaml")
 
 
 def test_hf_and_release_resolve_from_offline_cache(tmp_path: Path) -> None:

@@ -106,6 +106,18 @@ def test_alerts_errors(tmp_path: Path, log_path: Path, argv: list[str], needle: 
         _run(argv)
 
 
+@pytest.mark.parametrize("command", ["list", "export"])
+def test_a_reversed_time_range_is_refused(log_path: Path, command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from auditor.cli import main
+
+    assert main(["alerts", command, "--log", str(log_path), "--since", "1h", "--until", "2h"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --since (") and ") is after --until (" in err and "so no alert can match" in err
+    # The right way round, the range holds the alert of 3 hours ago only.
+    assert main(["alerts", "list", "--log", str(log_path), "--json", "--since", "4h", "--until", "2h"]) == 0
+    assert [json.loads(x)["request_id"] for x in capsys.readouterr().out.splitlines()] == ["r-0"]
+
+
 def test_serve_rejects_bad_settings_before_loading(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AUDITOR_FAIL_MODE", "sideways")
     with pytest.raises(ConfigError, match="AUDITOR_FAIL_MODE"):

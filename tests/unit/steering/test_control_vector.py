@@ -55,14 +55,21 @@ def test_layer_numbering_follows_llama_cpp(hookpoint: str, layer: int) -> None:
 @pytest.mark.parametrize(
     ("hookpoint", "message"),
     [
-        ("blocks.0.hook_resid_post", "cannot address block 0"),
-        ("blocks.1.hook_resid_pre", "cannot address block 0"),
+        ("blocks.0.hook_resid_post", "blocks.0.hook_resid_post is the output of block 0; "),
+        ("blocks.1.hook_resid_pre", "blocks.1.hook_resid_pre is the output of block 0 (the input of block 1); "),
+        ("blocks.0.hook_resid_pre", "blocks.0.hook_resid_pre is the embeddings (the input of block 0); "),
         ("blocks.3.hook_mlp_out", "only hook_resid_post and hook_resid_pre"),
     ],
 )
 def test_unreachable_hookpoints_are_refused(hookpoint: str, message: str) -> None:
-    with pytest.raises(SteeringError, match=message):
+    with pytest.raises(SteeringError) as info:
         llama_cpp_layer(hookpoint)
+    assert message in info.value.message and "block -1" not in info.value.message
+    if "mlp" not in hookpoint:
+        assert info.value.message.endswith(
+            "llama.cpp's control vectors add to the output of block 1 or later (direction.0 is rejected by its "
+            "loader), so an SAE here cannot be exported"
+        )
 
 
 def test_per_token_normalization_and_bad_features_are_refused() -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from auditor.errors import ConfigError
 from auditor.models import hooks
 from auditor.pipeline import Auditor
 from auditor.steering import Intervention, Steerer, generate, resolve_interventions
@@ -109,6 +110,12 @@ def test_sampling_is_repeatable_with_a_seed(auditor: Auditor) -> None:
     a = generate(auditor, item, max_tokens=8, temperature=1.0, seed=3)
     b = generate(auditor, item, max_tokens=8, temperature=1.0, seed=3)
     assert a.text == b.text
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -0.5])
+def test_temperature_must_be_finite_and_not_negative(auditor: Auditor, temperature: float) -> None:
+    with pytest.raises(ConfigError, match=r"temperature must be a finite number >= 0 \(0 is greedy\)"):
+        generate(auditor, AuditInput(prompt=PROMPT), max_tokens=2, temperature=temperature)
 
 
 def _policy(tmp_path: Path, library_path: Path, threshold: float, scope: str = "completion") -> Path:

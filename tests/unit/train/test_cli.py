@@ -92,3 +92,15 @@ def test_optional_flags_accept_none() -> None:
     assert cfg.outlier_factor is None and cfg.aux_k == 7 and cfg.normalize is False
     assert cfg.adam_betas == (0.8, 0.99)
     assert cfg.tokens == 2_000_000  # untouched flags keep the config defaults
+
+
+@pytest.mark.parametrize("rel", ["taken", "taken/run"])
+def test_an_out_path_that_cannot_be_a_folder_is_refused_before_training(
+    tmp_path: Path, model_dir: Path, corpus_file: Path, rel: str
+) -> None:
+    (tmp_path / "taken").write_text("an existing file\n")
+    out = tmp_path / rel
+    # Refused before the model loads and the activations stream (this used to fail in sae.save, after training).
+    with pytest.raises(ConfigError, match=r"taken(: it)? is a file, not a folder"):
+        _run(["--model", str(model_dir), "--corpus", str(corpus_file), "--out", str(out), *FLAGS])
+    assert (tmp_path / "taken").read_text() == "an existing file\n"
