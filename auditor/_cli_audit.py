@@ -145,9 +145,19 @@ def _alerts_config(args: argparse.Namespace) -> Any:
         raise ConfigError("--audit-log and --alerts-config need --policy (alerts come from policy rules)")
     from auditor.alerts import AlertsConfig, load_alerts_config
 
-    config = load_alerts_config(args.alerts_config) if args.alerts_config is not None else AlertsConfig()
-    if args.audit_log is not None:
-        config = config.model_copy(update={"log_path": Path(args.audit_log)})
+    if args.audit_log is not None:  # a path given on the command line is from the current folder
+        config = load_alerts_config(args.alerts_config) if args.alerts_config is not None else AlertsConfig()
+        return config.model_copy(update={"log_path": Path(args.audit_log)})
+    config = load_alerts_config(args.alerts_config)
+    if not config.log_path.is_absolute():
+        # A relative log_path in a configuration file lies under the data folder, as for the
+        # sidecar, so `auditor alerts list --config FILE` finds the log this audit writes.
+        import os
+
+        from auditor.server.settings import Settings
+
+        data_dir = Settings.load(env=os.environ).resolved_data_dir(os.environ)
+        config = config.model_copy(update={"log_path": data_dir / config.log_path})
     return config
 
 

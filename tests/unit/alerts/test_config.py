@@ -132,3 +132,25 @@ def test_audit_reads_its_alerts_config_with_the_same_loader(tmp_path: Path, caps
     assert capsys.readouterr().err == (
         f"error: {bad}:3:15: alerts.cooldown_s: Input should be greater than or equal to 0\n{bad}:4:1: unknown key 'unknown_top'\n"
     )
+
+
+def test_a_relative_log_path_is_where_alerts_list_looks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`auditor audit --alerts-config F` writes the log where `auditor alerts list --config F` reads it."""
+    import argparse
+
+    from auditor._cli_audit import _alerts_config
+    from auditor.server.settings import Settings
+
+    monkeypatch.setenv("AUDITOR_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "alerts.yaml"
+    cfg.write_text("alerts:\n  log_path: alerts.sqlite3\n")
+    args = argparse.Namespace(audit_log=None, alerts_config=str(cfg), policy="p.yaml")
+    written = _alerts_config(args).log_path
+    read = Settings.load(env={"AUDITOR_DATA_DIR": str(tmp_path / "data")}, config_file=cfg).alerts_config(
+        {"AUDITOR_DATA_DIR": str(tmp_path / "data")}
+    ).log_path
+    assert written == read == tmp_path / "data" / "alerts.sqlite3"
+    # --audit-log is a path from the current folder, like any path on the command line.
+    flagged = argparse.Namespace(audit_log="mine.db", alerts_config=str(cfg), policy="p.yaml")
+    assert _alerts_config(flagged).log_path == Path("mine.db")
