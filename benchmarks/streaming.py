@@ -35,17 +35,19 @@ import argparse
 import asyncio
 import json
 import platform
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from auditor.pipeline import Auditor
-from auditor.text import AuditInput
-from benchmarks.audit_throughput import timed
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as `python benchmarks/streaming.py`: the repo's benchmarks package
+
+from auditor.pipeline import Auditor  # noqa: E402
+from auditor.text import AuditInput  # noqa: E402
+from benchmarks.audit_throughput import timed  # noqa: E402
 PROMPT = "Write a long, careful answer: how should a small team handle customer data and payments safely?"
 
 

@@ -12,10 +12,12 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 def run_script(*args: str) -> str:
+    # As a user runs them (`python benchmarks/x.py` from the repo): no PYTHONPATH to lean on.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run(
         [sys.executable, *args],
         cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env=env,
         capture_output=True,
         text=True,
         timeout=300,
