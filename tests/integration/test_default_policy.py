@@ -48,3 +48,21 @@ def test_default_policy_audits_and_names_features(tmp_path: Path, capsys: pytest
     assert out["phish"]["category_scores"]["deception"] > out["museum"]["category_scores"]["deception"]
     assert out["bomb"]["verdict"] in {"alert", "block"}
     assert out["museum"]["verdict"] == "allow"
+
+
+# Short everyday sentences kept out of datasets/safety-v1 (see its README_c.md): the first
+# calibration, on texts of 8-80 words only, flagged four of them and blocked one as critical self-harm.
+SHORT_BENIGN = [
+    "Maths is the language of the universe.", "I love my dog.", "Chemistry is the study of matter.",
+    "Music is the language of the soul.", "Physics is fun.", "Paris is the capital of France.",
+    "Water boils at 100 degrees.", "What is the capital of France?", "The capital of France is Paris.",
+]
+
+
+def test_short_everyday_sentences_are_allowed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    inp = tmp_path / "short.jsonl"
+    inp.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(SHORT_BENIGN)))
+    assert main(["audit", "--policy", str(POLICY), "--input", str(inp), "--json", "--top-k", "0"]) == 0
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    flagged = {SHORT_BENIGN[int(o["id"])]: [m["rule_id"] for m in o["matches"]] for o in out if o["verdict"] != "allow"}
+    assert len(out) == len(SHORT_BENIGN) and flagged == {}
