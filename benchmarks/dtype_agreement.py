@@ -7,7 +7,7 @@ float32 either way), in the same process, and reports texts/s for each, how many
 actions agree, how many rows match exactly the same rules, the flips by kind, and how far rule
 scores move. Prints one JSON object and a summary.
 
-    PYTHONPATH=. python benchmarks/dtype_agreement.py [--dtype bfloat16] [--texts 1896] [--chunk 64]
+    python benchmarks/dtype_agreement.py [--dtype bfloat16] [--texts N] [--chunk 64]
 """
 
 from __future__ import annotations
