@@ -51,6 +51,7 @@ __all__ = [
     "load_labelled",
     "assign_split",
     "split_counts",
+    "check_split",
     "data_fingerprint",
     "extract_pooled",
     "cached_pooled",
@@ -90,6 +91,11 @@ def load_labelled(folder: str | Path, *, files: Sequence[str] | None = None) -> 
     field, a duplicate id, or a data set without benign rows.
     """
     root = Path(folder)
+    if root.is_file():
+        raise DatasetError(
+            str(root),
+            f"this is a file; give the data set's folder, which holds its labelled *.jsonl files (here {root.parent})",
+        )
     if not root.is_dir():
         raise DatasetError(str(root), "no such folder (expected a folder of labelled *.jsonl files)")
     paths = [root / f for f in files] if files else sorted(root.glob("*.jsonl"))
@@ -165,6 +171,66 @@ def split_counts(rows: Sequence[LabelledRow], split: dict[str, Side]) -> dict[st
         c[r.kind] += 1
         c["near_miss"] += int(r.near_miss)
     return dict(sorted(out.items()))
+
+
+def check_split(
+    rows: Sequence[LabelledRow],
+    split: dict[str, Side],
+    heldout: float,
+    *,
+    need: Sequence[Side] = (TRAIN, HELDOUT),
+    categories: Sequence[str] | None = None,
+) -> list[str]:
+    """Refuse a split that leaves a category with no row on a side in ``need``; warn of smaller gaps.
+
+    Raises :class:`DatasetError` naming the categories (``categories`` and benign;
+    default all) and the held-out fraction that would fix it; returns warnings for
+    ``(category, kind)`` groups that get no held-out row while their category has some.
+    """
+    groups: dict[tuple[str, str], list[str]] = {}
+    for r in rows:
+        if categories is None or r.category in categories or r.category == BENIGN:
+            groups.setdefault((r.category, r.kind), []).append(r.id)
+    largest: dict[str, int] = {}
+    total: dict[str, int] = {}
+    sides: dict[str, set[str]] = {}
+    for (cat, _), ids in groups.items():
+        largest[cat] = max(largest.get(cat, 0), len(ids))
+        total[cat] = total.get(cat, 0) + len(ids)
+        sides.setdefault(cat, set()).update(split[i] for i in ids)
+    if len(need) == 2:
+        single = sorted(c for c, n in total.items() if n < 2)
+        if single:
+            raise DatasetError(
+                "<split>",
+                f"categories {', '.join(single)} have a single row; each needs at least 2, one to train on and one to hold out",
+            )
+    if HELDOUT in need:
+        empty = sorted(c for c, s in sides.items() if HELDOUT not in s)
+        if empty:
+            # A group of n rows holds out floor(f * n + 0.5) >= 1 rows once f >= 0.5 / n.
+            low = max(0.5 / largest[c] for c in empty)
+            raise DatasetError(
+                "<split>",
+                f"a held-out fraction of {heldout:g} holds out no row of {', '.join(empty)}; "
+                f"use --heldout {math.ceil(low * 1000) / 1000:g} or more",
+            )
+    if TRAIN in need:
+        empty = sorted(c for c, s in sides.items() if TRAIN not in s)
+        if empty:
+            # ... and keeps a training row while floor(f * n + 0.5) <= n - 1, i.e. f < 1 - 0.5 / n.
+            high = min(1 - 0.5 / largest[c] for c in empty)
+            raise DatasetError(
+                "<split>",
+                f"a held-out fraction of {heldout:g} leaves no training row of {', '.join(empty)}; "
+                f"use --heldout below {math.floor(high * 1000) / 1000:g}",
+            )
+    warnings = []
+    if HELDOUT in need:
+        for (cat, kind), ids in sorted(groups.items()):
+            if all(split[i] == TRAIN for i in ids):
+                warnings.append(f"no held-out {kind} of {cat} ({len(ids)} rows; --heldout {heldout:g} rounds to 0 of them)")
+    return warnings
 
 
 def data_fingerprint(rows: Sequence[LabelledRow]) -> str:

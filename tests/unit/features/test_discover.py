@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +16,13 @@ from sklearn.metrics import roc_auc_score
 from auditor.errors import DatasetError
 from auditor.features.discover import auroc_columns, context_snippet, discover, tpr_at_fpr
 from auditor.features.labelled import (
+    BENIGN,
     HELDOUT,
+    TRAIN,
     LabelledRow,
     assign_split,
     cached_pooled,
+    check_split,
     extract_pooled,
     load_labelled,
     split_counts,
@@ -257,3 +261,20 @@ def test_cached_pooled_in_bfloat16_is_its_own_entry(tiny: tuple[Path, Path], tmp
     # Close, not equal: a latent near the top-k boundary may swap in or out in bfloat16.
     close = (low.max - full.max).abs() <= 0.1 + 0.1 * full.max.abs()
     assert close.float().mean() > 0.9
+
+
+def test_load_labelled_says_a_file_is_not_the_folder(tmp_path: Path) -> None:
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"id": "a", "category": "benign", "text": "x"}) + "\n")
+    with pytest.raises(DatasetError, match=f"this is a file; give the data set's folder.*here {tmp_path}"):
+        load_labelled(tmp_path / "rows.jsonl")
+
+
+def test_check_split_only_looks_at_the_categories_in_use() -> None:
+    rows = [LabelledRow(f"{c}-{i}", c, "prompt", "t") for c, n in (("bias", 10), ("rare", 1), (BENIGN, 10)) for i in range(n)]
+    split = assign_split(rows)
+    with pytest.raises(DatasetError, match=re.escape("categories rare have a single row")):
+        check_split(rows, split, 0.3)
+    assert check_split(rows, split, 0.3, categories=["bias"]) == []
+    assert check_split(rows, split, 0.3, need=(TRAIN,)) == []
+    with pytest.raises(DatasetError, match="holds out no row of rare"):
+        check_split(rows, split, 0.3, need=(HELDOUT,))
