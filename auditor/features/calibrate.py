@@ -35,7 +35,14 @@ import numpy as np
 import yaml
 
 from auditor.errors import DatasetError, LibraryError
-from auditor.features.discover import auroc_columns, category_rows, discover, tpr_at_fpr
+from auditor.features.discover import (
+    auroc_columns,
+    category_rows,
+    check_fpr,
+    check_latents,
+    discover,
+    tpr_at_fpr,
+)
 from auditor.features.labelled import BENIGN, TRAIN, LabelledRow, Pooled, Side
 from auditor.features.library import FEATURE_NAME_PATTERN, Feature, FeatureLibrary, FeatureStats, ProbeEntry, SAEStats
 from auditor.features.yamlsource import parse_yaml
@@ -46,6 +53,7 @@ __all__ = [
     "FeatureCalibration",
     "Calibration",
     "load_labels",
+    "check_label_categories",
     "labels_to_yaml",
     "auto_labels",
     "fit_sparse_probe",
@@ -126,6 +134,24 @@ def load_labels(path: str | Path) -> list[FeatureLabel]:
     return out
 
 
+def check_label_categories(labels: Sequence[FeatureLabel], rows: Sequence[LabelledRow], where: str = "<labels>") -> None:
+    """Refuse labels whose category (the part of the name before the dot) has no rows in the data.
+
+    Such a feature cannot be measured against its category, so a label naming one
+    is a typo or belongs to another data set. ``benign.*`` labels are allowed.
+    """
+    present = sorted({r.category for r in rows})
+    unknown = sorted({lb.category for lb in labels if lb.category not in present})
+    if unknown:
+        names = [lb.name for lb in labels if lb.category in unknown]
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise DatasetError(
+            where,
+            f"labels of categories with no rows in the data: {', '.join(unknown)} ({shown}); "
+            f"the data has {', '.join(present)}. Name each feature <category>.<slug> after one of those",
+        )
+
+
 def _located(path: Path, line: int | None, column: int | None) -> str:
     """``FILE:LINE:COLUMN`` (as much of it as is known)."""
     where = str(path)
@@ -185,6 +211,7 @@ def auto_labels(
     """
     from auditor.features.discover import select_latents_l1
 
+    check_latents(exclude, pooled.max.shape[1], "excluded latent")
     used: set[int] = set(int(i) for i in exclude)
     names: set[str] = set()
     out: list[FeatureLabel] = []
@@ -256,7 +283,6 @@ class Calibration:
     features: list[FeatureCalibration]
     probes: list[ProbeCalibration]
     recon_error_quantiles: dict[str, float]
-
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1) + "\n"
 
@@ -348,8 +374,14 @@ def calibrate(
     """
     from auditor.policy.probes import save_probe
 
-    if not 0.0 < strict_fpr <= target_fpr < 1.0:
-        raise DatasetError("<calibrate>", f"need 0 < strict_fpr <= target_fpr < 1 (got {strict_fpr}, {target_fpr})")
+    check_fpr(target_fpr, strict_fpr)
+    present = {r.category for r in rows}
+    cats = list(categories) if categories else sorted(present - {BENIGN})
+    if not cats:
+        raise DatasetError("<data>", f"only {BENIGN} rows; calibration needs rows of at least one other category")
+    missing = [c for c in cats if c not in present]
+    if missing:
+        raise DatasetError("<data>", f"no rows of categories {missing}; present: {sorted(present)}")
     if not labels:
         raise DatasetError("<calibrate>", "no features to calibrate; give a labels file or let discovery pick some")
     _check_unique(labels, "<labels>")
@@ -357,11 +389,7 @@ def calibrate(
     bad = [lb.index for lb in labels if not 0 <= lb.index < d_sae]
     if bad:
         raise LibraryError(f"latent indices out of range for an SAE with {d_sae} latents: {bad}")
-    cats = list(categories) if categories else sorted({r.category for r in rows if r.category != BENIGN})
-    present = {r.category for r in rows}
-    missing = [c for c in cats if c not in present]
-    if missing:
-        raise DatasetError("<data>", f"no rows of categories {missing}; present: {sorted(present)}")
+    check_label_categories(labels, rows)
     where = pooled.row_index()
     benign_train = [where[r.id] for r in rows if r.category == BENIGN and split[r.id] == TRAIN]
     cols = [lb.index for lb in labels]

@@ -26,13 +26,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from auditor.errors import DatasetError
+from auditor.errors import ConfigError, DatasetError
 from auditor.features.labelled import BENIGN, TRAIN, LabelledRow, Pooled, Side
 
 __all__ = [
     "Candidate",
     "auroc_columns",
     "tpr_at_fpr",
+    "check_fpr",
+    "check_latents",
     "discover",
     "category_rows",
     "context_snippet",
@@ -75,6 +77,29 @@ def tpr_at_fpr(pos_scores: np.ndarray, neg_scores: np.ndarray, fpr: float = 0.05
     thr = float(np.nextafter(np.float32(bar), np.float32(np.inf))) if np.isfinite(bar) else float(neg[-1])
     pos = np.asarray(pos_scores, dtype=np.float64)
     return float((pos >= thr).mean()) if len(pos) else 0.0, thr
+
+
+def check_fpr(target_fpr: float, strict_fpr: float | None = None) -> None:
+    """Refuse false-positive-rate targets outside ``0 < strict_fpr <= target_fpr < 1`` (NaN included).
+
+    The one check behind ``calibrate --target-fpr/--strict-fpr`` and
+    ``evaluate-detection --target-fpr``, run before any features are computed.
+    """
+    if not 0.0 < target_fpr < 1.0:
+        raise ConfigError(f"--target-fpr must be a rate between 0 and 1 (exclusive), such as 0.05; got {target_fpr}")
+    if strict_fpr is not None and not 0.0 < strict_fpr <= target_fpr:
+        raise ConfigError(
+            f"--strict-fpr must be a rate above 0 and at most --target-fpr ({target_fpr}), such as 0.01; got {strict_fpr}"
+        )
+
+
+def check_latents(indices: Sequence[int], d_sae: int, what: str = "latent") -> None:
+    """Refuse latent indices outside ``[0, d_sae)`` (a negative index would silently count from the end)."""
+    bad = sorted({int(i) for i in indices if not 0 <= int(i) < d_sae})
+    if bad:
+        raise ConfigError(
+            f"{what} {', '.join(map(str, bad))}: out of range; the SAE has {d_sae} latents, numbered 0 to {d_sae - 1}"
+        )
 
 
 @dataclass
@@ -173,6 +198,7 @@ def discover(
     separates by being *silent* on the category (useless as an alert) is not proposed.
     ``only`` restricts the ranking to those latents.
     """
+    check_latents([*exclude, *(only or ())], pooled.max.shape[1])
     pos_rows, neg_rows = category_rows(pooled, rows, split, category)
     where = pooled.row_index()
     other_rows = [
@@ -240,6 +266,7 @@ def select_latents_l1(
         raise ValueError(f"pool must be 'max' or 'mean', not {pool!r}")
     pos, neg = category_rows(pooled, rows, split, category)
     x = (pooled.max if pool == "max" else pooled.mean).numpy()
+    check_latents(exclude, x.shape[1], "excluded latent")
     z = np.concatenate([x[pos], x[neg]])
     y = np.concatenate([np.ones(len(pos)), np.zeros(len(neg))])
     z = StandardScaler().fit_transform(z)

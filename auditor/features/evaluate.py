@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from auditor.errors import DatasetError
-from auditor.features.discover import auroc_columns, category_rows, tpr_at_fpr
+from auditor.features.discover import auroc_columns, category_rows, check_fpr, tpr_at_fpr
 from auditor.features.labelled import BENIGN, HELDOUT, TRAIN, LabelledRow, Pooled, Side
 
 if TYPE_CHECKING:
@@ -228,6 +228,7 @@ def evaluate_detection(
     """
     from auditor.features.labelled import split_counts
 
+    check_fpr(target_fpr)
     by_id = {r.id: r for r in rows}
     held_ids = [r.id for r in rows if split[r.id] == HELDOUT and (r.category in categories or r.category == BENIGN)]
     scores: dict[str, dict[str, float]] = {}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from auditor.errors import DatasetError, LibraryError
+from auditor.errors import ConfigError, DatasetError, LibraryError
 from auditor.features.calibrate import (
     EVIDENCE_LEVEL,
     Calibration,
@@ -196,7 +196,10 @@ def test_labels_round_trip_and_auto_labels(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"strict_fpr": 0.1}, DatasetError, "strict_fpr <= target_fpr"),
+        ({"strict_fpr": 0.1}, ConfigError, "at most --target-fpr (0.05)"),
+        ({"target_fpr": float("nan")}, ConfigError, "--target-fpr must be a rate between 0 and 1"),
+        ({"labels": [FeatureLabel(3, "nosuchcat.a", "")]}, DatasetError, "labels of categories with no rows in the data: nosuchcat"),
+        ({"strict_fpr": 0.0}, ConfigError, "--strict-fpr"),
         ({"labels": []}, DatasetError, "no features to calibrate"),
         ({"labels": [FeatureLabel(99, "bias.far", "")]}, LibraryError, "out of range"),
         ({"categories": ["privacy"]}, DatasetError, "no rows of categories ['privacy']"),
@@ -208,3 +211,10 @@ def test_calibrate_rejects(tmp_path: Path, kwargs: dict[str, object], error: typ
     labels = args.pop("labels")
     with pytest.raises(error, match=re.escape(message)):
         calibrate(_library(tmp_path / "lib"), pooled, rows, assign_split(rows), labels, **args)  # type: ignore[arg-type]
+
+
+def test_calibrate_refuses_benign_only_data(tmp_path: Path) -> None:
+    rows, pooled = synthetic(n_per=20)
+    benign = [r for r in rows if r.category == BENIGN]
+    with pytest.raises(DatasetError, match="only benign rows"):
+        calibrate(_library(tmp_path / "lib"), pooled, benign, assign_split(benign), LABELS[:1], probe_dir=tmp_path / "p", dataset="s")

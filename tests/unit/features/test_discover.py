@@ -278,3 +278,16 @@ def test_check_split_only_looks_at_the_categories_in_use() -> None:
     assert check_split(rows, split, 0.3, need=(TRAIN,)) == []
     with pytest.raises(DatasetError, match="holds out no row of rare"):
         check_split(rows, split, 0.3, need=(HELDOUT,))
+
+
+@pytest.mark.parametrize("bad", [-3, 24, 99999])
+def test_latents_outside_the_sae_are_refused_not_wrapped(bad: int) -> None:
+    from auditor.errors import ConfigError
+    from auditor.features.calibrate import auto_labels
+
+    rows, pooled = synthetic()  # d_sae 24
+    split = assign_split(rows)
+    with pytest.raises(ConfigError, match=re.escape(f"latent {bad}: out of range; the SAE has 24 latents, numbered 0 to 23")):
+        discover(pooled, rows, split, "bias", exclude=[bad])
+    with pytest.raises(ConfigError, match=re.escape(f"excluded latent {bad}: out of range")):
+        auto_labels(pooled, rows, split, ["bias"], per_category=2, exclude=[bad])

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from auditor.errors import ConfigError
 from auditor.features import discover_cli
 from auditor.features.evaluate import (
     CategoryResult,
@@ -55,6 +56,13 @@ def test_report_goal_column(policy: float, raw: float, verdict: str) -> None:
     text = render_report(DetectionReport("d", 0.05, {}, [res]))
     row = next(line for line in text.splitlines() if line.startswith("| bias |"))
     assert row.endswith(f"| {verdict} |")
+
+
+@pytest.mark.parametrize("fpr", [float("nan"), 0.0, 1.0, 2.0, -1.0])
+def test_evaluate_detection_refuses_a_bad_target_fpr(fpr: float) -> None:
+    rows, pooled = synthetic(categories=("bias",), n_per=8)
+    with pytest.raises(ConfigError, match="--target-fpr must be a rate between 0 and 1"):
+        evaluate_detection(rows, assign_split(rows), pooled, ["bias"], target_fpr=fpr)
 
 
 # ---------------------------------------------------------------- the commands, end to end
