@@ -36,11 +36,13 @@ import yaml
 
 from auditor.errors import DatasetError, LibraryError
 from auditor.features.discover import (
+    MIN_POSITIVES,
     auroc_columns,
     category_rows,
     check_fpr,
     check_latents,
     discover,
+    sample_warnings,
     tpr_at_fpr,
 )
 from auditor.features.labelled import BENIGN, TRAIN, LabelledRow, Pooled, Side
@@ -283,6 +285,9 @@ class Calibration:
     features: list[FeatureCalibration]
     probes: list[ProbeCalibration]
     recon_error_quantiles: dict[str, float]
+    warnings: list[str] = field(default_factory=list)
+    """What the training data was too small to support (thresholds it cannot resolve, few positives)."""
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1) + "\n"
 
@@ -393,6 +398,9 @@ def calibrate(
     where = pooled.row_index()
     benign_train = [where[r.id] for r in rows if r.category == BENIGN and split[r.id] == TRAIN]
     cols = [lb.index for lb in labels]
+    warnings = sample_warnings(
+        "benign training split", None, len(benign_train), [target_fpr, strict_fpr], negatives="benign training texts"
+    )
 
     features: list[Feature] = []
     feat_cal: list[FeatureCalibration] = []
@@ -442,6 +450,15 @@ def calibrate(
         tpr, thr = tpr_at_fpr(oof[: len(pos)], oof[len(pos) :], target_fpr)
         _, strict = tpr_at_fpr(oof[: len(pos)], oof[len(pos) :], strict_fpr)
         coef = clf.coef_[0]
+        if len(pos) < MIN_POSITIVES:
+            warnings.append(
+                f"{cat}: only {len(pos)} training texts (fewer than {MIN_POSITIVES}); its probe and thresholds are rough"
+            )
+        if not np.any(coef):
+            warnings.append(
+                f"{cat}: the probe put no weight on any labelled feature, so it scores every text the same and "
+                "never fires; label latents that fire on this category"
+            )
         drivers = [names[j] for j in np.argsort(-coef, kind="stable") if coef[j] > 0][:MAX_DRIVERS]
         rel = f"probes/{cat}.json"
         save_probe(clf, probe_dir / f"{cat}.json", inputs="features", features=names, pool=chosen, scaler=scaler)
@@ -492,6 +509,7 @@ def calibrate(
         features=feat_cal,
         probes=probe_cal,
         recon_error_quantiles=recon_q,
+        warnings=warnings,
     )
     return new, cal
 

@@ -35,6 +35,8 @@ __all__ = [
     "tpr_at_fpr",
     "check_fpr",
     "check_latents",
+    "sample_warnings",
+    "MIN_POSITIVES",
     "discover",
     "category_rows",
     "context_snippet",
@@ -79,6 +81,10 @@ def tpr_at_fpr(pos_scores: np.ndarray, neg_scores: np.ndarray, fpr: float = 0.05
     return float((pos >= thr).mean()) if len(pos) else 0.0, thr
 
 
+MIN_POSITIVES = 20
+"""Fewer positive texts than this and a rate or an AUROC moves by 5 points or more per text: warned about."""
+
+
 def check_fpr(target_fpr: float, strict_fpr: float | None = None) -> None:
     """Refuse false-positive-rate targets outside ``0 < strict_fpr <= target_fpr < 1`` (NaN included).
 
@@ -100,6 +106,41 @@ def check_latents(indices: Sequence[int], d_sae: int, what: str = "latent") -> N
         raise ConfigError(
             f"{what} {', '.join(map(str, bad))}: out of range; the SAE has {d_sae} latents, numbered 0 to {d_sae - 1}"
         )
+
+
+def _pct(rate: float) -> str:
+    return f"{rate * 100:g}%"
+
+
+def sample_warnings(
+    what: str, n_pos: int | None, n_neg: int, fprs: Sequence[float], *, negatives: str = "benign texts"
+) -> list[str]:
+    """Warnings when ``n_neg`` negatives cannot resolve the false-positive rates ``fprs`` or ``n_pos`` is tiny.
+
+    With ``n`` negatives a threshold can only allow ``floor(fpr * n)`` of them above it:
+    below ``1 / fpr`` negatives that is none, and the rate reached is 0%, not ``fpr``;
+    two rates with the same ``floor`` give the same threshold.
+    """
+    out = []
+    allowed = [int(np.floor(f * n_neg + 1e-9)) for f in fprs]
+    unresolved = [f for f, a in zip(fprs, allowed) if a == 0]
+    if unresolved:
+        needs = " and ".join(f"{_pct(f)} needs at least {int(np.ceil(1 / f - 1e-9))}" for f in unresolved)
+        out.append(
+            f"{what}: only {n_neg} {negatives}; a false-positive rate of {needs} to be measured "
+            f"(with fewer, the threshold sits above all of them and the rate reached is 0%)"
+        )
+    elif len(set(allowed)) < len(set(fprs)):
+        out.append(
+            f"{what}: only {n_neg} {negatives}; the thresholds at {' and '.join(_pct(f) for f in fprs)} "
+            f"false positives fall on the same text and come out equal"
+        )
+    if n_pos is not None and n_pos < MIN_POSITIVES:
+        out.append(
+            f"{what}: only {n_pos} positive texts (fewer than {MIN_POSITIVES}); each moves the true-positive rate by "
+            f"{100 / max(n_pos, 1):.0f} points, so treat the numbers as rough"
+        )
+    return out
 
 
 @dataclass

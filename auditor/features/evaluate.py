@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from auditor.errors import DatasetError
-from auditor.features.discover import auroc_columns, category_rows, check_fpr, tpr_at_fpr
+from auditor.features.discover import auroc_columns, category_rows, check_fpr, sample_warnings, tpr_at_fpr
 from auditor.features.labelled import BENIGN, HELDOUT, TRAIN, LabelledRow, Pooled, Side
 
 if TYPE_CHECKING:
@@ -105,6 +105,8 @@ class DetectionReport:
     policy: str | None = None
     library: str | None = None
     hookpoint: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    """What the held-out sample is too small to support (see :func:`~auditor.features.discover.sample_warnings`)."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -241,8 +243,10 @@ def evaluate_detection(
         got = policy_scores(auditor, engine, [by_id[i].text for i in held_ids])
         scores = dict(zip(held_ids, got))
     results = []
+    warnings: list[str] = []
     for cat in categories:
         hpos, hneg = category_rows(pooled, rows, split, cat, HELDOUT)
+        warnings += sample_warnings(cat, len(hpos), len(hneg), [target_fpr], negatives="held-out benign texts")
         i, train_auc = best_single_feature(pooled, rows, split, cat)
         name = engine.library.name_for_index(i) if engine is not None else None
         single = _detector(
@@ -289,6 +293,7 @@ def evaluate_detection(
         policy=str(engine.path) if engine is not None else None,
         library=str(engine.library.path) if engine is not None and engine.library.path is not None else None,
         hookpoint=pooled.hookpoint,
+        warnings=warnings,
     )
 
 
@@ -308,6 +313,12 @@ def render_report(report: DetectionReport, *, commands: Sequence[str] = (), note
         f"Per category, positives are its held-out texts and negatives the held-out benign texts. "
         f"TPR@{pct} is the true-positive rate at {pct} false positives on the held-out ROC curve.",
         "",
+    ]
+    if report.warnings:
+        lines += ["**Too few held-out texts for some of these numbers:**", ""]
+        lines += [f"- Warning: {w}" for w in report.warnings]
+        lines += [""]
+    lines += [
         f"| category | n pos / neg | (a) best single feature AUROC | (a) TPR@{pct} | (b) default policy AUROC | "
         f"(b) TPR@{pct} | (c) raw-activation probe AUROC | (c) TPR@{pct} | goal: (b) >= 0.90 and (c) - (b) <= 0.05 |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -317,6 +328,8 @@ def render_report(report: DetectionReport, *, commands: Sequence[str] = (), note
         if r.policy is not None:
             ok = r.policy.auroc >= 0.90 and r.raw.auroc - r.policy.auroc <= 0.05
             goal = "met" if ok else "missed"
+            if sample_warnings(r.category, r.n_pos, r.n_neg, [report.target_fpr]):
+                goal += " (too few texts to tell)"
         lines.append(
             f"| {r.category} | {r.n_pos} / {r.n_neg} | {_f(r.single.auroc)} | {_f(r.single.tpr)} | "
             f"{_f(r.policy.auroc if r.policy else None)} | {_f(r.policy.tpr if r.policy else None)} | "

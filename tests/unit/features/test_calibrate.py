@@ -218,3 +218,22 @@ def test_calibrate_refuses_benign_only_data(tmp_path: Path) -> None:
     benign = [r for r in rows if r.category == BENIGN]
     with pytest.raises(DatasetError, match="only benign rows"):
         calibrate(_library(tmp_path / "lib"), pooled, benign, assign_split(benign), LABELS[:1], probe_dir=tmp_path / "p", dataset="s")
+
+
+def test_calibrate_allows_benign_labels_and_warns_on_small_data(tmp_path: Path) -> None:
+    rows, pooled = synthetic(n_per=6)
+    labels = [*LABELS, FeatureLabel(1, "benign.everyday", "Fires on benign text")]
+    _, cal = calibrate(_library(tmp_path / "lib"), pooled, rows, assign_split(rows), labels, probe_dir=tmp_path / "p", dataset="s")
+    n_benign = cal.n_train[BENIGN]
+    assert n_benign < 20
+    first = f"benign training split: only {n_benign} benign training texts"
+    assert any(w.startswith(first) and "5% needs at least 20" in w for w in cal.warnings)
+    assert any(w.startswith("bias: only") and "fewer than 20" in w for w in cal.warnings)
+    assert Calibration.from_json(cal.to_json()).warnings == cal.warnings
+
+
+def test_calibrate_without_warnings_on_enough_data(calibrated: tuple) -> None:  # type: ignore[type-arg]
+    cal = calibrated[2]
+    # 120 benign rows, 84 in training: the 1% target cannot be measured, the 5% one can.
+    assert len(cal.warnings) == 1 and "only 84 benign training texts" in cal.warnings[0]
+    assert "1% needs at least 100" in cal.warnings[0] and "5%" not in cal.warnings[0]

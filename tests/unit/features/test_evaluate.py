@@ -52,10 +52,34 @@ def test_evaluate_detection_on_planted_data() -> None:
     [(0.95, 0.97, "met"), (0.89, 0.90, "missed"), (0.92, 0.98, "missed"), (0.93, 0.98, "met")],
 )
 def test_report_goal_column(policy: float, raw: float, verdict: str) -> None:
-    res = CategoryResult("bias", 10, 20, Detector(0.8, 0.5), Detector(policy, 0.7), Detector(raw, 0.9))
+    res = CategoryResult("bias", 30, 60, Detector(0.8, 0.5), Detector(policy, 0.7), Detector(raw, 0.9))
     text = render_report(DetectionReport("d", 0.05, {}, [res]))
     row = next(line for line in text.splitlines() if line.startswith("| bias |"))
     assert row.endswith(f"| {verdict} |")
+
+
+def test_report_warns_when_the_sample_cannot_support_it() -> None:
+    rows, pooled = synthetic(categories=("bias",), n_per=8)  # 2-3 held-out positives, 5 held-out negatives
+    report = evaluate_detection(rows, assign_split(rows), pooled, ["bias"], dataset="synth")
+    r = report.categories[0]
+    assert r.n_pos < 20 and r.n_neg < 20
+    assert report.warnings == [
+        f"bias: only {r.n_neg} held-out benign texts; a false-positive rate of 5% needs at least 20 to be measured "
+        "(with fewer, the threshold sits above all of them and the rate reached is 0%)",
+        f"bias: only {r.n_pos} positive texts (fewer than 20); each moves the true-positive rate by "
+        f"{100 / r.n_pos:.0f} points, so treat the numbers as rough",
+    ]
+    r.policy = Detector(0.99, 1.0)
+    text = render_report(report)
+    assert f"- Warning: {report.warnings[0]}" in text
+    row = next(line for line in text.splitlines() if line.startswith("| bias |"))
+    assert row.endswith("| met (too few texts to tell) |")
+
+
+def test_enough_held_out_texts_give_no_warning() -> None:
+    rows, pooled = synthetic(categories=("bias",), n_per=80)
+    report = evaluate_detection(rows, assign_split(rows), pooled, ["bias"], dataset="synth")
+    assert report.warnings == [] and "Warning" not in render_report(report)
 
 
 @pytest.mark.parametrize("fpr", [float("nan"), 0.0, 1.0, 2.0, -1.0])
