@@ -20,10 +20,14 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from auditor._output import check_output_file, write_text
 from auditor.models.loading import MODEL_DTYPES
+
+if TYPE_CHECKING:
+    from auditor.features.labelled import Side
 
 __all__ = ["register"]
 
@@ -72,7 +76,7 @@ def register(subparsers: Any) -> None:
     d.add_argument("--json", dest="json_out", type=Path, metavar="FILE", help="write all candidates as JSON")
     d.add_argument("--markdown", type=Path, metavar="FILE", help="write the candidates as Markdown")
     d.add_argument(
-        "--propose", type=int, default=0, metavar="N",
+        "--propose", type=int, metavar="N",
         help="also propose N latents per category (largest positive weights of an L1 probe over all latents) "
         "as a labels file for review (needs --labels-out; with several --sae, the first is used)",
     )
@@ -121,11 +125,20 @@ def register(subparsers: Any) -> None:
 # ---------------------------------------------------------------- helpers
 
 
-def _load(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]:
-    from auditor.features.labelled import assign_split, load_labelled
+def _warn(lines: list[str]) -> None:
+    for line in lines:
+        print(f"warning: {line}", file=sys.stderr)
+
+
+def _load(args: argparse.Namespace, need: Sequence[Side]) -> tuple[list[Any], dict[str, Any], list[str]]:
+    """The rows, their split and the categories to work on, with the split checked for the sides ``need``."""
+    from auditor.features.labelled import assign_split, check_split, load_labelled
 
     rows = load_labelled(args.data)
-    return rows, assign_split(rows, heldout=args.heldout, salt=args.salt)
+    split = assign_split(rows, heldout=args.heldout, salt=args.salt)
+    cats = _categories(args, rows)
+    _warn(check_split(rows, split, args.heldout, need=need, categories=cats))
+    return rows, split, cats
 
 
 def _categories(args: argparse.Namespace, rows: list[Any]) -> list[str]:
@@ -133,6 +146,12 @@ def _categories(args: argparse.Namespace, rows: list[Any]) -> list[str]:
     from auditor.features.labelled import BENIGN
 
     present = sorted({r.category for r in rows if r.category != BENIGN})
+    if not present:
+        raise DatasetError(
+            args.data,
+            f"every row is {BENIGN!r}; features are ranked and calibrated by how they separate another category "
+            f"(such as 'deception') from {BENIGN} text, so add rows of at least one other category",
+        )
     if not args.category:
         return present
     unknown = [c for c in args.category if c not in present]
@@ -141,14 +160,17 @@ def _categories(args: argparse.Namespace, rows: list[Any]) -> list[str]:
     return list(args.category)
 
 
-def _sae_specs(specs: list[str]) -> list[tuple[str, str]]:
+def _sae_specs(specs: list[str], flag: str) -> list[tuple[str, str]]:
+    """``NAME=PATH`` pairs, each PATH an existing SAE file or folder."""
     from auditor.errors import ConfigError
 
     out = []
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
-            raise ConfigError(f"--sae/--compare-sae expects NAME=PATH (got {spec!r})")
+            raise ConfigError(f"{flag} expects NAME=PATH (got {spec!r})")
+        if not Path(path).exists():
+            raise ConfigError(f"{flag} {spec}: no such file or folder {path!r}; PATH is a local SAE file or folder")
         out.append((name, path))
     return out
 
@@ -159,6 +181,9 @@ def _library_sae(lib: Any) -> tuple[str, str]:
     if lib.sae.path is None:
         raise LibraryError(f"library {lib.id!r} has no sae.path; pass --sae NAME=PATH")
     path = lib.resolve_path(lib.sae.path)
+    if not path.exists():
+        where = f" ({lib.path})" if lib.path is not None else ""
+        raise LibraryError(f"library {lib.id!r}{where}: its sae.path {lib.sae.path!r} does not exist (looked for {path})")
     return path.name, str(path)
 
 
@@ -201,13 +226,14 @@ def _command_line() -> str:
 
 
 def _split(args: argparse.Namespace) -> int:
-    from auditor.features.labelled import HELDOUT, assign_split, load_labelled, split_counts
+    from auditor.features.labelled import HELDOUT, assign_split, check_split, load_labelled, split_counts
 
     out = args.output if args.output is not None else Path(args.data) / "split.json"
     rows = load_labelled(args.data)
     if str(out) != "-":
         _outputs(out)
     split = assign_split(rows, heldout=args.heldout, salt=args.salt)
+    _warn(check_split(rows, split, args.heldout))
     print(f"{'category':<12} {'train':>6} {'heldout':>8} {'prompt':>7} {'completion':>11} {'near_miss':>10}")
     for cat, c in split_counts(rows, split).items():
         print(f"{cat:<12} {c['train']:>6} {c['heldout']:>8} {c['prompt']:>7} {c['completion']:>11} {c['near_miss']:>10}")
@@ -223,15 +249,49 @@ def _split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_discover_args(args: argparse.Namespace) -> None:
+    """The flag combinations ``discover`` refuses, checked before any data or model is read."""
+    from auditor.errors import ConfigError
+
+    if args.top < 1:
+        raise ConfigError(f"--top is how many latents to list per category; give 1 or more (got {args.top})")
+    if args.contexts < 0:
+        raise ConfigError(f"--contexts is how many contexts to show per latent; give 0 or more (got {args.contexts})")
+    if args.propose is None:
+        if args.labels_out is not None:
+            raise ConfigError("--labels-out is where --propose writes its labels; add --propose N (latents per category)")
+        if args.exclude_latent:
+            raise ConfigError("--exclude-latent only keeps latents out of --propose's labels; add --propose N and --labels-out FILE")
+        return
+    if args.propose < 1:
+        raise ConfigError(f"--propose is how many latents to propose per category; give 1 or more (got {args.propose})")
+    if args.labels_out is None:
+        raise ConfigError("--propose needs --labels-out FILE, where the proposed labels are written")
+
+
 def _discover(args: argparse.Namespace) -> int:
-    from auditor.features.discover import discover
+    from auditor.errors import ConfigError
+    from auditor.features.discover import check_latents, discover
     from auditor.features.library import load_library
 
-    _outputs(args.json_out, args.markdown, args.labels_out if args.propose > 0 else None)
-    rows, split = _load(args)
-    cats = _categories(args, rows)
-    saes = _sae_specs(args.sae) or [_library_sae(load_library(args.library))]
+    _check_discover_args(args)
+    _outputs(args.json_out, args.markdown, args.labels_out)
+    saes = _sae_specs(args.sae, "--sae")
+    rows, split, cats = _load(args, need=("train",))
+    d_sae = None
+    if not saes:
+        lib = load_library(args.library)
+        saes = [_library_sae(lib)]
+        d_sae = lib.sae.d_sae
+    if d_sae is not None:
+        check_latents(args.exclude_latent, d_sae, "--exclude-latent")
+    elif any(i < 0 for i in args.exclude_latent):
+        # The width of an SAE given by path is known once it is read; a negative index is wrong for any.
+        bad = ", ".join(str(i) for i in args.exclude_latent if i < 0)
+        raise ConfigError(f"--exclude-latent {bad}: out of range; latents are numbered from 0")
     pooled = _pooled(args, rows, saes)
+    if args.propose is not None:
+        check_latents(args.exclude_latent, pooled[saes[0][0]].max.shape[1], "--exclude-latent")
     everything: dict[str, dict[str, list[dict[str, Any]]]] = {}
     md = ["# Discovery: SAE latents ranked per category (training split, max over tokens, vs benign)", ""]
     for name, _ in saes:
@@ -261,12 +321,9 @@ def _discover(args: argparse.Namespace) -> int:
         write_text(args.json_out, json.dumps(everything, indent=1) + "\n")
     if args.markdown:
         write_text(args.markdown, "\n".join(md) + "\n")
-    if args.propose > 0:
-        from auditor.errors import ConfigError
+    if args.propose is not None:
         from auditor.features.calibrate import auto_labels, labels_to_yaml
 
-        if args.labels_out is None:
-            raise ConfigError("--propose needs --labels-out FILE")
         labels = auto_labels(pooled[saes[0][0]], rows, split, cats, per_category=args.propose, exclude=args.exclude_latent)
         write_text(args.labels_out, labels_to_yaml(labels))
         print(f"wrote {len(labels)} proposed labels to {args.labels_out}")
@@ -274,20 +331,33 @@ def _discover(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from auditor.features.calibrate import auto_labels, calibrate, labels_to_yaml, load_labels, policy_from_calibration
-    from auditor.errors import LibraryError
+    from auditor.errors import ConfigError, LibraryError
+    from auditor.features.calibrate import (
+        auto_labels,
+        calibrate,
+        check_label_categories,
+        labels_to_yaml,
+        load_labels,
+        policy_from_calibration,
+    )
+    from auditor.features.discover import check_fpr, check_latents
     from auditor.features.library import library_to_yaml, load_library
 
+    check_fpr(args.target_fpr, args.strict_fpr)
+    if args.per_category < 1:
+        raise ConfigError(f"--per-category is how many latents to pick per category; give 1 or more (got {args.per_category})")
     lib = load_library(Path(args.library))
     if not args.dry_run:
         _outputs(args.write_policy)
-    rows, split = _load(args)
-    cats = _categories(args, rows)
+    rows, split, cats = _load(args, need=("train",))
+    labels = load_labels(args.labels) if args.labels is not None else None
+    if labels is not None:
+        check_label_categories(labels, rows, str(args.labels))
+        if lib.sae.d_sae is not None:
+            check_latents([lb.index for lb in labels], lib.sae.d_sae, f"{args.labels}: latent")
     name, path = _library_sae(lib)
     pooled = _pooled(args, rows, [(name, path)])[name]
-    if args.labels is not None:
-        labels = load_labels(args.labels)
-    else:
+    if labels is None:
         labels = auto_labels(pooled, rows, split, cats, per_category=args.per_category)
     folder = lib.path.parent if lib.path is not None else Path(".")
     dataset = Path(args.data).name
@@ -312,6 +382,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         )
     for f in cal.features:
         print(f"  {f.name:<36} latent {f.index:>5}  AUROC {f.auroc:.3f}  thr {f.threshold:.3f}  TPR {f.train_tpr:.3f}")
+    _warn(cal.warnings)
     if args.dry_run:
         return 0
     header = (
@@ -336,19 +407,23 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from auditor.errors import ConfigError
+    from auditor.features.discover import check_fpr
     from auditor.features.evaluate import compare_hookpoints, evaluate_detection, render_report
     from auditor.pipeline import Auditor
 
+    check_fpr(args.target_fpr)
+    if args.notes is not None and not args.notes.is_file():
+        raise ConfigError(f"--notes {args.notes}: no such file; give a Markdown file to append as the report's Notes")
+    extra = _sae_specs(args.compare_sae, "--compare-sae")
     _outputs(args.output, args.json_out)
-    rows, split = _load(args)
-    cats = _categories(args, rows)
+    rows, split, cats = _load(args, need=("train", "heldout"))
+    notes = args.notes.read_text(encoding="utf-8") if args.notes is not None else ""
     auditor = Auditor.load(policy=args.policy, model=args.model, dtype=args.dtype)
     engine = auditor.policy
     lib = auditor.library
     if engine is None or lib is None:
         raise ConfigError(f"{args.policy}: no policy or library was loaded")
     lib_sae = _library_sae(lib)
-    extra = _sae_specs(args.compare_sae)
     pooled = _pooled(args, rows, [lib_sae, *[s for s in extra if s[0] != lib_sae[0]]], model=auditor.model)
     report = evaluate_detection(
         rows,
@@ -362,7 +437,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     )
     if extra:
         report.hookpoints = compare_hookpoints({n: pooled[n] for n in dict.fromkeys([lib_sae[0], *[s[0] for s in extra]])}, rows, split, cats)
-    notes = args.notes.read_text(encoding="utf-8") if args.notes is not None else ""
     text = render_report(report, commands=[_command_line()], notes=notes)
     if args.json_out:
         write_text(args.json_out, json.dumps(report.as_dict(), indent=1) + "\n")
@@ -374,4 +448,5 @@ def _evaluate(args: argparse.Namespace) -> int:
     for r in report.categories:
         pol = f"{r.policy.auroc:.3f}" if r.policy else "-"
         print(f"{r.category:<10} single {r.single.auroc:.3f}  policy {pol}  raw {r.raw.auroc:.3f}", file=sys.stderr)
+    _warn(report.warnings)
     return 0

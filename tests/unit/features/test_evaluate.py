@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -135,9 +136,19 @@ def test_commands_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     found = json.loads((tmp_path / "d.json").read_text())
     assert set(found) == {"b"} and set(found["b"]) == {"bias", "dangerous"}
     assert "### bias" in (tmp_path / "d.md").read_text()
+    # The width of an SAE given by path is known once its features are computed (cached by now).
+    with pytest.raises(ConfigError, match=re.escape("--exclude-latent 64: out of range; the SAE has 64 latents")):
+        _cli("discover", *common, "--sae", f"b={tmp_path / 'sae-b'}", "--propose", "2", "--labels-out",
+             str(tmp_path / "l.yaml"), "--exclude-latent", "64")
+    assert not (tmp_path / "l.yaml").exists()
 
     policy = tmp_path / "policies" / "default.yaml"
+    capsys.readouterr()
     assert _cli("calibrate", *common, "--library", str(lib_dir), "--per-category", "3", "--write-policy", str(policy)) == 0
+    # 28 benign training texts resolve 5% but not 1%; 16 or 17 training texts per category are few.
+    err = capsys.readouterr().err
+    assert "warning: benign training split: only 28 benign training texts; a false-positive rate of 1% needs at least 100" in err
+    assert "warning: dangerous: only 16 training texts (fewer than 20)" in err
     lib = load_library(lib_dir / "library.yaml")
     assert lib.features and {f.category for f in lib.features} <= {"bias", "dangerous"}
     assert [p.name for p in lib.probes] == ["bias.probe", "dangerous.probe"]
@@ -151,6 +162,7 @@ def test_commands_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert _cli("evaluate-detection", *common, "--policy", str(policy), "--compare-sae", f"b={tmp_path / 'sae-b'}",
                 "--notes", str(notes), "-o", str(report), "--json", str(tmp_path / "r.json")) == 0
     text = report.read_text()
+    assert "- Warning: bias: only 12 held-out benign texts" in text and "warning: bias: only 12 held-out" in capsys.readouterr().err
     assert "| bias | " in text and "| dangerous | " in text and "Hand-written notes." in text
     assert "`blocks.2.hook_resid_post`" in text  # the hookpoint comparison
     numbers = json.loads((tmp_path / "r.json").read_text())
