@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,15 @@ LEVELS = 8
 """Heat-map intensity levels (CSS classes ``lv0`` .. ``lv8``)."""
 
 _PAGE = 50  # latents per page in the all-latents table
+
+# ASCII digits only: str.isdigit() and int() also take other scripts' digits ("٣", "３"),
+# and isdigit() takes "²", which int() then rejects.
+_LATENT_ID = re.compile(r"[0-9]+")
+
+
+def _latent_number(text: str) -> int | None:
+    """The latent index ``text`` spells in ASCII digits, or None when it is not one."""
+    return int(text) if _LATENT_ID.fullmatch(text) else None
 
 
 def level(value: float, top: float) -> int:
@@ -163,11 +173,8 @@ def router(*, index_path: str | os.PathLike[str] | None = None) -> APIRouter:
             return v.loading(request)
         d_sae = rt.auditor.sae.cfg.d_sae
         if latent.strip():
-            try:
-                n = int(latent.strip().lstrip("#"))
-            except ValueError:
-                n = -1
-            if 0 <= n < d_sae:
+            n = _latent_number(latent.strip().removeprefix("#"))
+            if n is not None and n < d_sae:
                 return RedirectResponse(f"/ui/features/{n}", status_code=303)
         lib = rt.auditor.library
         found = lib.search(q or None, category or None) if lib is not None else []
@@ -209,14 +216,12 @@ def router(*, index_path: str | os.PathLike[str] | None = None) -> APIRouter:
             return v.loading(request)
         lib = rt.auditor.library
         d_sae = rt.auditor.sae.cfg.d_sae
-        if latent.isdigit():
-            n = int(latent)
-        elif lib is not None and lib.has(latent):
+        number = _latent_number(latent)
+        if number is None and lib is not None and lib.has(latent):
             return RedirectResponse(f"/ui/features/{lib.feature(latent).index}", status_code=307)
-        else:
-            n = -1
+        n = -1 if number is None else number
         if not 0 <= n < d_sae:
-            hint = lib.unknown_feature_message(latent) if lib is not None and not latent.isdigit() else f"latents are 0 to {d_sae - 1}"
+            hint = lib.unknown_feature_message(latent) if lib is not None and number is None else f"latents are 0 to {d_sae - 1}"
             return v.render(request, "missing.html", status=404, what=latent, hint=hint)
         labelled = None
         if lib is not None:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -186,6 +187,15 @@ def test_feature_name_and_index_form_redirect(site: Site) -> None:
     assert jump.status_code == 303 and jump.headers["location"] == "/ui/features/40"
     bad = _get(site, "/ui/features", params={"latent": "999"})
     assert bad.status_code == 200 and "latent must be a number from 0 to 63" in bad.text
+
+
+@pytest.mark.parametrize("latent", ["\u00b2", "\u0663", "\uff18\uff15", "1_0", "+3"])
+def test_latent_ids_other_than_ascii_digits_are_not_latents(site: Site, latent: str) -> None:
+    # "\u0663" and "\uff18\uff15" are 3 and 85 to int(); "\u00b2" passes str.isdigit() but not int().
+    page = _get(site, f"/ui/features/{quote(latent)}")
+    assert page.status_code == 404 and "unknown feature" in page.text  # the hint of any other name
+    jump = _get(site, "/ui/features", params={"latent": latent})
+    assert jump.status_code == 200 and "latent must be a number from 0 to 63" in jump.text
 
 
 def _result_names(page: str) -> list[str]:
