@@ -448,3 +448,14 @@ def test_sae_fingerprint_names_the_weights(tiny_auditor, tmp_path: Path) -> None
     assert sae_fingerprint(load_sae(str(folder), dtype="float64")) == fp
     assert sae_fingerprint(_retrained(tiny_auditor).sae) != fp
 
+
+def test_the_shipped_index_names_the_shipped_sae() -> None:
+    from auditor.features import load_library
+    from auditor.sae import load_sae
+    from auditor.viewer.index import index_path_for
+
+    lib = load_library("smollm2-135m-instruct")
+    index = load_index(index_path_for(lib))
+    sae = load_sae(str(lib.resolve_path(lib.sae.path or "")), dtype="float32")
+    assert index.d_sae == sae.cfg.d_sae and index.meta["sae"] == lib.sae.id
+    assert index.meta[SAE_FINGERPRINT] == sae_fingerprint(sae)
