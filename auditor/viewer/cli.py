@@ -10,6 +10,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,13 @@ def _run(args: argparse.Namespace) -> int:
     if not corpus.is_file():
         raise ConfigError(f"{corpus}: corpus file not found (JSONL, one document per line; scripts/build_corpus.py writes one)")
     docs = read_corpus(corpus)
+    first = next(docs, None)  # an empty corpus or a bad first line fails before the model loads
+    if first is None:
+        raise ConfigError(
+            f"{corpus}: the corpus has no documents (the file is empty or holds only blank lines); "
+            'give one JSON object per line, such as {"text": "..."} (scripts/build_corpus.py writes one)'
+        )
+    docs = itertools.chain([first], docs)
     auditor = Auditor.load(
         model=args.model, sae=args.sae, library=args.library, hookpoint=args.hookpoint, device=args.device
     )

@@ -413,6 +413,9 @@ def load_index(path: str | os.PathLike[str]) -> FeatureIndex:
 # ---------------------------------------------------------------- building
 
 
+_CORPUS_KEYS = ("text", "messages", "prompt", "completion")
+
+
 def read_corpus(path: str | os.PathLike[str]) -> Iterator[AuditInput]:
     """Documents of a JSONL corpus: ``{"text"}``, ``{"messages"}`` or ``{"prompt"[, "completion"]}`` per line.
 
@@ -432,12 +435,19 @@ def read_corpus(path: str | os.PathLike[str]) -> Iterator[AuditInput]:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise FeatureIndexError(f"{p}:{n}", f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+            ignored: list[str] = []
             if isinstance(obj, dict):
-                obj = {k: v for k, v in obj.items() if k in ("text", "messages", "prompt", "completion")}
+                ignored = [k for k in obj if k not in _CORPUS_KEYS]
+                obj = {k: v for k, v in obj.items() if k in _CORPUS_KEYS}
+            where = f"{p}:{n}"
             try:
-                yield parse_input(obj, where=f"{p}:{n}")
+                yield parse_input(obj, where=where)
             except AuditorError as exc:
-                raise FeatureIndexError(f"{p}:{n}", exc.message) from None
+                # parse_input's message starts with `where` already; FeatureIndexError adds it again.
+                reason = exc.message.removeprefix(f"{where}: ")
+                if ignored:
+                    reason += f"; other keys are ignored, and this line has {', '.join(map(repr, ignored))}"
+                raise FeatureIndexError(where, reason) from None
 
 
 def _batches(items: Iterable[AuditInput], size: int) -> Iterator[list[AuditInput]]:
@@ -513,6 +523,13 @@ def build_index(
             index.fill_token_text(tokenizer)
             index.save(out)
             since_save = 0
+    if index.docs_done == 0:
+        # An index of nothing would load and show every latent as never firing.
+        raise FeatureIndexError(
+            str(out) if out is not None else "index",
+            "no documents to index: the corpus is empty (a JSONL corpus has one JSON object per line, such as "
+            '{"text": "..."}; scripts/build_corpus.py writes one)',
+        )
     index.fill_token_text(tokenizer)
     if out is not None:
         index.save(out)

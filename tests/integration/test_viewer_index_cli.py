@@ -110,3 +110,28 @@ def test_resume_checks_the_sae_weights_not_its_path(
     captured = capsys.readouterr()
     assert "indexed 6 documents" in captured.out
     assert "note: " in captured.err and "checks the SAE by its name only ('sae'); pass --restart" in captured.err
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("", "c.jsonl: the corpus has no documents (the file is empty or holds only blank lines)"),
+        ("\n \n", "c.jsonl: the corpus has no documents"),
+        (
+            '{"text": "fine"}\n{"text": "also fine"}\n{"txt": "wrong key"}\n',
+            "c.jsonl:3: give exactly one of 'text', 'messages' or 'prompt' (found none); other keys are ignored, "
+            "and this line has 'txt'",
+        ),
+    ],
+)
+def test_corpus_errors(
+    setup: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str, message: str
+) -> None:
+    sae, _ = setup
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(content)
+    out = tmp_path / "idx.safetensors"
+    assert _run(["index-features", "--corpus", str(corpus), "--sae", str(sae), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("c.jsonl") == 1, err
+    assert not out.exists()

@@ -271,15 +271,22 @@ def test_read_corpus_accepts_texts_and_chats(tmp_path: Path) -> None:
     ("content", "message"),
     [
         ('{"text": "ok"}\n{not json\n', r"c.jsonl:2: not valid JSON"),
-        ('{"text": "ok"}\n{"source": "only"}\n', r"c.jsonl:2: "),
-        ("[1, 2]\n", r"c.jsonl:1: "),
+        (
+            '{"text": "ok"}\n{"source": "only"}\n',
+            r"c.jsonl:2: give exactly one of 'text', 'messages' or 'prompt' \(found none\); other keys are ignored, "
+            r"and this line has 'source'$",
+        ),
+        ('{"txt": "wrong key"}\n', r"c.jsonl:1: give exactly one of .*this line has 'txt'$"),
+        ('{"text": "a", "prompt": "b"}\n', r"c.jsonl:1: give exactly one of 'text', 'messages' or 'prompt' \(found \['text', 'prompt'\]\)$"),
+        ("[1, 2]\n", r"c.jsonl:1: expected a JSON object"),
     ],
 )
 def test_read_corpus_names_the_bad_line(tmp_path: Path, content: str, message: str) -> None:
     path = tmp_path / "c.jsonl"
     path.write_text(content)
-    with pytest.raises(FeatureIndexError, match=message):
+    with pytest.raises(FeatureIndexError, match=message) as caught:
         list(read_corpus(path))
+    assert str(caught.value).count("c.jsonl:") == 1  # the place once, not doubled
 
 
 def test_read_corpus_missing_file(tmp_path: Path) -> None:
@@ -347,6 +354,16 @@ def _reference_wide(docs: list, cfg: IndexConfig) -> dict[str, object]:
         active.append(sum(int((f[:, lat] > 0).sum()) for f, _, _ in docs))
         mx.append(max(float(f[:, lat].max()) for f, _, _ in docs))
     return {"top_doc": top_doc, "active": active, "max": mx, "tokens": sum(int(m.sum()) for _, _, m in docs)}
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n"])
+def test_an_empty_corpus_makes_no_index(tiny_auditor, tmp_path: Path, content: str) -> None:  # type: ignore[no-untyped-def]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(content)
+    out = tmp_path / "idx.safetensors"
+    with pytest.raises(FeatureIndexError, match="no documents to index: the corpus is empty"):
+        build_index(tiny_auditor, read_corpus(corpus), out=out)
+    assert not out.exists() and not json_path_for(out).exists()
 
 
 def test_resuming_gives_the_same_index_as_one_pass(tiny_auditor, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
