@@ -201,10 +201,20 @@ def run_audit(args: argparse.Namespace) -> int:
 
     if args.no_policy and args.policy:
         raise ConfigError("--policy and --no-policy exclude each other")
-    if args.policy is None and not args.no_policy and args.sae is None and args.library is None:
-        # The embedded default comes with its policy: audit means verdicts too.
-        if default_policy_path().is_file():
+    no_policy_note = None
+    if args.policy is None and not args.no_policy and default_policy_path().is_file():
+        if args.sae is None and args.library is None:
+            # The embedded default comes with its policy: audit means verdicts too.
             args.policy = str(default_policy_path())
+        else:
+            # The default policy reads the shipped SAE's latents by its library's names; applied to
+            # another SAE or library it would read unrelated latents, so it is left out, and said so.
+            given = " and ".join(f"--{flag}" for flag in ("sae", "library") if getattr(args, flag) is not None)
+            no_policy_note = (
+                f"note: no policy applied, so no verdict: the default policy ({default_policy_path().name}) is for the "
+                f"shipped SAE and is used only without --sae and --library (given: {given}); pass --policy FILE "
+                "with a policy whose library describes this SAE, or --no-policy for features only"
+            )
     alerts_cfg = _alerts_config(args)
     sae_arg = args.sae
     auditor = Auditor.load(
@@ -218,6 +228,8 @@ def run_audit(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         dtype=args.dtype,
     )
+    if no_policy_note is not None:  # once the parts loaded: an error about them comes alone
+        print(no_policy_note, file=sys.stderr)
     model_name = auditor.model.name
     sae_name = sae_arg or (auditor.library.sae.id if auditor.library is not None else "sae")
 

@@ -172,5 +172,14 @@ def run_train_sae(args: argparse.Namespace) -> int:
         progress=progress,
     )
     print(result.report.markdown())
+    trained = result.report.tokens_trained
+    if trained != cfg.tokens:
+        # The trainer takes whole optimizer steps, so --tokens is rounded up to batches of --batch-size.
+        print(
+            f"note: trained on {trained:,} tokens, not the {cfg.tokens:,} of --tokens: training takes whole batches "
+            f"of --batch-size {cfg.batch_size:,} ({result.report.steps:,} step{'s' if result.report.steps != 1 else ''}); "
+            f"give --tokens as a multiple of --batch-size for an exact count",
+            file=sys.stderr,
+        )
     print(f"wrote {result.out}", file=sys.stderr)
     return 0

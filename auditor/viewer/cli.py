@@ -10,6 +10,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ def _run(args: argparse.Namespace) -> int:
     from auditor.errors import ConfigError
     from auditor.models import parse_device
     from auditor.pipeline import Auditor
-    from auditor.viewer.index import IndexConfig, build_index, index_path_for, load_index, read_corpus
+    from auditor.viewer.index import SAE_FINGERPRINT, IndexConfig, build_index, index_path_for, load_index, read_corpus
 
     for flag in ("max_docs", "batch_docs"):
         value = getattr(args, flag)
@@ -71,6 +72,13 @@ def _run(args: argparse.Namespace) -> int:
     if not corpus.is_file():
         raise ConfigError(f"{corpus}: corpus file not found (JSONL, one document per line; scripts/build_corpus.py writes one)")
     docs = read_corpus(corpus)
+    first = next(docs, None)  # an empty corpus or a bad first line fails before the model loads
+    if first is None:
+        raise ConfigError(
+            f"{corpus}: the corpus has no documents (the file is empty or holds only blank lines); "
+            'give one JSON object per line, such as {"text": "..."} (scripts/build_corpus.py writes one)'
+        )
+    docs = itertools.chain([first], docs)
     auditor = Auditor.load(
         model=args.model, sae=args.sae, library=args.library, hookpoint=args.hookpoint, device=args.device
     )
@@ -83,7 +91,14 @@ def _run(args: argparse.Namespace) -> int:
     }
     start = 0
     if out.is_file() and not args.restart:
-        start = load_index(out).docs_done
+        stored = load_index(out)
+        start = stored.docs_done
+        if SAE_FINGERPRINT not in stored.meta:
+            print(
+                f"note: {out} was written before indexes recorded their SAE's fingerprint, so resuming checks the SAE "
+                f"by its name only ({stored.meta.get('sae')!r}); pass --restart to rebuild it with one",
+                file=sys.stderr,
+            )
     total = args.max_docs
     bar = tqdm(total=total, initial=start, unit="doc", disable=args.no_progress, file=sys.stderr, desc="indexing")
 

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 __all__ = [
     "INDEX_FILE",
     "INDEX_FORMAT",
+    "SAE_FINGERPRINT",
     "IndexConfig",
     "FeatureIndex",
     "LatentSummary",
@@ -54,6 +55,7 @@ __all__ = [
     "index_path_for",
     "json_path_for",
     "load_index",
+    "sae_fingerprint",
 ]
 
 INDEX_FILE = "feature_index.safetensors"
@@ -61,7 +63,31 @@ INDEX_FILE = "feature_index.safetensors"
 INDEX_FORMAT = "auditor-feature-index/1"
 """Format tag written into both files."""
 
+SAE_FINGERPRINT = "sae_sha256"
+"""Meta key of the SAE's fingerprint (:func:`sae_fingerprint`); indexes written before it have none."""
+
 _EMPTY = -1  # token id / document index of an empty slot
+
+
+def sae_fingerprint(sae: Any) -> str:
+    """sha256 (hex) of an SAE's weights: each canonical tensor's name, shape and float32 bytes, in name order.
+
+    It identifies the weights, not where they were read from: the same SAE given by a relative or an
+    absolute path, or saved in another format, has the same fingerprint, and an SAE retrained in place
+    has another. One pass over the weights (a 131k-latent SAE for a 576-wide model is 0.6 GB of float32).
+
+    Example::
+
+        sae_fingerprint(load_sae("my-sae/"))  # '3f0c...'
+    """
+    import hashlib
+
+    h = hashlib.sha256(b"sae-auditor sae weights v1\0")
+    for name, tensor in sorted(sae.tensors().items()):
+        t = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        h.update(f"{name}{tuple(t.shape)}\0".encode())
+        h.update(t.numpy().data)
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -141,7 +167,8 @@ class FeatureIndex:
 
     config: IndexConfig
     meta: dict[str, Any]
-    """``sae``, ``d_sae``, ``hookpoint``, ``model``, ``library``, ``corpus``: what the index was built from."""
+    """``sae``, ``sae_sha256``, ``d_sae``, ``hookpoint``, ``model``, ``library``, ``corpus``: what the index was
+    built from (``sae`` names the SAE as the user gave it; ``sae_sha256``, :func:`sae_fingerprint`, is what is checked)."""
     top_acts: torch.Tensor  # [d_sae, C] float32, -inf on empty slots
     top_doc: torch.Tensor  # [d_sae, C] int64, -1 on empty slots
     top_tokens: torch.Tensor  # [d_sae, C, W] int64 token ids, -1 outside the document
@@ -386,6 +413,9 @@ def load_index(path: str | os.PathLike[str]) -> FeatureIndex:
 # ---------------------------------------------------------------- building
 
 
+_CORPUS_KEYS = ("text", "messages", "prompt", "completion")
+
+
 def read_corpus(path: str | os.PathLike[str]) -> Iterator[AuditInput]:
     """Documents of a JSONL corpus: ``{"text"}``, ``{"messages"}`` or ``{"prompt"[, "completion"]}`` per line.
 
@@ -405,12 +435,19 @@ def read_corpus(path: str | os.PathLike[str]) -> Iterator[AuditInput]:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise FeatureIndexError(f"{p}:{n}", f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+            ignored: list[str] = []
             if isinstance(obj, dict):
-                obj = {k: v for k, v in obj.items() if k in ("text", "messages", "prompt", "completion")}
+                ignored = [k for k in obj if k not in _CORPUS_KEYS]
+                obj = {k: v for k, v in obj.items() if k in _CORPUS_KEYS}
+            where = f"{p}:{n}"
             try:
-                yield parse_input(obj, where=f"{p}:{n}")
+                yield parse_input(obj, where=where)
             except AuditorError as exc:
-                raise FeatureIndexError(f"{p}:{n}", exc.message) from None
+                # parse_input's message starts with `where` already; FeatureIndexError adds it again.
+                reason = exc.message.removeprefix(f"{where}: ")
+                if ignored:
+                    reason += f"; other keys are ignored, and this line has {', '.join(map(repr, ignored))}"
+                raise FeatureIndexError(where, reason) from None
 
 
 def _batches(items: Iterable[AuditInput], size: int) -> Iterator[list[AuditInput]]:
@@ -443,7 +480,10 @@ def build_index(
     first ``docs_done`` documents are skipped and indexing continues up to
     ``max_docs`` documents in all. A run resumed from a checkpoint sees the
     same batches as one pass (checkpoints fall on batch boundaries), so it
-    writes the same index. ``progress(n)`` is called with the documents done.
+    writes the same index. The stored index must come from the same SAE
+    weights (:func:`sae_fingerprint`; an index written before fingerprints is
+    checked by the ``sae`` name in ``meta`` instead). ``progress(n)`` is called
+    with the documents done.
     """
     from auditor.text import tokenize_batch
 
@@ -456,6 +496,7 @@ def build_index(
         "hookpoint": auditor.hookpoint,
         "model": auditor.model.name,
         **(meta or {}),
+        SAE_FINGERPRINT: sae_fingerprint(sae),
     }
     index: FeatureIndex | None = None
     if resume and out is not None and out.is_file():
@@ -482,6 +523,13 @@ def build_index(
             index.fill_token_text(tokenizer)
             index.save(out)
             since_save = 0
+    if index.docs_done == 0:
+        # An index of nothing would load and show every latent as never firing.
+        raise FeatureIndexError(
+            str(out) if out is not None else "index",
+            "no documents to index: the corpus is empty (a JSONL corpus has one JSON object per line, such as "
+            '{"text": "..."}; scripts/build_corpus.py writes one)',
+        )
     index.fill_token_text(tokenizer)
     if out is not None:
         index.save(out)
@@ -494,7 +542,16 @@ def _check_resumable(index: FeatureIndex, out: Path, config: IndexConfig, d_sae:
         problems.append(f"it was built with {index.config} but this run asks for {config}")
     if index.d_sae != d_sae:
         problems.append(f"it has {index.d_sae} latents but the SAE has {d_sae}")
-    for key in ("sae", "hookpoint", "corpus"):
+    stored = index.meta.get(SAE_FINGERPRINT)
+    if stored is not None and stored != meta.get(SAE_FINGERPRINT):
+        problems.append(
+            f"it was built from other SAE weights (sha256 {stored[:12]}, this SAE's is {str(meta.get(SAE_FINGERPRINT))[:12]}): "
+            "the SAE was retrained or replaced since"
+        )
+    # The weights are checked, not the path (the same SAE may be given relative or absolute);
+    # an index written before fingerprints knows its SAE only by the name it was given.
+    keys = ("hookpoint", "corpus") if stored is not None else ("sae", "hookpoint", "corpus")
+    for key in keys:
         if key in meta and key in index.meta and index.meta[key] != meta[key]:
             problems.append(f"its {key} is {index.meta[key]!r}, this run's is {meta[key]!r}")
     if problems:

@@ -15,8 +15,10 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +29,11 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Resp
 from fastapi.templating import Jinja2Templates
 
 from auditor.errors import AuditorError
-from auditor.viewer.index import FeatureIndex, index_path_for, load_index
+from auditor.viewer.index import SAE_FINGERPRINT, FeatureIndex, index_path_for, load_index, sae_fingerprint
 
 __all__ = ["router", "mount_viewer", "CSP", "LEVELS"]
+
+_log = logging.getLogger(__name__)
 
 _HERE = Path(__file__).resolve().parent
 _STATIC = _HERE / "static"
@@ -48,6 +52,15 @@ LEVELS = 8
 
 _PAGE = 50  # latents per page in the all-latents table
 
+# ASCII digits only: str.isdigit() and int() also take other scripts' digits ("٣", "３"),
+# and isdigit() takes "²", which int() then rejects.
+_LATENT_ID = re.compile(r"[0-9]+")
+
+
+def _latent_number(text: str) -> int | None:
+    """The latent index ``text`` spells in ASCII digits, or None when it is not one."""
+    return int(text) if _LATENT_ID.fullmatch(text) else None
+
 
 def level(value: float, top: float) -> int:
     """Heat level 0..LEVELS of ``value`` relative to ``top`` (0 for inactive tokens, at least 1 when active)."""
@@ -60,8 +73,12 @@ def level(value: float, top: float) -> int:
 class _IndexCache:
     path: Path | None = None
     mtime: float = -1.0
+    sae: Any = None
+    """The SAE the index was checked against."""
     index: FeatureIndex | None = None
     error: str | None = None
+    note: str | None = None
+    """Shown beside a usable index (one written before SAE fingerprints)."""
 
 
 class _Viewer:
@@ -75,32 +92,71 @@ class _Viewer:
         self.templates.env.filters["num"] = _num
         self._cache = _IndexCache()
         self._lock = threading.Lock()
+        self._fingerprint: tuple[Any, str] | None = None  # (SAE, its sae_fingerprint)
 
-    def index(self, rt: Any) -> tuple[FeatureIndex | None, str | None]:
-        """The feature index for the loaded SAE (reloaded when the file changes), or why there is none."""
+    def index(self, rt: Any) -> tuple[FeatureIndex | None, str | None, str | None]:
+        """The feature index for the loaded SAE (reloaded when the file changes) or why there is none,
+        and a note to show beside it."""
         path = self.index_path
         lib = rt.auditor.library
         if path is None:
             if lib is None or lib.path is None:
-                return None, "no feature library is loaded, so there is no default index file"
+                return None, "no feature library is loaded, so there is no default index file", None
             path = index_path_for(lib)
         try:
             mtime = path.stat().st_mtime
         except OSError:
-            return None, f"no feature index at {path}; build one with `auditor index-features --corpus FILE.jsonl`"
+            return None, f"no feature index at {path}; build one with `auditor index-features --corpus FILE.jsonl`", None
+        sae = rt.auditor.sae
         with self._lock:
             c = self._cache
-            if c.path != path or c.mtime != mtime:
-                try:
-                    idx: FeatureIndex | None = load_index(path)
-                    err = None
-                except AuditorError as exc:
-                    idx, err = None, exc.message
-                d_sae = rt.auditor.sae.cfg.d_sae
-                if idx is not None and idx.d_sae != d_sae:
-                    idx, err = None, f"{path}: the index has {idx.d_sae} latents but the SAE has {d_sae}; rebuild it"
-                self._cache = c = _IndexCache(path, mtime, idx, err)
-            return c.index, c.error
+            if c.path != path or c.mtime != mtime or c.sae is not sae:
+                self._cache = c = self._load(path, mtime, sae)
+            return c.index, c.error, c.note
+
+    def _load(self, path: Path, mtime: float, sae: Any) -> _IndexCache:
+        """Read the index and check it was built from ``sae``.
+
+        An index of other weights is refused, not shown with a warning: its contexts and
+        statistics would sit under this SAE's latent numbers, look plausible and be wrong,
+        and nothing on the page could tell them apart. The sidecar keeps serving (audits do
+        not read the index); the pages say why and how to fix it, and the log says it once.
+        """
+        try:
+            idx = load_index(path)
+        except AuditorError as exc:
+            return _IndexCache(path, mtime, sae, None, exc.message)
+        d_sae = sae.cfg.d_sae
+        if idx.d_sae != d_sae:
+            error = f"{path}: the index has {idx.d_sae} latents but the SAE has {d_sae}; rebuild it"
+            _log.warning("feature index not shown: %s", error)
+            return _IndexCache(path, mtime, sae, None, error)
+        stored = idx.meta.get(SAE_FINGERPRINT)
+        if stored is None:
+            note = (
+                "This index does not record which SAE weights it was built from (it predates SAE fingerprints), "
+                "so it is matched to the loaded SAE by width only; rebuild it with `auditor index-features --restart` "
+                "to have it checked."
+            )
+            _log.info("%s: %s", path, note)
+            return _IndexCache(path, mtime, sae, idx, None, note)
+        mine = self._sae_fingerprint(sae)
+        if stored != mine:
+            error = (
+                f"{path} was built from another SAE ({idx.meta.get('sae')!r}, weights sha256 {stored[:12]}) than the "
+                f"one loaded (sha256 {mine[:12]}), so its contexts and statistics are not this SAE's. Index this SAE "
+                f"with `auditor index-features --corpus FILE.jsonl --sae PATH --out FILE` and serve it with "
+                f"--viewer-index FILE, or serve the SAE the index was built from."
+            )
+            _log.warning("feature index not shown: %s", error)
+            return _IndexCache(path, mtime, sae, None, error)
+        return _IndexCache(path, mtime, sae, idx)
+
+    def _sae_fingerprint(self, sae: Any) -> str:
+        """:func:`sae_fingerprint` of ``sae``, computed once per loaded SAE (under the index lock)."""
+        if self._fingerprint is None or self._fingerprint[0] is not sae:
+            self._fingerprint = (sae, sae_fingerprint(sae))
+        return self._fingerprint[1]
 
     def render(self, request: Request, name: str, status: int = 200, **ctx: Any) -> Response:
         state = request.app.state.auditor
@@ -163,15 +219,12 @@ def router(*, index_path: str | os.PathLike[str] | None = None) -> APIRouter:
             return v.loading(request)
         d_sae = rt.auditor.sae.cfg.d_sae
         if latent.strip():
-            try:
-                n = int(latent.strip().lstrip("#"))
-            except ValueError:
-                n = -1
-            if 0 <= n < d_sae:
+            n = _latent_number(latent.strip().removeprefix("#"))
+            if n is not None and n < d_sae:
                 return RedirectResponse(f"/ui/features/{n}", status_code=303)
         lib = rt.auditor.library
         found = lib.search(q or None, category or None) if lib is not None else []
-        index, index_error = v.index(rt)
+        index, index_error, index_note = v.index(rt)
         rows = []
         dens = index.densities() if index is not None else None
         for f in found:
@@ -196,6 +249,7 @@ def router(*, index_path: str | os.PathLike[str] | None = None) -> APIRouter:
             latent_error=f"latent must be a number from 0 to {d_sae - 1}" if latent.strip() else None,
             index=index,
             index_error=index_error,
+            index_note=index_note,
             all_rows=all_rows,
             sort=sort if sort in ("index", "density", "max") else "index",
             page=max(1, min(page, pages)),
@@ -209,20 +263,18 @@ def router(*, index_path: str | os.PathLike[str] | None = None) -> APIRouter:
             return v.loading(request)
         lib = rt.auditor.library
         d_sae = rt.auditor.sae.cfg.d_sae
-        if latent.isdigit():
-            n = int(latent)
-        elif lib is not None and lib.has(latent):
+        number = _latent_number(latent)
+        if number is None and lib is not None and lib.has(latent):
             return RedirectResponse(f"/ui/features/{lib.feature(latent).index}", status_code=307)
-        else:
-            n = -1
+        n = -1 if number is None else number
         if not 0 <= n < d_sae:
-            hint = lib.unknown_feature_message(latent) if lib is not None and not latent.isdigit() else f"latents are 0 to {d_sae - 1}"
+            hint = lib.unknown_feature_message(latent) if lib is not None and number is None else f"latents are 0 to {d_sae - 1}"
             return v.render(request, "missing.html", status=404, what=latent, hint=hint)
         labelled = None
         if lib is not None:
             name = lib.name_for_index(n)
             labelled = lib.feature(name) if name is not None else None
-        index, index_error = v.index(rt)
+        index, index_error, index_note = v.index(rt)
         summary = index.latent(n) if index is not None else None
         return v.render(
             request,
@@ -233,6 +285,7 @@ def router(*, index_path: str | os.PathLike[str] | None = None) -> APIRouter:
             s=summary,
             index=index,
             index_error=index_error,
+            index_note=index_note,
             hist=_histogram_svg(summary.histogram) if summary is not None else None,
             uses=_policies_using(rt, n),
         )

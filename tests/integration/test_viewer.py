@@ -10,6 +10,7 @@ Install the browser with ``scripts/install_test_deps.sh``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -28,7 +30,8 @@ from auditor.server.app import create_app
 from auditor.server.background import BackgroundServer
 from auditor.server.settings import Settings
 from auditor.text import AuditInput, tokenize_batch
-from auditor.viewer.index import FeatureIndex, IndexConfig, build_index, read_corpus
+from auditor.sae import load_sae
+from auditor.viewer.index import SAE_FINGERPRINT, FeatureIndex, IndexConfig, build_index, read_corpus, sae_fingerprint
 from tests.conftest import make_random_sae
 
 pytestmark = pytest.mark.integration
@@ -188,6 +191,15 @@ def test_feature_name_and_index_form_redirect(site: Site) -> None:
     assert bad.status_code == 200 and "latent must be a number from 0 to 63" in bad.text
 
 
+@pytest.mark.parametrize("latent", ["\u00b2", "\u0663", "\uff18\uff15", "1_0", "+3"])
+def test_latent_ids_other_than_ascii_digits_are_not_latents(site: Site, latent: str) -> None:
+    # "\u0663" and "\uff18\uff15" are 3 and 85 to int(); "\u00b2" passes str.isdigit() but not int().
+    page = _get(site, f"/ui/features/{quote(latent)}")
+    assert page.status_code == 404 and "unknown feature" in page.text  # the hint of any other name
+    jump = _get(site, "/ui/features", params={"latent": latent})
+    assert jump.status_code == 200 and "latent must be a number from 0 to 63" in jump.text
+
+
 def _result_names(page: str) -> list[str]:
     table = page[page.index('id="feature-table"') : page.index("</table>")]
     return re.findall(r'class="feature-link" href="/ui/features/\d+">([^<]+)</a>', table)
@@ -223,7 +235,9 @@ def test_feature_page_shows_index_statistics_and_the_rule(site: Site) -> None:
     assert "No loaded policy reads this latent" in quiet
 
 
-def test_pages_say_when_the_index_is_missing_or_for_another_sae(site: Site, tmp_path: Path) -> None:
+def test_pages_say_when_the_index_is_missing_or_for_another_sae(
+    site: Site, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     live = site.index_path
     saved = tmp_path / "saved"
     saved.mkdir()
@@ -235,11 +249,30 @@ def test_pages_say_when_the_index_is_missing_or_for_another_sae(site: Site, tmp_
         assert "deception" in _get(site, "/ui/features").text  # the library still lists
         FeatureIndex.empty(10, IndexConfig(contexts=2), {"sae": "other"}).save(live)
         assert "the index has 10 latents but the SAE has 64" in _get(site, "/ui/features/3").text
+        # An index of another SAE of the same width (as `serve --sae A --viewer-index INDEX_OF_B`) is refused.
+        other = load_sae(str(make_random_sae(tmp_path / "other-sae", d_in=576, d_sae=64, seed=7)))
+        fp = sae_fingerprint(other)
+        FeatureIndex.empty(64, IndexConfig(contexts=2), {"sae": "other-sae", SAE_FINGERPRINT: fp}).save(live)
+        with caplog.at_level(logging.WARNING, logger="auditor.viewer.web"):
+            for path in ("/ui/features/3", "/ui/features"):
+                page = _get(site, path).text
+                assert "was built from another SAE (&#39;other-sae&#39;, weights sha256 " + fp[:12] in page, page
+                assert "auditor index-features" in page and 'id="stats"' not in page
+        assert [r for r in caplog.records if "was built from another SAE" in r.getMessage()]
+        # One written before fingerprints: shown, with a note that only the width was checked.
+        legacy = FeatureIndex.empty(64, IndexConfig(contexts=2), {"sae": "old"})
+        legacy.tokens_seen = 5
+        legacy.save(live)
+        for path in ("/ui/features/3", "/ui/features"):
+            page = _get(site, path).text
+            assert 'id="index-note"' in page and "matched to the loaded SAE by width only" in page
+        assert 'id="stats"' in _get(site, "/ui/features/3").text
     finally:
         for f in (live, live.with_suffix(".json")):
             f.unlink(missing_ok=True)
             shutil.move(saved / f.name, f)
-    assert 'id="contexts"' in _get(site, f"/ui/features/{site.latent}").text
+    page = _get(site, f"/ui/features/{site.latent}").text
+    assert 'id="contexts"' in page and 'id="index-note"' not in page  # built by build_index: fingerprint checked
 
 
 def test_all_latents_table_pages_and_sorts(site: Site) -> None:

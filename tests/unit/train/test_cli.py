@@ -54,6 +54,20 @@ def test_train_sae_writes_sae_and_reports(tmp_path: Path, model_dir: Path, corpu
     assert sae.cfg.d_sae == 64 and sae.cfg.metadata.hook_name == HOOKPOINT
 
 
+@pytest.mark.parametrize(("tokens", "note"), [("10", "trained on 128 tokens, not the 10 of --tokens"), ("256", None)])
+def test_tokens_rounded_up_to_a_batch_are_said(tmp_path: Path, model_dir: Path, corpus_file: Path,
+                                               capsys: pytest.CaptureFixture[str], tokens: str, note: str | None) -> None:
+    out = tmp_path / "sae"
+    assert _run(["--model", str(model_dir), "--corpus", str(corpus_file), "--out", str(out), *FLAGS, "--tokens", tokens]) == 0
+    err = capsys.readouterr().err
+    report = json.loads((out / "training_report.json").read_text())
+    if note is None:
+        assert "note:" not in err and report["tokens_trained"] == 256
+    else:
+        assert f"note: {note}: training takes whole batches of --batch-size 128 (1 step)" in err, err
+        assert report["tokens_trained"] == 128
+
+
 def test_collect_then_train_from_the_shard(tmp_path: Path, model_dir: Path, corpus_file: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     shard = tmp_path / "acts.safetensors"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,16 @@ from hypothesis import strategies as st
 
 from auditor.errors import FeatureIndexError
 from auditor.text import AuditInput
-from auditor.viewer.index import FeatureIndex, IndexConfig, build_index, json_path_for, load_index, read_corpus
+from auditor.viewer.index import (
+    SAE_FINGERPRINT,
+    FeatureIndex,
+    IndexConfig,
+    build_index,
+    json_path_for,
+    load_index,
+    read_corpus,
+    sae_fingerprint,
+)
 
 D = 6
 PAD = 2
@@ -261,15 +271,22 @@ def test_read_corpus_accepts_texts_and_chats(tmp_path: Path) -> None:
     ("content", "message"),
     [
         ('{"text": "ok"}\n{not json\n', r"c.jsonl:2: not valid JSON"),
-        ('{"text": "ok"}\n{"source": "only"}\n', r"c.jsonl:2: "),
-        ("[1, 2]\n", r"c.jsonl:1: "),
+        (
+            '{"text": "ok"}\n{"source": "only"}\n',
+            r"c.jsonl:2: give exactly one of 'text', 'messages' or 'prompt' \(found none\); other keys are ignored, "
+            r"and this line has 'source'$",
+        ),
+        ('{"txt": "wrong key"}\n', r"c.jsonl:1: give exactly one of .*this line has 'txt'$"),
+        ('{"text": "a", "prompt": "b"}\n', r"c.jsonl:1: give exactly one of 'text', 'messages' or 'prompt' \(found \['text', 'prompt'\]\)$"),
+        ("[1, 2]\n", r"c.jsonl:1: expected a JSON object"),
     ],
 )
 def test_read_corpus_names_the_bad_line(tmp_path: Path, content: str, message: str) -> None:
     path = tmp_path / "c.jsonl"
     path.write_text(content)
-    with pytest.raises(FeatureIndexError, match=message):
+    with pytest.raises(FeatureIndexError, match=message) as caught:
         list(read_corpus(path))
+    assert str(caught.value).count("c.jsonl:") == 1  # the place once, not doubled
 
 
 def test_read_corpus_missing_file(tmp_path: Path) -> None:
@@ -339,6 +356,16 @@ def _reference_wide(docs: list, cfg: IndexConfig) -> dict[str, object]:
     return {"top_doc": top_doc, "active": active, "max": mx, "tokens": sum(int(m.sum()) for _, _, m in docs)}
 
 
+@pytest.mark.parametrize("content", ["", "\n  \n"])
+def test_an_empty_corpus_makes_no_index(tiny_auditor, tmp_path: Path, content: str) -> None:  # type: ignore[no-untyped-def]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(content)
+    out = tmp_path / "idx.safetensors"
+    with pytest.raises(FeatureIndexError, match="no documents to index: the corpus is empty"):
+        build_index(tiny_auditor, read_corpus(corpus), out=out)
+    assert not out.exists() and not json_path_for(out).exists()
+
+
 def test_resuming_gives_the_same_index_as_one_pass(tiny_auditor, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     cfg = IndexConfig(contexts=3, before=2, after=2)
     one = build_index(tiny_auditor, _items(), out=tmp_path / "one.safetensors", config=cfg, batch_docs=4)
@@ -368,19 +395,84 @@ def test_checkpoints_are_written_while_indexing(tiny_auditor, tmp_path: Path) ->
     assert load_index(out).docs_done == 12
 
 
+def _retrained(auditor):  # type: ignore[no-untyped-def]
+    """The same model with an SAE of the same shape and name but other weights (retrained in place)."""
+    from auditor.pipeline import Auditor
+    from auditor.sae import SAE
+
+    tensors = {k: v.clone() for k, v in auditor.sae.tensors().items()}
+    tensors["b_enc"][0] += 0.01
+    return Auditor(auditor.model, SAE.from_tensors(auditor.sae.cfg, tensors), hookpoint=auditor.hookpoint)
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
         ({"config": IndexConfig(contexts=5)}, "it was built with"),
-        ({"meta": {"sae": "another"}}, "its sae is 'tiny'"),
+        ({"retrained": True}, r"it was built from other SAE weights \(sha256 [0-9a-f]{12}, this SAE's is [0-9a-f]{12}\)"),
+        ({"meta": {"sae": "tiny", "corpus": "other.jsonl"}}, "its corpus is 'c.jsonl', this run's is 'other.jsonl'"),
     ],
 )
 def test_resume_refuses_a_different_index(tiny_auditor, tmp_path: Path, change: dict, message: str) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "idx.safetensors"
-    build_index(tiny_auditor, _items()[:2], out=out, config=IndexConfig(contexts=2), meta={"sae": "tiny"}, batch_docs=2)
-    kwargs = {"config": IndexConfig(contexts=2), "meta": {"sae": "tiny"}, **change}
+    meta = {"sae": "tiny", "corpus": "c.jsonl"}
+    build_index(tiny_auditor, _items()[:2], out=out, config=IndexConfig(contexts=2), meta=meta, batch_docs=2)
+    auditor = _retrained(tiny_auditor) if "retrained" in change else tiny_auditor
+    kwargs = {"config": IndexConfig(contexts=2), "meta": meta, **{k: v for k, v in change.items() if k != "retrained"}}
     with pytest.raises(FeatureIndexError, match=message):
-        build_index(tiny_auditor, _items(), out=out, batch_docs=2, **kwargs)
+        build_index(auditor, _items(), out=out, batch_docs=2, **kwargs)
     # --restart (resume=False) starts over.
-    again = build_index(tiny_auditor, _items(), out=out, batch_docs=2, resume=False, **kwargs)
-    assert again.docs_done == len(TEXTS)
+    again = build_index(auditor, _items(), out=out, batch_docs=2, resume=False, **kwargs)
+    assert again.docs_done == len(TEXTS) and again.meta[SAE_FINGERPRINT] == sae_fingerprint(auditor.sae)
+
+
+def test_resume_checks_the_weights_not_the_path(tiny_auditor, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "idx.safetensors"
+    build_index(tiny_auditor, _items()[:4], out=out, meta={"sae": "my-sae"}, batch_docs=2)
+    # The same SAE named by another path (absolute instead of relative) continues the index.
+    resumed = build_index(tiny_auditor, _items(), out=out, meta={"sae": str(tmp_path / "my-sae")}, batch_docs=2)
+    assert resumed.docs_done == len(TEXTS) and resumed.meta["sae"] == "my-sae"
+    assert load_index(out).meta[SAE_FINGERPRINT] == sae_fingerprint(tiny_auditor.sae)
+
+
+def test_resume_of_an_index_without_fingerprint_checks_the_name(tiny_auditor, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "idx.safetensors"
+    build_index(tiny_auditor, _items()[:4], out=out, meta={"sae": "tiny"}, batch_docs=2)
+    # As written before fingerprints: the same files without the sae_sha256 meta key.
+    side = json_path_for(out)
+    data = json.loads(side.read_text())
+    del data["meta"][SAE_FINGERPRINT]
+    side.write_text(json.dumps(data))
+    assert SAE_FINGERPRINT not in load_index(out).meta
+    with pytest.raises(FeatureIndexError, match="its sae is 'tiny', this run's is 'other'"):
+        build_index(tiny_auditor, _items(), out=out, meta={"sae": "other"}, batch_docs=2)
+    resumed = build_index(_retrained(tiny_auditor), _items(), out=out, meta={"sae": "tiny"}, batch_docs=2)
+    assert resumed.docs_done == len(TEXTS)
+    # Its first documents came from unknown weights: it is not stamped with this SAE's fingerprint.
+    assert SAE_FINGERPRINT not in load_index(out).meta
+
+
+def test_sae_fingerprint_names_the_weights(tiny_auditor, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from auditor.sae import load_sae
+
+    sae = tiny_auditor.sae
+    fp = sae_fingerprint(sae)
+    assert len(fp) == 64 and int(fp, 16) >= 0
+    folder = sae.save(tmp_path / "saved")
+    # The same weights read back from disk, by a relative or an absolute path, in another dtype.
+    assert sae_fingerprint(load_sae(str(folder))) == fp
+    assert sae_fingerprint(load_sae(os.path.relpath(folder))) == fp
+    assert sae_fingerprint(load_sae(str(folder), dtype="float64")) == fp
+    assert sae_fingerprint(_retrained(tiny_auditor).sae) != fp
+
+
+def test_the_shipped_index_names_the_shipped_sae() -> None:
+    from auditor.features import load_library
+    from auditor.sae import load_sae
+    from auditor.viewer.index import index_path_for
+
+    lib = load_library("smollm2-135m-instruct")
+    index = load_index(index_path_for(lib))
+    sae = load_sae(str(lib.resolve_path(lib.sae.path or "")), dtype="float32")
+    assert index.d_sae == sae.cfg.d_sae and index.meta["sae"] == lib.sae.id
+    assert index.meta[SAE_FINGERPRINT] == sae_fingerprint(sae)

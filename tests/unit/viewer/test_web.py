@@ -1,10 +1,10 @@
-"""Page helpers of the viewer: heat levels, number formats, histogram geometry."""
+"""Page helpers of the viewer: heat levels, number formats, histogram geometry, latent ids."""
 
 from __future__ import annotations
 
 import pytest
 
-from auditor.viewer.web import LEVELS, _histogram_svg, _num, _pct, level
+from auditor.viewer.web import LEVELS, _histogram_svg, _latent_number, _num, _pct, level
 
 
 @pytest.mark.parametrize(
@@ -41,3 +41,24 @@ def test_histogram_bars_are_log_scaled_and_fill_the_width() -> None:
     assert [b["h"] for b in bars] == [0.0, pytest.approx(svg["height"] / 2, abs=0.01), svg["height"]]
     assert bars[-1]["x"] + bars[-1]["w"] <= svg["width"] and (svg["lo"], svg["hi"]) == (0.1, 100.0)
     assert _histogram_svg([]) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("0", 0),
+        ("12", 12),
+        ("007", 7),
+        ("\u00b2", None),  # superscript two: str.isdigit() says yes, int() says no
+        ("\u0663", None),  # Arabic-Indic three: int() reads 3
+        ("\uff18\uff15", None),  # fullwidth 85
+        ("1_0", None),  # int() reads 10
+        ("+3", None),
+        ("-1", None),
+        (" 3", None),
+        ("", None),
+        ("deception.fraud", None),
+    ],
+)
+def test_latent_ids_are_ascii_digits(text: str, want: int | None) -> None:
+    assert _latent_number(text) == want
