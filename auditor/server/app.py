@@ -240,7 +240,7 @@ class _Guard:
         limit = settings.max_body_bytes
         declared = headers.get("content-length")
         too_large = TooLargeError(f"the request body is over the limit of {limit} bytes (max_body_bytes)")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
             scope.setdefault("state", {})["outcome"] = "too_large"
             await _send_error(send, too_large)
             return

@@ -87,7 +87,7 @@ def _session_valid(settings: Settings, value: str, now: float | None = None) -> 
     if settings.api_token is None:
         return False
     stamp, _, sig = value.partition(".")
-    if not stamp.isdigit() or int(stamp) < (time.time() if now is None else now):
+    if not (stamp.isascii() and stamp.isdigit()) or int(stamp) < (time.time() if now is None else now):
         return False
     expected = _session_sig(settings.api_token.get_secret_value(), int(stamp))
     return hmac.compare_digest(sig.encode(), expected.encode())

@@ -138,3 +138,10 @@ def test_expired_or_tampered_sessions_are_refused() -> None:
     stamp, sig = fresh.split(".")
     longer = f"{int(stamp) + 10**6}.{sig}"  # a later expiry under the same signature
     assert not session_allows(_settings(), "GET", "/ui/features", {"cookie": f"{SESSION_COOKIE}={longer}"})
+
+
+def test_a_session_stamp_of_non_ascii_digits_is_refused_not_an_error() -> None:
+    """"²9999999999" passes str.isdigit() but int() rejects it (a 500 before)."""
+    from auditor.server.auth import _session_valid
+
+    assert not _session_valid(_settings(), "\u00b29999999999.abc")
