@@ -172,7 +172,7 @@ def read_control_vector(path: str | os.PathLike[str]) -> ControlVector:
     directions: dict[int, np.ndarray] = {}
     for tensor in reader.tensors:
         prefix, _, layer = tensor.name.partition(".")
-        if prefix != "direction" or not layer.isdigit():
+        if prefix != "direction" or not (layer.isascii() and layer.isdigit()):
             raise SteeringError(f"{path}: unexpected tensor {tensor.name!r} (expected direction.N)")
         directions[int(layer)] = np.array(tensor.data, dtype=np.float32).reshape(-1)
     return ControlVector(directions, str(hint))
