@@ -751,7 +751,7 @@ def check_fit(
     The one check of how the parts fit, run when they are put together, before any audit:
     by :meth:`Auditor.load` (before the model loads), by every :class:`Auditor`, and by the
     server for each policy it loads or reloads. The hookpoint is ``hookpoint`` (a caller's
-    override), else the SAE's, else the library's. Raises :class:`ConfigError` (naming the
+    override), else the SAE's, else the library's (the policy's library without one). Raises :class:`ConfigError` (naming the
     files and how to fix it) when
 
     - the library declares ``sae.d_sae`` and the SAE has another number of latents;
@@ -769,7 +769,8 @@ def check_fit(
     """
     from auditor.models import parse_hookpoint
 
-    hook = hookpoint or sae.cfg.metadata.hook_name or (library.sae.hookpoint if library is not None else None)
+    named_by = library if library is not None else (policy.library if policy is not None else None)
+    hook = hookpoint or sae.cfg.metadata.hook_name or (named_by.sae.hookpoint if named_by is not None else None)
     if not hook:
         raise ConfigError(
             "the SAE does not say which hookpoint it reads; pass a hookpoint "

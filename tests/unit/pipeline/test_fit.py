@@ -186,3 +186,28 @@ def test_the_server_refuses_a_library_at_another_hookpoint(tmp_path: Path) -> No
     flags = {"policies": [str(policy)], "sae": str(sae_dir), "data_dir": str(tmp_path / "data")}
     with pytest.raises(ConfigError, match=f"^policy 'fit-policy' uses .* SAE at blocks.10.hook_resid_post, but the SAE at {sae_dir} reads {HOOK}"):
         load_runtime(Settings.load(flags=flags, env={}), AuditorMetrics(CollectorRegistry()))
+
+
+def test_an_sae_that_names_no_hookpoint_reads_its_librarys(tmp_path: Path) -> None:
+    """OpenAI-format files and many others carry no hookpoint: the library's is the one read,
+    by check_fit given only the policy and by the server, at load and at every reload."""
+    hookless = load_sae(str(make_random_sae(tmp_path / "sae", d_in=576, d_sae=64, hookpoint=HOOK)))
+    hookless.cfg.metadata.hook_name = None
+    _library(tmp_path)
+    engine = load_policy(_policy(tmp_path, FEATURE))
+    assert check_fit(hookless, policy=engine) == HOOK
+
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    cfg.setdefault("metadata", {}).pop("hook_name", None)
+    cfg.pop("hook_name", None)
+    (tmp_path / "sae" / "cfg.json").write_text(json.dumps(cfg))
+    assert load_sae(str(tmp_path / "sae")).cfg.metadata.hook_name is None
+    flags = {"policies": [str(tmp_path / "policy.yaml")], "sae": str(tmp_path / "sae"), "data_dir": str(tmp_path / "data")}
+    runtime = load_runtime(Settings.load(flags=flags, env={}), AuditorMetrics(CollectorRegistry()))
+    try:
+        assert runtime.auditor.hookpoint == HOOK
+        assert runtime.store is not None and runtime.store.reload().ok
+    finally:
+        import asyncio
+
+        asyncio.run(runtime.close())
