@@ -58,6 +58,11 @@ def test_index_then_resume(setup: tuple[Path, Path], tmp_path: Path, capsys: pyt
     assert torch.all(acts[:, :-1] >= acts[:, 1:])
 
 
+def _last_line(err: str) -> str:
+    """The error line, after whatever the model's loading printed to stderr before it."""
+    return err.strip().splitlines()[-1] if err.strip() else ""
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -78,7 +83,7 @@ def test_flag_errors(
     argv += [e for e in extra if e not in ("--no-out", "--missing-corpus")]
     assert _run(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err
+    assert _last_line(err).startswith("error: ") and message in err
 
 
 def test_resume_checks_the_sae_weights_not_its_path(
@@ -99,7 +104,7 @@ def test_resume_checks_the_sae_weights_not_its_path(
     make_random_sae(mine, d_in=576, d_sae=32, hookpoint="blocks.3.hook_resid_post", seed=1)
     assert _run([*common, "--sae", "sae"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "it was built from other SAE weights (sha256 " + fingerprint[:12] in err
+    assert _last_line(err).startswith("error: ") and "it was built from other SAE weights (sha256 " + fingerprint[:12] in err
     assert "--restart" in err and load_index(out).docs_done == 4
     # An index written before fingerprints is checked by the SAE's name, with a note.
     side = out.with_suffix(".json")
@@ -133,5 +138,5 @@ def test_corpus_errors(
     out = tmp_path / "idx.safetensors"
     assert _run(["index-features", "--corpus", str(corpus), "--sae", str(sae), "--out", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and err.count("c.jsonl") == 1, err
+    assert _last_line(err).startswith("error: ") and message in err and err.count("c.jsonl") == 1, err
     assert not out.exists()
