@@ -268,12 +268,14 @@ def check_sae_compatible(loaded: LoadedModel | ModelShape, d_in: int, hookpoint:
     return point
 
 
-def parse_device(device: str | torch.device) -> torch.device:
+def parse_device(device: str | torch.device, *, usable: bool = True) -> torch.device:
     """``device`` as a torch device this process can use, else :class:`ModelError` saying why.
 
     The one check of a device (``--device`` of every command, the sidecar's ``device``
     setting, :func:`load_model`), made before anything loads, so a typo or a GPU that is
-    not there fails at once instead of as torch's error halfway through.
+    not there fails at once instead of as torch's error halfway through. ``usable=False``
+    checks the spelling only (settings read by commands that run no model, such as
+    ``auditor alerts list --config``, on a host without the sidecar's GPU).
 
     Example::
 
@@ -287,7 +289,7 @@ def parse_device(device: str | torch.device) -> torch.device:
             f"invalid device {device!r} (expected a torch device such as cpu, cuda or cuda:0); "
             f"available here: {_usable_devices()}"
         ) from None
-    if parsed.type == "cpu":
+    if parsed.type == "cpu" or not usable:
         return parsed
     count = _device_count(parsed.type)
     if count == 0:

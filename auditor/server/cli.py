@@ -126,6 +126,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
     flags = {name: getattr(args, name, None) for name in _SERVE_FLAGS}
     settings = Settings.load(flags=flags, env=os.environ, config_file=args.config)
+    from auditor.models.loading import parse_device
+
+    parse_device(settings.device)  # a GPU this host lacks fails now, not after the server starts
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     failed: list[BaseException] = []
     server: uvicorn.Server | None = None

@@ -235,6 +235,9 @@ def _load_runtime(
     from auditor.policy import PolicyStore
     from auditor.sae import load_sae
 
+    from auditor.models.loading import parse_device
+
+    parse_device(settings.device)  # before the SAE loads onto it
     store: PolicyStore | None = None
     paths = list(settings.policies)
     if not paths and default_policy_path().is_file():

@@ -140,9 +140,10 @@ class Settings(BaseSettings):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        # Checked with the other settings, before the model and the SAE start loading.
+        # Spelling checked with the other settings; whether this host can use it is checked by
+        # `auditor serve` and the runtime's load (commands that only read the audit log run no model).
         try:
-            parse_device(value)
+            parse_device(value, usable=False)
         except ModelError as exc:
             raise ValueError(exc.message) from None
         return value

@@ -52,3 +52,19 @@ def test_the_sidecar_settings_check_the_device_and_name_where_it_came_from() -> 
     assert "setting device: " in info.value.message and "invalid device 'nosuch'" in info.value.message
     assert "(from environment AUDITOR_DEVICE)" in info.value.message
     assert Settings.load(env={"AUDITOR_DEVICE": "cpu"}).device == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a host without CUDA")
+def test_settings_naming_a_gpu_load_on_a_host_without_one_and_serve_refuses_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`auditor alerts list --config` reads the sidecar's settings to find its log and runs no
+    model, so a config written for the GPU host must load here; `auditor serve` refuses it."""
+    config = tmp_path / "auditor.yaml"
+    config.write_text(f"device: cuda\ndata_dir: {tmp_path / 'data'}\n")
+    assert Settings.load(env={}, config_file=config).device == "cuda"
+    assert main(["alerts", "list", "--config", str(config)]) == 2
+    assert "no audit log there" in capsys.readouterr().err  # got past the settings to the log
+    assert main(["serve", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "device 'cuda' cannot be used" in err and "Traceback" not in err
