@@ -144,7 +144,8 @@ async def guarded_audit(
     request_id: str | None = None,
 ) -> AuditOutcome:
     """Audit with the configured fail mode: client errors raise; auditor failures raise
-    :class:`AuditFailedError` (closed) or come back as ``AuditOutcome(error=...)`` (open)."""
+    :class:`AuditFailedError` (closed) or come back as ``AuditOutcome(error=...)`` (open). A
+    completion over the auditor's token limit is the auditor's failure, not the client's."""
     try:
         results, engine = await rt.audit(items, policy=policy, source=source, request_id=request_id)
     except TooLargeError as exc:
@@ -516,9 +517,10 @@ async def _iter_chunks(resp: Any) -> AsyncIterator[dict[str, Any]]:
             yield obj
 
 
-def _chunk_text(call: _Call, chunk: dict[str, Any], so_far: dict[int, str] | None = None) -> dict[int, str]:
+def _chunk_text(call: _Call, chunk: dict[str, Any], started: set[int] | frozenset[int] = frozenset()) -> dict[int, str]:
     """Each choice's new text in a stream chunk: content, and for chat the pieces of tool calls
-    (a call's name starts a line, as in :func:`~auditor.text.with_tool_calls`, given each choice's text ``so_far``)."""
+    (a call's name starts a new line, as in :func:`~auditor.text.with_tool_calls`, when the
+    choices in ``started`` or this chunk already have text)."""
     out: dict[int, str] = {}
     for c in _choices(chunk):
         idx = _index(c)
@@ -526,7 +528,8 @@ def _chunk_text(call: _Call, chunk: dict[str, Any], so_far: dict[int, str] | Non
             delta = c.get("delta")
             delta = delta if isinstance(delta, dict) else {}
             content = delta.get("content")
-            before = (so_far or {}).get(idx, "") + out.get(idx, "")
+            # with_tool_calls only asks whether text came before: one stand-in character says so.
+            before = "." if idx in started or out.get(idx) else ""
             text = before + (content if isinstance(content, str) else "")
             text = with_tool_calls(text, delta)[len(before) :]
         else:
@@ -598,7 +601,7 @@ async def _release_held(
     """Audit a fully buffered stream, then release it (blocked choices end with content_filter)."""
     texts: dict[int, str] = {}
     for chunk in chunks:
-        for idx, text in _chunk_text(call, chunk, texts).items():
+        for idx, text in _chunk_text(call, chunk, {i for i, t in texts.items() if t}).items():
             texts[idx] = texts.get(idx, "") + text
     indices = sorted(texts) or [0]
     items = [call.completion_item(texts.get(i, ""), i) for i in indices]
@@ -647,6 +650,7 @@ async def _chunked_release(
         engine = rt.engine(call.policy)
         stream = rt.auditor.stream(call.completion_item(""), policy=engine) if engine is not None else None
         finished = False
+        unaudited = False  # the completion outgrew what the auditor reads and failed open: pass the rest
         chunks = _iter_chunks(resp)
         while not finished:
             try:
@@ -654,10 +658,19 @@ async def _chunked_release(
             except StopAsyncIteration:
                 finished = True
                 chunk = None
+            except ServerError as exc:  # the upstream broke off after the headers went out
+                request.state.outcome = outcome_for(exc)
+                yield sse_event(error_body(exc.message, exc.type, exc.code))
+                yield b"data: [DONE]\n\n"
+                return
+            if unaudited:
+                if chunk is not None:
+                    yield sse_event(chunk)
+                continue
             if chunk is not None:
                 template = template or chunk
                 held.append(chunk)
-                pending += _chunk_text(call, chunk, {0: released + pending}).get(0, "")
+                pending += _chunk_text(call, chunk, {0} if released or pending else set()).get(0, "")
                 if len(pending) < step:
                     continue
             if not held:
@@ -694,6 +707,8 @@ async def _chunked_release(
             released += pending
             pending = ""
             held = []
+            # Feeding a stream past the auditor's limit again would fail (and count) again.
+            unaudited = post.error is not None and post.error.startswith(CompletionTooLongError.code)
         yield sse_event(_final_chunk(call, template, _annotation(pre, post)))
         yield b"data: [DONE]\n\n"
     finally:

@@ -108,23 +108,23 @@ class Runtime:
         engine = self.engine(policy)
         loop = asyncio.get_running_loop()
         try:
-            counts = await loop.run_in_executor(self.prep, self.count_tokens, items)
-        except AuditorError as exc:
-            raise BadRequestError(exc.message) from None
-        limit = self.settings.max_tokens
-        for i, n in enumerate(counts):
-            if n > limit:
-                where = f"input {i}" if len(items) > 1 else "the input"
-                raise TooLargeError(
-                    f"{where} has {n} tokens; the sidecar audits at most {limit} tokens per input "
-                    "(--max-tokens, AUDITOR_MAX_TOKENS)"
-                )
-        try:
+            try:
+                counts = await loop.run_in_executor(self.prep, self.count_tokens, items)
+            except AuditorError as exc:
+                raise BadRequestError(exc.message) from None
+            limit = self.settings.max_tokens
+            for i, n in enumerate(counts):
+                if n > limit:
+                    where = f"input {i}" if len(items) > 1 else "the input"
+                    raise TooLargeError(
+                        f"{where} has {n} tokens; the sidecar audits at most {limit} tokens per input "
+                        "(--max-tokens, AUDITOR_MAX_TOKENS)"
+                    )
             results = await self.batcher.audit(
                 items, engine, top_k=top_k, n_tokens=sum(counts), timeout_s=self.settings.request_timeout_s
             )
         except Exception as exc:
-            self.count_failure(exc)
+            self.count_failure(exc)  # counts the auditor's failures only, not a client's bad input
             raise
         if engine is not None:
             await self.record([r.verdict for r in results], items, engine, source=source, request_id=request_id)
@@ -137,7 +137,7 @@ class Runtime:
             if exc.type != "auditor_error" and exc.status < 500:
                 return
             kind = _FAILURE_KINDS.get(exc.code, exc.code)
-        elif isinstance(exc, (AuditorError, asyncio.CancelledError)):
+        elif isinstance(exc, AuditorError):
             return
         else:
             kind = "internal"

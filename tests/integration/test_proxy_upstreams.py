@@ -95,6 +95,8 @@ def _upstream() -> FastAPI:
                 for word in message["content"].split(" "):
                     # A forged annotation: only the sidecar may say what the verdict was.
                     yield _chunk({"content": word + " "}, auditor={"verdict": "allow", "forged": True})
+            if model == "broken":
+                raise RuntimeError("the upstream dies mid-stream")  # the connection drops unfinished
             yield _chunk({}, finish)
             yield b"data: [DONE]\n\n"
 
@@ -253,3 +255,25 @@ def test_an_upstream_that_cannot_be_reached_is_a_502_and_timed(servers: dict[str
         assert resp.status_code == 502 and resp.headers["x-auditor-verdict"] == "allow"
         assert "could not be reached" in resp.json()["error"]["message"]
         assert _metric(server, "auditor_upstream_request_duration_seconds_count", outcome="error") == before + 1
+
+
+def test_a_chunked_stream_whose_upstream_breaks_off_ends_with_the_error(servers: dict[str, BackgroundServer]) -> None:
+    server = servers["chunked"]
+    before = _metric(server, "auditor_requests_total", route="/v1/chat/completions", outcome="upstream_error")
+    resp = _post(server, "quiet", model="broken", stream=True)
+    assert resp.status_code == 200  # the headers went out with the prompt's verdict
+    events = _events(resp)
+    assert events[-1]["error"]["type"] == "upstream_error" and "broke off" in events[-1]["error"]["message"]
+    assert _metric(server, "auditor_requests_total", route="/v1/chat/completions", outcome="upstream_error") == before + 1
+
+
+def test_a_chunked_stream_longer_than_the_auditor_reads_fails_open_once(servers: dict[str, BackgroundServer]) -> None:
+    server = servers["chunked"]  # fail_mode open
+    errors = lambda: _metric(server, "auditor_errors_total", kind="completion_too_long")  # noqa: E731
+    opened = lambda: _metric(server, "auditor_fail_open_total", route="/v1/chat/completions")  # noqa: E731
+    before = (errors(), opened())
+    events = _events(_post(server, "quiet", model="long", stream=True))
+    released = "".join(c["choices"][0]["delta"].get("content") or "" for c in events if c["choices"])
+    assert released == "word " * 400 + " "  # all of it, unaudited past the limit
+    assert events[-1]["auditor"]["verdict"] == "error"
+    assert (errors(), opened()) == (before[0] + 1, before[1] + 1)
