@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -188,7 +188,7 @@ def load_alerts_config(path: str | os.PathLike[str]) -> AlertsConfig:
 
         cfg = load_alerts_config("alerts.yaml")     # alerts: {log_path: alerts.sqlite3, sinks: [...]}
     """
-    from auditor.features.yamlsource import YamlProblem, parse_yaml, pydantic_problems
+    from auditor.features.yamlsource import YamlProblem, located, parse_yaml, pydantic_problems
 
     p = Path(path)
     if not p.is_file():
@@ -216,15 +216,8 @@ def load_alerts_config(path: str | os.PathLike[str]) -> AlertsConfig:
             except ValidationError as exc:
                 problems = pydantic_problems(exc, data, smap, known_keys=_KNOWN_KEYS)
     if config is None:
-        raise ConfigError("\n".join(_located(p, prob) for prob in problems))
+        raise ConfigError("\n".join(located(p, prob.line, prob.column, prob.message) for prob in problems))
     return config
-
-
-def _located(path: Path, problem: Any) -> str:
-    where = str(path)
-    if problem.line is not None:
-        where += f":{problem.line}" + (f":{problem.column}" if problem.column is not None else "")
-    return f"{where}: {problem.message}"
 
 
 # Every key an alerts configuration may hold, for "did you mean" on an unknown one.

@@ -47,7 +47,7 @@ from auditor.features.discover import (
 )
 from auditor.features.labelled import BENIGN, TRAIN, LabelledRow, Pooled, Side
 from auditor.features.library import FEATURE_NAME_PATTERN, Feature, FeatureLibrary, FeatureStats, ProbeEntry, SAEStats
-from auditor.features.yamlsource import parse_yaml
+from auditor.features.yamlsource import located, parse_yaml
 
 __all__ = [
     "FeatureLabel",
@@ -120,12 +120,12 @@ def load_labels(path: str | Path) -> list[FeatureLabel]:
     data, smap, problems = parse_yaml(text)
     if problems:
         first = problems[0]
-        raise DatasetError(_located(p, first.line, first.column), first.message)
+        raise DatasetError(located(p, first.line, first.column), first.message)
     if not isinstance(data, list):
         raise DatasetError(str(p), "a labels file is a YAML list of {index, name, description}")
     out: list[FeatureLabel] = []
     for i, item in enumerate(data):
-        where = _located(p, *(smap.value((i,)) or (None, None)))
+        where = located(p, *(smap.value((i,)) or (None, None)))
         index = item.get("index") if isinstance(item, dict) else None
         if isinstance(index, bool) or not isinstance(index, int) or not isinstance(item.get("name"), str):
             raise DatasetError(where, f"entry {i}: needs an integer 'index' and a string 'name'")
@@ -152,14 +152,6 @@ def check_label_categories(labels: Sequence[FeatureLabel], rows: Sequence[Labell
             f"labels of categories with no rows in the data: {', '.join(unknown)} ({shown}); "
             f"the data has {', '.join(present)}. Name each feature <category>.<slug> after one of those",
         )
-
-
-def _located(path: Path, line: int | None, column: int | None) -> str:
-    """``FILE:LINE:COLUMN`` (as much of it as is known)."""
-    where = str(path)
-    if line is not None:
-        where += f":{line}" + (f":{column}" if column is not None else "")
-    return where
 
 
 def _check_unique(labels: Sequence[FeatureLabel], where: str) -> None:

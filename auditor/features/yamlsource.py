@@ -16,6 +16,8 @@ Example:
 
 from __future__ import annotations
 
+import os
+
 import difflib
 import re
 import unicodedata
@@ -36,6 +38,7 @@ __all__ = [
     "YamlProblem",
     "parse_yaml",
     "format_path",
+    "located",
     "pydantic_problems",
 ]
 
@@ -68,6 +71,14 @@ class YamlProblem:
     message: str
     path: DataPath = ()
     """Data path the problem is about (empty when unknown)."""
+
+
+def located(source: str | os.PathLike[str], line: int | None, column: int | None, message: str | None = None) -> str:
+    """``FILE:LINE:COLUMN`` (as much of it as is known), with ``: message`` when given."""
+    where = os.fspath(source)
+    if line is not None:
+        where += f":{line}" + (f":{column}" if column is not None else "")
+    return where if message is None else f"{where}: {message}"
 
 
 @dataclass

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
@@ -113,7 +113,7 @@ def load_releases(path: str | Path | None = None) -> dict[str, Release]:
     Read as policies and libraries are (:func:`~auditor.features.yamlsource.parse_yaml`);
     every problem is reported as ``FILE:LINE:COLUMN: message`` in one :class:`ConfigError`.
     """
-    from auditor.features.yamlsource import YamlProblem, parse_yaml, pydantic_problems
+    from auditor.features.yamlsource import YamlProblem, located, parse_yaml, pydantic_problems
 
     if path is None:
         text = resources.files("auditor.sae").joinpath("releases.yaml").read_text(encoding="utf-8")
@@ -138,7 +138,7 @@ def load_releases(path: str | Path | None = None) -> dict[str, Release]:
             except ValidationError as exc:
                 problems = pydantic_problems(exc, data, smap, known_keys=[*Release.model_fields, "releases"])
     if releases is None:
-        raise ConfigError("\n".join(_located(where, prob) for prob in problems))
+        raise ConfigError("\n".join(located(where, prob.line, prob.column, prob.message) for prob in problems))
     return releases
 
 
@@ -149,12 +149,6 @@ class _ReleasesFile(BaseModel):
 
     releases: dict[str, Release]
     """Release id -> release."""
-
-
-def _located(where: str, problem: Any) -> str:
-    if problem.line is not None:
-        where += f":{problem.line}" + (f":{problem.column}" if problem.column is not None else "")
-    return f"{where}: {problem.message}"
 
 
 def list_releases(releases: dict[str, Release] | None = None) -> list[str]:
