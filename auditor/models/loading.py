@@ -157,21 +157,12 @@ def load_model(
         folder = _gguf_cache(gguf, cache_root(env) / "models" / _DEFAULT_CACHE_KEY, _DEFAULT_SHA256)
         name = DEFAULT_MODEL_NAME
     elif spec.lower().endswith(".gguf"):
-        gguf = Path(spec).expanduser()
-        if not gguf.is_file():
-            raise ModelError(
-                f"GGUF file {spec} does not exist; check the path given as the model (or in AUDITOR_MODEL)"
-            )
+        gguf = _gguf_file(spec)
         key = f"{_slug(gguf.stem)}-{gguf.stat().st_size}"
         folder = _gguf_cache(gguf, cache_root(env) / "models" / key, None)
         name = gguf.stem
     elif _looks_like_path(spec):
-        folder = Path(spec).expanduser()
-        if not folder.is_dir():
-            raise ModelError(
-                f"model path {spec} is not a folder; pass a model folder (with config.json), a .gguf file "
-                "or a Hugging Face id"
-            )
+        folder = _model_folder(spec)
         name = folder.resolve().name
     else:
         folder = None
@@ -206,19 +197,12 @@ def model_shape(
     if spec is None:
         return _gguf_shape(default_model_path(), DEFAULT_MODEL_NAME)
     if spec.lower().endswith(".gguf"):
-        gguf = Path(spec).expanduser()
-        if not gguf.is_file():
-            raise ModelError(f"GGUF file {spec} does not exist; check the path given as the model (or in AUDITOR_MODEL)")
+        gguf = _gguf_file(spec)
         return _gguf_shape(gguf, gguf.stem)
     from transformers import AutoConfig
 
     if _looks_like_path(spec):
-        folder = Path(spec).expanduser()
-        if not folder.is_dir():
-            raise ModelError(
-                f"model path {spec} is not a folder; pass a model folder (with config.json), a .gguf file "
-                "or a Hugging Face id"
-            )
+        folder = _model_folder(spec)
         source, name, local, where = str(folder), folder.resolve().name, True, f"the folder {spec}"
     else:
         local = env.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
@@ -266,6 +250,25 @@ def check_sae_compatible(loaded: LoadedModel | ModelShape, d_in: int, hookpoint:
             "use an SAE trained on this model, or load the model it was trained on"
         )
     return point
+
+
+def _gguf_file(spec: str) -> Path:
+    """The GGUF file a model spec names, which must exist."""
+    gguf = Path(spec).expanduser()
+    if not gguf.is_file():
+        raise ModelError(f"GGUF file {spec} does not exist; check the path given as the model (or in AUDITOR_MODEL)")
+    return gguf
+
+
+def _model_folder(spec: str) -> Path:
+    """The model folder a spec that looks like a path names, which must be a folder."""
+    folder = Path(spec).expanduser()
+    if not folder.is_dir():
+        raise ModelError(
+            f"model path {spec} is not a folder; pass a model folder (with config.json), a .gguf file "
+            "or a Hugging Face id"
+        )
+    return folder
 
 
 def parse_device(device: str | torch.device, *, usable: bool = True) -> torch.device:
