@@ -101,7 +101,9 @@ def _run_capturing(
         if stop_early and hook == deepest:
             raise _StopForward
 
-    with torch.inference_mode(), hooks(model, [(p, record) for p in points], adapter=adapter):
+    # This thread's forward only: two threads auditing on one model must not record (or stop)
+    # each other's forwards.
+    with torch.inference_mode(), hooks(model, [(p, record) for p in points], adapter=adapter, this_thread=True):
         try:
             model(**inputs)
         except _StopForward:

@@ -88,12 +88,14 @@ def thread_is_isolated() -> bool:
     return bool(getattr(_local, "isolated", False))
 
 
-def scoped(hook: F) -> F:
+def scoped(hook: F, *, this_thread: bool = False) -> F:
     """Wrap a raw ``nn.Module`` hook with the thread rule of this module (see its docstring).
 
     :func:`hooks` wraps its own; use it for any other hook a caller registers on a shared model.
+    ``this_thread``: fire only on forwards of the thread installing it, isolated or not (an
+    audit's recording hook, which must neither fire in nor stop another thread's forward).
     """
-    owner = threading.get_ident() if thread_is_isolated() else None
+    owner = threading.get_ident() if this_thread or thread_is_isolated() else None
 
     def run(*args: Any, **kwargs: Any) -> Any:
         if owner is None:
@@ -137,10 +139,12 @@ def _post_hook(fn: HookFn, hook: Hookpoint) -> Callable[..., Any]:
     return run
 
 
-def _install(model: nn.Module, adapter: ArchitectureAdapter, hook: Hookpoint, fn: HookFn) -> RemovableHandle:
+def _install(
+    model: nn.Module, adapter: ArchitectureAdapter, hook: Hookpoint, fn: HookFn, this_thread: bool = False
+) -> RemovableHandle:
     if hook.kind == "resid_pre":
         return adapter.layer(model, hook.layer).register_forward_pre_hook(
-            scoped(_pre_hook(fn, hook)), with_kwargs=True
+            scoped(_pre_hook(fn, hook), this_thread=this_thread), with_kwargs=True
         )
     if hook.kind == "resid_post":
         module = adapter.layer(model, hook.layer)
@@ -148,17 +152,20 @@ def _install(model: nn.Module, adapter: ArchitectureAdapter, hook: Hookpoint, fn
         module = adapter.attn_module(model, hook.layer)
     else:
         module = adapter.mlp_module(model, hook.layer)
-    return module.register_forward_hook(scoped(_post_hook(fn, hook)))
+    return module.register_forward_hook(scoped(_post_hook(fn, hook), this_thread=this_thread))
 
 
 @contextmanager
-def hooks(model: nn.Module, fns: HookSpec, *, adapter: ArchitectureAdapter | None = None) -> Iterator[None]:
+def hooks(
+    model: nn.Module, fns: HookSpec, *, adapter: ArchitectureAdapter | None = None, this_thread: bool = False
+) -> Iterator[None]:
     """Install ``fns`` (hookpoint name -> hook function) on ``model`` for the ``with`` block.
 
     All names are validated before anything is installed; the hooks are always removed on
     exit, also when the block raises. Several hooks on one hookpoint run in the given order
     (pass ``(name, fn)`` pairs), each seeing the previous one's replacement. On a thread that
-    called :func:`isolate_this_thread` they fire only on that thread's forwards.
+    called :func:`isolate_this_thread`, or with ``this_thread``, they fire only on that
+    thread's forwards.
     """
     adapter = adapter or get_adapter(model)
     pairs = list(fns.items()) if isinstance(fns, Mapping) else list(fns)
@@ -166,7 +173,7 @@ def hooks(model: nn.Module, fns: HookSpec, *, adapter: ArchitectureAdapter | Non
     handles: list[RemovableHandle] = []
     try:
         for point, (_, fn) in zip(points, pairs):
-            handles.append(_install(model, adapter, point, fn))
+            handles.append(_install(model, adapter, point, fn, this_thread))
         yield
     finally:
         for handle in handles:

@@ -341,3 +341,39 @@ rules:
         _same_verdict(got, want)
         assert probed._acts.shape == (probed.n_cached, HIDDEN)
         assert plain._acts.shape[0] == 0
+
+
+def test_ordinary_threads_audit_and_feed_streams_on_one_auditor_at_once(auditor: Auditor) -> None:
+    """Two threads that never called isolate_this_thread share the auditor: each audit's
+    recording hook fires (and stops the forward) only in its own thread's forward."""
+    import threading
+
+    texts = {"a": COMPLETION, "b": "Send the fee now or the account closes. " * 4}
+    want = {k: auditor.run([AuditInput(text=t)])[0].verdict.scores for k, t in texts.items()}
+    got: dict[str, list[dict[str, float]]] = {k: [] for k in texts}
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def work(key: str) -> None:
+        try:
+            start.wait()
+            for _ in range(8):
+                got[key].append(auditor.run([AuditInput(text=texts[key])])[0].verdict.scores)
+            stream = auditor.stream(AuditInput(text=""))
+            for i in range(0, len(texts[key]), 17):
+                result = stream.feed(texts[key][i : i + 17])
+            got[key].append(result.verdict.scores)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in texts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for key, runs in got.items():
+        assert len(runs) == 9
+        for scores in runs:
+            assert scores.keys() == want[key].keys()
+            assert all(abs(scores[r] - want[key][r]) < 1e-4 for r in scores), (key, scores, want[key])
