@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -128,6 +129,11 @@ class Auditor:
     ) -> None:
         from auditor.models import check_sae_compatible
 
+        if sae.W_enc.dtype != torch.float32:
+            raise ConfigError(
+                f"the SAE's weights are {str(sae.W_enc.dtype).removeprefix('torch.')}; the auditor computes "
+                "features in float32: load it with load_sae(path, dtype='float32') (Auditor.load does) or pass sae.float()"
+            )
         hook = check_fit(sae, library=library, policy=policy, hookpoint=hookpoint, model_name=model.name)
         check_sae_compatible(model, sae.cfg.d_in, hook)
         if max_tokens < 2:
@@ -149,6 +155,17 @@ class Auditor:
         self._streams_lock = threading.Lock()
         self.device = torch.device(model.device)
         self._timings = threading.local()
+        self._fitted: weakref.WeakSet[PolicyEngine] = weakref.WeakSet()  # engines checked against the SAE
+
+    def engine_for(self, policy: PolicyEngine | None) -> PolicyEngine | None:
+        """``policy`` (checked once to fit this auditor's SAE, see :func:`check_fit`), else the
+        auditor's own policy."""
+        if policy is None or policy is self.policy:
+            return self.policy
+        if policy not in self._fitted:
+            check_fit(self.sae, policy=policy, hookpoint=self.hookpoint)
+            self._fitted.add(policy)
+        return policy
 
     @property
     def last_timings(self) -> StageTimings:
@@ -246,7 +263,7 @@ class Auditor:
         for this call (a server holding several policies passes the one asked for);
         ``evaluate=False`` skips policy evaluation.
         """
-        engine = (policy or self.policy) if evaluate else None
+        engine = self.engine_for(policy) if evaluate else None
         timings = StageTimings()
         results: list[AuditResult | None] = [None] * len(items)
         t0 = time.perf_counter()
@@ -400,7 +417,7 @@ class Auditor:
                 if result.verdict is not None and result.verdict.action == "block":
                     break
         """
-        engine = policy or self.policy
+        engine = self.engine_for(policy)
         if engine is None:
             raise ConfigError("a streaming audit needs a policy; load one with policy=... or pass policy=")
         return AuditStream(self, item, engine)

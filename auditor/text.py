@@ -73,6 +73,23 @@ class AuditInput:
     completion: str | None = None
     id: str | None = None
 
+    def __post_init__(self) -> None:
+        # Checked here, not only in parse_input: a Python caller's text + prompt would otherwise
+        # audit the text alone and never the prompt.
+        given = [k for k in ("text", "messages", "prompt") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise InputError(f"AuditInput takes exactly one of text, messages or prompt (got {given or 'none'})")
+        for key in ("text", "prompt", "completion"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, str):
+                raise InputError(f"AuditInput.{key} must be a string, got {type(value).__name__}")
+        if self.completion is not None and self.text is not None:
+            raise InputError("AuditInput.completion goes with prompt or messages, not with text")
+        if self.messages is not None and (
+            isinstance(self.messages, (str, bytes)) or not all(isinstance(m, Mapping) for m in self.messages)
+        ):
+            raise InputError("AuditInput.messages must be a sequence of {role, content} mappings")
+
 
 def message_text(message: Mapping[str, Any], where: str) -> str:
     """What a chat message says, as audited: its ``content`` (a string, or OpenAI content parts

@@ -187,7 +187,7 @@ def generate(
 
     loaded = auditor.model
     model, tokenizer = loaded.model, loaded.tokenizer
-    engine = policy if policy is not None else auditor.policy
+    engine = auditor.engine_for(policy)
     library = auditor.library if auditor.library is not None else (engine.library if engine is not None else None)
     user = resolve_interventions(interventions, library=library, d_sae=auditor.sae.cfg.d_sae, limits=limits)
     hook = SteeringHook(

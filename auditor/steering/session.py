@@ -248,5 +248,8 @@ def attach(
             f"the SAE reads d_in={sae_obj.cfg.d_in} but the model's hidden size is {d_model}; "
             "use an SAE trained on this model"
         )
+    from auditor.pipeline import check_fit
+
+    check_fit(sae_obj, library=lib, policy=engine, hookpoint=hook)  # the parts belong together
     return Session(model, tokenizer, sae_obj, hookpoint=hook, library=lib, policy=engine, limits=limits, policy_every=policy_every)
 

@@ -377,3 +377,29 @@ def test_ordinary_threads_audit_and_feed_streams_on_one_auditor_at_once(auditor:
         for scores in runs:
             assert scores.keys() == want[key].keys()
             assert all(abs(scores[r] - want[key][r]) < 1e-4 for r in scores), (key, scores, want[key])
+
+
+def test_a_policy_for_another_sae_is_refused_by_run_stream_and_generate(auditor: Auditor, tmp_path: Path) -> None:
+    """Passing a policy per call is checked like one given to the constructor (once per engine)."""
+    from auditor.policy import load_policy
+    from auditor.steering import generate
+    from tests.unit.pipeline.test_fit import _library, _policy
+
+    _library(tmp_path, d_sae=auditor.sae.cfg.d_sae + 1, hookpoint=HOOKPOINT)
+    other = load_policy(_policy(tmp_path, "{feature: deception.fraud, threshold: 1.0}"))
+    needle = f"which describes an SAE with {auditor.sae.cfg.d_sae + 1} latents"
+    with pytest.raises(ConfigError, match=needle):
+        auditor.run([AuditInput(text="hello")], policy=other)
+    with pytest.raises(ConfigError, match=needle):
+        auditor.stream(AuditInput(text=""), policy=other)
+    with pytest.raises(ConfigError, match=needle):
+        generate(auditor, AuditInput(prompt="hi"), max_tokens=1, policy=other)
+    assert auditor.run([AuditInput(text="hello")], policy=auditor.policy)[0].verdict is not None
+
+
+def test_an_sae_in_another_dtype_is_refused_with_how_to_load_it(auditor: Auditor) -> None:
+    import copy
+
+    half = copy.deepcopy(auditor.sae).half()
+    with pytest.raises(ConfigError, match=r"the SAE's weights are float16; .*load_sae\(path, dtype='float32'\)"):
+        Auditor(auditor.model, half, hookpoint=HOOKPOINT)

@@ -104,8 +104,15 @@ def test_hooks_are_removed_when_the_block_raises(auditor: Auditor) -> None:
     assert not model.model.layers[1]._forward_hooks and not model._forward_pre_hooks
 
 
-def test_attach_refuses_bad_setups(auditor: Auditor) -> None:
+def test_attach_refuses_bad_setups(auditor: Auditor, tmp_path: Path) -> None:
     model, tok = auditor.model.model, auditor.model.tokenizer
+    from auditor.policy import load_policy
+    from tests.unit.pipeline.test_fit import _library, _policy as _fit_policy
+
+    _library(tmp_path, d_sae=auditor.sae.cfg.d_sae + 1, hookpoint=HOOKPOINT)
+    other = load_policy(_fit_policy(tmp_path, "{feature: deception.fraud, threshold: 1.0}"))
+    with pytest.raises(ConfigError, match="which describes an SAE with"):  # a policy for another SAE
+        attach(model, tok, sae=auditor.sae, policy=other)
     with pytest.raises(ConfigError, match="needs an SAE"):
         attach(model, tok)
     with pytest.raises(ConfigError, match="hidden size"):
