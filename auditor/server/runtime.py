@@ -337,5 +337,14 @@ def _admit(
 def _on_reload(metrics: AuditorMetrics, store: PolicyStore | None, result: Any) -> None:
     metrics.policy_reloads.labels(result="success" if result.ok else "failure").inc()
     metrics.policy_reload_ok.set(1 if result.ok else 0)
+    # An operator tailing the log sees an edit taken or refused, not only the metrics.
+    if not result.ok:
+        _log.warning(
+            "policy reload refused, the previous set (%s) stays in service:\n  %s",
+            result.hash[:12],
+            "\n  ".join(e.message for e in result.errors),
+        )
+    elif result.changed and store is not None:
+        _log.info("policies reloaded: %s (set %s)", ", ".join(store.names), result.hash[:12])
     if result.ok and store is not None:
         metrics.set_policy(store.hash, store.names, store.engines.values())

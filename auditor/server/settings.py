@@ -150,6 +150,17 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
+        if self.api_token is not None:
+            token = self.api_token.get_secret_value()
+            if not token.strip():
+                # An empty secret (say an unpopulated Kubernetes secret) would let "Bearer " through
+                # and sign viewer sessions with an empty key.
+                raise ValueError("api_token (AUDITOR_API_TOKEN) is empty; set a secret, or unset it to run without auth")
+            if token != token.strip():
+                raise ValueError(
+                    "api_token (AUDITOR_API_TOKEN) starts or ends with whitespace (a trailing newline from a "
+                    "file?), which no Authorization header can carry; strip it"
+                )
         if self.auth_all_routes and self.api_token is None:
             raise ValueError("auth_all_routes needs api_token (AUDITOR_API_TOKEN) to be set")
         if self.upstream is not None and not self.upstream.startswith(("http://", "https://")):
@@ -261,9 +272,17 @@ class _YamlFile:
 
 
 def _read_yaml(path: Path) -> _YamlFile:
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; --config (or {ENV_PREFIX}CONFIG) takes a YAML file")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found (--config / {ENV_PREFIX}CONFIG)")
-    data, source, problems = parse_yaml(path.read_text(encoding="utf-8"))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save the config file as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
+    data, source, problems = parse_yaml(text)
     if problems:
         first = problems[0]
         where = f"{path}:{first.line}:{first.column}" if first.line is not None else str(path)

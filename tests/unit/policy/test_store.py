@@ -143,8 +143,10 @@ def test_reload_failures_are_reported(folder: Path, setup: object, message: str)
     assert any(message in e.message for e in result.errors)
 
 
-def test_a_control_character_fails_the_reload_and_keeps_the_set(folder: Path) -> None:
-    """The hot reloader: a NUL in a policy is a failed reload (counted, reported), never an exception."""
+def test_a_control_character_fails_the_reload_and_keeps_the_set(folder: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The hot reloader: a NUL in a policy is a failed reload (counted, reported, logged), never an exception."""
+    import logging
+
     from prometheus_client import CollectorRegistry
 
     from auditor.metrics import AuditorMetrics
@@ -171,8 +173,12 @@ def test_a_control_character_fails_the_reload_and_keeps_the_set(folder: Path) ->
     assert registry.get_sample_value("auditor_policy_reloads_total", {"result": "failure"}) == 1
     assert registry.get_sample_value("auditor_policy_last_reload_success") == 0
     assert store.check_for_changes() is None  # the failed file was seen; no reload loop until it changes
+    refused = [r for r in caplog.records if r.levelno == logging.WARNING and "policy reload refused" in r.getMessage()]
+    assert len(refused) == 1 and "other.yaml:1:1: control character U+0000" in refused[0].getMessage()
     write(folder / "other.yaml", policy_text("other", 5.0, "b.two"))
+    caplog.set_level(logging.INFO, logger="auditor.server")
     assert store.reload().ok and registry.get_sample_value("auditor_policy_last_reload_success") == 1
+    assert any("policies reloaded: " in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
 
 
 def test_an_unexpected_exception_fails_the_reload_instead_of_escaping(folder: Path) -> None:

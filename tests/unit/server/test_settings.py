@@ -54,6 +54,10 @@ def test_token_is_secret() -> None:
         ({"upstream": "localhost:8000"}, {}, None, ["http:// or https://"]),
         ({}, {}, "- just\n- a list\n", ["must be a mapping"]),
         ({}, {}, "port: [unclosed\n", ["bad.yaml:2:1", "YAML syntax error"]),
+        # An empty secret let "Authorization: Bearer " through and signed sessions with an empty key.
+        ({}, {"AUDITOR_API_TOKEN": ""}, None, ["api_token (AUDITOR_API_TOKEN) is empty"]),
+        ({}, {"AUDITOR_API_TOKEN": "   "}, None, ["api_token (AUDITOR_API_TOKEN) is empty"]),
+        ({}, {"AUDITOR_API_TOKEN": "secret\n"}, None, ["starts or ends with whitespace", "strip it"]),
     ],
 )
 def test_errors_name_the_setting_and_its_source(
@@ -72,6 +76,12 @@ def test_errors_name_the_setting_and_its_source(
 def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="config file not found"):
         Settings.load(env={}, config_file=tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="is a folder; --config .* takes a YAML file"):
+        Settings.load(env={}, config_file=tmp_path)
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"\xff\xfe port: 1\n")
+    with pytest.raises(ConfigError, match="bin.yaml: not UTF-8 text .* save the config file as UTF-8"):
+        Settings.load(env={}, config_file=binary)
 
 
 def test_alert_log_lives_under_the_data_dir(tmp_path: Path) -> None:
