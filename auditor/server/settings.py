@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,7 +245,20 @@ def _env_values(cls: type[Settings], env: Mapping[str, str]) -> dict[str, Any]:
     try:
         return dict(_MappingEnvSource(cls, env)())
     except Exception as exc:  # pydantic-settings raises SettingsError on malformed JSON values
-        raise ConfigError(f"invalid {ENV_PREFIX}* environment variable: {exc}") from None
+        found = re.search(r'field "(\w+)"', str(exc))
+        if found is None:
+            raise ConfigError(f"invalid {ENV_PREFIX}* environment variable: {exc}") from None
+        field = found.group(1)
+        name = f"{ENV_PREFIX}{field.upper()}"
+        given = next((v for k, v in env.items() if k.upper() == name), None)
+        info = cls.model_fields.get(field)
+        is_list = info is not None and "list" in str(info.annotation).lower()
+        kind, example = ("a list", '\'["first", "second"]\'') if is_list else ("a mapping", '\'{"key": 1}\'')
+        raise ConfigError(
+            f"invalid {name}={given!r}: setting {field} is {kind}, which an environment variable gives "
+            f"as JSON, e.g. {name}={example}"
+            + (f" (or {name}__KEY=value for one key)" if not is_list else "")
+        ) from None
 
 
 @dataclass

@@ -58,6 +58,10 @@ def test_token_is_secret() -> None:
         ({}, {"AUDITOR_API_TOKEN": ""}, None, ["api_token (AUDITOR_API_TOKEN) is empty"]),
         ({}, {"AUDITOR_API_TOKEN": "   "}, None, ["api_token (AUDITOR_API_TOKEN) is empty"]),
         ({}, {"AUDITOR_API_TOKEN": "secret\n"}, None, ["starts or ends with whitespace", "strip it"]),
+        ({}, {"AUDITOR_POLICIES": "policies/"}, None,
+         ["invalid AUDITOR_POLICIES='policies/': setting policies is a list", "AUDITOR_POLICIES='[\"first\", \"second\"]'"]),
+        ({}, {"AUDITOR_ALERTS": '{"cooldown_s": 1'}, None,
+         ["setting alerts is a mapping", "AUDITOR_ALERTS__KEY=value"]),
     ],
 )
 def test_errors_name_the_setting_and_its_source(
