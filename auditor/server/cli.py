@@ -77,7 +77,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--data-dir", help="where the audit log lives")
     p.add_argument("--viewer-index", metavar="FILE", help="feature index for the /ui/ pages (default: beside the library)")
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
-    p.set_defaults(func=run_serve)
+    # Each setting's flag as spelt on the command line, for errors ("--policy-watch", not the setting's name).
+    flag_names = {a.dest: a.option_strings[0] for a in p._actions if a.option_strings and a.dest in _SERVE_FLAGS}
+    p.set_defaults(func=run_serve, flag_names=flag_names)
 
     a = sub.add_parser("alerts", help="query or export the durable audit log")
     asub = a.add_subparsers(dest="alerts_command", metavar="COMMAND")
@@ -125,7 +127,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from auditor.server.settings import Settings
 
     flags = {name: getattr(args, name, None) for name in _SERVE_FLAGS}
-    settings = Settings.load(flags=flags, env=os.environ, config_file=args.config)
+    settings = Settings.load(flags=flags, env=os.environ, config_file=args.config, flag_names=args.flag_names)
     from auditor.models.loading import parse_device
 
     parse_device(settings.device)  # a GPU this host lacks fails now, not after the server starts

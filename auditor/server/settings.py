@@ -164,9 +164,14 @@ class Settings(BaseSettings):
                 )
         if self.auth_all_routes and self.api_token is None:
             raise ValueError("auth_all_routes needs api_token (AUDITOR_API_TOKEN) to be set")
-        if self.upstream is not None and not self.upstream.startswith(("http://", "https://")):
-            raise ValueError(f"upstream must be an http:// or https:// URL, got {self.upstream!r}")
         return self
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"must be an http:// or https:// URL such as http://127.0.0.1:8000, got {value!r}")
+        return value
 
     @classmethod
     def settings_customise_sources(
@@ -188,11 +193,13 @@ class Settings(BaseSettings):
         flags: Mapping[str, Any] | None = None,
         env: Mapping[str, str] | None = None,
         config_file: str | os.PathLike[str] | None = None,
+        flag_names: Mapping[str, str] | None = None,
     ) -> Settings:
         """Merge defaults < YAML file < environment < flags and validate.
 
         ``config_file`` falls back to ``AUDITOR_CONFIG`` in ``env``. Flags whose
-        value is None are treated as not given.
+        value is None are treated as not given. ``flag_names``: setting -> the flag as spelt
+        on the command line (``policies`` -> ``--policy``), for errors.
         """
         env = {} if env is None else env
         origin: dict[str, str] = {}
@@ -212,7 +219,7 @@ class Settings(BaseSettings):
             if value is None:
                 continue
             merged[key] = value
-            origin[key] = f"flag --{key.replace('_', '-')}"
+            origin[key] = f"flag {(flag_names or {}).get(key) or '--' + key.replace('_', '-')}"
         try:
             return cls(**merged)
         except ValidationError as exc:
@@ -326,10 +333,13 @@ def _describe(exc: ValidationError, origin: Mapping[str, str], in_file: _YamlFil
             # Say where in the file (a value from the environment or a flag has no line).
             unknown = err["type"] == "extra_forbidden"
             where = f"config file {in_file.position(tuple(err['loc']), key=unknown) or in_file.path}"
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's own words
         if err["type"] == "extra_forbidden" and len(err["loc"]) == 1:
             close = difflib.get_close_matches(str(err["loc"][0]), list(Settings.model_fields), n=1, cutoff=0.7)
             hint = f"did you mean {close[0]!r}? " if close else ""
             msg = f"unknown setting; {hint}known: {', '.join(sorted(Settings.model_fields))}"
+        if not err["loc"]:  # a check across settings names them itself
+            lines.append(msg)
+            continue
         lines.append(f"setting {loc}: {msg}" + (f" (from {where})" if where else ""))
     return "invalid settings:\n  " + "\n  ".join(lines)

@@ -51,7 +51,7 @@ def test_token_is_secret() -> None:
         ({}, {}, "alerts:\n  cooldown_s: -1\n", ["setting alerts.cooldown_s", "bad.yaml:2:15"]),
         ({}, {}, "port: 1\nport: 2\n", ["bad.yaml:2:1", "duplicate key 'port'"]),
         ({"auth_all_routes": True}, {}, None, ["auth_all_routes needs api_token"]),
-        ({"upstream": "localhost:8000"}, {}, None, ["http:// or https://"]),
+        ({"upstream": "localhost:8000"}, {}, None, ["setting upstream: must be an http:// or https:// URL", "(from flag --upstream)"]),
         ({}, {}, "- just\n- a list\n", ["must be a mapping"]),
         ({}, {}, "port: [unclosed\n", ["bad.yaml:2:1", "YAML syntax error"]),
         # An empty secret let "Authorization: Bearer " through and signed sessions with an empty key.
@@ -153,3 +153,11 @@ def test_model_workers_from_the_flag_env_or_yaml_and_checked(tmp_path: Path) -> 
     with pytest.raises(ConfigError) as info:
         Settings.load(env={}, config_file=cfg)
     assert "c.yaml:2:16" in str(info.value) and "model_workers" in str(info.value)
+
+
+def test_errors_name_flags_as_the_command_line_spells_them(capsys: pytest.CaptureFixture[str]) -> None:
+    from auditor.cli import main
+
+    assert main(["serve", "--policy-watch", "-1", "--request-timeout", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "(from flag --policy-watch)" in err and "(from flag --request-timeout)" in err and "Value error" not in err
