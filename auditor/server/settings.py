@@ -223,7 +223,7 @@ class Settings(BaseSettings):
         try:
             return cls(**merged)
         except ValidationError as exc:
-            raise ConfigError(_describe(exc, origin, in_file)) from None
+            raise ConfigError(_describe(exc, origin, in_file, {k.upper() for k in env})) from None
 
     def resolved_data_dir(self, env: Mapping[str, str] | None = None) -> Path:
         """``data_dir`` or the default one."""
@@ -324,11 +324,24 @@ def _deep_merge(base: Any, top: Any) -> Any:
     return top
 
 
-def _describe(exc: ValidationError, origin: Mapping[str, str], in_file: _YamlFile | None = None) -> str:
+def _describe(
+    exc: ValidationError, origin: Mapping[str, str], in_file: _YamlFile | None = None, env_names: set[str] | None = None
+) -> str:
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "settings"
         where = origin.get(str(err["loc"][0])) if err["loc"] else None
+        if where is not None and where.startswith("environment") and len(err["loc"]) > 1:
+            # A nested setting: the variable that set it (AUDITOR_ALERTS__COOLDOWN_S), else the
+            # whole-object variable, else the config file the environment merged into.
+            names = env_names or set()
+            parts = [str(part).upper() for part in err["loc"]]
+            setters = [ENV_PREFIX + "__".join(parts[:n]) for n in range(len(parts), 0, -1)]
+            setter = next((name for name in setters if name in names), None)
+            if setter is not None:
+                where = f"environment {setter}"
+            elif in_file is not None:
+                where = "config file"
         if where is not None and where.startswith("config file") and in_file is not None:
             # Say where in the file (a value from the environment or a flag has no line).
             unknown = err["type"] == "extra_forbidden"

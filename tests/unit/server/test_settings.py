@@ -161,3 +161,13 @@ def test_errors_name_flags_as_the_command_line_spells_them(capsys: pytest.Captur
     assert main(["serve", "--policy-watch", "-1", "--request-timeout", "0"]) == 2
     err = capsys.readouterr().err
     assert "(from flag --policy-watch)" in err and "(from flag --request-timeout)" in err and "Value error" not in err
+
+
+def test_a_nested_setting_names_the_variable_or_the_file_that_set_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"setting alerts.cooldown_s: .* \(from environment AUDITOR_ALERTS__COOLDOWN_S\)"):
+        Settings.load(env={"AUDITOR_ALERTS__COOLDOWN_S": "-1"})
+    cfg = tmp_path / "auditor.yaml"
+    cfg.write_text("alerts:\n  cooldown_s: -5\n  text_mode: hash\n")
+    # The environment set another key of the same mapping; the bad value is the file's.
+    with pytest.raises(ConfigError, match=r"setting alerts.cooldown_s: .* \(from config file .*auditor.yaml:2:15\)"):
+        Settings.load(env={"AUDITOR_ALERTS__TEXT_MODE": "store"}, config_file=cfg)
