@@ -210,10 +210,11 @@ class PolicyStore:
             if not errors and default is not None and default not in engines:
                 errors.append(
                     PolicyError(
-                        str(files[0]) if files else "<none>",
+                        ", ".join(str(p) for p in self.paths),
                         None,
                         None,
-                        f"default policy {default!r} is not among the loaded policies ({', '.join(engines)})",
+                        f"default policy {default!r} is not among the loaded policies ({', '.join(engines)}); "
+                        "restore its file or change --default-policy",
                     )
                 )
             old = self._snapshot
@@ -225,6 +226,15 @@ class PolicyStore:
             else:
                 if default is None:
                     default = "default" if "default" in engines else next(iter(engines))
+                    if old is not None and old.default != default:
+                        # With no default named, deleting or renaming the default file moves every
+                        # request that names no policy to another one: say so.
+                        _log.warning(
+                            "requests that name no policy now use policy %r (was %r); name one with "
+                            "--default-policy to keep it",
+                            default,
+                            old.default,
+                        )
                 new = _Snapshot(MappingProxyType(engines), set_hash(engines), default)
                 self._snapshot = new  # the swap: one reference assignment, readers see old or new
                 self.reloads["success"] += 1

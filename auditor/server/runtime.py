@@ -346,5 +346,6 @@ def _on_reload(metrics: AuditorMetrics, store: PolicyStore | None, result: Any) 
         )
     elif result.changed and store is not None:
         _log.info("policies reloaded: %s (set %s)", ", ".join(store.names), result.hash[:12])
+
     if result.ok and store is not None:
         metrics.set_policy(store.hash, store.names, store.engines.values())

@@ -72,6 +72,22 @@ def test_loads_a_folder_and_picks_the_default(folder: Path) -> None:
         store.current("nope")
 
 
+def test_losing_the_default_file_says_where_unnamed_requests_go(folder: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    store = PolicyStore([folder])
+    (folder / "default.yaml").unlink()
+    assert store.reload().ok and store.current().name == "other"
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("requests that name no policy now use policy 'other' (was 'default')" in m for m in warned), warned
+    write(folder / "third.yaml", policy_text("third", 3.0))
+    named = PolicyStore([folder], default="other")
+    (folder / "other.yaml").rename(folder / "renamed.yml.bak")
+    result = named.reload()
+    assert not result.ok and "restore its file or change --default-policy" in result.errors[0].message
+    assert result.errors[0].path == str(folder)
+
+
 def test_valid_reload_swaps_and_changes_the_hash(folder: Path) -> None:
     store = PolicyStore([folder])
     seen: list[ReloadResult] = []
