@@ -224,6 +224,8 @@ class AuditorMetrics:
             self.fail_open.labels(route=route)
         for kind in FAILURE_KINDS:
             self.auditor_errors.labels(kind=kind)
+        self._primed_verdicts: set[tuple[str, ...]] = set()
+        self._primed_matches: set[tuple[str, ...]] = set()
 
     # ------------------------------------------------------------ helpers
 
@@ -252,14 +254,24 @@ class AuditorMetrics:
         (the loaded policies) start at 0, so the first matches count as an increase."""
         self.policy.info({"hash": policy_hash or "none", "policies": ",".join(sorted(names)) or "none"})
         self.policies_loaded.set(len(names))
-        for engine in engines:
-            for action in ("allow", "alert", "block"):
-                self.verdicts.labels(policy=engine.name, action=action)
-            for rule in engine.rules:
-                if rule.enabled:
-                    self.rule_matches.labels(
-                        policy=engine.name, rule=rule.id, severity=rule.severity, action=rule_action(rule.actions)
-                    )
+        engines = list(engines)
+        if not engines:
+            return
+        verdicts = {(e.name, action) for e in engines for action in ("allow", "alert", "block")}
+        matches = {
+            (e.name, r.id, r.severity, rule_action(r.actions)) for e in engines for r in e.rules if r.enabled
+        }
+        # Series of rules and policies no longer in service stop being exported (a reload that
+        # removed them would otherwise leave them on dashboards until a restart).
+        for labels in self._primed_verdicts - verdicts:
+            self.verdicts.remove(*labels)
+        for labels in self._primed_matches - matches:
+            self.rule_matches.remove(*labels)
+        for policy, action in verdicts:
+            self.verdicts.labels(policy=policy, action=action)
+        for policy, rule, severity, action in matches:
+            self.rule_matches.labels(policy=policy, rule=rule, severity=severity, action=action)
+        self._primed_verdicts, self._primed_matches = verdicts, matches
 
     def prime_sinks(self, sinks: Iterable[str]) -> None:
         """Start the delivery series of the alert sinks at 0."""

@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -34,6 +35,7 @@ from auditor.models.loading import ModelDType, parse_device
 
 __all__ = ["Settings", "ENV_PREFIX", "default_data_dir"]
 
+_log = logging.getLogger("auditor.server")
 ENV_PREFIX = "AUDITOR_"
 
 
@@ -211,6 +213,7 @@ class Settings(BaseSettings):
             for key, value in in_file.values.items():
                 merged[key] = value
                 origin[key] = f"config file {path}"
+        _warn_unknown_env(cls, env)
         env_values = _env_values(cls, env)
         for key, value in env_values.items():
             merged[key] = _deep_merge(merged.get(key), value)
@@ -246,6 +249,27 @@ class _MappingEnvSource(EnvSettingsSource):
 
     def _load_env_vars(self) -> Mapping[str, str | None]:
         return parse_env_vars(self._given, False, False, None)
+
+
+# AUDITOR_* variables that are not settings: read elsewhere (the config file's path, the model
+# cache, library search paths) or by the setup and image builds.
+_OTHER_ENV = frozenset({"CONFIG", "CACHE_DIR", "LIBRARY_PATH", "TORCH", "TORCH_INDEX_URL", "BASE_IMAGE", "IMAGE"})
+
+
+def _warn_unknown_env(cls: type[Settings], env: Mapping[str, str]) -> None:
+    """Say which AUDITOR_* variables are not settings (a misspelt one is otherwise ignored in
+    silence, where the config file refuses the same typo)."""
+    fields = list(cls.model_fields)
+    for key in env:
+        upper = key.upper()
+        if not upper.startswith(ENV_PREFIX):
+            continue
+        name = upper[len(ENV_PREFIX) :]
+        if name in _OTHER_ENV or name.split("__")[0].lower() in cls.model_fields:
+            continue
+        close = difflib.get_close_matches(name.lower(), fields, n=1, cutoff=0.7)
+        hint = f"; did you mean {ENV_PREFIX}{close[0].upper()}?" if close else ""
+        _log.warning("environment variable %s is not a setting and is ignored%s", key, hint)
 
 
 def _env_values(cls: type[Settings], env: Mapping[str, str]) -> dict[str, Any]:

@@ -127,3 +127,25 @@ def test_label_sets_known_in_advance_start_at_zero() -> None:
     m.prime_sinks(["webhook"])
     deliveries = _sample_values(registry, "auditor_alert_deliveries_total")
     assert {dict(k)["result"] for k in deliveries} == {"success", "retry", "failure", "dropped"}
+
+
+def test_a_reload_that_removes_rules_stops_exporting_their_series() -> None:
+    from pathlib import Path
+
+    from auditor.policy import load_policy
+
+    examples = Path(__file__).resolve().parents[3] / "policies" / "examples"
+    first, second = load_policy(examples / "deception.yaml"), load_policy(examples / "anomaly.yaml")
+    registry = CollectorRegistry()
+    m = AuditorMetrics(registry)
+    m.set_policy("a" * 64, [first.name], [first])
+    rule = next(r for r in first.rules if r.enabled)
+    m.rule_matches.labels(policy=first.name, rule=rule.id, severity=rule.severity, action=rule_action(rule.actions)).inc()
+    m.set_policy("b" * 64, [second.name], [second])
+    policies = {dict(k)["policy"] for k in _sample_values(registry, "auditor_rule_matches_total")}
+    assert policies == {second.name}
+    assert {dict(k)["policy"] for k in _sample_values(registry, "auditor_verdicts_total")} == {second.name}
+    m.set_policy("a" * 64, [first.name], [first])  # back: its series start again at 0
+    assert _sample_values(registry, "auditor_rule_matches_total")[
+        (("action", rule_action(rule.actions)), ("policy", first.name), ("rule", rule.id), ("severity", rule.severity))
+    ] == 0.0

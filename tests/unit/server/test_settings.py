@@ -171,3 +171,16 @@ def test_a_nested_setting_names_the_variable_or_the_file_that_set_it(tmp_path: P
     # The environment set another key of the same mapping; the bad value is the file's.
     with pytest.raises(ConfigError, match=r"setting alerts.cooldown_s: .* \(from config file .*auditor.yaml:2:15\)"):
         Settings.load(env={"AUDITOR_ALERTS__TEXT_MODE": "store"}, config_file=cfg)
+
+
+def test_a_misspelt_environment_variable_is_named_not_ignored_in_silence(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="auditor.server")
+    env = {"AUDITOR_PROT": "1", "AUDITOR_PORT": "9001", "AUDITOR_CONFIG_X": "y", "AUDITOR_CACHE_DIR": "/c",
+           "AUDITOR_ALERTS__COOLDOWN_S": "5", "HOME": "/root"}
+    assert Settings.load(env=env).port == 9001
+    warned = [r.getMessage() for r in caplog.records]
+    assert "environment variable AUDITOR_PROT is not a setting and is ignored; did you mean AUDITOR_PORT?" in warned
+    assert any(m.startswith("environment variable AUDITOR_CONFIG_X is not a setting") for m in warned)
+    assert len(warned) == 2  # the cache folder, a nested setting and other variables are fine
