@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import tempfile
 from datetime import datetime, timezone
@@ -385,11 +386,6 @@ Severity = Literal["info", "low", "medium", "high", "critical"]
 _TIME_HELP = "an ISO time (2026-11-26T04:00:00Z; without a zone, UTC), Unix seconds, or a duration back from now: 15m, 2h, 7d"
 
 
-_ALERT_PARAMS = frozenset(
-    {"since", "until", "rule_id", "severity", "min_severity", "category", "request_id", "limit", "after", "order"}
-)
-
-
 @router.get("/v1/alerts")
 async def list_alerts(
     request: Request,
@@ -422,12 +418,6 @@ async def list_alerts(
         "category": category,
         "request_id": request_id,
     }
-    from auditor.alerts.log import check_time_range
-
-    try:
-        check_time_range(filters["since"], filters["until"])  # reversed bounds would answer nothing, silently
-    except AuditorError as exc:
-        raise BadRequestError(exc.message) from None
     log = rt.dispatcher.log
 
     def run() -> dict[str, Any]:
@@ -442,9 +432,13 @@ async def list_alerts(
 
     try:
         body = await asyncio.get_running_loop().run_in_executor(None, run)
-    except AuditorError as exc:
+    except AuditorError as exc:  # the log's own checks, a reversed since/until among them
         raise BadRequestError(exc.message) from None
     return JSONResponse(body)
+
+
+# The query parameters the route takes, from its signature (a misspelt one is refused).
+_ALERT_PARAMS = frozenset(inspect.signature(list_alerts).parameters) - {"request"}
 
 
 def _time_filter(name: str, value: str | None, now: datetime) -> datetime | None:
