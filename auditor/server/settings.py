@@ -256,10 +256,15 @@ class _MappingEnvSource(EnvSettingsSource):
 _OTHER_ENV = frozenset({"CONFIG", "CACHE_DIR", "LIBRARY_PATH", "TORCH", "TORCH_INDEX_URL", "BASE_IMAGE", "IMAGE"})
 
 
+def _closest_setting(name: str) -> str | None:
+    """The setting a misspelt ``name`` most likely meant, if any is close."""
+    close = difflib.get_close_matches(name, list(Settings.model_fields), n=1, cutoff=0.7)
+    return close[0] if close else None
+
+
 def _warn_unknown_env(cls: type[Settings], env: Mapping[str, str]) -> None:
     """Say which AUDITOR_* variables are not settings (a misspelt one is otherwise ignored in
     silence, where the config file refuses the same typo)."""
-    fields = list(cls.model_fields)
     for key in env:
         upper = key.upper()
         if not upper.startswith(ENV_PREFIX):
@@ -267,8 +272,8 @@ def _warn_unknown_env(cls: type[Settings], env: Mapping[str, str]) -> None:
         name = upper[len(ENV_PREFIX) :]
         if name in _OTHER_ENV or name.split("__")[0].lower() in cls.model_fields:
             continue
-        close = difflib.get_close_matches(name.lower(), fields, n=1, cutoff=0.7)
-        hint = f"; did you mean {ENV_PREFIX}{close[0].upper()}?" if close else ""
+        close = _closest_setting(name.lower())
+        hint = f"; did you mean {ENV_PREFIX}{close.upper()}?" if close else ""
         _log.warning("environment variable %s is not a setting and is ignored%s", key, hint)
 
 
@@ -372,8 +377,8 @@ def _describe(
             where = f"config file {in_file.position(tuple(err['loc']), key=unknown) or in_file.path}"
         msg = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's own words
         if err["type"] == "extra_forbidden" and len(err["loc"]) == 1:
-            close = difflib.get_close_matches(str(err["loc"][0]), list(Settings.model_fields), n=1, cutoff=0.7)
-            hint = f"did you mean {close[0]!r}? " if close else ""
+            close = _closest_setting(str(err["loc"][0]))
+            hint = f"did you mean {close!r}? " if close else ""
             msg = f"unknown setting; {hint}known: {', '.join(sorted(Settings.model_fields))}"
         if not err["loc"]:  # a check across settings names them itself
             lines.append(msg)
