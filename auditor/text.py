@@ -76,19 +76,27 @@ class AuditInput:
     def __post_init__(self) -> None:
         # Checked here, not only in parse_input: a Python caller's text + prompt would otherwise
         # audit the text alone and never the prompt.
-        given = [k for k in ("text", "messages", "prompt") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise InputError(f"AuditInput takes exactly one of text, messages or prompt (got {given or 'none'})")
-        for key in ("text", "prompt", "completion"):
-            value = getattr(self, key)
-            if value is not None and not isinstance(value, str):
-                raise InputError(f"AuditInput.{key} must be a string, got {type(value).__name__}")
-        if self.completion is not None and self.text is not None:
-            raise InputError("AuditInput.completion goes with prompt or messages, not with text")
+        problem = _shape_problem(vars(self))
+        if problem is not None:
+            raise InputError(f"AuditInput: {problem}")
         if self.messages is not None and (
             isinstance(self.messages, (str, bytes)) or not all(isinstance(m, Mapping) for m in self.messages)
         ):
-            raise InputError("AuditInput.messages must be a sequence of {role, content} mappings")
+            raise InputError("AuditInput: 'messages' must be a sequence of {role, content} mappings")
+
+
+def _shape_problem(fields: Mapping[str, Any]) -> str | None:
+    """What is wrong with the kind and types of an input's fields (``text``, ``messages``,
+    ``prompt``, ``completion``), or None: the one check of :class:`AuditInput` and :func:`parse_input`."""
+    kinds = [k for k in ("text", "messages", "prompt") if fields.get(k) is not None]
+    if len(kinds) != 1:
+        return f"give exactly one of 'text', 'messages' or 'prompt' (found {kinds or 'none'})"
+    for key in ("text", "prompt", "completion"):
+        if fields.get(key) is not None and not isinstance(fields[key], str):
+            return f"'{key}' must be a string"
+    if "text" in kinds and fields.get("completion") is not None:
+        return "'completion' goes with 'prompt' or 'messages', not with 'text'"
+    return None
 
 
 def message_text(message: Mapping[str, Any], where: str) -> str:
@@ -150,16 +158,9 @@ def parse_input(obj: Any, *, where: str = "input") -> AuditInput:
     extra = sorted(set(obj) - known)
     if extra:
         raise InputError(f"{where}: unknown field(s) {', '.join(extra)}; accepted: {', '.join(sorted(known))}")
-    kinds = [k for k in ("text", "messages", "prompt") if obj.get(k) is not None]
-    if len(kinds) != 1:
-        raise InputError(
-            f"{where}: give exactly one of 'text', 'messages' or 'prompt' (found {kinds or 'none'})"
-        )
-    for key in ("text", "prompt", "completion"):
-        if obj.get(key) is not None and not isinstance(obj[key], str):
-            raise InputError(f"{where}: '{key}' must be a string")
-    if "text" in kinds and obj.get("completion") is not None:
-        raise InputError(f"{where}: 'completion' goes with 'prompt' or 'messages', not with 'text'")
+    problem = _shape_problem(obj)  # before the messages are read, as AuditInput will check again
+    if problem is not None:
+        raise InputError(f"{where}: {problem}")
     ident = obj.get("id")
     messages = None
     if obj.get("messages") is not None:

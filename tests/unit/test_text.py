@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from auditor.text import AuditInput, audited_text
+from auditor.text import AuditInput, InputError, audited_text
 
 CHAT = ({"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"})
 
@@ -57,3 +57,20 @@ def test_role_masks_give_each_scope_its_tokens() -> None:
     is_completion, is_prompt = role_masks(role)
     assert is_completion.tolist() == [[False, True, True, False]]
     assert is_prompt.tolist() == [[True, False, True, True]]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({}, "AuditInput: give exactly one of 'text', 'messages' or 'prompt' (found none)"),
+        # A Python caller's text + prompt audited the text alone: the prompt was never audited.
+        ({"text": "a", "prompt": "b"}, "AuditInput: give exactly one of 'text', 'messages' or 'prompt' (found ['text', 'prompt'])"),
+        ({"text": 123}, "AuditInput: 'text' must be a string"),
+        ({"text": "a", "completion": "b"}, "AuditInput: 'completion' goes with 'prompt' or 'messages', not with 'text'"),
+        ({"messages": "hello"}, "AuditInput: 'messages' must be a sequence of {role, content} mappings"),
+    ],
+)
+def test_an_audit_input_built_in_python_checks_its_own_fields(fields: dict, message: str) -> None:
+    with pytest.raises(InputError) as info:
+        AuditInput(**fields)
+    assert info.value.message == message
