@@ -99,13 +99,17 @@ def check_fpr(target_fpr: float, strict_fpr: float | None = None) -> None:
         )
 
 
-def check_latents(indices: Sequence[int], d_sae: int, what: str = "latent") -> None:
-    """Refuse latent indices outside ``[0, d_sae)`` (a negative index would silently count from the end)."""
-    bad = sorted({int(i) for i in indices if not 0 <= int(i) < d_sae})
-    if bad:
-        raise ConfigError(
-            f"{what} {', '.join(map(str, bad))}: out of range; the SAE has {d_sae} latents, numbered 0 to {d_sae - 1}"
-        )
+def check_latents(indices: Sequence[int], d_sae: int | None, what: str = "latent") -> None:
+    """Refuse latent indices outside ``[0, d_sae)`` (a negative index would silently count from the
+    end); with ``d_sae`` None (the SAE not read yet) only negative ones."""
+    bad = sorted({int(i) for i in indices if int(i) < 0 or (d_sae is not None and int(i) >= d_sae)})
+    if not bad:
+        return
+    if d_sae is None:
+        raise ConfigError(f"{what} {', '.join(map(str, bad))}: out of range; latents are numbered from 0")
+    raise ConfigError(
+        f"{what} {', '.join(map(str, bad))}: out of range; the SAE has {d_sae} latents, numbered 0 to {d_sae - 1}"
+    )
 
 
 def _pct(rate: float) -> str:

@@ -270,7 +270,6 @@ def _check_discover_args(args: argparse.Namespace) -> None:
 
 
 def _discover(args: argparse.Namespace) -> int:
-    from auditor.errors import ConfigError
     from auditor.features.discover import check_latents, discover
     from auditor.features.library import load_library
 
@@ -283,12 +282,8 @@ def _discover(args: argparse.Namespace) -> int:
         lib = load_library(args.library)
         saes = [_library_sae(lib)]
         d_sae = lib.sae.d_sae
-    if d_sae is not None:
-        check_latents(args.exclude_latent, d_sae, "--exclude-latent")
-    elif any(i < 0 for i in args.exclude_latent):
-        # The width of an SAE given by path is known once it is read; a negative index is wrong for any.
-        bad = ", ".join(str(i) for i in args.exclude_latent if i < 0)
-        raise ConfigError(f"--exclude-latent {bad}: out of range; latents are numbered from 0")
+    # The width of an SAE given by path is known once it is read; a negative index is wrong for any.
+    check_latents(args.exclude_latent, d_sae, "--exclude-latent")
     pooled = _pooled(args, rows, saes)
     if args.propose is not None:
         check_latents(args.exclude_latent, pooled[saes[0][0]].max.shape[1], "--exclude-latent")
