@@ -7,9 +7,13 @@ launches them all at once. Graphs need fixed shapes and fixed memory, so a batch
 static buffers padded to a bucket of rows (the next power of two) and tokens (the next power of
 two up to 256, then the next multiple of 256); padded positions are masked, which every
 aggregation already ignores. A shape is captured the second time it is seen (a one-off shape
-stays eager), and only up to ``max_tokens`` padded tokens (beyond that the launches are a
-negligible share of the evaluation); the graphs kept hold at most twice that many tokens in all, as
-each keeps the memory of its evaluation's intermediate tensors. Outputs are copied out of the graph's buffers before the
+stays eager), and only up to ``max_tokens`` padded tokens; the graphs kept hold at most twice that
+many tokens in all, as each keeps the memory of its evaluation's intermediate tensors in a private
+pool: for a 100-rule policy on an H100, 26-28 KiB a token with the program run as it is (212 MiB
+at 8,192 tokens), 6-9 KiB compiled (110 MiB at 16,384, 178 MiB at 32,768), so a compiled program
+is allowed graphs four times as large (:data:`MAX_TOKENS`, :data:`MAX_TOKENS_COMPILED`, or the
+engine's ``graph_max_tokens``; ``benchmarks/policy_graphs.py``).
+Beyond them an evaluation runs directly, launching its kernels one by one. Outputs are copied out of the graph's buffers before the
 next replay can overwrite them; one lock serializes loading, replay and copying, and an event
 orders them on the GPU when callers use other streams, so threads sharing an engine stay correct.
 
@@ -29,6 +33,12 @@ import torch
 from torch import Tensor
 
 from auditor._cuda import capture_cuda_graph
+
+MAX_TOKENS = 8192
+"""Padded tokens of the largest graph of an evaluation's program as it is."""
+MAX_TOKENS_COMPILED = 32768
+"""The same for a compiled program (``PolicyEngine.compile_program``), whose fused kernels keep
+fewer intermediate tensors."""
 
 Inputs = tuple[Tensor, Tensor, Tensor, Tensor, "Tensor | None"]
 """feats [B, T, F] float32, mask, comp, prompt [B, T] bool, recon [B, T] float32 or None."""
@@ -75,7 +85,7 @@ class EvalGraphs:
         compute: Callable[[Inputs], tuple[Tensor, ...]],
         *,
         max_graphs: int = 8,
-        max_tokens: int = 8192,
+        max_tokens: int = MAX_TOKENS,
     ) -> None:
         self._compute = compute
         self.max_graphs, self.max_tokens = max_graphs, max_tokens

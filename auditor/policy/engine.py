@@ -35,20 +35,23 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import os
+import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import torch
+import torch.fx.experimental._config as fx_config
 from torch import Tensor
 
 from auditor.errors import AuditorError, PolicyError, PolicyErrors
 from auditor.features.library import FeatureLibrary
 from auditor.policy import schema as s
-from auditor.policy._graphs import EvalGraphs
+from auditor.policy._graphs import MAX_TOKENS, MAX_TOKENS_COMPILED, EvalGraphs
 from auditor.policy.compile import (
     AGGS,
     SCOPES,
@@ -60,6 +63,8 @@ from auditor.policy.compile import (
     compile_policy,
     policy_hash,
 )
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "AuditBatch",
@@ -310,6 +315,20 @@ class PolicyEngine:
     :mod:`auditor.policy._graphs`); off evaluates every batch eagerly. Per engine, or for every
     engine on the class."""
 
+    graph_max_tokens: int | None = None
+    """Padded tokens (rows x tokens) of the largest batch replayed as a CUDA graph; the graphs kept
+    hold twice that in all. None: 8,192, or 32,768 with :attr:`compile_program` (whose graphs keep
+    a quarter of the memory a token)."""
+
+    compile_program: bool | str | Callable[..., Any] = False
+    """``torch.compile`` the evaluation's tensor program (True for inductor, or a backend), for
+    GPUs: its hundred-odd small kernels become a few fused ones, which is what a CUDA graph then
+    replays too. The first evaluations compile (tens of seconds; shapes are dynamic, so a few
+    compilations in all, not one per batch shape). A compilation that fails is logged once and the
+    engine evaluates eagerly; policies with hookpoint probes always do. On a CPU it is slower right
+    after a forward (its guards cost more than the fused operations save on small batches). Per
+    engine, or for every engine on the class."""
+
     def __init__(
         self,
         policy: s.Policy,
@@ -381,7 +400,9 @@ class PolicyEngine:
         self._feature_probes, self._probe_max_pool = _stack_feature_probes(compiled, col_of)
         self._value_columns, self._value_pad = self._value_layout()
         self._device_cache: dict[torch.device, dict[str, Any]] = {}
-        self._graphs = EvalGraphs(self._graph_outputs)
+        self._graphs = EvalGraphs(self._program_outputs)
+        self._program: Callable[..., tuple[Tensor, ...]] | None = None  # compile_program's, made on first use
+        self._program_failed = False
 
     @functools.cached_property
     def steering_engine(self) -> PolicyEngine | None:
@@ -399,7 +420,9 @@ class PolicyEngine:
         sub = self.policy.model_copy(update={"rules": rules})
         base = Path(self.path).parent if self.path is not None else Path.cwd()
         compiled = compile_policy(sub, self.library, base_dir=base, path=self.path or "<policy>")
-        return PolicyEngine(sub, self.library, compiled, path=self.path, sources=self.sources)
+        engine = PolicyEngine(sub, self.library, compiled, path=self.path, sources=self.sources)
+        engine.cuda_graphs, engine.compile_program = self.cuda_graphs, self.compile_program
+        return engine
 
     def __repr__(self) -> str:
         return f"PolicyEngine(name={self.name!r}, rules={len(self.compiled.rules)}, watched={self.watched.numel()})"
@@ -512,11 +535,17 @@ class PolicyEngine:
             recon = feats.new_zeros(bsz, 1) if recon is not None else None
             resid = feats.new_zeros(bsz, 1, resid.shape[2]) if resid is not None else None
         elif feats.is_cuda and self.cuda_graphs and not self.needs_resid:
-            # Hookpoint probes (resid) run their own modules: those policies stay eager.
+            # Hookpoint probes (resid) run their own modules: those policies stay eager. A compiled
+            # program's graphs keep less memory a token, so they may be larger.
+            compiled = self.compile_program and not self._program_failed
+            self._graphs.max_tokens = self.graph_max_tokens or (MAX_TOKENS_COMPILED if compiled else MAX_TOKENS)
             out = self._graphs.run((feats, mask, comp, prompt, recon))
             if out is not None:
                 nodes, rscore, value, fired, tok = out
                 return _RuleTensors(nodes, rscore, value, fired, _KnownHolds(tok))
+        if self.compile_program and not self._program_failed and resid is None:
+            nodes, rscore, value, fired, tok = self._program_outputs((feats, mask, comp, prompt, recon))
+            return _RuleTensors(nodes, rscore, value, fired, _KnownHolds(tok))
         return self._compute(feats, mask, comp, prompt, recon, resid)
 
     def _compute(
@@ -535,6 +564,36 @@ class PolicyEngine:
         """What a captured evaluation writes: the rule tensors, per-token holds included."""
         r = self._compute(*values, None)
         return r.nodes, r.score, r.leaf_value, r.leaf_fired, r.holds.get()
+
+    def _program_outputs(self, values: tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]) -> tuple[Tensor, ...]:
+        """:meth:`_graph_outputs`, compiled when :attr:`compile_program` asks (eager once that failed)."""
+        if self.compile_program and not self._program_failed:
+            if self._program is None:
+                backend = "inductor" if self.compile_program is True else self.compile_program
+                # Dynamic shapes: one compilation serves every batch size and length (a size of
+                # 1 is specialized, so a few in all), not one per shape up to dynamo's limit.
+                # Its own copy of the method's code: dynamo keeps compiled entries, and its limit of
+                # recompilations (8), per code object, which engines would otherwise share.
+                fn = PolicyEngine._graph_outputs
+                own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+                self._program = torch.compile(types.MethodType(own, self), backend=backend, dynamic=True, fullgraph=True)
+            self._tensors(values[0].device)  # made outside: made inside, its cache filling would recompile
+            # The watched features are fixed per engine; rows and tokens vary. No duck sizing: a
+            # batch whose row count happens to equal its token count would otherwise compile a
+            # graph for that coincidence (and the next one for its end).
+            torch._dynamo.mark_static(values[0], 2)
+            try:
+                with fx_config.patch(use_duck_shape=False):
+                    return self._program(values)
+            except Exception as exc:  # noqa: BLE001 - a compiler missing or failing: evaluate eagerly
+                if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                    raise
+                self._program_failed = True
+                cause = getattr(exc, "inner_exception", None) or exc.__cause__ or exc  # the compiler's, not dynamo's wrapper
+                detail = next((line for line in str(cause).splitlines() if line.strip()), "")
+                _log.warning("policy %r: its evaluation cannot be compiled (%s: %s); evaluating it eagerly",
+                             self.name, type(cause).__name__, detail)
+        return self._graph_outputs(values)
 
     def _inputs(self, batch: AuditBatch) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
         """The batch checked and converted: features, mask, completion, prompt, recon error, resid."""
