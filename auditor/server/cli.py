@@ -38,7 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--device", help="torch device (default cpu)")
     p.add_argument("--dtype", choices=MODEL_DTYPES, help="the model's dtype (default float32 on CPU, bfloat16 on GPU)")
     p.add_argument(
-        "--compile", action="store_true", default=None, help="torch.compile the model's decoder layers (for GPUs: faster audits, slower start and decoding)"
+        "--compile", action="store_true", default=None, help="torch.compile the model's decoder layers and, on a GPU, the policies' evaluation "
+        "(for GPUs: faster audits, slower start and decoding)"
     )
     p.add_argument(
         "--cuda-graphs",

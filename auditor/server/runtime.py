@@ -268,7 +268,9 @@ def _load_runtime(
         raise ConfigError("no SAE: pass --sae or --library")
     # The parts must fit before the model loads (Auditor checks the library again, with the model's name).
     if store is not None:
-        admit = _admit(sae, library, settings.hookpoint, sae_path, settings.cuda_graphs)
+        # On a GPU, --compile also compiles the policies' evaluation (on a CPU it is slower compiled).
+        compile_program = settings.compile and torch.device(settings.device).type == "cuda"
+        admit = _admit(sae, library, settings.hookpoint, sae_path, settings.cuda_graphs, compile_program)
         for engine in store.engines.values():
             admit(engine)
         store.check = admit  # a reload that no longer fits the SAE is refused, the old set stays
@@ -319,17 +321,18 @@ def _load_runtime(
 
 
 def _admit(
-    sae: Any, library: Any, hookpoint: str | None, sae_path: str, cuda_graphs: bool
+    sae: Any, library: Any, hookpoint: str | None, sae_path: str, cuda_graphs: bool, compile_program: bool = False
 ) -> Callable[[Any], None]:
     """A check that a policy engine fits the loaded SAE at the hookpoint the auditor reads
     (:func:`~auditor.pipeline.check_fit` with the auditor's ``library`` and ``hookpoint``, so an
     SAE file that names no hookpoint takes the library's, as the auditor does); an engine that
-    passes takes the server's ``cuda_graphs`` setting (loaded and reloaded engines alike)."""
+    passes takes the server's ``cuda_graphs`` setting and, on a GPU, ``compile`` (loaded and reloaded
+    engines alike)."""
     from auditor.pipeline import check_fit
 
     def check(engine: Any) -> None:
         check_fit(sae, library=library, policy=engine, hookpoint=hookpoint, sae_name=sae_path)
-        engine.cuda_graphs = cuda_graphs
+        engine.cuda_graphs, engine.compile_program = cuda_graphs, compile_program
 
     return check
 

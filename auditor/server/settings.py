@@ -76,7 +76,8 @@ class Settings(BaseSettings):
     """The model's dtype (default: float32 on the CPU, bfloat16 on a GPU). bfloat16 on a CPU with AMX is
     several times faster; verdicts can differ near thresholds (``benchmarks/dtype_agreement.py``)."""
     compile: bool = False
-    """``torch.compile`` the model's decoder layers (for GPUs; the first forward of each shape compiles)."""
+    """``torch.compile`` the model's decoder layers and, on a GPU, the policies' evaluation programs (for
+    GPUs; the first forward of each shape, and the first evaluations of each policy, compile)."""
     cuda_graphs: bool = True
     """On a GPU, replay the steering hook's decode step (measure, record, steer, and the decision of
     rules that steer) as one captured CUDA graph while generating, and policy evaluations of batch

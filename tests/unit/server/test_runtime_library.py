@@ -85,3 +85,15 @@ def test_the_servers_cuda_graphs_setting_reaches_loaded_and_reloaded_engines(tmp
         import asyncio
 
         asyncio.run(rt.close())
+
+
+def test_the_servers_compile_setting_reaches_admitted_engines() -> None:
+    from auditor.sae import load_sae
+    from auditor.server.runtime import _admit
+
+    engine = load_policy(DEFAULT_POLICY)
+    sae_path = str(engine.library.resolve_path(engine.library.sae.path or ""))
+    sae = load_sae(sae_path)
+    for compile_program in (True, False):
+        _admit(sae, engine.library, None, sae_path, cuda_graphs=False, compile_program=compile_program)(engine)
+        assert engine.compile_program is compile_program and engine.cuda_graphs is False
