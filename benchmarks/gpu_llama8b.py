@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from auditor.models import LoadedModel, capture, compile_layers, get_adapter, hooks  # noqa: E402
 from auditor.models.capture import _cache_keyword  # noqa: E402
 from auditor.models.streams import StreamCache, capture_streams, streams_supported  # noqa: E402
+from auditor.policy._graphs import EvalGraphs  # noqa: E402
 from auditor.policy.compile import compile_policy  # noqa: E402
 from auditor.policy.engine import AuditBatch, PolicyEngine  # noqa: E402
 from auditor.policy.schema import Policy  # noqa: E402
@@ -370,6 +371,48 @@ def streaming(
     return out
 
 
+def policy_programs(engine: PolicyEngine, f: torch.Tensor, m: torch.Tensor, comp: torch.Tensor, x: torch.Tensor, sae: SAE,
+                    watched: torch.Tensor, audit_rows: list[dict[str, Any]], device: torch.device, repeats: int) -> list[dict[str, Any]]:
+    """Watch-list encode + evaluation (and the decision alone) at each batch size, with the tensor
+    program eager or compiled, run directly or as CUDA graphs (allowed up to the largest batch here);
+    what each compilation and each graph's memory cost."""
+    seq = f.shape[1]
+    rows = []
+    for compiled in (False, True):
+        engine.compile_program = compiled
+        engine._program, engine._program_failed = None, False
+        engine.graph_max_tokens = f.shape[0] * seq
+        engine._graphs = EvalGraphs(engine._program_outputs)
+        for row in audit_rows:
+            bs = row["batch_size"]
+            xs, batch = x[: bs * seq], AuditBatch(f[:bs].contiguous(), m[:bs], comp[:bs])
+            with torch.inference_mode():
+                t_w = best_time(lambda: sae.encode(xs, features=watched), device, repeats)
+            out: dict[str, Any] = {"batch_size": bs, "compiled": compiled, "stopped_forward_s": row["stopped_forward_s"],
+                                   "watch_list_encode_s": t_w}
+            for graphs in ((False, True) if device.type == "cuda" else (False,)):
+                engine.cuda_graphs = graphs
+                sync(device)
+                start = time.perf_counter()
+                engine.evaluate(batch)  # the first of its kind compiles; a graph is captured on the next call
+                sync(device)
+                first_s = time.perf_counter() - start
+                before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+                engine.evaluate(batch)
+                held = (torch.cuda.memory_allocated(device) - before) if device.type == "cuda" else 0
+                t_eval = best_time(lambda: engine.evaluate(batch), device, repeats)
+                t_matched = best_time(lambda: engine.matched(batch), device, repeats)
+                key = "graph" if graphs else "direct"
+                out[key] = {"first_call_s": first_s, "eval_s": t_eval, "matched_s": t_matched,
+                            "share": (t_w + t_eval) / row["stopped_forward_s"],
+                            "decision_share": (t_w + t_matched) / row["stopped_forward_s"],
+                            "graph_memory_mib": held / 2**20 if graphs else None}
+            out["failed"] = engine._program_failed
+            rows.append(out)
+    engine.compile_program, engine.cuda_graphs, engine.graph_max_tokens = False, True, None
+    return rows
+
+
 def with_steer_rules(engine: PolicyEngine, n: int, feature: str) -> PolicyEngine:
     """``engine``'s policy with a clamp of ``feature`` added to the first ``n`` rules' actions."""
     data = engine.policy.model_dump(mode="json", by_alias=True, exclude_none=True)
@@ -408,6 +451,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--streams", type=int, default=16, help="streams fed together in the streaming case (0: skip it)")
     ap.add_argument("--stream-chunk", type=int, default=16)
     ap.add_argument("--stream-tokens", type=int, default=256, help="completion tokens per stream (after a 49-token prompt)")
+    ap.add_argument("--compile-policy", action="store_true", help="also time the policy evaluation with its tensor "
+                    "program compiled (PolicyEngine.compile_program, what `auditor serve --compile` sets on a GPU), "
+                    "eagerly and as CUDA graphs (up to the largest batch), at every --batch-sizes size, at the widest SAE")
     ap.add_argument("--profile", type=Path, default=None, metavar="DIR",
                     help="after the timings, profile one plain and one serve-mode (first --steer-rules entry) "
                          "generation at the largest --gen-batches size and write the op tables to DIR")
@@ -505,6 +551,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                               "policy_eval_eager_s": times[False], "policy_eval_graph_s": times[True],
                               "eager_share": (t_w + times[False]) / t_s, "graph_share": (t_w + times[True]) / t_s})
             engine.cuda_graphs = True
+        programs = policy_programs(engine, f, m, comp, x, sae, watched, audit_rows, device, args.repeats) if (
+            args.compile_policy and width == max(widths)) else []
         encode_rows.append(
             {"d_sae": width, "tokens": x.shape[0], "watched": int(watched.numel()),
              "watch_list_encode_s": t_watch, "full_encode_relu_s": t_full_enc, "full_encode_topk_s": t_topk,
@@ -512,7 +560,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
              "stopped_forward_s": t_stop_big,
              "watch_plus_eval_share": (t_watch + t_eval) / t_stop_big,
              "full_relu_share": t_full_enc / t_stop_big, "full_topk_share": t_topk / t_stop_big,
-             "variants_s": variants, "smaller_batches": small}
+             "variants_s": variants, "smaller_batches": small, "programs": programs}
         )
 
     gen_rows = []
@@ -615,6 +663,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                   f"({1000 * q['policy_eval_eager_s']:.2f} ms), {100 * q['graph_share']:.2f}% "
                   f"{'as a CUDA graph' if device.type == 'cuda' else 'again (the CPU has no graphs)'} "
                   f"({1000 * q['policy_eval_graph_s']:.2f} ms) of the stopped forward ({1000 * q['stopped_forward_s']:.1f} ms)")
+    for r in encode_rows:
+        for q in r.get("programs", []):
+            for key in ("direct", "graph"):
+                if key in q:
+                    v = q[key]
+                    print(f"SAE {r['d_sae']:>6}, batch {q['batch_size']:>2} x {seq}, program {'compiled' if q['compiled'] else 'eager'}"
+                          f"{' (compile failed)' if q['failed'] else ''}, {'CUDA graph' if key == 'graph' else 'run directly'}: "
+                          f"watch-list + policy {100 * v['share']:.2f}% ({1000 * v['eval_s']:.2f} ms), decision alone "
+                          f"{100 * v['decision_share']:.2f}% ({1000 * v['matched_s']:.2f} ms); first call {v['first_call_s']:.1f} s"
+                          + (f", graph memory {v['graph_memory_mib']:.0f} MiB" if v["graph_memory_mib"] is not None else ""))
     for r in gen_rows:
         print(f"generation batch {r['batch_size']:>2}, {r['steer_rules']:>3} steering rules every {r['policy_every']} "
               f"token(s), hook {'graph' if r['cuda_graph'] else 'eager'} ({r['graph_steps']} graph steps): plain {r['plain_tok_s']:.1f} "

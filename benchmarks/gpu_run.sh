@@ -9,7 +9,10 @@
 #                                       # CUDA graphs; one clamp, and 10 steering rules), 21 paired runs
 #   bash benchmarks/gpu_run.sh topk     # the full encodes and their variants (top-k block widths) at 65k and 131k
 #   bash benchmarks/gpu_run.sh graph    # serve mode at batch 16 with the hook's step as a CUDA graph and eager, 11 runs; streaming
-#   bash benchmarks/gpu_run.sh policy   # watch-list + policy at batch 1, 8 and 32 x 512 tokens, eager and as CUDA graphs
+#   bash benchmarks/gpu_run.sh policy   # watch-list + policy at batch 1, 8 and 32 x 512 tokens, eager and as CUDA graphs, the
+#                                       # evaluation's program eager and compiled
+#   bash benchmarks/gpu_run.sh graphs   # no model: policy evaluations as CUDA graphs at 1-64 x 512 tokens, the memory each
+#                                       # graph holds, eager and compiled programs (no tests)
 set -u
 mode="${1:-full}"
 out="${OUT:-/tmp/gpu-out}"
@@ -21,10 +24,16 @@ else
     export PYTHONPATH="$PWD"
 fi
 export PYTHONUNBUFFERED=1
+if [ "$mode" = graphs ]; then
+    timeout 280 python3 benchmarks/policy_graphs.py --compile >"$out/graphs.log" 2>&1
+    tail -n 12 "$out/graphs.log"
+    exit 0
+fi
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-timeout 120 python3 -m pytest -q -W ignore -p no:cacheprovider tests/unit/steering/test_hook.py \
+timeout 240 python3 -m pytest -q -W ignore -p no:cacheprovider tests/unit/steering/test_hook.py \
     tests/unit/policy/test_engine.py tests/unit/policy/test_incremental.py tests/unit/policy/test_graphs.py \
+    tests/unit/policy/test_compiled_program.py \
     tests/unit/train/test_trainer.py \
     tests/unit/sae/test_sae.py tests/unit/models/test_streams.py -k "cuda or subset" 2>&1 | tail -n 8
 if [ "$mode" = topk ]; then
@@ -34,9 +43,9 @@ if [ "$mode" = topk ]; then
     exit 0
 fi
 if [ "$mode" = policy ]; then
-    timeout 150 python3 benchmarks/gpu_llama8b.py --batch-sizes 1,8,32 --widths 131072 --repeats 3 --gen-batches 16 \
-        --gen-tokens 32 --gen-repeats 3 --steer-rules 0 --streams 0 --profile "$out" >"$out/policy.log" 2>&1
-    tail -n 6 "$out/policy.log"
+    timeout 330 python3 benchmarks/gpu_llama8b.py --batch-sizes 1,8,32 --widths 131072 --repeats 3 --gen-batches 16 \
+        --gen-tokens 32 --gen-repeats 3 --steer-rules 0 --streams 0 --compile-policy --profile "$out" >"$out/policy.log" 2>&1
+    tail -n 18 "$out/policy.log"
     exit 0
 fi
 if [ "$mode" = graph ]; then

@@ -36,7 +36,7 @@ def test_gpu_script_smoke_runs_on_cpu(tmp_path: Path) -> None:
     out = first_json(
         run_script(
             "benchmarks/gpu_llama8b.py", "--tiny", "--repeats", "1", "--steer-rules", "0,5/2", "--encode-variants",
-            "--gen-repeats", "1", "--profile", str(tmp_path / "prof"),
+            "--gen-repeats", "1", "--profile", str(tmp_path / "prof"), "--compile-policy",
         )
     )
     for name in ("plain", "serve"):
@@ -66,6 +66,16 @@ def test_gpu_script_smoke_runs_on_cpu(tmp_path: Path) -> None:
     assert all(isinstance(variants[k], float) for k in ("gemm_only", "product_sae_encode", "relu_addmm_relu_inplace", "topk_only"))
     assert variants["topk_two_stage_4096_exact"] is True and variants["topk_blockmax_exact"] is True
     assert isinstance(variants["topk_blockmax_only"], float)
+    # The policy program run as it is and compiled, at each batch size (the CPU runs them directly).
+    programs = out["encode"][-1]["programs"]
+    assert [(p["compiled"], p["batch_size"]) for p in programs] == [(False, 1), (False, 8), (False, 32), (True, 1), (True, 8), (True, 32)]
+    assert all(not p["failed"] and p["direct"]["eval_s"] > 0 and "graph" not in p for p in programs)
+
+
+def test_policy_graphs_script_runs() -> None:
+    out = first_json(run_script("benchmarks/policy_graphs.py", "--batch-sizes", "1,3", "--tokens", "32", "--repeats", "1", "--rules", "20"))
+    assert out["rules"] == 20 and [r["batch_size"] for r in out["rows"]] == [1, 3]
+    assert all(r["direct_eval_ms"] > 0 and r["matches_per_text"] >= 0 for r in out["rows"])
 
 
 def test_topk_rows_script_agrees_with_torch_topk() -> None:
