@@ -514,6 +514,21 @@ class PolicyEngine:
         return self._verdicts(host.tolist(), r.leaf_value, r.leaf_fired, r.holds, tokens)
 
     @torch.inference_mode()
+    def warm_up(self, device: torch.device | str = "cpu") -> None:
+        """Evaluate empty batches of one and of two rows on ``device``, so that what a first
+        evaluation prepares (the policy's tensors there and, with :attr:`compile_program`, the
+        compilations, tens of seconds each) happens now rather than on the first audits. Policies
+        with hookpoint probes, which always run eagerly, are left as they are."""
+        if self.needs_resid:
+            return
+        dev = torch.device(device)
+        for rows in (1, 2):
+            # Separate mask tensors: passing one tensor twice would compile for that aliasing.
+            mask, comp = (torch.zeros(rows, 16, dtype=torch.bool, device=dev) for _ in range(2))
+            recon = torch.zeros(rows, 16, device=dev) if self.needs_recon_error else None
+            self.matched(AuditBatch(torch.zeros(rows, 16, self.watched.numel(), device=dev), mask, comp, recon_error=recon))
+
+    @torch.inference_mode()
     def matched(self, batch: AuditBatch) -> Tensor:
         """Which rules matched, ``[B, R]`` bool in ``compiled.rules`` order, left on the batch's device.
 
@@ -578,6 +593,9 @@ class PolicyEngine:
                 own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
                 self._program = torch.compile(types.MethodType(own, self), backend=backend, dynamic=True, fullgraph=True)
             self._tensors(values[0].device)  # made outside: made inside, its cache filling would recompile
+            # Inputs as inference-mode tensors (what graphs' buffers and most callers' tensors are):
+            # dynamo guards on the kind, and would compile again for the other.
+            values = tuple(x if x is None or x.is_inference() else x.clone() for x in values)  # type: ignore[assignment]
             # The watched features are fixed per engine; rows and tokens vary. No duck sizing: a
             # batch whose row count happens to equal its token count would otherwise compile a
             # graph for that coincidence (and the next one for its end).

@@ -270,7 +270,7 @@ def _load_runtime(
     if store is not None:
         # On a GPU, --compile also compiles the policies' evaluation (on a CPU it is slower compiled).
         compile_program = settings.compile and torch.device(settings.device).type == "cuda"
-        admit = _admit(sae, library, settings.hookpoint, sae_path, settings.cuda_graphs, compile_program)
+        admit = _admit(sae, library, settings.hookpoint, sae_path, settings.cuda_graphs, compile_program, settings.device)
         for engine in store.engines.values():
             admit(engine)
         store.check = admit  # a reload that no longer fits the SAE is refused, the old set stays
@@ -321,18 +321,21 @@ def _load_runtime(
 
 
 def _admit(
-    sae: Any, library: Any, hookpoint: str | None, sae_path: str, cuda_graphs: bool, compile_program: bool = False
+    sae: Any, library: Any, hookpoint: str | None, sae_path: str, cuda_graphs: bool, compile_program: bool | str = False,
+    device: str = "cpu",
 ) -> Callable[[Any], None]:
     """A check that a policy engine fits the loaded SAE at the hookpoint the auditor reads
     (:func:`~auditor.pipeline.check_fit` with the auditor's ``library`` and ``hookpoint``, so an
     SAE file that names no hookpoint takes the library's, as the auditor does); an engine that
     passes takes the server's ``cuda_graphs`` setting and, on a GPU, ``compile`` (loaded and reloaded
-    engines alike)."""
+    engines alike; a compiled engine compiles on ``device`` before it serves, not on the first audits)."""
     from auditor.pipeline import check_fit
 
     def check(engine: Any) -> None:
         check_fit(sae, library=library, policy=engine, hookpoint=hookpoint, sae_name=sae_path)
         engine.cuda_graphs, engine.compile_program = cuda_graphs, compile_program
+        if compile_program:
+            engine.warm_up(device)
 
     return check
 

@@ -105,6 +105,20 @@ def test_engines_compile_apart(probe_dir: Path) -> None:
     assert backend.graphs == backend.runs == 10 and not any(e._program_failed for e in engines)
 
 
+def test_warm_up_compiles_before_the_first_audit(probe_dir: Path) -> None:
+    backend = CountingBackend()
+    engine = make_engine(RICH, probe_dir)
+    engine.compile_program = backend
+    engine.warm_up()
+    assert backend.graphs == 2  # one row, several rows
+    compiled_before = backend.graphs
+    eager = make_engine(RICH, probe_dir)
+    for i, (b, t) in enumerate([(1, 7), (3, 12), (5, 30)]):
+        full, mask, comp, recon = random_inputs(20 + i, b, t)
+        same_verdicts(eager.evaluate(full_batch(full, mask, comp, eager, recon)), engine.evaluate(full_batch(full, mask, comp, engine, recon)))
+    assert backend.graphs == compiled_before and backend.runs == 2 + 3
+
+
 def test_a_failing_compiler_leaves_the_engine_eager(probe_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     calls = []
 

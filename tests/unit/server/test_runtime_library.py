@@ -91,9 +91,14 @@ def test_the_servers_compile_setting_reaches_admitted_engines() -> None:
     from auditor.sae import load_sae
     from auditor.server.runtime import _admit
 
-    engine = load_policy(DEFAULT_POLICY)
-    sae_path = str(engine.library.resolve_path(engine.library.sae.path or ""))
+    library = load_policy(DEFAULT_POLICY).library
+    sae_path = str(library.resolve_path(library.sae.path or ""))
     sae = load_sae(sae_path)
-    for compile_program in (True, False):
-        _admit(sae, engine.library, None, sae_path, cuda_graphs=False, compile_program=compile_program)(engine)
+    # "aot_eager" stands for inductor (a backend that traces as inductor does, without its
+    # minute of code generation on this CPU).
+    for compile_program in ("aot_eager", False):
+        engine = load_policy(DEFAULT_POLICY)
+        _admit(sae, library, None, sae_path, cuda_graphs=False, compile_program=compile_program)(engine)
         assert engine.compile_program is compile_program and engine.cuda_graphs is False
+        # A compiled engine compiled when admitted, before serving.
+        assert (engine._program is not None) is bool(compile_program) and not engine._program_failed
