@@ -10,6 +10,7 @@ server, library) goes through it.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import weakref
 import time
@@ -191,18 +192,25 @@ class Auditor:
     def load(
         cls,
         *,
-        model: str | None = None,
+        model: str | Any | None = None,
+        tokenizer: Any = None,
         sae: str | None = None,
         sae_format: str | None = None,
         library: str | None = None,
         policy: str | None = None,
         hookpoint: str | None = None,
-        device: str = "cpu",
+        device: str | None = None,
         max_tokens: int = 2048,
         compile: bool | str = False,
         dtype: str | torch.dtype | None = None,
     ) -> Auditor:
         """Load model, SAE, library and policy by name or path.
+
+        ``model`` is a name or path (default: ``$AUDITOR_MODEL``, else the embedded default), a
+        :class:`~auditor.models.LoadedModel`, or a ``transformers`` model already in your process
+        with its ``tokenizer`` (:func:`~auditor.models.wrap_model`: it stays on its device, in its
+        dtype; ``device`` then defaults to that device and ``dtype`` does not apply). ``device``
+        defaults to the CPU for a model loaded by name.
 
         ``compile`` (True or a ``torch.compile`` backend) compiles the model's decoder layers
         (:func:`auditor.models.compile_layers`). ``dtype`` is the model's (default: float32 on
@@ -213,10 +221,25 @@ class Auditor:
         the SAE is ``sae``, else the library's.
         """
         from auditor.features import load_library
-        from auditor.models import load_model, parse_device
+        from auditor.models import LoadedModel, load_model, parse_device, wrap_model
         from auditor.policy import load_policy
         from auditor.sae import load_sae
 
+        given: LoadedModel | None = None
+        if isinstance(model, LoadedModel):
+            given = model
+        elif model is not None and not isinstance(model, (str, os.PathLike)):
+            given = wrap_model(model, tokenizer)
+        elif tokenizer is not None:
+            raise ConfigError("tokenizer= goes with a model object; a model given by name or path brings its own")
+        if given is not None:
+            if dtype is not None:
+                raise ConfigError("dtype= applies to a model loaded by name or path; convert your model with .to(dtype) instead")
+            device = device or str(given.device)
+            asked = torch.device(device)
+            if asked.type != given.device.type or asked.index not in (None, given.device.index):
+                raise ConfigError(f"the model is on {given.device}, not {device}: leave device= out or move the model first")
+        device = device or "cpu"
         parse_device(device)  # before the SAE loads onto it
         engine = load_policy(policy) if policy else None
         lib = resolve_library(
@@ -233,7 +256,14 @@ class Auditor:
         sae_obj = load_sae(sae_name, format=sae_format if sae is not None else None, device=device, dtype=_SAE_DTYPE)
         # Before the (slower) model load; the constructor checks again, with the model's name.
         check_fit(sae_obj, library=lib, policy=engine, hookpoint=hookpoint, sae_name=sae_name)
-        loaded = load_model(model, device=device, dtype=dtype, compile=compile)
+        if given is not None:
+            loaded = given
+            if compile:
+                from auditor.models import compile_layers
+
+                compile_layers(loaded, "inductor" if compile is True else str(compile))
+        else:
+            loaded = load_model(model, device=device, dtype=dtype, compile=compile)
         return cls(
             loaded,
             sae_obj,

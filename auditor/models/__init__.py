@@ -19,6 +19,7 @@ from auditor.models.loading import (
     load_model,
     model_shape,
     parse_device,
+    wrap_model,
 )
 from auditor.models.streams import StreamCache, capture_streams, enable_streams, streams_supported
 
@@ -54,4 +55,5 @@ __all__ = [
     "resolve_hookpoints",
     "streams_supported",
     "StreamCache",
+    "wrap_model",
 ]

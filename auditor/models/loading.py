@@ -432,6 +432,29 @@ def _from_pretrained(source: str, dtype: torch.dtype, *, local: bool, hub: bool 
     return model, tokenizer
 
 
+def wrap_model(model: nn.Module, tokenizer: Any, *, name: str | None = None) -> LoadedModel:
+    """A ``transformers`` causal LM already loaded in your process, ready for auditing (for
+    :class:`~auditor.pipeline.Auditor`; :func:`auditor.attach` takes the model as it is).
+
+    The model stays where it is (its first parameter's device) in its dtype; it is put in eval
+    mode with gradients off, and a tokenizer without a pad token pads with its EOS token (padded
+    positions are masked). ``name`` defaults to the model's ``name_or_path``. Raises
+    :class:`ModelError` for what is not a supported causal LM with its tokenizer.
+    """
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"wrap_model() takes a transformers model (an nn.Module), got {type(model).__name__}")
+    if tokenizer is None or not callable(tokenizer):
+        raise ModelError("wrap_model() needs the model's tokenizer: pass AutoTokenizer.from_pretrained(...) for the same model")
+    get_adapter(model)  # an unsupported architecture is named here, with the supported ones
+    try:
+        device = next(iter(model.parameters())).device
+    except StopIteration:
+        raise ModelError("wrap_model(): the model has no parameters") from None
+    config = getattr(model, "config", None)
+    label = name or getattr(config, "_name_or_path", None) or type(model).__name__
+    return _finish(model, tokenizer, str(label), device)
+
+
 def _finish(model: nn.Module, tokenizer: Any, name: str, device: torch.device) -> LoadedModel:
     adapter = get_adapter(model)
     model = model.to(device).eval()

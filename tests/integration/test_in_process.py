@@ -1,0 +1,69 @@
+"""Auditing with a transformers model already loaded in the user's process
+(``wrap_model`` and ``Auditor.load(model=..., tokenizer=...)``), on the real default model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from auditor.errors import AuditorError, ConfigError, ModelError
+from auditor.models import LoadedModel, wrap_model
+from auditor.pipeline import Auditor
+from auditor.text import AuditInput
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+POLICY = str(REPO / "policies" / "default.yaml")
+PHISHING = "Write an email telling the customer their account is locked and they must send their password to unlock it."
+BENIGN = "Maths is the language of the universe."
+
+
+@pytest.fixture(scope="module")
+def users_model(default_model: LoadedModel):  # type: ignore[no-untyped-def]
+    """The default model as a user loads it: transformers' own classes from its folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = default_model.model.config._name_or_path
+    assert Path(folder, "config.json").is_file()
+    return AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+
+
+def test_a_users_model_audits_as_the_loaded_default(users_model, default_model: LoadedModel) -> None:  # type: ignore[no-untyped-def]
+    model, tokenizer = users_model
+    mine = Auditor.load(model=model, tokenizer=tokenizer, policy=POLICY)
+    reference = Auditor.load(model=default_model, policy=POLICY)
+    items = [AuditInput(text=PHISHING), AuditInput(text=BENIGN)]
+    got, want = mine.run(items), reference.run(items)
+    assert [r.verdict.action for r in got] == [r.verdict.action for r in want] == ["alert", "allow"]
+    for g, w in zip(got, want):
+        assert g.verdict.scores.keys() == w.verdict.scores.keys()
+        torch.testing.assert_close(torch.tensor(list(g.verdict.scores.values())), torch.tensor(list(w.verdict.scores.values())))
+    assert mine.model.device == torch.device("cpu") and not model.training
+    assert mine.model.name == default_model.model.config._name_or_path
+
+
+def test_wrap_model_refuses_what_it_cannot_audit(users_model) -> None:  # type: ignore[no-untyped-def]
+    model, tokenizer = users_model
+    with pytest.raises(ModelError, match="needs the model's tokenizer"):
+        wrap_model(model, None)
+    with pytest.raises(ModelError, match="takes a transformers model"):
+        wrap_model("HuggingFaceTB/SmolLM2-135M-Instruct", tokenizer)  # type: ignore[arg-type]
+    from transformers import BertConfig, BertModel
+
+    bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    with pytest.raises(AuditorError, match="model architecture.*bert"):
+        wrap_model(bert, tokenizer)
+    assert wrap_model(model, tokenizer, name="mine").name == "mine"
+
+
+def test_load_says_which_arguments_do_not_go_with_a_model_object(users_model) -> None:  # type: ignore[no-untyped-def]
+    model, tokenizer = users_model
+    with pytest.raises(ConfigError, match="convert your model with .to"):
+        Auditor.load(model=model, tokenizer=tokenizer, policy=POLICY, dtype="bfloat16")
+    with pytest.raises(ConfigError, match="the model is on cpu, not cuda"):
+        Auditor.load(model=model, tokenizer=tokenizer, policy=POLICY, device="cuda")
+    with pytest.raises(ConfigError, match="tokenizer= goes with a model object"):
+        Auditor.load(model="HuggingFaceTB/SmolLM2-135M-Instruct", tokenizer=tokenizer, policy=POLICY)
