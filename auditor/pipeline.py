@@ -227,6 +227,8 @@ class Auditor:
 
         given: LoadedModel | None = None
         if isinstance(model, LoadedModel):
+            if tokenizer is not None:
+                raise ConfigError("tokenizer= goes with a transformers model; a LoadedModel brings its own")
             given = model
         elif model is not None and not isinstance(model, (str, os.PathLike)):
             given = wrap_model(model, tokenizer)

@@ -65,5 +65,7 @@ def test_load_says_which_arguments_do_not_go_with_a_model_object(users_model) ->
         Auditor.load(model=model, tokenizer=tokenizer, policy=POLICY, dtype="bfloat16")
     with pytest.raises(ConfigError, match="the model is on cpu, not cuda"):
         Auditor.load(model=model, tokenizer=tokenizer, policy=POLICY, device="cuda")
+    with pytest.raises(ConfigError, match="a LoadedModel brings its own"):
+        Auditor.load(model=wrap_model(model, tokenizer), tokenizer=tokenizer, policy=POLICY)
     with pytest.raises(ConfigError, match="tokenizer= goes with a model object"):
         Auditor.load(model="HuggingFaceTB/SmolLM2-135M-Instruct", tokenizer=tokenizer, policy=POLICY)
