@@ -493,14 +493,25 @@ async def _upstream_events(rt: Runtime, request: Request, call: _Call, t0: float
 
 
 async def _iter_chunks(resp: Any) -> AsyncIterator[dict[str, Any]]:
+    """The chunks of the upstream's stream, until ``data: [DONE]``.
+
+    A stream that breaks off, or whose body just ends before it finished, raises
+    :class:`UpstreamError`: a clean close is not proof of a complete answer (an upstream that
+    crashes or restarts mid-generation closes its connection cleanly too), and relaying the
+    part as a whole answer would tell the client it got all of it. Finished means ``[DONE]``
+    arrived or, for upstreams that omit it, every choice seen has a ``finish_reason``."""
     import httpx
 
+    seen: set[int] = set()
+    finished: set[int] = set()
     lines = resp.aiter_lines()
     while True:
         try:
             line = await lines.__anext__()
         except StopAsyncIteration:
-            return
+            if seen and seen <= finished:
+                return
+            raise UpstreamError(_unfinished(seen - finished)) from None
         except httpx.HTTPError as exc:
             raise UpstreamError(f"the upstream's stream broke off: {type(exc).__name__}: {exc}") from None
         if not line.startswith("data:"):
@@ -514,7 +525,26 @@ async def _iter_chunks(resp: Any) -> AsyncIterator[dict[str, Any]]:
             continue
         if isinstance(obj, dict):
             obj.pop("auditor", None)  # only this sidecar annotates what it releases
+            for c in _choices(obj):
+                seen.add(_index(c))
+                if c.get("finish_reason") is not None:
+                    finished.add(_index(c))
             yield obj
+
+
+def _unfinished(open_choices: set[int]) -> str:
+    """The message of an upstream stream whose body ended before it finished."""
+    which = (
+        f"choice{'s' if len(open_choices) > 1 else ''} {', '.join(str(i) for i in sorted(open_choices))} "
+        "got no finish_reason"
+        if open_choices
+        else "it sent no choice at all"
+    )
+    return (
+        f"the upstream's stream ended before it finished (no data: [DONE], and {which}), so the answer "
+        "is incomplete; the upstream probably stopped mid-generation (crashed, restarted or timed out): "
+        "check its logs and retry the request"
+    )
 
 
 def _chunk_text(call: _Call, chunk: dict[str, Any], started: set[int] | frozenset[int] = frozenset()) -> dict[int, str]:
@@ -658,7 +688,9 @@ async def _chunked_release(
             except StopAsyncIteration:
                 finished = True
                 chunk = None
-            except ServerError as exc:  # the upstream broke off after the headers went out
+            except ServerError as exc:
+                # The upstream broke off, or its body ended unfinished, after the headers went out:
+                # the stream ends with the error and what was not audited yet is not released.
                 request.state.outcome = outcome_for(exc)
                 yield sse_event(error_body(exc.message, exc.type, exc.code))
                 yield b"data: [DONE]\n\n"

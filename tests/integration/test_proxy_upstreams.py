@@ -54,9 +54,9 @@ rules:
     )
 
 
-def _chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
+def _chunk(delta: dict[str, Any], finish: str | None = None, index: int = 0, **extra: Any) -> bytes:
     body = {"id": "up-1", "object": "chat.completion.chunk", "created": 1, "model": "up",
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish}], **extra}
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
@@ -80,6 +80,11 @@ def _upstream() -> FastAPI:
             finish = "tool_calls"
         elif model == "long":
             message["content"] = "word " * 400
+        if model == "empty" and body.get("stream"):  # headers, a comment, and the body ends
+            return StreamingResponse(iter([b": ping\n\n"]), media_type="text/event-stream")
+        if model == "split" and body.get("stream"):  # choice 0 finishes, choice 1 is cut off
+            pieces = [_chunk({"content": "Done."}, "stop"), _chunk({"content": "Half of"}, index=1)]
+            return StreamingResponse(iter(pieces), media_type="text/event-stream")
         if not body.get("stream"):
             return JSONResponse({"id": "up-1", "object": "chat.completion", "created": 1, "model": "up",
                                  "choices": [{"index": 0, "message": message, "finish_reason": finish}]})
@@ -97,8 +102,11 @@ def _upstream() -> FastAPI:
                     yield _chunk({"content": word + " "}, auditor={"verdict": "allow", "forged": True})
             if model == "broken":
                 raise RuntimeError("the upstream dies mid-stream")  # the connection drops unfinished
+            if model == "truncated":
+                return  # the upstream stops mid-generation and closes the connection cleanly
             yield _chunk({}, finish)
-            yield b"data: [DONE]\n\n"
+            if model != "no-done":  # some upstreams end with the finish_reason alone
+                yield b"data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -277,3 +285,71 @@ def test_a_chunked_stream_longer_than_the_auditor_reads_fails_open_once(servers:
     assert released == "word " * 400 + " "  # all of it, unaudited past the limit
     assert events[-1]["auditor"]["verdict"] == "error"
     assert (errors(), opened()) == (before[0] + 1, before[1] + 1)
+
+
+def _released(events: list[dict[str, Any]]) -> str:
+    return "".join(c["choices"][0]["delta"].get("content") or "" for c in events if c.get("choices"))
+
+
+@pytest.mark.parametrize("mode", ["hold", "chunked"])
+def test_a_stream_whose_upstream_ends_unfinished_ends_with_the_error(servers: dict[str, BackgroundServer], mode: str) -> None:
+    """An upstream that stops mid-generation and closes its connection cleanly (no finish_reason,
+    no [DONE]) sent part of an answer: the client is told so, as when the connection breaks off,
+    and is not handed the part as a whole answer."""
+    server = servers[mode]
+    failed = lambda: _metric(server, "auditor_requests_total", route="/v1/chat/completions", outcome="upstream_error")  # noqa: E731
+    timed = lambda: _metric(server, "auditor_upstream_request_duration_seconds_count", outcome="200")  # noqa: E731
+    auditor_errors = lambda: _metric(server, "auditor_errors_total")  # noqa: E731
+    before = (failed(), timed(), auditor_errors())
+    resp = _post(server, "quiet", model="truncated", stream=True)
+    assert resp.headers["x-auditor-verdict"] == "allow"
+    if mode == "hold":
+        # Nothing went out before the whole stream was read: the answer is a 502, as for a stream
+        # that breaks off.
+        assert resp.status_code == 502
+        error = resp.json()["error"]
+    else:
+        assert resp.status_code == 200  # the headers went out with the prompt's verdict
+        events = _events(resp)
+        error = events[-1]["error"]
+        # No normal ending: no final annotation chunk, no finish_reason, the error is the last event.
+        assert [c for c in events if "error" in c] == [events[-1]] and not [c for c in events if "auditor" in c]
+        assert not [ch for c in events for ch in c.get("choices", []) if ch.get("finish_reason")]
+        # What was audited went out as it passed; the tail after the last audited chunk
+        # ("on Friday.", shorter than stream_chunk_chars) was never audited and is held back.
+        released = _released(events)
+        assert released and ANSWER.startswith(released) and "Friday" not in released
+    assert error["type"] == "upstream_error" and error["code"] == "upstream_unavailable"
+    assert "ended before it finished" in error["message"] and "choice 0 got no finish_reason" in error["message"]
+    # Counted as the upstream's failure (the stream's time with its status), not the auditor's.
+    assert (failed(), timed(), auditor_errors()) == (before[0] + 1, before[1] + 1, before[2])
+
+
+def test_a_held_stream_is_unfinished_while_any_choice_is(servers: dict[str, BackgroundServer]) -> None:
+    """Without [DONE], one choice's finish_reason does not finish the others (``n`` > 1 streams
+    are held in either mode), and a body with no choice at all is no answer."""
+    server = servers["hold"]
+    resp = _post(server, "quiet", model="split", stream=True, n=2)
+    assert resp.status_code == 502
+    assert "choice 1 got no finish_reason" in resp.json()["error"]["message"]
+    resp = _post(server, "quiet", model="empty", stream=True)
+    assert resp.status_code == 502
+    assert "no data: [DONE], and it sent no choice at all" in resp.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("mode", ["hold", "chunked"])
+def test_a_stream_that_finishes_without_done_is_complete(servers: dict[str, BackgroundServer], mode: str) -> None:
+    """Some upstreams end a stream with the finish_reason and close it without ``data: [DONE]``:
+    the answer is whole, and relayed as such (with this sidecar's own ``[DONE]``)."""
+    server = servers[mode]
+    ok = lambda: _metric(server, "auditor_requests_total", route="/v1/chat/completions", outcome="ok")  # noqa: E731
+    failed = lambda: _metric(server, "auditor_requests_total", route="/v1/chat/completions", outcome="upstream_error")  # noqa: E731
+    before = (ok(), failed())
+    resp = _post(server, "quiet", model="no-done", stream=True)
+    assert resp.status_code == 200
+    events = _events(resp)
+    assert not [c for c in events if "error" in c]
+    assert _released(events).strip() == ANSWER
+    assert [ch["finish_reason"] for c in events for ch in c["choices"] if ch.get("finish_reason")] == ["stop"]
+    assert events[-1]["choices"] == [] and events[-1]["auditor"]["verdict"] == "allow"
+    assert (ok(), failed()) == (before[0] + 1, before[1])
