@@ -62,13 +62,17 @@ class CountingBackend:
         return run
 
 
-def compare(eager: PolicyEngine, compiled: PolicyEngine, seed: int, device: torch.device = torch.device("cpu")) -> None:
+def compare(eager: PolicyEngine, compiled: PolicyEngine, seed: int, device: torch.device = torch.device("cpu")) -> int:
+    """Compare verdicts and decisions over :data:`SHAPES`; the number of matches compared."""
+    matches = 0
     for i, (b, t) in enumerate(SHAPES):
         full, mask, comp, recon = random_inputs(seed + i, b, t)
         want = eager.evaluate(full_batch(full, mask, comp, eager, recon))
         got = compiled.evaluate(on(device, full, mask, comp, recon, compiled))
         same_verdicts(want, got)
+        matches += sum(len(v.matches) for v in want)
         assert torch.equal(compiled.matched(on(device, full, mask, comp, recon, compiled)).cpu(), eager.matched(full_batch(full, mask, comp, eager, recon)))
+    return matches
 
 
 @settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -87,8 +91,8 @@ def test_the_traced_program_gives_the_eager_verdicts(probe_dir: Path, policy: di
 def test_inductor_code_gives_the_eager_verdicts(probe_dir: Path) -> None:
     eager, compiled = make_engine(RICH, probe_dir), make_engine(RICH, probe_dir)
     compiled.compile_program = True
-    compare(eager, compiled, 7)
-    assert not compiled._program_failed
+    assert compare(eager, compiled, 7) > 0  # verdicts with matches and explanations were compared
+    assert compiled._program is not None and not compiled._program_failed
 
 
 def test_engines_compile_apart(probe_dir: Path) -> None:
