@@ -208,11 +208,17 @@ def attach(
     ``sae``, ``library`` and ``policy`` are objects or paths; without a ``sae``, the
     SAE comes from the library (the policy's, or ``library``), and for
     SmolLM2-135M from the default library. ``hookpoint`` defaults to the SAE's.
+
+    ``model`` is a supported ``transformers`` model object (it stays as it is: device, dtype,
+    train or eval mode, gradients) and ``tokenizer`` its own tokenizer, which tells special
+    tokens apart from content; raises :class:`~auditor.errors.ModelError` otherwise.
     """
     from auditor.features import FeatureLibrary, load_library
+    from auditor.models import check_model_and_tokenizer
     from auditor.policy import PolicyEngine, load_policy
     from auditor.sae import SAE, load_sae
 
+    check_model_and_tokenizer(model, tokenizer, "attach()")
     engine = policy if isinstance(policy, PolicyEngine) or policy is None else load_policy(policy)
     lib: FeatureLibrary | None
     if isinstance(library, FeatureLibrary):

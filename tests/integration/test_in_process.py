@@ -69,3 +69,41 @@ def test_load_says_which_arguments_do_not_go_with_a_model_object(users_model) ->
         Auditor.load(model=wrap_model(model, tokenizer), tokenizer=tokenizer, policy=POLICY)
     with pytest.raises(ConfigError, match="tokenizer= goes with a model object"):
         Auditor.load(model="HuggingFaceTB/SmolLM2-135M-Instruct", tokenizer=tokenizer, policy=POLICY)
+
+
+def _other_tokenizer(folder: Path):  # type: ignore[no-untyped-def]
+    """A word-level tokenizer of another model: its ids go past the default model's 49,152 embeddings."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "</s>": 1, "hello": 2, "password": 60_000}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="</s>").save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def test_another_models_tokenizer_is_refused_before_any_forward(users_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # It used to fail halfway through the first audit or generation with torch's
+    # "IndexError: index out of range in self".
+    import auditor
+
+    model, _ = users_model
+    other = _other_tokenizer(tmp_path / "tok")
+    with pytest.raises(ModelError, match=r"token ids up to 60000 .* ids 0\.\.49151: it is another model's tokenizer"):
+        Auditor.load(model=model, tokenizer=other, policy=POLICY)
+    with pytest.raises(ModelError, match="another model's tokenizer"):
+        auditor.attach(model, other, policy=POLICY)
+
+
+def test_attach_refuses_what_is_not_a_model_with_its_tokenizer(users_model) -> None:  # type: ignore[no-untyped-def]
+    # A name used to fail with "AttributeError: 'str' object has no attribute 'parameters'"; a missing
+    # tokenizer was accepted and every special token (<|im_start|>, ...) then counted as content.
+    import auditor
+
+    model, tokenizer = users_model
+    folder = model.config._name_or_path
+    with pytest.raises(ModelError, match=r"attach\(\) takes a transformers model .*got str .*from_pretrained first"):
+        auditor.attach(folder, tokenizer, policy=POLICY)
+    with pytest.raises(ModelError, match=r"attach\(\) needs the model's tokenizer"):
+        auditor.attach(model, None, policy=POLICY)
