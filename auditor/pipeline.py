@@ -238,9 +238,12 @@ class Auditor:
             if dtype is not None:
                 raise ConfigError("dtype= applies to a model loaded by name or path; convert your model with .to(dtype) instead")
             device = device or str(given.device)
-            asked = torch.device(device)
-            if asked.type != given.device.type or asked.index not in (None, given.device.index):
+            asked = parse_device(device, usable=False)  # a misspelt device is a ModelError naming the usable ones
+            # "cuda" is whichever GPU the model is on; the CPU has one device ("cpu:0" is "cpu").
+            same_index = asked.index in (None, given.device.index) or asked.type == "cpu"
+            if asked.type != given.device.type or not same_index:
                 raise ConfigError(f"the model is on {given.device}, not {device}: leave device= out or move the model first")
+            device = str(given.device)
         device = device or "cpu"
         parse_device(device)  # before the SAE loads onto it
         engine = load_policy(policy) if policy else None

@@ -107,3 +107,15 @@ def test_attach_refuses_what_is_not_a_model_with_its_tokenizer(users_model) -> N
         auditor.attach(folder, tokenizer, policy=POLICY)
     with pytest.raises(ModelError, match=r"attach\(\) needs the model's tokenizer"):
         auditor.attach(model, None, policy=POLICY)
+
+
+def test_device_is_checked_by_name_against_the_models(users_model) -> None:  # type: ignore[no-untyped-def]
+    # A misspelt device used to raise torch's RuntimeError ("Expected one of cpu, cuda, ... device type"),
+    # and "cpu:0" was refused for a model on the CPU ("the model is on cpu, not cpu:0").
+    model, tokenizer = users_model
+    with pytest.raises(ModelError, match="invalid device 'gpu'.*available here: cpu"):
+        Auditor.load(model=model, tokenizer=tokenizer, policy=POLICY, device="gpu")
+    auditor = Auditor.load(model=model, tokenizer=tokenizer, policy=POLICY, device="cpu:0")
+    assert auditor.device == torch.device("cpu")
+    [result] = auditor.run([AuditInput(text=PHISHING)])
+    assert result.verdict is not None and result.verdict.action == "alert"
