@@ -135,6 +135,12 @@ class Session:
         from auditor.models import hooks
         from auditor.models.hooks import scoped
 
+        if self._stack is not None:
+            # A second set of hooks would replace the first's handles, which then stayed on the model.
+            raise ConfigError(
+                "this session is already attached (its with block is open); use it as it is, "
+                "or call auditor.attach(...) again for a second session"
+            )
         stack = ExitStack()
         try:
             # Dispatch through a method so steer() can swap the hook object mid-session.

@@ -119,3 +119,27 @@ def test_device_is_checked_by_name_against_the_models(users_model) -> None:  # t
     assert auditor.device == torch.device("cpu")
     [result] = auditor.run([AuditInput(text=PHISHING)])
     assert result.verdict is not None and result.verdict.action == "alert"
+
+
+def _hooked_modules(model: torch.nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+
+
+def test_a_session_entered_twice_is_refused_and_leaves_no_hook(users_model) -> None:  # type: ignore[no-untyped-def]
+    # Entering the open session again used to install a second set of hooks over the first's
+    # handles: after both blocks the model kept a forward pre-hook for good.
+    import auditor
+
+    model, tokenizer = users_model
+    session = auditor.attach(model, tokenizer, policy=POLICY)
+    with session:
+        assert _hooked_modules(model) == ["", "model.layers.15"]
+        with pytest.raises(ConfigError, match="already attached"):
+            with session:
+                pass
+        assert _hooked_modules(model) == ["", "model.layers.15"]
+    assert _hooked_modules(model) == []
+    with session:  # closed sessions may be entered again
+        model(**tokenizer(PHISHING, return_tensors="pt"))
+        assert session.last_verdict is not None and session.last_verdict.action == "alert"
+    assert _hooked_modules(model) == []
