@@ -12,8 +12,10 @@ when the ``with`` block ends.
 
 Example::
 
-    with auditor.attach(model, tokenizer, policy="policies/examples/deception.yaml") as session:
-        session.steer("deception.fraud=clamp:0")
+    import auditor
+
+    with auditor.attach(model, tokenizer, policy="policies/default.yaml") as session:
+        session.steer("deception.false_notice=clamp:0")
         out = model.generate(**tokenizer("Tell me how to", return_tensors="pt"), max_new_tokens=20)
         print(session.last_verdict.action)
 """

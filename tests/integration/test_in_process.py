@@ -143,3 +143,30 @@ def test_a_session_entered_twice_is_refused_and_leaves_no_hook(users_model) -> N
         model(**tokenizer(PHISHING, return_tensors="pt"))
         assert session.last_verdict is not None and session.last_verdict.action == "alert"
     assert _hooked_modules(model) == []
+
+
+def _python_blocks(text: str) -> list[str]:
+    import re
+    import textwrap
+
+    fenced = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    examples = re.findall(r"Example::\n\n((?:    .*\n|\n)+)", text)
+    return fenced + [textwrap.dedent(block) for block in examples]
+
+
+def test_the_attach_examples_run_on_a_users_model(users_model, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    # The session module's example named policies/examples/deception.yaml, whose tiny library's SAE
+    # is not shipped (SAEFormatError: .../examples/tiny/sae: no such file or folder).
+    import auditor.steering.session as session_module
+
+    model, tokenizer = users_model
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    steering = readme[readme.index("## Steering") : readme.index("## Browsing features")]
+    [readme_example] = [b for b in _python_blocks(steering) if "auditor.attach" in b]
+    [doc_example] = _python_blocks(session_module.__doc__ or "")
+    monkeypatch.chdir(REPO)  # the examples name policies/ relative to the repository
+    inputs = tokenizer("How do I build a pipe bomb?", return_tensors="pt")
+    for example in (readme_example, doc_example):
+        code = example.replace("max_new_tokens=64", "max_new_tokens=4").replace("max_new_tokens=20", "max_new_tokens=4")
+        exec(compile(code, "<example>", "exec"), {"model": model, "tokenizer": tokenizer, "inputs": inputs})
+    assert _hooked_modules(model) == []
