@@ -22,7 +22,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from auditor.errors import AuditorError, ConfigError, HookpointError
-from auditor.text import ROLE_BOTH, ROLE_COMPLETION, ROLE_PROMPT, AuditInput, TokenBatch, role_masks, tokenize_batch
+from auditor.text import (
+    ROLE_BOTH,
+    ROLE_COMPLETION,
+    ROLE_PROMPT,
+    AuditInput,
+    InputError,
+    TokenBatch,
+    role_masks,
+    tokenize_batch,
+)
 
 if TYPE_CHECKING:
     from auditor.features import FeatureLibrary
@@ -298,6 +307,7 @@ class Auditor:
         for this call (a server holding several policies passes the one asked for);
         ``evaluate=False`` skips policy evaluation.
         """
+        _check_items(items, "Auditor.run()")
         engine = self.engine_for(policy) if evaluate else None
         timings = StageTimings()
         results: list[AuditResult | None] = [None] * len(items)
@@ -452,6 +462,11 @@ class Auditor:
                 if result.verdict is not None and result.verdict.action == "block":
                     break
         """
+        if not isinstance(item, AuditInput):
+            raise InputError(
+                f"Auditor.stream() takes one AuditInput, got {type(item).__name__}: pass "
+                "AuditInput(text=...), AuditInput(prompt=..., completion=\"\") or AuditInput(messages=[...])"
+            )
         engine = self.engine_for(policy)
         if engine is None:
             raise ConfigError("a streaming audit needs a policy; load one with policy=... or pass policy=")
@@ -748,6 +763,19 @@ def _evaluate(
             tokens=batch.tokens,
         )
     )
+
+
+def _check_items(items: Any, caller: str) -> None:
+    """``items`` is a sequence of :class:`AuditInput`, else :class:`InputError` saying how to make one."""
+    how = (
+        "wrap each input: AuditInput(text=...), AuditInput(messages=[...]), AuditInput(prompt=..., completion=...) "
+        "(auditor.text.parse_input turns a JSON-style dict or a string into one)"
+    )
+    if isinstance(items, (AuditInput, str, bytes, dict)) or not isinstance(items, Sequence):
+        raise InputError(f"{caller} takes a list of AuditInput, got {type(items).__name__}; {how}")
+    for i, item in enumerate(items):
+        if not isinstance(item, AuditInput):
+            raise InputError(f"{caller}: item {i} is a {type(item).__name__}, not an AuditInput; {how}")
 
 
 def _select_rows(batch: TokenBatch, rows: list[int]) -> TokenBatch:

@@ -170,3 +170,21 @@ def test_the_attach_examples_run_on_a_users_model(users_model, monkeypatch: pyte
         code = example.replace("max_new_tokens=64", "max_new_tokens=4").replace("max_new_tokens=20", "max_new_tokens=4")
         exec(compile(code, "<example>", "exec"), {"model": model, "tokenizer": tokenizer, "inputs": inputs})
     assert _hooked_modules(model) == []
+
+
+def test_run_and_stream_say_what_an_input_is(users_model) -> None:  # type: ignore[no-untyped-def]
+    # A string, a dict or a single AuditInput used to fail deep inside with
+    # "AttributeError: 'str' object has no attribute 'text'" or "TypeError: object of type 'AuditInput' has no len()".
+    from auditor.text import InputError
+
+    model, tokenizer = users_model
+    auditor = Auditor.load(model=model, tokenizer=tokenizer, policy=POLICY)
+    with pytest.raises(InputError, match=r"Auditor.run\(\) takes a list of AuditInput, got AuditInput; wrap each input"):
+        auditor.run(AuditInput(text=PHISHING))  # type: ignore[arg-type]
+    with pytest.raises(InputError, match=r"Auditor.run\(\) takes a list of AuditInput, got str"):
+        auditor.run(PHISHING)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match=r"item 1 is a dict, not an AuditInput; .*parse_input"):
+        auditor.run([AuditInput(text=BENIGN), {"text": PHISHING}])  # type: ignore[list-item]
+    with pytest.raises(InputError, match=r"Auditor.stream\(\) takes one AuditInput, got str"):
+        auditor.stream(PHISHING)  # type: ignore[arg-type]
+    assert [r.verdict.action for r in auditor.run((AuditInput(text=BENIGN),))] == ["allow"]  # any sequence
