@@ -14,6 +14,7 @@ import os
 import threading
 import weakref
 import time
+from contextlib import contextmanager
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -228,7 +229,32 @@ class Auditor:
         The library is ``library``, else the one ``policy`` names, else (without ``sae``)
         the default ``feature_libraries/smollm2-135m-instruct`` (:func:`resolve_library`);
         the SAE is ``sae``, else the library's.
+
+        A model object is left as it was (training mode, gradients, its tokenizer's pad token)
+        when loading fails.
         """
+        with _unchanged_on_failure(model, tokenizer):
+            return cls._load(
+                model=model, tokenizer=tokenizer, sae=sae, sae_format=sae_format, library=library, policy=policy,
+                hookpoint=hookpoint, device=device, max_tokens=max_tokens, compile=compile, dtype=dtype,
+            )
+
+    @classmethod
+    def _load(
+        cls,
+        *,
+        model: str | Any | None,
+        tokenizer: Any,
+        sae: str | None,
+        sae_format: str | None,
+        library: str | None,
+        policy: str | None,
+        hookpoint: str | None,
+        device: str | None,
+        max_tokens: int,
+        compile: bool | str,
+        dtype: str | torch.dtype | None,
+    ) -> Auditor:
         from auditor.features import load_library
         from auditor.models import LoadedModel, load_model, parse_device, wrap_model
         from auditor.policy import load_policy
@@ -763,6 +789,28 @@ def _evaluate(
             tokens=batch.tokens,
         )
     )
+
+
+@contextmanager
+def _unchanged_on_failure(model: Any, tokenizer: Any) -> Iterator[None]:
+    """Put a user's model (and tokenizer) back as they were if the block fails after
+    :func:`~auditor.models.wrap_model` changed them (eval mode, gradients off, a pad token)."""
+    if not isinstance(model, torch.nn.Module):
+        yield
+        return
+    training = [(m, m.training) for m in model.modules()]
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    pad = getattr(tokenizer, "pad_token", None) if tokenizer is not None else None
+    try:
+        yield
+    except BaseException:
+        for module, mode in training:
+            module.training = mode
+        for param, flag in grads:
+            param.requires_grad_(flag)
+        if tokenizer is not None and pad is None and getattr(tokenizer, "pad_token", None) is not None:
+            tokenizer.pad_token = None
+        raise
 
 
 def _check_items(items: Any, caller: str) -> None:

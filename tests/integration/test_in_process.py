@@ -188,3 +188,28 @@ def test_run_and_stream_say_what_an_input_is(users_model) -> None:  # type: igno
     with pytest.raises(InputError, match=r"Auditor.stream\(\) takes one AuditInput, got str"):
         auditor.stream(PHISHING)  # type: ignore[arg-type]
     assert [r.verdict.action for r in auditor.run((AuditInput(text=BENIGN),))] == ["allow"]  # any sequence
+
+
+def test_a_failed_load_leaves_the_users_model_as_it_was(users_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # wrap_model puts the model in eval mode with gradients off; a load that failed after it (a wrong
+    # argument, a missing policy) used to leave the model so: a training loop then trained nothing.
+    from auditor.errors import PolicyErrors
+
+    model, tokenizer = users_model
+    model.train().requires_grad_(True)
+    pad = tokenizer.pad_token
+    tokenizer.pad_token = None
+    try:
+        with pytest.raises(ConfigError, match="convert your model"):
+            Auditor.load(model=model, tokenizer=tokenizer, policy=POLICY, dtype="bfloat16")
+        with pytest.raises(PolicyErrors, match="cannot read policy file"):
+            Auditor.load(model=model, tokenizer=tokenizer, policy=str(tmp_path / "missing.yaml"))
+        assert model.training and all(m.training for m in model.modules())
+        assert all(p.requires_grad for p in model.parameters())
+        assert tokenizer.pad_token is None
+        Auditor.load(model=model, tokenizer=tokenizer, policy=POLICY)  # a load that works changes them, as documented
+        assert not model.training and not any(p.requires_grad for p in model.parameters())
+        assert tokenizer.pad_token == tokenizer.eos_token
+    finally:
+        tokenizer.pad_token = pad
+        model.eval().requires_grad_(False)
