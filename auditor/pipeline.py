@@ -14,6 +14,7 @@ import os
 import threading
 import weakref
 import time
+from contextlib import contextmanager
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from auditor.errors import AuditorError, ConfigError, HookpointError
-from auditor.text import ROLE_BOTH, ROLE_COMPLETION, ROLE_PROMPT, AuditInput, TokenBatch, role_masks, tokenize_batch
+from auditor.text import (
+    ROLE_BOTH,
+    ROLE_COMPLETION,
+    ROLE_PROMPT,
+    AuditInput,
+    InputError,
+    TokenBatch,
+    role_masks,
+    tokenize_batch,
+)
 
 if TYPE_CHECKING:
     from auditor.features import FeatureLibrary
@@ -219,7 +229,32 @@ class Auditor:
         The library is ``library``, else the one ``policy`` names, else (without ``sae``)
         the default ``feature_libraries/smollm2-135m-instruct`` (:func:`resolve_library`);
         the SAE is ``sae``, else the library's.
+
+        A model object is left as it was (training mode, gradients, its tokenizer's pad token)
+        when loading fails.
         """
+        with _unchanged_on_failure(model, tokenizer):
+            return cls._load(
+                model=model, tokenizer=tokenizer, sae=sae, sae_format=sae_format, library=library, policy=policy,
+                hookpoint=hookpoint, device=device, max_tokens=max_tokens, compile=compile, dtype=dtype,
+            )
+
+    @classmethod
+    def _load(
+        cls,
+        *,
+        model: str | Any | None,
+        tokenizer: Any,
+        sae: str | None,
+        sae_format: str | None,
+        library: str | None,
+        policy: str | None,
+        hookpoint: str | None,
+        device: str | None,
+        max_tokens: int,
+        compile: bool | str,
+        dtype: str | torch.dtype | None,
+    ) -> Auditor:
         from auditor.features import load_library
         from auditor.models import LoadedModel, load_model, parse_device, wrap_model
         from auditor.policy import load_policy
@@ -238,9 +273,12 @@ class Auditor:
             if dtype is not None:
                 raise ConfigError("dtype= applies to a model loaded by name or path; convert your model with .to(dtype) instead")
             device = device or str(given.device)
-            asked = torch.device(device)
-            if asked.type != given.device.type or asked.index not in (None, given.device.index):
+            asked = parse_device(device, usable=False)  # a misspelt device is a ModelError naming the usable ones
+            # "cuda" is whichever GPU the model is on; the CPU has one device ("cpu:0" is "cpu").
+            same_index = asked.index in (None, given.device.index) or asked.type == "cpu"
+            if asked.type != given.device.type or not same_index:
                 raise ConfigError(f"the model is on {given.device}, not {device}: leave device= out or move the model first")
+            device = str(given.device)
         device = device or "cpu"
         parse_device(device)  # before the SAE loads onto it
         engine = load_policy(policy) if policy else None
@@ -295,6 +333,7 @@ class Auditor:
         for this call (a server holding several policies passes the one asked for);
         ``evaluate=False`` skips policy evaluation.
         """
+        _check_items(items, "Auditor.run()")
         engine = self.engine_for(policy) if evaluate else None
         timings = StageTimings()
         results: list[AuditResult | None] = [None] * len(items)
@@ -449,6 +488,11 @@ class Auditor:
                 if result.verdict is not None and result.verdict.action == "block":
                     break
         """
+        if not isinstance(item, AuditInput):
+            raise InputError(
+                f"Auditor.stream() takes one AuditInput, got {type(item).__name__}: pass "
+                "AuditInput(text=...), AuditInput(prompt=..., completion=\"\") or AuditInput(messages=[...])"
+            )
         engine = self.engine_for(policy)
         if engine is None:
             raise ConfigError("a streaming audit needs a policy; load one with policy=... or pass policy=")
@@ -745,6 +789,41 @@ def _evaluate(
             tokens=batch.tokens,
         )
     )
+
+
+@contextmanager
+def _unchanged_on_failure(model: Any, tokenizer: Any) -> Iterator[None]:
+    """Put a user's model (and tokenizer) back as they were if the block fails after
+    :func:`~auditor.models.wrap_model` changed them (eval mode, gradients off, a pad token)."""
+    if not isinstance(model, torch.nn.Module):
+        yield
+        return
+    training = [(m, m.training) for m in model.modules()]
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    pad = getattr(tokenizer, "pad_token", None) if tokenizer is not None else None
+    try:
+        yield
+    except BaseException:
+        for module, mode in training:
+            module.training = mode
+        for param, flag in grads:
+            param.requires_grad_(flag)
+        if tokenizer is not None and pad is None and getattr(tokenizer, "pad_token", None) is not None:
+            tokenizer.pad_token = None
+        raise
+
+
+def _check_items(items: Any, caller: str) -> None:
+    """``items`` is a sequence of :class:`AuditInput`, else :class:`InputError` saying how to make one."""
+    how = (
+        "wrap each input: AuditInput(text=...), AuditInput(messages=[...]), AuditInput(prompt=..., completion=...) "
+        "(auditor.text.parse_input turns a JSON-style dict or a string into one)"
+    )
+    if isinstance(items, (AuditInput, str, bytes, dict)) or not isinstance(items, Sequence):
+        raise InputError(f"{caller} takes a list of AuditInput, got {type(items).__name__}; {how}")
+    for i, item in enumerate(items):
+        if not isinstance(item, AuditInput):
+            raise InputError(f"{caller}: item {i} is a {type(item).__name__}, not an AuditInput; {how}")
 
 
 def _select_rows(batch: TokenBatch, rows: list[int]) -> TokenBatch:

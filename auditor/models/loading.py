@@ -39,6 +39,7 @@ __all__ = [
     "LoadedModel",
     "ModelShape",
     "cache_root",
+    "check_model_and_tokenizer",
     "check_sae_compatible",
     "default_model_path",
     "load_model",
@@ -432,6 +433,49 @@ def _from_pretrained(source: str, dtype: torch.dtype, *, local: bool, hub: bool 
     return model, tokenizer
 
 
+def check_model_and_tokenizer(model: Any, tokenizer: Any, caller: str) -> None:
+    """Check that ``model`` is a supported ``transformers`` model and ``tokenizer`` can be its own.
+
+    For the entry points that take a user's model object (:func:`wrap_model`,
+    :func:`auditor.attach`); ``caller`` names the function in the messages. A tokenizer with
+    more tokens than the model has embedding rows is another model's: its ids would index past
+    the embedding table (torch's ``IndexError: index out of range in self``) halfway through an
+    audit or a generation. Raises :class:`ModelError` (or :class:`UnknownKeyError` for an
+    unsupported architecture, naming the supported ones).
+    """
+    if not isinstance(model, nn.Module):
+        named = isinstance(model, (str, os.PathLike))
+        hint = " (a name or path: load it with AutoModelForCausalLM.from_pretrained first)" if named else ""
+        raise ModelError(f"{caller} takes a transformers model (an nn.Module), got {type(model).__name__}{hint}")
+    if tokenizer is None or not callable(tokenizer):
+        raise ModelError(f"{caller} needs the model's tokenizer: pass AutoTokenizer.from_pretrained(...) for the same model")
+    get_adapter(model)  # an unsupported architecture is named here, with the supported ones
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embeddings = get_embeddings() if callable(get_embeddings) else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    top = _largest_token_id(tokenizer)
+    if isinstance(rows, int) and top is not None and top >= rows:
+        theirs = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        mine = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+        raise ModelError(
+            f"{caller}: the tokenizer ({theirs}) has token ids up to {top} but the model ({mine}) has embeddings "
+            f"for ids 0..{rows - 1}: it is another model's tokenizer; pass AutoTokenizer.from_pretrained(...) "
+            "with the model's own name or folder"
+        )
+
+
+def _largest_token_id(tokenizer: Any) -> int | None:
+    """The largest id ``tokenizer`` can produce (its vocabulary and added tokens), if it says."""
+    get_vocab = getattr(tokenizer, "get_vocab", None)
+    try:
+        vocab = get_vocab() if callable(get_vocab) else None
+        if vocab:
+            return max(int(i) for i in vocab.values())
+        return len(tokenizer) - 1
+    except (TypeError, ValueError, NotImplementedError):
+        return None
+
+
 def wrap_model(model: nn.Module, tokenizer: Any, *, name: str | None = None) -> LoadedModel:
     """A ``transformers`` causal LM already loaded in your process, ready for auditing (for
     :class:`~auditor.pipeline.Auditor`; :func:`auditor.attach` takes the model as it is).
@@ -441,11 +485,7 @@ def wrap_model(model: nn.Module, tokenizer: Any, *, name: str | None = None) -> 
     positions are masked). ``name`` defaults to the model's ``name_or_path``. Raises
     :class:`ModelError` for what is not a supported causal LM with its tokenizer.
     """
-    if not isinstance(model, nn.Module):
-        raise ModelError(f"wrap_model() takes a transformers model (an nn.Module), got {type(model).__name__}")
-    if tokenizer is None or not callable(tokenizer):
-        raise ModelError("wrap_model() needs the model's tokenizer: pass AutoTokenizer.from_pretrained(...) for the same model")
-    get_adapter(model)  # an unsupported architecture is named here, with the supported ones
+    check_model_and_tokenizer(model, tokenizer, "wrap_model()")
     try:
         device = next(iter(model.parameters())).device
     except StopIteration:

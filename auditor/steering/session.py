@@ -12,8 +12,10 @@ when the ``with`` block ends.
 
 Example::
 
-    with auditor.attach(model, tokenizer, policy="policies/examples/deception.yaml") as session:
-        session.steer("deception.fraud=clamp:0")
+    import auditor
+
+    with auditor.attach(model, tokenizer, policy="policies/default.yaml") as session:
+        session.steer("deception.false_notice=clamp:0")
         out = model.generate(**tokenizer("Tell me how to", return_tensors="pt"), max_new_tokens=20)
         print(session.last_verdict.action)
 """
@@ -135,6 +137,12 @@ class Session:
         from auditor.models import hooks
         from auditor.models.hooks import scoped
 
+        if self._stack is not None:
+            # A second set of hooks would replace the first's handles, which then stayed on the model.
+            raise ConfigError(
+                "this session is already attached (its with block is open); use it as it is, "
+                "or call auditor.attach(...) again for a second session"
+            )
         stack = ExitStack()
         try:
             # Dispatch through a method so steer() can swap the hook object mid-session.
@@ -208,11 +216,17 @@ def attach(
     ``sae``, ``library`` and ``policy`` are objects or paths; without a ``sae``, the
     SAE comes from the library (the policy's, or ``library``), and for
     SmolLM2-135M from the default library. ``hookpoint`` defaults to the SAE's.
+
+    ``model`` is a supported ``transformers`` model object (it stays as it is: device, dtype,
+    train or eval mode, gradients) and ``tokenizer`` its own tokenizer, which tells special
+    tokens apart from content; raises :class:`~auditor.errors.ModelError` otherwise.
     """
     from auditor.features import FeatureLibrary, load_library
+    from auditor.models import check_model_and_tokenizer
     from auditor.policy import PolicyEngine, load_policy
     from auditor.sae import SAE, load_sae
 
+    check_model_and_tokenizer(model, tokenizer, "attach()")
     engine = policy if isinstance(policy, PolicyEngine) or policy is None else load_policy(policy)
     lib: FeatureLibrary | None
     if isinstance(library, FeatureLibrary):
