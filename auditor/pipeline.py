@@ -296,15 +296,8 @@ class Auditor:
         sae_obj = load_sae(sae_name, format=sae_format if sae is not None else None, device=device, dtype=_SAE_DTYPE)
         # Before the (slower) model load; the constructor checks again, with the model's name.
         check_fit(sae_obj, library=lib, policy=engine, hookpoint=hookpoint, sae_name=sae_name)
-        if given is not None:
-            loaded = given
-            if compile:
-                from auditor.models import compile_layers
-
-                compile_layers(loaded, "inductor" if compile is True else str(compile))
-        else:
-            loaded = load_model(model, device=device, dtype=dtype, compile=compile)
-        return cls(
+        loaded = given if given is not None else load_model(model, device=device, dtype=dtype, compile=compile)
+        auditor = cls(
             loaded,
             sae_obj,
             hookpoint=hookpoint,
@@ -312,6 +305,13 @@ class Auditor:
             policy=engine,
             max_tokens=max_tokens,
         )
+        if given is not None and compile:
+            # Last, once nothing else can fail: compiled forwards on a user's modules are not undone
+            # by _unchanged_on_failure (compile_layers checks its backend before it changes any).
+            from auditor.models import compile_layers
+
+            compile_layers(loaded, "inductor" if compile is True else str(compile))
+        return auditor
 
     # ------------------------------------------------------------------ running
     def name_of(self, index: int) -> str | None:

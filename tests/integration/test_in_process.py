@@ -213,3 +213,25 @@ def test_a_failed_load_leaves_the_users_model_as_it_was(users_model, tmp_path: P
     finally:
         tokenizer.pad_token = pad
         model.eval().requires_grad_(False)
+
+
+def test_a_failed_compiled_load_leaves_the_users_layers_uncompiled(users_model) -> None:  # type: ignore[no-untyped-def]
+    # Auditor.load(model=..., compile=...) compiled the user's attention and MLP modules before the
+    # constructor's checks; one that failed (here max_tokens) left every module with a compiled
+    # forward, which _unchanged_on_failure does not undo.
+    from auditor.models.compiled import has_compiled_layers
+
+    model, tokenizer = users_model
+    with pytest.raises(ConfigError, match="max_tokens must be at least 2"):
+        Auditor.load(model=model, tokenizer=tokenizer, policy=POLICY, compile="eager", max_tokens=1)
+    assert not has_compiled_layers(model)
+    assert not [name for name, m in model.named_modules() if "forward" in vars(m)]
+    # A load that works compiles them, as asked; put the shared model back afterwards.
+    try:
+        Auditor.load(model=model, tokenizer=tokenizer, policy=POLICY, compile="eager")
+        assert has_compiled_layers(model)
+    finally:
+        for module in model.modules():
+            vars(module).pop("forward", None)
+            vars(module).pop("_auditor_compiled", None)
+        model.eval().requires_grad_(False)
