@@ -603,6 +603,8 @@ class PolicyEngine:
             try:
                 with fx_config.patch(use_duck_shape=False):
                     return self._program(values)
+            except torch.OutOfMemoryError:
+                raise  # this batch is too large (eagerly too, with more intermediate tensors); the program is fine
             except Exception as exc:  # noqa: BLE001 - a compiler missing or failing: evaluate eagerly
                 if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                     raise

@@ -190,3 +190,33 @@ def test_cuda_graphs_of_larger_batches_for_a_compiled_program(probe_dir: Path) -
         for _ in range(2):  # seen, then captured when allowed
             same_verdicts(engine.evaluate(full_batch(full, mask, comp, engine, recon)), engine.evaluate(on(dev, full, mask, comp, recon, engine)))
         assert engine._graphs.captures == captures, (compiled, limit)
+
+
+def test_running_out_of_memory_is_not_a_compilation_failure(probe_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # An evaluation that runs out of device memory (one very large batch) raised from the compiled
+    # program and was taken for a compiler that fails: the engine then evaluated eagerly for good,
+    # with its graphs' smaller limit and a warning that its evaluation "cannot be compiled".
+    class OutOfMemoryOnce(CountingBackend):
+        def __call__(self, gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
+            run = super().__call__(gm, example_inputs)
+
+            def maybe_fail(*args: Any) -> Any:
+                if self.runs == 1:
+                    self.runs += 1
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+                return run(*args)
+
+            return maybe_fail
+
+    backend = OutOfMemoryOnce()
+    eager, compiled = make_engine(RICH, probe_dir), make_engine(RICH, probe_dir)
+    compiled.compile_program = backend
+    full, mask, comp, recon = random_inputs(5, 3, 12)
+    compiled.evaluate(full_batch(full, mask, comp, compiled, recon))  # compiles, runs
+    with caplog.at_level(logging.WARNING, logger="auditor.policy.engine"):
+        with pytest.raises(torch.OutOfMemoryError):
+            compiled.evaluate(full_batch(full, mask, comp, compiled, recon))
+    assert not compiled._program_failed and not [r for r in caplog.records if "cannot be compiled" in r.getMessage()]
+    runs = backend.runs
+    same_verdicts(eager.evaluate(full_batch(full, mask, comp, eager, recon)), compiled.evaluate(full_batch(full, mask, comp, compiled, recon)))
+    assert backend.runs == runs + 1  # compiled still
