@@ -585,8 +585,8 @@ class PolicyEngine:
         if self.compile_program and not self._program_failed:
             if self._program is None:
                 backend = "inductor" if self.compile_program is True else self.compile_program
-                # Dynamic shapes: one compilation serves every batch size and length (a size of
-                # 1 is specialized, so a few in all), not one per shape up to dynamo's limit.
+                # Dynamic shapes: one compilation serves every batch size and length (a row count of
+                # 1 is specialized, so two in all; one token is padded to two), not one per shape up to dynamo's limit.
                 # Its own copy of the method's code: dynamo keeps compiled entries, and its limit of
                 # recompilations (8), per code object, which engines would otherwise share.
                 fn = PolicyEngine._graph_outputs
@@ -599,10 +599,16 @@ class PolicyEngine:
             # The watched features are fixed per engine; rows and tokens vary. No duck sizing: a
             # batch whose row count happens to equal its token count would otherwise compile a
             # graph for that coincidence (and the next one for its end).
+            # One token would be specialized too: another compilation (tens of seconds) on the first
+            # audit of one-token (or empty) texts, after warm_up. A second, masked token changes nothing.
+            tokens = values[0].shape[1]
+            if tokens == 1:
+                values = tuple(None if x is None else torch.cat([x, torch.zeros_like(x)], 1) for x in values)  # type: ignore[assignment]
             torch._dynamo.mark_static(values[0], 2)
             try:
                 with fx_config.patch(use_duck_shape=False):
-                    return self._program(values)
+                    out = self._program(values)
+                return out if tokens != 1 else tuple(o[:, :1] if o.dim() == 3 else o for o in out)
             except torch.OutOfMemoryError:
                 raise  # this batch is too large (eagerly too, with more intermediate tensors); the program is fine
             except Exception as exc:  # noqa: BLE001 - a compiler missing or failing: evaluate eagerly

@@ -220,3 +220,18 @@ def test_running_out_of_memory_is_not_a_compilation_failure(probe_dir: Path, cap
     runs = backend.runs
     same_verdicts(eager.evaluate(full_batch(full, mask, comp, eager, recon)), compiled.evaluate(full_batch(full, mask, comp, compiled, recon)))
     assert backend.runs == runs + 1  # compiled still
+
+
+def test_warm_up_covers_batches_of_one_token(probe_dir: Path) -> None:
+    # Sizes of 1 are specialized: after warm_up, a batch of one-token texts (or of empty texts,
+    # evaluated as one masked token) compiled again (tens of seconds on a GPU) on its first audit.
+    backend = CountingBackend()
+    engine = make_engine(RICH, probe_dir)
+    engine.compile_program = backend
+    engine.warm_up()
+    eager = make_engine(RICH, probe_dir)
+    for i, (b, t) in enumerate([(1, 1), (3, 1), (2, 0), (1, 0), (4, 4)]):
+        full, mask, comp, recon = random_inputs(40 + i, b, t)
+        same_verdicts(eager.evaluate(full_batch(full, mask, comp, eager, recon)), engine.evaluate(full_batch(full, mask, comp, engine, recon)))
+        assert torch.equal(engine.matched(full_batch(full, mask, comp, engine, recon)), eager.matched(full_batch(full, mask, comp, eager, recon)))
+    assert backend.graphs == 2 and not engine._program_failed
