@@ -10,7 +10,7 @@ aggregation already ignores. A shape is captured the second time it is seen (a o
 stays eager), and only up to ``max_tokens`` padded tokens; the graphs kept hold at most twice that
 many tokens in all, as each keeps the memory of its evaluation's intermediate tensors in a private
 pool: for a 100-rule policy on an H100, 26-28 KiB a token with the program run as it is (212 MiB
-at 8,192 tokens), 6-9 KiB compiled (110 MiB at 16,384, 178 MiB at 32,768), so a compiled program
+at 8,192 tokens), 5.6-8.5 KiB compiled (68 MiB at 8,192, 110 MiB at 16,384, 178 MiB at 32,768), so a compiled program
 is allowed graphs four times as large (:data:`MAX_TOKENS`, :data:`MAX_TOKENS_COMPILED`, or the
 engine's ``graph_max_tokens``; ``benchmarks/policy_graphs.py``).
 Beyond them an evaluation runs directly, launching its kernels one by one. Outputs are copied out of the graph's buffers before the
