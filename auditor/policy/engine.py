@@ -552,13 +552,12 @@ class PolicyEngine:
         elif feats.is_cuda and self.cuda_graphs and not self.needs_resid:
             # Hookpoint probes (resid) run their own modules: those policies stay eager. A compiled
             # program's graphs keep less memory a token, so they may be larger.
-            compiled = self.compile_program and not self._program_failed
-            self._graphs.max_tokens = self.graph_max_tokens or (MAX_TOKENS_COMPILED if compiled else MAX_TOKENS)
+            self._graphs.max_tokens = self.graph_max_tokens or (MAX_TOKENS_COMPILED if self._compiles else MAX_TOKENS)
             out = self._graphs.run((feats, mask, comp, prompt, recon))
             if out is not None:
                 nodes, rscore, value, fired, tok = out
                 return _RuleTensors(nodes, rscore, value, fired, _KnownHolds(tok))
-        if self.compile_program and not self._program_failed and resid is None:
+        if self._compiles and resid is None:
             nodes, rscore, value, fired, tok = self._program_outputs((feats, mask, comp, prompt, recon))
             return _RuleTensors(nodes, rscore, value, fired, _KnownHolds(tok))
         return self._compute(feats, mask, comp, prompt, recon, resid)
@@ -580,9 +579,14 @@ class PolicyEngine:
         r = self._compute(*values, None)
         return r.nodes, r.score, r.leaf_value, r.leaf_fired, r.holds.get()
 
+    @property
+    def _compiles(self) -> bool:
+        """Whether evaluations run the compiled program: asked for, and its compilation has not failed."""
+        return bool(self.compile_program) and not self._program_failed
+
     def _program_outputs(self, values: tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]) -> tuple[Tensor, ...]:
         """:meth:`_graph_outputs`, compiled when :attr:`compile_program` asks (eager once that failed)."""
-        if self.compile_program and not self._program_failed:
+        if self._compiles:
             if self._program is None:
                 backend = "inductor" if self.compile_program is True else self.compile_program
                 # Dynamic shapes: one compilation serves every batch size and length (a row count of
