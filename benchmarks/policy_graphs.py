@@ -30,21 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from auditor.policy._graphs import MAX_TOKENS, MAX_TOKENS_COMPILED, EvalGraphs, bucket_rows, bucket_tokens  # noqa: E402
 from auditor.policy.compile import compile_policy  # noqa: E402
 from auditor.policy.engine import AuditBatch, PolicyEngine  # noqa: E402
+from benchmarks.gpu_llama8b import best_time  # noqa: E402
 from benchmarks.policy_eval import D_SAE, random_library, random_policy  # noqa: E402
-
-
-def best(fn: Any, device: torch.device, repeats: int) -> float:
-    fn()
-    best_s = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best_s = min(best_s, time.perf_counter() - start)
-    return best_s
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -86,8 +73,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             row: dict[str, Any] = {
                 "batch_size": bs, "tokens": bs * t, "compiled": compiled, "first_call_s": first_s,
                 "matches_per_text": sum(len(v.matches) for v in verdicts) / bs,
-                "direct_matched_ms": 1e3 * best(lambda: engine.matched(batch), device, args.repeats),
-                "direct_eval_ms": 1e3 * best(lambda: engine.evaluate(batch), device, args.repeats),
+                "direct_matched_ms": 1e3 * best_time(lambda: engine.matched(batch), device, args.repeats),
+                "direct_eval_ms": 1e3 * best_time(lambda: engine.evaluate(batch), device, args.repeats),
             }
             if cuda:
                 engine.cuda_graphs = True
@@ -102,8 +89,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 assert engine._graphs.captures == 1, "the graph was not captured"
                 row["graph_reserved_mib"] = (torch.cuda.memory_reserved(device) - reserved) / 2**20
                 row["graph_allocated_mib"] = (torch.cuda.memory_allocated(device) - allocated) / 2**20
-                row["graph_matched_ms"] = 1e3 * best(lambda: engine.matched(batch), device, args.repeats)
-                row["graph_eval_ms"] = 1e3 * best(lambda: engine.evaluate(batch), device, args.repeats)
+                row["graph_matched_ms"] = 1e3 * best_time(lambda: engine.matched(batch), device, args.repeats)
+                row["graph_eval_ms"] = 1e3 * best_time(lambda: engine.evaluate(batch), device, args.repeats)
                 engine._graphs = EvalGraphs(engine._program_outputs)  # this graph's memory goes back
                 torch.cuda.synchronize(device)
                 torch.cuda.empty_cache()
