@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -61,3 +64,26 @@ def make_random_sae(
     sae = SAE.from_tensors(cfg, tensors)
     sae.save(path)
     return path
+
+
+@contextmanager
+def sidecars(root: Path, common: dict[str, Any], variants: dict[str, dict[str, Any]], **running: Any) -> Iterator[dict[str, Any]]:
+    """Sidecars on loopback, one per variant (``common`` flags, then the variant's, each with a
+    data folder of its own under ``root``), each ready (its model loaded), beside the servers in
+    ``running`` (an upstream, started by the caller); every server in the result, ``running``
+    included, is stopped on leaving."""
+    from auditor.server.app import create_app
+    from auditor.server.background import BackgroundServer
+    from auditor.server.settings import Settings
+
+    started: dict[str, Any] = dict(running)
+    try:
+        for name, extra in variants.items():
+            flags = {**common, **extra, "data_dir": str(root / name)}
+            started[name] = BackgroundServer(create_app(Settings.load(flags=flags, env={}))).start()
+        for name in variants:
+            started[name].wait_ready()
+        yield started
+    finally:
+        for srv in started.values():
+            srv.stop()

@@ -22,10 +22,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client.parser import text_string_to_metric_families
 
-from auditor.server.app import create_app
 from auditor.server.background import BackgroundServer
-from auditor.server.settings import Settings
-from tests.conftest import make_random_sae
+from tests.conftest import make_random_sae, sidecars
 
 pytestmark = pytest.mark.integration
 
@@ -122,27 +120,19 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Back
     _policy(pol, "quiet", 1e6, "[alert, block]")
     _policy(pol, "block-completion", 0.0, "[alert, block]")
     _policy(pol, "alert-completion", 0.0, "[alert]")
-    started: dict[str, BackgroundServer] = {}
-    try:
-        started["upstream"] = BackgroundServer(_upstream()).start()
-        common = {"sae": str(sae), "policies": [str(pol)], "default_policy": "quiet", "max_tokens": MAX_TOKENS,
-                  "upstream": started["upstream"].url}
-        variants = {
-            "hold": {"fail_mode": "closed"},
-            "chunked": {"stream_mode": "chunked", "stream_chunk_chars": 12, "fail_mode": "open"},
-        }
-        with socket.socket() as sock:  # a loopback port nothing listens on
-            sock.bind(("127.0.0.1", 0))
-            dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        variants["dead"] = {"upstream": dead}
-        for name, extra in variants.items():
-            flags = {**common, **extra, "data_dir": str(root / name)}
-            started[name] = BackgroundServer(create_app(Settings.load(flags=flags, env={}))).start()
-            started[name].wait_ready()
+    upstream = BackgroundServer(_upstream()).start()
+    common = {"sae": str(sae), "policies": [str(pol)], "default_policy": "quiet", "max_tokens": MAX_TOKENS,
+              "upstream": upstream.url}
+    variants: dict[str, dict[str, Any]] = {
+        "hold": {"fail_mode": "closed"},
+        "chunked": {"stream_mode": "chunked", "stream_chunk_chars": 12, "fail_mode": "open"},
+    }
+    with socket.socket() as sock:  # a loopback port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    variants["dead"] = {"upstream": dead}
+    with sidecars(root, common, variants, upstream=upstream) as started:
         yield started
-    finally:
-        for srv in started.values():
-            srv.stop()
 
 
 def _post(server: BackgroundServer, policy: str, **body: Any) -> httpx.Response:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -20,7 +21,7 @@ from auditor.server.background import BackgroundServer
 from auditor.pipeline import default_policy_path
 from auditor.server.runtime import NO_POLICY_NOTE
 from auditor.server.settings import Settings
-from tests.conftest import make_random_sae
+from tests.conftest import make_random_sae, sidecars
 
 pytestmark = pytest.mark.integration
 
@@ -56,27 +57,18 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Back
     _policy(pol, "quiet", 1e6, "any")
     _policy(pol, "block-prompt", 0.0, "prompt")
     _policy(pol, "block-completion", 0.0, "completion")
-    started: dict[str, BackgroundServer] = {}
-    try:
-        # The upstream: the sidecar in serve mode with its defaults (embedded model, default SAE and policy).
-        up = Settings.load(flags={"data_dir": str(root / "up")}, env={})
-        started["upstream"] = BackgroundServer(create_app(up)).start()
-        common = {"sae": str(sae), "policies": [str(pol)], "default_policy": "quiet"}
-        variants = {
-            "proxy": {},
-            "chunked": {"stream_mode": "chunked", "stream_chunk_chars": 6},
-            "closed": {"request_timeout_s": 1e-9, "fail_mode": "closed"},
-            "open": {"request_timeout_s": 1e-9, "fail_mode": "open"},
-        }
-        for name, extra in variants.items():
-            flags = {**common, **extra, "upstream": started["upstream"].url, "data_dir": str(root / name)}
-            started[name] = BackgroundServer(create_app(Settings.load(flags=flags, env={}))).start()
-        for srv in started.values():
-            srv.wait_ready()
+    # The upstream: the sidecar in serve mode with its defaults (embedded model, default SAE and policy).
+    upstream = BackgroundServer(create_app(Settings.load(flags={"data_dir": str(root / "up")}, env={}))).start()
+    common = {"sae": str(sae), "policies": [str(pol)], "default_policy": "quiet", "upstream": upstream.url}
+    variants: dict[str, dict[str, Any]] = {
+        "proxy": {},
+        "chunked": {"stream_mode": "chunked", "stream_chunk_chars": 6},
+        "closed": {"request_timeout_s": 1e-9, "fail_mode": "closed"},
+        "open": {"request_timeout_s": 1e-9, "fail_mode": "open"},
+    }
+    with sidecars(root, common, variants, upstream=upstream) as started:
+        upstream.wait_ready()
         yield started
-    finally:
-        for srv in started.values():
-            srv.stop()
 
 
 _CLIENTS: dict[str, openai.OpenAI] = {}
