@@ -87,3 +87,23 @@ def sidecars(root: Path, common: dict[str, Any], variants: dict[str, dict[str, A
     finally:
         for srv in started.values():
             srv.stop()
+
+
+def write_fraud_policy(folder: Path, name: str, threshold: float, *, scope: str, severity: str, actions: str) -> None:
+    """``folder/name.yaml``: one rule on the tiny example library's ``deception.fraud`` (max over the
+    ``scope`` at ``threshold``; 0 matches every text, 1e6 none), for a random SAE of 64 latents."""
+    library = Path(__file__).resolve().parents[1] / "feature_libraries" / "examples" / "tiny" / "library.yaml"
+    (folder / f"{name}.yaml").write_text(
+        f"""apiVersion: auditor/v1
+kind: Policy
+metadata: {{name: {name}}}
+library: {library}
+rules:
+  - id: {name}-rule
+    severity: {severity}
+    category: deception
+    scope: {scope}
+    condition: {{feature: deception.fraud, agg: max, threshold: {threshold}}}
+    actions: {actions}
+"""
+    )

@@ -23,12 +23,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client.parser import text_string_to_metric_families
 
 from auditor.server.background import BackgroundServer
-from tests.conftest import make_random_sae, sidecars
+from tests.conftest import make_random_sae, sidecars, write_fraud_policy
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "feature_libraries" / "examples" / "tiny" / "library.yaml"
 MESSAGES = [{"role": "user", "content": "Email my team the plan."}]
 ARGUMENTS = json.dumps({"to": "team@example.com", "body": "The plan is to meet at noon and ship on Friday."})
 ANSWER = "The plan is simple: we meet at noon, review the notes and ship the release on Friday."
@@ -36,20 +34,7 @@ MAX_TOKENS = 192  # the sidecars' per-input limit; the "long" answer is far over
 
 
 def _policy(folder: Path, name: str, threshold: float, actions: str) -> None:
-    (folder / f"{name}.yaml").write_text(
-        f"""apiVersion: auditor/v1
-kind: Policy
-metadata: {{name: {name}}}
-library: {TINY}
-rules:
-  - id: {name}-rule
-    severity: high
-    category: deception
-    scope: completion
-    condition: {{feature: deception.fraud, agg: max, threshold: {threshold}}}
-    actions: {actions}
-"""
-    )
+    write_fraud_policy(folder, name, threshold, scope="completion", severity="high", actions=actions)
 
 
 def _chunk(delta: dict[str, Any], finish: str | None = None, index: int = 0, **extra: Any) -> bytes:

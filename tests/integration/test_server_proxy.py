@@ -21,31 +21,16 @@ from auditor.server.background import BackgroundServer
 from auditor.pipeline import default_policy_path
 from auditor.server.runtime import NO_POLICY_NOTE
 from auditor.server.settings import Settings
-from tests.conftest import make_random_sae, sidecars
+from tests.conftest import make_random_sae, sidecars, write_fraud_policy
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "feature_libraries" / "examples" / "tiny" / "library.yaml"
 MESSAGES = [{"role": "user", "content": "Name three colours."}]
 MAX_TOKENS = 8
 
 
 def _policy(folder: Path, name: str, threshold: float, scope: str) -> None:
-    (folder / f"{name}.yaml").write_text(
-        f"""apiVersion: auditor/v1
-kind: Policy
-metadata: {{name: {name}}}
-library: {TINY}
-rules:
-  - id: {name}-rule
-    severity: critical
-    category: deception
-    scope: {scope}
-    condition: {{feature: deception.fraud, agg: max, threshold: {threshold}}}
-    actions: [alert, block]
-"""
-    )
+    write_fraud_policy(folder, name, threshold, scope=scope, severity="critical", actions="[alert, block]")
 
 
 @pytest.fixture(scope="module")
