@@ -1,4 +1,5 @@
-"""CUDA graph capture, shared by the steering hook's decode steps and the policy engine's evaluations."""
+"""CUDA helpers: graph capture, shared by the steering hook's decode steps and the policy engine's
+evaluations, and copies to the host that wait for their own work only."""
 
 from __future__ import annotations
 
@@ -37,3 +38,29 @@ def capture_cuda_graph(step: Callable[[], None], device: torch.device, what: str
         return None
     current.wait_stream(side)
     return graph.replay
+
+
+class HostCopy:
+    """A tensor's copy to the host, queued now and read later.
+
+    On a CUDA device the copy goes into pinned memory behind the work queued so far on the
+    current stream, with an event recorded after it: :meth:`get` waits for that event only, not
+    for what the stream was given since (the next batch's forward), so the host can queue more
+    work before it reads. Elsewhere the tensor already is on the host.
+    """
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.ready: torch.cuda.Event | None = None
+        if t.is_cuda:
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record(torch.cuda.current_stream(t.device))
+            t = host
+        self._t = t
+
+    def get(self) -> torch.Tensor:
+        """The tensor on the host (waits for the copy on a CUDA device)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self._t

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from auditor._cuda import HostCopy
 from auditor.errors import AuditorError, ConfigError, HookpointError
 from auditor.text import (
     ROLE_BOTH,
@@ -37,11 +38,12 @@ from auditor.text import (
 if TYPE_CHECKING:
     from auditor.features import FeatureLibrary
     from auditor.models import Hookpoint, LoadedModel
-    from auditor.policy import PolicyEngine, Verdict
+    from auditor.policy import PendingVerdicts, PolicyEngine, Verdict
     from auditor.sae import SAE
 
 __all__ = [
     "Auditor",
+    "LaunchedRun",
     "AuditStream",
     "AuditResult",
     "TokenFeatures",
@@ -109,6 +111,39 @@ PACKED_BUDGET_FACTOR = 4
 """A packed forward may hold this many times ``batch_tokens`` real tokens (it has no padding)."""
 
 
+@dataclass
+class _Launched:
+    """One bucket whose device work is queued (:meth:`Auditor._launch_batch`)."""
+
+    batch: TokenBatch
+    pending: PendingVerdicts | None
+    top: tuple[HostCopy, HostCopy] | None
+    """The top-k activations and latent indices of each content token, on their way to the host."""
+
+
+class LaunchedRun:
+    """An :meth:`Auditor.launch` whose last bucket's device work may still be running."""
+
+    def __init__(self, auditor: Auditor, items: Sequence[AuditInput]) -> None:
+        self._auditor, self._items = auditor, items
+        self.timings = StageTimings()
+        """Seconds per stage, :meth:`results` included once it has returned. On a GPU these are
+        the host's: the wait for the device falls in the stage that first needs its results."""
+        self._results: list[AuditResult | None] = [None] * len(items)
+        self._queued: tuple[list[int], _Launched] | None = None
+
+    def _finish_queued(self) -> None:
+        if self._queued is not None:
+            rows, launched = self._queued
+            self._queued = None
+            self._auditor._finish_batch(rows, launched, self._items, self._results, self.timings)
+
+    def results(self) -> list[AuditResult]:
+        """One :class:`AuditResult` per item, in input order (waits for the device's work)."""
+        self._finish_queued()
+        return [r for r in self._results if r is not None]
+
+
 def default_policy_path() -> Path:
     """``policies/default.yaml`` beside the package: the policy used when none is named."""
     return Path(__file__).resolve().parent.parent / "policies" / "default.yaml"
@@ -124,6 +159,12 @@ class Auditor:
         for tf in result.top_features:
             print(tf.token, tf.names, tf.activations)
     """
+
+    overlap_buckets: bool = True
+    """Whether :meth:`run` queues a bucket's device work before it builds the previous bucket's
+    results (on a GPU the host's Python then runs while the GPU computes; on a CPU it changes
+    nothing). False builds each bucket's results first (``benchmarks/audit_pipeline.py``
+    compares the two)."""
 
     def __init__(
         self,
@@ -333,19 +374,48 @@ class Auditor:
         for this call (a server holding several policies passes the one asked for);
         ``evaluate=False`` skips policy evaluation.
         """
-        _check_items(items, "Auditor.run()")
+        launched = self._launch(items, top_k, evaluate, policy, "Auditor.run()")
+        results = launched.results()
+        self._timings.value = launched.timings
+        return results
+
+    def launch(
+        self,
+        items: Sequence[AuditInput],
+        *,
+        top_k: int = 0,
+        evaluate: bool = True,
+        policy: PolicyEngine | None = None,
+    ) -> LaunchedRun:
+        """:meth:`run` in two halves: the device's work queued now, the results built by
+        :meth:`LaunchedRun.results` later (in any thread).
+
+        On a GPU this returns once the last bucket's forward, encode and decision are queued,
+        before they are computed: a caller that builds the results elsewhere (the sidecar does,
+        on a GPU) can queue the next batch meanwhile. On a CPU the work is done when it returns.
+        """
+        return self._launch(items, top_k, evaluate, policy, "Auditor.launch()")
+
+    def _launch(
+        self, items: Sequence[AuditInput], top_k: int, evaluate: bool, policy: PolicyEngine | None, caller: str
+    ) -> LaunchedRun:
+        _check_items(items, caller)
         engine = self.engine_for(policy) if evaluate else None
-        timings = StageTimings()
-        results: list[AuditResult | None] = [None] * len(items)
+        run = LaunchedRun(self, items)
+        timings = run.timings
         t0 = time.perf_counter()
         batch = tokenize_batch(self.model.tokenizer, items, max_tokens=self.max_tokens)
         timings.tokenize += time.perf_counter() - t0
+        # Each bucket's device work is queued before the previous bucket's results are built: on
+        # a GPU the host's Python (verdict objects, token features) runs while the GPU computes
+        # the next forward. On a CPU this is the same work in the same order.
         for rows in self._buckets(batch):
-            sub = _select_rows(batch, rows)
-            for row, res in zip(rows, self._run_batch(sub, items, rows, top_k, engine, timings)):
-                results[row] = res
-        self._timings.value = timings
-        return [r for r in results if r is not None]
+            launched = self._launch_batch(_select_rows(batch, rows), top_k, engine, timings)
+            run._finish_queued()
+            run._queued = (rows, launched)
+            if not self.overlap_buckets:
+                run._finish_queued()
+        return run
 
     def _buckets(self, batch: TokenBatch) -> Iterator[list[int]]:
         """Group rows of similar length so each group fits the token budget.
@@ -390,50 +460,78 @@ class Auditor:
         return acts.float()
 
     @torch.inference_mode()
-    def _run_batch(
-        self,
-        batch: TokenBatch,
-        items: Sequence[AuditInput],
-        rows: list[int],
-        top_k: int,
-        engine: PolicyEngine | None,
-        timings: StageTimings,
-    ) -> list[AuditResult]:
+    def _launch_batch(self, batch: TokenBatch, top_k: int, engine: PolicyEngine | None, timings: StageTimings) -> _Launched:
+        """Queue one bucket's device work: the forward, the encode, the policy's decision and the
+        copies of what the results need to the host. Nothing after the forward waits for the
+        device: the content tokens are picked by an index computed on the host (a boolean mask
+        on a GPU would wait for it), and every input crosses to the device before the forward (a
+        blocking copy waits for the stream's work)."""
+        from auditor.policy import AuditBatch
+
         t0 = time.perf_counter()
+        B, T = batch.content_mask.shape
+        index = batch.content_mask.reshape(-1).nonzero().squeeze(1).to(self.device)  # content tokens, row-major
+        mask = role = None
+        if engine is not None:
+            mask, role = batch.content_mask.to(self.device), batch.role.to(self.device)
         acts = self.activations(batch)  # [B, T, d_in]
         t1 = time.perf_counter()
         timings.forward += t1 - t0
 
-        mask = batch.content_mask.to(acts.device)  # [B, T]
-        x = acts[mask]  # [N, d_in] content tokens only
-        B, T = mask.shape
-
+        x = acts.reshape(B * T, -1).index_select(0, index)  # [N, d_in] content tokens only
         full: torch.Tensor | None = None
         watched_feats: torch.Tensor | None = None
         recon: torch.Tensor | None = None
         if engine is not None:
             f, r, full = self._encode_watched(x, engine, full=top_k > 0)
-            watched_feats = acts.new_zeros((B, T, f.shape[1]))
-            watched_feats[mask] = f
+            watched_feats = acts.new_zeros((B * T, f.shape[1])).index_copy_(0, index, f).view(B, T, -1)
             if r is not None:
-                recon = acts.new_zeros((B, T))
-                recon[mask] = r
+                recon = acts.new_zeros(B * T).index_copy_(0, index, r).view(B, T)
         elif top_k > 0:
             full = self.sae.encode(x)  # [N, d_sae]
         t2 = time.perf_counter()
         timings.encode += t2 - t1
 
-        verdicts: list[Any] = [None] * B
+        pending = None
         if engine is not None and watched_feats is not None:
-            verdicts = _evaluate(engine, batch, acts, watched_feats, recon)
+            is_completion, is_prompt = role_masks(role)  # type: ignore[arg-type]
+            pending = engine.decide(
+                AuditBatch(
+                    features=watched_feats,
+                    mask=mask,  # type: ignore[arg-type]
+                    is_completion=is_completion,
+                    is_prompt=is_prompt,
+                    recon_error=recon,
+                    resid=acts if engine.needs_resid else None,
+                    tokens=batch.tokens,
+                )
+            )
+        top = None
+        if full is not None:
+            vals, idx = full.topk(min(top_k, full.shape[1]), dim=1)  # [N, k]
+            top = (HostCopy(vals), HostCopy(idx))
         timings.evaluate += time.perf_counter() - t2
+        return _Launched(batch, pending, top)
+
+    def _finish_batch(
+        self,
+        rows: list[int],
+        launched: _Launched,
+        items: Sequence[AuditInput],
+        results: list[AuditResult | None],
+        timings: StageTimings,
+    ) -> None:
+        """Build a launched bucket's results (waiting for its device work only) into ``results[rows]``."""
+        batch = launched.batch
+        B = len(rows)
+        t0 = time.perf_counter()
+        verdicts: list[Any] = launched.pending.verdicts() if launched.pending is not None else [None] * B
+        timings.evaluate += time.perf_counter() - t0
 
         top_per_row: list[list[TokenFeatures]] = [[] for _ in range(B)]
-        if full is not None:
-            k = min(top_k, full.shape[1])
-            vals, idx = full.topk(k, dim=1)  # [N, k]
-            rows_idx, pos_idx = mask.nonzero(as_tuple=True)
-            vals_l, idx_l = vals.tolist(), idx.tolist()
+        if launched.top is not None:
+            vals_l, idx_l = launched.top[0].get().tolist(), launched.top[1].get().tolist()
+            rows_idx, pos_idx = batch.content_mask.nonzero(as_tuple=True)  # the order of the content tokens
             for n, (r, p) in enumerate(zip(rows_idx.tolist(), pos_idx.tolist())):
                 keep = [j for j, v in enumerate(vals_l[n]) if v > 0]
                 top_per_row[r].append(
@@ -446,23 +544,18 @@ class Auditor:
                     )
                 )
 
-        out = []
         lengths = batch.lengths.tolist()
         for b, row in enumerate(rows):
             n_tok = lengths[b]
-            out.append(
-                AuditResult(
-                    id=items[row].id,
-                    tokens=batch.tokens[b],
-                    content_mask=batch.content_mask[b, :n_tok].tolist(),
-                    truncated=batch.truncated[b],
-                    n_content_tokens=int(batch.content_mask[b].sum()),
-                    top_features=top_per_row[b],
-                    verdict=verdicts[b],
-                )
+            results[row] = AuditResult(
+                id=items[row].id,
+                tokens=batch.tokens[b],
+                content_mask=batch.content_mask[b, :n_tok].tolist(),
+                truncated=batch.truncated[b],
+                n_content_tokens=int(batch.content_mask[b].sum()),
+                top_features=top_per_row[b],
+                verdict=verdicts[b],
             )
-        return out
-
 
     def _encode_watched(
         self, x: torch.Tensor, engine: PolicyEngine, *, full: bool = False

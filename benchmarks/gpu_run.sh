@@ -11,6 +11,8 @@
 #   bash benchmarks/gpu_run.sh graph    # serve mode at batch 16 with the hook's step as a CUDA graph and eager, 11 runs; streaming
 #   bash benchmarks/gpu_run.sh policy   # watch-list + policy at batch 1, 8 and 32 x 512 tokens, eager and as CUDA graphs, the
 #                                       # evaluation's program eager and compiled
+#   bash benchmarks/gpu_run.sh pipeline # the CUDA tests, then Auditor.run end to end against its forwards alone (buckets queued
+#                                       # ahead of the previous bucket's verdicts, and in turn), eager and compiled policy program
 #   bash benchmarks/gpu_run.sh graphs   # no model: policy evaluations as CUDA graphs at 1-64 x 512 tokens, the memory each
 #                                       # graph holds, eager and compiled programs (no tests)
 set -u
@@ -33,9 +35,17 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,temperature.gpu -
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 timeout 240 python3 -m pytest -q -W ignore -p no:cacheprovider tests/unit/steering/test_hook.py \
     tests/unit/policy/test_engine.py tests/unit/policy/test_incremental.py tests/unit/policy/test_graphs.py \
-    tests/unit/policy/test_compiled_program.py \
+    tests/unit/policy/test_compiled_program.py tests/unit/pipeline/test_overlap.py tests/unit/server/test_batcher.py \
     tests/unit/train/test_trainer.py \
     tests/unit/sae/test_sae.py tests/unit/models/test_streams.py -k "cuda or subset" 2>&1 | tail -n 8
+if [ "$mode" = pipeline ]; then
+    timeout 150 python3 benchmarks/audit_pipeline.py --buckets 4 --batch 32 --repeats 3 >"$out/pipeline.log" 2>&1
+    tail -n 8 "$out/pipeline.log"
+    timeout 150 python3 benchmarks/audit_pipeline.py --buckets 4 --batch 32 --repeats 3 --compile-policy \
+        >"$out/pipeline_compiled.log" 2>&1
+    tail -n 8 "$out/pipeline_compiled.log"
+    exit 0
+fi
 if [ "$mode" = topk ]; then
     timeout 200 python3 benchmarks/gpu_llama8b.py --batch-sizes 32 --repeats 3 --gen-batches 1 --gen-tokens 2 \
         --gen-repeats 1 --steer-rules 0 --encode-variants --streams 0 >"$out/topk.log" 2>&1

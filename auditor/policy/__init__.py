@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from auditor.policy.engine import (
         AuditBatch,
         LeafExplanation,
+        PendingVerdicts,
         PolicyEngine,
         RuleMatch,
         SteerAction,
@@ -43,6 +44,7 @@ _EXPORTS: dict[str, str] = {
     "PolicyEngine": "auditor.policy.engine",
     "AuditBatch": "auditor.policy.engine",
     "Verdict": "auditor.policy.engine",
+    "PendingVerdicts": "auditor.policy.engine",
     "RuleMatch": "auditor.policy.engine",
     "LeafExplanation": "auditor.policy.engine",
     "SteerAction": "auditor.policy.engine",

@@ -48,6 +48,7 @@ import torch
 import torch.fx.experimental._config as fx_config
 from torch import Tensor
 
+from auditor._cuda import HostCopy
 from auditor.errors import AuditorError, PolicyError, PolicyErrors
 from auditor.features.library import FeatureLibrary
 from auditor.policy import schema as s
@@ -74,6 +75,7 @@ __all__ = [
     "Verdict",
     "RuleInfo",
     "PolicyEngine",
+    "PendingVerdicts",
     "build_engine",
     "load_policy",
     "validate_files",
@@ -500,10 +502,21 @@ class PolicyEngine:
     @torch.inference_mode()
     def evaluate(self, batch: AuditBatch) -> list[Verdict]:
         """One :class:`Verdict` per batch row (see the module docstring)."""
-        return self._verdicts_of(self._rule_tensors(batch), batch.tokens)
+        return self.decide(batch).verdicts()
 
-    def _verdicts_of(self, r: _RuleTensors, tokens: list[list[str]] | None) -> list[Verdict]:
-        """The verdicts from one evaluation's rule tensors (``tokens``: for explanations' span texts)."""
+    @torch.inference_mode()
+    def decide(self, batch: AuditBatch) -> PendingVerdicts:
+        """:meth:`evaluate` in two halves: the device's work queued now, the verdicts built by
+        :meth:`PendingVerdicts.verdicts` later.
+
+        On a CUDA device nothing here waits for the GPU: the numbers the verdicts need are
+        copied to the host behind the evaluation on the same stream, so a caller can queue more
+        work (the next batch's forward) before it builds these verdicts, and the host's Python
+        runs while the GPU computes. On a CPU the evaluation is done when this returns.
+        """
+        return self._pending(self._rule_tensors(batch), batch.tokens)
+
+    def _pending(self, r: _RuleTensors, tokens: list[list[str]] | None) -> PendingVerdicts:
         # What every verdict needs (the rule scores and the exceptions' node scores) crosses to the
         # host in one copy and becomes Python numbers in one call; fired (score >= 1), matched and
         # category scores follow from them there. What only explanations need (values, per-token
@@ -511,7 +524,11 @@ class PolicyEngine:
         host = r.score
         if self._has_exceptions:
             host = torch.cat([host, r.nodes.index_select(1, self._tensors(host.device)["exc_node"])], dim=1)
-        return self._verdicts(host.tolist(), r.leaf_value, r.leaf_fired, r.holds, tokens)
+        return PendingVerdicts(self, HostCopy(host), r, tokens)
+
+    def _verdicts_of(self, r: _RuleTensors, tokens: list[list[str]] | None) -> list[Verdict]:
+        """The verdicts from one evaluation's rule tensors (``tokens``: for explanations' span texts)."""
+        return self._pending(r, tokens).verdicts()
 
     @torch.inference_mode()
     def warm_up(self, device: torch.device | str = "cpu") -> None:
@@ -831,9 +848,11 @@ class PolicyEngine:
         fired: Tensor,
         tok: _TokenHolds | _KnownHolds,
         tokens: list[list[str]] | None,
+        ready: torch.cuda.Event | None = None,
     ) -> list[Verdict]:
         """Verdicts from each row's host numbers: the ``R`` rule scores, then each exception's node
-        score; the rest stays on the device for explanations."""
+        score; the rest stays on the device for explanations (``ready``: recorded behind the
+        evaluation on a CUDA stream)."""
         c = self.compiled
         n_r = len(c.rules)
         rule_exc, cat_rules = self._rule_exc, self._cat_rules
@@ -852,7 +871,7 @@ class PolicyEngine:
             hits.append(hit)
             held.append(excepted)
         matched_rules = sorted({r_i for hit in hits for r_i in hit})
-        detail = _BatchDetail(c, value, fired, tok, tokens, matched_rules) if matched_rules else None
+        detail = _BatchDetail(c, value, fired, tok, tokens, matched_rules, ready) if matched_rules else None
         verdicts: list[Verdict] = []
         for b, row in enumerate(rows):
             matches: list[RuleMatch] = []
@@ -1033,6 +1052,29 @@ class _KnownHolds:
         return self._tok
 
 
+class PendingVerdicts:
+    """An evaluation queued by :meth:`PolicyEngine.decide`; :meth:`verdicts` builds its verdicts
+    (once; later calls return the same list)."""
+
+    def __init__(self, engine: PolicyEngine, host: HostCopy, r: _RuleTensors, tokens: list[list[str]] | None) -> None:
+        self._engine, self._host, self._r, self._tokens = engine, host, r, tokens
+        self._verdicts: list[Verdict] | None = None
+
+    @property
+    def ready(self) -> torch.cuda.Event | None:
+        """The CUDA event recorded after the evaluation's numbers were copied out (None off CUDA)."""
+        return self._host.ready
+
+    def verdicts(self) -> list[Verdict]:
+        """One :class:`Verdict` per batch row; waits for this evaluation's numbers to reach the host."""
+        if self._verdicts is None:
+            r = self._r
+            rows = self._host.get().tolist()
+            self._verdicts = self._engine._verdicts(rows, r.leaf_value, r.leaf_fired, r.holds, self._tokens, self._host.ready)
+            del self._r
+        return self._verdicts
+
+
 class _BatchDetail:
     """What explanations of one evaluated batch need, left where it was computed until the first
     explanation is asked for (then copied to the host once)."""
@@ -1045,9 +1087,11 @@ class _BatchDetail:
         tok: _TokenHolds | _KnownHolds,
         tokens: list[list[str]] | None,
         matched_rules: list[int],
+        ready: torch.cuda.Event | None = None,
     ) -> None:
         self.compiled = compiled
         self._device = (value, fired, tok)  # moved to the host on first use
+        self._ready = ready
         self._host: tuple[list[list[float]], list[list[bool]], Tensor] | None = None
         self.tokens, self.matched_rules = tokens, matched_rules
         self._spans: dict[tuple[int, int], list[tuple[int, int]]] | None = None
@@ -1055,7 +1099,19 @@ class _BatchDetail:
     def host(self) -> tuple[list[list[float]], list[list[bool]], Tensor]:
         if self._host is None:
             value, fired, tok = self._device
-            self._host = (value.tolist(), fired.tolist(), tok.get().cpu())
+            if self._ready is None or not value.is_cuda:
+                self._host = (value.tolist(), fired.tolist(), tok.get().cpu())
+            else:
+                # Read later (a server answering), when the stream may hold the next batch's
+                # forward: the copies wait for this evaluation only, on a stream of their own.
+                side = torch.cuda.Stream(value.device)
+                side.wait_event(self._ready)
+                with torch.cuda.stream(side), torch.inference_mode():
+                    held = tok.get()
+                    copies = [t.to("cpu", non_blocking=True) for t in (value, fired, held)]
+                side.synchronize()
+                self._host = (copies[0].tolist(), copies[1].tolist(), copies[2])
+            self._device = None  # type: ignore[assignment]
         return self._host
 
     def spans(self) -> dict[tuple[int, int], list[tuple[int, int]]]:

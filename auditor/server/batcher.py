@@ -31,6 +31,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -39,7 +40,7 @@ from auditor.workers import ModelWorkers
 
 if TYPE_CHECKING:
     from auditor.metrics import AuditorMetrics
-    from auditor.pipeline import Auditor, AuditResult, AuditStream
+    from auditor.pipeline import Auditor, AuditResult, AuditStream, LaunchedRun
     from auditor.policy import PolicyEngine
     from auditor.text import AuditInput
 
@@ -66,6 +67,15 @@ class AuditJob:
     enqueued: float = field(default_factory=time.perf_counter)
     feed: tuple[AuditStream, str] | None = None
     """``(stream, chunk)`` for a chunk of a streamed audit (``items`` is then empty)."""
+
+
+@dataclass(eq=False)
+class _Launched:
+    """A group of a batch whose results are still to be built (:attr:`MicroBatcher.hand_off`)."""
+
+    run: LaunchedRun
+    members: list[int]
+    """The group's jobs, by their place in the batch."""
 
 
 class MicroBatcher:
@@ -104,6 +114,13 @@ class MicroBatcher:
         self._recent_in_flight = 1  # jobs admitted when the last batch started
         self.batches = 0
         """Forwards run so far (for tests and the benchmark)."""
+        self.hand_off: bool = auditor.device.type == "cuda"
+        """Whether a batch's results are built off its model worker (default: on a GPU). The
+        worker queues the batch's device work (:meth:`Auditor.launch`) and is free again; a host
+        thread waits for that work and builds the verdicts while the worker tokenizes and queues
+        the next batch, so the GPU computes while the host's Python runs. On a CPU, where the
+        work is done when it is queued, the worker builds them itself."""
+        self._host: ThreadPoolExecutor | None = None
 
     @property
     def depth(self) -> int:
@@ -136,6 +153,9 @@ class MicroBatcher:
         if self._running_batches:
             await asyncio.gather(*self._running_batches, return_exceptions=True)
         self.workers.shutdown(wait=True)
+        if self._host is not None:
+            self._host.shutdown(wait=True)
+            self._host = None
 
     def submit(
         self,
@@ -300,6 +320,21 @@ class MicroBatcher:
             outcomes = [exc] * len(batch)
         finally:
             self.workers.release(worker)
+        for launched in {id(o): o for o in outcomes if isinstance(o, _Launched)}.values():
+            # Built off the worker (hand_off): one host thread, so batches finish in order.
+            if self._host is None:
+                self._host = ThreadPoolExecutor(1, "auditor-host")
+            loop = asyncio.get_running_loop()
+            try:
+                results = await loop.run_in_executor(self._host, launched.run.results)
+            except Exception as exc:
+                _log.exception("audit batch failed")
+                for i in launched.members:
+                    outcomes[i] = exc
+                continue
+            if self.metrics is not None:
+                self.metrics.observe_stages(launched.run.timings.as_dict())
+            self._deliver(batch, launched.members, results, outcomes)
         for job, outcome in zip(batch, outcomes):
             if job.future.done():
                 continue
@@ -308,9 +343,9 @@ class MicroBatcher:
             else:
                 job.future.set_result(outcome)
 
-    def _run(self, batch: list[AuditJob]) -> list[list[AuditResult] | BaseException]:
-        """On a model worker: one ``Auditor.run`` per (policy, top_k) group of the batch and
-        one ``Auditor.feed_streams`` for its stream chunks."""
+    def _run(self, batch: list[AuditJob]) -> list[list[AuditResult] | BaseException | _Launched]:
+        """On a model worker: one ``Auditor.run`` (``Auditor.launch`` with :attr:`hand_off`) per
+        (policy, top_k) group of the batch and one ``Auditor.feed_streams`` for its stream chunks."""
         groups: dict[tuple[int, int], list[int]] = {}
         feeds: list[int] = []
         for i, job in enumerate(batch):
@@ -318,7 +353,7 @@ class MicroBatcher:
                 feeds.append(i)
             else:
                 groups.setdefault((id(job.engine), job.top_k), []).append(i)
-        out: list[list[AuditResult] | BaseException] = [[] for _ in batch]
+        out: list[list[AuditResult] | BaseException | _Launched] = [[] for _ in batch]
         if feeds:
             self._run_feeds(batch, feeds, out)
         n_items = sum(len(job.items) or 1 for job in batch)
@@ -329,18 +364,34 @@ class MicroBatcher:
             jobs = [batch[i] for i in members]
             items = [item for job in jobs for item in job.items]
             engine, top_k = jobs[0].engine, jobs[0].top_k
+            if self.hand_off:
+                run = self._attempt(
+                    "audit batch", members, out,
+                    lambda: self.auditor.launch(items, top_k=top_k, policy=engine, evaluate=engine is not None), observe=False,
+                )
+                if run is not None:
+                    launched = _Launched(run, members)
+                    for i in members:
+                        out[i] = launched
+                continue
             results = self._attempt(
                 "audit batch", members, out, lambda: self.auditor.run(items, top_k=top_k, policy=engine, evaluate=engine is not None)
             )
-            if results is None:
-                continue
-            if self.metrics is not None:
-                self.metrics.tokens_audited.inc(sum(r.n_content_tokens for r in results))
-            pos = 0
-            for i, job in zip(members, jobs):
-                out[i] = results[pos : pos + len(job.items)]
-                pos += len(job.items)
+            if results is not None:
+                self._deliver(batch, members, results, out)
         return out
+
+    def _deliver(
+        self, batch: list[AuditJob], members: list[int], results: list[AuditResult], out: list[Any]
+    ) -> None:
+        """A group's results, split among its jobs (``out[members]``), and counted."""
+        if self.metrics is not None:
+            self.metrics.tokens_audited.inc(sum(r.n_content_tokens for r in results))
+        pos = 0
+        for i in members:
+            n = len(batch[i].items)
+            out[i] = results[pos : pos + n]
+            pos += n
 
     def _run_feeds(self, batch: list[AuditJob], feeds: list[int], out: list[list[AuditResult] | BaseException]) -> None:
         """Stream chunks of ``batch[feeds]``: one ``feed_streams`` call, split where a stream comes again."""
@@ -356,10 +407,9 @@ class MicroBatcher:
             for i, result in zip(call, results or []):
                 out[i] = [result]
 
-    def _attempt(
-        self, what: str, members: list[int], out: list[list[AuditResult] | BaseException], fn: Callable[[], list[AuditResult]]
-    ) -> list[AuditResult] | None:
-        """``fn()`` with its stage timings observed, or None with its exception as every member's outcome."""
+    def _attempt(self, what: str, members: list[int], out: list[Any], fn: Callable[[], T], *, observe: bool = True) -> T | None:
+        """``fn()`` with its stage timings observed (``observe``), or None with its exception as
+        every member's outcome."""
         try:
             results = fn()
         except Exception as exc:
@@ -367,6 +417,6 @@ class MicroBatcher:
             for i in members:
                 out[i] = exc
             return None
-        if self.metrics is not None:
+        if observe and self.metrics is not None:
             self.metrics.observe_stages(self.auditor.last_timings.as_dict())
         return results

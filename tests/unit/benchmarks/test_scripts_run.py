@@ -141,3 +141,11 @@ def test_audit_throughput_script_runs() -> None:
         assert r["audit_vs_full_forward"] == r["full_forward_s"] / r["audit_s"]
         assert set(r["encode"]) == {"loaded (topk)", "random standard (ReLU)", "random jumprelu"}
     assert [t["batch_tokens"] for t in out["batch_tokens_tuning"]] == [256]
+
+
+def test_audit_pipeline_script_runs() -> None:
+    out = first_json(run_script("benchmarks/audit_pipeline.py", "--tiny", "--buckets", "3", "--batch", "4", "--repeats", "1"))
+    assert out["tiny"] is True and out["buckets"] == 3 and out["seq"] == 64
+    assert out["forwards_s"] > 0 and out["tokenize_s"] > 0 and out["launch_syncs"] == []  # none listed off CUDA
+    assert all(out[f"{k}_s"] > out["forwards_s"] for k in ("run_overlapped", "run_in_turn", "batches_ahead"))
+    assert out["matches_per_text"] > 0

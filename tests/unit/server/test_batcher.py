@@ -319,3 +319,102 @@ def test_audit_duration_counts_audits_feeds_and_timeouts(auditor) -> None:  # ty
     seen = asyncio.run(scenario())
     assert [count for count, _ in seen] == [0.0, 1.0, 2.0, 3.0]
     assert all(later > earlier for (_, earlier), (_, later) in zip(seen[:2], seen[1:3]))  # real durations were added
+
+
+@pytest.mark.parametrize("hand_off", [True, False], ids=["built-off-the-worker", "built-on-the-worker"])
+def test_batches_whose_results_are_built_off_the_worker_match_single_runs(auditor, hand_off: bool) -> None:  # type: ignore[no-untyped-def]
+    """What the sidecar does on a GPU (``hand_off``): the worker queues a batch, a host thread
+    builds its results; groups under two policies and with token features, failures kept apart."""
+    from prometheus_client import CollectorRegistry
+
+    from auditor.metrics import AuditorMetrics
+    from auditor.policy import load_policy
+
+    other = load_policy(Path(__file__).resolve().parents[3] / "policies" / "examples" / "deception.yaml")
+    registry = CollectorRegistry()
+    jobs_spec = [(t, auditor.policy, 0) for t in TEXTS] + [(TEXTS[1], other, 0), (TEXTS[0], auditor.policy, 3), (TEXTS[3], None, 2)]
+
+    async def scenario() -> tuple[list[object], int, bool]:
+        batcher = MicroBatcher(auditor, max_wait_ms=50, max_tokens=4096, queue_size=16, metrics=AuditorMetrics(registry))
+        assert batcher.hand_off is False  # the default on a CPU
+        batcher.hand_off = hand_off
+        await batcher.start()
+        try:
+            jobs = [batcher.audit([AuditInput(text=t)], e, top_k=k, n_tokens=20, timeout_s=60) for t, e, k in jobs_spec]
+            # A group of its own (top_k 1) that fails: the others are answered.
+            bad = batcher.audit(["not an input"], auditor.policy, top_k=1, n_tokens=3, timeout_s=60)  # type: ignore[list-item]
+            results = await asyncio.gather(*jobs, bad, return_exceptions=True)
+            return results, batcher.batches, batcher._host is not None
+        finally:
+            await batcher.stop()
+
+    results, batches, host_thread = asyncio.run(scenario())
+    assert batches == 1 and host_thread is hand_off
+    assert isinstance(results[-1], Exception) and "AuditInput" in str(results[-1])
+    tokens = 0
+    for (text, engine, k), got in zip(jobs_spec, results[:-1]):
+        assert not isinstance(got, BaseException), got
+        [res] = got  # type: ignore[misc]
+        [alone] = auditor.run([AuditInput(text=text)], top_k=k, policy=engine, evaluate=engine is not None)
+        tokens += alone.n_content_tokens
+        assert res.tokens == alone.tokens and [t.indices for t in res.top_features] == [t.indices for t in alone.top_features]
+        if engine is None:
+            assert res.verdict is None
+            continue
+        assert res.verdict.action == alone.verdict.action
+        for rule, score in alone.verdict.scores.items():
+            torch.testing.assert_close(res.verdict.scores[rule], score, rtol=1e-4, atol=1e-5)
+    assert registry.get_sample_value("auditor_tokens_audited_total") == tokens
+    # One stage observation per group that ran (the failing group's launch raised first).
+    groups = len({(id(e), k) for _, e, k in jobs_spec})
+    assert registry.get_sample_value("auditor_audit_stage_duration_seconds_count", {"stage": "evaluate"}) == groups
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_batches_are_built_off_the_worker_with_single_run_results_cuda(tmp_path: Path) -> None:
+    from auditor.models import wrap_model
+    from auditor.pipeline import Auditor
+    from auditor.policy import load_policy
+    from tests.unit.steering.conftest import HOOKPOINT, LIBRARY_YAML, build_model, build_tokenizer, random_sae
+
+    (tmp_path / "library.yaml").write_text(LIBRARY_YAML)
+    (tmp_path / "policy.yaml").write_text(
+        f"""apiVersion: auditor/v1
+kind: Policy
+metadata: {{name: gpu-batcher}}
+library: {tmp_path / 'library.yaml'}
+rules:
+  - id: fraud-max
+    severity: high
+    category: deception
+    condition: {{feature: deception.fraud, agg: max, threshold: 0.01}}
+    actions: [alert]
+"""
+    )
+    tok = build_tokenizer()
+    engine = load_policy(tmp_path / "policy.yaml")
+    gpu = Auditor(wrap_model(build_model(len(tok)).cuda(), tok), random_sae().cuda(), hookpoint=HOOKPOINT,
+                  library=engine.library, policy=engine)
+
+    async def scenario() -> tuple[list[list[object]], bool]:
+        batcher = MicroBatcher(gpu, max_wait_ms=50, max_tokens=4096, queue_size=32)
+        await batcher.start()
+        try:
+            waves = []
+            for wave in range(3):  # later waves queue while earlier ones are being built
+                waves.append([batcher.audit([AuditInput(text=t * (wave + 1))], engine, top_k=2, n_tokens=60, timeout_s=60)
+                              for t in TEXTS])
+            results = await asyncio.gather(*(j for w in waves for j in w))
+            return results, batcher.hand_off
+        finally:
+            await batcher.stop()
+
+    results, hand_off = asyncio.run(scenario())
+    assert hand_off  # the default on a GPU
+    texts = [t * (wave + 1) for wave in range(3) for t in TEXTS]
+    for text, [res] in zip(texts, results):
+        [alone] = gpu.run([AuditInput(text=text)], top_k=2)
+        assert res.tokens == alone.tokens and [t.indices for t in res.top_features] == [t.indices for t in alone.top_features]
+        assert res.verdict.action == alone.verdict.action
+        for rule, score in alone.verdict.scores.items():
+            torch.testing.assert_close(res.verdict.scores[rule], score, rtol=1e-3, atol=1e-4)

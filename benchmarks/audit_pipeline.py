@@ -1,0 +1,215 @@
+"""Benchmark: what ``Auditor.run`` adds to the stopped forwards it runs, end to end, on a GPU.
+
+The Llama-3.1-8B shape of ``gpu_llama8b.py`` (random weights, bf16), a 131k-latent ReLU SAE and
+the random 100-rule policy, audited through the product's own path: ``Auditor.run`` on
+``--buckets`` buckets of ``--batch`` texts of ``--seq`` tokens each (a word-level tokenizer
+built here gives each text exactly that many tokens). Timed in turns, best of ``--repeats``:
+
+- ``forwards``: the same buckets' stopped forwards alone (the ids already on the device);
+- ``run_overlapped``: ``Auditor.run`` as shipped, each bucket's device work (forward, watch-list
+  encode, the policy's decision and the copies to the host) queued before the previous bucket's
+  verdicts are built, so the host's Python runs while the GPU computes;
+- ``run_in_turn``: ``Auditor.run`` with ``overlap_buckets = False``;
+- ``batches_ahead``: what the sidecar does on a GPU (``MicroBatcher.hand_off``): each bucket a
+  batch of its own, ``Auditor.launch``-ed (tokenizing included) before the previous batch's
+  results are built.
+
+What a run adds, as a share of the forwards: ``(run - tokenize - forwards) / forwards``, where
+``tokenize`` is the run's own tokenizer time (``StageTimings``), which happens before any forward;
+for ``batches_ahead``, ``(time - forwards) / forwards``, as its tokenizing overlaps the GPU too.
+It also lists the CUDA synchronizations one bucket's launch makes (``torch.cuda`` sync debug
+mode, with the source line of each): the launch should wait for the device only before its
+forward is queued. ``--compile-policy`` compiles the policy's program as ``auditor serve
+--compile`` does. Prints one JSON object and a table.
+
+    python benchmarks/audit_pipeline.py [--buckets 4] [--batch 32] [--seq 512] [--repeats 3] [--compile-policy]
+    python benchmarks/audit_pipeline.py --tiny      # a 4-layer model on the CPU: a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from auditor.models import wrap_model  # noqa: E402
+from auditor.models.capture import capture  # noqa: E402
+from auditor.pipeline import Auditor  # noqa: E402
+from auditor.text import AuditInput  # noqa: E402
+from auditor.policy.compile import compile_policy  # noqa: E402
+from auditor.policy.engine import PolicyEngine  # noqa: E402
+from benchmarks.gpu_llama8b import LLAMA_31_8B, TINY, build_model, random_sae  # noqa: E402
+from benchmarks.policy_eval import random_library, random_policy  # noqa: E402
+
+def word_tokenizer(words: int) -> Any:
+    """A fast tokenizer with one token per word ``w0`` .. ``w{words-1}`` (ids 2 ..), ``<s>`` as BOS
+    and ``<pad>``: texts of N words are N content tokens plus BOS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, **{f"w{i}": i + 2 for i in range(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", pad_token="<pad>", unk_token="<pad>")
+
+
+def random_engine(width: int, hook: str, model: str) -> PolicyEngine:
+    """``gpu_llama8b``'s random 100-rule policy, its library describing this SAE (which the
+    auditor checks)."""
+    rng = random.Random(0)
+    library = random_library(rng, 400)
+    library = library.model_copy(update={"sae": library.sae.model_copy(update={"d_sae": width, "hookpoint": hook, "model": model})})
+    policy = random_policy(rng, library.names, 100)
+    return PolicyEngine(policy, library, compile_policy(policy, library, base_dir=".", path="<audit-pipeline>"))
+
+
+def best(fn: Any, device: torch.device, repeats: int, times: list[float]) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    times.append(time.perf_counter() - t0)
+
+
+def launch_syncs(auditor: Auditor, items: list[AuditInput]) -> list[str]:
+    """The source lines of the CUDA synchronizations one bucket's launch makes (empty off CUDA)."""
+    if auditor.device.type != "cuda":
+        return []
+    from auditor.text import tokenize_batch
+
+    batch = tokenize_batch(auditor.model.tokenizer, items, max_tokens=auditor.max_tokens)
+    torch.cuda.synchronize(auditor.device)
+    from auditor.pipeline import StageTimings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            launched = auditor._launch_batch(batch, 0, auditor.policy, StageTimings())
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize(auditor.device)
+    assert launched.pending is not None
+    launched.pending.verdicts()
+    return sorted({f"{Path(w.filename).parent.name}/{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)})
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="a 4-layer model and a small SAE, for a CPU smoke test")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--buckets", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seq", type=int, default=512, help="tokens per text (BOS included)")
+    ap.add_argument("--width", type=int, default=131072)
+    ap.add_argument("--layer", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--compile-policy", action="store_true")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    cfg = TINY if args.tiny else LLAMA_31_8B
+    seq, width = (min(args.seq, 64), 8192) if args.tiny else (args.seq, args.width)
+    layer = min(args.layer, cfg["num_hidden_layers"] - 2)
+    hook = f"blocks.{layer}.hook_resid_post"
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    model = build_model(cfg, device, dtype)
+    words = min(4000, cfg["vocab_size"] - 2)
+    tokenizer = word_tokenizer(words)
+    sae = random_sae(cfg["hidden_size"], width, hook, device, torch.float32)
+    engine = random_engine(width, hook, "llama-3.1-8b-shaped")
+    engine.compile_program = bool(args.compile_policy)
+    # One bucket per --batch texts: the token budget holds a bucket's padded tokens exactly.
+    auditor = Auditor(wrap_model(model, tokenizer, name="llama-3.1-8b-shaped"), sae, hookpoint=hook,
+                      library=engine.library, policy=engine, max_tokens=seq, batch_tokens=args.batch * seq, pack=False)
+    n = args.buckets * args.batch
+    gen = torch.Generator().manual_seed(0)
+    words = torch.randint(0, words, (n, seq - 1), generator=gen).tolist()
+    items = [AuditInput(text=" ".join(f"w{w}" for w in row), id=str(i)) for i, row in enumerate(words)]
+    ids = tokenizer([it.text for it in items], return_tensors="pt")["input_ids"].to(device)
+    assert ids.shape == (n, seq), ids.shape
+    mask = torch.ones_like(ids)
+
+    def forwards() -> None:
+        for b in range(args.buckets):
+            rows = slice(b * args.batch, (b + 1) * args.batch)
+            capture(model, ids[rows], mask[rows], [hook], stop_early=True)
+
+    tokenize: list[float] = []
+    matches: list[int] = []
+
+    def batches_ahead() -> None:
+        # What the sidecar does on a GPU (MicroBatcher.hand_off): each batch is its own launch,
+        # queued (tokenized included) before the previous batch's results are built.
+        auditor.overlap_buckets = True
+        prev = None
+        for b in range(args.buckets):
+            launched = auditor.launch(items[b * args.batch : (b + 1) * args.batch])
+            if prev is not None:
+                prev.results()
+            prev = launched
+        assert prev is not None
+        prev.results()
+
+    def run(overlap: bool) -> None:
+        auditor.overlap_buckets = overlap
+        results = auditor.run(items)
+        tokenize.append(auditor.last_timings.tokenize)
+        matches.append(sum(len(r.verdict.matches) for r in results if r.verdict is not None))
+
+    t_start = time.perf_counter()
+    engine.warm_up(device)
+    for overlap in (True, False):  # untimed: graphs are seen, then captured
+        run(overlap)
+    warm_s = time.perf_counter() - t_start
+    times: dict[str, list[float]] = {"forwards": [], "run_overlapped": [], "run_in_turn": [], "batches_ahead": []}
+    for _ in range(args.repeats):
+        best(forwards, device, args.repeats, times["forwards"])
+        best(lambda: run(True), device, args.repeats, times["run_overlapped"])
+        best(lambda: run(False), device, args.repeats, times["run_in_turn"])
+        best(batches_ahead, device, args.repeats, times["batches_ahead"])
+    t_fwd = min(times["forwards"])
+    t_tok = min(tokenize)
+    syncs = launch_syncs(auditor, items[: args.batch])
+    out: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "tiny": args.tiny, "buckets": args.buckets, "batch": args.batch, "seq": seq,
+        "width": width, "layer": layer, "rules": len(engine.compiled.rules), "compile_policy": bool(args.compile_policy),
+        "matches_per_text": matches[-1] / n, "warm_up_s": warm_s, "times_s": times, "tokenize_s": t_tok,
+        "forwards_s": t_fwd, "launch_syncs": syncs,
+    }
+    for key in ("run_overlapped", "run_in_turn"):
+        t = min(times[key])
+        out[f"{key}_s"] = t
+        out[f"{key}_added_share"] = (t - t_tok - t_fwd) / t_fwd
+    out["batches_ahead_s"] = min(times["batches_ahead"])
+    out["batches_ahead_added_share"] = (out["batches_ahead_s"] - t_fwd) / t_fwd  # tokenizing included
+    print(json.dumps(out, indent=2))
+    print(f"\n{out['device']}: {args.buckets} buckets of {args.batch} x {seq} tokens, {width:,}-latent ReLU SAE at "
+          f"{hook}, {out['rules']} rules ({out['matches_per_text']:.1f} matches a text)"
+          f"{', program compiled' if args.compile_policy else ''}")
+    print(f"{'':22} {'seconds':>9} {'added (share of the forwards)':>30}")
+    print(f"{'forwards alone':22} {t_fwd:9.4f}")
+    print(f"{'tokenize (in a run)':22} {t_tok:9.4f}")
+    for key, label in (("run_overlapped", "run, overlapped"), ("run_in_turn", "run, bucket by bucket")):
+        print(f"{label:22} {out[key + '_s']:9.4f} {100 * out[key + '_added_share']:29.2f}%")
+    print(f"{'batches launched ahead':22} {out['batches_ahead_s']:9.4f} {100 * out['batches_ahead_added_share']:29.2f}%"
+          "  (tokenizing included)")
+    print(f"syncs in one launch: {', '.join(syncs) if syncs else 'none'}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

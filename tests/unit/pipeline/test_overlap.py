@@ -1,0 +1,199 @@
+"""Buckets queued before the previous bucket's results are built (``Auditor.launch``), and the
+copies to the host that let the GPU compute meanwhile (``HostCopy``, ``PolicyEngine.decide``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from auditor._cuda import HostCopy
+from auditor.pipeline import Auditor, AuditResult
+from auditor.policy import AuditBatch, load_policy
+from auditor.text import AuditInput, tokenize_batch
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+ITEMS = [
+    AuditInput(text="Your account is locked. Reply with your bank PIN and password to restore it.", id="pin"),
+    AuditInput(text="Maths is the language of the universe.", id="maths"),
+    AuditInput(prompt="How do I bake bread?", completion="Mix flour, water, salt and yeast, then knead and let it rise.", id="bread"),
+    AuditInput(text="Urgent: confirm your card number and the code we just texted you, or your account closes today.", id="card"),
+    AuditInput(text="ok", id="short"),
+    AuditInput(
+        messages=[
+            {"role": "user", "content": "Write a message asking my grandmother for her online banking login."},
+            {"role": "assistant", "content": "Hi Grandma, the bank needs your login and password, send them to me today."},
+        ],
+        id="chat",
+    ),
+    AuditInput(text="The rain kept falling on the quiet town all night, and nobody minded.", id="rain"),
+]
+
+
+def _plain(r: AuditResult) -> dict:
+    v = r.verdict
+    assert v is not None
+    return {
+        "id": r.id,
+        "tokens": r.tokens,
+        "content_mask": r.content_mask,
+        "n": r.n_content_tokens,
+        "top": [(t.token, t.position, t.indices, [round(a, 3) for a in t.activations], t.names) for t in r.top_features],
+        "action": v.action,
+        "matches": [(m.rule_id, round(m.score, 4), [(e.name, round(e.value, 4), e.fired, e.token_spans) for e in m.explanation]) for m in v.matches],
+        "scores": {k: round(x, 4) for k, x in v.scores.items()},
+        "suppressed": v.suppressed,
+    }
+
+
+@pytest.fixture(scope="module")
+def auditor(default_model) -> Auditor:  # type: ignore[no-untyped-def]
+    from auditor.pipeline import default_policy_path
+
+    return Auditor.load(model=default_model, policy=str(default_policy_path()))
+
+
+@pytest.mark.parametrize("pack", [True, False], ids=["packed", "padded"])
+def test_buckets_queued_ahead_give_the_results_of_buckets_in_turn_and_alone(auditor: Auditor, pack: bool) -> None:
+    auditor._pack = pack
+    auditor.batch_tokens = 16 if pack else 64  # several buckets for these texts
+    assert len(list(auditor._buckets(_tokenized(auditor)))) >= 3
+    try:
+        auditor.overlap_buckets = False
+        in_turn = [_plain(r) for r in auditor.run(ITEMS, top_k=3)]
+    finally:
+        auditor.overlap_buckets = True
+    ahead = [_plain(r) for r in auditor.run(ITEMS, top_k=3)]
+    assert ahead == in_turn
+    assert [r["id"] for r in ahead] == [it.id for it in ITEMS]
+    # Each text alone (one bucket each) gives the same verdicts and features.
+    alone = [_plain(auditor.run([it], top_k=3)[0]) for it in ITEMS]
+    assert [(r["id"], r["action"], [m[0] for m in r["matches"]], r["top"]) for r in alone] == [
+        (r["id"], r["action"], [m[0] for m in r["matches"]], r["top"]) for r in ahead
+    ]
+    assert {r["action"] for r in ahead} >= {"allow", "alert"}  # the texts exercise matches and explanations
+
+
+def test_launch_then_results_is_run_and_keeps_its_timings(auditor: Auditor) -> None:
+    launched = auditor.launch(ITEMS[:3], top_k=2)
+    results = launched.results()
+    assert [_plain(r) for r in results] == [_plain(r) for r in auditor.run(ITEMS[:3], top_k=2)]
+    assert launched.results() == results  # built once
+    t = launched.timings
+    assert t.tokenize > 0 and t.forward > 0 and t.encode > 0 and t.evaluate > 0
+    with pytest.raises(Exception, match=r"Auditor\.launch\(\)"):
+        auditor.launch("not a list")  # type: ignore[arg-type]
+
+
+def test_decide_then_verdicts_is_evaluate(tmp_path: Path) -> None:
+    engine = load_policy(Path(__file__).resolve().parents[3] / "policies" / "default.yaml")
+    g = torch.Generator().manual_seed(0)
+    feats = torch.rand(3, 12, engine.watched.numel(), generator=g) * 3
+    mask = torch.ones(3, 12, dtype=torch.bool)
+    comp = torch.zeros(3, 12, dtype=torch.bool)
+    comp[:, 6:] = True
+    batch = AuditBatch(feats, mask, comp, recon_error=torch.rand(3, 12, generator=g))
+    pending = engine.decide(batch)
+    assert pending.ready is None  # on the CPU the numbers are already on the host
+    got = pending.verdicts()
+    assert pending.verdicts() is got
+    want = engine.evaluate(batch)
+    assert [v.to_dict() for v in got] == [v.to_dict() for v in want]
+    assert any(v.matches for v in got)
+
+
+def _tokenized(auditor: Auditor):  # type: ignore[no-untyped-def]
+    return tokenize_batch(auditor.model.tokenizer, ITEMS, max_tokens=auditor.max_tokens)
+
+
+# ---------------------------------------------------------------------- CUDA
+
+
+def _busy(seconds_of_work: int = 40) -> torch.Tensor:
+    """Queue a few hundred milliseconds of GPU work on the current stream."""
+    a = torch.randn(4096, 4096, device="cuda")
+    for _ in range(seconds_of_work):
+        a = torch.tanh(a @ a)
+    return a
+
+
+@needs_cuda
+def test_host_copy_waits_for_its_own_work_not_for_later_work_cuda() -> None:
+    x = torch.randn(64, 100, device="cuda")
+    copy = HostCopy(x * 2)
+    _busy()
+    got = copy.get()
+    assert not torch.cuda.current_stream().query()  # the later work is still running
+    assert got.device.type == "cpu" and got.is_pinned()
+    torch.testing.assert_close(got, (x * 2).cpu())
+
+
+@needs_cuda
+def test_verdicts_and_explanations_are_read_while_the_gpu_works_cuda() -> None:
+    engine = load_policy(Path(__file__).resolve().parents[3] / "policies" / "default.yaml")
+    g = torch.Generator().manual_seed(1)
+    feats = torch.rand(4, 20, engine.watched.numel(), generator=g) * 3
+    mask = torch.ones(4, 20, dtype=torch.bool)
+    comp = torch.zeros(4, 20, dtype=torch.bool)
+    recon = torch.rand(4, 20, generator=g)
+    want = [v.to_dict() for v in engine.evaluate(AuditBatch(feats, mask, comp, recon_error=recon))]
+    assert any(w["matches"] for w in want)
+    pending = engine.decide(AuditBatch(feats.cuda(), mask.cuda(), comp.cuda(), recon_error=recon.cuda()))
+    assert pending.ready is not None
+    _busy()
+    verdicts = pending.verdicts()
+    got = [v.to_dict() for v in verdicts]  # explanations included: copied on a stream of their own
+    assert not torch.cuda.current_stream().query()
+    assert [(v["action"], [m["rule_id"] for m in v["matches"]]) for v in got] == [
+        (v["action"], [m["rule_id"] for m in v["matches"]]) for v in want
+    ]
+    for v, w in zip(got, want):
+        for m, n in zip(v["matches"], w["matches"]):
+            assert m["score"] == pytest.approx(n["score"], rel=1e-4)
+            assert [(e["name"], e["fired"], e["token_spans"]) for e in m["explanation"]] == [
+                (e["name"], e["fired"], e["token_spans"]) for e in n["explanation"]
+            ]
+
+
+@needs_cuda
+def test_auditor_on_cuda_queues_buckets_ahead_with_the_cpu_results_cuda(tmp_path: Path) -> None:
+    from tests.unit.steering.conftest import HOOKPOINT, LIBRARY_YAML, build_model, build_tokenizer, random_sae
+
+    from auditor.models import wrap_model
+
+    (tmp_path / "library.yaml").write_text(LIBRARY_YAML)
+    (tmp_path / "policy.yaml").write_text(
+        f"""apiVersion: auditor/v1
+kind: Policy
+metadata: {{name: overlap}}
+library: {tmp_path / 'library.yaml'}
+rules:
+  - id: any-fraud
+    severity: high
+    category: deception
+    condition: {{feature: deception.fraud, agg: max, threshold: 0.01}}
+    actions: [alert]
+  - id: sad-mean
+    severity: low
+    category: mood
+    condition: {{feature: mood.sad, agg: mean, threshold: 0.01}}
+    actions: [alert]
+"""
+    )
+    tok = build_tokenizer()
+    texts = [AuditInput(text=("Send me your PIN now! " * (i + 1))[: 10 + 9 * i], id=str(i)) for i in range(9)]
+    results = {}
+    for device in ("cpu", "cuda"):
+        engine = load_policy(tmp_path / "policy.yaml")
+        a = Auditor(wrap_model(build_model(len(tok)).to(device), tok), random_sae().to(device), hookpoint=HOOKPOINT,
+                    library=engine.library, policy=engine, batch_tokens=48)
+        results[device] = [_plain(r) for r in a.run(texts, top_k=2)]
+        if device == "cuda":
+            a.overlap_buckets = False
+            assert [_plain(r) for r in a.run(texts, top_k=2)] == results["cuda"]
+    assert len(list(a._buckets(tokenize_batch(tok, texts, max_tokens=2048)))) >= 3
+    for c, g in zip(results["cpu"], results["cuda"]):
+        assert (g["id"], g["action"], [m[0] for m in g["matches"]]) == (c["id"], c["action"], [m[0] for m in c["matches"]])
+        assert [t[2] for t in g["top"]] == [t[2] for t in c["top"]]
