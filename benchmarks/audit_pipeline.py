@@ -33,6 +33,7 @@ import json
 import random
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -83,18 +84,27 @@ def best(fn: Any, device: torch.device, repeats: int, times: list[float]) -> Non
     times.append(time.perf_counter() - t0)
 
 
-def launch_syncs(auditor: Auditor, items: list[AuditInput]) -> list[str]:
-    """The source lines of the CUDA synchronizations one bucket's launch makes (empty off CUDA)."""
+def launch_syncs(auditor: Auditor, items: list[AuditInput], stacks: list[str] | None = None) -> list[str]:
+    """The source lines of the CUDA synchronizations one bucket's launch makes (empty off CUDA);
+    ``stacks`` collects the Python stack of each."""
     if auditor.device.type != "cuda":
         return []
+    from auditor.pipeline import StageTimings
     from auditor.text import tokenize_batch
 
     batch = tokenize_batch(auditor.model.tokenizer, items, max_tokens=auditor.max_tokens)
     torch.cuda.synchronize(auditor.device)
-    from auditor.pipeline import StageTimings
+    seen: list[str] = []
 
-    with warnings.catch_warnings(record=True) as caught:
+    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        if "synchroniz" in str(message):
+            seen.append(f"{Path(filename).parent.name}/{Path(filename).name}:{lineno}")
+            if stacks is not None:
+                stacks.append("".join(traceback.format_stack(limit=14)[:-1]))
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = show
         torch.cuda.set_sync_debug_mode("warn")
         try:
             launched = auditor._launch_batch(batch, 0, auditor.policy, StageTimings())
@@ -103,7 +113,42 @@ def launch_syncs(auditor: Auditor, items: list[AuditInput]) -> list[str]:
     torch.cuda.synchronize(auditor.device)
     assert launched.pending is not None
     launched.pending.verdicts()
-    return sorted({f"{Path(w.filename).parent.name}/{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)})
+    return sorted(set(seen))
+
+
+def trace(fn: Any, device: torch.device, out_dir: Path) -> dict[str, Any]:
+    """Profile ``fn()`` (host and device), write the Chrome trace to ``out_dir/trace.json``, and
+    measure how busy the GPU was: its kernels' and copies' time (overlaps merged) over the span
+    from the first to the last of them, and the longest idle gaps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "trace.json"
+    prof.export_chrome_trace(str(path))
+    events = json.loads(path.read_text())["traceEvents"]
+    spans = sorted(
+        (e["ts"], e["ts"] + e.get("dur", 0), e["name"]) for e in events
+        if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
+    )
+    if not spans:
+        return {"trace": str(path), "device_spans": 0}
+    busy, gaps, end = 0.0, [], spans[0][0]
+    for start, stop, name in spans:
+        if start > end:
+            gaps.append((start - end, name))
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    span = end - spans[0][0]
+    gaps.sort(reverse=True)
+    return {
+        "trace": str(path), "device_spans": len(spans), "span_ms": span / 1e3, "busy_ms": busy / 1e3,
+        "idle_share": 1 - busy / span, "longest_gaps_ms": [(round(g / 1e3, 3), n[:60]) for g, n in gaps[:12]],
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -117,6 +162,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--layer", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compile-policy", action="store_true")
+    ap.add_argument("--trace", type=Path, default=None, metavar="DIR", help="after the timings, profile one overlapped "
+                    "run and one of the forwards alone; write their Chrome traces and the syncs' stacks to DIR")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     cfg = TINY if args.tiny else LLAMA_31_8B
@@ -182,13 +229,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         best(batches_ahead, device, args.repeats, times["batches_ahead"])
     t_fwd = min(times["forwards"])
     t_tok = min(tokenize)
-    syncs = launch_syncs(auditor, items[: args.batch])
+    stacks: list[str] = []
+    syncs = launch_syncs(auditor, items[: args.batch], stacks)
+    traced: dict[str, Any] = {}
+    if args.trace is not None:
+        traced["run_overlapped"] = trace(lambda: run(True), device, args.trace / "run")
+        traced["forwards"] = trace(forwards, device, args.trace / "forwards")
+        (args.trace / "sync_stacks.txt").write_text("\n\n".join(stacks))
     out: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "tiny": args.tiny, "buckets": args.buckets, "batch": args.batch, "seq": seq,
         "width": width, "layer": layer, "rules": len(engine.compiled.rules), "compile_policy": bool(args.compile_policy),
         "matches_per_text": matches[-1] / n, "warm_up_s": warm_s, "times_s": times, "tokenize_s": t_tok,
-        "forwards_s": t_fwd, "launch_syncs": syncs,
+        "forwards_s": t_fwd, "launch_syncs": syncs, "traces": traced,
     }
     for key in ("run_overlapped", "run_in_turn"):
         t = min(times[key])
@@ -208,6 +261,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"{'batches launched ahead':22} {out['batches_ahead_s']:9.4f} {100 * out['batches_ahead_added_share']:29.2f}%"
           "  (tokenizing included)")
     print(f"syncs in one launch: {', '.join(syncs) if syncs else 'none'}")
+    for key, t in traced.items():
+        if t.get("device_spans"):
+            print(f"traced {key}: GPU idle {100 * t['idle_share']:.2f}% of {t['span_ms']:.1f} ms; longest gaps (ms): "
+                  f"{', '.join(str(g) for g, _ in t['longest_gaps_ms'][:6])}")
     return out
 
 
