@@ -41,6 +41,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--rules", type=int, default=100)
     ap.add_argument("--compile", action="store_true", help="also with the evaluation's program compiled")
+    ap.add_argument("--warm-up-tokens", default="", help="comma list: instead, for each N a fresh engine whose "
+                    "compiled program is warmed up (PolicyEngine.warm_up) on N-token batches, then the compiled "
+                    "decision timed at each batch size, directly and as a graph (inductor tunes a dynamic "
+                    "program's kernels to the sizes it is first compiled at)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -61,6 +65,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     comp = torch.zeros_like(mask)
     comp[:, t // 2 :] = True
 
+    if args.warm_up_tokens:
+        result = warm_up_sizes(args, device, library, policy, feats, mask, comp, sizes)
+        print(json.dumps(result, indent=2))
+        print()
+        for r in result["rows"]:
+            print(f"warmed up at {r['warm_up_tokens']:>4} tokens ({r['warm_up_s']:.1f} s): batch {r['batch_size']:>3} x {t}: "
+                  f"compiled decision {r['direct_matched_ms']:.2f} ms directly, {r['graph_matched_ms']:.2f} ms as a graph"
+                  if cuda else f"warmed up at {r['warm_up_tokens']} tokens: batch {r['batch_size']}: {r['direct_matched_ms']:.2f} ms")
+        return result
     rows = []
     for compiled in (False, True) if args.compile else (False,):
         engine.compile_program = compiled
@@ -115,6 +128,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      f"{r['graph_reserved_mib']:.0f} MiB reserved ({r['graph_allocated_mib']:.0f} MiB allocated)")
         print(line + f"; {r['matches_per_text']:.1f} matches a text")
     return result
+
+
+def warm_up_sizes(args: Any, device: torch.device, library: Any, policy: Any, feats: torch.Tensor, mask: torch.Tensor,
+                  comp: torch.Tensor, sizes: list[int]) -> dict[str, Any]:
+    """The compiled decision's speed after a warm-up at each of ``--warm-up-tokens``."""
+    rows = []
+    for n in [int(x) for x in args.warm_up_tokens.split(",")]:
+        engine = PolicyEngine(policy, library, compile_policy(policy, library, base_dir=".", path="<bench>"))
+        engine.compile_program = True
+        start = time.perf_counter()
+        engine.warm_up(device, tokens=n)
+        warm_s = time.perf_counter() - start
+        for bs in sizes:
+            batch = AuditBatch(feats[:bs], mask[:bs], comp[:bs])
+            engine.cuda_graphs = False
+            engine.matched(batch)
+            row: dict[str, Any] = {"warm_up_tokens": n, "warm_up_s": warm_s, "batch_size": bs,
+                                   "direct_matched_ms": 1e3 * best_time(lambda: engine.matched(batch), device, args.repeats)}
+            if device.type == "cuda":
+                engine.cuda_graphs = True
+                engine.graph_max_tokens = bucket_rows(bs) * bucket_tokens(feats.shape[1])
+                engine.matched(batch)  # seen
+                engine.matched(batch)  # captured and replayed
+                row["graph_matched_ms"] = 1e3 * best_time(lambda: engine.matched(batch), device, args.repeats)
+                engine._graphs = EvalGraphs(engine._program_outputs)
+            rows.append(row)
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
+            "tokens_per_row": feats.shape[1], "rows": rows}
 
 
 if __name__ == "__main__":
