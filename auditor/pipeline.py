@@ -131,12 +131,16 @@ class LaunchedRun:
         the host's: the wait for the device falls in the stage that first needs its results."""
         self._results: list[AuditResult | None] = [None] * len(items)
         self._queued: tuple[list[int], _Launched] | None = None
+        # A second caller of results() waits for the first to build the queued bucket (its
+        # results are not there yet), and a bucket that failed to build stays queued.
+        self._lock = threading.Lock()
 
     def _finish_queued(self) -> None:
-        if self._queued is not None:
-            rows, launched = self._queued
-            self._queued = None
-            self._auditor._finish_batch(rows, launched, self._items, self._results, self.timings)
+        with self._lock:
+            if self._queued is not None:
+                rows, launched = self._queued
+                self._auditor._finish_batch(rows, launched, self._items, self._results, self.timings)
+                self._queued = None
 
     def results(self) -> list[AuditResult]:
         """One :class:`AuditResult` per item, in input order (waits for the device's work)."""

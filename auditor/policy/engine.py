@@ -38,6 +38,7 @@ import functools
 import logging
 import math
 import os
+import threading
 import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -1065,6 +1066,7 @@ class PendingVerdicts:
     def __init__(self, engine: PolicyEngine, host: HostCopy, r: _RuleTensors, tokens: list[list[str]] | None) -> None:
         self._engine, self._host, self._r, self._tokens = engine, host, r, tokens
         self._verdicts: list[Verdict] | None = None
+        self._lock = threading.Lock()  # callers in several threads: one builds, the others wait
 
     @property
     def ready(self) -> torch.cuda.Event | None:
@@ -1073,11 +1075,12 @@ class PendingVerdicts:
 
     def verdicts(self) -> list[Verdict]:
         """One :class:`Verdict` per batch row; waits for this evaluation's numbers to reach the host."""
-        if self._verdicts is None:
-            r = self._r
-            rows = self._host.get().tolist()
-            self._verdicts = self._engine._verdicts(rows, r.leaf_value, r.leaf_fired, r.holds, self._tokens, self._host.ready)
-            del self._r
+        with self._lock:
+            if self._verdicts is None:
+                r = self._r
+                rows = self._host.get().tolist()
+                self._verdicts = self._engine._verdicts(rows, r.leaf_value, r.leaf_fired, r.holds, self._tokens, self._host.ready)
+                del self._r
         return self._verdicts
 
 

@@ -10,7 +10,7 @@ import torch
 
 from auditor._cuda import HostCopy
 from auditor.pipeline import Auditor, AuditResult
-from auditor.policy import AuditBatch, load_policy
+from auditor.policy import AuditBatch, PendingVerdicts, load_policy
 from auditor.text import AuditInput, tokenize_batch
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -102,6 +102,79 @@ def test_decide_then_verdicts_is_evaluate(tmp_path: Path) -> None:
     want = engine.evaluate(batch)
     assert [v.to_dict() for v in got] == [v.to_dict() for v in want]
     assert any(v.matches for v in got)
+
+
+def test_results_asked_for_by_two_threads_are_every_result_for_both(auditor: Auditor) -> None:
+    """``LaunchedRun.results`` may be called in any thread: a second caller that comes while the
+    first is still building the last bucket waits for it rather than getting the results so far."""
+    import threading
+    import time
+
+    items = [AuditInput(text=f"Reply with your bank PIN and password, customer {i}. " * 6, id=str(i)) for i in range(12)]
+    start = time.perf_counter()
+    auditor.launch(items, top_k=64).results()
+    build_s = time.perf_counter() - start
+    for _ in range(3):
+        run = auditor.launch(items, top_k=64)  # on the CPU only the last bucket's results are left to build
+        got: dict[str, list[AuditResult]] = {}
+        first_in = threading.Event()
+
+        def first() -> None:
+            first_in.set()
+            got["first"] = run.results()
+
+        def second() -> None:
+            first_in.wait()
+            time.sleep(build_s / 20)  # while the first caller builds them
+            got["second"] = run.results()
+
+        threads = [threading.Thread(target=first), threading.Thread(target=second)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [r.id for r in got["first"]] == [it.id for it in items]
+        assert [r.id for r in got["second"]] == [it.id for it in items]
+
+
+def test_verdicts_asked_for_by_two_threads_are_built_once() -> None:
+    import sys
+
+    engine = load_policy(Path(__file__).resolve().parents[3] / "policies" / "default.yaml")
+    g = torch.Generator().manual_seed(2)
+    feats = torch.rand(256, 64, engine.watched.numel(), generator=g) * 3  # a few thousand matches to build
+    batch = AuditBatch(feats, torch.ones(256, 64, dtype=torch.bool), torch.zeros(256, 64, dtype=torch.bool),
+                       recon_error=torch.rand(256, 64, generator=g))
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # the threads take turns often while the verdicts are built
+    try:
+        for _ in range(5):
+            _read_by_two_threads(engine.decide(batch))
+    finally:
+        sys.setswitchinterval(switch)
+
+
+def _read_by_two_threads(pending: PendingVerdicts) -> None:
+    """``pending.verdicts()`` in two threads at once: both get the one list, neither an error."""
+    import threading
+
+    both = threading.Barrier(2)
+    got: list[object] = []
+
+    def read() -> None:
+        both.wait()
+        try:
+            got.append(pending.verdicts())
+        except Exception as exc:  # noqa: BLE001 - what the other thread must not see
+            got.append(exc)
+
+    threads = [threading.Thread(target=read) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not any(isinstance(v, Exception) for v in got), got
+    assert got[0] is got[1] and len(got[0]) == 256  # type: ignore[arg-type]
 
 
 def _tokenized(auditor: Auditor):  # type: ignore[no-untyped-def]
