@@ -1101,27 +1101,31 @@ class _BatchDetail:
         self.compiled = compiled
         self._device = (value, fired, tok)  # moved to the host on first use
         self._ready = ready
+        self._lock = threading.Lock()
         self._host: tuple[list[list[float]], list[list[bool]], Tensor] | None = None
         self.tokens, self.matched_rules = tokens, matched_rules
         self._spans: dict[tuple[int, int], list[tuple[int, int]]] | None = None
 
     def host(self) -> tuple[list[list[float]], list[list[bool]], Tensor]:
-        if self._host is None:
-            value, fired, tok = self._device
-            if self._ready is None or not value.is_cuda:
-                self._host = (value.tolist(), fired.tolist(), tok.get().cpu())
-            else:
-                # Read later (a server answering), when the stream may hold the next batch's
-                # forward: the copies wait for this evaluation only, on a stream of their own.
-                side = torch.cuda.Stream(value.device)
-                side.wait_event(self._ready)
-                with torch.cuda.stream(side), torch.inference_mode():
-                    held = tok.get()
-                    copies = [t.to("cpu", non_blocking=True) for t in (value, fired, held)]
-                side.synchronize()
-                self._host = (copies[0].tolist(), copies[1].tolist(), copies[2])
-            self._device = None  # type: ignore[assignment]
-        return self._host
+        with self._lock:  # explanations of one batch may be read in several threads
+            if self._host is None:
+                value, fired, tok = self._device
+                if self._ready is None or not value.is_cuda:
+                    self._host = (value.tolist(), fired.tolist(), tok.get().cpu())
+                else:
+                    # Read later (a server answering), when the stream may hold the next batch's
+                    # forward: the copies wait for this evaluation only, on a stream of their own.
+                    # A high-priority one: CUDA graphs are captured on streams of the other pool,
+                    # and work put on a stream while it is being captured would join the graph.
+                    side = torch.cuda.Stream(value.device, priority=-1)
+                    side.wait_event(self._ready)
+                    with torch.cuda.stream(side), torch.inference_mode():
+                        held = tok.get()
+                        copies = [t.to("cpu", non_blocking=True) for t in (value, fired, held)]
+                    side.synchronize()
+                    self._host = (copies[0].tolist(), copies[1].tolist(), copies[2])
+                self._device = None  # type: ignore[assignment]
+            return self._host
 
     def spans(self) -> dict[tuple[int, int], list[tuple[int, int]]]:
         if self._spans is None:
