@@ -232,41 +232,29 @@ def test_verdicts_and_explanations_are_read_while_the_gpu_works_cuda() -> None:
 
 @needs_cuda
 def test_auditor_on_cuda_queues_buckets_ahead_with_the_cpu_results_cuda(tmp_path: Path) -> None:
-    from tests.unit.steering.conftest import HOOKPOINT, LIBRARY_YAML, build_model, build_tokenizer, random_sae
+    from tests.unit.steering.conftest import tiny_auditor
 
-    from auditor.models import wrap_model
-
-    (tmp_path / "library.yaml").write_text(LIBRARY_YAML)
-    (tmp_path / "policy.yaml").write_text(
-        f"""apiVersion: auditor/v1
-kind: Policy
-metadata: {{name: overlap}}
-library: {tmp_path / 'library.yaml'}
-rules:
-  - id: any-fraud
+    rules = """  - id: any-fraud
     severity: high
     category: deception
-    condition: {{feature: deception.fraud, agg: max, threshold: 0.01}}
+    condition: {feature: deception.fraud, agg: max, threshold: 0.01}
     actions: [alert]
   - id: sad-mean
     severity: low
     category: mood
-    condition: {{feature: mood.sad, agg: mean, threshold: 0.01}}
+    condition: {feature: mood.sad, agg: mean, threshold: 0.01}
     actions: [alert]
 """
-    )
-    tok = build_tokenizer()
     texts = [AuditInput(text=("Send me your PIN now! " * (i + 1))[: 10 + 9 * i], id=str(i)) for i in range(9)]
     results = {}
     for device in ("cpu", "cuda"):
-        engine = load_policy(tmp_path / "policy.yaml")
-        a = Auditor(wrap_model(build_model(len(tok)).to(device), tok), random_sae().to(device), hookpoint=HOOKPOINT,
-                    library=engine.library, policy=engine, batch_tokens=48)
+        a = tiny_auditor(tmp_path, device, rules)
+        a.batch_tokens = 48
         results[device] = [_plain(r) for r in a.run(texts, top_k=2)]
         if device == "cuda":
             a.overlap_buckets = False
             assert [_plain(r) for r in a.run(texts, top_k=2)] == results["cuda"]
-    assert len(list(a._buckets(tokenize_batch(tok, texts, max_tokens=2048)))) >= 3
+    assert len(list(a._buckets(tokenize_batch(a.model.tokenizer, texts, max_tokens=2048)))) >= 3
     for c, g in zip(results["cpu"], results["cuda"]):
         assert (g["id"], g["action"], [m[0] for m in g["matches"]]) == (c["id"], c["action"], [m[0] for m in c["matches"]])
         assert [t[2] for t in g["top"]] == [t[2] for t in c["top"]]

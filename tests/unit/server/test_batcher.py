@@ -372,29 +372,15 @@ def test_batches_whose_results_are_built_off_the_worker_match_single_runs(audito
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_a_gpu_batches_are_built_off_the_worker_with_single_run_results_cuda(tmp_path: Path) -> None:
-    from auditor.models import wrap_model
-    from auditor.pipeline import Auditor
-    from auditor.policy import load_policy
-    from tests.unit.steering.conftest import HOOKPOINT, LIBRARY_YAML, build_model, build_tokenizer, random_sae
+    from tests.unit.steering.conftest import tiny_auditor
 
-    (tmp_path / "library.yaml").write_text(LIBRARY_YAML)
-    (tmp_path / "policy.yaml").write_text(
-        f"""apiVersion: auditor/v1
-kind: Policy
-metadata: {{name: gpu-batcher}}
-library: {tmp_path / 'library.yaml'}
-rules:
-  - id: fraud-max
+    gpu = tiny_auditor(tmp_path, "cuda", """  - id: fraud-max
     severity: high
     category: deception
-    condition: {{feature: deception.fraud, agg: max, threshold: 0.01}}
+    condition: {feature: deception.fraud, agg: max, threshold: 0.01}
     actions: [alert]
-"""
-    )
-    tok = build_tokenizer()
-    engine = load_policy(tmp_path / "policy.yaml")
-    gpu = Auditor(wrap_model(build_model(len(tok)).cuda(), tok), random_sae().cuda(), hookpoint=HOOKPOINT,
-                  library=engine.library, policy=engine)
+""")
+    engine = gpu.policy
 
     async def scenario() -> tuple[list[list[object]], bool]:
         batcher = MicroBatcher(gpu, max_wait_ms=50, max_tokens=4096, queue_size=32)

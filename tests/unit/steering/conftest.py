@@ -168,3 +168,19 @@ def sae() -> SAE:
 @pytest.fixture
 def auditor(loaded: LoadedModel, sae: SAE, library) -> Auditor:  # type: ignore[no-untyped-def]
     return Auditor(loaded, sae, hookpoint=HOOKPOINT, library=library)
+
+
+def tiny_auditor(folder: Path, device: str, rules: str) -> Auditor:
+    """The tiny model and a random SAE on ``device``, audited with a policy of ``rules`` (YAML
+    list items, indented two spaces) over :data:`LIBRARY_YAML`, written into ``folder``."""
+    from auditor.models import wrap_model
+    from auditor.policy import load_policy
+
+    (folder / "library.yaml").write_text(LIBRARY_YAML)
+    (folder / "policy.yaml").write_text(
+        f"apiVersion: auditor/v1\nkind: Policy\nmetadata: {{name: tiny}}\nlibrary: {folder / 'library.yaml'}\nrules:\n{rules}"
+    )
+    engine = load_policy(folder / "policy.yaml")
+    tok = build_tokenizer()
+    return Auditor(wrap_model(build_model(len(tok)).to(device), tok), random_sae().to(device), hookpoint=HOOKPOINT,
+                   library=engine.library, policy=engine)
