@@ -341,6 +341,7 @@ class MicroBatcher:
             if isinstance(outcome, BaseException):
                 job.future.set_exception(outcome)
             else:
+                assert not isinstance(outcome, _Launched)  # every launched group was built above
                 job.future.set_result(outcome)
 
     def _run(self, batch: list[AuditJob]) -> list[list[AuditResult] | BaseException | _Launched]:
@@ -393,7 +394,7 @@ class MicroBatcher:
             out[i] = results[pos : pos + n]
             pos += n
 
-    def _run_feeds(self, batch: list[AuditJob], feeds: list[int], out: list[list[AuditResult] | BaseException]) -> None:
+    def _run_feeds(self, batch: list[AuditJob], feeds: list[int], out: list[Any]) -> None:
         """Stream chunks of ``batch[feeds]``: one ``feed_streams`` call, split where a stream comes again."""
         calls: list[list[int]] = [[]]
         for i in feeds:
