@@ -355,7 +355,7 @@ class Auditor:
             # by _unchanged_on_failure (compile_layers checks its backend before it changes any).
             from auditor.models import compile_layers
 
-            compile_layers(loaded, "inductor" if compile is True else str(compile))
+            compile_layers(loaded, compile)
         return auditor
 
     # ------------------------------------------------------------------ running

@@ -42,13 +42,15 @@ def has_compiled_layers(model: nn.Module) -> bool:
     return any(getattr(module, _MARK, False) for module in model.modules())
 
 
-def compile_layers(loaded: LoadedModel, backend: str = "inductor") -> int:
+def compile_layers(loaded: LoadedModel, backend: str | bool = "inductor") -> int:
     """Compile the attention and MLP ``forward`` of every decoder layer of ``loaded``, in place.
 
     Returns how many modules were compiled now (0 when already done). ``backend`` is a
-    ``torch.compile`` backend (``inductor``; ``eager`` / ``aot_eager`` trace without code
-    generation). Raises :class:`ModelError` for an unknown backend.
+    ``torch.compile`` backend (``inductor``, also meant by True, as the loaders' ``compile=True``
+    passes it; ``eager`` / ``aot_eager`` trace without code generation). Raises
+    :class:`ModelError` for an unknown backend.
     """
+    backend = "inductor" if backend is True else str(backend)
     if backend not in torch._dynamo.list_backends(exclude_tags=()):
         known = ", ".join(sorted(torch._dynamo.list_backends(exclude_tags=())))
         raise ModelError(f"unknown torch.compile backend {backend!r}; known: {known}")

@@ -180,7 +180,7 @@ def load_model(
     if compile:
         from auditor.models.compiled import compile_layers
 
-        compile_layers(loaded, "inductor" if compile is True else str(compile))
+        compile_layers(loaded, compile)
     return loaded
 
 
