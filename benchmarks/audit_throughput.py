@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,11 +32,14 @@ from typing import Any
 
 import torch
 
-from auditor.models import capture
-from auditor.pipeline import Auditor
-from auditor.policy import AuditBatch
-from auditor.sae import SAE, SAEConfig
-from auditor.text import AuditInput, TokenBatch, role_masks, tokenize_batch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from auditor.models import capture  # noqa: E402
+from auditor.pipeline import Auditor  # noqa: E402
+from auditor.policy import AuditBatch  # noqa: E402
+from auditor.sae import SAE, SAEConfig  # noqa: E402
+from auditor.text import AuditInput, TokenBatch, role_masks, tokenize_batch  # noqa: E402
+from benchmarks.timing import best_time  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,14 +83,8 @@ def random_sae(architecture: str, d_in: int, d_sae: int, hookpoint: str, seed: i
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> float:
-    """Best-of-``repeats`` seconds for ``fn`` after one untimed call."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    """Best-of-``repeats`` seconds for ``fn`` after one untimed call (on the CPU)."""
+    return best_time(fn, torch.device("cpu"), repeats)
 
 
 def round_robin(fns: Sequence[Callable[[], Any]], repeats: int) -> list[float]:

@@ -62,6 +62,7 @@ from auditor.sae.sae import _row_topk  # noqa: E402
 from auditor.steering._hook import SteeringHook  # noqa: E402
 from auditor.steering.interventions import ResolvedIntervention  # noqa: E402
 from benchmarks.policy_eval import random_library, random_policy, verdict_build_times  # noqa: E402
+from benchmarks.timing import best_time, sync  # noqa: E402
 
 LLAMA_31_8B = {
     "hidden_size": 4096,
@@ -87,24 +88,6 @@ TINY = {
     "rms_norm_eps": 1e-5,
     "tie_word_embeddings": False,
 }
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def best_time(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
-    """Best of ``repeats`` seconds after one warm-up call, with device syncs around each."""
-    fn()
-    sync(device)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def build_model(cfg: dict[str, Any], device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from auditor.policy._graphs import MAX_TOKENS, MAX_TOKENS_COMPILED, EvalGraphs, bucket_rows, bucket_tokens  # noqa: E402
 from auditor.policy.compile import compile_policy  # noqa: E402
 from auditor.policy.engine import AuditBatch, PolicyEngine  # noqa: E402
-from benchmarks.gpu_llama8b import best_time  # noqa: E402
+from benchmarks.timing import best_time  # noqa: E402
 from benchmarks.policy_eval import D_SAE, random_library, random_policy  # noqa: E402
 
 
