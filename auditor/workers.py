@@ -28,7 +28,8 @@ def auto_workers(device: str, threads: int) -> int:
     worker with all of them, 21% more next to a bursty event loop (2-core VM,
     ``benchmarks/model_thread.py``): one-thread GEMMs on short batches waste less time in OpenMP
     barriers, and a worker the event loop preempts stalls only itself. A GPU runs one worker
-    (its kernels share one stream).
+    (its kernels share one stream; the batcher overlaps its batches with the host's work by
+    building their results on another thread, ``MicroBatcher.hand_off``).
     """
     return 2 if device == "cpu" and threads >= 2 else 1
 

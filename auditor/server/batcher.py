@@ -22,7 +22,9 @@ not once per stream.
 
 All model work (loading, audits, generation, streams) runs on the model workers: threads
 that share the model's weights, each with its own share of torch's CPU threads and hooks
-that only its own forwards see (:func:`~auditor.models.hooks.isolate_this_thread`).
+that only its own forwards see (:func:`~auditor.models.hooks.isolate_this_thread`). On a GPU
+(one worker) a batch's results are built on a host thread while the worker queues the next
+batch (:attr:`MicroBatcher.hand_off`), so the GPU computes while the host's Python runs.
 """
 
 from __future__ import annotations
