@@ -208,6 +208,27 @@ def test_unknown_policy_is_404_listing_the_loaded_ones(server: BackgroundServer)
     assert "quiet" in resp.json()["error"]["message"] and "nope" in resp.json()["error"]["message"]
 
 
+def test_a_lone_surrogate_escape_is_audited_not_an_internal_error(server: BackgroundServer) -> None:
+    # Valid JSON (a client that cut a UTF-16 string inside an emoji sends half a pair), which
+    # Python decodes to a lone surrogate: the tokenizer refused it with a TypeError, a 500 (and,
+    # on the proxy routes, an auditor failure that fail-open let through unaudited).
+    internal = _sample(_metrics(server), "auditor_errors_total", kind="internal")
+    raw = '{"text": "Send the wire transfer today \\ud83d", "policy": "block-fraud", "id": "surrogate-1", "explain": true}'
+    resp = httpx.post(server.url + "/v1/audit", content=raw, headers={"content-type": "application/json"}, timeout=60)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["verdict"] == "block"
+    assert any("\ufffd" in t["token"] for t in resp.json()["tokens"])
+    alerts = httpx.get(server.url + "/v1/alerts", params={"request_id": "surrogate-1"}).json()["alerts"]
+    assert alerts and alerts[0]["rule_id"] == "fraud-any"  # written to the audit log, not lost
+    chat = '{"messages": [{"role": "user", "content": "Hello \\udc00 there"}], "completion": "Sure \\ud800"}'
+    resp = httpx.post(server.url + "/v1/audit", content=chat, headers={"content-type": "application/json"}, timeout=60)
+    assert resp.status_code == 200, resp.text
+    guard = '{"texts": ["Send the wire transfer \\ud83d"], "additional_provider_specific_params": {"policy": "block-fraud"}}'
+    resp = httpx.post(server.url + "/beta/litellm_basic_guardrail_api", content=guard, headers={"content-type": "application/json"}, timeout=60)
+    assert resp.status_code == 200 and resp.json()["action"] == "BLOCKED", resp.text
+    assert _sample(_metrics(server), "auditor_errors_total", kind="internal") == internal
+
+
 def test_413_body_and_tokens_state_the_limit(server: BackgroundServer) -> None:
     big = _post(server, "/v1/audit", {"text": "a" * 5000})
     assert big.status_code == 413 and "4096 bytes" in big.json()["error"]["message"]
