@@ -55,6 +55,7 @@ from auditor.text import AuditInput, message_text, with_tool_calls
 
 if TYPE_CHECKING:
     from auditor.pipeline import AuditStream
+    from auditor.policy import PolicyEngine
 
 __all__ = ["router", "guarded_audit", "blocked_reason", "AuditOutcome"]
 
@@ -139,7 +140,7 @@ async def guarded_audit(
     request: Request,
     items: Sequence[AuditInput],
     *,
-    policy: str | None,
+    policy: str | PolicyEngine | None,
     source: str,
     request_id: str | None = None,
 ) -> AuditOutcome:
@@ -253,6 +254,10 @@ class _Call:
     prompts: list[str]
     stream: bool
     request_id: str
+    engine: PolicyEngine | None = None
+    """The policy (``policy``, or the default) as resolved once for the whole call: the prompt,
+    the completion and every chunk of a stream are audited by the same version of it, even when
+    a reload replaces or removes it while the upstream answers."""
 
     def completion_item(self, text: str, index: int = 0) -> AuditInput:
         if self.messages is not None:
@@ -326,7 +331,8 @@ async def _handle(request: Request, kind: str) -> Response:
     if rt.http is None:
         _check_servable(call.body)
     try:
-        pre = await guarded_audit(rt, request, call.prompt_items, policy=call.policy, source="prompt", request_id=call.request_id)
+        call.engine = rt.engine(call.policy)
+        pre = await guarded_audit(rt, request, call.prompt_items, policy=call.engine, source="prompt", request_id=call.request_id)
     except ServerError as exc:
         raise _with_verdict(exc, None) from None
     try:
@@ -437,7 +443,7 @@ async def _proxy(rt: Runtime, request: Request, call: _Call, pre: AuditOutcome) 
     choices = _choices(data)
     items = [call.completion_item(_choice_text(call, c), _index(c)) for c in choices]
     post = (
-        await guarded_audit(rt, request, items, policy=call.policy, source="completion", request_id=call.request_id)
+        await guarded_audit(rt, request, items, policy=call.engine, source="completion", request_id=call.request_id)
         if items
         else AuditOutcome(engine=pre.engine)
     )
@@ -635,7 +641,7 @@ async def _release_held(
             texts[idx] = texts.get(idx, "") + text
     indices = sorted(texts) or [0]
     items = [call.completion_item(texts.get(i, ""), i) for i in indices]
-    post = await guarded_audit(rt, request, items, policy=call.policy, source="completion", request_id=call.request_id)
+    post = await guarded_audit(rt, request, items, policy=call.engine, source="completion", request_id=call.request_id)
     blocked = {idx for pos, idx in enumerate(indices) if post.blocked(pos)}
     template = chunks[0] if chunks else {}
     events: list[bytes] = []
@@ -677,7 +683,7 @@ async def _chunked_release(
         # An incremental audit keeps the KV cache of the prompt and of what was released,
         # so each chunk costs a forward over its own tokens only, and the chunks of concurrent
         # streams that meet in a batch share that forward (MicroBatcher.feed).
-        engine = rt.engine(call.policy)
+        engine = call.engine
         stream = rt.auditor.stream(call.completion_item(""), policy=engine) if engine is not None else None
         finished = False
         unaudited = False  # the completion outgrew what the auditor reads and failed open: pass the rest
@@ -717,7 +723,7 @@ async def _chunked_release(
                         rt,
                         request,
                         [call.completion_item(released + pending)],
-                        policy=call.policy,
+                        policy=call.engine,
                         source="completion",
                         request_id=call.request_id,
                     )
@@ -789,7 +795,7 @@ async def _run_generation(
     stop: list[str],
     steering: list[Any] | None,
     compare: bool,
-    policy: str | None,
+    policy: str | PolicyEngine | None,
     seed: int | None = None,
 ) -> Any:
     from auditor.steering import generate, parse_intervention
@@ -895,7 +901,7 @@ async def _serve(rt: Runtime, request: Request, call: _Call, pre: AuditOutcome) 
         stop=_stop_list(body),
         steering=call.steering,
         compare=False,
-        policy=call.policy,
+        policy=call.engine,
         seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
     )
     post = AuditOutcome([result], engine)
