@@ -39,7 +39,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from auditor.errors import AuditorError
-from auditor.server.app import error_body, get_runtime, outcome_for
+from auditor.server.app import NESTED_TOO_DEEPLY, error_body, get_runtime, outcome_for
 from auditor.server.auth import check_bearer
 from auditor.server.errors import (
     AuditFailedError,
@@ -270,6 +270,8 @@ async def _parse(request: Request, kind: str) -> _Call:
         body = json.loads(await request.body() or b"null")
     except json.JSONDecodeError as exc:
         raise BadRequestError(f"the body is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except RecursionError:
+        raise BadRequestError(NESTED_TOO_DEEPLY) from None
     if not isinstance(body, dict):
         raise BadRequestError("the body must be a JSON object")
     policy = body.pop("auditor_policy", None) or request.headers.get("x-auditor-policy")
@@ -459,7 +461,7 @@ def _upstream_json(rt: Runtime, resp: Any) -> dict[str, Any]:
     not something to relay unaudited."""
     try:
         data = resp.json()
-    except ValueError:
+    except (ValueError, RecursionError):
         data = None
     choices = data.get("choices") if isinstance(data, dict) else None
     if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
@@ -527,7 +529,7 @@ async def _iter_chunks(resp: Any) -> AsyncIterator[dict[str, Any]]:
             return
         try:
             obj = json.loads(payload)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             continue
         if isinstance(obj, dict):
             obj.pop("auditor", None)  # only this sidecar annotates what it releases
