@@ -626,11 +626,43 @@ async def _proxy_stream(rt: Runtime, request: Request, call: _Call, pre: AuditOu
             headers={**SSE_HEADERS, **pre.headers()},
         )
     try:
-        chunks = [c async for c in _iter_chunks(resp)]
+        chunks = await _held_chunks(request, resp)
     finally:
         await ctx.__aexit__(None, None, None)
         rt.metrics.upstream_duration.labels(route=route, outcome=str(resp.status_code)).observe(time.perf_counter() - t0)
+    if chunks is None:  # the client left: nobody reads an answer, so nothing is audited
+        request.state.outcome = "client_error"
+        return Response(status_code=499)
     return await _release_held(rt, request, call, pre, chunks)
+
+
+async def _held_chunks(request: Request, resp: Any) -> list[dict[str, Any]] | None:
+    """Every chunk of the upstream's stream, or None as soon as the client disconnects: the
+    stream is held back until it ends, so without a watch on the client a long generation would
+    be read (and the upstream kept generating) to its end for a client long gone."""
+    collect = asyncio.ensure_future(_all_chunks(resp))
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not collect.done():
+            collect.cancel()
+            # Let it unwind before the caller closes the upstream response it reads.
+            await asyncio.gather(collect, return_exceptions=True)
+    if not collect.cancelled():
+        return collect.result()  # the upstream's own failure (UpstreamError) raises here
+    return None
+
+
+async def _all_chunks(resp: Any) -> list[dict[str, Any]]:
+    return [c async for c in _iter_chunks(resp)]
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client disconnects (the request body has been read by now)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _release_held(
