@@ -40,7 +40,7 @@ from auditor.workers import ModelWorkers
 from auditor.server.runtime import Runtime, load_runtime
 from auditor.server.settings import Settings
 
-__all__ = ["create_app", "get_runtime", "error_body", "outcome_for"]
+__all__ = ["create_app", "get_runtime", "error_body", "outcome_for", "begin_shutdown"]
 
 _log = logging.getLogger("auditor.server")
 
@@ -72,6 +72,15 @@ def get_runtime(request: Request) -> Runtime:
             raise NotReadyError(f"the auditor failed to load: {state.load_error}")
         raise NotReadyError("the model and policies are still loading; retry shortly")
     return state.runtime
+
+
+def begin_shutdown(app: Any) -> None:
+    """The server stopped accepting connections and is about to wait for the open ones: end the
+    responses that never end by themselves (alert event streams), so it can shut down. Call it
+    on the app's event loop (:class:`~auditor.server.background.AuditorServer` does)."""
+    state = getattr(getattr(app, "state", None), "auditor", None)
+    if isinstance(state, _State) and state.runtime is not None:
+        state.runtime.alerts.close()
 
 
 def create_app(
