@@ -30,9 +30,9 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -62,6 +62,7 @@ __all__ = ["router", "guarded_audit", "blocked_reason", "AuditOutcome"]
 _log = logging.getLogger("auditor.server")
 router = APIRouter()
 
+T = TypeVar("T")
 _RANK = {"allow": 0, "alert": 1, "block": 2}
 _HOP_HEADERS = {"host", "content-length", "connection", "transfer-encoding", "accept-encoding", "x-auditor-policy"}
 
@@ -431,10 +432,13 @@ async def _proxy(rt: Runtime, request: Request, call: _Call, pre: AuditOutcome) 
     t0 = time.perf_counter()
     route = _path(call)
     try:
-        resp = await rt.http.post(route, json=call.body, headers=_forward_headers(rt, request))
+        resp = await _while_connected(request, rt.http.post(route, json=call.body, headers=_forward_headers(rt, request)))
     except httpx.HTTPError as exc:
         rt.metrics.upstream_duration.labels(route=route, outcome="error").observe(time.perf_counter() - t0)
         raise UpstreamError(f"the upstream {rt.settings.upstream} could not be reached: {type(exc).__name__}") from None
+    if resp is None:  # the client left: the upstream call is dropped and nothing is audited
+        request.state.outcome = "client_error"
+        return Response(status_code=499)
     rt.metrics.upstream_duration.labels(route=route, outcome=str(resp.status_code)).observe(time.perf_counter() - t0)
     if resp.status_code >= 400:
         request.state.outcome = "upstream_error"
@@ -626,7 +630,7 @@ async def _proxy_stream(rt: Runtime, request: Request, call: _Call, pre: AuditOu
             headers={**SSE_HEADERS, **pre.headers()},
         )
     try:
-        chunks = await _held_chunks(request, resp)
+        chunks = await _while_connected(request, _all_chunks(resp))
     finally:
         await ctx.__aexit__(None, None, None)
         rt.metrics.upstream_duration.labels(route=route, outcome=str(resp.status_code)).observe(time.perf_counter() - t0)
@@ -636,11 +640,12 @@ async def _proxy_stream(rt: Runtime, request: Request, call: _Call, pre: AuditOu
     return await _release_held(rt, request, call, pre, chunks)
 
 
-async def _held_chunks(request: Request, resp: Any) -> list[dict[str, Any]] | None:
-    """Every chunk of the upstream's stream, or None as soon as the client disconnects: the
-    stream is held back until it ends, so without a watch on the client a long generation would
-    be read (and the upstream kept generating) to its end for a client long gone."""
-    collect = asyncio.ensure_future(_all_chunks(resp))
+async def _while_connected(request: Request, work: Awaitable[T]) -> T | None:
+    """``work``'s result, or None as soon as the client disconnects (``work`` is then cancelled):
+    an upstream answer is awaited whole (a completion, or a stream held back until it ends), so
+    without a watch on the client a long generation would be waited for (and the upstream kept
+    generating) to its end for a client long gone, and then audited."""
+    collect = asyncio.ensure_future(work)
     gone = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)

@@ -18,8 +18,8 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
-from fastapi.responses import StreamingResponse
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client.parser import text_string_to_metric_families
 
 from auditor.server.background import BackgroundServer
@@ -37,7 +37,13 @@ def _upstream() -> FastAPI:
     app = FastAPI()
 
     @app.post("/v1/chat/completions")
-    async def chat() -> StreamingResponse:
+    async def chat(request: Request) -> Response:
+        if not (await request.json()).get("stream"):  # a completion that takes as long as the stream
+            await asyncio.sleep(WORDS * DELAY_S)
+            return JSONResponse({"id": "up-1", "object": "chat.completion", "created": 1, "model": "up",
+                                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "Done."},
+                                              "finish_reason": "stop"}]})
+
         async def events() -> AsyncIterator[bytes]:
             how = "cut off"
             try:
@@ -71,11 +77,18 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Back
         yield started
 
 
-def _verdicts(server: BackgroundServer) -> float:
+def _sum(server: BackgroundServer, name: str, **labels: str) -> float:
     text = httpx.get(server.url + "/metrics").text
     return sum(
-        s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == "auditor_verdicts_total"
+        s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
     )
+
+
+def _verdicts(server: BackgroundServer) -> float:
+    return _sum(server, "auditor_verdicts_total")
 
 
 @pytest.mark.parametrize("mode", ["hold", "chunked"])
@@ -102,3 +115,22 @@ def test_a_client_that_leaves_mid_stream_stops_the_upstream_stream(servers: dict
     if mode == "hold":
         time.sleep(0.5)
         assert _verdicts(server) - verdicts == 1  # the prompt's: no completion audited after the client left
+
+
+def test_a_client_that_leaves_a_completion_is_answered_at_once_and_nothing_is_audited(
+    servers: dict[str, BackgroundServer],
+) -> None:
+    server = servers["hold"]
+    verdicts = _verdicts(server)
+    gone = _sum(server, "auditor_requests_total", route="/v1/chat/completions", outcome="client_error")
+    body = {"model": "up", "messages": [{"role": "user", "content": "Count."}]}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=1.0))
+    left = time.monotonic()
+    while time.monotonic() - left < 5.0:
+        if _sum(server, "auditor_requests_total", route="/v1/chat/completions", outcome="client_error") > gone:
+            break
+        time.sleep(0.1)
+    # Before: the sidecar waited the upstream's 10 s out, audited the completion and counted an "ok".
+    assert _sum(server, "auditor_requests_total", route="/v1/chat/completions", outcome="client_error") == gone + 1
+    assert _verdicts(server) - verdicts == 1  # the prompt's
