@@ -15,6 +15,7 @@ with a template token.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -46,6 +47,19 @@ ROLE_COMPLETION = 1
 ROLE_BOTH = 2
 
 Role = Literal[0, 1, 2]
+
+# A UTF-16 surrogate code point on its own: JSON allows the escape (``"\\ud83d"``, half of an
+# emoji cut off by a client that truncates UTF-16 strings) and Python decodes it, but it is not
+# Unicode text: the tokenizer refuses it and UTF-8 cannot encode it (the audit log, responses).
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _valid_text(text: Any) -> Any:
+    """``text`` with each lone surrogate replaced by U+FFFD (one code point for one, so character
+    offsets stay put); anything that is not a string as it is."""
+    if isinstance(text, str) and _LONE_SURROGATE.search(text):
+        return _LONE_SURROGATE.sub("\ufffd", text)
+    return text
 
 
 def role_masks(role: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,6 +97,15 @@ class AuditInput:
             isinstance(self.messages, (str, bytes)) or not all(isinstance(m, Mapping) for m in self.messages)
         ):
             raise InputError("AuditInput: 'messages' must be a sequence of {role, content} mappings")
+        # Lone surrogates become U+FFFD here, so the rest of the text is audited (not refused by
+        # the tokenizer: an error that fail-open would let through unaudited) and alerts store.
+        for key in ("text", "prompt", "completion"):
+            value = getattr(self, key)
+            if _valid_text(value) is not value:
+                object.__setattr__(self, key, _valid_text(value))
+        if self.messages is not None and any(_valid_text(m.get("content")) is not m.get("content") for m in self.messages):
+            messages = tuple({**m, "content": _valid_text(m.get("content"))} for m in self.messages)
+            object.__setattr__(self, "messages", messages)
 
 
 def _shape_problem(fields: Mapping[str, Any]) -> str | None:

@@ -163,6 +163,10 @@ class PolicyStore:
         """Load every file into a new set and swap it in; on any problem keep the current set."""
         with self._reload_lock:
             files = policy_files(self.paths)
+            # Stat'ed before anything is read: a file rewritten while this reload reads the set
+            # keeps its earlier stat, so the next check sees the change (stat'ing after loading
+            # recorded the new write as seen while the set held the old content).
+            before = {p: _stat(p) for p in {*files, *self._mtimes}}
             errors: list[PolicyError] = []
             engines: dict[str, PolicyEngine] = {}
             sources: set[Path] = set()
@@ -205,7 +209,7 @@ class PolicyStore:
                     continue
                 engines[engine.name] = engine
             sources.update(files)
-            self._mtimes = {p: _stat(p) for p in sources}
+            self._mtimes = {p: before[p] if p in before else _stat(p) for p in sources}
             default = self._default
             if not errors and default is not None and default not in engines:
                 errors.append(

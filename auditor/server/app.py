@@ -29,6 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from auditor.errors import AuditorError
@@ -39,9 +40,11 @@ from auditor.workers import ModelWorkers
 from auditor.server.runtime import Runtime, load_runtime
 from auditor.server.settings import Settings
 
-__all__ = ["create_app", "get_runtime", "error_body", "outcome_for"]
+__all__ = ["create_app", "get_runtime", "error_body", "outcome_for", "begin_shutdown"]
 
 _log = logging.getLogger("auditor.server")
+
+NESTED_TOO_DEEPLY = "the body is JSON nested too deeply to parse; send a request object of ordinary depth"
 
 
 def error_body(message: str, type_: str, code: str, **extra: Any) -> dict[str, Any]:
@@ -69,6 +72,15 @@ def get_runtime(request: Request) -> Runtime:
             raise NotReadyError(f"the auditor failed to load: {state.load_error}")
         raise NotReadyError("the model and policies are still loading; retry shortly")
     return state.runtime
+
+
+def begin_shutdown(app: Any) -> None:
+    """The server stopped accepting connections and is about to wait for the open ones: end the
+    responses that never end by themselves (alert event streams), so it can shut down. Call it
+    on the app's event loop (:class:`~auditor.server.background.AuditorServer` does)."""
+    state = getattr(getattr(app, "state", None), "auditor", None)
+    if isinstance(state, _State) and state.runtime is not None:
+        state.runtime.alerts.close()
 
 
 def create_app(
@@ -160,6 +172,17 @@ def create_app(
         _set_outcome(request, "client_error")
         return JSONResponse(error_body(exc.message, "invalid_request_error", "invalid_request"), status_code=422)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own answers (an unknown path, a wrong method, a body its parser gave up on)
+        # in the error object every other error uses, not {"detail": ...}.
+        if isinstance(exc.__cause__, RecursionError):  # as the routes that parse their own body answer
+            _set_outcome(request, "client_error")
+            return JSONResponse(error_body(NESTED_TOO_DEEPLY, "invalid_request_error", "invalid_request"), status_code=422)
+        code = _HTTP_CODES.get(exc.status_code, "invalid_request")
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return JSONResponse(error_body(str(exc.detail), kind, code), status_code=exc.status_code, headers=exc.headers)
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         _set_outcome(request, "client_error")
@@ -171,6 +194,8 @@ def create_app(
     app.add_middleware(_Metrics, metrics=metrics, templates=templates)
     return app
 
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 _NOT_AN_OBJECT = frozenset({"model_attributes_type", "dict_type", "model_type", "missing"})
 

@@ -13,18 +13,30 @@ import threading
 import time
 from typing import Any
 
-__all__ = ["BackgroundServer"]
+import uvicorn
+
+__all__ = ["BackgroundServer", "AuditorServer"]
+
+
+class AuditorServer(uvicorn.Server):
+    """uvicorn's server for the sidecar's app: it tells the app when it shuts down
+    (:func:`~auditor.server.app.begin_shutdown`) before it waits for the open connections, so
+    open alert event streams end (a plain ``uvicorn.Server`` waits for them for ever)."""
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        from auditor.server.app import begin_shutdown
+
+        begin_shutdown(self.config.app)
+        await super().shutdown(sockets=sockets)
 
 
 class BackgroundServer:
     """uvicorn serving ``app`` in a daemon thread; ``url`` is known once started."""
 
     def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
-        import uvicorn
-
         self.app = app
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on")
-        self.server = uvicorn.Server(config)
+        self.server = AuditorServer(config)
         self.thread = threading.Thread(target=self.server.run, name="auditor-uvicorn", daemon=True)
         self.url = ""
 

@@ -271,6 +271,9 @@ class MicroBatcher:
             except BaseException:
                 self._carry = first  # stop() fails it
                 raise
+            if first.future.done():  # given up on (timed out) while it waited for the worker
+                self.workers.release(worker)
+                continue
             # Closed-loop clients whose answers just went out are about to send again: wait for
             # as many jobs as were in flight when the last batch started. With several workers,
             # a batch takes (and waits for) only its worker's share of the jobs in flight, so

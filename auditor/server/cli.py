@@ -125,6 +125,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from auditor.server.app import create_app
+    from auditor.server.background import AuditorServer
     from auditor.server.settings import Settings
 
     flags = {name: getattr(args, name, None) for name in _SERVE_FLAGS}
@@ -143,7 +144,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     app = create_app(settings, env=os.environ, on_load_error=on_load_error)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
-    server = uvicorn.Server(config)
+    server = AuditorServer(config)
     server.run()
     if failed:
         exc = failed[0]

@@ -30,16 +30,16 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from auditor.errors import AuditorError
-from auditor.server.app import error_body, get_runtime, outcome_for
+from auditor.server.app import NESTED_TOO_DEEPLY, error_body, get_runtime, outcome_for
 from auditor.server.auth import check_bearer
 from auditor.server.errors import (
     AuditFailedError,
@@ -55,12 +55,14 @@ from auditor.text import AuditInput, message_text, with_tool_calls
 
 if TYPE_CHECKING:
     from auditor.pipeline import AuditStream
+    from auditor.policy import PolicyEngine
 
 __all__ = ["router", "guarded_audit", "blocked_reason", "AuditOutcome"]
 
 _log = logging.getLogger("auditor.server")
 router = APIRouter()
 
+T = TypeVar("T")
 _RANK = {"allow": 0, "alert": 1, "block": 2}
 _HOP_HEADERS = {"host", "content-length", "connection", "transfer-encoding", "accept-encoding", "x-auditor-policy"}
 
@@ -139,7 +141,7 @@ async def guarded_audit(
     request: Request,
     items: Sequence[AuditInput],
     *,
-    policy: str | None,
+    policy: str | PolicyEngine | None,
     source: str,
     request_id: str | None = None,
 ) -> AuditOutcome:
@@ -253,6 +255,10 @@ class _Call:
     prompts: list[str]
     stream: bool
     request_id: str
+    engine: PolicyEngine | None = None
+    """The policy (``policy``, or the default) as resolved once for the whole call: the prompt,
+    the completion and every chunk of a stream are audited by the same version of it, even when
+    a reload replaces or removes it while the upstream answers."""
 
     def completion_item(self, text: str, index: int = 0) -> AuditInput:
         if self.messages is not None:
@@ -265,6 +271,8 @@ async def _parse(request: Request, kind: str) -> _Call:
         body = json.loads(await request.body() or b"null")
     except json.JSONDecodeError as exc:
         raise BadRequestError(f"the body is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except RecursionError:
+        raise BadRequestError(NESTED_TOO_DEEPLY) from None
     if not isinstance(body, dict):
         raise BadRequestError("the body must be a JSON object")
     policy = body.pop("auditor_policy", None) or request.headers.get("x-auditor-policy")
@@ -298,6 +306,12 @@ async def _parse(request: Request, kind: str) -> _Call:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequestError("stream must be true or false")
+    try:  # as it will be forwarded: Python reads NaN, Infinity and 1e999 as numbers, JSON has none
+        json.dumps(body, allow_nan=False)
+    except ValueError:
+        raise BadRequestError(
+            "the body holds a number JSON cannot carry (NaN, Infinity, or one beyond a double's range, such as 1e999)"
+        ) from None
     return _Call(kind, body, policy, steering, items, messages, prompts, stream, uuid.uuid4().hex)
 
 
@@ -326,7 +340,8 @@ async def _handle(request: Request, kind: str) -> Response:
     if rt.http is None:
         _check_servable(call.body)
     try:
-        pre = await guarded_audit(rt, request, call.prompt_items, policy=call.policy, source="prompt", request_id=call.request_id)
+        call.engine = rt.engine(call.policy)
+        pre = await guarded_audit(rt, request, call.prompt_items, policy=call.engine, source="prompt", request_id=call.request_id)
     except ServerError as exc:
         raise _with_verdict(exc, None) from None
     try:
@@ -369,8 +384,16 @@ async def _answer(rt: Runtime, request: Request, call: _Call, pre: AuditOutcome)
 # ---------------------------------------------------------------- proxy
 
 
+def _forward_body(call: _Call) -> bytes:
+    """The request body for the upstream: ASCII JSON, so a string holding a lone surrogate (a
+    valid JSON escape, such as half an emoji cut off) is forwarded as the escape it came as
+    (UTF-8 cannot encode it)."""
+    return json.dumps(call.body, separators=(",", ":"), allow_nan=False).encode("ascii")
+
+
 def _forward_headers(rt: Runtime, request: Request) -> dict[str, str]:
-    headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS | {"content-type"}}
+    headers["content-type"] = "application/json"
     headers.pop("authorization", None)
     if rt.settings.upstream_api_key is not None:
         headers["authorization"] = f"Bearer {rt.settings.upstream_api_key.get_secret_value()}"
@@ -423,10 +446,13 @@ async def _proxy(rt: Runtime, request: Request, call: _Call, pre: AuditOutcome) 
     t0 = time.perf_counter()
     route = _path(call)
     try:
-        resp = await rt.http.post(route, json=call.body, headers=_forward_headers(rt, request))
+        resp = await _while_connected(request, rt.http.post(route, content=_forward_body(call), headers=_forward_headers(rt, request)))
     except httpx.HTTPError as exc:
         rt.metrics.upstream_duration.labels(route=route, outcome="error").observe(time.perf_counter() - t0)
         raise UpstreamError(f"the upstream {rt.settings.upstream} could not be reached: {type(exc).__name__}") from None
+    if resp is None:  # the client left: the upstream call is dropped and nothing is audited
+        request.state.outcome = "client_error"
+        return Response(status_code=499)
     rt.metrics.upstream_duration.labels(route=route, outcome=str(resp.status_code)).observe(time.perf_counter() - t0)
     if resp.status_code >= 400:
         request.state.outcome = "upstream_error"
@@ -437,7 +463,7 @@ async def _proxy(rt: Runtime, request: Request, call: _Call, pre: AuditOutcome) 
     choices = _choices(data)
     items = [call.completion_item(_choice_text(call, c), _index(c)) for c in choices]
     post = (
-        await guarded_audit(rt, request, items, policy=call.policy, source="completion", request_id=call.request_id)
+        await guarded_audit(rt, request, items, policy=call.engine, source="completion", request_id=call.request_id)
         if items
         else AuditOutcome(engine=pre.engine)
     )
@@ -453,7 +479,7 @@ def _upstream_json(rt: Runtime, resp: Any) -> dict[str, Any]:
     not something to relay unaudited."""
     try:
         data = resp.json()
-    except ValueError:
+    except (ValueError, RecursionError):
         data = None
     choices = data.get("choices") if isinstance(data, dict) else None
     if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
@@ -483,7 +509,7 @@ async def _upstream_events(rt: Runtime, request: Request, call: _Call, t0: float
     import httpx
 
     assert rt.http is not None
-    ctx = rt.http.stream("POST", _path(call), json=call.body, headers=_forward_headers(rt, request))
+    ctx = rt.http.stream("POST", _path(call), content=_forward_body(call), headers=_forward_headers(rt, request))
     try:
         resp = await ctx.__aenter__()
     except httpx.HTTPError as exc:
@@ -521,7 +547,7 @@ async def _iter_chunks(resp: Any) -> AsyncIterator[dict[str, Any]]:
             return
         try:
             obj = json.loads(payload)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             continue
         if isinstance(obj, dict):
             obj.pop("auditor", None)  # only this sidecar annotates what it releases
@@ -618,11 +644,44 @@ async def _proxy_stream(rt: Runtime, request: Request, call: _Call, pre: AuditOu
             headers={**SSE_HEADERS, **pre.headers()},
         )
     try:
-        chunks = [c async for c in _iter_chunks(resp)]
+        chunks = await _while_connected(request, _all_chunks(resp))
     finally:
         await ctx.__aexit__(None, None, None)
         rt.metrics.upstream_duration.labels(route=route, outcome=str(resp.status_code)).observe(time.perf_counter() - t0)
+    if chunks is None:  # the client left: nobody reads an answer, so nothing is audited
+        request.state.outcome = "client_error"
+        return Response(status_code=499)
     return await _release_held(rt, request, call, pre, chunks)
+
+
+async def _while_connected(request: Request, work: Awaitable[T]) -> T | None:
+    """``work``'s result, or None as soon as the client disconnects (``work`` is then cancelled):
+    an upstream answer is awaited whole (a completion, or a stream held back until it ends), so
+    without a watch on the client a long generation would be waited for (and the upstream kept
+    generating) to its end for a client long gone, and then audited."""
+    collect = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not collect.done():
+            collect.cancel()
+            # Let it unwind before the caller closes the upstream response it reads.
+            await asyncio.gather(collect, return_exceptions=True)
+    if not collect.cancelled():
+        return collect.result()  # the upstream's own failure (UpstreamError) raises here
+    return None
+
+
+async def _all_chunks(resp: Any) -> list[dict[str, Any]]:
+    return [c async for c in _iter_chunks(resp)]
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client disconnects (the request body has been read by now)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _release_held(
@@ -635,7 +694,7 @@ async def _release_held(
             texts[idx] = texts.get(idx, "") + text
     indices = sorted(texts) or [0]
     items = [call.completion_item(texts.get(i, ""), i) for i in indices]
-    post = await guarded_audit(rt, request, items, policy=call.policy, source="completion", request_id=call.request_id)
+    post = await guarded_audit(rt, request, items, policy=call.engine, source="completion", request_id=call.request_id)
     blocked = {idx for pos, idx in enumerate(indices) if post.blocked(pos)}
     template = chunks[0] if chunks else {}
     events: list[bytes] = []
@@ -677,7 +736,7 @@ async def _chunked_release(
         # An incremental audit keeps the KV cache of the prompt and of what was released,
         # so each chunk costs a forward over its own tokens only, and the chunks of concurrent
         # streams that meet in a batch share that forward (MicroBatcher.feed).
-        engine = rt.engine(call.policy)
+        engine = call.engine
         stream = rt.auditor.stream(call.completion_item(""), policy=engine) if engine is not None else None
         finished = False
         unaudited = False  # the completion outgrew what the auditor reads and failed open: pass the rest
@@ -717,7 +776,7 @@ async def _chunked_release(
                         rt,
                         request,
                         [call.completion_item(released + pending)],
-                        policy=call.policy,
+                        policy=call.engine,
                         source="completion",
                         request_id=call.request_id,
                     )
@@ -789,7 +848,7 @@ async def _run_generation(
     stop: list[str],
     steering: list[Any] | None,
     compare: bool,
-    policy: str | None,
+    policy: str | PolicyEngine | None,
     seed: int | None = None,
 ) -> Any:
     from auditor.steering import generate, parse_intervention
@@ -895,7 +954,7 @@ async def _serve(rt: Runtime, request: Request, call: _Call, pre: AuditOutcome) 
         stop=_stop_list(body),
         steering=call.steering,
         compare=False,
-        policy=call.policy,
+        policy=call.engine,
         seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
     )
     post = AuditOutcome([result], engine)

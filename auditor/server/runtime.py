@@ -71,8 +71,13 @@ class Runtime:
     def policy_note(self) -> str | None:
         return NO_POLICY_NOTE if self.store is None else None
 
-    def engine(self, name: str | None) -> PolicyEngine | None:
-        """The policy called ``name`` (or the default); None when no policy is loaded."""
+    def engine(self, name: str | PolicyEngine | None) -> PolicyEngine | None:
+        """The policy called ``name`` (or the default); None when no policy is loaded. An engine
+        (one this method returned before) is returned as it is: a request that audits more than
+        once (a prompt, then its completion) resolves its policy once and keeps that version,
+        whatever reloads happen meanwhile."""
+        if name is not None and not isinstance(name, str):
+            return name
         if self.store is None:
             if name is not None:
                 raise NotFoundError(f"unknown policy {name!r}: {NO_POLICY_NOTE}")
@@ -99,12 +104,13 @@ class Runtime:
         self,
         items: Sequence[AuditInput],
         *,
-        policy: str | None = None,
+        policy: str | PolicyEngine | None = None,
         top_k: int = 0,
         source: str = "any",
         request_id: str | None = None,
     ) -> tuple[list[AuditResult], PolicyEngine | None]:
-        """Audit ``items`` under one policy; verdict metrics and alerts are recorded here."""
+        """Audit ``items`` under one policy (a name, or an engine from :meth:`engine`); verdict
+        metrics and alerts are recorded here."""
         engine = self.engine(policy)
         loop = asyncio.get_running_loop()
         try:

@@ -35,6 +35,10 @@ def sse_comment(text: str = "keepalive") -> bytes:
     return f": {text}\n\n".encode()
 
 
+# Put in a subscriber's queue by Broadcaster.close(): the stream ends.
+_CLOSED: dict[str, Any] = {}
+
+
 class _Subscriber:
     def __init__(self, maxsize: int, accept: Callable[[dict[str, Any]], bool]) -> None:
         self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize)
@@ -48,6 +52,7 @@ class Broadcaster:
     def __init__(self, maxsize: int = 256) -> None:
         self.maxsize = maxsize
         self._subs: set[_Subscriber] = set()
+        self._closed = False
 
     @property
     def subscribers(self) -> int:
@@ -63,10 +68,22 @@ class Broadcaster:
                 sub.dropped += 1
             sub.queue.put_nowait(item)
 
+    def close(self) -> None:
+        """End every subscription (each stream finishes) and every later one at once: the server
+        is shutting down, and it waits for open responses, which an event stream never ends by
+        itself (a browser's ``EventSource`` reconnects to the next server)."""
+        self._closed = True
+        for sub in list(self._subs):
+            if sub.queue.full():
+                sub.queue.get_nowait()
+            sub.queue.put_nowait(_CLOSED)
+
     async def subscribe(
         self, accept: Callable[[dict[str, Any]], bool] = lambda _item: True, *, keepalive_s: float = 15.0
     ) -> AsyncIterator[bytes]:
         """Yield SSE-encoded ``alert`` events (and keepalive comments) until the client goes away."""
+        if self._closed:
+            return
         sub = _Subscriber(self.maxsize, accept)
         self._subs.add(sub)
         try:
@@ -77,6 +94,8 @@ class Broadcaster:
                 except asyncio.TimeoutError:
                     yield sse_comment()
                     continue
+                if item is _CLOSED:
+                    return
                 if sub.dropped:
                     item = {**item, "dropped_before": sub.dropped}
                     sub.dropped = 0

@@ -63,6 +63,8 @@ def _upstream() -> FastAPI:
             finish = "tool_calls"
         elif model == "long":
             message["content"] = "word " * 400
+        elif model == "echo":  # what arrived, as ASCII JSON (a lone surrogate stays visible)
+            message["content"] = json.dumps([body["messages"][-1]["content"], body.get("temperature")])
         if model == "empty" and body.get("stream"):  # headers, a comment, and the body ends
             return StreamingResponse(iter([b": ping\n\n"]), media_type="text/event-stream")
         if model == "split" and body.get("stream"):  # choice 0 finishes, choice 1 is cut off
@@ -328,3 +330,27 @@ def test_a_stream_that_finishes_without_done_is_complete(servers: dict[str, Back
     assert [ch["finish_reason"] for c in events for ch in c["choices"] if ch.get("finish_reason")] == ["stop"]
     assert events[-1]["choices"] == [] and events[-1]["auditor"]["verdict"] == "allow"
     assert (ok(), failed()) == (before[0] + 1, before[1])
+
+
+@pytest.mark.parametrize("mode", ["hold", "chunked"])
+def test_bodies_python_reads_but_utf8_or_json_cannot_carry(servers: dict[str, BackgroundServer], mode: str) -> None:
+    # A lone surrogate escape (half an emoji) is valid JSON: it is audited and forwarded as the
+    # escape it came as, not a 500 (httpx could not encode it as UTF-8). NaN, Infinity and 1e999
+    # are not JSON, though Python reads them: a 422 that says so, not a 500 when forwarding.
+    server = servers[mode]
+    headers = {"content-type": "application/json"}
+    raw = '{"model": "echo", "temperature": 0.5, "messages": [{"role": "user", "content": "Hi \\ud83d"}]}'
+    for stream in (False, True):
+        body = raw.replace('"model"', f'"stream": {json.dumps(stream)}, "model"')
+        resp = httpx.post(server.url + "/v1/chat/completions", content=body, headers=headers, timeout=120)
+        assert resp.status_code == 200, resp.text
+        if stream:
+            content = "".join(c["delta"].get("content") or "" for e in _events(resp) for c in e["choices"])
+        else:
+            content = resp.json()["choices"][0]["message"]["content"]
+        assert json.loads(content.strip()) == ["Hi \ud83d", 0.5]
+    for number in ("NaN", "Infinity", "1e999"):
+        body = raw.replace("0.5", number)
+        resp = httpx.post(server.url + "/v1/chat/completions", content=body, headers=headers, timeout=120)
+        assert resp.status_code == 422, resp.text
+        assert "a number JSON cannot carry" in resp.json()["error"]["message"]

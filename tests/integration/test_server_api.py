@@ -208,6 +208,49 @@ def test_unknown_policy_is_404_listing_the_loaded_ones(server: BackgroundServer)
     assert "quiet" in resp.json()["error"]["message"] and "nope" in resp.json()["error"]["message"]
 
 
+def test_a_lone_surrogate_escape_is_audited_not_an_internal_error(server: BackgroundServer) -> None:
+    # Valid JSON (a client that cut a UTF-16 string inside an emoji sends half a pair), which
+    # Python decodes to a lone surrogate: the tokenizer refused it with a TypeError, a 500 (and,
+    # on the proxy routes, an auditor failure that fail-open let through unaudited).
+    internal = _sample(_metrics(server), "auditor_errors_total", kind="internal")
+    raw = '{"text": "Send the wire transfer today \\ud83d", "policy": "block-fraud", "id": "surrogate-1", "explain": true}'
+    resp = httpx.post(server.url + "/v1/audit", content=raw, headers={"content-type": "application/json"}, timeout=60)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["verdict"] == "block"
+    assert any("\ufffd" in t["token"] for t in resp.json()["tokens"])
+    alerts = httpx.get(server.url + "/v1/alerts", params={"request_id": "surrogate-1"}).json()["alerts"]
+    assert alerts and alerts[0]["rule_id"] == "fraud-any"  # written to the audit log, not lost
+    chat = '{"messages": [{"role": "user", "content": "Hello \\udc00 there"}], "completion": "Sure \\ud800"}'
+    resp = httpx.post(server.url + "/v1/audit", content=chat, headers={"content-type": "application/json"}, timeout=60)
+    assert resp.status_code == 200, resp.text
+    guard = '{"texts": ["Send the wire transfer \\ud83d"], "additional_provider_specific_params": {"policy": "block-fraud"}}'
+    resp = httpx.post(server.url + "/beta/litellm_basic_guardrail_api", content=guard, headers={"content-type": "application/json"}, timeout=60)
+    assert resp.status_code == 200 and resp.json()["action"] == "BLOCKED", resp.text
+    assert _sample(_metrics(server), "auditor_errors_total", kind="internal") == internal
+
+
+def test_json_nested_too_deeply_is_a_422_in_the_error_shape_not_a_500(server: BackgroundServer) -> None:
+    # Under the body limit, but deeper than Python's JSON parser recurses: the chat route's own
+    # parser raised RecursionError (a 500 and a traceback per request), FastAPI's answered
+    # 400 {"detail": "There was an error parsing the body"}.
+    deep = '{"messages": ' + "[" * 1500 + "]" * 1500 + "}"
+    assert len(deep) < 4096
+    before = _metrics(server)
+    for path in ("/v1/audit", "/v1/chat/completions", "/v1/completions", "/beta/litellm_basic_guardrail_api"):
+        resp = httpx.post(server.url + path, content=deep, headers={"content-type": "application/json"}, timeout=60)
+        assert resp.status_code == 422, (path, resp.text)
+        assert "nested too deeply" in resp.json()["error"]["message"] and resp.json()["error"]["code"] == "invalid_request"
+    after = _metrics(server)
+    assert _sample(after, "auditor_requests_total", route="/v1/audit", outcome="client_error") == 1 + _sample(
+        before, "auditor_requests_total", route="/v1/audit", outcome="client_error"
+    )
+    # FastAPI's other answers take the same error object.
+    wrong = httpx.get(server.url + "/v1/audit")
+    assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed" and "allow" in wrong.headers
+    missing = httpx.get(server.url + "/v1/no-such-route")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
 def test_413_body_and_tokens_state_the_limit(server: BackgroundServer) -> None:
     big = _post(server, "/v1/audit", {"text": "a" * 5000})
     assert big.status_code == 413 and "4096 bytes" in big.json()["error"]["message"]

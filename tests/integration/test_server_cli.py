@@ -81,3 +81,53 @@ def test_serve_exits_with_the_load_error(tmp_path: Path) -> None:
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2, out
     assert "error:" in out and "missing.yaml" in out
+
+
+def test_sigterm_ends_open_alert_streams_and_the_server_exits(tmp_path: Path) -> None:
+    # An open /v1/alerts/stream (the /ui/alerts page, a dashboard) never ends by itself, and
+    # uvicorn waits for open responses before it shuts the app down: SIGTERM left the server
+    # running, sending keepalives, until the subscriber went away.
+    import threading
+
+    sae = make_random_sae(tmp_path / "sae", d_in=576, d_sae=64, hookpoint="blocks.5.hook_resid_post")
+    policy = REPO / "policies" / "examples" / "deception.yaml"
+    proc = _serve(["--port", "0", "--sae", str(sae), "--policy", str(policy)], {"AUDITOR_DATA_DIR": str(tmp_path / "data")})
+    assert proc.stdout is not None
+    ended = threading.Event()
+    received: list[str] = []
+    try:
+        url = None
+        deadline = time.monotonic() + 120
+        while url is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            m = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line)
+            url = m.group(1) if m else None
+        assert url is not None
+        while time.monotonic() < deadline and httpx.get(url + "/readyz").status_code != 200:
+            time.sleep(0.2)
+        subscribed = threading.Event()
+
+        def subscribe() -> None:
+            try:
+                with httpx.stream("GET", url + "/v1/alerts/stream", timeout=60) as resp:
+                    for line in resp.iter_lines():
+                        received.append(line)
+                        subscribed.set()
+            except httpx.HTTPError as exc:
+                received.append(f"error: {exc!r}")
+            finally:
+                ended.set()
+
+        threading.Thread(target=subscribe, daemon=True).start()
+        assert subscribed.wait(30)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode in (0, -signal.SIGTERM), out
+    assert "Application shutdown complete" in out
+    assert ended.wait(5) and not any(r.startswith("error") for r in received), received  # the stream ended cleanly

@@ -243,6 +243,29 @@ def test_check_for_changes_sees_policies_libraries_and_new_files(folder: Path) -
     assert result is not None and result.ok and "third" in store.names
 
 
+def test_an_edit_written_while_a_reload_reads_the_files_is_not_lost(folder: Path) -> None:
+    # A deploy writes several files one after another; the watcher's reload, started by the first,
+    # has already read default.yaml when the next write replaces it. That write's mtime was
+    # recorded as seen (the files were stat'ed after loading), so the edit was never loaded.
+    store = PolicyStore([folder])
+    edited: list[bool] = []
+
+    def edit_during_reload(engine: Any) -> None:
+        if engine.name == "other" and not edited:  # default.yaml (sorted first) is read by now
+            write(folder / "default.yaml", policy_text("default", 9.0))
+            edited.append(True)
+
+    store.check = edit_during_reload
+    write(folder / "default.yaml", policy_text("default", 4.0))
+    first = store.check_for_changes()
+    assert first is not None and first.ok and edited
+    assert store.current().compiled.leaf_threshold.tolist() == [4.0]  # what that reload read
+    again = store.check_for_changes()
+    assert again is not None and again.ok and again.changed
+    assert store.current().compiled.leaf_threshold.tolist() == [9.0]
+    assert store.check_for_changes() is None
+
+
 def test_watch_thread_reloads_and_stops(folder: Path) -> None:
     store = PolicyStore([folder])
     done = threading.Event()

@@ -321,6 +321,29 @@ def test_audit_duration_counts_audits_feeds_and_timeouts(auditor) -> None:  # ty
     assert all(later > earlier for (_, earlier), (_, later) in zip(seen[:2], seen[1:3]))  # real durations were added
 
 
+def test_a_job_given_up_on_while_it_waited_for_a_worker_takes_no_forward(auditor) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    async def scenario() -> tuple[int, list[str]]:
+        batcher = MicroBatcher(auditor, max_wait_ms=1, max_tokens=4096, queue_size=8)
+        await batcher.start()
+        try:
+            busy = asyncio.ensure_future(batcher.run_model(time.sleep, 1.0))  # the one worker, taken
+            await asyncio.sleep(0.05)
+            with pytest.raises(AuditTimeoutError):  # the collector holds it while it waits for the worker
+                await batcher.audit([AuditInput(text="A text nobody waits for.")], None, top_k=0, n_tokens=8, timeout_s=0.2)
+            await busy
+            [after] = await batcher.audit([AuditInput(text="The next one.")], None, top_k=0, n_tokens=5, timeout_s=60)
+            return batcher.batches, after.tokens
+        finally:
+            await batcher.stop()
+
+    batches, tokens = asyncio.run(scenario())
+    # Before: the timed-out job still ran a forward once the worker was free (under overload, a
+    # worker's time spent on answers nobody will read).
+    assert batches == 1 and "next" in "".join(tokens).lower()
+
+
 @pytest.mark.parametrize("hand_off", [True, False], ids=["built-off-the-worker", "built-on-the-worker"])
 def test_batches_whose_results_are_built_off_the_worker_match_single_runs(auditor, hand_off: bool) -> None:  # type: ignore[no-untyped-def]
     """What the sidecar does on a GPU (``hand_off``): the worker queues a batch, a host thread

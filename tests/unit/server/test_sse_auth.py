@@ -42,6 +42,21 @@ def test_broadcaster_filters_and_drops_oldest_for_slow_subscribers() -> None:
     assert [json.loads(e.decode().split("data: ", 1)[1])["id"] for e in got_every] == ["2", "3"]
 
 
+def test_broadcaster_close_ends_every_stream_even_a_full_one() -> None:
+    async def scenario() -> list[bytes]:
+        hub = Broadcaster(maxsize=1)
+        sub = hub.subscribe(keepalive_s=60)
+        assert await sub.__anext__() == sse_comment("subscribed")
+        hub.publish({"id": "0", "severity": "high"})  # its queue is full
+        hub.close()
+        rest = [e async for e in sub]  # ends instead of waiting for the next alert
+        assert hub.subscribers == 0
+        assert [e async for e in hub.subscribe()] == []  # a subscription after close ends at once
+        return rest
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 5)) == []
+
+
 def _settings(**flags: object) -> Settings:
     return Settings.load(flags=flags, env={"AUDITOR_API_TOKEN": "s3cret"})
 
