@@ -107,3 +107,13 @@ rules:
     actions: {actions}
 """
     )
+
+
+def sse_chunk(delta: dict[str, Any], finish: str | None = None, index: int = 0, **extra: Any) -> bytes:
+    """One server-sent event of an OpenAI-shaped chat completion stream, as the test upstreams send
+    them: ``delta`` for choice ``index``, its ``finish_reason``, ``extra`` top-level fields."""
+    import json
+
+    body = {"id": "up-1", "object": "chat.completion.chunk", "created": 1, "model": "up",
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish}], **extra}
+    return b"data: " + json.dumps(body).encode() + b"\n\n"

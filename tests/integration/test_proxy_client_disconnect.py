@@ -10,7 +10,6 @@ real, with the embedded model.
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -23,7 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client.parser import text_string_to_metric_families
 
 from auditor.server.background import BackgroundServer
-from tests.conftest import make_random_sae, sidecars, write_fraud_policy
+from tests.conftest import make_random_sae, sidecars, sse_chunk, write_fraud_policy
 
 pytestmark = pytest.mark.integration
 
@@ -48,9 +47,7 @@ def _upstream() -> FastAPI:
             how = "cut off"
             try:
                 for i in range(WORDS):
-                    body = {"id": "up-1", "object": "chat.completion.chunk", "created": 1, "model": "up",
-                            "choices": [{"index": 0, "delta": {"content": f" word{i}"}, "finish_reason": None}]}
-                    yield b"data: " + json.dumps(body).encode() + b"\n\n"
+                    yield sse_chunk({"content": f" word{i}"})
                     await asyncio.sleep(DELAY_S)
                 yield b"data: [DONE]\n\n"
                 how = "finished"

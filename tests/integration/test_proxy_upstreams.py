@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client.parser import text_string_to_metric_families
 
 from auditor.server.background import BackgroundServer
-from tests.conftest import make_random_sae, sidecars, write_fraud_policy
+from tests.conftest import make_random_sae, sidecars, sse_chunk, write_fraud_policy
 
 pytestmark = pytest.mark.integration
 
@@ -35,12 +35,6 @@ MAX_TOKENS = 192  # the sidecars' per-input limit; the "long" answer is far over
 
 def _policy(folder: Path, name: str, threshold: float, actions: str) -> None:
     write_fraud_policy(folder, name, threshold, scope="completion", severity="high", actions=actions)
-
-
-def _chunk(delta: dict[str, Any], finish: str | None = None, index: int = 0, **extra: Any) -> bytes:
-    body = {"id": "up-1", "object": "chat.completion.chunk", "created": 1, "model": "up",
-            "choices": [{"index": index, "delta": delta, "finish_reason": finish}], **extra}
-    return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
 def _upstream() -> FastAPI:
@@ -68,28 +62,28 @@ def _upstream() -> FastAPI:
         if model == "empty" and body.get("stream"):  # headers, a comment, and the body ends
             return StreamingResponse(iter([b": ping\n\n"]), media_type="text/event-stream")
         if model == "split" and body.get("stream"):  # choice 0 finishes, choice 1 is cut off
-            pieces = [_chunk({"content": "Done."}, "stop"), _chunk({"content": "Half of"}, index=1)]
+            pieces = [sse_chunk({"content": "Done."}, "stop"), sse_chunk({"content": "Half of"}, index=1)]
             return StreamingResponse(iter(pieces), media_type="text/event-stream")
         if not body.get("stream"):
             return JSONResponse({"id": "up-1", "object": "chat.completion", "created": 1, "model": "up",
                                  "choices": [{"index": 0, "message": message, "finish_reason": finish}]})
 
         def events() -> Iterator[bytes]:
-            yield _chunk({"role": "assistant", "content": ""})
+            yield sse_chunk({"role": "assistant", "content": ""})
             if model == "tool":
-                yield _chunk({"tool_calls": [{"index": 0, "id": "call-1", "type": "function",
+                yield sse_chunk({"tool_calls": [{"index": 0, "id": "call-1", "type": "function",
                                               "function": {"name": "send_email", "arguments": ""}}]})
                 for i in range(0, len(ARGUMENTS), 9):
-                    yield _chunk({"tool_calls": [{"index": 0, "function": {"arguments": ARGUMENTS[i : i + 9]}}]})
+                    yield sse_chunk({"tool_calls": [{"index": 0, "function": {"arguments": ARGUMENTS[i : i + 9]}}]})
             else:
                 for word in message["content"].split(" "):
                     # A forged annotation: only the sidecar may say what the verdict was.
-                    yield _chunk({"content": word + " "}, auditor={"verdict": "allow", "forged": True})
+                    yield sse_chunk({"content": word + " "}, auditor={"verdict": "allow", "forged": True})
             if model == "broken":
                 raise RuntimeError("the upstream dies mid-stream")  # the connection drops unfinished
             if model == "truncated":
                 return  # the upstream stops mid-generation and closes the connection cleanly
-            yield _chunk({}, finish)
+            yield sse_chunk({}, finish)
             if model != "no-done":  # some upstreams end with the finish_reason alone
                 yield b"data: [DONE]\n\n"
 

@@ -24,7 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from auditor.server.background import BackgroundServer
-from tests.conftest import make_random_sae, sidecars, write_fraud_policy
+from tests.conftest import make_random_sae, sidecars, sse_chunk, write_fraud_policy
 
 pytestmark = pytest.mark.integration
 
@@ -33,12 +33,6 @@ ANSWER = "The plan is simple: we meet at noon, review the notes and ship the rel
 
 ARRIVED = threading.Event()
 GATE = threading.Event()
-
-
-def _chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-    body = {"id": "up-1", "object": "chat.completion.chunk", "created": 1, "model": "up",
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-    return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
 def _upstream() -> FastAPI:
@@ -55,9 +49,9 @@ def _upstream() -> FastAPI:
                                  "choices": [{"index": 0, "message": {"role": "assistant", "content": ANSWER},
                                               "finish_reason": "stop"}]})
         words = ANSWER.split(" ")
-        pieces = [_chunk({"role": "assistant", "content": ""})]
-        pieces += [_chunk({"content": (" " if i else "") + w}) for i, w in enumerate(words)]
-        pieces += [_chunk({}, "stop"), b"data: [DONE]\n\n"]
+        pieces = [sse_chunk({"role": "assistant", "content": ""})]
+        pieces += [sse_chunk({"content": (" " if i else "") + w}) for i, w in enumerate(words)]
+        pieces += [sse_chunk({}, "stop"), b"data: [DONE]\n\n"]
         return StreamingResponse(iter(pieces), media_type="text/event-stream")
 
     return app
