@@ -89,6 +89,19 @@ def sidecars(root: Path, common: dict[str, Any], variants: dict[str, dict[str, A
             srv.stop()
 
 
+@contextmanager
+def proxied_sidecars(root: Path, upstream_app: Any, common: dict[str, Any], variants: dict[str, dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """``upstream_app`` served on loopback (``"upstream"`` in the result) and :func:`sidecars` in
+    front of it, with the random 64-latent SAE that :func:`write_fraud_policy`'s library describes;
+    ``common`` adds to the flags ``sae`` and ``upstream``."""
+    from auditor.server.background import BackgroundServer
+
+    sae = make_random_sae(root / "sae", d_in=576, d_sae=64, hookpoint="blocks.5.hook_resid_post")
+    upstream = BackgroundServer(upstream_app).start()
+    with sidecars(root, {"sae": str(sae), "upstream": upstream.url, **common}, variants, upstream=upstream) as started:
+        yield started
+
+
 def write_fraud_policy(folder: Path, name: str, threshold: float, *, scope: str, severity: str, actions: str) -> None:
     """``folder/name.yaml``: one rule on the tiny example library's ``deception.fraud`` (max over the
     ``scope`` at ``threshold``; 0 matches every text, 1e6 none), for a random SAE of 64 latents."""

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client.parser import text_string_to_metric_families
 
 from auditor.server.background import BackgroundServer
-from tests.conftest import make_random_sae, sidecars, sse_chunk, write_fraud_policy
+from tests.conftest import proxied_sidecars, sse_chunk, write_fraud_policy
 
 pytestmark = pytest.mark.integration
 
@@ -63,14 +63,11 @@ def _upstream() -> FastAPI:
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, BackgroundServer]]:
     root = tmp_path_factory.mktemp("disconnect")
-    sae = make_random_sae(root / "sae", d_in=576, d_sae=64, hookpoint="blocks.5.hook_resid_post")
     pol = root / "policies"
     pol.mkdir()
     write_fraud_policy(pol, "quiet", 1e6, scope="any", severity="high", actions="[alert, block]")
-    upstream = BackgroundServer(_upstream()).start()
-    common = {"sae": str(sae), "policies": [str(pol)], "upstream": upstream.url}
     variants: dict[str, dict[str, Any]] = {"hold": {}, "chunked": {"stream_mode": "chunked", "stream_chunk_chars": 40}}
-    with sidecars(root, common, variants, upstream=upstream) as started:
+    with proxied_sidecars(root, _upstream(), {"policies": [str(pol)]}, variants) as started:
         yield started
 
 

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client.parser import text_string_to_metric_families
 
 from auditor.server.background import BackgroundServer
-from tests.conftest import make_random_sae, sidecars, sse_chunk, write_fraud_policy
+from tests.conftest import proxied_sidecars, sse_chunk, write_fraud_policy
 
 pytestmark = pytest.mark.integration
 
@@ -95,15 +95,12 @@ def _upstream() -> FastAPI:
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, BackgroundServer]]:
     root = tmp_path_factory.mktemp("upstreams")
-    sae = make_random_sae(root / "sae", d_in=576, d_sae=64, hookpoint="blocks.5.hook_resid_post")
     pol = root / "policies"
     pol.mkdir()
     _policy(pol, "quiet", 1e6, "[alert, block]")
     _policy(pol, "block-completion", 0.0, "[alert, block]")
     _policy(pol, "alert-completion", 0.0, "[alert]")
-    upstream = BackgroundServer(_upstream()).start()
-    common = {"sae": str(sae), "policies": [str(pol)], "default_policy": "quiet", "max_tokens": MAX_TOKENS,
-              "upstream": upstream.url}
+    common = {"policies": [str(pol)], "default_policy": "quiet", "max_tokens": MAX_TOKENS}
     variants: dict[str, dict[str, Any]] = {
         "hold": {"fail_mode": "closed"},
         "chunked": {"stream_mode": "chunked", "stream_chunk_chars": 12, "fail_mode": "open"},
@@ -112,7 +109,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Back
         sock.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
     variants["dead"] = {"upstream": dead}
-    with sidecars(root, common, variants, upstream=upstream) as started:
+    with proxied_sidecars(root, _upstream(), common, variants) as started:
         yield started
 
 

@@ -23,8 +23,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from auditor.server.background import BackgroundServer
-from tests.conftest import make_random_sae, sidecars, sse_chunk, write_fraud_policy
+from tests.conftest import proxied_sidecars, sse_chunk, write_fraud_policy
 
 pytestmark = pytest.mark.integration
 
@@ -60,19 +59,16 @@ def _upstream() -> FastAPI:
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("reload-inflight")
-    sae = make_random_sae(root / "sae", d_in=576, d_sae=64, hookpoint="blocks.5.hook_resid_post")
-    upstream = BackgroundServer(_upstream()).start()
     folders = {}
     for name in ("hold", "chunked"):
         folders[name] = root / f"policies-{name}"
         folders[name].mkdir()
         write_fraud_policy(folders[name], "quiet", 1e6, scope="any", severity="high", actions="[alert, block]")
-    common = {"sae": str(sae), "default_policy": "quiet", "upstream": upstream.url}
     variants = {
         "hold": {"policies": [str(folders["hold"])]},
         "chunked": {"policies": [str(folders["chunked"])], "stream_mode": "chunked", "stream_chunk_chars": 24},
     }
-    with sidecars(root, common, variants, upstream=upstream) as started:
+    with proxied_sidecars(root, _upstream(), {"default_policy": "quiet"}, variants) as started:
         yield {"servers": started, "folders": folders}
 
 
