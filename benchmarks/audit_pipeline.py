@@ -24,6 +24,7 @@ forward is queued. ``--compile-policy`` compiles the policy's program as ``audit
 
     python benchmarks/audit_pipeline.py [--buckets 4] [--batch 32] [--seq 512] [--repeats 3] [--compile-policy]
     python benchmarks/audit_pipeline.py --tiny      # a 4-layer model on the CPU: a smoke test
+    python benchmarks/audit_pipeline.py --compare-traces DIR/run/trace.json DIR/forwards/trace.json
 """
 
 from __future__ import annotations
@@ -151,6 +152,44 @@ def trace(fn: Any, device: torch.device, out_dir: Path) -> dict[str, Any]:
     }
 
 
+def device_events(path: Path) -> list[dict[str, Any]]:
+    """The GPU kernels, copies and memsets of a Chrome trace (``.json`` or ``.json.gz``)."""
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    return [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+
+
+def compare_traces(run_trace: Path, forwards_trace: Path) -> dict[str, Any]:
+    """The device time of what a run adds to its forwards: per kernel name, the run's total time
+    less the forwards' where the run has more launches of it (its own kernels: encode, decision,
+    copies), against the forwards' whole device time. Comparing totals of every kernel instead
+    would mostly measure the forwards' run-to-run spread (about 1%)."""
+    by_name: dict[str, dict[str, list[float]]] = {}
+    for key, path in (("run", run_trace), ("forwards", forwards_trace)):
+        for e in device_events(path):
+            by_name.setdefault(e["name"], {"run": [], "forwards": []})[key].append(float(e.get("dur", 0.0)))
+    rows = []
+    for name, d in by_name.items():
+        extra = len(d["run"]) - len(d["forwards"])
+        if extra > 0:
+            rows.append({"kernel": name[:100], "extra_launches": extra, "ms": (sum(d["run"]) - sum(d["forwards"])) / 1e3})
+    rows.sort(key=lambda r: -r["ms"])
+    forwards_ms = sum(sum(d["forwards"]) for d in by_name.values()) / 1e3
+    added = sum(r["ms"] for r in rows)
+    return {"forwards_device_ms": forwards_ms, "run_only_ms": added, "run_only_share": added / forwards_ms if forwards_ms else 0.0,
+            "largest": rows[:12]}
+
+
+def print_comparison(c: dict[str, Any]) -> None:
+    print(f"kernels only the run has: {c['run_only_ms']:.2f} ms against the forwards' {c['forwards_device_ms']:.1f} ms "
+          f"of device time ({100 * c['run_only_share']:.2f}%); the largest:")
+    for r in c["largest"][:8]:
+        print(f"  {r['ms']:8.3f} ms  x{r['extra_launches']:<3} {r['kernel'][:90]}")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="a 4-layer model and a small SAE, for a CPU smoke test")
@@ -164,7 +203,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--compile-policy", action="store_true")
     ap.add_argument("--trace", type=Path, default=None, metavar="DIR", help="after the timings, profile one overlapped "
                     "run and one of the forwards alone; write their Chrome traces and the syncs' stacks to DIR")
+    ap.add_argument("--compare-traces", type=Path, nargs=2, default=None, metavar=("RUN", "FORWARDS"),
+                    help="only compare two traces that --trace wrote (.json or .json.gz): the device time of the "
+                    "kernels only the run has, against the forwards'")
     args = ap.parse_args(argv)
+    if args.compare_traces is not None:
+        c = compare_traces(*args.compare_traces)
+        print(json.dumps(c, indent=2))
+        print()
+        print_comparison(c)
+        return c
     device = torch.device(args.device)
     cfg = TINY if args.tiny else LLAMA_31_8B
     seq, width = (min(args.seq, 64), 8192) if args.tiny else (args.seq, args.width)
@@ -236,6 +284,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         traced["run_overlapped"] = trace(lambda: run(True), device, args.trace / "run")
         traced["forwards"] = trace(forwards, device, args.trace / "forwards")
         (args.trace / "sync_stacks.txt").write_text("\n\n".join(stacks))
+        if device.type == "cuda":
+            traced["compared"] = compare_traces(args.trace / "run" / "trace.json", args.trace / "forwards" / "trace.json")
     out: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "tiny": args.tiny, "buckets": args.buckets, "batch": args.batch, "seq": seq,
@@ -261,6 +311,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"{'batches launched ahead':22} {out['batches_ahead_s']:9.4f} {100 * out['batches_ahead_added_share']:29.2f}%"
           "  (tokenizing included)")
     print(f"syncs in one launch: {', '.join(syncs) if syncs else 'none'}")
+    if "compared" in traced:
+        print_comparison(traced["compared"])
     for key, t in traced.items():
         if t.get("device_spans"):
             print(f"traced {key}: GPU idle {100 * t['idle_share']:.2f}% of {t['span_ms']:.1f} ms; longest gaps (ms): "

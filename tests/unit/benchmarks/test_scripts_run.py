@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[3]
 
 
@@ -149,3 +151,22 @@ def test_audit_pipeline_script_runs() -> None:
     assert out["forwards_s"] > 0 and out["tokenize_s"] > 0 and out["launch_syncs"] == []  # none listed off CUDA
     assert all(out[f"{k}_s"] > out["forwards_s"] for k in ("run_overlapped", "run_in_turn", "batches_ahead"))
     assert out["matches_per_text"] > 0
+
+
+def test_audit_pipeline_compares_two_traces(tmp_path: Path) -> None:
+    """The kernels only a run has: per name, the run's time less the forwards' where it launched more."""
+    import gzip
+
+    def kernel(name: str, dur: float) -> dict:
+        return {"ph": "X", "cat": "kernel", "name": name, "ts": 0, "dur": dur}
+
+    forwards = [kernel("gemm_bf16", 100.0), kernel("gemm_bf16", 102.0), kernel("rmsnorm", 5.0)]
+    run = [kernel("gemm_bf16", 99.0), kernel("gemm_bf16", 101.0), kernel("rmsnorm", 5.5),
+           kernel("gemm_f32_watch_list", 7.0), kernel("gather", 1.5), kernel("gather", 1.5),
+           {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 50.0}]
+    (tmp_path / "run.json").write_text(json.dumps({"traceEvents": run}))
+    with gzip.open(tmp_path / "fwd.json.gz", "wt") as f:
+        json.dump({"traceEvents": forwards}, f)
+    out = first_json(run_script("benchmarks/audit_pipeline.py", "--compare-traces", str(tmp_path / "run.json"), str(tmp_path / "fwd.json.gz")))
+    assert out["forwards_device_ms"] == pytest.approx(0.207) and out["run_only_ms"] == pytest.approx(0.010)
+    assert [(r["kernel"], r["extra_launches"]) for r in out["largest"]] == [("gemm_f32_watch_list", 1), ("gather", 2)]
