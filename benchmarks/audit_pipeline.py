@@ -180,7 +180,23 @@ def compare_traces(run_trace: Path, forwards_trace: Path) -> dict[str, Any]:
     forwards_ms = sum(sum(d["forwards"]) for d in by_name.values()) / 1e3
     added = sum(r["ms"] for r in rows)
     return {"forwards_device_ms": forwards_ms, "run_only_ms": added, "run_only_share": added / forwards_ms if forwards_ms else 0.0,
-            "largest": rows[:12]}
+            "largest": rows[:12], "run_gaps": idle_gaps(run_trace), "forwards_gaps": idle_gaps(forwards_trace)}
+
+
+def idle_gaps(path: Path, most: int = 8) -> dict[str, Any]:
+    """How long the GPU stood idle in a trace: in all (overlaps merged) and its longest gaps, each
+    with where it fell (ms from the first device event) and the device events on either side."""
+    spans = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)), e["name"]) for e in device_events(path))
+    if not spans:
+        return {"span_ms": 0.0, "idle_ms": 0.0, "longest": []}
+    gaps, end, before = [], spans[0][0], ""
+    for start, stop, name in spans:
+        if start > end:
+            gaps.append({"ms": (start - end) / 1e3, "at_ms": (end - spans[0][0]) / 1e3, "after": before[:60], "before": name[:60]})
+        if stop > end:
+            end, before = stop, name
+    gaps.sort(key=lambda g: -g["ms"])
+    return {"span_ms": (end - spans[0][0]) / 1e3, "idle_ms": sum(g["ms"] for g in gaps), "longest": gaps[:most]}
 
 
 def print_comparison(c: dict[str, Any]) -> None:
@@ -188,6 +204,11 @@ def print_comparison(c: dict[str, Any]) -> None:
           f"of device time ({100 * c['run_only_share']:.2f}%); the largest:")
     for r in c["largest"][:8]:
         print(f"  {r['ms']:8.3f} ms  x{r['extra_launches']:<3} {r['kernel'][:90]}")
+    for key in ("run_gaps", "forwards_gaps"):
+        g = c[key]
+        print(f"{key.split('_')[0]}: the GPU idle {g['idle_ms']:.1f} ms of {g['span_ms']:.1f}; longest gaps:")
+        for gap in g["longest"][:5]:
+            print(f"  {gap['ms']:.3f} ms at {gap['at_ms']:.1f} ms: {gap['after'][:45]} -> {gap['before'][:45]}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
