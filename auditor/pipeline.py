@@ -38,7 +38,7 @@ from auditor.text import (
 if TYPE_CHECKING:
     from auditor.features import FeatureLibrary
     from auditor.models import Hookpoint, LoadedModel
-    from auditor.policy import PendingVerdicts, PolicyEngine, Verdict
+    from auditor.policy import AuditBatch, PendingVerdicts, PolicyEngine, Verdict
     from auditor.sae import SAE
 
 __all__ = [
@@ -470,8 +470,6 @@ class Auditor:
         device: the content tokens are picked by an index computed on the host (a boolean mask
         on a GPU would wait for it), and every input crosses to the device before the forward (a
         blocking copy waits for the stream's work)."""
-        from auditor.policy import AuditBatch
-
         t0 = time.perf_counter()
         B, T = batch.content_mask.shape
         index = batch.content_mask.reshape(-1).nonzero().squeeze(1).to(self.device)  # content tokens, row-major
@@ -498,18 +496,7 @@ class Auditor:
 
         pending = None
         if engine is not None and watched_feats is not None:
-            is_completion, is_prompt = role_masks(role)  # type: ignore[arg-type]
-            pending = engine.decide(
-                AuditBatch(
-                    features=watched_feats,
-                    mask=mask,  # type: ignore[arg-type]
-                    is_completion=is_completion,
-                    is_prompt=is_prompt,
-                    recon_error=recon,
-                    resid=acts if engine.needs_resid else None,
-                    tokens=batch.tokens,
-                )
-            )
+            pending = engine.decide(_audit_batch(engine, batch, acts, watched_feats, recon, mask, role))
         top = None
         if full is not None:
             vals, idx = full.topk(min(top_k, full.shape[1]), dim=1)  # [N, k]
@@ -713,7 +700,7 @@ class Auditor:
                 recon_bt = torch.where(mask, recon_bt, 0.0)
             if acts_bt is not None:
                 acts_bt = torch.where(mask[..., None], acts_bt, 0.0)
-            for i, verdict in zip(members, _evaluate(engine, sub, acts_bt, feats_bt, recon_bt)):
+            for i, verdict in zip(members, engine.evaluate(_audit_batch(engine, sub, acts_bt, feats_bt, recon_bt))):
                 verdicts[i] = verdict
         timings.evaluate = time.perf_counter() - t3
         self._timings.value = timings
@@ -859,32 +846,34 @@ class AuditStream:
             self._recon = torch.cat([self._recon, recon])
 
 
-def _evaluate(
+def _audit_batch(
     engine: PolicyEngine,
     batch: TokenBatch,
     acts: torch.Tensor | None,
     watched_feats: torch.Tensor,
     recon: torch.Tensor | None,
-) -> list[Any]:
-    """Policy verdicts for a batch: ``acts [B, T, d_in]`` (needed only when the policy reads the
-    residual stream), ``watched_feats [B, T, F]``, ``recon [B, T]``."""
+    mask: torch.Tensor | None = None,
+    role: torch.Tensor | None = None,
+) -> AuditBatch:
+    """What ``engine`` reads of a batch: ``acts [B, T, d_in]`` (needed only when the policy reads
+    the residual stream), ``watched_feats [B, T, F]``, ``recon [B, T]``; ``mask`` and ``role``: the
+    batch's content mask and roles already on the features' device (else moved there here)."""
     from auditor.policy import AuditBatch
 
-    dev = watched_feats.device
-    mask, role = batch.content_mask, batch.role
-    if mask.device != dev:  # a call each, even when already there
-        mask, role = mask.to(dev), role.to(dev)
+    if mask is None or role is None:
+        dev = watched_feats.device
+        mask, role = batch.content_mask, batch.role
+        if mask.device != dev:  # a call each, even when already there
+            mask, role = mask.to(dev), role.to(dev)
     is_completion, is_prompt = role_masks(role)
-    return engine.evaluate(
-        AuditBatch(
-            features=watched_feats,
-            mask=mask,
-            is_completion=is_completion,
-            is_prompt=is_prompt,
-            recon_error=recon,
-            resid=acts if engine.needs_resid else None,
-            tokens=batch.tokens,
-        )
+    return AuditBatch(
+        features=watched_feats,
+        mask=mask,
+        is_completion=is_completion,
+        is_prompt=is_prompt,
+        recon_error=recon,
+        resid=acts if engine.needs_resid else None,
+        tokens=batch.tokens,
     )
 
 
