@@ -255,6 +255,11 @@ class _Call:
     prompts: list[str]
     stream: bool
     request_id: str
+    forward: bytes
+    """The body as forwarded to an upstream: ASCII JSON, so a string holding a lone surrogate (a
+    valid JSON escape, such as half an emoji cut off) goes out as the escape it came as (UTF-8
+    cannot encode it). Serialized once, when the request is read: that also refuses numbers JSON
+    cannot carry."""
     engine: PolicyEngine | None = None
     """The policy (``policy``, or the default) as resolved once for the whole call: the prompt,
     the completion and every chunk of a stream are audited by the same version of it, even when
@@ -307,12 +312,12 @@ async def _parse(request: Request, kind: str) -> _Call:
     if not isinstance(stream, bool):
         raise BadRequestError("stream must be true or false")
     try:  # as it will be forwarded: Python reads NaN, Infinity and 1e999 as numbers, JSON has none
-        json.dumps(body, allow_nan=False)
+        forward = json.dumps(body, separators=(",", ":"), allow_nan=False).encode("ascii")
     except ValueError:
         raise BadRequestError(
             "the body holds a number JSON cannot carry (NaN, Infinity, or one beyond a double's range, such as 1e999)"
         ) from None
-    return _Call(kind, body, policy, steering, items, messages, prompts, stream, uuid.uuid4().hex)
+    return _Call(kind, body, policy, steering, items, messages, prompts, stream, uuid.uuid4().hex, forward)
 
 
 # ---------------------------------------------------------------- routes
@@ -384,13 +389,6 @@ async def _answer(rt: Runtime, request: Request, call: _Call, pre: AuditOutcome)
 # ---------------------------------------------------------------- proxy
 
 
-def _forward_body(call: _Call) -> bytes:
-    """The request body for the upstream: ASCII JSON, so a string holding a lone surrogate (a
-    valid JSON escape, such as half an emoji cut off) is forwarded as the escape it came as
-    (UTF-8 cannot encode it)."""
-    return json.dumps(call.body, separators=(",", ":"), allow_nan=False).encode("ascii")
-
-
 def _forward_headers(rt: Runtime, request: Request) -> dict[str, str]:
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS | {"content-type"}}
     headers["content-type"] = "application/json"
@@ -446,7 +444,7 @@ async def _proxy(rt: Runtime, request: Request, call: _Call, pre: AuditOutcome) 
     t0 = time.perf_counter()
     route = _path(call)
     try:
-        resp = await _while_connected(request, rt.http.post(route, content=_forward_body(call), headers=_forward_headers(rt, request)))
+        resp = await _while_connected(request, rt.http.post(route, content=call.forward, headers=_forward_headers(rt, request)))
     except httpx.HTTPError as exc:
         rt.metrics.upstream_duration.labels(route=route, outcome="error").observe(time.perf_counter() - t0)
         raise UpstreamError(f"the upstream {rt.settings.upstream} could not be reached: {type(exc).__name__}") from None
@@ -509,7 +507,7 @@ async def _upstream_events(rt: Runtime, request: Request, call: _Call, t0: float
     import httpx
 
     assert rt.http is not None
-    ctx = rt.http.stream("POST", _path(call), content=_forward_body(call), headers=_forward_headers(rt, request))
+    ctx = rt.http.stream("POST", _path(call), content=call.forward, headers=_forward_headers(rt, request))
     try:
         resp = await ctx.__aenter__()
     except httpx.HTTPError as exc:
