@@ -51,6 +51,7 @@ from auditor.policy.compile import compile_policy  # noqa: E402
 from auditor.policy.engine import PolicyEngine  # noqa: E402
 from benchmarks.gpu_llama8b import LLAMA_31_8B, TINY, build_model, random_sae  # noqa: E402
 from benchmarks.policy_eval import random_library, random_policy  # noqa: E402
+from benchmarks.timing import round_robin  # noqa: E402
 
 def word_tokenizer(words: int) -> Any:
     """A fast tokenizer with one token per word ``w0`` .. ``w{words-1}`` (ids 2 ..), ``<s>`` as BOS
@@ -73,16 +74,6 @@ def random_engine(width: int, hook: str, model: str) -> PolicyEngine:
     library = library.model_copy(update={"sae": library.sae.model_copy(update={"d_sae": width, "hookpoint": hook, "model": model})})
     policy = random_policy(rng, library.names, 100)
     return PolicyEngine(policy, library, compile_policy(policy, library, base_dir=".", path="<audit-pipeline>"))
-
-
-def best(fn: Any, device: torch.device, repeats: int, times: list[float]) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    times.append(time.perf_counter() - t0)
 
 
 def launch_syncs(auditor: Auditor, items: list[AuditInput], stacks: list[str] | None = None) -> list[str]:
@@ -290,12 +281,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for overlap in (True, False):  # untimed: graphs are seen, then captured
         run(overlap)
     warm_s = time.perf_counter() - t_start
-    times: dict[str, list[float]] = {"forwards": [], "run_overlapped": [], "run_in_turn": [], "batches_ahead": []}
-    for _ in range(args.repeats):
-        best(forwards, device, args.repeats, times["forwards"])
-        best(lambda: run(True), device, args.repeats, times["run_overlapped"])
-        best(lambda: run(False), device, args.repeats, times["run_in_turn"])
-        best(batches_ahead, device, args.repeats, times["batches_ahead"])
+    variants = {"forwards": forwards, "run_overlapped": lambda: run(True), "run_in_turn": lambda: run(False),
+                "batches_ahead": batches_ahead}
+    times = dict(zip(variants, round_robin(list(variants.values()), device, args.repeats, warm_up=False)))
     t_fwd = min(times["forwards"])
     t_tok = min(tokenize)
     stacks: list[str] = []

@@ -25,7 +25,6 @@ import argparse
 import json
 import platform
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from auditor.pipeline import Auditor  # noqa: E402
 from auditor.policy import AuditBatch  # noqa: E402
 from auditor.sae import SAE, SAEConfig  # noqa: E402
 from auditor.text import AuditInput, TokenBatch, role_masks, tokenize_batch  # noqa: E402
+from benchmarks import timing  # noqa: E402
 from benchmarks.timing import best_time  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,15 +90,7 @@ def timed(fn: Callable[[], Any], repeats: int) -> float:
 def round_robin(fns: Sequence[Callable[[], Any]], repeats: int) -> list[float]:
     """Best-of-``repeats`` seconds for each of ``fns``, run in turn so that load from
     other processes on a shared machine falls on all of them alike."""
-    for fn in fns:
-        fn()
-    best = [float("inf")] * len(fns)
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - t0)
-    return best
+    return [min(times) for times in timing.round_robin(fns, torch.device("cpu"), repeats)]
 
 
 def chunks(items: Sequence[Any], size: int) -> list[list[Any]]:
