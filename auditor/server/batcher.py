@@ -72,7 +72,7 @@ class AuditJob:
 
 
 @dataclass(eq=False)
-class _Launched:
+class _LaunchedGroup:
     """A group of a batch whose results are still to be built (:attr:`MicroBatcher.hand_off`)."""
 
     run: LaunchedRun
@@ -325,7 +325,7 @@ class MicroBatcher:
             outcomes = [exc] * len(batch)
         finally:
             self.workers.release(worker)
-        for launched in {id(o): o for o in outcomes if isinstance(o, _Launched)}.values():
+        for launched in {id(o): o for o in outcomes if isinstance(o, _LaunchedGroup)}.values():
             # Built off the worker (hand_off): one host thread, so batches finish in order.
             if self._host is None:
                 self._host = ThreadPoolExecutor(1, "auditor-host")
@@ -346,10 +346,10 @@ class MicroBatcher:
             if isinstance(outcome, BaseException):
                 job.future.set_exception(outcome)
             else:
-                assert not isinstance(outcome, _Launched)  # every launched group was built above
+                assert not isinstance(outcome, _LaunchedGroup)  # every launched group was built above
                 job.future.set_result(outcome)
 
-    def _run(self, batch: list[AuditJob]) -> list[list[AuditResult] | BaseException | _Launched]:
+    def _run(self, batch: list[AuditJob]) -> list[list[AuditResult] | BaseException | _LaunchedGroup]:
         """On a model worker: one ``Auditor.run`` (``Auditor.launch`` with :attr:`hand_off`) per
         (policy, top_k) group of the batch and one ``Auditor.feed_streams`` for its stream chunks."""
         groups: dict[tuple[int, int], list[int]] = {}
@@ -359,7 +359,7 @@ class MicroBatcher:
                 feeds.append(i)
             else:
                 groups.setdefault((id(job.engine), job.top_k), []).append(i)
-        out: list[list[AuditResult] | BaseException | _Launched] = [[] for _ in batch]
+        out: list[list[AuditResult] | BaseException | _LaunchedGroup] = [[] for _ in batch]
         if feeds:
             self._run_feeds(batch, feeds, out)
         n_items = sum(len(job.items) or 1 for job in batch)
@@ -376,7 +376,7 @@ class MicroBatcher:
                     lambda: self.auditor.launch(items, top_k=top_k, policy=engine, evaluate=engine is not None), observe=False,
                 )
                 if run is not None:
-                    launched = _Launched(run, members)
+                    launched = _LaunchedGroup(run, members)
                     for i in members:
                         out[i] = launched
                 continue
