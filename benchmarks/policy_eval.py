@@ -113,11 +113,11 @@ def verdict_build_times(engine: PolicyEngine, batch: AuditBatch, repeats: int) -
     waits for the device) and the Python that builds the verdict objects."""
     with torch.inference_mode():
         r = engine._rule_tensors(batch)
-        engine._verdicts_of(r, batch.tokens)
+        engine._pending(r, batch.tokens).verdicts()
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            engine._verdicts_of(r, batch.tokens)
+            engine._pending(r, batch.tokens).verdicts()
             times.append(time.perf_counter() - start)
     return times
 

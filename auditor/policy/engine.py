@@ -527,10 +527,6 @@ class PolicyEngine:
             host = torch.cat([host, r.nodes.index_select(1, self._tensors(host.device)["exc_node"])], dim=1)
         return PendingVerdicts(self, HostCopy(host), r, tokens)
 
-    def _verdicts_of(self, r: _RuleTensors, tokens: list[list[str]] | None) -> list[Verdict]:
-        """The verdicts from one evaluation's rule tensors (``tokens``: for explanations' span texts)."""
-        return self._pending(r, tokens).verdicts()
-
     @torch.inference_mode()
     def warm_up(self, device: torch.device | str = "cpu", *, tokens: int = 512) -> None:
         """Evaluate empty batches of one and of two rows of ``tokens`` tokens on ``device``, so
