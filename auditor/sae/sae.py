@@ -43,7 +43,7 @@ from __future__ import annotations
 import json
 import math
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -129,6 +129,42 @@ def _addmm_relu(bias: Tensor, x: Tensor, w: Tensor) -> Tensor:
     if _FUSED_ADDMM_RELU is not None and x.is_cuda:
         return _FUSED_ADDMM_RELU(bias, x, w)
     return torch.addmm(bias, x, w).relu_()
+
+
+# bfloat16 activations meet float32 weights: the watch-list GEMM runs on the tensor cores as
+# one bfloat16 GEMM against the weights split into three bfloat16 terms (see _split_bf16).
+_SPLIT_TERMS = 3
+_SPLIT_DEVICES = frozenset({"cuda"})  # where SAE.encode_watched takes bfloat16 activations as they come
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # torch.mm(..., out_dtype=) (CUDA, torch >= 2.8)
+_SPLIT_KEY = "W_enc:bf16-terms"  # the split columns' entry in a watch-list's kept columns
+_OFFSET_KEY = "b_dec:offset"
+
+
+def _split_bf16(w: Tensor, terms: int = _SPLIT_TERMS) -> Tensor:
+    """float32 ``w [d, L]`` as ``terms`` bfloat16 matrices side by side, ``[d, terms * L]``: each
+    the bfloat16 rounding of what the earlier ones left of ``w`` (the remainder is exact in
+    float32). Three terms carry 24 significant bits, float32's own; their sum is ``w`` up to the
+    last bit (bfloat16 has float32's exponent range, so nothing underflows sooner)."""
+    out, rest = [], w
+    for _ in range(terms):
+        term = rest.to(torch.bfloat16)
+        out.append(term)
+        rest = rest - term.float()
+    return torch.cat(out, dim=1).contiguous()
+
+
+def _split_mm(x: Tensor, split: Tensor, terms: int = _SPLIT_TERMS) -> Tensor:
+    """``x [N, d]`` (bfloat16) times the float32 matrix that ``split`` (:func:`_split_bf16`) holds,
+    in float32: one bfloat16 GEMM accumulating in float32 (on CUDA with ``out_dtype``, on the tensor
+    cores), then the terms summed. Every product of a bfloat16 ``x`` and a term is exact in
+    float32, so this is a float32 GEMM up to the order of its sums; elsewhere the same products
+    run as a float32 GEMM (what the tests compare against)."""
+    if x.is_cuda:
+        y = torch.mm(x, split, out_dtype=torch.float32)
+    else:
+        y = x.float() @ split.float()
+    n, width = y.shape
+    return y.view(n, terms, width // terms).sum(1)
 
 
 _TOPK_BLOCK = 64  # block width on the CPU (benchmarks/topk_rows.py)
@@ -391,15 +427,71 @@ class SAE(nn.Module):
         if arch in ("jumprelu", "batchtopk"):
             pre = torch.addmm(pick(self.b_enc, "b_enc"), xn, pick(self.W_enc, "W_enc"))
             return pre.mul_(pre > pick(self.threshold, "threshold")).relu_()
-        proj = xn @ pick(self.W_enc, "W_enc")  # [N, n_latents]
+        return self._rule(xn @ pick(self.W_enc, "W_enc"), pick)  # [N, n_latents]
+
+    def _rule(self, proj: Tensor, pick: Callable[[Tensor, str], Tensor]) -> Tensor:
+        """The latents from ``proj = x' W_enc`` (float32, no bias yet; written in place);
+        ``pick(param, name)`` gives a per-latent parameter's watched columns."""
+        arch = self.cfg.architecture
+        if arch == "standard":
+            return proj.add_(pick(self.b_enc, "b_enc")).relu_()
+        if arch in ("jumprelu", "batchtopk"):
+            pre = proj.add_(pick(self.b_enc, "b_enc"))
+            return pre.mul_(pre > pick(self.threshold, "threshold")).relu_()
         gate = (proj + pick(self.b_gate, "b_gate")) > 0
         # x' (W_enc * exp(r_mag)) == (x' W_enc) * exp(r_mag): reuse the one projection.
         return torch.addcmul(pick(self.b_mag, "b_mag"), proj, torch.exp(pick(self.r_mag, "r_mag"))).relu_().mul_(gate)
 
-    def _input(self, x: Tensor) -> Tensor:
-        """``x`` checked to be ``[N, d_in]`` and cast to the SAE's dtype and device."""
+    def _splits(self, x: Tensor) -> bool:
+        """Whether a watch-list encode of ``x`` runs as :func:`_split_mm`: bfloat16 rows on a device
+        of ``_SPLIT_DEVICES`` (CUDA, with torch's ``mm(..., out_dtype=)``), float32 weights on that
+        device, a per-latent rule and a normalization that is one scalar (folded into the split
+        columns) or none. Casting the rows to float32 instead would run the GEMM on CUDA's
+        float32 cores, several times slower than the tensor cores at these shapes."""
+        return (
+            x.dtype == torch.bfloat16
+            and x.device.type in _SPLIT_DEVICES
+            and (_MM_OUT_DTYPE or not x.is_cuda)
+            and x.device == self.W_enc.device
+            and self.W_enc.dtype == torch.float32
+            and self.cfg.architecture != "topk"
+            and self.cfg.normalize_activations in ("none", "expected_average_only_in")
+        )
+
+    def _split_columns(self, cols: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        """The watched ``W_enc`` columns with the input scale folded in, split into bfloat16 terms,
+        and ``-b_dec W_enc`` when ``b_dec`` is subtracted from the input (``x' W = (s x) W - b_dec
+        W``); kept in ``cols`` (a watch-list's kept columns, :meth:`_watch_columns`)."""
+        split = cols.get(_SPLIT_KEY)
+        if split is not None:
+            return split, cols.get(_OFFSET_KEY)
+        with torch.inference_mode(False):  # kept for calls made outside inference mode too
+            w = cols["W_enc"]
+            scale = self.cfg.activation_norm_scaling_factor
+            split = _split_bf16(w * scale if self.cfg.normalize_activations == "expected_average_only_in" else w)
+            offset = -(self.b_dec.detach() @ w) if self.cfg.apply_b_dec_to_input else None
+        cols[_SPLIT_KEY] = split
+        if offset is not None:
+            cols[_OFFSET_KEY] = offset
+        return split, offset
+
+    def _encode_split(self, x: Tensor, cols: dict[str, Tensor]) -> tuple[Tensor, NormState]:
+        """The watched latents of bfloat16 rows ``x`` (:meth:`_splits`) and their norm state."""
+        split, offset = self._split_columns(cols)
+        proj = _split_mm(x, split)
+        if offset is not None:
+            proj.add_(offset)
+        factor = self.cfg.activation_norm_scaling_factor
+        scale = 1.0 / factor if self.cfg.normalize_activations == "expected_average_only_in" and factor is not None else 1.0
+        return self._rule(proj, lambda t, name: cols[name]), self._global_state(self.W_enc, scale)
+
+    def _check_rows(self, x: Tensor) -> None:
         if x.ndim != 2 or x.shape[-1] != self.cfg.d_in:
             raise ValueError(f"expected activations [N, {self.cfg.d_in}], got {list(x.shape)}")
+
+    def _input(self, x: Tensor) -> Tensor:
+        """``x`` checked to be ``[N, d_in]`` and cast to the SAE's dtype and device."""
+        self._check_rows(x)
         return x.to(dtype=self.W_enc.dtype, device=self.W_enc.device)
 
     def _centered(self, xn: Tensor) -> Tensor:
@@ -448,6 +540,11 @@ class SAE(nn.Module):
         self, x: Tensor, features: Tensor | Sequence[int] | None = None
     ) -> tuple[Tensor, NormState]:
         """Like :meth:`encode`, also returning the :class:`NormState` that :meth:`decode` needs."""
+        if features is not None and self._splits(x):
+            self._check_rows(x)
+            cols = self._watch_columns(features)[1]
+            assert cols is not None  # per-latent rules keep columns
+            return self._encode_split(x, cols)
         x = self._input(x)
         xn, state = self.norm_in(x)
         if features is None:
@@ -465,6 +562,9 @@ class SAE(nn.Module):
         full encode serves all three; TopK always ranks every latent and reconstructs from
         its ``k`` codes (:meth:`decode_sparse`). The error is :meth:`reconstruction_error`'s.
         """
+        if not (recon_error or full) and self._splits(x):
+            features_only, state = self.encode_with_norm(x, features)
+            return WatchedEncoding(features_only, state, None, None)
         x = self._input(x)
         idx, cols = self._watch_columns(features)
         dense: Tensor | None = None

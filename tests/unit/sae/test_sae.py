@@ -379,3 +379,95 @@ def test_zero_rows_stay_finite(norm: str) -> None:
     assert torch.isfinite(sae.encode(x)).all()
     assert torch.isfinite(sae(x)).all()
     assert torch.isfinite(sae.reconstruction_error(x)).all()
+
+
+# ---------------------------------------------------------------- bfloat16 rows, float32 weights
+
+
+def test_bf16_split_of_float32_weights_is_exact() -> None:
+    from auditor.sae.sae import _split_bf16
+
+    gen = torch.Generator().manual_seed(3)
+    # Magnitudes over many binades, float32's tiny normals and exact zeros included.
+    w = torch.randn(32, 50, generator=gen) * torch.logspace(-30, 3, 50)
+    w[0, :5] = torch.tensor([0.0, -0.0, torch.finfo(torch.float32).tiny, 1.0 + 2**-23, -(2**-20)])
+    split = _split_bf16(w)
+    assert split.dtype == torch.bfloat16 and split.shape == (32, 150)
+    parts = split.float().view(32, 3, 50)
+    assert torch.equal(parts[:, 0] + parts[:, 1] + parts[:, 2], w)
+    # Two terms would not do: float32 has 24 significant bits, bfloat16 8.
+    assert not torch.equal(parts[:, 0] + parts[:, 1], w)
+
+
+@pytest.mark.parametrize(("arch", "norm", "apply_b_dec"), [(a, n, b) for a in ARCHS if a != "topk" for n in ("none", "expected_average_only_in") for b in (True, False)])
+def test_bf16_rows_encode_through_the_split_like_their_float32_cast(
+    monkeypatch: pytest.MonkeyPatch, arch: str, norm: str, apply_b_dec: bool
+) -> None:
+    # On CUDA, bfloat16 rows meet float32 weights as one bfloat16 GEMM against the weights split
+    # in three (tensor cores); here the same products run as a float32 GEMM. Either way the
+    # features are those of the rows cast to float32, to float32 rounding.
+    import auditor.sae.sae as sae_module
+
+    sae, _ = make_sae(arch, norm, apply_b_dec)
+    x = acts(n=40).bfloat16()
+    watched = torch.tensor([5, 0, 63, 17, 5, 40])
+    want = sae.encode_watched(x.float(), watched)
+    assert not sae._splits(x)  # off CUDA the rows are cast, as before
+    monkeypatch.setattr(sae_module, "_SPLIT_DEVICES", frozenset({"cpu"}))
+    assert sae._splits(x) and not sae._splits(x.float())
+    got = sae.encode_watched(x, watched)
+    assert got.features.dtype == torch.float32
+    assert_close(got.features, want.features, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.features > 0, want.features > 0)
+    assert torch.equal(got.state.scale, want.state.scale) and torch.equal(got.state.shift, want.state.shift)
+    assert_close(sae.encode(x, watched), want.features, rtol=1e-5, atol=1e-5)
+    # The split columns are kept with the watch-list's columns, and follow the weights.
+    kept = sae._watch_columns(watched)[1]
+    assert kept is not None and sae_module._SPLIT_KEY in kept
+    with torch.no_grad():
+        sae.W_enc[:, 17] *= -2.0
+    assert_close(sae.encode_watched(x, watched).features, sae.encode_watched(x.float(), watched).features, rtol=1e-5, atol=1e-5)
+    # What needs every latent (the reconstruction error, the full codes) still casts the rows.
+    both = sae.encode_watched(x, watched, recon_error=True, full=True)
+    assert both.full is not None and both.recon_error is not None
+    assert_close(both.features, sae.encode_watched(x.float(), watched).features)
+
+
+@pytest.mark.parametrize(("arch", "norm"), [("topk", "none"), ("standard", "layer_norm"), ("standard", "constant_norm_rescale")])
+def test_bf16_rows_are_cast_when_the_split_does_not_apply(monkeypatch: pytest.MonkeyPatch, arch: str, norm: str) -> None:
+    import auditor.sae.sae as sae_module
+
+    monkeypatch.setattr(sae_module, "_SPLIT_DEVICES", frozenset({"cpu"}))
+    sae, _ = make_sae(arch, norm)
+    x = acts().bfloat16()
+    assert not sae._splits(x)  # TopK ranks every latent; per-row norms are not one scalar
+    assert_close(sae.encode(x, [3, 9]), sae.encode(x.float())[:, [3, 9]])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("arch", ["standard", "jumprelu"])
+def test_bf16_rows_encode_on_cuda_tensor_cores_as_close_as_float32_cuda(arch: str) -> None:
+    # The watch-list GEMM of bfloat16 rows on CUDA: no further from a float64 reference than
+    # CUDA's own float32 GEMM of the cast rows (which runs without TF32 by default).
+    gen = torch.Generator().manual_seed(5)
+    d_in, d_sae, n = 1024, 4096, 2048
+    cfg = SAEConfig(architecture=arch, d_in=d_in, d_sae=d_sae, apply_b_dec_to_input=True)
+    params = {
+        "W_enc": torch.randn(d_in, d_sae, generator=gen) / d_in**0.5,
+        "b_enc": torch.randn(d_sae, generator=gen) * 0.1,
+        "W_dec": torch.randn(d_sae, d_in, generator=gen) / d_sae**0.5,
+        "b_dec": torch.randn(d_in, generator=gen) * 0.1,
+    }
+    if arch == "jumprelu":
+        params["threshold"] = torch.rand(d_sae, generator=gen) * 0.5
+    sae = SAE.from_tensors(cfg, params, device="cuda")
+    x = (torch.randn(n, d_in, generator=gen) * 4).bfloat16().cuda()
+    watched = torch.randperm(d_sae, generator=gen)[:400].cuda()
+    assert sae._splits(x), "torch.mm(..., out_dtype=float32) is missing on this CUDA build"
+    got = sae.encode_watched(x, watched).features
+    cast = sae.encode_watched(x.float(), watched).features
+    ref64 = SAE.from_tensors(cfg, params, device="cuda", dtype=torch.float64).encode(x.double(), watched)
+    err_split = (got.double() - ref64).abs().max().item()
+    err_f32 = (cast.double() - ref64).abs().max().item()
+    assert err_split <= 2 * err_f32 + 1e-6, (err_split, err_f32)
+    assert (got > 0).ne(cast > 0).sum().item() <= 2  # a latent within rounding of its threshold may flip
