@@ -1,5 +1,6 @@
 """CUDA helpers: graph capture, shared by the steering hook's decode steps and the policy engine's
-evaluations, and copies to the host that wait for their own work only."""
+evaluations, copies to the host that wait for their own work only, and copies to the device that
+do not wait at all."""
 
 from __future__ import annotations
 
@@ -64,3 +65,15 @@ class HostCopy:
         if self.ready is not None:
             self.ready.synchronize()
         return self._t
+
+
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t`` on ``device``. A host tensor bound for a CUDA device goes through pinned memory and
+    returns at once: a copy from pageable memory first waits for everything already queued on
+    the stream (CUDA stages it through a buffer of its own), so the host would stop until the GPU
+    ran dry (the previous batch's forward, say) before it could queue more. The pinned buffer
+    returns to torch's host cache, which does not hand it out again until the copy is done."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

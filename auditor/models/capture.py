@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from auditor._cuda import to_device
 from auditor.models.adapters import ArchitectureAdapter, get_adapter
 from auditor.models.hookpoints import Hookpoint
 from auditor.models.hooks import hooks, resolve_hookpoints
@@ -67,20 +68,30 @@ def capture(
     if not points:
         return {}
     n_new = input_ids.shape[1]
+    device = _device(model)
+    # A batch without padding (no mask, or one known on the host) needs neither a mask nor
+    # position ids: the model's causal attention and its own positions (0, 1, ...) give the same
+    # activations, and no check on the device waits for the GPU (whether a mask can be dropped,
+    # whether position ids restart for packed sequences: each reads a tensor back).
+    padded = past_key_values is not None or (
+        attention_mask is not None and (attention_mask.device.type != "cpu" or not bool(attention_mask.all()))
+    )
+    if not padded:
+        captured = _run_capturing(model, points, adapter, stop_early, input_ids=to_device(input_ids, device), use_cache=False)
+        return {p.name: captured[p.name] for p in points}
     if attention_mask is None:
         past = 0 if past_key_values is None else past_key_values.get_seq_length()
         attention_mask = torch.ones((input_ids.shape[0], past + n_new), dtype=torch.long, device=input_ids.device)
-    device = _device(model)
-    input_ids = input_ids.to(device)
-    attention_mask = attention_mask.to(device)
+    positions = to_device(position_ids_from_mask(attention_mask)[:, -n_new:], device)
+    attention_mask = to_device(attention_mask, device)
     captured = _run_capturing(
         model,
         points,
         adapter,
         stop_early,
-        input_ids=input_ids,
+        input_ids=to_device(input_ids, device),
         attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask)[:, -n_new:],
+        position_ids=positions,
         use_cache=past_key_values is not None,
         **({_cache_keyword(model): past_key_values} if past_key_values is not None else {}),
     )
@@ -193,10 +204,10 @@ def capture_packed(
         # The tail is one more "sequence" (positions from 0): causal attention keeps it out of the others.
         pos[r, col:] = torch.arange(width - col)
     captured = _run_capturing(
-        model, points, adapter, True, input_ids=ids.to(device), position_ids=pos.to(device), use_cache=False
+        model, points, adapter, True, input_ids=to_device(ids, device), position_ids=to_device(pos, device), use_cache=False
     )
-    src = (torch.cat(src_row).to(device), torch.cat(src_col).to(device))
-    dest = (torch.cat(dest_b).to(device), torch.cat(dest_t).to(device))
+    src = (to_device(torch.cat(src_row), device), to_device(torch.cat(src_col), device))
+    dest = (to_device(torch.cat(dest_b), device), to_device(torch.cat(dest_t), device))
     b, t = input_ids.shape
     out: dict[str, torch.Tensor] = {}
     for p in points:

@@ -81,6 +81,27 @@ def test_padded_batch_equals_single_runs(model: nn.Module, side: str) -> None:
             assert torch.equal(batch[name][i][~real], torch.zeros_like(batch[name][i][~real]))
 
 
+def test_a_batch_without_padding_reaches_the_model_without_a_mask(model: nn.Module, input_ids: torch.Tensor) -> None:
+    # The host knows there is no padding: the model gets no mask (on a GPU, its check whether a
+    # mask can be dropped would wait for the device), and the activations are those of the
+    # same rows beside a padding column, which takes the masked path.
+    seen: list[object] = []
+    handle = model.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw.get("attention_mask")), with_kwargs=True)
+    try:
+        plain = capture(model, input_ids, torch.ones_like(input_ids), NAMES)
+        padded_ids = torch.cat([input_ids, torch.zeros_like(input_ids[:, :1])], dim=1)
+        mask = torch.ones_like(padded_ids)
+        mask[:, -1] = 0
+        padded = capture(model, padded_ids, mask, NAMES)
+    finally:
+        handle.remove()
+    assert seen[0] is None and isinstance(seen[1], torch.Tensor)
+    t = input_ids.shape[1]
+    for name in NAMES:
+        torch.testing.assert_close(plain[name], padded[name][:, :t], rtol=1e-5, atol=1e-5)
+        assert torch.equal(padded[name][:, t:], torch.zeros_like(padded[name][:, t:]))
+
+
 def test_capture_sees_steering_hooks(model: nn.Module, input_ids: torch.Tensor) -> None:
     def zero(tensor: torch.Tensor, *, hook: Hookpoint) -> torch.Tensor:
         return torch.zeros_like(tensor)
