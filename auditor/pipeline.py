@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from auditor._cuda import HostCopy
+from auditor._cuda import HostCopy, to_device
 from auditor.errors import AuditorError, ConfigError, HookpointError
 from auditor.text import (
     ROLE_BOTH,
@@ -446,7 +446,11 @@ class Auditor:
 
     @torch.inference_mode()
     def activations(self, batch: TokenBatch) -> torch.Tensor:
-        """Hookpoint activations ``[B, T, d_in]`` (the forward stops after the hooked layer)."""
+        """Hookpoint activations ``[B, T, d_in]`` in float32 (the forward stops after the hooked layer)."""
+        return self._activations(batch).float()
+
+    def _activations(self, batch: TokenBatch) -> torch.Tensor:
+        """:meth:`activations` in the model's dtype; the inputs cross to the device without waiting."""
         from auditor.models import capture, capture_packed
 
         if self.pack and batch.input_ids.shape[0] > 1:
@@ -455,13 +459,9 @@ class Auditor:
             )[self.hookpoint]
         else:
             acts = capture(
-                self.model.model,
-                batch.input_ids.to(self.device),
-                batch.attention_mask.to(self.device),
-                [self.hookpoint],
-                stop_early=True,
+                self.model.model, batch.input_ids, batch.attention_mask, [self.hookpoint], stop_early=True
             )[self.hookpoint]
-        return acts.float()
+        return acts
 
     @torch.inference_mode()
     def _launch_batch(self, batch: TokenBatch, top_k: int, engine: PolicyEngine | None, timings: StageTimings) -> _Launched:
@@ -472,11 +472,13 @@ class Auditor:
         blocking copy waits for the stream's work)."""
         t0 = time.perf_counter()
         B, T = batch.content_mask.shape
-        index = batch.content_mask.reshape(-1).nonzero().squeeze(1).to(self.device)  # content tokens, row-major
+        index = to_device(batch.content_mask.reshape(-1).nonzero().squeeze(1), self.device)  # content tokens, row-major
         mask = role = None
         if engine is not None:
-            mask, role = batch.content_mask.to(self.device), batch.role.to(self.device)
-        acts = self.activations(batch)  # [B, T, d_in]
+            mask, role = to_device(batch.content_mask, self.device), to_device(batch.role, self.device)
+        # In the model's dtype: a bfloat16 model's rows meet the SAE's float32 weights in the
+        # encode (SAE.encode_watched), not as a float32 copy of the whole batch first.
+        acts = self._activations(batch)  # [B, T, d_in]
         t1 = time.perf_counter()
         timings.forward += t1 - t0
 
@@ -486,9 +488,9 @@ class Auditor:
         recon: torch.Tensor | None = None
         if engine is not None:
             f, r, full = self._encode_watched(x, engine, full=top_k > 0)
-            watched_feats = acts.new_zeros((B * T, f.shape[1])).index_copy_(0, index, f).view(B, T, -1)
+            watched_feats = f.new_zeros((B * T, f.shape[1])).index_copy_(0, index, f).view(B, T, -1)
             if r is not None:
-                recon = acts.new_zeros(B * T).index_copy_(0, index, r).view(B, T)
+                recon = r.new_zeros(B * T).index_copy_(0, index, r).view(B, T)
         elif top_k > 0:
             full = self.sae.encode(x)  # [N, d_sae]
         t2 = time.perf_counter()

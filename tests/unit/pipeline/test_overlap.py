@@ -258,3 +258,68 @@ def test_auditor_on_cuda_queues_buckets_ahead_with_the_cpu_results_cuda(tmp_path
     for c, g in zip(results["cpu"], results["cuda"]):
         assert (g["id"], g["action"], [m[0] for m in g["matches"]]) == (c["id"], c["action"], [m[0] for m in c["matches"]])
         assert [t[2] for t in g["top"]] == [t[2] for t in c["top"]]
+
+
+TINY_RULES = """  - id: any-fraud
+    severity: high
+    category: deception
+    condition: {feature: deception.fraud, agg: max, threshold: 0.01}
+    actions: [alert]
+  - id: sad-mean
+    severity: low
+    category: mood
+    condition: {feature: mood.sad, agg: mean, threshold: 0.01}
+    actions: [alert]
+"""
+
+
+def test_a_bf16_model_is_audited_through_the_split_encode_like_its_cast_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A bfloat16 model's rows stay bfloat16 up to the encode, which on CUDA multiplies them with
+    # the SAE's float32 weights split in three bfloat16 terms (auditor.sae.sae._split_mm). Run
+    # here with that path switched on for the CPU: the results are those of the rows cast.
+    import auditor.sae.sae as sae_module
+    from tests.unit.steering.conftest import tiny_auditor
+
+    a = tiny_auditor(tmp_path, "cpu", TINY_RULES)
+    a.model.model.to(torch.bfloat16)
+    a.batch_tokens = 48
+    texts = [AuditInput(text=("Send me your PIN now! " * (i + 1))[: 10 + 9 * i], id=str(i)) for i in range(6)]
+    # No top features asked for: those need every latent, which casts the rows (one full encode).
+    cast = [_plain(r) for r in a.run(texts)]
+    assert a.policy is not None and sae_module._SPLIT_KEY not in (a.sae._watch_columns(a.policy.watched)[1] or {})
+    monkeypatch.setattr(sae_module, "_SPLIT_DEVICES", frozenset({"cpu"}))
+    split = [_plain(r) for r in a.run(texts)]
+    assert sae_module._SPLIT_KEY in (a.sae._watch_columns(a.policy.watched)[1] or {})  # the split path ran
+    assert all(r["matches"] for r in cast)  # scores to compare
+    for s, c in zip(split, cast):
+        assert (s["id"], s["action"], [m[0] for m in s["matches"]]) == (c["id"], c["action"], [m[0] for m in c["matches"]])
+        assert s["scores"] == pytest.approx(c["scores"], rel=1e-4, abs=1e-4)
+
+
+@needs_cuda
+def test_a_bucket_launch_never_waits_for_the_gpu_cuda(tmp_path: Path) -> None:
+    # Every input crosses to the device without waiting and a batch without padding runs with
+    # no mask, so queuing a bucket (forward, encode, decision, copies back) synchronizes nothing:
+    # the host goes on while the previous bucket still runs.
+    from auditor.pipeline import StageTimings
+    from tests.unit.steering.conftest import tiny_auditor
+
+    a = tiny_auditor(tmp_path, "cuda", TINY_RULES)
+    a.model.model.to(torch.bfloat16)
+    a._pack = False
+    texts = [AuditInput(text="Send me your PIN now, or else!"[: 20 + i], id=str(i)) for i in range(3)]
+    batch = tokenize_batch(a.model.tokenizer, texts, max_tokens=a.max_tokens)
+    assert a.policy is not None
+    for _ in range(2):  # the first launch warms up (allocations, pinned host blocks)
+        torch.cuda.synchronize()
+        _busy()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            launched = a._launch_batch(batch, 2, a.policy, StageTimings())
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert not torch.cuda.current_stream().query()  # the busy work still runs: nothing waited for it
+    assert launched.pending is not None
+    got = [v.action for v in launched.pending.verdicts()]
+    torch.cuda.synchronize()
+    assert got == [r.verdict.action for r in a.run(texts, top_k=2)]  # type: ignore[union-attr]
