@@ -10,6 +10,9 @@ built here gives each text exactly that many tokens). Timed in turns, best of ``
   encode, the policy's decision and the copies to the host) queued before the previous bucket's
   verdicts are built, so the host's Python runs while the GPU computes;
 - ``run_in_turn``: ``Auditor.run`` with ``overlap_buckets = False``;
+- ``run_cast_rows``: ``run_overlapped`` with the watch-list encode as before the bfloat16 split
+  (the rows cast to float32, the GEMM on CUDA's float32 cores); the two runs' verdicts are
+  compared too;
 - ``batches_ahead``: what the sidecar does on a GPU (``MicroBatcher.hand_off``): each bucket a
   batch of its own, ``Auditor.launch``-ed (tokenizing included) before the previous batch's
   results are built.
@@ -49,6 +52,7 @@ from auditor.pipeline import Auditor  # noqa: E402
 from auditor.text import AuditInput  # noqa: E402
 from auditor.policy.compile import compile_policy  # noqa: E402
 from auditor.policy.engine import PolicyEngine  # noqa: E402
+from auditor.sae import sae as sae_module  # noqa: E402
 from benchmarks.gpu_llama8b import LLAMA_31_8B, TINY, build_model, random_sae  # noqa: E402
 from benchmarks.policy_eval import random_library, random_policy  # noqa: E402
 from benchmarks.timing import round_robin  # noqa: E402
@@ -74,6 +78,18 @@ def random_engine(width: int, hook: str, model: str) -> PolicyEngine:
     library = library.model_copy(update={"sae": library.sae.model_copy(update={"d_sae": width, "hookpoint": hook, "model": model})})
     policy = random_policy(rng, library.names, 100)
     return PolicyEngine(policy, library, compile_policy(policy, library, base_dir=".", path="<audit-pipeline>"))
+
+
+def verdicts_agree(a: list[Any], b: list[Any]) -> dict[str, Any]:
+    """How far two runs' verdicts on the same texts agree: texts with the same action and matched
+    rules, and the largest difference of a rule's score."""
+    same, diff = 0, 0.0
+    for x, y in zip(a, b):
+        vx, vy = x.verdict, y.verdict
+        same += (vx.action, [m.rule_id for m in vx.matches]) == (vy.action, [m.rule_id for m in vy.matches])
+        for k in set(vx.scores) & set(vy.scores):
+            diff = max(diff, abs(vx.scores[k] - vy.scores[k]))
+    return {"texts": len(a), "same_rules": same, "max_score_diff": diff}
 
 
 def launch_syncs(auditor: Auditor, items: list[AuditInput], stacks: list[str] | None = None) -> list[str]:
@@ -247,12 +263,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     items = [AuditInput(text=" ".join(f"w{w}" for w in row), id=str(i)) for i, row in enumerate(words)]
     ids = tokenizer([it.text for it in items], return_tensors="pt")["input_ids"].to(device)
     assert ids.shape == (n, seq), ids.shape
-    mask = torch.ones_like(ids)
 
     def forwards() -> None:
         for b in range(args.buckets):
             rows = slice(b * args.batch, (b + 1) * args.batch)
-            capture(model, ids[rows], mask[rows], [hook], stop_early=True)
+            capture(model, ids[rows], None, [hook], stop_early=True)  # no padding: no mask, as the run's
 
     tokenize: list[float] = []
     matches: list[int] = []
@@ -270,19 +285,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         assert prev is not None
         prev.results()
 
-    def run(overlap: bool) -> None:
+    def run(overlap: bool) -> list[Any]:
         auditor.overlap_buckets = overlap
         results = auditor.run(items)
         tokenize.append(auditor.last_timings.tokenize)
         matches.append(sum(len(r.verdict.matches) for r in results if r.verdict is not None))
+        return results
+
+    def run_cast() -> list[Any]:
+        # The watch-list encode as before the split: the bfloat16 rows cast to float32 first,
+        # the GEMM on CUDA's float32 cores.
+        saved = sae_module._SPLIT_DEVICES
+        sae_module._SPLIT_DEVICES = frozenset()
+        try:
+            return run(True)
+        finally:
+            sae_module._SPLIT_DEVICES = saved
 
     t_start = time.perf_counter()
     engine.warm_up(device)
     for overlap in (True, False):  # untimed: graphs are seen, then captured
         run(overlap)
     warm_s = time.perf_counter() - t_start
+    agreement = verdicts_agree(run(True), run_cast())
     variants = {"forwards": forwards, "run_overlapped": lambda: run(True), "run_in_turn": lambda: run(False),
-                "batches_ahead": batches_ahead}
+                "batches_ahead": batches_ahead, "run_cast_rows": run_cast}
     times = dict(zip(variants, round_robin(list(variants.values()), device, args.repeats, warm_up=False)))
     t_fwd = min(times["forwards"])
     t_tok = min(tokenize)
@@ -300,9 +327,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "torch": torch.__version__, "tiny": args.tiny, "buckets": args.buckets, "batch": args.batch, "seq": seq,
         "width": width, "layer": layer, "rules": len(engine.compiled.rules), "compile_policy": bool(args.compile_policy),
         "matches_per_text": matches[-1] / n, "warm_up_s": warm_s, "times_s": times, "tokenize_s": t_tok,
-        "forwards_s": t_fwd, "launch_syncs": syncs, "traces": traced,
+        "forwards_s": t_fwd, "launch_syncs": syncs, "traces": traced, "split_vs_cast_rows": agreement,
+        "split_encode": sae._splits(torch.zeros(1, cfg["hidden_size"], dtype=dtype, device=device)),
     }
-    for key in ("run_overlapped", "run_in_turn"):
+    for key in ("run_overlapped", "run_in_turn", "run_cast_rows"):
         t = min(times[key])
         out[f"{key}_s"] = t
         out[f"{key}_added_share"] = (t - t_tok - t_fwd) / t_fwd
@@ -315,11 +343,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"{'':22} {'seconds':>9} {'added (share of the forwards)':>30}")
     print(f"{'forwards alone':22} {t_fwd:9.4f}")
     print(f"{'tokenize (in a run)':22} {t_tok:9.4f}")
-    for key, label in (("run_overlapped", "run, overlapped"), ("run_in_turn", "run, bucket by bucket")):
+    for key, label in (("run_overlapped", "run, overlapped"), ("run_in_turn", "run, bucket by bucket"),
+                       ("run_cast_rows", "run, float32 encode")):
         print(f"{label:22} {out[key + '_s']:9.4f} {100 * out[key + '_added_share']:29.2f}%")
     print(f"{'batches launched ahead':22} {out['batches_ahead_s']:9.4f} {100 * out['batches_ahead_added_share']:29.2f}%"
           "  (tokenizing included)")
     print(f"syncs in one launch: {', '.join(syncs) if syncs else 'none'}")
+    print(f"watch-list encode on the tensor cores (split weights): {out['split_encode']}; against the rows cast to float32: "
+          f"{agreement['same_rules']}/{agreement['texts']} texts with the same action and rules, largest score "
+          f"difference {agreement['max_score_diff']:.2e}")
     if "compared" in traced:
         print_comparison(traced["compared"])
     for key, t in traced.items():

@@ -12,7 +12,8 @@
 #   bash benchmarks/gpu_run.sh policy   # watch-list + policy at batch 1, 8 and 32 x 512 tokens, eager and as CUDA graphs, the
 #                                       # evaluation's program eager and compiled
 #   bash benchmarks/gpu_run.sh pipeline # the CUDA tests, then Auditor.run end to end against its forwards alone (buckets queued
-#                                       # ahead of the previous bucket's verdicts, and in turn), eager and compiled policy program
+#                                       # ahead of the previous bucket's verdicts, in turn, and with the float32 encode), 4 buckets
+#                                       # traced (kernels only the run has, GPU idle, each sync's stack), then 8 buckets
 #   bash benchmarks/gpu_run.sh graphs   # no model: policy evaluations as CUDA graphs at 1-64 x 512 tokens, the memory each
 #                                       # graph holds, eager and compiled programs (no tests)
 set -u
@@ -39,11 +40,12 @@ timeout 240 python3 -m pytest -q -W ignore -p no:cacheprovider tests/unit/steeri
     tests/unit/train/test_trainer.py \
     tests/unit/sae/test_sae.py tests/unit/models/test_streams.py -k "cuda or subset" 2>&1 | tail -n 8
 if [ "$mode" = pipeline ]; then
-    timeout 150 python3 benchmarks/audit_pipeline.py --buckets 4 --batch 32 --repeats 3 >"$out/pipeline.log" 2>&1
-    tail -n 8 "$out/pipeline.log"
-    timeout 150 python3 benchmarks/audit_pipeline.py --buckets 4 --batch 32 --repeats 3 --compile-policy \
-        >"$out/pipeline_compiled.log" 2>&1
-    tail -n 8 "$out/pipeline_compiled.log"
+    # Traces stay on the machine (/tmp): the script prints their comparison.
+    timeout 180 python3 benchmarks/audit_pipeline.py --buckets 4 --batch 32 --repeats 3 --trace /tmp/pipeline-trace \
+        >"$out/pipeline.log" 2>&1
+    tail -n 40 "$out/pipeline.log"; cp /tmp/pipeline-trace/sync_stacks.txt "$out/" 2>/dev/null
+    timeout 150 python3 benchmarks/audit_pipeline.py --buckets 8 --batch 32 --repeats 3 >"$out/pipeline8.log" 2>&1
+    tail -n 12 "$out/pipeline8.log"
     exit 0
 fi
 if [ "$mode" = topk ]; then
