@@ -140,31 +140,32 @@ _SPLIT_KEY = "W_enc:bf16-terms"  # the split columns' entry in a watch-list's ke
 _OFFSET_KEY = "b_dec:offset"
 
 
-def _split_bf16(w: Tensor, terms: int = _SPLIT_TERMS) -> Tensor:
-    """float32 ``w [d, L]`` as ``terms`` bfloat16 matrices side by side, ``[d, terms * L]``: each
+def _split_bf16(w: Tensor, terms: int = _SPLIT_TERMS, align: int = 8) -> Tensor:
+    """float32 ``w [d, L]`` as ``terms`` bfloat16 matrices side by side, ``[d, terms * L']``: each
     the bfloat16 rounding of what the earlier ones left of ``w`` (the remainder is exact in
-    float32). Three terms carry 24 significant bits, float32's own; their sum is ``w`` up to the
-    last bit (bfloat16 has float32's exponent range, so nothing underflows sooner)."""
-    out, rest = [], w
-    for _ in range(terms):
-        term = rest.to(torch.bfloat16)
-        out.append(term)
+    float32), ``L`` padded with zero columns to ``L'``, a multiple of ``align`` (GEMMs whose
+    rows are not 16-byte aligned run on slow kernels). Three terms carry 24 significant bits,
+    float32's own: their sum is ``w`` to the last bit (bfloat16 has float32's exponent range)."""
+    d, width = w.shape
+    out = w.new_zeros((d, terms, -(-width // align) * align), dtype=torch.bfloat16)
+    rest = w
+    for t in range(terms):
+        out[:, t, :width] = term = rest.to(torch.bfloat16)
         rest = rest - term.float()
-    return torch.cat(out, dim=1).contiguous()
+    return out.view(d, -1)
 
 
-def _split_mm(x: Tensor, split: Tensor, terms: int = _SPLIT_TERMS) -> Tensor:
-    """``x [N, d]`` (bfloat16) times the float32 matrix that ``split`` (:func:`_split_bf16`) holds,
-    in float32: one bfloat16 GEMM accumulating in float32 (on CUDA with ``out_dtype``, on the tensor
-    cores), then the terms summed. Every product of a bfloat16 ``x`` and a term is exact in
-    float32, so this is a float32 GEMM up to the order of its sums; elsewhere the same products
-    run as a float32 GEMM (what the tests compare against)."""
+def _split_mm(x: Tensor, split: Tensor, width: int, terms: int = _SPLIT_TERMS) -> Tensor:
+    """``x [N, d]`` (bfloat16) times the float32 ``[d, width]`` matrix that ``split``
+    (:func:`_split_bf16`) holds, in float32: one bfloat16 GEMM accumulating in float32 (on CUDA
+    with ``out_dtype``, on the tensor cores), then the terms summed. Every product of a bfloat16
+    ``x`` and a term is exact in float32, so this is a float32 GEMM up to the order of its sums;
+    elsewhere the same products run as a float32 GEMM (what the tests compare against)."""
     if x.is_cuda:
         y = torch.mm(x, split, out_dtype=torch.float32)
     else:
         y = x.float() @ split.float()
-    n, width = y.shape
-    return y.view(n, terms, width // terms).sum(1)
+    return y.view(y.shape[0], terms, -1).sum(1)[:, :width]
 
 
 _TOPK_BLOCK = 64  # block width on the CPU (benchmarks/topk_rows.py)
@@ -478,7 +479,7 @@ class SAE(nn.Module):
     def _encode_split(self, x: Tensor, cols: dict[str, Tensor]) -> tuple[Tensor, NormState]:
         """The watched latents of bfloat16 rows ``x`` (:meth:`_splits`) and their norm state."""
         split, offset = self._split_columns(cols)
-        proj = _split_mm(x, split)
+        proj = _split_mm(x, split, cols["W_enc"].shape[1])
         if offset is not None:
             proj.add_(offset)
         factor = self.cfg.activation_norm_scaling_factor

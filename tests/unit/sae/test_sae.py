@@ -392,8 +392,10 @@ def test_bf16_split_of_float32_weights_is_exact() -> None:
     w = torch.randn(32, 50, generator=gen) * torch.logspace(-30, 3, 50)
     w[0, :5] = torch.tensor([0.0, -0.0, torch.finfo(torch.float32).tiny, 1.0 + 2**-23, -(2**-20)])
     split = _split_bf16(w)
-    assert split.dtype == torch.bfloat16 and split.shape == (32, 150)
-    parts = split.float().view(32, 3, 50)
+    assert split.dtype == torch.bfloat16 and split.shape == (32, 3 * 56)  # columns padded to a multiple of 8
+    parts = split.float().view(32, 3, 56)
+    assert not parts[:, :, 50:].any()
+    parts = parts[:, :, :50]
     assert torch.equal(parts[:, 0] + parts[:, 1] + parts[:, 2], w)
     # Two terms would not do: float32 has 24 significant bits, bfloat16 8.
     assert not torch.equal(parts[:, 0] + parts[:, 1], w)
