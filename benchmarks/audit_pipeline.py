@@ -33,6 +33,7 @@ forward is queued. ``--compile-policy`` compiles the policy's program as ``audit
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import sys
@@ -124,6 +125,39 @@ def launch_syncs(auditor: Auditor, items: list[AuditInput], stacks: list[str] | 
     assert launched.pending is not None
     launched.pending.verdicts()
     return sorted(set(seen))
+
+
+class GcPauses:
+    """Python's garbage collections while installed: each one's generation and seconds, and a
+    ``gc.genN`` region in profiler traces (a pause of the host that no operator shows)."""
+
+    def __init__(self) -> None:
+        from torch.profiler import record_function
+
+        self.pauses: list[tuple[int, float]] = []
+        self._start = 0.0
+        self._region: Any = None
+        self._record = record_function
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+            self._region = self._record(f"gc.gen{info['generation']}")
+            self._region.__enter__()
+        else:
+            if self._region is not None:
+                self._region.__exit__(None, None, None)
+                self._region = None
+            self.pauses.append((int(info["generation"]), time.perf_counter() - self._start))
+
+    def summary(self) -> dict[str, Any]:
+        by_gen: dict[str, dict[str, float]] = {}
+        for g, sec in self.pauses:
+            d = by_gen.setdefault(f"gen{g}", {"count": 0, "total_ms": 0.0, "max_ms": 0.0})
+            d["count"] += 1
+            d["total_ms"] += sec * 1e3
+            d["max_ms"] = max(d["max_ms"], sec * 1e3)
+        return by_gen
 
 
 def labelled(auditor: Auditor) -> None:
@@ -268,6 +302,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--layer", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compile-policy", action="store_true")
+    ap.add_argument("--gc-freeze", action="store_true", help="gc.freeze() once the model, SAE and policy are loaded, "
+                    "as auditor serve does")
     ap.add_argument("--trace", type=Path, default=None, metavar="DIR", help="after the timings, profile one overlapped "
                     "run and one of the forwards alone; write their Chrome traces and the syncs' stacks to DIR")
     ap.add_argument("--compare-traces", type=Path, nargs=2, default=None, metavar=("RUN", "FORWARDS"),
@@ -341,6 +377,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         finally:
             sae_module._SPLIT_DEVICES = saved
 
+    if args.gc_freeze:
+        # What a long-running sidecar does once it has loaded (auditor serve): what exists now
+        # is never traversed by the collector again.
+        gc.collect()
+        gc.freeze()
+    pauses = GcPauses()
+    gc.callbacks.append(pauses)
     t_start = time.perf_counter()
     engine.warm_up(device)
     for overlap in (True, False):  # untimed: graphs are seen, then captured
@@ -349,7 +392,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     agreement = verdicts_agree(run(True), run_cast())
     variants = {"forwards": forwards, "run_overlapped": lambda: run(True), "run_in_turn": lambda: run(False),
                 "batches_ahead": batches_ahead, "run_cast_rows": run_cast}
+    pauses.pauses.clear()
     times = dict(zip(variants, round_robin(list(variants.values()), device, args.repeats, warm_up=False)))
+    gc_timed = pauses.summary()
     t_fwd = min(times["forwards"])
     t_tok = min(tokenize)
     stacks: list[str] = []
@@ -368,6 +413,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "width": width, "layer": layer, "rules": len(engine.compiled.rules), "compile_policy": bool(args.compile_policy),
         "matches_per_text": matches[-1] / n, "warm_up_s": warm_s, "times_s": times, "tokenize_s": t_tok,
         "forwards_s": t_fwd, "launch_syncs": syncs, "traces": traced, "split_vs_cast_rows": agreement,
+        "gc_freeze": bool(args.gc_freeze), "gc_pauses_timed": gc_timed, "objects_tracked": len(gc.get_objects()),
         "split_encode": sae._splits(torch.zeros(1, cfg["hidden_size"], dtype=dtype, device=device)),
     }
     for key in ("run_overlapped", "run_in_turn", "run_cast_rows"):
@@ -376,6 +422,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out[f"{key}_added_share"] = (t - t_tok - t_fwd) / t_fwd
     out["batches_ahead_s"] = min(times["batches_ahead"])
     out["batches_ahead_added_share"] = (out["batches_ahead_s"] - t_fwd) / t_fwd  # tokenizing included
+    gc.callbacks.remove(pauses)
     print(json.dumps(out, indent=2))
     print(f"\n{out['device']}: {args.buckets} buckets of {args.batch} x {seq} tokens, {width:,}-latent ReLU SAE at "
           f"{hook}, {out['rules']} rules ({out['matches_per_text']:.1f} matches a text)"
@@ -389,6 +436,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"{'batches launched ahead':22} {out['batches_ahead_s']:9.4f} {100 * out['batches_ahead_added_share']:29.2f}%"
           "  (tokenizing included)")
     print(f"syncs in one launch: {', '.join(syncs) if syncs else 'none'}")
+    print(f"garbage collections during the timed runs ({'after gc.freeze(), ' if args.gc_freeze else ''}"
+          f"{out['objects_tracked']:,} objects tracked): " + (", ".join(
+              f"{g} {d['count']:.0f}x, {d['total_ms']:.1f} ms in all, longest {d['max_ms']:.1f} ms" for g, d in sorted(gc_timed.items()))
+              or "none"))
     print(f"watch-list encode on the tensor cores (split weights): {out['split_encode']}; against the rows cast to float32: "
           f"{agreement['same_rules']}/{agreement['texts']} texts with the same action and rules, largest relative score "
           f"difference {agreement['max_score_rel_diff']:.1e}")
