@@ -17,6 +17,7 @@ several apps in one process each build their own:
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterable
 from typing import Any
 
@@ -152,6 +153,13 @@ class AuditorMetrics:
             "Threads running audits and generation side by side on the one loaded model.",
             registry=registry,
         )
+        self.gc_frozen_objects = Gauge(
+            "auditor_gc_frozen_objects",
+            "Objects in Python's permanent generation, which garbage collections skip (auditor serve freezes what "
+            "loading left alive; 0 when the app runs in a process of yours).",
+            registry=registry,
+        )
+        self.gc_frozen_objects.set_function(gc.get_freeze_count)
         self.queue_capacity = Gauge(
             "auditor_queue_capacity",
             "Most audit requests that may wait; beyond it requests get 503.",

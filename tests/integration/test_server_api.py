@@ -521,6 +521,7 @@ def test_metrics_exposition_passes_promtool(server: BackgroundServer) -> None:
     assert _sample(text, "auditor_audit_stage_duration_seconds_bucket", stage="forward", le="0.001") >= 0
     assert "auditor_queue_depth" in text and "auditor_batch_size_bucket" in text
     assert _sample(text, "auditor_alerts_logged_total") >= 1 and _sample(text, "auditor_ready") == 1
+    assert _sample(text, "auditor_gc_frozen_objects") == 0  # an app in a process of the caller's: its heap is left alone
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool not installed (scripts/install_test_deps.sh installs the Debian prometheus package)")

@@ -64,7 +64,12 @@ def test_serve_starts_answers_and_stops_cleanly(tmp_path: Path) -> None:
             time.sleep(0.2)
         ready = httpx.get(url + "/readyz").json()
         assert ready["policies"] == ["example-deception"]
-        assert "auditor_queue_capacity 7.0" in httpx.get(url + "/metrics").text  # from the environment
+        metrics = httpx.get(url + "/metrics").text
+        assert "auditor_queue_capacity 7.0" in metrics  # from the environment
+        # The process froze what loading left alive (the model's objects among it): full garbage
+        # collections skip it from then on.
+        frozen = re.search(r"^auditor_gc_frozen_objects (\S+)$", metrics, re.M)
+        assert frozen is not None and float(frozen.group(1)) > 100_000, frozen
         audit = httpx.post(url + "/v1/audit", json={"text": "hello"}, timeout=60).json()
         assert audit["policy"] == "example-deception"
     finally:

@@ -96,7 +96,7 @@ def test_alert_log_lives_under_the_data_dir(tmp_path: Path) -> None:
     assert default_data_dir({"XDG_DATA_HOME": "/data"}) == Path("/data/sae-auditor")
 
 
-@pytest.mark.parametrize(("name", "default"), [("compile", False), ("cuda_graphs", True)])
+@pytest.mark.parametrize(("name", "default"), [("compile", False), ("cuda_graphs", True), ("gc_freeze", True)])
 def test_switches_come_from_the_flag_env_or_yaml(tmp_path: Path, name: str, default: bool) -> None:
     import argparse
 
