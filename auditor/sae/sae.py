@@ -165,7 +165,8 @@ def _split_mm(x: Tensor, split: Tensor, width: int, terms: int = _SPLIT_TERMS) -
         y = torch.mm(x, split, out_dtype=torch.float32)
     else:
         y = x.float() @ split.float()
-    return y.view(y.shape[0], terms, -1).sum(1)[:, :width]
+    # The terms' width spelled out: a view with -1 cannot infer it for zero rows.
+    return y.view(y.shape[0], terms, split.shape[1] // terms).sum(1)[:, :width]
 
 
 _TOPK_BLOCK = 64  # block width on the CPU (benchmarks/topk_rows.py)

@@ -435,6 +435,21 @@ def test_bf16_rows_encode_through_the_split_like_their_float32_cast(
     assert_close(both.features, sae.encode_watched(x.float(), watched).features)
 
 
+def test_bf16_split_encodes_a_batch_of_no_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A bucket whose rows hold no content token encodes zero rows; the split path must give
+    # [0, L] like the cast rows (its terms' view once could not tell the width from no data).
+    import auditor.sae.sae as sae_module
+
+    monkeypatch.setattr(sae_module, "_SPLIT_DEVICES", frozenset({"cpu"}))
+    sae, _ = make_sae("jumprelu", "expected_average_only_in")
+    x = acts().bfloat16()[:0]
+    watched = torch.tensor([5, 0, 63, 17, 5, 40])
+    assert sae._splits(x)
+    got = sae.encode_watched(x, watched)
+    assert got.features.shape == (0, 6) and got.features.dtype == torch.float32
+    assert sae.encode(x, watched).shape == (0, 6)
+
+
 @pytest.mark.parametrize(("arch", "norm"), [("topk", "none"), ("standard", "layer_norm"), ("standard", "constant_norm_rescale")])
 def test_bf16_rows_are_cast_when_the_split_does_not_apply(monkeypatch: pytest.MonkeyPatch, arch: str, norm: str) -> None:
     import auditor.sae.sae as sae_module
