@@ -383,10 +383,21 @@ class SAE(nn.Module):
         """
         names = _PER_LATENT_PARAMS.get(self.cfg.architecture)
         params = [getattr(self, name) for name in names] if names else []
+        # The kept columns also hold the bfloat16 split (_split_columns), which folds in -b_dec W_enc
+        # and the input scale: b_dec and those settings are part of the stamp too.
+        stamped = [*params, self.b_dec] if names else params
+        cfg = self.cfg
         stamp: tuple[object, ...] | None = None
         cache: dict[int, tuple[Tensor, tuple[object, ...], Tensor, dict[str, Tensor] | None]] | None = None
-        if isinstance(features, Tensor) and not features.is_inference() and not any(p.is_inference() for p in params):
-            stamp = (features._version, features.device, *((p.data_ptr(), p._version) for p in params))
+        if isinstance(features, Tensor) and not features.is_inference() and not any(p.is_inference() for p in stamped):
+            stamp = (
+                features._version,
+                features.device,
+                cfg.normalize_activations,
+                cfg.activation_norm_scaling_factor,
+                cfg.apply_b_dec_to_input,
+                *((p.data_ptr(), p._version) for p in stamped),
+            )
             cache = self.__dict__.setdefault("_columns_cache", {})
             hit = cache.get(id(features))
             if hit is not None and hit[0] is features and hit[1] == stamp:

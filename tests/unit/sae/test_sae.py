@@ -450,6 +450,30 @@ def test_bf16_split_encodes_a_batch_of_no_rows(monkeypatch: pytest.MonkeyPatch) 
     assert sae.encode(x, watched).shape == (0, 6)
 
 
+def test_bf16_split_columns_follow_b_dec_and_the_input_scale(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The split folds -b_dec W_enc and the input scale into what it keeps with the watch-list's
+    # columns: an in-place change of b_dec, or a new scale in the config, must be read again,
+    # as the float32 encode reads them on every call.
+    import auditor.sae.sae as sae_module
+
+    monkeypatch.setattr(sae_module, "_SPLIT_DEVICES", frozenset({"cpu"}))
+    sae, _ = make_sae("standard", "expected_average_only_in")
+    x = acts(n=40).bfloat16()
+    watched = torch.tensor([5, 0, 63, 17, 5, 40])
+    assert_close(sae.encode(x, watched), sae.encode(x.float(), watched), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        sae.b_dec.add_(torch.linspace(-1.0, 2.0, D_IN))
+    want = sae.encode(x.float(), watched)
+    assert (want > 0).any()
+    assert_close(sae.encode(x, watched), want, rtol=1e-5, atol=1e-5)
+    sae.cfg = sae.cfg.model_copy(update={"activation_norm_scaling_factor": 2.5})
+    want = sae.encode(x.float(), watched)
+    assert_close(sae.encode(x, watched), want, rtol=1e-5, atol=1e-5)
+    assert_close(sae.encode_watched(x, watched).state.scale, torch.tensor(1 / 2.5))
+    sae.cfg = sae.cfg.model_copy(update={"apply_b_dec_to_input": False})
+    assert_close(sae.encode(x, watched), sae.encode(x.float(), watched), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(("arch", "norm"), [("topk", "none"), ("standard", "layer_norm"), ("standard", "constant_norm_rescale")])
 def test_bf16_rows_are_cast_when_the_split_does_not_apply(monkeypatch: pytest.MonkeyPatch, arch: str, norm: str) -> None:
     import auditor.sae.sae as sae_module
