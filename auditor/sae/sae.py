@@ -483,9 +483,11 @@ class SAE(nn.Module):
             scale = self.cfg.activation_norm_scaling_factor
             split = _split_bf16(w * scale if self.cfg.normalize_activations == "expected_average_only_in" else w)
             offset = -(self.b_dec.detach() @ w) if self.cfg.apply_b_dec_to_input else None
-        cols[_SPLIT_KEY] = split
+        # Threads share the kept columns: the offset goes in first, so that a thread that finds the
+        # split also finds its offset (the other way round, it could read the split alone).
         if offset is not None:
             cols[_OFFSET_KEY] = offset
+        cols[_SPLIT_KEY] = split
         return split, offset
 
     def _encode_split(self, x: Tensor, cols: dict[str, Tensor]) -> tuple[Tensor, NormState]:

@@ -474,6 +474,41 @@ def test_bf16_split_columns_follow_b_dec_and_the_input_scale(monkeypatch: pytest
     assert_close(sae.encode(x, watched), sae.encode(x.float(), watched), rtol=1e-5, atol=1e-5)
 
 
+def test_bf16_split_columns_read_while_another_thread_keeps_them_are_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Threads auditing on one SAE share a watch-list's kept columns. The split and the b_dec
+    # offset are added to them one key at a time: a thread that reads between the two stores
+    # must not find the split without its offset. The other thread's read is run here right
+    # after each store (where a thread switch may fall).
+    import auditor.sae.sae as sae_module
+
+    monkeypatch.setattr(sae_module, "_SPLIT_DEVICES", frozenset({"cpu"}))
+    sae, _ = make_sae("standard")
+    x = acts(n=40).bfloat16()
+    watched = torch.tensor([5, 0, 63, 17, 5, 40])
+    want = sae.encode(x.float(), watched)
+    sae._watch_columns(watched)
+    cache = sae.__dict__["_columns_cache"]
+    seen: list[torch.Tensor] = []
+    inside = [False]
+
+    class Interleaved(dict):  # type: ignore[type-arg]
+        def __setitem__(self, key: str, value: torch.Tensor) -> None:
+            super().__setitem__(key, value)
+            if not inside[0]:  # "the other thread", between this store and the next
+                inside[0] = True
+                try:
+                    seen.append(sae.encode(x, watched))
+                finally:
+                    inside[0] = False
+
+    entry = cache[id(watched)]
+    cache[id(watched)] = (*entry[:3], Interleaved(entry[3]))
+    assert_close(sae.encode(x, watched), want, rtol=1e-5, atol=1e-5)
+    assert seen
+    for got in seen:
+        assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(("arch", "norm"), [("topk", "none"), ("standard", "layer_norm"), ("standard", "constant_norm_rescale")])
 def test_bf16_rows_are_cast_when_the_split_does_not_apply(monkeypatch: pytest.MonkeyPatch, arch: str, norm: str) -> None:
     import auditor.sae.sae as sae_module
