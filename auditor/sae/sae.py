@@ -165,7 +165,8 @@ def _split_mm(x: Tensor, split: Tensor, width: int, terms: int = _SPLIT_TERMS) -
         y = torch.mm(x, split, out_dtype=torch.float32)
     else:
         y = x.float() @ split.float()
-    return y.view(y.shape[0], terms, -1).sum(1)[:, :width]
+    # The terms' width spelled out: a view with -1 cannot infer it for zero rows.
+    return y.view(y.shape[0], terms, split.shape[1] // terms).sum(1)[:, :width]
 
 
 _TOPK_BLOCK = 64  # block width on the CPU (benchmarks/topk_rows.py)
@@ -382,10 +383,21 @@ class SAE(nn.Module):
         """
         names = _PER_LATENT_PARAMS.get(self.cfg.architecture)
         params = [getattr(self, name) for name in names] if names else []
+        # The kept columns also hold the bfloat16 split (_split_columns), which folds in -b_dec W_enc
+        # and the input scale: b_dec and those settings are part of the stamp too.
+        stamped = [*params, self.b_dec] if names else params
+        cfg = self.cfg
         stamp: tuple[object, ...] | None = None
         cache: dict[int, tuple[Tensor, tuple[object, ...], Tensor, dict[str, Tensor] | None]] | None = None
-        if isinstance(features, Tensor) and not features.is_inference() and not any(p.is_inference() for p in params):
-            stamp = (features._version, features.device, *((p.data_ptr(), p._version) for p in params))
+        if isinstance(features, Tensor) and not features.is_inference() and not any(p.is_inference() for p in stamped):
+            stamp = (
+                features._version,
+                features.device,
+                cfg.normalize_activations,
+                cfg.activation_norm_scaling_factor,
+                cfg.apply_b_dec_to_input,
+                *((p.data_ptr(), p._version) for p in stamped),
+            )
             cache = self.__dict__.setdefault("_columns_cache", {})
             hit = cache.get(id(features))
             if hit is not None and hit[0] is features and hit[1] == stamp:
@@ -471,9 +483,11 @@ class SAE(nn.Module):
             scale = self.cfg.activation_norm_scaling_factor
             split = _split_bf16(w * scale if self.cfg.normalize_activations == "expected_average_only_in" else w)
             offset = -(self.b_dec.detach() @ w) if self.cfg.apply_b_dec_to_input else None
-        cols[_SPLIT_KEY] = split
+        # Threads share the kept columns: the offset goes in first, so that a thread that finds the
+        # split also finds its offset (the other way round, it could read the split alone).
         if offset is not None:
             cols[_OFFSET_KEY] = offset
+        cols[_SPLIT_KEY] = split
         return split, offset
 
     def _encode_split(self, x: Tensor, cols: dict[str, Tensor]) -> tuple[Tensor, NormState]:

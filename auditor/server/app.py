@@ -89,15 +89,15 @@ def create_app(
     registry: CollectorRegistry | None = None,
     env: Mapping[str, str] | None = None,
     on_load_error: Callable[[BaseException], None] | None = None,
-    on_ready: Callable[[], None] | None = None,
+    on_ready: Callable[[Runtime], None] | None = None,
 ) -> FastAPI:
     """Build the sidecar app; the lifespan loads everything (see the module docstring).
 
     ``registry``: where metrics are registered (a fresh one by default).
     ``env``: environment for default paths (data dir). ``on_load_error``: called
     when loading fails (the CLI uses it to stop the server with an error). ``on_ready``:
-    called once everything is loaded, before ``/readyz`` turns 200 (the CLI freezes the
-    process's heap there, :attr:`Settings.gc_freeze`).
+    called with the :class:`Runtime` once everything is loaded, before ``/readyz`` turns 200
+    (the CLI freezes the process's heap there, :attr:`Settings.gc_freeze`).
     """
     registry = registry if registry is not None else CollectorRegistry()
     metrics = AuditorMetrics(registry)
@@ -126,7 +126,7 @@ def create_app(
             return
         state.runtime = runtime
         if on_ready is not None:
-            on_ready()
+            on_ready(runtime)
         metrics.ready.set(1)
         policies = runtime.store.names if runtime.store is not None else []
         _log.info(

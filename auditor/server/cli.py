@@ -149,13 +149,9 @@ def run_serve(args: argparse.Namespace) -> int:
         if server is not None:
             server.should_exit = True
 
-    def on_ready() -> None:
+    def on_ready(runtime: Any) -> None:
         if settings.gc_freeze:
-            # This process is the sidecar's own: what loading left alive stays for its lifetime.
-            import gc
-
-            gc.collect()
-            gc.freeze()
+            _freeze_loaded(runtime)
 
     app = create_app(settings, env=os.environ, on_load_error=on_load_error, on_ready=on_ready)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
@@ -167,6 +163,30 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"error: {message}", file=sys.stderr)
         return 2
     return 0
+
+
+def _freeze_loaded(runtime: Any) -> None:
+    """Move what loading left alive into Python's permanent generation (``gc.freeze``), which
+    full collections skip; this process is the sidecar's own.
+
+    The policies loaded then are frozen with the rest, but a policy reload replaces them, and
+    frozen objects are never collected: an engine is a reference cycle (its graph cache keeps a
+    bound method of it) holding device memory (on a GPU its CUDA graphs' private pools, up to
+    hundreds of MiB an engine). So the first successful reload unfreezes the heap: the engines it
+    replaced go with the next full collection, which from then on walks the model's objects again.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    store = getattr(runtime, "store", None)
+    if store is not None:
+
+        def thaw(result: Any) -> None:
+            if result.ok and gc.get_freeze_count():
+                gc.unfreeze()
+
+        store.on_reload(thaw)
 
 
 def _parse_time(value: str | None, flag: str, now: datetime | None = None) -> datetime | None:

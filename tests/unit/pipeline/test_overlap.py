@@ -298,6 +298,28 @@ def test_a_bf16_model_is_audited_through_the_split_encode_like_its_cast_rows(tmp
         assert s["scores"] == pytest.approx(c["scores"], rel=1e-4, abs=1e-4)
 
 
+@pytest.mark.parametrize("items", [
+    [AuditInput(text="", id="empty")],
+    [AuditInput(prompt="", completion="", id="nothing-yet"), AuditInput(text="", id="empty")],
+], ids=["empty-text", "empty-rows"])
+def test_a_bf16_bucket_without_content_tokens_is_audited_through_the_split_encode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, items: list[AuditInput]
+) -> None:
+    # A bucket whose rows have no content token (an empty text, an answer not started yet)
+    # encodes zero rows: allowed, as with the rows cast.
+    import auditor.sae.sae as sae_module
+    from tests.unit.steering.conftest import tiny_auditor
+
+    a = tiny_auditor(tmp_path, "cpu", TINY_RULES)
+    a.model.model.to(torch.bfloat16)
+    cast = [_plain(r) for r in a.run(items)]
+    monkeypatch.setattr(sae_module, "_SPLIT_DEVICES", frozenset({"cpu"}))
+    split = [_plain(r) for r in a.run(items)]
+    assert a.policy is not None and sae_module._SPLIT_KEY in (a.sae._watch_columns(a.policy.watched)[1] or {})
+    assert [r["n"] for r in split] == [0] * len(items) and [r["action"] for r in split] == ["allow"] * len(items)
+    assert split == cast
+
+
 @needs_cuda
 def test_a_bucket_launch_waits_for_the_gpu_only_in_the_models_mask_check_cuda(tmp_path: Path) -> None:
     # Every input crosses to the device without waiting and a batch without padding runs with

@@ -435,6 +435,80 @@ def test_bf16_rows_encode_through_the_split_like_their_float32_cast(
     assert_close(both.features, sae.encode_watched(x.float(), watched).features)
 
 
+def test_bf16_split_encodes_a_batch_of_no_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A bucket whose rows hold no content token encodes zero rows; the split path must give
+    # [0, L] like the cast rows (its terms' view once could not tell the width from no data).
+    import auditor.sae.sae as sae_module
+
+    monkeypatch.setattr(sae_module, "_SPLIT_DEVICES", frozenset({"cpu"}))
+    sae, _ = make_sae("jumprelu", "expected_average_only_in")
+    x = acts().bfloat16()[:0]
+    watched = torch.tensor([5, 0, 63, 17, 5, 40])
+    assert sae._splits(x)
+    got = sae.encode_watched(x, watched)
+    assert got.features.shape == (0, 6) and got.features.dtype == torch.float32
+    assert sae.encode(x, watched).shape == (0, 6)
+
+
+def test_bf16_split_columns_follow_b_dec_and_the_input_scale(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The split folds -b_dec W_enc and the input scale into what it keeps with the watch-list's
+    # columns: an in-place change of b_dec, or a new scale in the config, must be read again,
+    # as the float32 encode reads them on every call.
+    import auditor.sae.sae as sae_module
+
+    monkeypatch.setattr(sae_module, "_SPLIT_DEVICES", frozenset({"cpu"}))
+    sae, _ = make_sae("standard", "expected_average_only_in")
+    x = acts(n=40).bfloat16()
+    watched = torch.tensor([5, 0, 63, 17, 5, 40])
+    assert_close(sae.encode(x, watched), sae.encode(x.float(), watched), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        sae.b_dec.add_(torch.linspace(-1.0, 2.0, D_IN))
+    want = sae.encode(x.float(), watched)
+    assert (want > 0).any()
+    assert_close(sae.encode(x, watched), want, rtol=1e-5, atol=1e-5)
+    sae.cfg = sae.cfg.model_copy(update={"activation_norm_scaling_factor": 2.5})
+    want = sae.encode(x.float(), watched)
+    assert_close(sae.encode(x, watched), want, rtol=1e-5, atol=1e-5)
+    assert_close(sae.encode_watched(x, watched).state.scale, torch.tensor(1 / 2.5))
+    sae.cfg = sae.cfg.model_copy(update={"apply_b_dec_to_input": False})
+    assert_close(sae.encode(x, watched), sae.encode(x.float(), watched), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_split_columns_read_while_another_thread_keeps_them_are_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Threads auditing on one SAE share a watch-list's kept columns. The split and the b_dec
+    # offset are added to them one key at a time: a thread that reads between the two stores
+    # must not find the split without its offset. The other thread's read is run here right
+    # after each store (where a thread switch may fall).
+    import auditor.sae.sae as sae_module
+
+    monkeypatch.setattr(sae_module, "_SPLIT_DEVICES", frozenset({"cpu"}))
+    sae, _ = make_sae("standard")
+    x = acts(n=40).bfloat16()
+    watched = torch.tensor([5, 0, 63, 17, 5, 40])
+    want = sae.encode(x.float(), watched)
+    sae._watch_columns(watched)
+    cache = sae.__dict__["_columns_cache"]
+    seen: list[torch.Tensor] = []
+    inside = [False]
+
+    class Interleaved(dict):  # type: ignore[type-arg]
+        def __setitem__(self, key: str, value: torch.Tensor) -> None:
+            super().__setitem__(key, value)
+            if not inside[0]:  # "the other thread", between this store and the next
+                inside[0] = True
+                try:
+                    seen.append(sae.encode(x, watched))
+                finally:
+                    inside[0] = False
+
+    entry = cache[id(watched)]
+    cache[id(watched)] = (*entry[:3], Interleaved(entry[3]))
+    assert_close(sae.encode(x, watched), want, rtol=1e-5, atol=1e-5)
+    assert seen
+    for got in seen:
+        assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(("arch", "norm"), [("topk", "none"), ("standard", "layer_norm"), ("standard", "constant_norm_rescale")])
 def test_bf16_rows_are_cast_when_the_split_does_not_apply(monkeypatch: pytest.MonkeyPatch, arch: str, norm: str) -> None:
     import auditor.sae.sae as sae_module

@@ -122,3 +122,36 @@ def test_serve_rejects_bad_settings_before_loading(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("AUDITOR_FAIL_MODE", "sideways")
     with pytest.raises(ConfigError, match="AUDITOR_FAIL_MODE"):
         _run(["serve", "--port", "0"])
+
+
+def test_the_heap_frozen_once_loaded_thaws_when_a_reload_replaces_the_policies(tmp_path: Path) -> None:
+    # auditor serve freezes what loading left alive, the policy engines among it. An engine is a
+    # reference cycle: once a reload replaces it, only a collection that sees it can free it
+    # (and, on a GPU, its CUDA graphs' memory). A failed reload keeps the set and the freeze.
+    import gc
+    import shutil
+    import weakref
+    from types import SimpleNamespace
+
+    from auditor.pipeline import default_policy_path
+    from auditor.policy import PolicyStore
+
+    path = tmp_path / "policy.yaml"
+    shutil.copy(default_policy_path(), path)
+    store = PolicyStore([str(path)])
+    first = weakref.ref(store.current())
+    assert gc.get_freeze_count() == 0
+    try:
+        cli._freeze_loaded(SimpleNamespace(store=store))
+        assert gc.get_freeze_count() > 0
+        text = path.read_text()
+        path.write_text("not: [a policy")
+        assert not store.reload().ok
+        assert gc.get_freeze_count() > 0 and first() is store.current()
+        path.write_text(text)
+        assert store.reload().ok
+        assert gc.get_freeze_count() == 0
+        gc.collect()
+        assert first() is None
+    finally:
+        gc.unfreeze()
