@@ -39,6 +39,7 @@ import logging
 import math
 import os
 import threading
+import weakref
 import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -403,7 +404,12 @@ class PolicyEngine:
         self._feature_probes, self._probe_max_pool = _stack_feature_probes(compiled, col_of)
         self._value_columns, self._value_pad = self._value_layout()
         self._device_cache: dict[torch.device, dict[str, Any]] = {}
-        self._graphs = EvalGraphs(self._program_outputs)
+        # Through a weak reference: a bound method would make the engine a reference cycle, which
+        # only the cyclic collector frees, and never once `auditor serve` has frozen the heap
+        # (gc.freeze) with the engine in it: a reload would leak the engines it replaces, with
+        # their CUDA graphs' memory. Without the cycle, the last reference's drop frees it.
+        compute = weakref.WeakMethod(self._program_outputs)
+        self._graphs = EvalGraphs(lambda values: compute()(values))  # type: ignore[misc]
         self._program: Callable[..., tuple[Tensor, ...]] | None = None  # compile_program's, made on first use
         self._program_failed = False
 

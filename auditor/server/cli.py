@@ -151,7 +151,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     def on_ready(runtime: Any) -> None:
         if settings.gc_freeze:
-            _freeze_loaded(runtime)
+            _freeze_loaded(runtime, thaw_on_reload=settings.compile)
 
     app = create_app(settings, env=os.environ, on_load_error=on_load_error, on_ready=on_ready)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
@@ -165,22 +165,23 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _freeze_loaded(runtime: Any) -> None:
+def _freeze_loaded(runtime: Any, *, thaw_on_reload: bool) -> None:
     """Move what loading left alive into Python's permanent generation (``gc.freeze``), which
     full collections skip; this process is the sidecar's own.
 
-    The policies loaded then are frozen with the rest, but a policy reload replaces them, and
-    frozen objects are never collected: an engine is a reference cycle (its graph cache keeps a
-    bound method of it) holding device memory (on a GPU its CUDA graphs' private pools, up to
-    hundreds of MiB an engine). So the first successful reload unfreezes the heap: the engines it
-    replaced go with the next full collection, which from then on walks the model's objects again.
+    The policies loaded then are frozen with the rest, and a reload replaces them. Frozen objects
+    are never collected as cycles, but a policy engine is no cycle: once a reload drops the last
+    reference to the one it replaced, it is freed, device memory included (its graph cache refers
+    back to it weakly). A compiled program (``--compile``) does refer back to its engine, so with
+    ``thaw_on_reload`` the first successful reload unfreezes the heap: the engines it replaced go
+    with the next full collection, which from then on walks the model's objects again.
     """
     import gc
 
     gc.collect()
     gc.freeze()
     store = getattr(runtime, "store", None)
-    if store is not None:
+    if store is not None and thaw_on_reload:
 
         def thaw(result: Any) -> None:
             if result.ok and gc.get_freeze_count():

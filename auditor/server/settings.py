@@ -88,10 +88,11 @@ class Settings(BaseSettings):
     (``gc.freeze``), so its full garbage collections walk only what requests create: the longest
     took 279 ms with the model's objects in them, 8.5-22 ms without (``benchmarks/audit_pipeline.py``
     on an H100, 8B shape). Objects frozen are not reclaimed if they later form garbage cycles; the
-    sidecar's startup state lives as long as the process, except the policies: the first
-    successful policy reload unfreezes the heap, so that the engines it replaced (and their
-    device memory) are collected. An app built with ``create_app`` in your own process leaves
-    your heap alone."""
+    sidecar's startup state lives as long as the process, except the policies, which hold no
+    cycle: a reload frees the engines it replaced once nothing uses them. With ``compile`` an
+    engine's compiled program refers back to it, so the first successful reload unfreezes the
+    heap (the engines it replaced, and their device memory, go with the next full collection).
+    An app built with ``create_app`` in your own process leaves your heap alone."""
     policies: list[str] = Field(default_factory=list)
     """Policy files and folders; empty loads ``policies/default.yaml`` when it exists."""
     default_policy: str | None = None
