@@ -145,7 +145,9 @@ def _split_bf16(w: Tensor, terms: int = _SPLIT_TERMS, align: int = 8) -> Tensor:
     the bfloat16 rounding of what the earlier ones left of ``w`` (the remainder is exact in
     float32), ``L`` padded with zero columns to ``L'``, a multiple of ``align`` (GEMMs whose
     rows are not 16-byte aligned run on slow kernels). Three terms carry 24 significant bits,
-    float32's own: their sum is ``w`` to the last bit (bfloat16 has float32's exponent range)."""
+    float32's own, and bfloat16 has float32's exponent range: their sum is ``w`` to the last bit
+    for magnitudes from about 2^-100 (below, the last term falls among bfloat16's subnormals: an
+    error under 1e-40) up to float32's largest values (which round to infinity in bfloat16)."""
     d, width = w.shape
     out = w.new_zeros((d, terms, -(-width // align) * align), dtype=torch.bfloat16)
     rest = w
