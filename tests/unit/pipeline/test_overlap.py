@@ -32,6 +32,20 @@ ITEMS = [
 ]
 
 
+# Two rules over the tiny test library (tests/unit/steering/conftest.py's tiny_auditor).
+TINY_RULES = """  - id: any-fraud
+    severity: high
+    category: deception
+    condition: {feature: deception.fraud, agg: max, threshold: 0.01}
+    actions: [alert]
+  - id: sad-mean
+    severity: low
+    category: mood
+    condition: {feature: mood.sad, agg: mean, threshold: 0.01}
+    actions: [alert]
+"""
+
+
 def _plain(r: AuditResult) -> dict:
     v = r.verdict
     assert v is not None
@@ -236,21 +250,10 @@ def test_verdicts_and_explanations_are_read_while_the_gpu_works_cuda() -> None:
 def test_auditor_on_cuda_queues_buckets_ahead_with_the_cpu_results_cuda(tmp_path: Path) -> None:
     from tests.unit.steering.conftest import tiny_auditor
 
-    rules = """  - id: any-fraud
-    severity: high
-    category: deception
-    condition: {feature: deception.fraud, agg: max, threshold: 0.01}
-    actions: [alert]
-  - id: sad-mean
-    severity: low
-    category: mood
-    condition: {feature: mood.sad, agg: mean, threshold: 0.01}
-    actions: [alert]
-"""
     texts = [AuditInput(text=("Send me your PIN now! " * (i + 1))[: 10 + 9 * i], id=str(i)) for i in range(9)]
     results = {}
     for device in ("cpu", "cuda"):
-        a = tiny_auditor(tmp_path, device, rules)
+        a = tiny_auditor(tmp_path, device, TINY_RULES)
         a.batch_tokens = 48
         results[device] = [_plain(r) for r in a.run(texts, top_k=2)]
         if device == "cuda":
@@ -260,19 +263,6 @@ def test_auditor_on_cuda_queues_buckets_ahead_with_the_cpu_results_cuda(tmp_path
     for c, g in zip(results["cpu"], results["cuda"]):
         assert (g["id"], g["action"], [m[0] for m in g["matches"]]) == (c["id"], c["action"], [m[0] for m in c["matches"]])
         assert [t[2] for t in g["top"]] == [t[2] for t in c["top"]]
-
-
-TINY_RULES = """  - id: any-fraud
-    severity: high
-    category: deception
-    condition: {feature: deception.fraud, agg: max, threshold: 0.01}
-    actions: [alert]
-  - id: sad-mean
-    severity: low
-    category: mood
-    condition: {feature: mood.sad, agg: mean, threshold: 0.01}
-    actions: [alert]
-"""
 
 
 def test_a_bf16_model_is_audited_through_the_split_encode_like_its_cast_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
