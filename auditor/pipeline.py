@@ -466,10 +466,11 @@ class Auditor:
     @torch.inference_mode()
     def _launch_batch(self, batch: TokenBatch, top_k: int, engine: PolicyEngine | None, timings: StageTimings) -> _Launched:
         """Queue one bucket's device work: the forward, the encode, the policy's decision and the
-        copies of what the results need to the host. Nothing after the forward waits for the
-        device: the content tokens are picked by an index computed on the host (a boolean mask
-        on a GPU would wait for it), and every input crosses to the device before the forward (a
-        blocking copy waits for the stream's work)."""
+        copies of what the results need to the host. Nothing here waits for the device but
+        transformers' own mask preparation inside the forward: the content tokens are picked by an
+        index computed on the host (a boolean mask on a GPU would wait for it), every input crosses
+        to the device through pinned memory without waiting (``to_device``), and a batch without
+        padding runs with no mask (``capture``)."""
         t0 = time.perf_counter()
         B, T = batch.content_mask.shape
         index = to_device(batch.content_mask.reshape(-1).nonzero().squeeze(1), self.device)  # content tokens, row-major
