@@ -190,34 +190,29 @@ def trace(fn: Any, device: torch.device, out_dir: Path) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "trace.json"
     prof.export_chrome_trace(str(path))
-    events = json.loads(path.read_text())["traceEvents"]
-    spans = sorted(
-        (e["ts"], e["ts"] + e.get("dur", 0), e["name"]) for e in events
-        if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
-    )
-    if not spans:
+    events = read_trace(path)
+    n = len(device_events(events))
+    if not n:
         return {"trace": str(path), "device_spans": 0}
-    busy, gaps, end = 0.0, [], spans[0][0]
-    for start, stop, name in spans:
-        if start > end:
-            gaps.append((start - end, name))
-        busy += max(0.0, stop - max(start, end))
-        end = max(end, stop)
-    span = end - spans[0][0]
-    gaps.sort(reverse=True)
+    gaps = idle_gaps(events, most=12)
     return {
-        "trace": str(path), "device_spans": len(spans), "span_ms": span / 1e3, "busy_ms": busy / 1e3,
-        "idle_share": 1 - busy / span, "longest_gaps_ms": [(round(g / 1e3, 3), n[:60]) for g, n in gaps[:12]],
+        "trace": str(path), "device_spans": n, "span_ms": gaps["span_ms"],
+        "busy_ms": gaps["span_ms"] - gaps["idle_ms"], "idle_ms": gaps["idle_ms"],
+        "idle_share": gaps["idle_ms"] / gaps["span_ms"], "longest_gaps_ms": [(round(g["ms"], 3), g["before"]) for g in gaps["longest"]],
     }
 
 
-def device_events(path: Path) -> list[dict[str, Any]]:
-    """The GPU kernels, copies and memsets of a Chrome trace (``.json`` or ``.json.gz``)."""
+def read_trace(path: Path) -> list[dict[str, Any]]:
+    """The events of a Chrome trace (``.json`` or ``.json.gz``)."""
     import gzip
 
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt") as f:
-        events = json.load(f)["traceEvents"]
+        return json.load(f)["traceEvents"]
+
+
+def device_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The GPU kernels, copies and memsets among a trace's events."""
     return [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
 
 
@@ -226,9 +221,10 @@ def compare_traces(run_trace: Path, forwards_trace: Path) -> dict[str, Any]:
     less the forwards' where the run has more launches of it (its own kernels: encode, decision,
     copies), against the forwards' whole device time. Comparing totals of every kernel instead
     would mostly measure the forwards' run-to-run spread (about 1%)."""
+    traces = {"run": read_trace(run_trace), "forwards": read_trace(forwards_trace)}  # each read once
     by_name: dict[str, dict[str, list[float]]] = {}
-    for key, path in (("run", run_trace), ("forwards", forwards_trace)):
-        for e in device_events(path):
+    for key, events in traces.items():
+        for e in device_events(events):
             by_name.setdefault(e["name"], {"run": [], "forwards": []})[key].append(float(e.get("dur", 0.0)))
     rows = []
     for name, d in by_name.items():
@@ -239,24 +235,19 @@ def compare_traces(run_trace: Path, forwards_trace: Path) -> dict[str, Any]:
     forwards_ms = sum(sum(d["forwards"]) for d in by_name.values()) / 1e3
     added = sum(r["ms"] for r in rows)
     return {"forwards_device_ms": forwards_ms, "run_only_ms": added, "run_only_share": added / forwards_ms if forwards_ms else 0.0,
-            "largest": rows[:12], "run_gaps": idle_gaps(run_trace), "forwards_gaps": idle_gaps(forwards_trace)}
+            "largest": rows[:12], "run_gaps": idle_gaps(traces["run"]), "forwards_gaps": idle_gaps(traces["forwards"])}
 
 
-def host_events(path: Path) -> list[dict[str, Any]]:
-    """The host side of a Chrome trace: operators, CUDA runtime calls and labelled regions."""
-    import gzip
-
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt") as f:
-        events = json.load(f)["traceEvents"]
+def host_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The host side among a trace's events: operators, CUDA runtime calls and labelled regions."""
     return [e for e in events if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "cuda_runtime", "cuda_driver", "user_annotation")]
 
 
-def idle_gaps(path: Path, most: int = 8) -> dict[str, Any]:
+def idle_gaps(events: list[dict[str, Any]], most: int = 8) -> dict[str, Any]:
     """How long the GPU stood idle in a trace: in all (overlaps merged) and its longest gaps, each
     with where it fell (ms from the first device event), the device events on either side and
     what the host was doing meanwhile (its longest events overlapping the gap)."""
-    spans = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)), e["name"]) for e in device_events(path))
+    spans = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)), e["name"]) for e in device_events(events))
     if not spans:
         return {"span_ms": 0.0, "idle_ms": 0.0, "longest": []}
     gaps, end, before = [], spans[0][0], ""
@@ -267,7 +258,7 @@ def idle_gaps(path: Path, most: int = 8) -> dict[str, Any]:
         if stop > end:
             end, before = stop, name
     gaps.sort(key=lambda g: -g["ms"])
-    host = host_events(path)
+    host = host_events(events)
     for g in gaps[:most]:
         lo, hi = g.pop("from"), g.pop("to")
         during = [(min(hi, float(e["ts"]) + float(e.get("dur", 0.0))) - max(lo, float(e["ts"])), e) for e in host
