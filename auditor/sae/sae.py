@@ -492,8 +492,11 @@ class SAE(nn.Module):
         cols[_SPLIT_KEY] = split
         return split, offset
 
-    def _encode_split(self, x: Tensor, cols: dict[str, Tensor]) -> tuple[Tensor, NormState]:
-        """The watched latents of bfloat16 rows ``x`` (:meth:`_splits`) and their norm state."""
+    def _encode_split(self, x: Tensor, features: Tensor | Sequence[int]) -> tuple[Tensor, NormState]:
+        """The latents ``features`` of bfloat16 rows ``x`` (:meth:`_splits`) and their norm state."""
+        self._check_rows(x)
+        cols = self._watch_columns(features)[1]
+        assert cols is not None  # per-latent rules keep columns
         split, offset = self._split_columns(cols)
         proj = _split_mm(x, split, cols["W_enc"].shape[1])
         if offset is not None:
@@ -558,10 +561,7 @@ class SAE(nn.Module):
     ) -> tuple[Tensor, NormState]:
         """Like :meth:`encode`, also returning the :class:`NormState` that :meth:`decode` needs."""
         if features is not None and self._splits(x):
-            self._check_rows(x)
-            cols = self._watch_columns(features)[1]
-            assert cols is not None  # per-latent rules keep columns
-            return self._encode_split(x, cols)
+            return self._encode_split(x, features)
         x = self._input(x)
         xn, state = self.norm_in(x)
         if features is None:
@@ -580,8 +580,7 @@ class SAE(nn.Module):
         its ``k`` codes (:meth:`decode_sparse`). The error is :meth:`reconstruction_error`'s.
         """
         if not (recon_error or full) and self._splits(x):
-            features_only, state = self.encode_with_norm(x, features)
-            return WatchedEncoding(features_only, state, None, None)
+            return WatchedEncoding(*self._encode_split(x, features), None, None)
         x = self._input(x)
         idx, cols = self._watch_columns(features)
         dense: Tensor | None = None
