@@ -101,8 +101,9 @@ class AuditInput:
         # the tokenizer: an error that fail-open would let through unaudited) and alerts store.
         for key in ("text", "prompt", "completion"):
             value = getattr(self, key)
-            if _valid_text(value) is not value:
-                object.__setattr__(self, key, _valid_text(value))
+            valid = _valid_text(value)
+            if valid is not value:
+                object.__setattr__(self, key, valid)
         if self.messages is not None and any(_valid_text(m.get("content")) is not m.get("content") for m in self.messages):
             messages = tuple({**m, "content": _valid_text(m.get("content"))} for m in self.messages)
             object.__setattr__(self, "messages", messages)
