@@ -220,6 +220,21 @@ class RuleInfo:
     for_tokens: int | None
 
 
+def _inference(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.inference_mode()`` around ``method``, entered only when it is not on already (a
+    pipeline's calls): on a CPU, right after a forward, entering it cost about as much as a
+    short text's whole evaluation."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if torch.is_inference_mode_enabled():
+            return method(*args, **kwargs)
+        with torch.inference_mode():
+            return method(*args, **kwargs)
+
+    return wrapper
+
+
 def _spans(tok: Tensor) -> dict[tuple[int, int], list[tuple[int, int]]]:
     """Half-open spans of True along dim 1 of ``tok [B, T, L]``, keyed by ``(row, leaf)``.
 
@@ -506,12 +521,12 @@ class PolicyEngine:
             if r is None or tuple(r.shape) != (b, t, d_in):
                 raise ValueError(f"policy {self.name!r} has hookpoint probes: resid [B, T, {d_in}] is required")
 
-    @torch.inference_mode()
+    @_inference
     def evaluate(self, batch: AuditBatch) -> list[Verdict]:
         """One :class:`Verdict` per batch row (see the module docstring)."""
         return self.decide(batch).verdicts()
 
-    @torch.inference_mode()
+    @_inference
     def decide(self, batch: AuditBatch) -> PendingVerdicts:
         """:meth:`evaluate` in two halves: the device's work queued now, the verdicts built by
         :meth:`PendingVerdicts.verdicts` later.
@@ -554,7 +569,7 @@ class PolicyEngine:
             recon = torch.zeros(rows, tokens, device=dev) if self.needs_recon_error else None
             self.matched(AuditBatch(torch.zeros(rows, tokens, self.watched.numel(), device=dev), mask, comp, recon_error=recon))
 
-    @torch.inference_mode()
+    @_inference
     def matched(self, batch: AuditBatch) -> Tensor:
         """Which rules matched, ``[B, R]`` bool in ``compiled.rules`` order, left on the batch's device.
 
