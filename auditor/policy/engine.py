@@ -6,7 +6,9 @@ their scope masks (``[B, L]``), run the node program of the condition trees, and
 compute sustained-run lengths for ``for_tokens`` rules with a cumulative max.
 The rule scores and the exceptions' scores then cross to the host in one copy,
 where Python loops over batch rows to decide which rules fired and which an
-exception suppressed, and builds the result objects. On a CUDA device, where those ops
+exception suppressed, and builds the result objects. On a CPU, a small batch runs the same
+program in NumPy (:mod:`auditor.policy._host`; ``PolicyEngine.host_program``), whose calls cost a
+fraction of torch's on arrays this small. On a CUDA device, where those ops
 cost more to launch than to run, a batch shape that recurs replays them as one CUDA graph
 (:mod:`auditor.policy._graphs`; ``PolicyEngine.cuda_graphs``).
 
@@ -46,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
+import numpy as np
 import torch
 import torch.fx.experimental._config as fx_config
 from torch import Tensor
@@ -55,6 +58,8 @@ from auditor.errors import AuditorError, PolicyError, PolicyErrors
 from auditor.features.library import FeatureLibrary
 from auditor.policy import schema as s
 from auditor.policy._graphs import MAX_TOKENS, MAX_TOKENS_COMPILED, EvalGraphs
+from auditor.policy._host import MAX_ELEMENTS as HOST_MAX_ELEMENTS
+from auditor.policy._host import HostProgram
 from auditor.policy.compile import (
     AGGS,
     SCOPES,
@@ -348,6 +353,12 @@ class PolicyEngine:
     after a forward (its guards cost more than the fused operations save on small batches). Per
     engine, or for every engine on the class."""
 
+    host_program: bool = True
+    """On a CPU, evaluate batches of up to :data:`auditor.policy._host.MAX_ELEMENTS` feature values
+    with the program's NumPy twin (:mod:`auditor.policy._host`), whose operations cost a fraction of
+    torch's per call; off, torch evaluates every batch. Not with :attr:`compile_program` or
+    hookpoint probes. Per engine, or for every engine on the class."""
+
     def __init__(
         self,
         policy: s.Policy,
@@ -543,6 +554,8 @@ class PolicyEngine:
         # host in one copy and becomes Python numbers in one call; fired (score >= 1), matched and
         # category scores follow from them there. What only explanations need (values, per-token
         # holds) stays where it is until an explanation is read.
+        if isinstance(r.score, np.ndarray):  # the host program's
+            return PendingVerdicts(self, HostCopy(torch.from_numpy(self._numpy.host_rows(r.nodes, r.score))), r, tokens)
         host = r.score
         if self._has_exceptions:
             host = torch.cat([host, r.nodes.index_select(1, self._tensors(host.device)["exc_node"])], dim=1)
@@ -578,6 +591,8 @@ class PolicyEngine:
         that only needs the decision (steering while decoding) keeps the GPU's queue full.
         """
         r = self._rule_tensors(batch)
+        if isinstance(r.score, np.ndarray):  # the host program's
+            return torch.from_numpy(self._numpy.matched(r.nodes, r.score))  # type: ignore[arg-type]
         return self._matched(self._tensors(r.score.device), r.nodes, r.score)
 
     def _rule_tensors(self, batch: AuditBatch) -> _RuleTensors:
@@ -601,6 +616,12 @@ class PolicyEngine:
         if self._compiles and resid is None:
             nodes, rscore, value, fired, tok = self._program_outputs((feats, mask, comp, prompt, recon))
             return _RuleTensors(nodes, rscore, value, fired, _KnownHolds(tok))
+        if (
+            self.host_program and resid is None and feats.device.type == "cpu" and feats.numel() <= HOST_MAX_ELEMENTS
+            and not feats.requires_grad and (recon is None or not recon.requires_grad)
+        ):
+            # NumPy arrays over the same memory (see _host): _pending and matched read them as such.
+            return _RuleTensors(*self._numpy.run(feats, mask, comp, prompt, recon))
         return self._compute(feats, mask, comp, prompt, recon, resid)
 
     def _compute(
@@ -614,6 +635,11 @@ class PolicyEngine:
         scores, tok_nodes = self._nodes(k, score, holds)
         run = _longest_run(self._held_runs(k, tok_nodes, scope_masks)) if tok_nodes is not None else None
         return _RuleTensors(scores, self._rule_scores(k, scores, n_scope, run), value, fired, holds)
+
+    @functools.cached_property
+    def _numpy(self) -> HostProgram:
+        """The program's NumPy twin (:attr:`host_program`), made on first use."""
+        return HostProgram(self)
 
     def _graph_outputs(self, values: tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]) -> tuple[Tensor, ...]:
         """What a captured evaluation writes: the rule tensors, per-token holds included."""
@@ -1038,7 +1064,8 @@ class IncrementalMatcher:
 
 
 class _RuleTensors(NamedTuple):
-    """One evaluation's results on the batch's device (``[B, R]`` unless noted)."""
+    """One evaluation's results on the batch's device (``[B, R]`` unless noted): NumPy arrays when
+    the host program (:attr:`PolicyEngine.host_program`) computed them, with holds of its own."""
 
     nodes: Tensor
     """``[B, N]`` every node's score (exceptions read theirs)."""
@@ -1128,7 +1155,8 @@ class _BatchDetail:
             if self._host is None:
                 value, fired, tok = self._device
                 if self._ready is None or not value.is_cuda:
-                    self._host = (value.tolist(), fired.tolist(), tok.get().cpu())
+                    # (NumPy arrays from the host program: as tensors over the same memory.)
+                    self._host = (value.tolist(), fired.tolist(), torch.as_tensor(tok.get()).cpu())
                 else:
                     # Read later (a server answering), when the stream may hold the next batch's
                     # forward: the copies wait for this evaluation only, on a stream of their own.

@@ -402,8 +402,11 @@ def random_inputs(seed: int, bsz: int, t: int) -> tuple[torch.Tensor, torch.Tens
     },
     seed=0, bsz=1, t=2,
 )
-def test_engine_matches_reference(probe_dir: Path, policy: dict[str, Any], seed: int, bsz: int, t: int) -> None:
+@pytest.mark.parametrize("host_program", [True, False], ids=["numpy", "torch"])
+def test_engine_matches_reference(probe_dir: Path, host_program: bool, policy: dict[str, Any], seed: int, bsz: int, t: int) -> None:
+    # Both programs: on a CPU, batches this small go through the NumPy twin unless told otherwise.
     engine = make_engine(policy, probe_dir)
+    engine.host_program = host_program
     full, mask, comp, recon = random_inputs(seed, bsz, t)
     verdicts = engine.evaluate(full_batch(full, mask, comp, engine, recon))
     ref = Reference(policy, full.numpy(), mask.numpy(), comp.numpy(), recon.numpy(), probe_dir)

@@ -1,0 +1,279 @@
+"""A policy evaluation's tensor program in NumPy, for small batches on a CPU.
+
+On a CPU the evaluation of one short text is a few dozen operations on arrays of a few thousand
+numbers, so what each costs is the call, not the arithmetic: a torch operation's dispatch, output
+tensor and bookkeeping took 5-10 us on the development VMs, a NumPy call 1-3 us; right after a
+forward has swept the caches, every call costs several times that. For one 21-token text and the
+default policy the torch program was an evaluation's largest part, and the evaluation 1.5% of the
+audit's forward at batch 1 (``benchmarks/audit_throughput.py``). :class:`HostProgram` computes what
+:meth:`PolicyEngine._compute <auditor.policy.engine.PolicyEngine._compute>` computes, float32
+throughout, on NumPy views of the batch's tensors, in fewer operations: each scope's column
+maxima first (every ``max`` leaf and every max-pooled probe reads them), per-token values only
+for the ``mean`` / ``count_above`` / ``fraction_above`` leaves, per-token holds only when a
+``for_tokens`` rule or an explanation asks. The engine picks it for CPU batches of up to
+:data:`MAX_ELEMENTS` feature values (``PolicyEngine.host_program``); larger batches, hookpoint
+probes (their own torch modules), tensors that carry gradients and CUDA batches stay with torch.
+
+What can differ from the torch program: sums (``mean``, feature-probe logits) may add in another
+order, so a value within float rounding of its threshold may decide differently, as in a CUDA
+graph's padded shapes; maxima, counts, runs and every comparison are exact
+(``tests/unit/policy/test_host_program.py`` compares the two on random policies and inputs).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from auditor.policy.compile import NOT_SCORE_CAP, OP_ALL, OP_ANY
+
+if TYPE_CHECKING:
+    from auditor.policy.engine import PolicyEngine
+
+MAX_ELEMENTS = 1 << 20
+"""Largest batch (rows x tokens x watched latents) evaluated here: 32 texts of 436 tokens at the
+default policy's 75 watched latents. On the 2-vCPU development VM NumPy was the faster at every
+size tried, warm, verdicts included: 0.20 against 0.46 ms at 1 x 28 tokens, 1.3 against 1.9 ms at
+32 x 27, 13.9 against 17.9 ms at 32 x 512; torch's operations use every core, which a larger
+machine has more of for large batches."""
+
+_F32 = np.float32
+_ONE = _F32(1.0)
+_ZERO = _F32(0.0)
+_CAP = _F32(NOT_SCORE_CAP)
+_ONE_MINUS = np.nextafter(_ONE, _ZERO)  # the largest float32 below 1
+_NEG_INF = _F32(-np.inf)
+
+
+def _consistent(score: np.ndarray, fired: np.ndarray) -> np.ndarray:
+    """Scores nudged so ``score >= 1`` exactly where ``fired`` (rounding can disagree at the boundary)."""
+    return np.where(fired, np.maximum(score, _ONE), np.minimum(score, _ONE_MINUS))
+
+
+def _longest_run(x: np.ndarray) -> np.ndarray:
+    """Longest run of True along axis 1 of ``x [B, T, R]`` -> ``[B, R]`` (int64)."""
+    t = x.shape[1]
+    pos = np.arange(t).reshape(1, t, 1)
+    last_false = np.maximum.accumulate(np.where(x, -1, pos), axis=1)
+    return np.where(x, pos - last_false, 0).max(axis=1)
+
+
+class HostProgram:
+    """One engine's evaluation program over NumPy arrays (see the module docstring)."""
+
+    def __init__(self, engine: PolicyEngine) -> None:
+        c = engine.compiled
+        k = engine._tensors(torch.device("cpu"))
+        n_leaves, width = (int(n) for n in c.leaf_columns.shape)
+        self.n_leaves, self.width = n_leaves, width
+        self.n_nodes, self.const_true = c.n_nodes, c.const_true
+        self.needs_recon = c.needs_recon_error
+        self.n_direct = n_direct = int(c.watched.numel()) + int(c.needs_recon_error)  # columns of X: latents, recon
+        # Each leaf's columns of V = [X | the feature probes' per-token probabilities], a group's
+        # padding replaced by its own first column (the max is the same, no -inf column needed).
+        cols = k["value_columns"].numpy().reshape(n_leaves, width).copy()
+        pad = cols >= n_direct + (int(k["feature_probes"]["weight"].shape[1]) if k["feature_probes"] is not None else 0)
+        cols[pad] = np.broadcast_to(cols[:, :1], cols.shape)[pad]
+        self.token_columns = cols.reshape(-1)  # [L * G]
+        self.leaf_scope = scope = k["leaf_scope"].numpy()
+        # Every leaf's max over its scope, read from the per-scope column maxima [B, 3 * C0] (a probe
+        # leaf reads a column it then overwrites).
+        direct = np.where(cols < n_direct, cols, 0)
+        self.max_index = (scope[:, None] * n_direct + direct).reshape(-1)
+        self.leaf_above = k["leaf_above"].numpy()
+        self.leaf_threshold = k["leaf_threshold"].numpy()
+        self.leaf_positive = k["leaf_positive"].numpy()
+        self.leaf_divisor = k["leaf_divisor"].numpy()
+        self.leaf_counting = k["leaf_counting"].numpy()
+        # Leaves aggregated from per-token values: mean, count_above, fraction_above.
+        tl = np.flatnonzero(k["leaf_mean"].numpy() | self.leaf_counting)
+        self.token_leaves = tl if tl.size else None
+        self.tl_columns = cols[tl].reshape(-1)
+        self.tl_scope = scope[tl]
+        self.tl_above = self.leaf_above[tl]
+        self.tl_mean = k["leaf_mean"].numpy()[tl]
+        self.tl_fraction = k["leaf_fraction"].numpy()[tl]
+        self.has_mean, self.has_count, self.has_fraction = engine._has_mean, engine._has_count, engine._has_fraction
+        self.all_positive = engine._all_positive
+        self.scope_guard = engine._scope_guard
+        self.node_tail = k["node_tail"].numpy()  # [1, N - L]
+        self.groups = [(op, out.numpy(), tuple(children.shape), flat.numpy()) for op, out, children, flat in k["groups"]]
+        self.rule_node = k["rule_node"].numpy()
+        self.rule_scope = k["rule_scope"].numpy()
+        ft = k["ft_rules"].numpy()
+        self.ft_rules = ft if ft.size else None
+        if self.ft_rules is not None:
+            self.ft_node = self.rule_node[ft]
+            self.ft_scope = self.rule_scope[ft]
+            self.ft_need = k["rule_for_tokens"].numpy()[ft].astype(_F32)
+            self.ft_need_int = k["rule_for_tokens"].numpy()[ft]
+        exc_node, exc_rule = k["exc_node"].numpy(), k["exc_rule"].numpy()
+        self.exc_node = exc_node if exc_node.size else None
+        # Which rule each exception belongs to, one-hot [E, R]: an exception's firing excepts its rule.
+        self.exc_onehot = np.zeros((exc_node.size, len(c.rules)), dtype=_F32)
+        self.exc_onehot[np.arange(exc_node.size), exc_rule] = _ONE
+        fp = k["feature_probes"]
+        self.probes: dict[str, np.ndarray] | None = None
+        if fp is not None:
+            self.probes = {n: t.numpy() for n, t in fp.items()}
+            self.probes.update(neg_weight=-self.probes["weight"], neg_bias=-self.probes["bias"])
+        self.probe_max_pool = engine._probe_max_pool
+
+    def run(
+        self, feats: torch.Tensor, mask: torch.Tensor, comp: torch.Tensor, prompt: torch.Tensor, recon: torch.Tensor | None
+    ) -> tuple[Any, ...]:
+        """Node scores ``[B, N]``, rule scores ``[B, R]``, leaf values and decisions ``[B, L]`` as NumPy
+        arrays, and the per-token leaf holds (``[B, T, L]``, computed on first ``get()``)."""
+        with np.errstate(all="ignore"):  # 1 / 0 in a `not`, exp overflowing in a sigmoid: inf, as in torch
+            return self._run(
+                feats.numpy(), mask.numpy(), comp.numpy(), prompt.numpy(), None if recon is None else recon.numpy()
+            )
+
+    def _run(
+        self, feats: np.ndarray, mask: np.ndarray, comp: np.ndarray, prompt: np.ndarray, recon: np.ndarray | None
+    ) -> tuple[Any, ...]:
+        # Fewer kinds of operation rather than fewer operations: right after a forward has swept the
+        # caches, the first call of each kind costs several times the later ones. Reductions are
+        # ufunc reductions (ndarray.max and .sum go through Python wrappers first).
+        bsz, t, _ = feats.shape
+        sm = np.empty((bsz, 3, t), dtype=bool)  # [B, 3, T]: the tokens each scope (SCOPES order) sees
+        sm[:, 0] = mask
+        np.logical_and(mask, prompt, out=sm[:, 1])
+        np.logical_and(mask, comp, out=sm[:, 2])
+        n_scope = np.add.reduce(sm, axis=2)  # [B, 3]
+        # X [B, T, C0]: the latents, then the reconstruction error when the policy reads it.
+        x = np.concatenate([feats, recon[:, :, None]], axis=2) if self.needs_recon and recon is not None else feats
+
+        # Each scope's column maxima, then every leaf's max of its group's.
+        colmax = np.maximum.reduce(np.where(sm[:, :, :, None], x[:, None], _NEG_INF), axis=2)  # [B, 3, C0]
+        value = colmax.reshape(bsz, -1).take(self.max_index, axis=1)  # [B, L * G]
+        if self.width > 1:
+            value = np.maximum.reduce(value.reshape(bsz, self.n_leaves, self.width), axis=2)
+        n = n_scope.take(self.leaf_scope, axis=1)  # [B, L]
+
+        tl = self.token_leaves
+        if tl is not None:  # mean, count_above, fraction_above: from per-token values
+            vt = x.take(self.tl_columns, axis=2)  # [B, T, Lt * G]
+            if self.width > 1:
+                vt = np.maximum.reduce(vt.reshape(bsz, t, tl.size, self.width), axis=3)
+            lm = sm.take(self.tl_scope, axis=1).transpose(0, 2, 1)  # [B, T, Lt]
+            if self.has_mean or self.has_fraction:
+                nf = np.maximum(n.take(tl, axis=1), 1).astype(_F32)
+            if self.has_count:
+                agg = np.add.reduce(vt > self.tl_above, axis=1, dtype=_F32, where=lm)
+                if self.has_fraction:
+                    agg = np.where(self.tl_fraction, agg / nf, agg)
+            if self.has_mean:
+                mean = np.add.reduce(vt, axis=1, dtype=_F32, where=lm) / nf
+                agg = np.where(self.tl_mean, mean, agg) if self.has_count else mean
+            value[:, tl] = agg
+
+        fp = self.probes
+        logit = None
+        if fp is not None:
+            # Negated logits throughout (weights and bias negated once; negation is exact), so a
+            # probability is 1 / (1 + exp(logit)), one operation fewer.
+            logit = feats @ fp["neg_weight"] + fp["neg_bias"]  # [B, T, U]
+            n_units = logit.shape[2]
+            logits = np.empty((bsz, 2 if self.probe_max_pool else 1, 3, n_units), dtype=_F32)
+            # The logit of each scope's mean input is the mean of its token logits (the probes are linear).
+            np.divide(sm.astype(_F32) @ logit, np.maximum(n_scope, 1).astype(_F32)[:, :, None], out=logits[:, 0])
+            if self.probe_max_pool:
+                # Each scope's feature maxima [B, 3, F] (-inf in a scope with no token, whose leaves
+                # are 0 below whatever their logits come to).
+                np.add(colmax[:, :, : feats.shape[2]] @ fp["neg_weight"], fp["neg_bias"], out=logits[:, 1])
+            pooled = logits.reshape(bsz, -1).take(fp["pooled_index"], axis=1)
+            value[:, fp["leaves"]] = _ONE / (_ONE + np.exp(pooled))
+
+        # Leaf decisions; a NaN value (broken activations) counts as 0, as does a leaf with no token.
+        value[(n == 0) | np.isnan(value)] = _ZERO
+        thr = self.leaf_threshold
+        if self.all_positive:
+            fired = value >= thr
+            score = value / thr  # >= 1 wherever fired (division rounds monotonically); 1 may also round up from below
+            score = np.where(fired, score, np.minimum(score, _ONE_MINUS))
+        else:
+            fired = (value >= thr) & (n > 0)
+            score = _consistent(np.where(self.leaf_positive, value / self.leaf_divisor, fired * _CAP), fired)
+        holds = _HostHolds(self, x, sm, logit)
+
+        # The node program.
+        scores = np.empty((bsz, self.n_nodes), dtype=_F32)
+        n_leaves = self.n_leaves
+        scores[:, n_leaves:] = self.node_tail
+        scores[:, :n_leaves] = score
+        tok_nodes = None
+        if self.ft_rules is not None:
+            tok_nodes = np.zeros((bsz, t, self.n_nodes), dtype=bool)
+            tok_nodes[:, :, :n_leaves] = holds.get()
+            tok_nodes[:, :, self.const_true] = True
+        for op, out, shape, flat in self.groups:
+            cs = scores.take(flat, axis=1).reshape(bsz, *shape)
+            if op == OP_ALL:
+                scores[:, out] = np.minimum.reduce(cs, axis=2)
+            elif op == OP_ANY:
+                scores[:, out] = np.maximum.reduce(cs, axis=2)
+            else:
+                child = cs[..., 0]
+                inv = np.minimum(np.where(child > 0, _ONE / child, _CAP), _CAP)
+                scores[:, out] = _consistent(inv, child < _ONE)
+            if tok_nodes is not None:
+                ct = tok_nodes.take(flat, axis=2).reshape(bsz, t, *shape)
+                if op == OP_ALL:
+                    tok_nodes[:, :, out] = np.logical_and.reduce(ct, axis=3)
+                elif op == OP_ANY:
+                    tok_nodes[:, :, out] = np.logical_or.reduce(ct, axis=3)
+                else:
+                    tok_nodes[:, :, out] = ~ct[..., 0]
+
+        # Rule scores.
+        rscore = scores.take(self.rule_node, axis=1)  # [B, R]
+        if tok_nodes is not None:
+            held = tok_nodes.take(self.ft_node, axis=2) & sm.take(self.ft_scope, axis=1).transpose(0, 2, 1)
+            run = _longest_run(held)
+            run_score = _consistent(run.astype(_F32) / self.ft_need, run >= self.ft_need_int)
+            rscore[:, self.ft_rules] = np.minimum(rscore[:, self.ft_rules], run_score)
+        if self.scope_guard:
+            rscore[n_scope.take(self.rule_scope, axis=1) == 0] = _ZERO
+        return scores, rscore, value, fired, holds
+
+    def host_rows(self, nodes: np.ndarray, rscore: np.ndarray) -> np.ndarray:
+        """What every verdict needs, ``[B, R + E]``: the rule scores, then each exception's node score."""
+        if self.exc_node is None:
+            return rscore
+        return np.concatenate([rscore, nodes.take(self.exc_node, axis=1)], axis=1)
+
+    def matched(self, nodes: np.ndarray, rscore: np.ndarray) -> np.ndarray:
+        """Which rules matched, ``[B, R]`` bool: fired and no exception's node fired."""
+        rfired = rscore >= _ONE
+        if self.exc_node is None:
+            return rfired
+        exc_fired = (nodes.take(self.exc_node, axis=1) >= _ONE).astype(_F32)  # [B, E]
+        return rfired & ~((exc_fired @ self.exc_onehot) > _ZERO)
+
+
+class _HostHolds:
+    """Where each leaf held, per token (``[B, T, L]`` bool), computed on first :meth:`get`: only
+    ``for_tokens`` rules and explanations need it."""
+
+    def __init__(self, program: HostProgram, x: np.ndarray, sm: np.ndarray, logit: np.ndarray | None) -> None:
+        self._args: tuple[Any, ...] | None = (program, x, sm, logit)
+        self._tok: np.ndarray | None = None
+
+    def get(self) -> np.ndarray:
+        if self._tok is None:
+            assert self._args is not None
+            p, x, sm, logit = self._args
+            bsz, t, _ = x.shape
+            with np.errstate(over="ignore"):
+                v = x if logit is None else np.concatenate([x, _ONE / (_ONE + np.exp(logit))], axis=2)  # negated logits
+            vals = v.take(p.token_columns, axis=2)  # [B, T, L * G]
+            if p.width > 1:
+                vals = np.maximum.reduce(vals.reshape(bsz, t, p.n_leaves, p.width), axis=3)
+            # count_above / fraction_above leaves hold where v > above; the others where v >= threshold.
+            tok = np.where(p.leaf_counting, vals > p.leaf_above, vals >= p.leaf_threshold)
+            tok &= sm.take(p.leaf_scope, axis=1).transpose(0, 2, 1)
+            self._tok, self._args = tok, None
+        return self._tok

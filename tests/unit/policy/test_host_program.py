@@ -1,0 +1,120 @@
+"""The evaluation's NumPy twin (``auditor.policy._host``, ``PolicyEngine.host_program``).
+
+On a CPU, batches of up to ``MAX_ELEMENTS`` feature values go through it. It must give what the
+torch program gives: every node and rule score, every leaf's value and decision, the per-token
+holds behind explanations and ``for_tokens`` runs, the matched rules (exceptions included), on
+random policies of every kind of leaf and on activations with NaN and infinities. The reference
+test in ``test_engine.py`` runs against both programs as well.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from auditor.policy import _host
+from auditor.policy.engine import AuditBatch, PolicyEngine
+from tests.unit.policy.test_engine import full_batch, make_engine, policies, probe_dir, random_inputs  # noqa: F401
+
+POLICY = {
+    "lists": {"grp": ["a.one", "b.three"]},
+    "rules": [
+        {"id": "peak", "severity": "high", "category": "alpha", "actions": ["block"],
+         "condition": {"any": [{"list": "grp", "threshold": 2.0}, {"probe": {"path": "p_max.json", "threshold": 0.5}}]},
+         "exceptions": [{"name": "calm", "condition": {"feature": "c.six", "agg": "mean", "threshold": 1.0}}]},
+        {"id": "steady", "severity": "low", "category": "beta", "scope": "completion", "for_tokens": 2,
+         "condition": {"all": [{"feature": "a.two", "threshold": 0.5}, {"not": {"feature": "b.four", "threshold": 2.5}}]}},
+        {"id": "often", "severity": "low", "category": "beta", "scope": "prompt",
+         "condition": {"features": ["c.five", "a.one"], "agg": "fraction_above", "above": 0.5, "threshold": 0.3}},
+    ],
+}
+
+
+def both(engine: PolicyEngine, batch: AuditBatch) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """The rule tensors of ``batch`` from the host program and from the torch program."""
+    engine.host_program = True
+    host = engine._rule_tensors(batch)
+    engine.host_program = False
+    ref = engine._rule_tensors(batch)
+    engine.host_program = True
+    assert isinstance(host.score, np.ndarray) and isinstance(ref.score, torch.Tensor)
+    return host, ref
+
+
+def assert_same(engine: PolicyEngine, batch: AuditBatch) -> None:
+    host, ref = both(engine, batch)
+    for got, want in [(host.nodes, ref.nodes), (host.score, ref.score), (host.leaf_value, ref.leaf_value)]:
+        torch.testing.assert_close(torch.from_numpy(got), want, equal_nan=True)
+    assert np.array_equal(host.leaf_fired, ref.leaf_fired.numpy())
+    assert np.array_equal(host.holds.get(), ref.holds.get().numpy())
+    engine.host_program = False
+    want_matched = engine.matched(batch)
+    engine.host_program = True
+    assert torch.equal(engine.matched(batch), want_matched)
+
+
+def continuous_inputs(seed: int, bsz: int, t: int, nan: bool) -> tuple[torch.Tensor, ...]:
+    """Activations of any value (sums round), a NaN or an infinity here and there."""
+    full, mask, comp, recon = random_inputs(seed, bsz, t)
+    g = np.random.default_rng(seed + 1)
+    full = full + torch.from_numpy(g.random(full.shape, dtype=np.float32)) * (full > 0)
+    if nan and full.numel():
+        flat = full.view(-1)
+        for value in (float("nan"), float("inf"), float("-inf")):
+            flat[int(g.integers(flat.numel()))] = value
+    return full, mask, comp, recon
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(policy=policies(), seed=st.integers(0, 2**31 - 1), bsz=st.integers(1, 5), t=st.integers(1, 12), nan=st.booleans())
+def test_the_host_program_gives_the_torch_programs_numbers(
+    probe_dir: Path, policy: dict[str, Any], seed: int, bsz: int, t: int, nan: bool
+) -> None:
+    engine = make_engine(policy, probe_dir)
+    full, mask, comp, recon = continuous_inputs(seed, bsz, t, nan)
+    assert_same(engine, full_batch(full, mask, comp, engine, recon))
+
+
+def test_a_policy_of_every_kind_on_texts_of_every_shape(probe_dir: Path) -> None:
+    engine = make_engine(POLICY, probe_dir)
+    matched = 0
+    for seed, (bsz, t) in enumerate([(1, 1), (1, 30), (4, 7), (2, 0), (3, 64)]):
+        full, mask, comp, recon = continuous_inputs(seed, bsz, t, nan=seed == 2)
+        batch = full_batch(full, mask, comp, engine, recon)
+        assert_same(engine, batch)
+        verdicts = engine.evaluate(batch)
+        matched += sum(len(v.matches) for v in verdicts)
+        engine.host_program = False
+        want = engine.evaluate(batch)
+        engine.host_program = True
+        assert [v.to_dict() for v in verdicts] == [v.to_dict() for v in want]  # explanations and spans too
+    assert matched > 0  # the comparison saw rules match, explanations built
+
+
+def test_large_batches_and_gradients_stay_with_torch(probe_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = make_engine(POLICY, probe_dir)
+    full, mask, comp, recon = continuous_inputs(7, 4, 16, nan=False)
+    batch = full_batch(full, mask, comp, engine, recon)
+    assert isinstance(engine._rule_tensors(batch).score, np.ndarray)
+    monkeypatch.setattr("auditor.policy.engine.HOST_MAX_ELEMENTS", batch.features.numel() - 1)
+    assert isinstance(engine._rule_tensors(batch).score, torch.Tensor)
+    monkeypatch.undo()
+    engine.host_program = False
+    assert isinstance(engine._rule_tensors(batch).score, torch.Tensor)
+    assert _host.MAX_ELEMENTS >= 32 * 27 * 75  # the default policy's batches of 32 short texts
+
+
+def test_evaluate_outside_inference_mode_and_with_grad(probe_dir: Path) -> None:
+    engine = make_engine(POLICY, probe_dir)
+    full, mask, comp, recon = continuous_inputs(3, 2, 9, nan=False)
+    feats = full[..., engine.watched].clone().requires_grad_(True)  # a caller's training graph
+    got = engine.evaluate(AuditBatch(feats, mask, comp, recon_error=recon))
+    want = engine.evaluate(full_batch(full, mask, comp, engine, recon))
+    assert [v.to_dict() for v in got] == [v.to_dict() for v in want]
+    assert not torch.is_inference_mode_enabled()
