@@ -8,6 +8,8 @@ For each batch size, the same chunks of texts (from ``datasets/safety-v1``) go t
 3. ``audit``: ``Auditor.run`` end to end (tokenize, stopped forward with the texts packed into
    shared rows when the model passes the packing check, watch-list encode, policy evaluation),
    with its per-stage breakdown from ``Auditor.last_timings`` (each stage's best over the timed calls);
+   and again with the policy evaluated by its torch program throughout (``PolicyEngine.host_program``
+   off; on a CPU small batches otherwise go through its NumPy twin), timed in the same rounds;
 4. encode variants on the captured activations: watch-list vs full-width encode of the
    loaded SAE (the default is TopK, whose watch-list encode *is* a full encode because top-k
    ranks every latent) and of a random ReLU (``standard``) and JumpReLU SAE of the same
@@ -150,19 +152,32 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 capture(model, b.input_ids, b.attention_mask, [auditor.hookpoint], stop_early=True)
 
         stage_runs: list[dict[str, float]] = []  # per audit() call: each stage's total over the chunks
+        torch_stage_runs: list[dict[str, float]] = []  # the same with the torch evaluation program
 
-        def audit() -> None:
+        def audit(host_program: bool = True, runs: list[dict[str, float]] = stage_runs) -> None:
             totals: dict[str, float] = {}
-            for g in groups:
-                auditor.run(g)
-                for k, v in auditor.last_timings.as_dict().items():
-                    totals[k] = totals.get(k, 0.0) + v
-            stage_runs.append(totals)
+            engine.host_program = host_program
+            try:
+                for g in groups:
+                    auditor.run(g)
+                    for k, v in auditor.last_timings.as_dict().items():
+                        totals[k] = totals.get(k, 0.0) + v
+            finally:
+                engine.host_program = True
+            runs.append(totals)
 
-        t_full, t_stop, t_audit = round_robin([full_forward, stopped_forward, audit], args.repeats)
+        def audit_torch_eval() -> None:
+            # The policy evaluated by its torch program at every batch size (PolicyEngine.host_program
+            # off): what the NumPy twin saves on small batches, in the same run.
+            audit(False, torch_stage_runs)
+
+        t_full, t_stop, t_audit, t_audit_torch = round_robin(
+            [full_forward, stopped_forward, audit, audit_torch_eval], args.repeats
+        )
         # Each stage's best over the timed calls (the first call is the untimed warm-up), like
         # every other time here: load from other processes lands on one call's stages, not all.
         stage_totals = {k: min(run[k] for run in stage_runs[1:]) for k in stage_runs[-1]}
+        torch_stage_totals = {k: min(run[k] for run in torch_stage_runs[1:]) for k in torch_stage_runs[-1]}
 
         acts = [auditor.activations(b) for b in batches]
         xs = [a[b.content_mask] for a, b in zip(acts, batches)]  # [N, d_in] per batch
@@ -202,6 +217,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     )
 
         t_eval = timed(evaluate, args.repeats)
+        engine.host_program = False
+        try:
+            t_eval_torch = timed(evaluate, args.repeats)
+        finally:
+            engine.host_program = True
         rows.append(
             {
                 "batch_size": bs,
@@ -212,7 +232,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "stopped_forward_s": t_stop,
                 "audit_s": t_audit,
                 "audit_stages_s": dict(stage_totals),
+                "audit_torch_eval_s": t_audit_torch,
+                "audit_stages_torch_eval_s": dict(torch_stage_totals),
                 "policy_eval_s": t_eval,
+                "policy_eval_torch_s": t_eval_torch,
                 "encode": encode,
                 "full_forward_tok_s": n_tokens / t_full,
                 "stopped_forward_tok_s": n_tokens / t_stop,
@@ -268,7 +291,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         fwd = r["audit_stages_s"].get("forward", r["stopped_forward_s"])
         for k, v in r["audit_stages_s"].items():
             print(f"{r['batch_size']:>5} {'audit.' + k:<36} {v:>8.4f} {100 * v / fwd:>13.2f}%")
+        tv = r["audit_stages_torch_eval_s"]
+        print(f"{r['batch_size']:>5} {'audit.evaluate (torch program)':<36} {tv['evaluate']:>8.4f} {100 * tv['evaluate'] / tv['forward']:>13.2f}%")
         print(f"{r['batch_size']:>5} {'policy eval (alone)':<36} {r['policy_eval_s']:>8.4f} {100 * r['policy_eval_s'] / fwd:>13.2f}%")
+        print(f"{r['batch_size']:>5} {'policy eval (alone, torch program)':<36} {r['policy_eval_torch_s']:>8.4f} {100 * r['policy_eval_torch_s'] / fwd:>13.2f}%")
         for name, e in r["encode"].items():
             print(f"{r['batch_size']:>5} {'watch-list ' + name:<36} {e['watch_list_s']:>8.4f} {100 * e['watch_list_s'] / fwd:>13.2f}%")
             print(f"{r['batch_size']:>5} {'full ' + name:<36} {e['full_s']:>8.4f} {100 * e['full_s'] / fwd:>13.2f}%")

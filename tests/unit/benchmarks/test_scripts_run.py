@@ -140,6 +140,9 @@ def test_audit_throughput_script_runs() -> None:
         assert set(stages) == {"tokenize", "forward", "encode", "evaluate"} and all(v > 0 for v in stages.values())
         # Each stage's best over the timed calls: together no more than the best call's wall time.
         assert sum(stages.values()) <= r["audit_s"]
+        torch_stages = r["audit_stages_torch_eval_s"]  # the same audit, the torch evaluation program
+        assert set(torch_stages) == set(stages) and sum(torch_stages.values()) <= r["audit_torch_eval_s"]
+        assert r["policy_eval_s"] > 0 and r["policy_eval_torch_s"] > 0
         assert r["audit_vs_full_forward"] == r["full_forward_s"] / r["audit_s"]
         assert set(r["encode"]) == {"loaded (topk)", "random standard (ReLU)", "random jumprelu"}
     assert [t["batch_tokens"] for t in out["batch_tokens_tuning"]] == [256]
