@@ -77,8 +77,19 @@ class HostProgram:
         pad = cols >= n_direct + (int(k["feature_probes"]["weight"].shape[1]) if k["feature_probes"] is not None else 0)
         cols[pad] = np.broadcast_to(cols[:, :1], cols.shape)[pad]
         self.token_columns = cols.reshape(-1)  # [L * G]
-        self.leaf_scope = scope = k["leaf_scope"].numpy()
-        # Every leaf's max over its scope, read from the per-scope column maxima [B, 3 * C0] (a probe
+        # Only the scopes the policy reads (every leaf and rule of the default policy reads "any":
+        # its scope masks are the content mask itself), renumbered 0..S-1 in SCOPES order.
+        fp = k["feature_probes"]
+        n_units = int(fp["weight"].shape[1]) if fp is not None else 0
+        pooled = fp["pooled_index"].numpy() if fp is not None else np.zeros(0, dtype=np.int64)
+        units = max(n_units, 1)
+        pool_part, pool_scope, pool_unit = pooled // (3 * units), pooled // units % 3, pooled % units  # [pool, 3, U] flat
+        used = sorted({*k["leaf_scope"].tolist(), *k["rule_scope"].tolist(), *pool_scope.tolist()})
+        self.scopes = tuple(used)
+        compact = np.zeros(3, dtype=np.int64)
+        compact[used] = np.arange(len(used))
+        self.leaf_scope = scope = compact[k["leaf_scope"].numpy()]
+        # Every leaf's max over its scope, read from the per-scope column maxima [B, S * C0] (a probe
         # leaf reads a column it then overwrites).
         direct = np.where(cols < n_direct, cols, 0)
         self.max_index = (scope[:, None] * n_direct + direct).reshape(-1)
@@ -101,7 +112,7 @@ class HostProgram:
         self.node_tail = k["node_tail"].numpy()  # [1, N - L]
         self.groups = [(op, out.numpy(), tuple(children.shape), flat.numpy()) for op, out, children, flat in k["groups"]]
         self.rule_node = k["rule_node"].numpy()
-        self.rule_scope = k["rule_scope"].numpy()
+        self.rule_scope = compact[k["rule_scope"].numpy()]
         ft = k["ft_rules"].numpy()
         self.ft_rules = ft if ft.size else None
         if self.ft_rules is not None:
@@ -114,11 +125,15 @@ class HostProgram:
         # Which rule each exception belongs to, one-hot [E, R]: an exception's firing excepts its rule.
         self.exc_onehot = np.zeros((exc_node.size, len(c.rules)), dtype=_F32)
         self.exc_onehot[np.arange(exc_node.size), exc_rule] = _ONE
-        fp = k["feature_probes"]
         self.probes: dict[str, np.ndarray] | None = None
         if fp is not None:
             self.probes = {n: t.numpy() for n, t in fp.items()}
-            self.probes.update(neg_weight=-self.probes["weight"], neg_bias=-self.probes["bias"])
+            self.probes.update(
+                neg_weight=-self.probes["weight"],
+                neg_bias=-self.probes["bias"],
+                # Into the flattened [pool (mean, max), S, U] pooled logits.
+                pooled_index=(pool_part * len(used) + compact[pool_scope]) * n_units + pool_unit,
+            )
         self.probe_max_pool = engine._probe_max_pool
 
     def run(
@@ -138,16 +153,21 @@ class HostProgram:
         # caches, the first call of each kind costs several times the later ones. Reductions are
         # ufunc reductions (ndarray.max and .sum go through Python wrappers first).
         bsz, t, _ = feats.shape
-        sm = np.empty((bsz, 3, t), dtype=bool)  # [B, 3, T]: the tokens each scope (SCOPES order) sees
-        sm[:, 0] = mask
-        np.logical_and(mask, prompt, out=sm[:, 1])
-        np.logical_and(mask, comp, out=sm[:, 2])
-        n_scope = np.add.reduce(sm, axis=2)  # [B, 3]
+        if self.scopes == (0,):  # "any" alone: the content mask
+            sm = mask[:, None]
+        else:
+            sm = np.empty((bsz, len(self.scopes), t), dtype=bool)  # [B, S, T]: the tokens each scope sees
+            for i, scope in enumerate(self.scopes):
+                if scope == 0:
+                    sm[:, i] = mask
+                else:
+                    np.logical_and(mask, prompt if scope == 1 else comp, out=sm[:, i])
+        n_scope = np.add.reduce(sm, axis=2)  # [B, S]
         # X [B, T, C0]: the latents, then the reconstruction error when the policy reads it.
         x = np.concatenate([feats, recon[:, :, None]], axis=2) if self.needs_recon and recon is not None else feats
 
-        # Each scope's column maxima, then every leaf's max of its group's.
-        colmax = np.maximum.reduce(np.where(sm[:, :, :, None], x[:, None], _NEG_INF), axis=2)  # [B, 3, C0]
+        # Each scope's column maxima [B, S, C0], then every leaf's max of its group's.
+        colmax = np.maximum.reduce(np.where(sm[:, :, :, None], x[:, None], _NEG_INF), axis=2)
         value = colmax.reshape(bsz, -1).take(self.max_index, axis=1)  # [B, L * G]
         if self.width > 1:
             value = np.maximum.reduce(value.reshape(bsz, self.n_leaves, self.width), axis=2)
@@ -177,11 +197,11 @@ class HostProgram:
             # probability is 1 / (1 + exp(logit)), one operation fewer.
             logit = feats @ fp["neg_weight"] + fp["neg_bias"]  # [B, T, U]
             n_units = logit.shape[2]
-            logits = np.empty((bsz, 2 if self.probe_max_pool else 1, 3, n_units), dtype=_F32)
+            logits = np.empty((bsz, 2 if self.probe_max_pool else 1, len(self.scopes), n_units), dtype=_F32)
             # The logit of each scope's mean input is the mean of its token logits (the probes are linear).
             np.divide(sm.astype(_F32) @ logit, np.maximum(n_scope, 1).astype(_F32)[:, :, None], out=logits[:, 0])
             if self.probe_max_pool:
-                # Each scope's feature maxima [B, 3, F] (-inf in a scope with no token, whose leaves
+                # Each scope's feature maxima [B, S, F] (-inf in a scope with no token, whose leaves
                 # are 0 below whatever their logits come to).
                 np.add(colmax[:, :, : feats.shape[2]] @ fp["neg_weight"], fp["neg_bias"], out=logits[:, 1])
             pooled = logits.reshape(bsz, -1).take(fp["pooled_index"], axis=1)
