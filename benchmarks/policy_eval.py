@@ -2,9 +2,10 @@
 
 Builds a random library and policy in memory (every agg, all/any/not nesting,
 lists, macros, scopes, for_tokens, exceptions), compiles it once, and times
-``PolicyEngine.evaluate`` on random sparse activations. Prints one JSON object
-and a summary line with the median evaluation time per 1,000 tokens and, of it, the median time
-of building the verdict objects from the rules' scores (the host side, which grows with matches).
+``PolicyEngine.evaluate`` on random sparse activations (on a CPU, in turns with the evaluation's
+torch program: ``PolicyEngine.host_program`` off). Prints one JSON object and a summary line with
+the median evaluation time per 1,000 tokens and, of it, the median time of building the verdict
+objects from the rules' scores (the host side, which grows with matches).
 
     PYTHONPATH=. python benchmarks/policy_eval.py [--rules 100] [--batch 8] [--tokens 128] [--repeats 30]
         [--device cpu|cuda] [--threads N]
@@ -156,18 +157,25 @@ def main() -> None:
     dev = torch.device(args.device)
     batch = AuditBatch(full[..., engine.watched].to(dev), mask.to(dev), comp.to(dev))
 
-    for _ in range(3):
+    # On a CPU, batches up to auditor.policy._host.MAX_ELEMENTS go through the program's NumPy
+    # twin; the torch program (host_program off) is timed in turns with it.
+    programs = [True, False] if dev.type == "cpu" else [True]
+    for host in programs * 3:
+        engine.host_program = host
         engine.evaluate(batch)
-    times = []
+    times: dict[bool, list[float]] = {host: [] for host in programs}
     matched = 0
     for _ in range(args.repeats):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        verdicts = engine.evaluate(batch)
-        times.append(time.perf_counter() - start)
-        matched = sum(len(v.matches) for v in verdicts)
-    median_s = statistics.median(times)
+        for host in programs:
+            engine.host_program = host
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            verdicts = engine.evaluate(batch)
+            times[host].append(time.perf_counter() - start)
+            matched = sum(len(v.matches) for v in verdicts)
+    engine.host_program = True
+    median_s = statistics.median(times[True])
     host_times = verdict_build_times(engine, batch, args.repeats)  # the host side of a verdict alone
     tokens = b * t
     result = {
@@ -182,15 +190,20 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "compile_ms": round(compile_ms, 2),
         "median_batch_ms": round(median_s * 1e3, 3),
-        "p90_batch_ms": round(sorted(times)[int(0.9 * (len(times) - 1))] * 1e3, 3),
+        "p90_batch_ms": round(sorted(times[True])[int(0.9 * (len(times[True]) - 1))] * 1e3, 3),
         "ms_per_1k_tokens": round(median_s * 1e3 * 1000 / tokens, 3),
+        "torch_program_ms_per_1k_tokens": (
+            round(statistics.median(times[False]) * 1e3 * 1000 / tokens, 3) if False in times else None
+        ),
         "matches_per_batch": matched,
         "verdicts_median_ms": round(statistics.median(host_times) * 1e3, 3),
     }
     print(json.dumps(result))
     print(
         f"policy_eval: {result['rules']} rules, {result['leaves']} leaves, {result['watched']} watched latents: "
-        f"{result['ms_per_1k_tokens']} ms per 1,000 tokens (median of {args.repeats}, batch {b}x{t}, {dev}); "
+        f"{result['ms_per_1k_tokens']} ms per 1,000 tokens (median of {args.repeats}, batch {b}x{t}, {dev}"
+        + (f"; the torch program {result['torch_program_ms_per_1k_tokens']} ms" if False in times else "")
+        + "); "
         f"building the verdicts of {matched} matches {result['verdicts_median_ms']} ms a batch"
     )
 

@@ -90,6 +90,7 @@ def test_policy_eval_script_runs() -> None:
     assert out["rules"] == 20 and out["watched"] > 0
     # Building the verdicts is part of an evaluation: it cannot take longer than the whole.
     assert 0 < out["verdicts_median_ms"] <= out["median_batch_ms"]
+    assert out["torch_program_ms_per_1k_tokens"] > 0  # the torch program timed beside it on a CPU
 
 
 def test_steering_hook_script_runs() -> None:
