@@ -197,7 +197,11 @@ class HostProgram:
         else:
             fired = (value >= thr) & (n > 0)
             score = _consistent(np.where(self.leaf_positive, value / self.leaf_divisor, fired * _CAP), fired)
-        holds = _HostHolds(self, x, sm, logit)
+        # Holds not needed now are computed when an explanation is first read, maybe after the
+        # caller has written its next batch into the same features tensor (``x`` is a view of it
+        # without a recon column): they keep a copy then, as the torch program's values are one.
+        lazy = self.ft_rules is None and x is feats
+        holds = _HostHolds(self, x.copy() if lazy else x, sm, logit)
 
         # The node program.
         scores = np.empty((bsz, self.n_nodes), dtype=_F32)

@@ -118,3 +118,21 @@ def test_evaluate_outside_inference_mode_and_with_grad(probe_dir: Path) -> None:
     want = engine.evaluate(full_batch(full, mask, comp, engine, recon))
     assert [v.to_dict() for v in got] == [v.to_dict() for v in want]
     assert not torch.is_inference_mode_enabled()
+
+
+def test_explanations_read_the_batch_as_it_was_evaluated(probe_dir: Path) -> None:
+    # Explanations are built on first read, maybe long after the evaluation; a caller may have
+    # written its next batch into the same features tensor by then. The torch program's per-token
+    # values are its own copy; the host program's must be too. (No for_tokens rule: its runs
+    # would compute the holds during the evaluation.)
+    rules = [{k: v for k, v in rule.items() if k != "for_tokens"} for rule in POLICY["rules"]]
+    engine = make_engine({**POLICY, "rules": rules}, probe_dir)
+    full, mask, comp, _ = continuous_inputs(5, 3, 20, nan=False)
+    feats = full[..., engine.watched].contiguous()
+    want = [v.to_dict() for v in engine.evaluate(AuditBatch(feats.clone(), mask, comp))]
+    assert any(v["matches"] for v in want)
+    verdicts = engine.evaluate(AuditBatch(feats, mask, comp))
+    pending = engine.decide(AuditBatch(feats, mask, comp))
+    feats.zero_()  # the next batch, written over this one
+    assert [v.to_dict() for v in verdicts] == want
+    assert [v.to_dict() for v in pending.verdicts()] == want
