@@ -146,9 +146,10 @@ class HostProgram:
         # X [B, T, C0]: the latents, then the reconstruction error when the policy reads it.
         x = np.concatenate([feats, recon[:, :, None]], axis=2) if self.needs_recon and recon is not None else feats
 
-        # Each scope's column maxima, then every leaf's max of its group's.
+        # Each scope's column maxima, then every leaf's max of its group's. (Reshapes spell every
+        # size out: -1 is ambiguous for a batch of no rows.)
         colmax = np.maximum.reduce(np.where(sm[:, :, :, None], x[:, None], _NEG_INF), axis=2)  # [B, 3, C0]
-        value = colmax.reshape(bsz, -1).take(self.max_index, axis=1)  # [B, L * G]
+        value = colmax.reshape(bsz, 3 * x.shape[2]).take(self.max_index, axis=1)  # [B, L * G]
         if self.width > 1:
             value = np.maximum.reduce(value.reshape(bsz, self.n_leaves, self.width), axis=2)
         n = n_scope.take(self.leaf_scope, axis=1)  # [B, L]
@@ -184,7 +185,7 @@ class HostProgram:
                 # Each scope's feature maxima [B, 3, F] (-inf in a scope with no token, whose leaves
                 # are 0 below whatever their logits come to).
                 np.add(colmax[:, :, : feats.shape[2]] @ fp["neg_weight"], fp["neg_bias"], out=logits[:, 1])
-            pooled = logits.reshape(bsz, -1).take(fp["pooled_index"], axis=1)
+            pooled = logits.reshape(bsz, logits.shape[1] * 3 * n_units).take(fp["pooled_index"], axis=1)
             value[:, fp["leaves"]] = _ONE / (_ONE + np.exp(pooled))
 
         # Leaf decisions; a NaN value (broken activations) counts as 0, as does a leaf with no token.

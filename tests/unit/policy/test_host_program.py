@@ -136,3 +136,19 @@ def test_explanations_read_the_batch_as_it_was_evaluated(probe_dir: Path) -> Non
     feats.zero_()  # the next batch, written over this one
     assert [v.to_dict() for v in verdicts] == want
     assert [v.to_dict() for v in pending.verdicts()] == want
+
+
+@pytest.mark.parametrize("t", [0, 5])
+def test_a_batch_of_no_rows(probe_dir: Path, t: int) -> None:
+    # Every kind of leaf, groups, an exception and a for_tokens rule: no verdict, no decision, no error.
+    engine = make_engine(POLICY, probe_dir)
+    none = torch.zeros(0, t, dtype=torch.bool)
+    batch = AuditBatch(torch.zeros(0, t, engine.watched.numel()), none, none)
+    assert engine.evaluate(batch) == []
+    assert engine.matched(batch).shape == (0, len(engine.compiled.rules))
+    # Without probes (whose pooling the torch program cannot reshape for no rows) both programs agree.
+    rules = [rule for rule in POLICY["rules"] if rule["id"] != "peak"]
+    plain = make_engine({**POLICY, "rules": rules}, probe_dir)
+    batch = AuditBatch(torch.zeros(0, t, plain.watched.numel()), none, none)
+    assert_same(plain, batch)
+    assert plain.evaluate(batch) == []
