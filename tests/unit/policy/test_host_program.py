@@ -152,3 +152,17 @@ def test_a_batch_of_no_rows(probe_dir: Path, t: int) -> None:
     batch = AuditBatch(torch.zeros(0, t, plain.watched.numel()), none, none)
     assert_same(plain, batch)
     assert plain.evaluate(batch) == []
+
+
+def test_the_steering_engine_keeps_the_setting(probe_dir: Path) -> None:
+    # What generation evaluates while decoding is the same policy: an engine told to leave the
+    # host program off must not have it back in its steering rules' engine.
+    steer = {"steer": {"feature": "a.one", "mode": "clamp", "value": 0.0}}
+    rules = [{**POLICY["rules"][0], "actions": ["alert", steer]}, *POLICY["rules"][1:]]
+    engine = make_engine({**POLICY, "rules": rules}, probe_dir)
+    engine.host_program = False
+    sub = engine.steering_engine
+    assert sub is not None and sub is not engine and sub.host_program is False
+    full, mask, comp, _ = continuous_inputs(2, 2, 6, nan=False)
+    batch = full_batch(full, mask, comp, sub)
+    assert isinstance(sub._rule_tensors(batch).score, torch.Tensor)
