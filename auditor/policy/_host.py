@@ -15,8 +15,10 @@ for the ``mean`` / ``count_above`` / ``fraction_above`` leaves, per-token holds 
 probes (their own torch modules), tensors that carry gradients and CUDA batches stay with torch.
 
 What can differ from the torch program: sums (``mean``, feature-probe logits) may add in another
-order, so a value within float rounding of its threshold may decide differently, as in a CUDA
-graph's padded shapes; maxima, counts, runs and every comparison are exact
+order, and a probe's probability, ``1 / (1 + exp(-logit))`` here, differs from ``torch.sigmoid``'s
+in the last bit for about one value in six, so a value within float rounding of its threshold may
+decide differently (a probe leaf's per-token holds too), as in a CUDA graph's padded shapes;
+maxima, counts, runs and the comparisons of the features and the reconstruction error are exact
 (``tests/unit/policy/test_host_program.py`` compares the two on random policies and inputs).
 """
 
