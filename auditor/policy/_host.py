@@ -15,8 +15,10 @@ for the ``mean`` / ``count_above`` / ``fraction_above`` leaves, per-token holds 
 probes (their own torch modules), tensors that carry gradients and CUDA batches stay with torch.
 
 What can differ from the torch program: sums (``mean``, feature-probe logits) may add in another
-order, so a value within float rounding of its threshold may decide differently, as in a CUDA
-graph's padded shapes; maxima, counts, runs and every comparison are exact
+order, and a probe's probability, ``1 / (1 + exp(-logit))`` here, differs from ``torch.sigmoid``'s
+in the last bit for about one value in six, so a value within float rounding of its threshold may
+decide differently (a probe leaf's per-token holds too), as in a CUDA graph's padded shapes;
+maxima, counts, runs and the comparisons of the features and the reconstruction error are exact
 (``tests/unit/policy/test_host_program.py`` compares the two on random policies and inputs).
 """
 
@@ -166,9 +168,10 @@ class HostProgram:
         # X [B, T, C0]: the latents, then the reconstruction error when the policy reads it.
         x = np.concatenate([feats, recon[:, :, None]], axis=2) if self.needs_recon and recon is not None else feats
 
-        # Each scope's column maxima [B, S, C0], then every leaf's max of its group's.
+        # Each scope's column maxima [B, S, C0], then every leaf's max of its group's. (Reshapes
+        # spell every size out: -1 is ambiguous for a batch of no rows.)
         colmax = np.maximum.reduce(np.where(sm[:, :, :, None], x[:, None], _NEG_INF), axis=2)
-        value = colmax.reshape(bsz, -1).take(self.max_index, axis=1)  # [B, L * G]
+        value = colmax.reshape(bsz, len(self.scopes) * x.shape[2]).take(self.max_index, axis=1)  # [B, L * G]
         if self.width > 1:
             value = np.maximum.reduce(value.reshape(bsz, self.n_leaves, self.width), axis=2)
         n = n_scope.take(self.leaf_scope, axis=1)  # [B, L]
@@ -204,7 +207,7 @@ class HostProgram:
                 # Each scope's feature maxima [B, S, F] (-inf in a scope with no token, whose leaves
                 # are 0 below whatever their logits come to).
                 np.add(colmax[:, :, : feats.shape[2]] @ fp["neg_weight"], fp["neg_bias"], out=logits[:, 1])
-            pooled = logits.reshape(bsz, -1).take(fp["pooled_index"], axis=1)
+            pooled = logits.reshape(bsz, logits.shape[1] * len(self.scopes) * n_units).take(fp["pooled_index"], axis=1)
             value[:, fp["leaves"]] = _ONE / (_ONE + np.exp(pooled))
 
         # Leaf decisions; a NaN value (broken activations) counts as 0, as does a leaf with no token.
@@ -217,7 +220,14 @@ class HostProgram:
         else:
             fired = (value >= thr) & (n > 0)
             score = _consistent(np.where(self.leaf_positive, value / self.leaf_divisor, fired * _CAP), fired)
-        holds = _HostHolds(self, x, sm, logit)
+        # Holds not needed now are computed when an explanation is first read, maybe after the
+        # caller has written its next batch into the same tensors (``x`` is the features without a
+        # recon column, ``sm`` the content mask for a policy that reads only "any"): they keep
+        # copies then, as the torch program's values are its own.
+        if self.ft_rules is None:
+            holds = _HostHolds(self, x.copy() if x is feats else x, sm.copy() if self.scopes == (0,) else sm, logit)
+        else:
+            holds = _HostHolds(self, x, sm, logit)
 
         # The node program.
         scores = np.empty((bsz, self.n_nodes), dtype=_F32)

@@ -118,3 +118,55 @@ def test_evaluate_outside_inference_mode_and_with_grad(probe_dir: Path) -> None:
     want = engine.evaluate(full_batch(full, mask, comp, engine, recon))
     assert [v.to_dict() for v in got] == [v.to_dict() for v in want]
     assert not torch.is_inference_mode_enabled()
+
+
+@pytest.mark.parametrize("only_any", [False, True], ids=["three-scopes", "any-scope"])
+def test_explanations_read_the_batch_as_it_was_evaluated(probe_dir: Path, only_any: bool) -> None:
+    # Explanations are built on first read, maybe long after the evaluation; a caller may have
+    # written its next batch into the same tensors by then. The torch program's per-token values
+    # are its own copy; the host program's must be too: the features, and the content mask, which
+    # is the scope mask itself when every rule reads the "any" scope. (No for_tokens rule: its runs
+    # would compute the holds during the evaluation.)
+    rules = [{k: v for k, v in rule.items() if k != "for_tokens"} for rule in POLICY["rules"]]
+    engine = make_engine({**POLICY, "rules": rules[:1] if only_any else rules}, probe_dir)
+    assert (engine._numpy.scopes == (0,)) is only_any
+    full, mask, comp, _ = continuous_inputs(5, 3, 20, nan=False)
+    feats = full[..., engine.watched].contiguous()
+    want = [v.to_dict() for v in engine.evaluate(AuditBatch(feats.clone(), mask.clone(), comp))]
+    assert any(v["matches"] for v in want)
+    verdicts = engine.evaluate(AuditBatch(feats, mask, comp))
+    pending = engine.decide(AuditBatch(feats, mask, comp))
+    feats.zero_()  # the next batch, written over this one
+    mask.fill_(True)
+    assert [v.to_dict() for v in verdicts] == want
+    assert [v.to_dict() for v in pending.verdicts()] == want
+
+
+@pytest.mark.parametrize("t", [0, 5])
+def test_a_batch_of_no_rows(probe_dir: Path, t: int) -> None:
+    # Every kind of leaf, groups, an exception and a for_tokens rule: no verdict, no decision, no error.
+    engine = make_engine(POLICY, probe_dir)
+    none = torch.zeros(0, t, dtype=torch.bool)
+    batch = AuditBatch(torch.zeros(0, t, engine.watched.numel()), none, none)
+    assert engine.evaluate(batch) == []
+    assert engine.matched(batch).shape == (0, len(engine.compiled.rules))
+    # Without probes (whose pooling the torch program cannot reshape for no rows) both programs agree.
+    rules = [rule for rule in POLICY["rules"] if rule["id"] != "peak"]
+    plain = make_engine({**POLICY, "rules": rules}, probe_dir)
+    batch = AuditBatch(torch.zeros(0, t, plain.watched.numel()), none, none)
+    assert_same(plain, batch)
+    assert plain.evaluate(batch) == []
+
+
+def test_the_steering_engine_keeps_the_setting(probe_dir: Path) -> None:
+    # What generation evaluates while decoding is the same policy: an engine told to leave the
+    # host program off must not have it back in its steering rules' engine.
+    steer = {"steer": {"feature": "a.one", "mode": "clamp", "value": 0.0}}
+    rules = [{**POLICY["rules"][0], "actions": ["alert", steer]}, *POLICY["rules"][1:]]
+    engine = make_engine({**POLICY, "rules": rules}, probe_dir)
+    engine.host_program = False
+    sub = engine.steering_engine
+    assert sub is not None and sub is not engine and sub.host_program is False
+    full, mask, comp, _ = continuous_inputs(2, 2, 6, nan=False)
+    batch = full_batch(full, mask, comp, sub)
+    assert isinstance(sub._rule_tensors(batch).score, torch.Tensor)
