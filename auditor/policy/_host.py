@@ -72,7 +72,8 @@ class HostProgram:
         self.n_leaves, self.width = n_leaves, width
         self.n_nodes, self.const_true = c.n_nodes, c.const_true
         self.needs_recon = c.needs_recon_error
-        self.n_direct = n_direct = int(c.watched.numel()) + int(c.needs_recon_error)  # columns of X: latents, recon
+        self.n_feat = int(c.watched.numel())
+        self.n_direct = n_direct = self.n_feat + int(c.needs_recon_error)  # columns of X: latents, recon
         # Each leaf's columns of V = [X | the feature probes' per-token probabilities], a group's
         # padding replaced by its own first column (the max is the same, no -inf column needed).
         cols = k["value_columns"].numpy().reshape(n_leaves, width).copy()
@@ -174,16 +175,17 @@ class HostProgram:
         value = colmax.reshape(bsz, len(self.scopes) * x.shape[2]).take(self.max_index, axis=1)  # [B, L * G]
         if self.width > 1:
             value = np.maximum.reduce(value.reshape(bsz, self.n_leaves, self.width), axis=2)
-        n = n_scope.take(self.leaf_scope, axis=1)  # [B, L]
+        one_scope = len(self.scopes) == 1
+        n = n_scope if one_scope else n_scope.take(self.leaf_scope, axis=1)  # [B, L] ([B, 1] for one scope)
 
         tl = self.token_leaves
         if tl is not None:  # mean, count_above, fraction_above: from per-token values
             vt = x.take(self.tl_columns, axis=2)  # [B, T, Lt * G]
             if self.width > 1:
                 vt = np.maximum.reduce(vt.reshape(bsz, t, tl.size, self.width), axis=3)
-            lm = sm.take(self.tl_scope, axis=1).transpose(0, 2, 1)  # [B, T, Lt]
+            lm = (sm if one_scope else sm.take(self.tl_scope, axis=1)).transpose(0, 2, 1)  # [B, T, Lt or 1]
             if self.has_mean or self.has_fraction:
-                nf = np.maximum(n.take(tl, axis=1), 1).astype(_F32)
+                nf = np.maximum(n if one_scope else n.take(tl, axis=1), 1).astype(_F32)
             if self.has_count:
                 agg = np.add.reduce(vt > self.tl_above, axis=1, dtype=_F32, where=lm)
                 if self.has_fraction:
@@ -194,20 +196,20 @@ class HostProgram:
             value[:, tl] = agg
 
         fp = self.probes
-        logit = None
         if fp is not None:
-            # Negated logits throughout (weights and bias negated once; negation is exact), so a
-            # probability is 1 / (1 + exp(logit)), one operation fewer.
-            logit = feats @ fp["neg_weight"] + fp["neg_bias"]  # [B, T, U]
-            n_units = logit.shape[2]
-            logits = np.empty((bsz, 2 if self.probe_max_pool else 1, len(self.scopes), n_units), dtype=_F32)
-            # The logit of each scope's mean input is the mean of its token logits (the probes are linear).
-            np.divide(sm.astype(_F32) @ logit, np.maximum(n_scope, 1).astype(_F32)[:, :, None], out=logits[:, 0])
+            # What each probe pools, [B, pool (mean, max), S, F], then all their logits in one
+            # product. The probes are linear: the logit of a scope's mean input is the mean of its
+            # tokens' logits. A scope with no token divides 0 by 0 (mean) or has -inf (max): its
+            # leaves are 0 below whatever their logits come to.
+            n_feat = feats.shape[2]
+            pool_in = np.empty((bsz, 2 if self.probe_max_pool else 1, len(self.scopes), n_feat), dtype=_F32)
+            np.divide(sm.astype(_F32) @ feats, n_scope[:, :, None], out=pool_in[:, 0])
             if self.probe_max_pool:
-                # Each scope's feature maxima [B, S, F] (-inf in a scope with no token, whose leaves
-                # are 0 below whatever their logits come to).
-                np.add(colmax[:, :, : feats.shape[2]] @ fp["neg_weight"], fp["neg_bias"], out=logits[:, 1])
-            pooled = logits.reshape(bsz, logits.shape[1] * len(self.scopes) * n_units).take(fp["pooled_index"], axis=1)
+                pool_in[:, 1] = colmax[:, :, :n_feat]
+            # Negated logits (weights and bias negated once; negation is exact): a probability is
+            # 1 / (1 + exp(logit)), one operation fewer.
+            logits = pool_in @ fp["neg_weight"] + fp["neg_bias"]  # [B, pool, S, U]
+            pooled = logits.reshape(bsz, logits[0].size if bsz else 0).take(fp["pooled_index"], axis=1)
             value[:, fp["leaves"]] = _ONE / (_ONE + np.exp(pooled))
 
         # Leaf decisions; a NaN value (broken activations) counts as 0, as does a leaf with no token.
@@ -225,9 +227,9 @@ class HostProgram:
         # recon column, ``sm`` the content mask for a policy that reads only "any"): they keep
         # copies then, as the torch program's values are its own.
         if self.ft_rules is None:
-            holds = _HostHolds(self, x.copy() if x is feats else x, sm.copy() if self.scopes == (0,) else sm, logit)
+            holds = _HostHolds(self, x.copy() if x is feats else x, sm.copy() if self.scopes == (0,) else sm)
         else:
-            holds = _HostHolds(self, x, sm, logit)
+            holds = _HostHolds(self, x, sm)
 
         # The node program.
         scores = np.empty((bsz, self.n_nodes), dtype=_F32)
@@ -288,17 +290,20 @@ class _HostHolds:
     """Where each leaf held, per token (``[B, T, L]`` bool), computed on first :meth:`get`: only
     ``for_tokens`` rules and explanations need it."""
 
-    def __init__(self, program: HostProgram, x: np.ndarray, sm: np.ndarray, logit: np.ndarray | None) -> None:
-        self._args: tuple[Any, ...] | None = (program, x, sm, logit)
+    def __init__(self, program: HostProgram, x: np.ndarray, sm: np.ndarray) -> None:
+        self._args: tuple[Any, ...] | None = (program, x, sm)
         self._tok: np.ndarray | None = None
 
     def get(self) -> np.ndarray:
         if self._tok is None:
             assert self._args is not None
-            p, x, sm, logit = self._args
+            p, x, sm = self._args
             bsz, t, _ = x.shape
-            with np.errstate(over="ignore"):
-                v = x if logit is None else np.concatenate([x, _ONE / (_ONE + np.exp(logit))], axis=2)  # negated logits
+            v = x
+            if p.probes is not None:  # each feature probe's per-token probability, after X's columns
+                with np.errstate(all="ignore"):  # broken activations: NaN, inf, as in torch
+                    logit = x[:, :, : p.n_feat] @ p.probes["neg_weight"] + p.probes["neg_bias"]  # negated
+                    v = np.concatenate([x, _ONE / (_ONE + np.exp(logit))], axis=2)
             vals = v.take(p.token_columns, axis=2)  # [B, T, L * G]
             if p.width > 1:
                 vals = np.maximum.reduce(vals.reshape(bsz, t, p.n_leaves, p.width), axis=3)
