@@ -868,7 +868,9 @@ def _audit_batch(
         mask, role = batch.content_mask, batch.role
         if mask.device != dev:  # a call each, even when already there
             mask, role = mask.to(dev), role.to(dev)
-    is_completion, is_prompt = role_masks(role)
+    # A policy that reads no prompt or completion scope (every rule and leaf "any", as in the
+    # default policy) needs no role masks: two tensor operations fewer per batch.
+    is_completion, is_prompt = role_masks(role) if engine.reads_roles else (None, None)
     return AuditBatch(
         features=watched_feats,
         mask=mask,

@@ -140,17 +140,31 @@ class HostProgram:
         self.probe_max_pool = engine._probe_max_pool
 
     def run(
-        self, feats: torch.Tensor, mask: torch.Tensor, comp: torch.Tensor, prompt: torch.Tensor, recon: torch.Tensor | None
+        self,
+        feats: torch.Tensor,
+        mask: torch.Tensor,
+        comp: torch.Tensor | None,
+        prompt: torch.Tensor | None,
+        recon: torch.Tensor | None,
     ) -> tuple[Any, ...]:
         """Node scores ``[B, N]``, rule scores ``[B, R]``, leaf values and decisions ``[B, L]`` as NumPy
         arrays, and the per-token leaf holds (``[B, T, L]``, computed on first ``get()``)."""
         with np.errstate(all="ignore"):  # 1 / 0 in a `not`, exp overflowing in a sigmoid: inf, as in torch
             return self._run(
-                feats.numpy(), mask.numpy(), comp.numpy(), prompt.numpy(), None if recon is None else recon.numpy()
+                feats.numpy(),
+                mask.numpy(),
+                None if comp is None else comp.numpy(),  # None: no roles, for a policy that reads none
+                None if prompt is None else prompt.numpy(),
+                None if recon is None else recon.numpy(),
             )
 
     def _run(
-        self, feats: np.ndarray, mask: np.ndarray, comp: np.ndarray, prompt: np.ndarray, recon: np.ndarray | None
+        self,
+        feats: np.ndarray,
+        mask: np.ndarray,
+        comp: np.ndarray | None,
+        prompt: np.ndarray | None,
+        recon: np.ndarray | None,
     ) -> tuple[Any, ...]:
         # Fewer kinds of operation rather than fewer operations: right after a forward has swept the
         # caches, the first call of each kind costs several times the later ones. Reductions are

@@ -100,8 +100,10 @@ class AuditBatch:
     """``[B, T, F]`` activations of the watched latents, columns in ``engine.watched`` order."""
     mask: Tensor
     """``[B, T]`` bool: real content tokens (False for padding, BOS, chat special tokens)."""
-    is_completion: Tensor
-    """``[B, T]`` bool: True on completion tokens, False on prompt tokens."""
+    is_completion: Tensor | None
+    """``[B, T]`` bool: True on completion tokens, False on prompt tokens. None only for an engine
+    whose policy reads no prompt or completion scope (``engine.reads_roles`` False): the roles
+    decide nothing there, and a pipeline need not compute them."""
     recon_error: Tensor | None = None
     """``[B, T]`` relative reconstruction error; needed iff ``engine.needs_recon_error``."""
     resid: Tensor | None = None
@@ -409,6 +411,9 @@ class PolicyEngine:
             f"{r.id}: {r.annotations.get('summary') or r.description or r.id}" if "annotate" in r.actions else None
             for r in compiled.rules
         ]
+        self.reads_roles: bool = bool((compiled.leaf_scope != 0).any() or (compiled.rule_scope != 0).any())
+        """Whether any rule or leaf is prompt- or completion-scoped (else a batch may come without
+        roles: ``AuditBatch.is_completion`` None)."""
         self._ft_rules = torch.nonzero(compiled.rule_for_tokens > 0).flatten()
         self._has_exceptions = compiled.exc_node.numel() > 0
         # A `not` of leaves that saw no token scores high: rules are then zeroed where their scope
@@ -522,6 +527,10 @@ class PolicyEngine:
                 f"features has {n} columns but policy {self.name!r} watches {self.watched.numel()} latents; "
                 "select full activations with acts[..., engine.watched]"
             )
+        if batch.is_completion is None and self.reads_roles:
+            raise ValueError(
+                f"policy {self.name!r} has prompt- or completion-scoped rules: is_completion [B, T] is required"
+            )
         for label, m in (("mask", batch.mask), ("is_completion", batch.is_completion), ("is_prompt", batch.is_prompt)):
             if m is not None and tuple(m.shape) != (b, t):
                 raise ValueError(f"{label} must be [B, T] = {(b, t)}, got {tuple(m.shape)}")
@@ -598,15 +607,24 @@ class PolicyEngine:
 
     def _rule_tensors(self, batch: AuditBatch) -> _RuleTensors:
         """Every node's and rule's score (and what explanations need), on the batch's device."""
-        feats, mask, comp, prompt, recon, resid = self._inputs(batch)
+        feats, mask, comp, prompt, recon, resid = self._inputs(batch, roles=False)
         if feats.shape[1] == 0:
             # Empty texts: one masked-out token keeps every reduction defined; nothing is in scope.
             bsz = feats.shape[0]
             feats, mask = feats.new_zeros(bsz, 1, feats.shape[2]), mask.new_zeros(bsz, 1)
-            comp, prompt = comp.new_zeros(bsz, 1), prompt.new_zeros(bsz, 1)
+            comp, prompt = mask.new_zeros(bsz, 1), mask.new_zeros(bsz, 1)
             recon = feats.new_zeros(bsz, 1) if recon is not None else None
             resid = feats.new_zeros(bsz, 1, resid.shape[2]) if resid is not None else None
-        elif feats.is_cuda and self.cuda_graphs and not self.needs_resid:
+        if (
+            self.host_program and resid is None and feats.device.type == "cpu" and feats.numel() <= HOST_MAX_ELEMENTS
+            and not feats.requires_grad and (recon is None or not recon.requires_grad) and not self._compiles
+        ):
+            # NumPy arrays over the same memory (see _host): _pending and matched read them as such.
+            # A batch without roles (a policy that reads none) needs no role masks there.
+            return _RuleTensors(*self._numpy.run(feats, mask, comp, prompt, recon))
+        if comp is None:
+            comp, prompt = torch.zeros_like(mask), torch.zeros_like(mask)
+        if feats.is_cuda and self.cuda_graphs and not self.needs_resid:
             # Hookpoint probes (resid) run their own modules: those policies stay eager. A compiled
             # program's graphs keep less memory a token, so they may be larger.
             self._graphs.max_tokens = self.graph_max_tokens or (MAX_TOKENS_COMPILED if self._compiles else MAX_TOKENS)
@@ -617,12 +635,6 @@ class PolicyEngine:
         if self._compiles and resid is None:
             nodes, rscore, value, fired, tok = self._program_outputs((feats, mask, comp, prompt, recon))
             return _RuleTensors(nodes, rscore, value, fired, _KnownHolds(tok))
-        if (
-            self.host_program and resid is None and feats.device.type == "cpu" and feats.numel() <= HOST_MAX_ELEMENTS
-            and not feats.requires_grad and (recon is None or not recon.requires_grad)
-        ):
-            # NumPy arrays over the same memory (see _host): _pending and matched read them as such.
-            return _RuleTensors(*self._numpy.run(feats, mask, comp, prompt, recon))
         return self._compute(feats, mask, comp, prompt, recon, resid)
 
     def _compute(
@@ -693,16 +705,25 @@ class PolicyEngine:
                              self.name, type(cause).__name__, detail)
         return self._graph_outputs(values)
 
-    def _inputs(self, batch: AuditBatch) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
-        """The batch checked and converted: features, mask, completion, prompt, recon error, resid."""
+    def _inputs(self, batch: AuditBatch, roles: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+        """The batch checked and converted: features, mask, completion, prompt, recon error, resid.
+
+        A batch without roles (``is_completion`` None, for a policy that reads none) has no
+        prompt or completion token: two all-False masks, or None for both with ``roles=False``."""
         self._check(batch)
         feats = _as(batch.features, None, torch.float32)  # [B, T, F]
         dev = feats.device
         mask = _as(batch.mask, dev, torch.bool)
-        comp = _as(batch.is_completion, dev, torch.bool)
-        prompt = ~comp if batch.is_prompt is None else _as(batch.is_prompt, dev, torch.bool)
         recon = _as(batch.recon_error, dev, torch.float32) if batch.recon_error is not None else None
         resid = _as(batch.resid, dev, torch.float32) if batch.resid is not None else None
+        if batch.is_completion is not None:
+            comp = _as(batch.is_completion, dev, torch.bool)
+            prompt = ~comp if batch.is_prompt is None else _as(batch.is_prompt, dev, torch.bool)
+        elif roles:
+            # Two tensors, not one twice: a compiled program would compile again for the aliasing.
+            comp, prompt = torch.zeros_like(mask), torch.zeros_like(mask)
+        else:
+            comp = prompt = None  # type: ignore[assignment]
         return feats, mask, comp, prompt, recon, resid
 
     @staticmethod

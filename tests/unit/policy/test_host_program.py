@@ -170,3 +170,24 @@ def test_the_steering_engine_keeps_the_setting(probe_dir: Path) -> None:
     full, mask, comp, _ = continuous_inputs(2, 2, 6, nan=False)
     batch = full_batch(full, mask, comp, sub)
     assert isinstance(sub._rule_tensors(batch).score, torch.Tensor)
+
+
+@pytest.mark.parametrize("host_program", [True, False], ids=["numpy", "torch"])
+def test_a_batch_without_roles(probe_dir: Path, host_program: bool) -> None:
+    # A policy that reads only the "any" scope decides the same without roles (the pipeline then
+    # skips computing them); one that reads a prompt or completion scope says it needs them.
+    any_only = make_engine({**POLICY, "rules": POLICY["rules"][:1]}, probe_dir)
+    any_only.host_program = host_program
+    assert not any_only.reads_roles
+    full, mask, comp, recon = continuous_inputs(11, 3, 14, nan=False)
+    feats = full[..., any_only.watched]
+    want = [v.to_dict() for v in any_only.evaluate(AuditBatch(feats, mask, comp))]
+    assert any(v["matches"] for v in want)
+    assert [v.to_dict() for v in any_only.evaluate(AuditBatch(feats, mask, None))] == want
+    assert torch.equal(any_only.matched(AuditBatch(feats, mask, None)), any_only.matched(AuditBatch(feats, mask, comp)))
+    assert any_only.evaluate(AuditBatch(feats[:, :0], mask[:, :0], None))[0].action == "allow"  # empty texts
+
+    scoped = make_engine(POLICY, probe_dir)
+    assert scoped.reads_roles
+    with pytest.raises(ValueError, match="completion-scoped rules: is_completion"):
+        scoped.evaluate(AuditBatch(full[..., scoped.watched], mask, None))
