@@ -59,7 +59,7 @@ from auditor.features.library import FeatureLibrary
 from auditor.policy import schema as s
 from auditor.policy._graphs import MAX_TOKENS, MAX_TOKENS_COMPILED, EvalGraphs
 from auditor.policy._host import MAX_ELEMENTS as HOST_MAX_ELEMENTS
-from auditor.policy._host import HostProgram
+from auditor.policy._host import HostProgram, HostRows
 from auditor.policy.compile import (
     AGGS,
     SCOPES,
@@ -565,7 +565,7 @@ class PolicyEngine:
         # category scores follow from them there. What only explanations need (values, per-token
         # holds) stays where it is until an explanation is read.
         if isinstance(r.score, np.ndarray):  # the host program's
-            return PendingVerdicts(self, HostCopy(torch.from_numpy(self._numpy.host_rows(r.nodes, r.score))), r, tokens)
+            return PendingVerdicts(self, HostRows(self._numpy.host_rows(r.nodes, r.score)), r, tokens)
         host = r.score
         if self._has_exceptions:
             host = torch.cat([host, r.nodes.index_select(1, self._tensors(host.device)["exc_node"])], dim=1)
@@ -1129,7 +1129,7 @@ class PendingVerdicts:
     """An evaluation queued by :meth:`PolicyEngine.decide`; :meth:`verdicts` builds its verdicts
     (once; later calls return the same list)."""
 
-    def __init__(self, engine: PolicyEngine, host: HostCopy, r: _RuleTensors, tokens: list[list[str]] | None) -> None:
+    def __init__(self, engine: PolicyEngine, host: HostCopy | HostRows, r: _RuleTensors, tokens: list[list[str]] | None) -> None:
         self._engine, self._host, self._r, self._tokens = engine, host, r, tokens
         self._verdicts: list[Verdict] | None = None
         self._lock = threading.Lock()  # callers in several threads: one builds, the others wait
