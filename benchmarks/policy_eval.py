@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from auditor.features.library import FeatureLibrary
+import auditor.policy.engine as engine_module
 from auditor.policy.engine import AuditBatch, PolicyEngine
 from auditor.policy.compile import compile_policy
 from auditor.policy.schema import Policy
@@ -158,24 +159,31 @@ def main() -> None:
     batch = AuditBatch(full[..., engine.watched].to(dev), mask.to(dev), comp.to(dev))
 
     # On a CPU, batches up to auditor.policy._host.MAX_ELEMENTS go through the program's NumPy
-    # twin; the torch program (host_program off) is timed in turns with it.
-    programs = [True, False] if dev.type == "cpu" else [True]
-    for host in programs * 3:
-        engine.host_program = host
+    # twin ("engine": what the engine picks); the torch program (host_program off) and the NumPy
+    # twin at any size are timed in turns with it.
+    programs = ["engine", "torch", "numpy"] if dev.type == "cpu" else ["engine"]
+    limit = engine_module.HOST_MAX_ELEMENTS
+
+    def pick(program: str) -> None:
+        engine.host_program = program != "torch"
+        engine_module.HOST_MAX_ELEMENTS = 1 << 62 if program == "numpy" else limit
+
+    for program in programs * 3:
+        pick(program)
         engine.evaluate(batch)
-    times: dict[bool, list[float]] = {host: [] for host in programs}
+    times: dict[str, list[float]] = {program: [] for program in programs}
     matched = 0
     for _ in range(args.repeats):
-        for host in programs:
-            engine.host_program = host
+        for program in programs:
+            pick(program)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
             verdicts = engine.evaluate(batch)
-            times[host].append(time.perf_counter() - start)
+            times[program].append(time.perf_counter() - start)
             matched = sum(len(v.matches) for v in verdicts)
-    engine.host_program = True
-    median_s = statistics.median(times[True])
+    pick("engine")
+    median_s = statistics.median(times["engine"])
     host_times = verdict_build_times(engine, batch, args.repeats)  # the host side of a verdict alone
     tokens = b * t
     result = {
@@ -190,11 +198,13 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "compile_ms": round(compile_ms, 2),
         "median_batch_ms": round(median_s * 1e3, 3),
-        "p90_batch_ms": round(sorted(times[True])[int(0.9 * (len(times[True]) - 1))] * 1e3, 3),
+        "p90_batch_ms": round(sorted(times["engine"])[int(0.9 * (len(times["engine"]) - 1))] * 1e3, 3),
         "ms_per_1k_tokens": round(median_s * 1e3 * 1000 / tokens, 3),
-        "torch_program_ms_per_1k_tokens": (
-            round(statistics.median(times[False]) * 1e3 * 1000 / tokens, 3) if False in times else None
-        ),
+        "numpy_program": dev.type == "cpu" and b * t * int(engine.watched.numel()) <= limit,
+        **{
+            f"{program}_program_ms_per_1k_tokens": round(statistics.median(times[program]) * 1e3 * 1000 / tokens, 3)
+            for program in ("torch", "numpy") if program in times
+        },
         "matches_per_batch": matched,
         "verdicts_median_ms": round(statistics.median(host_times) * 1e3, 3),
     }
@@ -202,7 +212,11 @@ def main() -> None:
     print(
         f"policy_eval: {result['rules']} rules, {result['leaves']} leaves, {result['watched']} watched latents: "
         f"{result['ms_per_1k_tokens']} ms per 1,000 tokens (median of {args.repeats}, batch {b}x{t}, {dev}"
-        + (f"; the torch program {result['torch_program_ms_per_1k_tokens']} ms" if False in times else "")
+        + (
+            f"; {'the NumPy program' if result['numpy_program'] else 'the torch program (past the NumPy limit)'}; "
+            f"torch {result['torch_program_ms_per_1k_tokens']} ms, NumPy {result['numpy_program_ms_per_1k_tokens']} ms"
+            if "torch" in times else ""
+        )
         + "); "
         f"building the verdicts of {matched} matches {result['verdicts_median_ms']} ms a batch"
     )
