@@ -199,9 +199,9 @@ class HostProgram:
         prompt: np.ndarray | None,
         recon: np.ndarray | None,
     ) -> tuple[Any, ...]:
-        # Fewer kinds of operation rather than fewer operations: right after a forward has swept the
-        # caches, the first call of each kind costs several times the later ones. Reductions are
-        # ufunc reductions (ndarray.max and .sum go through Python wrappers first).
+        # As few calls as the policy allows: right after a forward has swept the caches (and the
+        # TLB), each call costs several times its warm cost, 10-30 us here whatever its size.
+        # Reductions are ufunc reductions (ndarray.max and .sum go through Python wrappers first).
         bsz, t, _ = feats.shape
         if self.scopes == (0,):  # "any" alone: the content mask
             sm = mask[:, None]
