@@ -847,7 +847,6 @@ class PolicyEngine:
     def _probe_pool(self, fp: dict[str, Tensor], logit_sum: Tensor, n_scope: Tensor, top: Tensor | None) -> Tensor:
         """Pooled probabilities of the feature-probe leaves ``[B, n]`` from each scope's sum of token
         logits ``[B, 3, U]`` and (max pooling) its feature max ``[B, 3, F]``."""
-        bsz = logit_sum.shape[0]
         counts = n_scope.unsqueeze(-1).clamp(min=1).to(logit_sum.dtype)  # [B, 3, 1]
         # The model is linear: the logit of the mean input is the mean of the token logits
         # (for a scope with no token the leaf is 0 anyway).
@@ -856,7 +855,8 @@ class PolicyEngine:
             top = torch.where(n_scope.unsqueeze(-1) > 0, top, 0.0)
             logits = torch.stack([logits, top @ fp["weight"] + fp["bias"]], 1)  # [B, 2 (mean, max), 3, U]
         # Without max pooling every index is in the mean half, which is all there is.
-        return torch.sigmoid(logits.reshape(bsz, -1).index_select(1, fp["pooled_index"]))
+        # flatten, not reshape(bsz, -1): the -1 is ambiguous for a batch of no rows.
+        return torch.sigmoid(logits.flatten(1).index_select(1, fp["pooled_index"]))
 
     def _leaf_decisions(self, k: dict[str, Any], value: Tensor, n: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Aggregated leaf values ``[B, L]`` (with ``n [B, L]`` tokens in scope) -> value, score, fired.

@@ -150,12 +150,10 @@ def test_a_batch_of_no_rows(probe_dir: Path, t: int) -> None:
     batch = AuditBatch(torch.zeros(0, t, engine.watched.numel()), none, none)
     assert engine.evaluate(batch) == []
     assert engine.matched(batch).shape == (0, len(engine.compiled.rules))
-    # Without probes (whose pooling the torch program cannot reshape for no rows) both programs agree.
-    rules = [rule for rule in POLICY["rules"] if rule["id"] != "peak"]
-    plain = make_engine({**POLICY, "rules": rules}, probe_dir)
-    batch = AuditBatch(torch.zeros(0, t, plain.watched.numel()), none, none)
-    assert_same(plain, batch)
-    assert plain.evaluate(batch) == []
+    # Both programs agree, probes included.
+    assert_same(engine, batch)
+    engine.host_program = False
+    assert engine.evaluate(batch) == []
 
 
 def test_the_steering_engine_keeps_the_setting(probe_dir: Path) -> None:
