@@ -14,7 +14,9 @@ in the same process:
    (the product's steering hook at layer 16: the watched latents of every new position
    encoded once, one clamp intervention, the ``--steer-rules`` rules that steer evaluated
    every ``--policy-every`` tokens on the growing sequence, the whole policy at the end);
-   plain and serve runs take turns, medians of ``--gen-repeats``;
+   plain and serve runs take turns, medians of ``--gen-repeats``; with ``--lockstep N`` also
+   N runs of each serve configuration advanced step by step in turns with a plain generation
+   (each step timed alone), which the machine's drift between runs does not reach;
 4. streaming (``--streams N``, 0 skips): a prompt plus a completion audited in chunks through
    ``capture_streams`` (one stream alone, and N streams fed together), against one stopped
    forward of the whole sequence (and of the N sequences as one batch). Forwards only: encode
@@ -30,6 +32,7 @@ model and 4,608- and 8,192-wide SAEs so the script can be smoke-tested on a CPU 
     python benchmarks/gpu_llama8b.py [--tiny] [--device cuda] [--seq 512] [--batch-sizes 1,8,32]
         [--gen-tokens 64] [--gen-batches 1,16] [--gen-repeats 5] [--steer-rules 0,10,10/4] [--policy-every 1]
         [--encode-variants] [--compile] [--streams 16] [--stream-chunk 16] [--stream-tokens 256]
+        [--lockstep N]
 """
 
 from __future__ import annotations
@@ -268,6 +271,88 @@ def decode_loop(
             return time.perf_counter() - t0
 
 
+def lockstep_decode(model: torch.nn.Module, prompt: torch.Tensor, n_new: int, serve: dict[str, Any]) -> dict[str, Any]:
+    """Plain and serve-mode greedy decoding of ``prompt``, advanced one step at a time in turns.
+
+    Each generation keeps its own cache; the serve one has the product's steering hook installed
+    for its steps only (as :func:`decode_loop` sets it up: one clamp, the watched latents of every
+    new position, the steering rules every ``policy_every`` tokens). Every step is timed alone,
+    the device synchronized before and after it (a generation loop that checks its stopping
+    criteria each step waits for the step too), and the two generations alternate which goes
+    first at each position, so whatever slows the machine for a while slows both alike. The serve
+    generation's whole-policy verdict at the end is timed on its own. Returns the seconds of each
+    step (index 0 is the prompt's forward) of each generation and of the verdict.
+    """
+    device = prompt.device
+    key = _cache_keyword(model)
+    b, p = prompt.shape
+    caches = {False: transformers.DynamicCache(config=model.config), True: transformers.DynamicCache(config=model.config)}
+    nxt = {False: prompt, True: prompt}
+    times: dict[bool, list[float]] = {False: [], True: []}
+    hook = SteeringHook(
+        serve["sae"], [serve["clamp"]], engine=serve["engine"], policy_every=serve["policy_every"],
+        cuda_graph=serve.get("cuda_graph", True),
+    )
+    hook.reset(b, torch.ones(b, dtype=torch.bool))
+
+    def step(serving: bool, first: bool) -> None:
+        ids = nxt[serving]
+        sync(device)
+        t0 = time.perf_counter()
+        if serving:
+            n = ids.shape[1]
+            hook.set_positions(torch.ones(b, n, dtype=torch.bool), torch.full((b, n), not first, dtype=torch.bool))
+        out = model(input_ids=ids, use_cache=True, **{key: caches[serving]})
+        nxt[serving] = out.logits[:, -1].argmax(-1, keepdim=True)
+        sync(device)
+        times[serving].append(time.perf_counter() - t0)
+
+    with torch.inference_mode():
+        for i in range(n_new):
+            for serving in ((False, True) if i % 2 == 0 else (True, False)):
+                if serving:
+                    with hooks(model, [(serve["hook"], hook)]):
+                        step(True, i == 0)
+                else:
+                    step(False, i == 0)
+        sync(device)
+        t0 = time.perf_counter()
+        hook.evaluate()
+        sync(device)
+        verdict = time.perf_counter() - t0
+    return {"plain_steps_s": times[False], "serve_steps_s": times[True], "verdict_s": verdict}
+
+
+def lockstep_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Ratios of :func:`lockstep_decode` runs of one configuration.
+
+    ``serve_vs_plain`` is the headline: each position's median step time over the runs, summed
+    over the generation (prompt forward included), plain against serve with the serve side's
+    median final verdict added. Medians per position drop a step that a pause on the machine
+    hit in one run, yet keep costs that recur at the same position in every run (a graph
+    captured on the first steps, the steering rules' steps). Also: each run's own ratio of
+    totals (their median), and the median ratio of the decode steps paired by position and run.
+    """
+    n = len(runs[0]["plain_steps_s"])
+    per_pos = {side: [statistics.median(r[f"{side}_steps_s"][i] for r in runs) for i in range(n)] for side in ("plain", "serve")}
+    verdict = statistics.median(r["verdict_s"] for r in runs)
+    totals = [(sum(r["plain_steps_s"]), sum(r["serve_steps_s"]) + r["verdict_s"]) for r in runs]
+    pairs = [r["plain_steps_s"][i] / r["serve_steps_s"][i] for r in runs for i in range(1, n)]
+    return {
+        "runs": len(runs),
+        "serve_vs_plain": sum(per_pos["plain"]) / (sum(per_pos["serve"]) + verdict),
+        "serve_vs_plain_per_run": statistics.median(p / q for p, q in totals),
+        "decode_step_ratio_median": statistics.median(pairs) if pairs else None,
+        "plain_step_ms": 1000 * statistics.median(per_pos["plain"][1:] or per_pos["plain"]),
+        "serve_step_ms": 1000 * statistics.median(per_pos["serve"][1:] or per_pos["serve"]),
+        "plain_prompt_ms": 1000 * per_pos["plain"][0],
+        "serve_prompt_ms": 1000 * per_pos["serve"][0],
+        "final_verdict_ms": 1000 * verdict,
+        "plain_total_s": [p for p, _ in totals],
+        "serve_total_s": [q for _, q in totals],
+    }
+
+
 def profile_policy(engine: PolicyEngine, batch: AuditBatch, device: torch.device, out_dir: Path) -> None:
     """Write a ``torch.profiler`` op table of the policy's decision (``matched``) and of a whole
     evaluation (``evaluate``) on ``batch`` to ``out_dir/profile_policy.txt``: best wall times and,
@@ -431,6 +516,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--serve-eager", action="store_true", help="also time each serve configuration with the steering "
                     "hook's decode step run eagerly (no CUDA graph), in the same alternating runs")
     ap.add_argument("--gen-repeats", type=int, default=5, help="timed runs of each generation configuration (median)")
+    ap.add_argument("--lockstep", type=int, default=0, metavar="N", help="also run each serve configuration N times "
+                    "(after one warm-up) in lockstep with plain decoding: the two generations advance one step at a "
+                    "time in turns, each step timed alone (see lockstep_decode)")
     ap.add_argument("--streams", type=int, default=16, help="streams fed together in the streaming case (0: skip it)")
     ap.add_argument("--stream-chunk", type=int, default=16)
     ap.add_argument("--stream-tokens", type=int, default=256, help="completion tokens per stream (after a 49-token prompt)")
@@ -601,6 +689,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                  # Every timed run in order (plain and serve of one repeat ran back to back).
                  "plain_runs_s": runs[None], "serve_runs_s": runs[(n, e, g)]}
             )
+        if args.lockstep:
+            # The same configurations again, plain and serve decoding in turns step by step.
+            for (n, e, g), conf in serves.items():
+                lock = [lockstep_decode(model, prompt, gen_tokens, conf) for _ in range(args.lockstep + 1)][1:]
+                row = next(r for r in gen_rows if (r["batch_size"], r["steer_rules"], r["policy_every"], r["cuda_graph"]) == (gb, n, e, g))
+                row["lockstep"] = lockstep_summary(lock)
 
     stream_row = None
     if args.streams:
@@ -663,6 +757,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               f"{r['serve_vs_plain_paired']:.3f}; fastest runs {r['serve_vs_plain_best']:.3f}; hook host time {r['hook_host_ms_per_step']:.3f} ms a step of "
               f"{r['plain_step_ms']:.2f} ms; {r['graph_captures']} graph capture(s) {r['graph_capture_ms']:.1f} ms; the final verdict "
               f"{1000 * r['final_verdict_s']:.1f} ms; decoding alone {r['decoding_vs_plain']:.3f})")
+    for r in gen_rows:
+        if "lockstep" in r:
+            q = r["lockstep"]
+            print(f"generation batch {r['batch_size']:>2}, {r['steer_rules']:>3} steering rules every {r['policy_every']} "
+                  f"token(s), hook {'graph' if r['cuda_graph'] else 'eager'}, lockstep with plain ({q['runs']} runs): "
+                  f"serve/plain {q['serve_vs_plain']:.3f} by per-step medians (goal >= 0.98 at batch 16 on the GPU; "
+                  f"median of the runs' own ratios {q['serve_vs_plain_per_run']:.3f}; decode steps paired "
+                  f"{q['decode_step_ratio_median']:.3f}); a step {q['plain_step_ms']:.2f} ms plain, {q['serve_step_ms']:.2f} ms "
+                  f"serve; the prompt {q['plain_prompt_ms']:.1f} / {q['serve_prompt_ms']:.1f} ms; the final verdict "
+                  f"{q['final_verdict_ms']:.1f} ms")
     if stream_row is not None and stream_row["supported"]:
         for name, label in (("one", "one stream"), ("many", f"{stream_row['streams']} streams fed together")):
             r = stream_row[name]

@@ -8,6 +8,8 @@
 #   bash benchmarks/gpu_run.sh confirm  # the full encodes at 131k and serve mode at batch 16 as shipped (the hook's steps as
 #                                       # CUDA graphs; one clamp, and 10 steering rules), 21 paired runs
 #   bash benchmarks/gpu_run.sh topk     # the full encodes and their variants (top-k block widths) at 65k and 131k
+#   bash benchmarks/gpu_run.sh lockstep # the full encodes at 131k and serve mode at batch 16 as shipped (one clamp, and 10
+#                                       # steering rules), 5 alternating runs, then 9 runs each in lockstep with plain decoding
 #   bash benchmarks/gpu_run.sh graph    # serve mode at batch 16 with the hook's step as a CUDA graph and eager, 11 runs; streaming
 #   bash benchmarks/gpu_run.sh policy   # watch-list + policy at batch 1, 8 and 32 x 512 tokens, eager and as CUDA graphs, the
 #                                       # evaluation's program eager and compiled
@@ -64,6 +66,12 @@ if [ "$mode" = graph ]; then
     timeout 330 python3 benchmarks/gpu_llama8b.py --batch-sizes 32 --widths 131072 --repeats 3 --gen-batches 16 \
         --gen-tokens 128 --gen-repeats 11 --steer-rules 0 --serve-eager --streams 16 >"$out/graph.log" 2>&1
     tail -n 8 "$out/graph.log"
+    exit 0
+fi
+if [ "$mode" = lockstep ]; then
+    timeout 330 python3 benchmarks/gpu_llama8b.py --batch-sizes 32 --widths 131072 --repeats 3 --gen-batches 16 \
+        --gen-tokens 128 --gen-repeats 5 --steer-rules 0,10 --streams 0 --lockstep 9 >"$out/lockstep.log" 2>&1
+    tail -n 8 "$out/lockstep.log"
     exit 0
 fi
 if [ "$mode" = confirm ]; then

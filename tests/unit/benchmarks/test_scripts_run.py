@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -38,7 +39,7 @@ def test_gpu_script_smoke_runs_on_cpu(tmp_path: Path) -> None:
     out = first_json(
         run_script(
             "benchmarks/gpu_llama8b.py", "--tiny", "--repeats", "1", "--steer-rules", "0,5/2", "--encode-variants",
-            "--gen-repeats", "1", "--profile", str(tmp_path / "prof"), "--compile-policy",
+            "--gen-repeats", "1", "--profile", str(tmp_path / "prof"), "--compile-policy", "--lockstep", "2",
         )
     )
     for name in ("plain", "serve"):
@@ -62,6 +63,14 @@ def test_gpu_script_smoke_runs_on_cpu(tmp_path: Path) -> None:
         assert len(r["plain_runs_s"]) == len(r["serve_runs_s"]) == r["runs"] == 1
         assert r["serve_vs_plain_best"] == min(r["plain_runs_s"]) / min(r["serve_runs_s"])
         assert r["graph_captures"] == 0 and r["graph_capture_ms"] == 0.0 and r["graph_steps"] == 0
+    # Lockstep: both generations timed at every step (the prompt's forward first), each run's totals kept.
+    for r in out["generation"]:
+        q = r["lockstep"]
+        assert q["runs"] == 2 and len(q["plain_total_s"]) == len(q["serve_total_s"]) == 2
+        assert all(t > 0 for t in q["plain_total_s"] + q["serve_total_s"]) and q["final_verdict_ms"] > 0
+        assert 0 < q["serve_vs_plain"] and 0 < q["decode_step_ratio_median"]
+        assert q["plain_prompt_ms"] > q["plain_step_ms"] > 0  # the 128-token prompt against one new token
+        assert q["serve_vs_plain_per_run"] == statistics.median(p / s for p, s in zip(q["plain_total_s"], q["serve_total_s"]))
     assert all(0 < r["watch_plus_eval_share"] for r in out["encode"])
     # The encode variants ran (no error strings) and the two-stage top-k is exact where it applies.
     variants = out["encode"][1]["variants_s"]
