@@ -99,11 +99,13 @@ class HostProgram:
         self.n_nodes, self.const_true = c.n_nodes, c.const_true
         self.needs_recon = c.needs_recon_error
         self.n_feat = int(c.watched.numel())
-        self.n_direct = n_direct = self.n_feat + int(c.needs_recon_error)  # columns of X: latents, recon
+        n_direct = self.n_feat + int(c.needs_recon_error)  # columns of X: latents, recon
+        fp = k["feature_probes"]
+        n_units = int(fp["weight"].shape[1]) if fp is not None else 0
         # Each leaf's columns of V = [X | the feature probes' per-token probabilities], a group's
         # padding replaced by its own first column (the max is the same, no -inf column needed).
         cols = k["value_columns"].numpy().reshape(n_leaves, width).copy()
-        pad = cols >= n_direct + (int(k["feature_probes"]["weight"].shape[1]) if k["feature_probes"] is not None else 0)
+        pad = cols >= n_direct + n_units
         cols[pad] = np.broadcast_to(cols[:, :1], cols.shape)[pad]
         # Indices are group-major ([G, L] flat): a group's max is then G - 1 elementwise maxima of
         # contiguous [.., L] slices, where a reduction over a last axis of G (2-4) columns loops
@@ -111,8 +113,6 @@ class HostProgram:
         self.token_columns = cols.T.reshape(-1)  # [G * L]
         # Only the scopes the policy reads (every leaf and rule of the default policy reads "any":
         # its scope masks are the content mask itself), renumbered 0..S-1 in SCOPES order.
-        fp = k["feature_probes"]
-        n_units = int(fp["weight"].shape[1]) if fp is not None else 0
         pooled = fp["pooled_index"].numpy() if fp is not None else np.zeros(0, dtype=np.int64)
         units = max(n_units, 1)
         pool_part, pool_scope, pool_unit = pooled // (3 * units), pooled // units % 3, pooled % units  # [pool, 3, U] flat

@@ -333,6 +333,12 @@ def _stack_feature_probes(compiled: CompiledPolicy, col_of: dict[int, int]) -> t
     return tensors, any(pool)
 
 
+def _no_roles(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The completion and prompt masks of a batch without roles: all False, two tensors, not one
+    twice (a compiled program would compile again for the aliasing)."""
+    return torch.zeros_like(mask), torch.zeros_like(mask)
+
+
 class PolicyEngine:
     """One compiled policy: immutable, safe to share across threads."""
 
@@ -623,7 +629,7 @@ class PolicyEngine:
             # A batch without roles (a policy that reads none) needs no role masks there.
             return _RuleTensors(*self._numpy.run(feats, mask, comp, prompt, recon))
         if comp is None:
-            comp, prompt = torch.zeros_like(mask), torch.zeros_like(mask)
+            comp, prompt = _no_roles(mask)
         if feats.is_cuda and self.cuda_graphs and not self.needs_resid:
             # Hookpoint probes (resid) run their own modules: those policies stay eager. A compiled
             # program's graphs keep less memory a token, so they may be larger.
@@ -720,8 +726,7 @@ class PolicyEngine:
             comp = _as(batch.is_completion, dev, torch.bool)
             prompt = ~comp if batch.is_prompt is None else _as(batch.is_prompt, dev, torch.bool)
         elif roles:
-            # Two tensors, not one twice: a compiled program would compile again for the aliasing.
-            comp, prompt = torch.zeros_like(mask), torch.zeros_like(mask)
+            comp, prompt = _no_roles(mask)
         else:
             comp = prompt = None  # type: ignore[assignment]
         return feats, mask, comp, prompt, recon, resid
