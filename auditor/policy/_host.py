@@ -24,6 +24,7 @@ maxima, counts, runs and the comparisons of the features and the reconstruction 
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -168,6 +169,11 @@ class HostProgram:
                 pooled_index=(pool_part * len(used) + compact[pool_scope]) * n_units + pool_unit,
             )
         self.probe_max_pool = engine._probe_max_pool
+        self.probe_bound = engine._probe_bound
+
+    def probe_input(self, feats: np.ndarray) -> np.ndarray:
+        """The features as the feature probes read them: NaN as 0, +-inf as +-bound (a copy)."""
+        return np.nan_to_num(feats, nan=0.0, posinf=self.probe_bound, neginf=-self.probe_bound)
 
     def run(
         self,
@@ -250,9 +256,17 @@ class HostProgram:
             # leaves are 0 below whatever their logits come to.
             n_feat = feats.shape[2]
             pool_in = np.empty((bsz, 2 if self.probe_max_pool else 1, len(self.scopes), n_feat), dtype=_F32)
-            np.divide(sm.astype(_F32) @ feats, n_scope[:, :, None], out=pool_in[:, 0])
-            if self.probe_max_pool:
-                pool_in[:, 1] = colmax[:, :, :n_feat]
+            # One reduction tells: a NaN or an infinity anywhere makes the sum non-finite (as would
+            # finite values summing past float32's range, which the careful path serves alike).
+            if math.isfinite(np.add.reduce(feats, axis=None)):
+                np.divide(sm.astype(_F32) @ feats, n_scope[:, :, None], out=pool_in[:, 0])
+                if self.probe_max_pool:
+                    pool_in[:, 1] = colmax[:, :, :n_feat]
+            else:  # NaN or +-inf among the features: as the probes read them (PolicyEngine._probe_input)
+                pf = self.probe_input(feats)
+                np.divide(sm.astype(_F32) @ pf, n_scope[:, :, None], out=pool_in[:, 0])
+                if self.probe_max_pool:
+                    pool_in[:, 1] = np.maximum.reduce(np.where(sm[:, :, :, None], pf[:, None], _NEG_INF), axis=2)
             # Negated logits (weights and bias negated once; negation is exact): a probability is
             # 1 / (1 + exp(logit)), one operation fewer.
             logits = pool_in @ fp["neg_weight"] + fp["neg_bias"]  # [B, pool, S, U]
@@ -349,7 +363,7 @@ class _HostHolds:
             v = x
             if p.probes is not None:  # each feature probe's per-token probability, after X's columns
                 with np.errstate(all="ignore"):  # broken activations: NaN, inf, as in torch
-                    logit = x[:, :, : p.n_feat] @ p.probes["neg_weight"] + p.probes["neg_bias"]  # negated
+                    logit = p.probe_input(x[:, :, : p.n_feat]) @ p.probes["neg_weight"] + p.probes["neg_bias"]  # negated
                     v = np.concatenate([x, _ONE / (_ONE + np.exp(logit))], axis=2)
             vals = v.take(p.token_columns, axis=2)  # [B, T, G * L]
             if p.width > 1:

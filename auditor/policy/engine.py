@@ -333,6 +333,14 @@ def _stack_feature_probes(compiled: CompiledPolicy, col_of: dict[int, int]) -> t
     return tensors, any(pool)
 
 
+def _probe_bound(fp: dict[str, Tensor] | None) -> float:
+    """What an infinite feature reads as in the feature probes' product (see
+    :meth:`PolicyEngine._probe_input`): 2^64 over the largest weight, a float32 value, so that
+    every product stays finite and no sum over tokens and features reaches float32's limit."""
+    top = float(fp["weight"].abs().max()) if fp is not None and fp["weight"].numel() else 0.0
+    return float(torch.tensor(2.0**64 / max(top, 1.0), dtype=torch.float32))
+
+
 def _no_roles(mask: Tensor) -> tuple[Tensor, Tensor]:
     """The completion and prompt masks of a batch without roles: all False, two tensors, not one
     twice (a compiled program would compile again for the aliasing)."""
@@ -439,6 +447,7 @@ class PolicyEngine:
         self._rule_ids = [r.id for r in compiled.rules]
         self._rule_level = [2 if "block" in r.actions else 1 if "alert" in r.actions else 0 for r in compiled.rules]
         self._feature_probes, self._probe_max_pool = _stack_feature_probes(compiled, col_of)
+        self._probe_bound = _probe_bound(self._feature_probes)
         self._value_columns, self._value_pad = self._value_layout()
         self._device_cache: dict[torch.device, dict[str, Any]] = {}
         # Through a weak reference: a bound method would make the engine a reference cycle, which
@@ -777,13 +786,13 @@ class PolicyEngine:
     ) -> tuple[Tensor, Tensor, Tensor, _TokenHolds]:
         """Aggregated value ``[B, L]``, score ``[B, L]``, fired ``[B, L]`` and (lazily) per-token holds ``[B, T, L]``."""
         c = self.compiled
-        vals, leaf_mask, logit = self._token_values(k, feats, recon, scope_masks)
+        vals, leaf_mask, logit, pin = self._token_values(k, feats, recon, scope_masks)
         n = n_scope.index_select(1, k["leaf_scope"])  # [B, L]
         value = self._aggregate(k, *self._partials(k, vals, leaf_mask), n)  # [B, L]
         fp = k["feature_probes"]
-        if fp is not None and logit is not None:
+        if fp is not None and logit is not None and pin is not None:
             sm = scope_masks.transpose(1, 2).to(feats.dtype)  # [B, 3, T]
-            top = self._scope_max(feats, sm) if self._probe_max_pool else None
+            top = self._scope_max(pin, sm) if self._probe_max_pool else None
             value[:, fp["leaves"]] = self._probe_pool(fp, torch.bmm(sm, logit), n_scope, top)
         for i in c.probe_leaves:
             probe = c.leaves[i].probe
@@ -798,17 +807,19 @@ class PolicyEngine:
         self, k: dict[str, Any], feats: Tensor, recon: Tensor | None, scope_masks: Tensor
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Per-token leaf values ``[B, T, L]`` (feature probes: their per-token probability), which
-        tokens each leaf sees ``[B, T, L]``, and the feature probes' per-token logits ``[B, T, U]``."""
+        tokens each leaf sees ``[B, T, L]``, the feature probes' per-token logits ``[B, T, U]`` and
+        the features as they read them (:meth:`_probe_input`)."""
         bsz, t, _ = feats.shape
         parts = [feats]  # [B, T, F + ...]: the value matrix, columns as in _value_layout
         if self.compiled.needs_recon_error:
             assert recon is not None  # _check insists on it
             parts.append(recon.unsqueeze(-1))
         fp = k["feature_probes"]
-        logit = None
+        logit = pin = None
         if fp is not None:
             # All feature-input probes at once: per-token logits and probabilities.
-            logit = feats @ fp["weight"] + fp["bias"]  # [B, T, U]
+            pin = self._probe_input(feats)
+            logit = pin @ fp["weight"] + fp["bias"]  # [B, T, U]
             parts.append(torch.sigmoid(logit))
         if self._value_pad:
             parts.append(feats.new_full((bsz, t, 1), float("-inf")))
@@ -816,7 +827,17 @@ class PolicyEngine:
         n_leaves, width = self.compiled.leaf_columns.shape
         if width > 1:
             vals = vals.view(bsz, t, n_leaves, width).amax(-1)  # [B, T, L]: max over each leaf's group
-        return vals, scope_masks.index_select(2, k["leaf_scope"]), logit
+        return vals, scope_masks.index_select(2, k["leaf_scope"]), logit, pin
+
+    def _probe_input(self, feats: Tensor) -> Tensor:
+        """The features as the feature probes read them: NaN as 0, +-inf as +-``_probe_bound``.
+
+        The probes' weights are one matrix with zeros for the features a probe does not read, and
+        pooling multiplies out-of-scope tokens by 0: a non-finite feature taken as it is would make
+        0 x inf = NaN there, and every probe's value NaN (counted as 0), also the probes that do not
+        read it. Read this way, a probe depends on its own features only, a read +-inf still
+        saturates its probability, and a read NaN counts as 0."""
+        return torch.nan_to_num(feats, nan=0.0, posinf=self._probe_bound, neginf=-self._probe_bound)
 
     def _partials(self, k: dict[str, Any], vals: Tensor, leaf_mask: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """What the aggregations need from some tokens, each adding up over more tokens, ``[B, L]``
@@ -1047,7 +1068,7 @@ class IncrementalMatcher:
             return self._last  # nothing new: the decision stands
         scope_masks = _scope_masks(mask, prompt, comp)  # [B, t, 3]
         self.n_scope += scope_masks.sum(1)
-        vals, leaf_mask, logit = engine._token_values(k, feats, recon, scope_masks)
+        vals, leaf_mask, logit, pin = engine._token_values(k, feats, recon, scope_masks)
         vmax, vsum, vcount = engine._partials(k, vals, leaf_mask)
         torch.maximum(self.vmax, vmax, out=self.vmax)
         if self.vsum is not None and vsum is not None:
@@ -1057,8 +1078,8 @@ class IncrementalMatcher:
         sm = scope_masks.transpose(1, 2).to(feats.dtype)  # [B, 3, t]
         if self.logit_sum is not None and logit is not None:
             self.logit_sum += torch.bmm(sm, logit)
-        if self.feat_max is not None:
-            torch.maximum(self.feat_max, engine._scope_max(feats, sm), out=self.feat_max)
+        if self.feat_max is not None and pin is not None:
+            torch.maximum(self.feat_max, engine._scope_max(pin, sm), out=self.feat_max)
         if not decide and not self.run_now.shape[1]:
             return self._last
 

@@ -10,6 +10,7 @@ activations with padding, and the two must agree exactly on what fired.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -681,6 +682,75 @@ def test_batch_rows_are_independent(tmp_path: Path, probe_dir: Path) -> None:
     for b in range(5):
         alone = engine.evaluate(full_batch(full[b : b + 1], mask[b : b + 1], comp[b : b + 1], engine))[0]
         assert alone.scores == together[b].scores and alone.action == together[b].action
+
+
+PROBE_POLICY = {
+    "rules": [
+        {"id": f"{probe}", "severity": "low", "category": "alpha", "actions": ["alert"],
+         "condition": {"probe": {"path": f"{probe}.json", "threshold": 0.5}}}
+        for probe in ("p_mean", "p_max", "q_mean", "q_max")
+    ] + [{"id": "six", "severity": "low", "category": "gamma", "actions": ["alert"],
+          "condition": {"feature": "c.six", "threshold": 1.0}}],
+}
+
+
+def probe_values(engine: PolicyEngine, full: torch.Tensor, mask: torch.Tensor, comp: torch.Tensor) -> dict[str, np.ndarray]:
+    """Each probe leaf's value (p_mean, p_max, q_mean, q_max), from the NumPy and the torch program, and
+    the incremental matcher's decisions fed the batch in two chunks against matched() on it."""
+    batch = full_batch(full, mask, comp, engine)
+    leaves = engine._feature_probes["leaves"]
+    out = {}
+    for host in (True, False):
+        engine.host_program = host
+        value = engine._rule_tensors(batch).leaf_value
+        out["numpy" if host else "torch"] = np.asarray(value)[:, leaves.numpy()]
+    engine.host_program = True
+    inc = engine.incremental(full.shape[0])
+    assert inc is not None
+    feats, half = batch.features, full.shape[1] // 2
+    inc.update(AuditBatch(feats[:, :half], mask[:, :half], comp[:, :half]))
+    assert torch.equal(inc.update(AuditBatch(feats[:, half:], mask[:, half:], comp[:, half:])), engine.matched(batch))
+    return out
+
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan], ids=["inf", "-inf", "nan"])
+def test_a_probe_reads_its_own_features_only(probe_dir: Path, bad: float) -> None:
+    # The probes' weights are one matrix with zeros for the features a probe does not read: a
+    # non-finite feature taken as it is (0 x inf = NaN) used to make every probe's value NaN.
+    engine = make_engine(PROBE_POLICY, probe_dir)
+    full, mask, comp, _ = random_inputs(3, 3, 6)
+    mask[:, :2], mask[:, 5] = True, False  # tokens 0 and 1 in scope, token 5 out of it
+    base = probe_values(engine, full, mask, comp)
+    for name in ("numpy", "torch"):
+        assert np.isfinite(base[name]).all()
+    np.testing.assert_allclose(base["numpy"], base["torch"], rtol=1e-5)  # the two sum in other orders
+    # c.six, which no probe reads, broken at a token in scope and at one out of scope.
+    broken = full.clone()
+    broken[:, 0, FEATURES["c.six"]] = bad
+    broken[:, 5, FEATURES["c.six"]] = bad
+    got = probe_values(engine, broken, mask, comp)
+    for name in ("numpy", "torch"):
+        np.testing.assert_array_equal(got[name], base[name])
+    # a.one, which q reads (with a positive weight) and p does not: an infinity saturates q's
+    # probability (1 or 0 by its sign, mean and max pooling alike), a NaN reads as 0.
+    broken = full.clone()
+    broken[:, 0, FEATURES["a.one"]] = bad
+    zeroed, lowered = full.clone(), full.clone()
+    zeroed[:, 0, FEATURES["a.one"]] = 0.0
+    lowered[:, 0, FEATURES["a.one"]] = -1.0  # below every other token's (random_inputs' are >= 0)
+    want = probe_values(engine, zeroed, mask, comp)
+    lowered = probe_values(engine, lowered, mask, comp)
+    got = probe_values(engine, broken, mask, comp)
+    for name in ("numpy", "torch"):
+        np.testing.assert_array_equal(got[name][:, :2], base[name][:, :2])  # p_mean, p_max
+        if math.isnan(bad):
+            np.testing.assert_array_equal(got[name][:, 2:], want[name][:, 2:])
+        elif bad == math.inf:
+            np.testing.assert_array_equal(got[name][:, 2:], np.ones((3, 2), dtype=np.float32))
+        else:  # -inf: q_mean's mean goes to -inf; q_max pools the other tokens' max, as for any value below them
+            np.testing.assert_array_equal(got[name][:, 2], np.zeros(3, dtype=np.float32))
+            np.testing.assert_array_equal(got[name][:, 3], lowered[name][:, 3])
+    np.testing.assert_allclose(got["numpy"], got["torch"], rtol=1e-5)
 
 
 @pytest.mark.parametrize(
