@@ -477,7 +477,7 @@ class PolicyEngine:
         compiled = compile_policy(sub, self.library, base_dir=base, path=self.path or "<policy>")
         engine = PolicyEngine(sub, self.library, compiled, path=self.path, sources=self.sources)
         engine.cuda_graphs, engine.compile_program = self.cuda_graphs, self.compile_program
-        engine.host_program = self.host_program
+        engine.host_program, engine.graph_max_tokens = self.host_program, self.graph_max_tokens
         return engine
 
     def __repr__(self) -> str:

@@ -162,9 +162,10 @@ def test_the_steering_engine_keeps_the_setting(probe_dir: Path) -> None:
     steer = {"steer": {"feature": "a.one", "mode": "clamp", "value": 0.0}}
     rules = [{**POLICY["rules"][0], "actions": ["alert", steer]}, *POLICY["rules"][1:]]
     engine = make_engine({**POLICY, "rules": rules}, probe_dir)
-    engine.host_program = False
+    engine.host_program, engine.graph_max_tokens = False, 4096
     sub = engine.steering_engine
     assert sub is not None and sub is not engine and sub.host_program is False
+    assert sub.graph_max_tokens == 4096  # the CUDA graphs' size limit too
     full, mask, comp, _ = continuous_inputs(2, 2, 6, nan=False)
     batch = full_batch(full, mask, comp, sub)
     assert isinstance(sub._rule_tensors(batch).score, torch.Tensor)
