@@ -805,7 +805,7 @@ class PolicyEngine:
 
     def _token_values(
         self, k: dict[str, Any], feats: Tensor, recon: Tensor | None, scope_masks: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         """Per-token leaf values ``[B, T, L]`` (feature probes: their per-token probability), which
         tokens each leaf sees ``[B, T, L]``, the feature probes' per-token logits ``[B, T, U]`` and
         the features as they read them (:meth:`_probe_input`)."""
