@@ -6,8 +6,9 @@ with one reference assignment; when any file fails, the previous set stays in
 service, the problems are kept in ``last_error`` and counted as a failure (an
 unexpected exception while loading a file fails the reload the same way: the
 watcher and the metrics must see it, and ``reload()`` never raises). The
-store has no metrics dependency: the server reads ``reloads``, ``hash`` and
-``last_reload_ok`` or registers ``on_reload`` listeners.
+store has no metrics dependency: the server reads :meth:`PolicyStore.status`
+(the set in service and the reloads' outcome as one consistent record) or
+registers ``on_reload`` listeners, which are called in the order of the reloads.
 
 Example::
 
@@ -32,7 +33,7 @@ from types import MappingProxyType
 from auditor.errors import AuditorError, PolicyError, PolicyErrors
 from auditor.policy.engine import PolicyEngine, load_policy
 
-__all__ = ["PolicyStore", "ReloadResult", "policy_files"]
+__all__ = ["PolicyStore", "ReloadResult", "StoreStatus", "policy_files"]
 
 _SUFFIXES = (".yaml", ".yml")
 _log = logging.getLogger(__name__)
@@ -57,6 +58,24 @@ class _Snapshot:
     engines: Mapping[str, PolicyEngine]
     hash: str
     default: str | None
+
+
+@dataclass(frozen=True)
+class StoreStatus:
+    """The set in service and the reloads' outcome, as of one moment (:meth:`PolicyStore.status`)."""
+
+    engines: Mapping[str, PolicyEngine]
+    """Name -> engine of the set in service."""
+    hash: str
+    """Its hash."""
+    default: str | None
+    """The policy of requests that name none."""
+    reloads: Mapping[str, int]
+    """Reload attempts by result (``success``, ``failure``); the initial load counts."""
+    last_reload_ok: bool
+    """Whether the latest reload succeeded."""
+    last_error: PolicyErrors | None
+    """The latest reload's problems when it failed, else None."""
 
 
 def policy_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
@@ -107,7 +126,12 @@ class PolicyStore:
         self._search_dirs = search_dirs
         self._env = env
         self._reload_lock = threading.Lock()  # one reload at a time; readers never take it
+        # Listeners run outside the reload lock (a slow one does not hold the next reload up), in
+        # the reloads' order: a reload takes this lock before it lets the reload lock go. Reentrant,
+        # for a listener that reloads.
+        self._notify_lock = threading.RLock()
         self._snapshot: _Snapshot | None = None
+        self._status: StoreStatus | None = None
         self._listeners: list[Callable[[ReloadResult], None]] = []
         self._mtimes: dict[Path, tuple[int, int] | None] = {}
         self._stop = threading.Event()
@@ -153,8 +177,17 @@ class PolicyStore:
             raise AuditorError(f"unknown policy {key!r}; loaded policies: {', '.join(snap.engines) or 'none'}")
         return engine
 
+    def status(self) -> StoreStatus:
+        """The set in service with the reloads' counts and the latest one's outcome, all as of the
+        same reload (reading ``engines``, ``hash`` and ``last_error`` one by one may straddle one)."""
+        status = self._status
+        if status is None:  # only during a failed construction
+            raise AuditorError("no policies are loaded")
+        return status
+
     def on_reload(self, callback: Callable[[ReloadResult], None]) -> None:
-        """Call ``callback(result)`` after every reload attempt (from the reloading thread)."""
+        """Call ``callback(result)`` after every reload attempt (from the reloading thread), in the
+        order of the reloads; :meth:`status` then reads as of that reload or a later one."""
         self._listeners.append(callback)
 
     # ------------------------------------------------------------ reloading
@@ -245,12 +278,22 @@ class PolicyStore:
                 self.last_error = None
                 self.last_reload_ok = True
                 result = ReloadResult(ok=True, hash=new.hash, changed=old is None or old.hash != new.hash)
+            snap = self._snapshot
+            if snap is not None:
+                self._status = StoreStatus(
+                    snap.engines, snap.hash, snap.default, MappingProxyType(dict(self.reloads)),
+                    self.last_reload_ok, self.last_error,
+                )
             listeners = list(self._listeners)
-        for callback in listeners:
-            try:
-                callback(result)
-            except Exception:  # a broken listener must not break reloading
-                _log.exception("policy reload listener %r failed", callback)
+            self._notify_lock.acquire()
+        try:
+            for callback in listeners:
+                try:
+                    callback(result)
+                except Exception:  # a broken listener must not break reloading
+                    _log.exception("policy reload listener %r failed", callback)
+        finally:
+            self._notify_lock.release()
         return result
 
     def changed_files(self) -> list[Path]:

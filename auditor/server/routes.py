@@ -228,15 +228,15 @@ async def list_policies(request: Request) -> JSONResponse:
     rt = get_runtime(request)
     if rt.store is None:
         return JSONResponse({"policies": [], "hash": None, "default": None, "note": rt.policy_note})
-    default = rt.store.current().name
-    last = rt.store.last_error
+    status = rt.store.status()  # one reload's view: a reload meanwhile does not mix two sets
+    last = status.last_error
     return JSONResponse(
         {
-            "policies": [_policy_json(e, e.name == default) for e in rt.store.engines.values()],
-            "hash": rt.store.hash,
-            "default": default,
-            "reloads": dict(rt.store.reloads),
-            "last_reload_ok": rt.store.last_reload_ok,
+            "policies": [_policy_json(e, e.name == status.default) for e in status.engines.values()],
+            "hash": status.hash,
+            "default": status.default,
+            "reloads": dict(status.reloads),
+            "last_reload_ok": status.last_reload_ok,
             "last_reload_errors": [_error_json(e) for e in last.errors] if last is not None else [],
             "note": None,
         }

@@ -360,4 +360,5 @@ def _on_reload(metrics: AuditorMetrics, store: PolicyStore | None, result: Any) 
         _log.info("policies reloaded: %s (set %s)", ", ".join(store.names), result.hash[:12])
 
     if result.ok and store is not None:
-        metrics.set_policy(store.hash, store.names, store.engines.values())
+        status = store.status()  # the set as of this reload or a later one, read once
+        metrics.set_policy(status.hash, list(status.engines), status.engines.values())

@@ -319,3 +319,91 @@ def test_concurrent_evaluation_never_sees_a_half_set(folder: Path) -> None:
         for t in threads:
             t.join()
     assert problems == [] and checked[0] > 0
+
+
+def test_status_is_one_reloads_view_and_listeners_hear_reloads_in_order(folder: Path) -> None:
+    # Two threads reload while a third rewrites a file between a valid and a broken version, and a
+    # slow listener records what it hears. Every status read is one reload's: the hash is its
+    # set's, the outcome and the problems agree, the counts never go back; the listener hears every
+    # reload, in order, so the last thing it heard is the outcome status reports.
+    store = PolicyStore([folder])
+    heard: list[tuple[bool, int]] = []
+
+    def listener(result: ReloadResult) -> None:
+        time.sleep(0.001 * (len(heard) % 3))  # slow, unevenly: reloads overtake each other otherwise
+        heard.append((result.ok, sum(store.status().reloads.values())))
+
+    store.on_reload(listener)
+    stop = threading.Event()
+    problems: list[str] = []
+    reads = [0]
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            write(folder / "other.yaml", policy_text("other", 2.0 + i % 2, "b.two") if i % 3 else "kind: Polcy\n")
+            i += 1
+            time.sleep(0.001)
+
+    def reloader() -> None:
+        for _ in range(15):
+            store.reload()
+
+    def reader() -> None:
+        last = 0
+        while not stop.is_set():
+            st = store.status()
+            total = sum(st.reloads.values())
+            if st.hash != set_hash(st.engines) or st.default not in st.engines:
+                problems.append(f"mixed set: {st.hash[:8]}")
+            if st.last_reload_ok != (st.last_error is None) or total < last:
+                problems.append(f"mixed outcome: {st.last_reload_ok} {st.last_error} {dict(st.reloads)}")
+            last = total
+            reads[0] += 1
+
+    others = [threading.Thread(target=writer), threading.Thread(target=reader)]
+    reloaders = [threading.Thread(target=reloader) for _ in range(2)]
+    for t in others + reloaders:
+        t.start()
+    for t in reloaders:
+        t.join()
+    stop.set()
+    for t in others:
+        t.join()
+    st = store.status()
+    assert problems == [] and reads[0] > 0
+    assert sum(st.reloads.values()) == 31 and len(heard) == 30  # the initial load has no listener yet
+    assert {ok for ok, _ in heard} == {True, False}  # the writer's broken version was seen, and the valid one
+    assert heard[-1][0] == st.last_reload_ok
+    assert all(total >= i + 2 for i, (_, total) in enumerate(heard))  # reload i + 1 (after the initial one) or a later one
+    assert [total for _, total in heard] == sorted(total for _, total in heard)
+
+
+def test_a_later_reloads_listeners_wait_for_an_earlier_ones(folder: Path) -> None:
+    # The metrics listener sets "the latest reload succeeded": heard out of order, a refused edit
+    # could read as taken. The first reload's listener is held; a second, failing reload meanwhile
+    # swaps nothing and must not be heard before the first.
+    store = PolicyStore([folder])
+    gate, entered = threading.Event(), threading.Event()
+    heard: list[bool] = []
+
+    def listener(result: ReloadResult) -> None:
+        if not entered.is_set():
+            entered.set()
+            assert gate.wait(10)
+        heard.append(result.ok)
+
+    store.on_reload(listener)
+    first = threading.Thread(target=store.reload)
+    first.start()
+    assert entered.wait(10)
+    write(folder / "other.yaml", "kind: Polcy\n")
+    second = threading.Thread(target=store.reload)
+    second.start()
+    second.join(0.5)
+    assert second.is_alive()  # its reload is done; its listeners wait their turn
+    assert store.status().last_reload_ok is False and heard == []
+    gate.set()
+    first.join()
+    second.join()
+    assert heard == [True, False]
