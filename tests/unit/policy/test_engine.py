@@ -205,7 +205,9 @@ class Reference:
             self.leaves(node["not"], b, scope, out)
         else:
             res = self.leaf(node, b, scope)
-            out.setdefault(res["key"], res)
+            # Leaves computing the same value under different names (a list of one feature and
+            # the feature itself) keep their own names: one explanation each.
+            out.setdefault((res["key"], res["name"]), res)
 
     def row(self, b: int) -> dict[str, Any]:
         scores: dict[str, Any] = {}
@@ -402,6 +404,19 @@ def random_inputs(seed: int, bsz: int, t: int) -> tuple[torch.Tensor, torch.Tens
         ],
     },
     seed=0, bsz=1, t=2,
+)
+# Found by hypothesis: within one rule, a macro's `features: [b.three]` and `list: grp` (grp =
+# [b.three]) compute the same value; the explanation names both.
+@example(
+    policy={
+        "lists": {"grp": ["b.three"]},
+        "macros": {"m1": {"all": [{"features": ["b.three"], "agg": "max", "threshold": 0.25}]}},
+        "rules": [
+            {"id": "r2", "severity": "low", "category": "alpha", "scope": "any", "enabled": True, "actions": ["alert"],
+             "condition": {"all": [{"macro": "m1"}, {"list": "grp", "agg": "max", "threshold": 0.25}]}},
+        ],
+    },
+    seed=0, bsz=1, t=3,
 )
 @pytest.mark.parametrize("host_program", [True, False], ids=["numpy", "torch"])
 def test_engine_matches_reference(probe_dir: Path, host_program: bool, policy: dict[str, Any], seed: int, bsz: int, t: int) -> None:
