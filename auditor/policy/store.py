@@ -51,6 +51,8 @@ class ReloadResult:
     """Hash of the set in service after the reload (the old one when it failed)."""
     changed: bool = False
     """True when the set in service changed (ok and a different hash)."""
+    names: tuple[str, ...] = ()
+    """Names of the policies of that set (``hash``'s)."""
 
 
 @dataclass(frozen=True)
@@ -259,7 +261,10 @@ class PolicyStore:
                 self.reloads["failure"] += 1
                 self.last_error = PolicyErrors(errors)
                 self.last_reload_ok = False
-                result = ReloadResult(ok=False, errors=errors, hash=old.hash if old is not None else "")
+                result = ReloadResult(
+                    ok=False, errors=errors, hash=old.hash if old is not None else "",
+                    names=tuple(old.engines) if old is not None else (),
+                )
             else:
                 if default is None:
                     default = "default" if "default" in engines else next(iter(engines))
@@ -277,7 +282,9 @@ class PolicyStore:
                 self.reloads["success"] += 1
                 self.last_error = None
                 self.last_reload_ok = True
-                result = ReloadResult(ok=True, hash=new.hash, changed=old is None or old.hash != new.hash)
+                result = ReloadResult(
+                    ok=True, hash=new.hash, changed=old is None or old.hash != new.hash, names=tuple(new.engines)
+                )
             snap = self._snapshot
             if snap is not None:
                 self._status = StoreStatus(

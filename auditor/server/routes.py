@@ -371,7 +371,7 @@ async def reload_policies(request: Request) -> JSONResponse:
         "ok": result.ok,
         "hash": result.hash,
         "changed": result.changed,
-        "policies": rt.store.names,
+        "policies": list(result.names),  # the set whose hash this is, even if another reload followed
         "errors": [_error_json(e) for e in result.errors],
     }
     return JSONResponse(body, status_code=200 if result.ok else 422)

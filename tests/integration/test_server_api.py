@@ -395,6 +395,7 @@ rules:
     reloaded = _post(server, "/v1/policies/reload", None, headers=AUTH)
     assert reloaded.status_code == 200 and reloaded.json()["ok"] and reloaded.json()["hash"] == listing["hash"]
     assert reloaded.json()["changed"] is False
+    assert reloaded.json()["policies"] == [p["name"] for p in listing["policies"]]
     metrics = _metrics(server)
     assert _sample(metrics, "auditor_policy_reloads_total", result="success") == before + 1
     assert _sample(metrics, "auditor_policy_info", hash=listing["hash"]) == 1

@@ -102,6 +102,10 @@ def test_valid_reload_swaps_and_changes_the_hash(folder: Path) -> None:
     again = store.reload()
     assert again.ok and not again.changed and again.hash == result.hash
     assert store.reloads == {"success": 3, "failure": 0}
+    # A result names the policies of the set whose hash it gives.
+    write(folder / "third.yaml", policy_text("third", 4.0))
+    added = store.reload()
+    assert added.ok and added.names == ("default", "other", "third") and result.names == ("default", "other")
 
 
 def test_invalid_file_keeps_the_previous_set(folder: Path) -> None:
@@ -111,6 +115,7 @@ def test_invalid_file_keeps_the_previous_set(folder: Path) -> None:
     result = store.reload()
     assert not result.ok and result.hash == old_hash and not result.changed
     assert store.hash == old_hash and dict(store.engines) == old_engines
+    assert result.names == tuple(old_engines) == ("default", "other")  # the set that stays
     assert store.reloads == {"success": 1, "failure": 1} and not store.last_reload_ok
     (err,) = result.errors
     assert err.path.endswith("default.yaml") and err.line is not None and "severity" in err.message
