@@ -25,6 +25,7 @@ import hashlib
 import logging
 import os
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,9 +130,13 @@ class PolicyStore:
         self._env = env
         self._reload_lock = threading.Lock()  # one reload at a time; readers never take it
         # Listeners run outside the reload lock (a slow one does not hold the next reload up), in
-        # the reloads' order: a reload takes this lock before it lets the reload lock go. Reentrant,
-        # for a listener that reloads.
-        self._notify_lock = threading.RLock()
+        # the reloads' order: a reload queues its result under the reload lock, lets it go, then
+        # takes the notify lock and hears out everything queued (its own result, and any queued
+        # before it). A reload never waits for the notify lock while it holds the reload lock: a
+        # listener that reloads would wait for the reload lock there, and neither would go on.
+        self._notify_lock = threading.Lock()
+        self._pending: deque[tuple[ReloadResult, list[Callable[[ReloadResult], None]]]] = deque()
+        self._notifier: int | None = None  # the thread hearing out the queue, while it does
         self._snapshot: _Snapshot | None = None
         self._status: StoreStatus | None = None
         self._listeners: list[Callable[[ReloadResult], None]] = []
@@ -188,8 +193,11 @@ class PolicyStore:
         return status
 
     def on_reload(self, callback: Callable[[ReloadResult], None]) -> None:
-        """Call ``callback(result)`` after every reload attempt (from the reloading thread), in the
-        order of the reloads; :meth:`status` then reads as of that reload or a later one."""
+        """Call ``callback(result)`` after every reload attempt, in the order of the reloads;
+        :meth:`status` then reads as of that reload or a later one. It is called from a reloading
+        thread: the reload's own, or that of a reload before it whose listeners were still running
+        (a reload returns once its listeners ran, except one made from a listener, whose listeners
+        run after the current listeners finish)."""
         self._listeners.append(callback)
 
     # ------------------------------------------------------------ reloading
@@ -291,17 +299,29 @@ class PolicyStore:
                     snap.engines, snap.hash, snap.default, MappingProxyType(dict(self.reloads)),
                     self.last_reload_ok, self.last_error,
                 )
-            listeners = list(self._listeners)
-            self._notify_lock.acquire()
-        try:
-            for callback in listeners:
-                try:
-                    callback(result)
-                except Exception:  # a broken listener must not break reloading
-                    _log.exception("policy reload listener %r failed", callback)
-        finally:
-            self._notify_lock.release()
+            self._pending.append((result, list(self._listeners)))
+        self._notify()
         return result
+
+    def _notify(self) -> None:
+        """Call the listeners of every queued reload, in the reloads' order."""
+        me = threading.get_ident()
+        if self._notifier == me:
+            # A listener reloaded: this thread's loop below is hearing the queue out, and calls the
+            # listeners of this reload after those of the reloads before it (not in the middle).
+            return
+        with self._notify_lock:
+            self._notifier = me
+            try:
+                while self._pending:
+                    result, listeners = self._pending.popleft()
+                    for callback in listeners:
+                        try:
+                            callback(result)
+                        except Exception:  # a broken listener must not break reloading
+                            _log.exception("policy reload listener %r failed", callback)
+            finally:
+                self._notifier = None
 
     def changed_files(self) -> list[Path]:
         """Files (policies, libraries, probes, new files in watched folders) changed since the last reload."""

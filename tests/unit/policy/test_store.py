@@ -412,3 +412,31 @@ def test_a_later_reloads_listeners_wait_for_an_earlier_ones(folder: Path) -> Non
     first.join()
     second.join()
     assert heard == [True, False]
+
+
+def test_a_listener_that_reloads_while_another_thread_reloads_does_not_deadlock(folder: Path) -> None:
+    # The first reload's listener reloads (from its own thread) while a second thread's reload is
+    # waiting its turn to notify. The waiting reload must not hold what the listener's reload needs.
+    store = PolicyStore([folder])
+    entered, go = threading.Event(), threading.Event()
+    heard: list[str] = []
+
+    def listener(result: ReloadResult) -> None:
+        heard.append(threading.current_thread().name)
+        if threading.current_thread().name == "first" and not entered.is_set():
+            entered.set()
+            assert go.wait(10)
+            store.reload()  # a listener that reloads
+
+    store.on_reload(listener)
+    first = threading.Thread(target=store.reload, name="first", daemon=True)
+    first.start()
+    assert entered.wait(10)
+    second = threading.Thread(target=store.reload, name="second", daemon=True)
+    second.start()
+    time.sleep(0.3)  # the second reload is done loading and waits to notify
+    go.set()
+    first.join(5)
+    second.join(5)
+    assert not first.is_alive() and not second.is_alive(), "deadlock: reload lock vs notify lock"
+    assert len(heard) == 3 and sum(store.status().reloads.values()) == 4
