@@ -24,7 +24,6 @@ maxima, counts, runs and the comparisons of the features and the reconstruction 
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -172,8 +171,9 @@ class HostProgram:
         self.probe_bound = engine._probe_bound
 
     def probe_input(self, feats: np.ndarray) -> np.ndarray:
-        """The features as the feature probes read them: NaN as 0, +-inf as +-bound (a copy)."""
-        return np.nan_to_num(feats, nan=0.0, posinf=self.probe_bound, neginf=-self.probe_bound)
+        """The features as the feature probes read them: NaN as 0, beyond +-bound (+-inf included)
+        as +-bound (a copy)."""
+        return np.clip(np.nan_to_num(feats, nan=0.0), -self.probe_bound, self.probe_bound)
 
     def run(
         self,
@@ -256,13 +256,20 @@ class HostProgram:
             # leaves are 0 below whatever their logits come to.
             n_feat = feats.shape[2]
             pool_in = np.empty((bsz, 2 if self.probe_max_pool else 1, len(self.scopes), n_feat), dtype=_F32)
-            # One reduction tells: a NaN or an infinity anywhere makes the sum non-finite (as would
-            # finite values summing past float32's range, which the careful path serves alike).
-            if math.isfinite(np.add.reduce(feats, axis=None)):
+            # Two reductions tell whether the probes read the features as they are: a NaN makes
+            # both NaN (the comparisons false), and so does anything beyond the bound (an infinity,
+            # or a huge finite value whose sum over a scope's tokens could overflow). A finite total
+            # sum did not tell: 3e38 twice in scope and -3e38 twice out of it may sum to a finite
+            # value, and the scope's sum was inf, x 0 = NaN in every probe.
+            bound = self.probe_bound
+            if (
+                np.maximum.reduce(feats, axis=None, initial=-bound) <= bound
+                and np.minimum.reduce(feats, axis=None, initial=bound) >= -bound
+            ):
                 np.divide(sm.astype(_F32) @ feats, n_scope[:, :, None], out=pool_in[:, 0])
                 if self.probe_max_pool:
                     pool_in[:, 1] = colmax[:, :, :n_feat]
-            else:  # NaN or +-inf among the features: as the probes read them (PolicyEngine._probe_input)
+            else:  # NaN or beyond +-bound among the features: as the probes read them (PolicyEngine._probe_input)
                 pf = self.probe_input(feats)
                 np.divide(sm.astype(_F32) @ pf, n_scope[:, :, None], out=pool_in[:, 0])
                 if self.probe_max_pool:

@@ -334,7 +334,7 @@ def _stack_feature_probes(compiled: CompiledPolicy, col_of: dict[int, int]) -> t
 
 
 def _probe_bound(fp: dict[str, Tensor] | None) -> float:
-    """What an infinite feature reads as in the feature probes' product (see
+    """What an infinite (or larger finite) feature reads as in the feature probes' product (see
     :meth:`PolicyEngine._probe_input`): 2^64 over the largest weight, a float32 value, so that
     every product stays finite and no sum over tokens and features reaches float32's limit."""
     top = float(fp["weight"].abs().max()) if fp is not None and fp["weight"].numel() else 0.0
@@ -830,14 +830,17 @@ class PolicyEngine:
         return vals, scope_masks.index_select(2, k["leaf_scope"]), logit, pin
 
     def _probe_input(self, feats: Tensor) -> Tensor:
-        """The features as the feature probes read them: NaN as 0, +-inf as +-``_probe_bound``.
+        """The features as the feature probes read them: NaN as 0, anything beyond +-``_probe_bound``
+        (+-inf, or a huge finite value) as +-``_probe_bound``.
 
         The probes' weights are one matrix with zeros for the features a probe does not read, and
         pooling multiplies out-of-scope tokens by 0: a non-finite feature taken as it is would make
         0 x inf = NaN there, and every probe's value NaN (counted as 0), also the probes that do not
         read it. Read this way, a probe depends on its own features only, a read +-inf still
-        saturates its probability, and a read NaN counts as 0."""
-        return torch.nan_to_num(feats, nan=0.0, posinf=self._probe_bound, neginf=-self._probe_bound)
+        saturates its probability, and a read NaN counts as 0. Finite values past the bound are
+        clamped too: two of 3e38 summed over tokens (the NumPy program sums a scope's features
+        before the product) or two tokens' logits of opposite signs would overflow all the same."""
+        return torch.nan_to_num(feats, nan=0.0).clamp(-self._probe_bound, self._probe_bound)
 
     def _partials(self, k: dict[str, Any], vals: Tensor, leaf_mask: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """What the aggregations need from some tokens, each adding up over more tokens, ``[B, L]``

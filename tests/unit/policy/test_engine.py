@@ -768,6 +768,31 @@ def test_a_probe_reads_its_own_features_only(probe_dir: Path, bad: float) -> Non
     np.testing.assert_allclose(got["numpy"], got["torch"], rtol=1e-5)
 
 
+@pytest.mark.parametrize("huge", [3e38, -3e38], ids=["+", "-"])
+def test_a_huge_finite_feature_a_probe_does_not_read_leaves_the_probes_alone(probe_dir: Path, huge: float) -> None:
+    # Finite, but two of them in one scope sum past float32's range: the NumPy program sums a
+    # scope's features before the product (the torch program sums the tokens' logits), so an
+    # unread feature's sum was inf there, inf x 0 = NaN, and every mean-pooled probe read 0.
+    engine = make_engine(PROBE_POLICY, probe_dir)
+    full, mask, comp, _ = random_inputs(3, 3, 6)
+    mask[:, :2], mask[:, 5] = True, False
+    base = probe_values(engine, full, mask, comp)
+    broken = full.clone()
+    broken[:, 0, FEATURES["c.six"]] = huge
+    broken[:, 1, FEATURES["c.six"]] = huge
+    got = probe_values(engine, broken, mask, comp)
+    for name in ("numpy", "torch"):
+        np.testing.assert_array_equal(got[name], base[name])
+    # A read one reads as the bound, as an infinity of its sign does.
+    broken = full.clone()
+    broken[:, 0, FEATURES["a.one"]] = huge
+    got = probe_values(engine, broken, mask, comp)
+    broken[:, 0, FEATURES["a.one"]] = math.copysign(math.inf, huge)
+    want = probe_values(engine, broken, mask, comp)
+    for name in ("numpy", "torch"):
+        np.testing.assert_array_equal(got[name], want[name])
+
+
 @pytest.mark.parametrize(
     ("policy", "message"),
     [
