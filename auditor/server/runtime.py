@@ -356,8 +356,9 @@ def _on_reload(metrics: AuditorMetrics, store: PolicyStore | None, result: Any) 
             result.hash[:12],
             "\n  ".join(e.message for e in result.errors),
         )
-    elif result.changed and store is not None:
-        _log.info("policies reloaded: %s (set %s)", ", ".join(store.names), result.hash[:12])
+    elif result.changed:
+        # The result's own policies: a later reload may have swapped another set in by now.
+        _log.info("policies reloaded: %s (set %s)", ", ".join(result.names), result.hash[:12])
 
     if result.ok and store is not None:
         status = store.status()  # the set as of this reload or a later one, read once

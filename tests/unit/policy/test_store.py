@@ -440,3 +440,25 @@ def test_a_listener_that_reloads_while_another_thread_reloads_does_not_deadlock(
     second.join(5)
     assert not first.is_alive() and not second.is_alive(), "deadlock: reload lock vs notify lock"
     assert len(heard) == 3 and sum(store.status().reloads.values()) == 4
+
+
+def test_the_reload_log_names_the_policies_of_the_set_it_gives_the_hash_of(folder: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # A listener may hear a reload after a later one swapped another set in: the log line pairs
+    # the result's hash with the result's policies, not with whatever set is in service by then.
+    import logging
+
+    from prometheus_client import CollectorRegistry
+
+    from auditor.metrics import AuditorMetrics
+    from auditor.server.runtime import _on_reload
+
+    store = PolicyStore([folder])
+    write(folder / "third.yaml", policy_text("third", 4.0))
+    first = store.reload()
+    (folder / "third.yaml").unlink()
+    later = store.reload()
+    assert first.names == ("default", "other", "third") and later.names == ("default", "other")
+    caplog.set_level(logging.INFO, logger="auditor.server")
+    _on_reload(AuditorMetrics(CollectorRegistry()), store, first)  # heard late
+    (line,) = [r.getMessage() for r in caplog.records if "policies reloaded: " in r.getMessage()]
+    assert line == f"policies reloaded: default, other, third (set {first.hash[:12]})"
