@@ -354,6 +354,19 @@ def lockstep_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def lockstep_line(r: dict[str, Any]) -> str:
+    """The summary line of a generation row's lockstep figures (:func:`lockstep_summary`)."""
+    q = r["lockstep"]
+    steps = q["decode_step_ratio_median"]
+    return (f"generation batch {r['batch_size']:>2}, {r['steer_rules']:>3} steering rules every {r['policy_every']} "
+            f"token(s), hook {'graph' if r['cuda_graph'] else 'eager'}, lockstep with plain ({q['runs']} runs): "
+            f"serve/plain {q['serve_vs_plain']:.3f}, median of the runs' ratios (goal >= 0.98 at batch 16 on the GPU; "
+            f"by each position's median step {q['serve_vs_plain_by_position']:.3f}; decode steps paired "
+            f"{'none (one new token)' if steps is None else format(steps, '.3f')}); a step {q['plain_step_ms']:.2f} ms "
+            f"plain, {q['serve_step_ms']:.2f} ms serve; the prompt {q['plain_prompt_ms']:.1f} / {q['serve_prompt_ms']:.1f} "
+            f"ms; the final verdict {q['final_verdict_ms']:.1f} ms")
+
+
 def profile_policy(engine: PolicyEngine, batch: AuditBatch, device: torch.device, out_dir: Path) -> None:
     """Write a ``torch.profiler`` op table of the policy's decision (``matched``) and of a whole
     evaluation (``evaluate``) on ``batch`` to ``out_dir/profile_policy.txt``: best wall times and,
@@ -760,14 +773,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               f"{1000 * r['final_verdict_s']:.1f} ms; decoding alone {r['decoding_vs_plain']:.3f})")
     for r in gen_rows:
         if "lockstep" in r:
-            q = r["lockstep"]
-            print(f"generation batch {r['batch_size']:>2}, {r['steer_rules']:>3} steering rules every {r['policy_every']} "
-                  f"token(s), hook {'graph' if r['cuda_graph'] else 'eager'}, lockstep with plain ({q['runs']} runs): "
-                  f"serve/plain {q['serve_vs_plain']:.3f}, median of the runs' ratios (goal >= 0.98 at batch 16 on the GPU; "
-                  f"by each position's median step {q['serve_vs_plain_by_position']:.3f}; decode steps paired "
-                  f"{q['decode_step_ratio_median']:.3f}); a step {q['plain_step_ms']:.2f} ms plain, {q['serve_step_ms']:.2f} ms "
-                  f"serve; the prompt {q['plain_prompt_ms']:.1f} / {q['serve_prompt_ms']:.1f} ms; the final verdict "
-                  f"{q['final_verdict_ms']:.1f} ms")
+            print(lockstep_line(r))
     if stream_row is not None and stream_row["supported"]:
         for name, label in (("one", "one stream"), ("many", f"{stream_row['streams']} streams fed together")):
             r = stream_row[name]

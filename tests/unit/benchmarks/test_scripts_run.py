@@ -184,3 +184,18 @@ def test_audit_pipeline_compares_two_traces(tmp_path: Path) -> None:
     out = first_json(run_script("benchmarks/audit_pipeline.py", "--compare-traces", str(tmp_path / "run.json"), str(tmp_path / "fwd.json.gz")))
     assert out["forwards_device_ms"] == pytest.approx(0.207) and out["run_only_ms"] == pytest.approx(0.010)
     assert [(r["kernel"], r["extra_launches"]) for r in out["largest"]] == [("gemm_f32_watch_list", 1), ("gather", 2)]
+
+
+def test_lockstep_summary_of_one_new_token() -> None:
+    # One new token: the prompt's forward only, no decode step to pair; the summary says so.
+    sys.path.insert(0, str(REPO))
+    from benchmarks.gpu_llama8b import lockstep_line, lockstep_summary
+
+    runs = [{"plain_steps_s": [0.010], "serve_steps_s": [0.012], "verdict_s": 0.002},
+            {"plain_steps_s": [0.020], "serve_steps_s": [0.021], "verdict_s": 0.003}]
+    q = lockstep_summary(runs)
+    assert q["decode_step_ratio_median"] is None and q["runs"] == 2
+    assert q["serve_vs_plain"] == statistics.median([0.010 / 0.014, 0.020 / 0.024])
+    assert q["plain_step_ms"] == q["plain_prompt_ms"] == 15.0  # the prompt's forward is all there is
+    line = lockstep_line({"batch_size": 16, "steer_rules": 0, "policy_every": 1, "cuda_graph": True, "lockstep": q})
+    assert "decode steps paired none (one new token)" in line and "serve/plain 0.774" in line
