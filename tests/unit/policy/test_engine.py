@@ -728,24 +728,37 @@ def probe_values(engine: PolicyEngine, full: torch.Tensor, mask: torch.Tensor, c
     return out
 
 
+def probe_case(probe_dir: Path) -> tuple[PolicyEngine, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, np.ndarray]]:
+    """PROBE_POLICY's engine, three texts of six tokens (0 and 1 in scope, 5 out of it) and their probe values."""
+    engine = make_engine(PROBE_POLICY, probe_dir)
+    full, mask, comp, _ = random_inputs(3, 3, 6)
+    mask[:, :2], mask[:, 5] = True, False
+    return engine, full, mask, comp, probe_values(engine, full, mask, comp)
+
+
+def assert_unread_changes_nothing(
+    engine: PolicyEngine, full: torch.Tensor, mask: torch.Tensor, comp: torch.Tensor, base: dict[str, np.ndarray],
+    value: float, tokens: tuple[int, ...],
+) -> None:
+    """c.six, which no probe reads, set to ``value`` at ``tokens``: every probe's value as in ``base``, in both programs."""
+    broken = full.clone()
+    for t in tokens:
+        broken[:, t, FEATURES["c.six"]] = value
+    got = probe_values(engine, broken, mask, comp)
+    for name in ("numpy", "torch"):
+        np.testing.assert_array_equal(got[name], base[name])
+
+
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan], ids=["inf", "-inf", "nan"])
 def test_a_probe_reads_its_own_features_only(probe_dir: Path, bad: float) -> None:
     # The probes' weights are one matrix with zeros for the features a probe does not read: a
     # non-finite feature taken as it is (0 x inf = NaN) used to make every probe's value NaN.
-    engine = make_engine(PROBE_POLICY, probe_dir)
-    full, mask, comp, _ = random_inputs(3, 3, 6)
-    mask[:, :2], mask[:, 5] = True, False  # tokens 0 and 1 in scope, token 5 out of it
-    base = probe_values(engine, full, mask, comp)
+    engine, full, mask, comp, base = probe_case(probe_dir)
     for name in ("numpy", "torch"):
         assert np.isfinite(base[name]).all()
     np.testing.assert_allclose(base["numpy"], base["torch"], rtol=1e-5)  # the two sum in other orders
     # c.six, which no probe reads, broken at a token in scope and at one out of scope.
-    broken = full.clone()
-    broken[:, 0, FEATURES["c.six"]] = bad
-    broken[:, 5, FEATURES["c.six"]] = bad
-    got = probe_values(engine, broken, mask, comp)
-    for name in ("numpy", "torch"):
-        np.testing.assert_array_equal(got[name], base[name])
+    assert_unread_changes_nothing(engine, full, mask, comp, base, bad, (0, 5))
     # a.one, which q reads (with a positive weight) and p does not: an infinity saturates q's
     # probability (1 or 0 by its sign, mean and max pooling alike), a NaN reads as 0.
     broken = full.clone()
@@ -773,16 +786,8 @@ def test_a_huge_finite_feature_a_probe_does_not_read_leaves_the_probes_alone(pro
     # Finite, but two of them in one scope sum past float32's range: the NumPy program sums a
     # scope's features before the product (the torch program sums the tokens' logits), so an
     # unread feature's sum was inf there, inf x 0 = NaN, and every mean-pooled probe read 0.
-    engine = make_engine(PROBE_POLICY, probe_dir)
-    full, mask, comp, _ = random_inputs(3, 3, 6)
-    mask[:, :2], mask[:, 5] = True, False
-    base = probe_values(engine, full, mask, comp)
-    broken = full.clone()
-    broken[:, 0, FEATURES["c.six"]] = huge
-    broken[:, 1, FEATURES["c.six"]] = huge
-    got = probe_values(engine, broken, mask, comp)
-    for name in ("numpy", "torch"):
-        np.testing.assert_array_equal(got[name], base[name])
+    engine, full, mask, comp, base = probe_case(probe_dir)
+    assert_unread_changes_nothing(engine, full, mask, comp, base, huge, (0, 1))
     # A read one reads as the bound, as an infinity of its sign does.
     broken = full.clone()
     broken[:, 0, FEATURES["a.one"]] = huge
