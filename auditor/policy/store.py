@@ -27,7 +27,7 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 
@@ -54,13 +54,6 @@ class ReloadResult:
     """True when the set in service changed (ok and a different hash)."""
     names: tuple[str, ...] = ()
     """Names of the policies of that set (``hash``'s)."""
-
-
-@dataclass(frozen=True)
-class _Snapshot:
-    engines: Mapping[str, PolicyEngine]
-    hash: str
-    default: str | None
 
 
 @dataclass(frozen=True)
@@ -137,28 +130,34 @@ class PolicyStore:
         self._notify_lock = threading.Lock()
         self._pending: deque[tuple[ReloadResult, list[Callable[[ReloadResult], None]]]] = deque()
         self._notifier: int | None = None  # the thread hearing out the queue, while it does
-        self._snapshot: _Snapshot | None = None
-        self._status: StoreStatus | None = None
+        self._status: StoreStatus | None = None  # replaced whole by each reload: readers see one reload's view
         self._listeners: list[Callable[[ReloadResult], None]] = []
         self._mtimes: dict[Path, tuple[int, int] | None] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.reloads: dict[str, int] = {"success": 0, "failure": 0}
-        """Reload attempts by result (the initial load counts)."""
-        self.last_error: PolicyErrors | None = None
-        """Problems of the latest failed reload; None after a successful one."""
-        self.last_reload_ok: bool = True
         result = self.reload()
         if not result.ok:
             raise PolicyErrors(result.errors)
 
     # ------------------------------------------------------------ reading
 
-    def _snap(self) -> _Snapshot:
-        snap = self._snapshot
-        if snap is None:  # only during a failed construction
-            raise AuditorError("no policies are loaded")
-        return snap
+    def _snap(self) -> StoreStatus:
+        return self.status()
+
+    @property
+    def reloads(self) -> Mapping[str, int]:
+        """Reload attempts by result (the initial load counts)."""
+        return self.status().reloads
+
+    @property
+    def last_error(self) -> PolicyErrors | None:
+        """Problems of the latest failed reload; None after a successful one."""
+        return self.status().last_error
+
+    @property
+    def last_reload_ok(self) -> bool:
+        """Whether the latest reload succeeded."""
+        return self.status().last_reload_ok
 
     @property
     def hash(self) -> str:
@@ -264,11 +263,14 @@ class PolicyStore:
                         "restore its file or change --default-policy",
                     )
                 )
-            old = self._snapshot
+            old = self._status
+            counts = dict(old.reloads) if old is not None else {"success": 0, "failure": 0}
             if errors:
-                self.reloads["failure"] += 1
-                self.last_error = PolicyErrors(errors)
-                self.last_reload_ok = False
+                counts["failure"] += 1
+                if old is not None:  # else the constructor raises
+                    self._status = replace(
+                        old, reloads=MappingProxyType(counts), last_reload_ok=False, last_error=PolicyErrors(errors)
+                    )
                 result = ReloadResult(
                     ok=False, errors=errors, hash=old.hash if old is not None else "",
                     names=tuple(old.engines) if old is not None else (),
@@ -285,19 +287,11 @@ class PolicyStore:
                             default,
                             old.default,
                         )
-                new = _Snapshot(MappingProxyType(engines), set_hash(engines), default)
-                self._snapshot = new  # the swap: one reference assignment, readers see old or new
-                self.reloads["success"] += 1
-                self.last_error = None
-                self.last_reload_ok = True
+                counts["success"] += 1
+                new = StoreStatus(MappingProxyType(engines), set_hash(engines), default, MappingProxyType(counts), True, None)
+                self._status = new  # the swap: one reference assignment, readers see old or new
                 result = ReloadResult(
                     ok=True, hash=new.hash, changed=old is None or old.hash != new.hash, names=tuple(new.engines)
-                )
-            snap = self._snapshot
-            if snap is not None:
-                self._status = StoreStatus(
-                    snap.engines, snap.hash, snap.default, MappingProxyType(dict(self.reloads)),
-                    self.last_reload_ok, self.last_error,
                 )
             self._pending.append((result, list(self._listeners)))
         self._notify()
