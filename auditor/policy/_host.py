@@ -262,18 +262,16 @@ class HostProgram:
             # sum did not tell: 3e38 twice in scope and -3e38 twice out of it may sum to a finite
             # value, and the scope's sum was inf, x 0 = NaN in every probe.
             bound = self.probe_bound
-            if (
+            as_is = (
                 np.maximum.reduce(feats, axis=None, initial=-bound) <= bound
                 and np.minimum.reduce(feats, axis=None, initial=bound) >= -bound
-            ):
-                np.divide(sm.astype(_F32) @ feats, n_scope[:, :, None], out=pool_in[:, 0])
-                if self.probe_max_pool:
-                    pool_in[:, 1] = colmax[:, :, :n_feat]
-            else:  # NaN or beyond +-bound among the features: as the probes read them (PolicyEngine._probe_input)
-                pf = self.probe_input(feats)
-                np.divide(sm.astype(_F32) @ pf, n_scope[:, :, None], out=pool_in[:, 0])
-                if self.probe_max_pool:
-                    pool_in[:, 1] = np.maximum.reduce(np.where(sm[:, :, :, None], pf[:, None], _NEG_INF), axis=2)
+            )
+            # Else NaN or beyond +-bound among the features: as the probes read them (PolicyEngine._probe_input).
+            pf = feats if as_is else self.probe_input(feats)
+            np.divide(sm.astype(_F32) @ pf, n_scope[:, :, None], out=pool_in[:, 0])
+            if self.probe_max_pool:
+                pool_in[:, 1] = colmax[:, :, :n_feat] if as_is else (
+                    np.maximum.reduce(np.where(sm[:, :, :, None], pf[:, None], _NEG_INF), axis=2))
             # Negated logits (weights and bias negated once; negation is exact): a probability is
             # 1 / (1 + exp(logit)), one operation fewer.
             logits = pool_in @ fp["neg_weight"] + fp["neg_bias"]  # [B, pool, S, U]
