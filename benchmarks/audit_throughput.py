@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from auditor.models import capture  # noqa: E402
+from auditor.models import capture, skinny  # noqa: E402
 from auditor.pipeline import Auditor  # noqa: E402
 from auditor.policy import AuditBatch  # noqa: E402
 from auditor.sae import SAE, SAEConfig  # noqa: E402
@@ -171,13 +171,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             # off): what the NumPy twin saves on small batches, in the same run.
             audit(False, torch_stage_runs)
 
-        t_full, t_stop, t_audit, t_audit_torch = round_robin(
-            [full_forward, stopped_forward, audit, audit_torch_eval], args.repeats
+        products_stage_runs: list[dict[str, float]] = []  # the same with torch's products in every forward
+
+        def audit_torch_products() -> None:
+            # The forwards without the few-row kernel (auditor.models.skinny): what it saves, in the same run.
+            with skinny.suspended():
+                audit(True, products_stage_runs)
+
+        t_full, t_stop, t_audit, t_audit_torch, t_audit_products = round_robin(
+            [full_forward, stopped_forward, audit, audit_torch_eval, audit_torch_products], args.repeats
         )
         # Each stage's best over the timed calls (the first call is the untimed warm-up), like
         # every other time here: load from other processes lands on one call's stages, not all.
         stage_totals = {k: min(run[k] for run in stage_runs[1:]) for k in stage_runs[-1]}
         torch_stage_totals = {k: min(run[k] for run in torch_stage_runs[1:]) for k in torch_stage_runs[-1]}
+        products_stage_totals = {k: min(run[k] for run in products_stage_runs[1:]) for k in products_stage_runs[-1]}
 
         acts = [auditor.activations(b) for b in batches]
         xs = [a[b.content_mask] for a, b in zip(acts, batches)]  # [N, d_in] per batch
@@ -234,6 +242,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "audit_stages_s": dict(stage_totals),
                 "audit_torch_eval_s": t_audit_torch,
                 "audit_stages_torch_eval_s": dict(torch_stage_totals),
+                "audit_torch_products_s": t_audit_products,
+                "audit_stages_torch_products_s": dict(products_stage_totals),
                 "policy_eval_s": t_eval,
                 "policy_eval_torch_s": t_eval_torch,
                 "encode": encode,
@@ -241,6 +251,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "stopped_forward_tok_s": n_tokens / t_stop,
                 "audit_tok_s": n_tokens / t_audit,
                 "audit_vs_full_forward": t_full / t_audit,
+                "audit_torch_products_vs_full_forward": t_full / t_audit_products,
             }
         )
 
@@ -278,19 +289,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     print(json.dumps(result, indent=2))
     print()
-    hdr = f"{'batch':>5} {'tokens':>6} {'full fwd tok/s':>14} {'stopped tok/s':>13} {'audit tok/s':>11} {'audit/full':>10}"
+    hdr = (
+        f"{'batch':>5} {'tokens':>6} {'full fwd tok/s':>14} {'stopped tok/s':>13} {'audit tok/s':>11} {'audit/full':>10}"
+        f" {'torch products':>15}"
+    )
     print(hdr)
     for r in rows:
         print(
             f"{r['batch_size']:>5} {r['tokens']:>6} {r['full_forward_tok_s']:>14.0f} {r['stopped_forward_tok_s']:>13.0f} "
-            f"{r['audit_tok_s']:>11.0f} {r['audit_vs_full_forward']:>9.2f}x"
+            f"{r['audit_tok_s']:>11.0f} {r['audit_vs_full_forward']:>9.2f}x {r['audit_torch_products_vs_full_forward']:>14.2f}x"
         )
+    print(f"(torch products: the audit with the few-row kernel suspended; kernel {skinny.status()['detail']})")
     print()
     print(f"{'batch':>5} {'stage':<36} {'seconds':>8} {'% of audit fwd':>14}")
     for r in rows:
         fwd = r["audit_stages_s"].get("forward", r["stopped_forward_s"])
         for k, v in r["audit_stages_s"].items():
             print(f"{r['batch_size']:>5} {'audit.' + k:<36} {v:>8.4f} {100 * v / fwd:>13.2f}%")
+        pv = r["audit_stages_torch_products_s"]
+        share = 100 * (pv["encode"] + pv["evaluate"]) / pv["forward"]
+        print(f"{r['batch_size']:>5} {'audit.forward (torch products)':<36} {pv['forward']:>8.4f}   encode+evaluate {share:.2f}%")
         tv = r["audit_stages_torch_eval_s"]
         print(f"{r['batch_size']:>5} {'audit.evaluate (torch program)':<36} {tv['evaluate']:>8.4f} {100 * tv['evaluate'] / tv['forward']:>13.2f}%")
         print(f"{r['batch_size']:>5} {'policy eval (alone)':<36} {r['policy_eval_s']:>8.4f} {100 * r['policy_eval_s'] / fwd:>13.2f}%")

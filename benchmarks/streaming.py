@@ -47,7 +47,8 @@ sys.path.insert(0, str(REPO))  # run as `python benchmarks/streaming.py`: the re
 
 from auditor.pipeline import Auditor  # noqa: E402
 from auditor.text import AuditInput  # noqa: E402
-from benchmarks.audit_throughput import timed  # noqa: E402
+from auditor.models import skinny  # noqa: E402
+from benchmarks.audit_throughput import round_robin, timed  # noqa: E402
 PROMPT = "Write a long, careful answer: how should a small team handle customer data and payments safely?"
 
 
@@ -91,15 +92,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         verdicts["single"] = res.verdict
         stages["single"] = auditor.last_timings.as_dict()
 
-    def reuse() -> None:
+    def reuse(key: str = "reuse") -> None:
         stream = auditor.stream(AuditInput(messages=messages))
         totals: dict[str, float] = {}
         for c in chunks:
             res = stream.feed(c)
             for k, v in stream.last_timings.as_dict().items():
                 totals[k] = totals.get(k, 0.0) + v
-        verdicts["reuse"] = res.verdict
-        stages["reuse"] = totals
+        verdicts[key] = res.verdict
+        stages[key] = totals
 
     def recompute() -> None:
         so_far = ""
@@ -108,8 +109,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             [res] = auditor.run([AuditInput(messages=messages, completion=so_far)])
         verdicts["recompute"] = res.verdict
 
-    t_single = timed(single, args.repeats)
-    t_reuse = timed(reuse, args.repeats)
+    def reuse_torch() -> None:
+        with skinny.suspended():
+            reuse("reuse_torch_products")
+
+    kernel = skinny.status()
+    if kernel["available"]:
+        # In turns, so that load from other processes falls on all of them alike.
+        t_single, t_reuse, t_reuse_torch = round_robin([single, reuse, reuse_torch], args.repeats)
+    else:
+        t_single, t_reuse = round_robin([single, reuse], args.repeats)
+        t_reuse_torch = None
     t_recompute = timed(recompute, args.repeats)
     [res] = auditor.run([full])
     same, max_score_diff = agreement([(v, verdicts["single"]) for v in verdicts.values()])
@@ -127,6 +137,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "chunked_reuse_s": t_reuse,
         "chunked_recompute_s": t_recompute,
         "reuse_vs_single": t_reuse / t_single,
+        "few_row_kernel": kernel,
+        "chunked_reuse_torch_products_s": t_reuse_torch,
+        "reuse_torch_products_vs_single": t_reuse_torch / t_single if t_reuse_torch else None,
         "recompute_vs_single": t_recompute / t_single,
         "verdicts_agree": same,
         "max_score_abs_diff": max_score_diff,
@@ -140,9 +153,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(json.dumps(result, indent=2))
     print()
     print(f"{'mode':<32} {'seconds':>8} {'x single':>9}")
-    for name, t in [("single", t_single), ("chunked, KV reuse", t_reuse), ("chunked, recompute", t_recompute)]:
+    rows = [("single", t_single), ("chunked, KV reuse", t_reuse)]
+    if t_reuse_torch:
+        rows.append(("  the same, torch's products", t_reuse_torch))
+    for name, t in [*rows, ("chunked, recompute", t_recompute)]:
         print(f"{name:<32} {t:>8.3f} {t / t_single:>8.2f}x")
-    for name in ("single", "reuse"):
+    print(f"few-row kernel: {'used' if kernel['available'] else 'not used'} ({kernel['detail']})")
+    for name in stages:
         print(f"stages ({name}): " + ", ".join(f"{k} {v:.3f} s" for k, v in stages[name].items()))
     if args.streams:
         many = result["many"]

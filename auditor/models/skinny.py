@@ -1,0 +1,245 @@
+"""Few-row float32 linear layers for the auditor's own forwards on x86-64 CPUs.
+
+A streamed audit runs the model on a chunk of about 16 new tokens; a short text is audited on
+a few dozen. At so few rows the CPU's general matrix product (MKL's ``sgemm`` in torch's
+wheels) reads every weight for a handful of flops and runs far below the memory's speed: the
+16 stopped layers of the default model took 42-58 ms a chunk on this project's 2-core AMD
+machine, against 24-31 ms for the kernel in ``skinny.c`` (``benchmarks/RESULTS.md``). That
+kernel streams each weight row once and multiplies it with every input row while it sits in
+L1, threads splitting the output columns.
+
+It is C, built here on first use with the system's C compiler (``$CC`` or ``cc``; flags
+``-O3 -mavx2 -mfma -fopenmp``) into ``$AUDITOR_CACHE_DIR/kernels`` and loaded with
+``ctypes``; its OpenMP calls bind to the ``libgomp`` torch has loaded, so both share one
+thread pool. Without a compiler, on another CPU, or with ``AUDITOR_SKINNY_KERNEL=0``, nothing
+changes: torch's own product runs, and :func:`status` says why.
+
+Only the auditor's forwards use it: :func:`install` wraps a model's ``nn.Linear`` modules
+once, and the wrappers call the kernel only inside :func:`enabled` on the same thread (the
+capture functions enter it), for float32 CPU tensors of at most :data:`MAX_ROWS` rows, with
+no gradient wanted. Generation, the user's own calls and everything else run the module's
+``forward`` unchanged. Results equal torch's to float rounding (a different summation order,
+as any two BLAS libraries differ); they do not depend on the thread count.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import types
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["MAX_ROWS", "build", "enabled", "install", "library", "linear", "status", "suspended"]
+
+_log = logging.getLogger(__name__)
+
+MAX_ROWS = 96
+"""Rows (tokens) up to which the kernel runs; above, torch's product is as fast or faster."""
+
+_SOURCE = Path(__file__).with_name("skinny.c")
+_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+_SYMBOL = "auditor_skinny_linear"
+_ENV = "AUDITOR_SKINNY_KERNEL"
+_MARK = "_auditor_skinny"
+_lock = threading.Lock()
+_state = threading.local()
+_loaded: tuple[Any, str] | None = None  # (the kernel function or None, why not)
+
+
+def _cache_dir(env: Mapping[str, str]) -> Path:
+    from auditor.models.loading import cache_root
+
+    return cache_root(env) / "kernels"
+
+
+def _cpu_ok() -> str | None:
+    """Why this CPU cannot run the kernel, or None."""
+    if platform.machine().lower() not in {"x86_64", "amd64"}:
+        return f"the kernel is for x86-64 CPUs (this one is {platform.machine()})"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in {"AVX2", "AVX512"}:
+        return f"the kernel needs AVX2 and FMA (torch reports {capability})"
+    return None
+
+
+def build(out_dir: Path, compiler: str | None = None) -> Path:
+    """Compile ``skinny.c`` into ``out_dir`` (once per source and flags); the library's path.
+
+    A library already built there from the same source is used without a compiler (an image
+    can build it in a build stage and ship only the result). Raises ``RuntimeError`` with the
+    compiler's message when it fails, ``FileNotFoundError`` when there is no compiler.
+    """
+    source = _SOURCE.read_bytes()
+    digest = hashlib.sha256(source + b"\0" + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    target = out_dir / f"skinny-{digest}-{platform.machine().lower()}.so"
+    if target.exists():
+        return target
+    cc = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise FileNotFoundError("no C compiler found (set $CC, or install gcc)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".skinny-", suffix=".so")
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cc} failed on {_SOURCE.name}: {(done.stderr or done.stdout).strip()[-600:]}")
+        os.replace(tmp, target)  # atomic: a process building at the same time writes its own file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _load(env: Mapping[str, str]) -> tuple[Any, str]:
+    if env.get(_ENV, "1").strip().lower() in {"0", "false", "no", "off"}:
+        return None, f"turned off ({_ENV}={env[_ENV]})"
+    why = _cpu_ok()
+    if why:
+        return None, why
+    try:
+        try:
+            path = build(_cache_dir(env), env.get("CC"))
+        except PermissionError:  # a read-only cache: build in a private temporary folder
+            path = build(Path(tempfile.mkdtemp(prefix="auditor-kernels-")), env.get("CC"))
+    except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
+        return None, f"could not build the kernel: {exc}"
+    try:
+        fn = getattr(ctypes.CDLL(str(path)), _SYMBOL)
+    except (OSError, AttributeError) as exc:
+        return None, f"could not load {path}: {exc}"
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    return fn, f"built at {path}"
+
+
+def library(env: Mapping[str, str] | None = None) -> Any:
+    """The kernel function, built and loaded on first call; None where it cannot run (see :func:`status`)."""
+    global _loaded
+    if _loaded is None:
+        with _lock:
+            if _loaded is None:
+                fn, why = _load(os.environ if env is None else env)
+                if fn is None:
+                    _log.info("few-row kernel not used: %s; torch's matrix product runs instead", why)
+                _loaded = (fn, why)
+    return _loaded[0]
+
+
+def status() -> dict[str, Any]:
+    """Whether the kernel runs here and why (or why not): ``{"available": bool, "detail": str}``."""
+    fn = library()
+    assert _loaded is not None
+    return {"available": fn is not None, "detail": _loaded[1]}
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` by the kernel: float32 CPU tensors, ``x [..., K]``, ``weight [N, K]``.
+
+    Raises ``RuntimeError`` where the kernel is unavailable, ``ValueError`` for other inputs.
+    """
+    fn = library()
+    if fn is None:
+        raise RuntimeError(f"the few-row kernel is unavailable: {status()['detail']}")
+    tensors = [x, weight] + ([bias] if bias is not None else [])
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+        raise ValueError("the few-row kernel takes float32 CPU tensors")
+    if weight.dim() != 2 or x.shape[-1] != weight.shape[1] or (bias is not None and bias.shape != (weight.shape[0],)):
+        raise ValueError(f"shapes do not match a linear layer: x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    return _run(fn, x, weight, bias)
+
+
+def _run(fn: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    n, k = weight.shape
+    rows = x.view(-1, k) if x.is_contiguous() else x.reshape(-1, k).contiguous()
+    if not weight.is_contiguous():
+        weight = weight.contiguous()
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
+    out = rows.new_empty((rows.shape[0], n))
+    fn(
+        rows.data_ptr(),
+        weight.data_ptr(),
+        bias.data_ptr() if bias is not None else None,
+        out.data_ptr(),
+        rows.shape[0],
+        n,
+        k,
+        torch.get_num_threads(),
+    )
+    return out.view(*x.shape[:-1], n)
+
+
+def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``nn.Linear.forward``, by the kernel inside :func:`enabled` for inputs it takes."""
+    # Compiled code (auditor.models.compile_layers) traces torch's product; the check comes first.
+    if not torch.compiler.is_compiling() and getattr(_state, "depth", 0) > 0 and not getattr(_state, "off", False):
+        weight, bias = self.weight, self.bias
+        if (
+            x.dtype == torch.float32
+            and weight.dtype == torch.float32
+            and x.device.type == "cpu"
+            and weight.device.type == "cpu"
+            and 0 < x.numel() <= MAX_ROWS * x.shape[-1]
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and (bias is None or bias.dtype == torch.float32)
+        ):
+            fn = _loaded[0] if _loaded is not None else None
+            if fn is not None:
+                return _run(fn, x, weight, bias)
+    return nn.Linear.forward(self, x)
+
+
+def install(model: nn.Module) -> int:
+    """Wrap ``model``'s ``nn.Linear`` modules (once); how many were wrapped now (0 where the kernel cannot run).
+
+    The wrappers call the kernel only inside :func:`enabled`; elsewhere they are the modules'
+    own ``forward``.
+    """
+    if getattr(model, _MARK, False):
+        return 0
+    setattr(model, _MARK, True)
+    if library() is None:
+        return 0
+    done = 0
+    for module in model.modules():
+        # A module whose forward is already an instance attribute (offloading hooks, say) is left alone.
+        if type(module) is nn.Linear and "forward" not in vars(module):
+            # A bound method, so that a deep copy of the model binds to the copy's weights.
+            module.forward = types.MethodType(_forward, module)  # type: ignore[method-assign]
+            done += 1
+    return done
+
+
+@contextmanager
+def suspended() -> Iterator[None]:
+    """Torch's own products for this thread's forwards in the block, even inside :func:`enabled` (for comparisons)."""
+    before = getattr(_state, "off", False)
+    _state.off = True
+    try:
+        yield
+    finally:
+        _state.off = before
+
+
+@contextmanager
+def enabled() -> Iterator[None]:
+    """Let this thread's forwards in the block use the kernel in wrapped modules (:func:`install`)."""
+    _state.depth = getattr(_state, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _state.depth -= 1

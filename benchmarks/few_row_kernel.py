@@ -1,0 +1,92 @@
+"""Benchmark: the few-row kernel (``auditor.models.skinny``) against torch's matrix product.
+
+Runs every linear layer of the default model's layers up to the audited one (the products a
+stopped audit forward runs) on ``R`` rows of activations, by the kernel and by ``F.linear``,
+in turns, for each ``R`` of ``--rows``; best of ``--repeats``. Shows where the kernel pays
+(the auditor uses it up to ``skinny.MAX_ROWS`` rows) and the largest difference from torch's
+results.
+
+    PYTHONPATH=. python benchmarks/few_row_kernel.py [--rows 1,4,16,32,48,64,96,128,192,256] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from auditor.models import parse_hookpoint, skinny  # noqa: E402
+from auditor.pipeline import Auditor  # noqa: E402
+from benchmarks.audit_throughput import round_robin  # noqa: E402
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default="1,4,16,32,48,64,96,128,192,256")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    kernel = skinny.status()
+    if not kernel["available"]:
+        raise SystemExit(f"the few-row kernel cannot run here: {kernel['detail']}")
+    auditor = Auditor.load()
+    loaded = auditor.model
+    depth = parse_hookpoint(auditor.hookpoint).layer
+    weights = [
+        module.weight
+        for layer in range(depth + 1)
+        for module in loaded.adapter.layer(loaded.model, layer).modules()
+        if isinstance(module, torch.nn.Linear)
+    ]
+    gen = torch.Generator().manual_seed(0)
+    results = []
+    for rows in [int(r) for r in args.rows.split(",") if r.strip()]:
+        inputs = {k: torch.randn(rows, k, generator=gen) for k in {w.shape[1] for w in weights}}
+
+        def by_torch() -> None:
+            for w in weights:
+                F.linear(inputs[w.shape[1]], w)
+
+        def by_kernel() -> None:
+            for w in weights:
+                skinny.linear(inputs[w.shape[1]], w)
+
+        with torch.inference_mode():
+            t_torch, t_kernel = round_robin([by_torch, by_kernel], args.repeats)
+            diff = max(
+                float((skinny.linear(inputs[w.shape[1]], w) - F.linear(inputs[w.shape[1]], w)).abs().max()) for w in weights
+            )
+        results.append({"rows": rows, "torch_s": t_torch, "kernel_s": t_kernel, "speedup": t_torch / t_kernel, "max_abs_diff": diff})
+    out = {
+        "benchmark": "few_row_kernel",
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch_threads": torch.get_num_threads()},
+        "kernel": kernel,
+        "max_rows": skinny.MAX_ROWS,
+        "layers": depth + 1,
+        "linear_layers": len(weights),
+        "weights_mb": sum(w.numel() * w.element_size() for w in weights) / 1e6,
+        "results": results,
+    }
+    print(json.dumps(out, indent=2))
+    print()
+    print(f"{len(weights)} linear layers ({out['weights_mb']:.0f} MB of float32 weights), {torch.get_num_threads()} threads")
+    print(f"{'rows':>5} {'torch ms':>9} {'kernel ms':>10} {'speedup':>8} {'max diff':>9}")
+    for r in results:
+        print(f"{r['rows']:>5} {r['torch_s'] * 1e3:>9.1f} {r['kernel_s'] * 1e3:>10.1f} {r['speedup']:>7.2f}x {r['max_abs_diff']:>9.1e}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

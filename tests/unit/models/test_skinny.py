@@ -1,0 +1,185 @@
+"""The few-row kernel: built with the system's compiler, equal to torch's products to float
+rounding, and used only inside the auditor's own forwards."""
+
+from __future__ import annotations
+
+import copy
+import os
+import platform
+import shutil
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from auditor.models import capture, skinny
+from tests.unit.models.conftest import VOCAB, build_model
+
+CAN_BUILD = (
+    platform.machine().lower() in {"x86_64", "amd64"}
+    and torch.backends.cpu.get_cpu_capability() in {"AVX2", "AVX512"}
+    and bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
+)
+IN_USE = CAN_BUILD and os.environ.get("AUDITOR_SKINNY_KERNEL", "1").strip().lower() not in {"0", "false", "no", "off"}
+needs_kernel = pytest.mark.skipif(not IN_USE, reason="needs an x86-64 CPU with AVX2, a C compiler, and the kernel not turned off")
+
+
+def test_the_kernel_is_built_wherever_it_can_be() -> None:
+    """On an AVX2 machine with a compiler (this project's CI) a failed build is a failure, not a fallback."""
+    state = skinny.status()
+    assert state["available"] == IN_USE, state["detail"]
+    if IN_USE:
+        assert state["detail"].startswith("built at ")
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 17, 96])
+@pytest.mark.parametrize(("n", "k"), [(1, 8), (2, 1), (3, 7), (4, 9), (5, 16), (7, 33), (64, 576), (97, 1536)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_matches_torch(rows: int, n: int, k: int, with_bias: bool) -> None:
+    """Every remainder: rows past a group of four, columns past a block of three, K past eight lanes."""
+    gen = torch.Generator().manual_seed(rows * 1000 + n * 10 + k)
+    x = torch.randn(rows, k, generator=gen)
+    w = torch.randn(n, k, generator=gen)
+    b = torch.randn(n, generator=gen) if with_bias else None
+    got = skinny.linear(x, w, b)
+    want = F.linear(x.double(), w.double(), b.double() if b is not None else None).float()
+    assert got.shape == (rows, n)
+    # Float32 rounding of a length-k dot product, relative to the sum of the magnitudes.
+    scale = (x.abs() @ w.abs().T) + (b.abs() if b is not None else 0)
+    assert bool(((got - want).abs() <= 1e-6 * (k**0.5 + 1) * scale + 1e-6).all())
+
+
+@needs_kernel
+def test_linear_takes_batched_and_strided_inputs() -> None:
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 40, 5, generator=gen).transpose(1, 2)  # [2, 5, 40], not contiguous
+    w = torch.randn(11, 40, generator=gen)
+    torch.testing.assert_close(skinny.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert skinny.linear(x, w).shape == (2, 5, 11)
+
+
+@needs_kernel
+def test_results_do_not_depend_on_the_thread_count() -> None:
+    gen = torch.Generator().manual_seed(4)
+    x, w = torch.randn(16, 576, generator=gen), torch.randn(1536, 576, generator=gen)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = skinny.linear(x, w)
+        torch.set_num_threads(2)
+        two = skinny.linear(x, w)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+@needs_kernel
+def test_linear_refuses_what_it_does_not_compute() -> None:
+    with pytest.raises(ValueError, match="float32 CPU"):
+        skinny.linear(torch.randn(2, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="shapes do not match"):
+        skinny.linear(torch.randn(2, 8), torch.randn(3, 9))
+    with pytest.raises(ValueError, match="shapes do not match"):
+        skinny.linear(torch.randn(2, 8), torch.randn(3, 8), torch.randn(4))
+
+
+def _differing_input(layer: nn.Linear) -> torch.Tensor:
+    """Rows for which the kernel's and torch's sums round differently (so the tests can tell which ran)."""
+    for seed in range(20):
+        x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(seed))
+        if not torch.equal(skinny.linear(x, layer.weight, layer.bias), F.linear(x, layer.weight, layer.bias)):
+            return x
+    raise AssertionError("the kernel and torch agreed bit for bit on every input tried")
+
+
+@needs_kernel
+def test_wrapped_modules_use_the_kernel_only_when_enabled_on_this_thread() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1536, 200), nn.ReLU(), nn.Linear(200, 7, bias=False))
+    assert skinny.install(model) == 2
+    assert skinny.install(model) == 0  # once
+    layer = model[0]
+    x = _differing_input(layer)
+    kernel, plain = skinny.linear(x, layer.weight, layer.bias), F.linear(x, layer.weight, layer.bias)
+    with torch.inference_mode():
+        assert torch.equal(layer(x), plain)
+        with skinny.enabled():
+            assert torch.equal(layer(x), kernel)
+            with skinny.suspended():
+                assert torch.equal(layer(x), plain)
+            assert torch.equal(layer(x), kernel)
+            # Another thread's forward is not the auditor's: torch's product.
+            seen: list[torch.Tensor] = []
+            worker = threading.Thread(target=lambda: seen.append(layer(x)))
+            worker.start()
+            worker.join()
+            assert torch.equal(seen[0], plain)
+            # More rows than MAX_ROWS: torch's product.
+            many = x.repeat(skinny.MAX_ROWS, 1)
+            assert torch.equal(layer(many), F.linear(many, layer.weight, layer.bias))
+        assert torch.equal(layer(x), plain)
+    # A deep copy computes with its own weights.
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin[0].weight.mul_(2)
+    with torch.inference_mode(), skinny.enabled():
+        assert torch.equal(twin[0](x), skinny.linear(x, twin[0].weight, twin[0].bias))
+        assert torch.equal(layer(x), kernel)
+
+
+@needs_kernel
+def test_a_forward_that_wants_gradients_keeps_torch_product() -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 5)
+    skinny.install(layer)
+    x = torch.randn(2, 64, requires_grad=True)
+    with skinny.enabled():
+        out = layer(x)
+    out.sum().backward()  # the kernel has no backward: it must not have run
+    assert x.grad is not None
+    torch.testing.assert_close(x.grad, layer.weight.sum(0).expand(2, 64))
+
+
+@needs_kernel
+def test_capture_uses_the_kernel_and_agrees_with_torch_products() -> None:
+    model = build_model("llama")
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(5))
+    hook = "blocks.1.hook_resid_post"
+    fast = capture(model, ids, None, [hook])[hook]
+    with skinny.suspended():
+        plain = capture(model, ids, None, [hook])[hook]
+    assert not torch.equal(fast, plain)  # the kernel ran
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-4)
+    # The model's own forward is untouched by the wrapping.
+    with torch.inference_mode():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[2]
+    torch.testing.assert_close(plain, hidden)
+
+
+def test_build_caches_by_source_and_reports_compiler_errors(tmp_path: Path) -> None:
+    if not CAN_BUILD:
+        pytest.skip("needs an x86-64 CPU with AVX2 and a C compiler")
+    first = skinny.build(tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert skinny.build(tmp_path) == first and first.stat().st_mtime_ns == stamp  # not built again
+    failing = tmp_path / "cc-that-fails"
+    failing.write_text("#!/bin/sh\necho 'skinny.c:1: error: no such intrinsic' >&2\nexit 1\n")
+    failing.chmod(failing.stat().st_mode | stat.S_IEXEC)
+    with pytest.raises(RuntimeError, match="no such intrinsic"):
+        skinny.build(tmp_path / "other", compiler=str(failing))
+    with pytest.raises(FileNotFoundError):
+        skinny.build(tmp_path / "other", compiler=str(tmp_path / "no-such-cc"))
+    assert not list((tmp_path / "other").glob("*.so")) and not list((tmp_path / "other").glob(".skinny-*"))
+
+
+def test_turned_off_or_unbuildable_means_torch_products(tmp_path: Path) -> None:
+    fn, why = skinny._load({"AUDITOR_SKINNY_KERNEL": "0"})
+    assert fn is None and "AUDITOR_SKINNY_KERNEL=0" in why
+    fn, why = skinny._load({"AUDITOR_CACHE_DIR": str(tmp_path), "CC": str(tmp_path / "no-such-cc")})
+    if CAN_BUILD:
+        assert fn is None and why.startswith("could not build the kernel")
