@@ -75,15 +75,33 @@ class StoreStatus:
 
 
 def policy_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
-    """Expand files and folders (``*.yaml`` / ``*.yml`` directly inside, sorted) into policy files."""
+    """Expand files and folders (``*.yaml`` / ``*.yml`` directly inside, sorted) into policy files.
+
+    Raises :class:`PolicyErrors` naming a folder that cannot be listed (no permission, or gone
+    while it was read).
+    """
+    files, problems = _expand(paths)
+    if problems:
+        raise PolicyErrors(problems)
+    return files
+
+
+def _expand(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[Path], list[PolicyError]]:
+    """:func:`policy_files`, with the folders that cannot be listed as problems instead of raising."""
     out: list[Path] = []
+    problems: list[PolicyError] = []
     for p in paths:
         path = Path(p)
-        if path.is_dir():
-            out.extend(sorted(f for f in path.iterdir() if f.suffix in _SUFFIXES and f.is_file()))
-        else:
-            out.append(path)
-    return list(dict.fromkeys(out))
+        try:
+            if path.is_dir():
+                out.extend(sorted(f for f in path.iterdir() if f.suffix in _SUFFIXES and f.is_file()))
+            else:
+                out.append(path)
+        except OSError as exc:
+            problems.append(
+                PolicyError(str(path), None, None, f"cannot list the policy folder: {exc.strerror or exc}; check that it exists and is readable")
+            )
+    return list(dict.fromkeys(out)), problems
 
 
 def set_hash(engines: Mapping[str, PolicyEngine]) -> str:
@@ -133,6 +151,7 @@ class PolicyStore:
         self._status: StoreStatus | None = None  # replaced whole by each reload: readers see one reload's view
         self._listeners: list[Callable[[ReloadResult], None]] = []
         self._mtimes: dict[Path, tuple[int, int] | None] = {}
+        self._unreadable: set[str] = set()  # policy folders the latest reload could not list
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         result = self.reload()
@@ -204,15 +223,16 @@ class PolicyStore:
     def reload(self) -> ReloadResult:
         """Load every file into a new set and swap it in; on any problem keep the current set."""
         with self._reload_lock:
-            files = policy_files(self.paths)
+            files, unreadable = _expand(self.paths)
             # Stat'ed before anything is read: a file rewritten while this reload reads the set
             # keeps its earlier stat, so the next check sees the change (stat'ing after loading
             # recorded the new write as seen while the set held the old content).
             before = {p: _stat(p) for p in {*files, *self._mtimes}}
-            errors: list[PolicyError] = []
+            errors: list[PolicyError] = list(unreadable)
+            self._unreadable = {e.path for e in unreadable}
             engines: dict[str, PolicyEngine] = {}
             sources: set[Path] = set()
-            if not files:
+            if not files and not unreadable:
                 errors.append(
                     PolicyError(", ".join(map(str, self.paths)) or "<none>", None, None, "no policy files found")
                 )
@@ -319,9 +339,13 @@ class PolicyStore:
 
     def changed_files(self) -> list[Path]:
         """Files (policies, libraries, probes, new files in watched folders) changed since the last reload."""
-        current = set(policy_files(self.paths))
+        files, unreadable = _expand(self.paths)
         changed = [p for p, st in self._mtimes.items() if _stat(p) != st]
-        changed.extend(p for p in current if p not in self._mtimes)
+        changed.extend(p for p in files if p not in self._mtimes)
+        # A folder that became unreadable, or readable again, is a change (the reload records it);
+        # one that stays unreadable is not reloaded again on every poll.
+        now = {e.path for e in unreadable}
+        changed.extend(Path(p) for p in now ^ self._unreadable)
         return sorted(set(changed))
 
     def check_for_changes(self) -> ReloadResult | None:

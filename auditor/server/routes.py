@@ -307,6 +307,7 @@ async def validate_policy(request: Request) -> JSONResponse:
         )
     if body.base_dir is not None and body.content is None:
         raise BadRequestError("base_dir goes with 'content' (a file sent by 'path' resolves against its own folder)")
+    from auditor.errors import PolicyErrors
     from auditor.policy import load_policy, validate_files
     from auditor.policy.store import policy_files
 
@@ -321,7 +322,10 @@ async def validate_policy(request: Request) -> JSONResponse:
                 target.write_text(body.content, encoding="utf-8")
                 files = [target]
             else:
-                files = policy_files([body.path or ""])
+                try:
+                    files = policy_files([body.path or ""])
+                except PolicyErrors as exc:  # a folder the server cannot list
+                    return {"valid": False, "errors": [_error_json(e) for e in exc.errors], "policies": []}
                 if not files or not all(f.is_file() for f in files):
                     raise NotFoundError(f"{body.path}: no policy file or folder of *.yaml there")
             errors = validate_files(files, base_dir=base)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -360,6 +361,16 @@ rules:
     assert good.json()["valid"] is True and good.json()["policies"][0]["name"] == "example-deception"
     empty = _post(server, "/v1/policies/validate", {}, headers=AUTH)
     assert empty.status_code == 422 and "application/yaml" in empty.json()["error"]["message"]
+    # A folder the server cannot list is a problem in the answer, not a server error.
+    try:
+        os.listdir("/proc/1/map_files")  # root in a container lacks CAP_SYS_ADMIN, which listing it needs
+    except PermissionError:
+        locked = _post(server, "/v1/policies/validate", {"path": "/proc/1/map_files"}, headers=AUTH)
+        assert locked.status_code == 200 and locked.json()["valid"] is False, locked.text
+        [problem] = locked.json()["errors"]
+        assert problem["path"] == "/proc/1/map_files" and "cannot list the policy folder" in problem["message"]
+    except OSError:
+        pass
 
     # The policy YAML itself as the body: the same problems, with their lines.
     yaml_headers = {**AUTH, "Content-Type": "application/yaml; charset=utf-8"}

@@ -462,3 +462,57 @@ def test_the_reload_log_names_the_policies_of_the_set_it_gives_the_hash_of(folde
     _on_reload(AuditorMetrics(CollectorRegistry()), store, first)  # heard late
     (line,) = [r.getMessage() for r in caplog.records if "policies reloaded: " in r.getMessage()]
     assert line == f"policies reloaded: default, other, third (set {first.hash[:12]})"
+
+
+def _unlistable_folder(tmp_path: Path) -> Path:
+    """A folder that this process cannot list: mode 000 for a user, for root one that the kernel refuses to list."""
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0)
+        return locked
+    for candidate in (Path("/proc/1/map_files"),):  # needs CAP_SYS_ADMIN, which containers' root lacks
+        try:
+            os.listdir(candidate)
+        except PermissionError:
+            if candidate.is_dir():
+                return candidate
+        except OSError:
+            pass
+    pytest.skip("no folder here that this process cannot list")
+
+
+def test_a_policy_folder_that_cannot_be_listed_fails_the_reload_and_keeps_the_set(folder: Path, tmp_path: Path) -> None:
+    """A mounted folder swapped for one the sidecar cannot read: the reload fails with the folder
+    named, the set in service stays, and the watcher does not reload it again on every poll."""
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    write(extra / "third.yaml", policy_text("third", 3.0).replace("lib/library.yaml", str(folder / "lib" / "library.yaml")))
+    link = tmp_path / "mounted"
+    link.symlink_to(extra)
+    store = PolicyStore([folder, link])
+    before = store.status()
+    assert set(store.names) == {"default", "other", "third"} and store.changed_files() == []
+    locked = _unlistable_folder(tmp_path)
+    try:
+        link.unlink()
+        link.symlink_to(locked)
+        assert link in store.changed_files()
+        result = store.reload()
+        assert not result.ok and result.hash == before.hash and result.names == tuple(before.engines)
+        (err,) = result.errors
+        assert err.path == str(link) and "cannot list the policy folder" in err.message and "readable" in err.message
+        assert store.reloads == {"success": 1, "failure": 1} and store.last_error is not None
+        assert store.changed_files() == []  # still unreadable: no reload on every poll
+        with pytest.raises(PolicyErrors, match="cannot list the policy folder"):
+            from auditor.policy.store import policy_files
+
+            policy_files([link])
+        # Readable again: a change, and the reload takes the set back.
+        link.unlink()
+        link.symlink_to(extra)
+        assert link in store.changed_files()
+        assert store.reload().ok and set(store.names) == {"default", "other", "third"} and store.changed_files() == []
+    finally:
+        if locked.parent == tmp_path:
+            locked.chmod(0o700)
