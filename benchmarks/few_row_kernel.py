@@ -2,7 +2,8 @@
 
 Runs every linear layer of the default model's layers up to the audited one (the products a
 stopped audit forward runs) on ``R`` rows of activations, by the kernel and by ``F.linear``,
-in turns, for each ``R`` of ``--rows``; best of ``--repeats``. Shows where the kernel pays
+and the default SAE's full-width encoder product (``addmm`` with ``W_enc``), in turns, for
+each ``R`` of ``--rows``; best of ``--repeats``. Shows where the kernel pays
 (the auditor uses it up to ``skinny.MAX_ROWS`` rows) and the largest difference from torch's
 results.
 
@@ -50,6 +51,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for module in loaded.adapter.layer(loaded.model, layer).modules()
         if isinstance(module, torch.nn.Linear)
     ]
+    w_enc, b_enc = auditor.sae.W_enc.detach(), auditor.sae.b_enc.detach()
     gen = torch.Generator().manual_seed(0)
     results = []
     for rows in [int(r) for r in args.rows.split(",") if r.strip()]:
@@ -63,12 +65,36 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             for w in weights:
                 skinny.linear(inputs[w.shape[1]], w)
 
+        x_enc = torch.randn(rows, w_enc.shape[0], generator=gen)
+
+        def enc_by_torch() -> None:
+            torch.addmm(b_enc, x_enc, w_enc)
+
+        def enc_by_kernel() -> None:
+            skinny.encoder_product(b_enc, x_enc, w_enc)
+
         with torch.inference_mode():
-            t_torch, t_kernel = round_robin([by_torch, by_kernel], args.repeats)
+            t_torch, t_kernel, t_enc_torch, t_enc_kernel = round_robin(
+                [by_torch, by_kernel, enc_by_torch, enc_by_kernel], args.repeats
+            )
             diff = max(
                 float((skinny.linear(inputs[w.shape[1]], w) - F.linear(inputs[w.shape[1]], w)).abs().max()) for w in weights
             )
-        results.append({"rows": rows, "torch_s": t_torch, "kernel_s": t_kernel, "speedup": t_torch / t_kernel, "max_abs_diff": diff})
+            enc = skinny.encoder_product(b_enc, x_enc, w_enc)
+            enc_diff = float((enc - torch.addmm(b_enc, x_enc, w_enc)).abs().max()) if enc is not None else None
+        results.append(
+            {
+                "rows": rows,
+                "torch_s": t_torch,
+                "kernel_s": t_kernel,
+                "speedup": t_torch / t_kernel,
+                "max_abs_diff": diff,
+                # The SAE's full-width encode product (used up to MAX_ROWS rows; above, it declines and times nothing).
+                "encoder_torch_s": t_enc_torch,
+                "encoder_kernel_s": t_enc_kernel if enc is not None else None,
+                "encoder_max_abs_diff": enc_diff,
+            }
+        )
     out = {
         "benchmark": "few_row_kernel",
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch_threads": torch.get_num_threads()},
@@ -77,14 +103,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "layers": depth + 1,
         "linear_layers": len(weights),
         "weights_mb": sum(w.numel() * w.element_size() for w in weights) / 1e6,
+        "encoder": {"d_in": w_enc.shape[0], "d_sae": w_enc.shape[1], "architecture": auditor.sae.cfg.architecture},
         "results": results,
     }
     print(json.dumps(out, indent=2))
     print()
     print(f"{len(weights)} linear layers ({out['weights_mb']:.0f} MB of float32 weights), {torch.get_num_threads()} threads")
-    print(f"{'rows':>5} {'torch ms':>9} {'kernel ms':>10} {'speedup':>8} {'max diff':>9}")
+    print(f"SAE encoder product: [rows, {w_enc.shape[0]}] x [{w_enc.shape[0]}, {w_enc.shape[1]}] + bias")
+    print(f"{'rows':>5} {'torch ms':>9} {'kernel ms':>10} {'speedup':>8} {'max diff':>9}   {'encoder torch':>13} {'kernel':>7}")
     for r in results:
-        print(f"{r['rows']:>5} {r['torch_s'] * 1e3:>9.1f} {r['kernel_s'] * 1e3:>10.1f} {r['speedup']:>7.2f}x {r['max_abs_diff']:>9.1e}")
+        enc = f"{r['encoder_kernel_s'] * 1e3:>7.2f}" if r["encoder_kernel_s"] is not None else f"{'-':>7}"
+        print(
+            f"{r['rows']:>5} {r['torch_s'] * 1e3:>9.1f} {r['kernel_s'] * 1e3:>10.1f} {r['speedup']:>7.2f}x {r['max_abs_diff']:>9.1e}"
+            f"   {r['encoder_torch_s'] * 1e3:>13.2f} {enc}"
+        )
     return out
 
 

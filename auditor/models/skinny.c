@@ -90,3 +90,66 @@ void auditor_skinny_linear(const float *x, const float *w, const float *bias, fl
         for (; m < M; m++) block(x, w, bias, y, N, K, m, 1, n, cols, 0, prefetch);
     }
 }
+
+/* The same product with the weight stored the other way round, as an SAE's encoder is:
+ *
+ *     y[M, N] = x[M, K] . w[K, N] (+ bias[N])
+ *
+ * Threads split the columns in panels of 24 (three vectors of eight); for each group of four
+ * rows, each step over K broadcasts one input value per row and multiplies it with the panel's
+ * slice of that weight row. The panel (K x 96 bytes) stays in L2 across the row groups. Columns
+ * past the last whole panel are summed one at a time. The summation order over K is the same
+ * for every column, whatever the thread count. */
+#define NV 3 /* vectors of eight columns per panel */
+
+static inline __attribute__((always_inline)) void panel(const float *x, const float *w, const float *bias, float *y,
+                                                        int64_t N, int64_t K, int64_t m, int rows, int64_t n) {
+    __m256 acc[MR][NV];
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < NV; j++) acc[i][j] = _mm256_setzero_ps();
+    const float *xr[MR];
+    for (int i = 0; i < MR; i++) xr[i] = x + (m + (i < rows ? i : 0)) * K;
+    for (int64_t k = 0; k < K; k++) {
+        const float *wk = w + k * N + n;
+        __m256 v[NV];
+        for (int j = 0; j < NV; j++) v[j] = _mm256_loadu_ps(wk + 8 * j);
+        if (rows == MR) {
+            for (int i = 0; i < MR; i++) {
+                __m256 u = _mm256_broadcast_ss(xr[i] + k);
+                for (int j = 0; j < NV; j++) acc[i][j] = _mm256_fmadd_ps(u, v[j], acc[i][j]);
+            }
+        } else {
+            __m256 u = _mm256_broadcast_ss(xr[0] + k);
+            for (int j = 0; j < NV; j++) acc[0][j] = _mm256_fmadd_ps(u, v[j], acc[0][j]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; i++) {
+        if (i >= rows) continue;
+#pragma GCC unroll 3
+        for (int j = 0; j < NV; j++) {
+            __m256 out = acc[i][j];
+            if (bias) out = _mm256_add_ps(out, _mm256_loadu_ps(bias + n + 8 * j));
+            _mm256_storeu_ps(y + (m + i) * N + n + 8 * j, out);
+        }
+    }
+}
+
+void auditor_skinny_addmm_kn(const float *x, const float *w, const float *bias, float *y, int64_t M, int64_t N,
+                             int64_t K, int threads) {
+    if (M <= 0 || N <= 0) return;
+    const int64_t panels = N / (8 * NV);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t p = 0; p < panels; p++) {
+        const int64_t n = p * 8 * NV;
+        int64_t m = 0;
+        for (; m + MR <= M; m += MR) panel(x, w, bias, y, N, K, m, MR, n);
+        for (; m < M; m++) panel(x, w, bias, y, N, K, m, 1, n);
+    }
+    for (int64_t n = panels * 8 * NV; n < N; n++)
+        for (int64_t m = 0; m < M; m++) {
+            float s = 0.0f;
+            for (int64_t k = 0; k < K; k++) s += x[m * K + k] * w[k * N + n];
+            y[m * N + n] = bias ? s + bias[n] : s;
+        }
+}

@@ -18,8 +18,11 @@ Only the auditor's forwards use it: :func:`install` wraps a model's ``nn.Linear`
 once, and the wrappers call the kernel only inside :func:`enabled` on the same thread (the
 capture functions enter it), for float32 CPU tensors of at most :data:`MAX_ROWS` rows, with
 no gradient wanted. Generation, the user's own calls and everything else run the module's
-``forward`` unchanged. Results equal torch's to float rounding (a different summation order,
-as any two BLAS libraries differ); they do not depend on the thread count.
+``forward`` unchanged. The SAE's full-width encodes of as few rows use the kernel's second
+product (:func:`encoder_product`, for ``W_enc``'s ``[d_in, d_sae]`` layout). Results equal
+torch's to float rounding (a different summation order, as any two BLAS libraries differ);
+they do not depend on the thread count. :func:`suspended` turns both off for a block (the
+benchmarks compare the two that way).
 """
 
 from __future__ import annotations
@@ -37,12 +40,12 @@ import types
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-__all__ = ["MAX_ROWS", "build", "enabled", "install", "library", "linear", "status", "suspended"]
+__all__ = ["MAX_ROWS", "build", "enabled", "encoder_product", "install", "library", "linear", "status", "suspended"]
 
 _log = logging.getLogger(__name__)
 
@@ -52,11 +55,18 @@ MAX_ROWS = 96
 _SOURCE = Path(__file__).with_name("skinny.c")
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 _SYMBOL = "auditor_skinny_linear"
+_SYMBOL_KN = "auditor_skinny_addmm_kn"
+
+
+class _Kernels(NamedTuple):
+    linear: Any  # y = x w^T (+ b), w [N, K]
+    addmm_kn: Any  # y = x w (+ b), w [K, N]
+
 _ENV = "AUDITOR_SKINNY_KERNEL"
 _MARK = "_auditor_skinny"
 _lock = threading.Lock()
 _state = threading.local()
-_loaded: tuple[Any, str] | None = None  # (the kernel function or None, why not)
+_loaded: tuple[Any, str] | None = None  # (the kernel functions or None, what was done or why not)
 
 
 def _cache_dir(env: Mapping[str, str]) -> Path:
@@ -104,7 +114,7 @@ def build(out_dir: Path, compiler: str | None = None) -> Path:
     return target
 
 
-def _load(env: Mapping[str, str]) -> tuple[Any, str]:
+def _load(env: Mapping[str, str]) -> tuple[_Kernels | None, str]:
     if env.get(_ENV, "1").strip().lower() in {"0", "false", "no", "off"}:
         return None, f"turned off ({_ENV}={env[_ENV]})"
     why = _cpu_ok()
@@ -118,16 +128,18 @@ def _load(env: Mapping[str, str]) -> tuple[Any, str]:
     except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
         return None, f"could not build the kernel: {exc}"
     try:
-        fn = getattr(ctypes.CDLL(str(path)), _SYMBOL)
+        lib = ctypes.CDLL(str(path))
+        fns = _Kernels(getattr(lib, _SYMBOL), getattr(lib, _SYMBOL_KN))
     except (OSError, AttributeError) as exc:
         return None, f"could not load {path}: {exc}"
-    fn.restype = None
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    return fn, f"built at {path}"
+    for fn in fns:
+        fn.restype = None
+        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    return fns, f"built at {path}"
 
 
-def library(env: Mapping[str, str] | None = None) -> Any:
-    """The kernel function, built and loaded on first call; None where it cannot run (see :func:`status`)."""
+def library(env: Mapping[str, str] | None = None) -> _Kernels | None:
+    """The kernel functions, built and loaded on first call; None where they cannot run (see :func:`status`)."""
     global _loaded
     if _loaded is None:
         with _lock:
@@ -159,7 +171,44 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         raise ValueError("the few-row kernel takes float32 CPU tensors")
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1] or (bias is not None and bias.shape != (weight.shape[0],)):
         raise ValueError(f"shapes do not match a linear layer: x {tuple(x.shape)}, weight {tuple(weight.shape)}")
-    return _run(fn, x, weight, bias)
+    return _run(fn.linear, x, weight, bias)
+
+
+def encoder_product(bias: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """``torch.addmm(bias, x, weight)`` for ``x [M, K]`` and ``weight [K, N]`` (an SAE encoder's layout)
+    by the kernel, or None where it does not apply (more than :data:`MAX_ROWS` rows, not float32
+    CPU tensors, a gradient wanted, the kernel unavailable): the caller then runs torch's.
+
+    Not limited to :func:`enabled`: the SAE is the auditor's own, not the user's model.
+    """
+    fns = _loaded[0] if _loaded is not None else library()
+    if (
+        fns is None
+        or getattr(_state, "off", False)
+        or x.dim() != 2
+        or weight.dim() != 2
+        or not 0 < x.shape[0] <= MAX_ROWS
+        or x.shape[1] != weight.shape[0]
+        or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (x, weight))
+        or (bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu" or bias.shape != (weight.shape[1],)))
+        or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)))
+    ):
+        return None
+    x = x if x.is_contiguous() else x.contiguous()
+    weight = weight if weight.is_contiguous() else weight.contiguous()
+    bias = bias if bias is None or bias.is_contiguous() else bias.contiguous()
+    out = x.new_empty((x.shape[0], weight.shape[1]))
+    fns.addmm_kn(
+        x.data_ptr(),
+        weight.data_ptr(),
+        bias.data_ptr() if bias is not None else None,
+        out.data_ptr(),
+        x.shape[0],
+        weight.shape[1],
+        x.shape[1],
+        torch.get_num_threads(),
+    )
+    return out
 
 
 def _run(fn: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -197,9 +246,9 @@ def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and (bias is None or bias.dtype == torch.float32)
         ):
-            fn = _loaded[0] if _loaded is not None else None
-            if fn is not None:
-                return _run(fn, x, weight, bias)
+            fns = _loaded[0] if _loaded is not None else None
+            if fns is not None:
+                return _run(fns.linear, x, weight, bias)
     return nn.Linear.forward(self, x)
 
 

@@ -52,6 +52,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from auditor.errors import SAEFormatError, UnknownKeyError
+from auditor.models import skinny
 from auditor.sae.config import SAEConfig
 
 __all__ = ["CFG_FILENAME", "WEIGHTS_FILENAME", "NormState", "SAE", "WatchedEncoding", "dtype_from_name", "param_shapes"]
@@ -122,6 +123,13 @@ def _relative_error(x: Tensor, x_hat: Tensor) -> Tensor:
 
 
 _FUSED_ADDMM_RELU = getattr(torch, "_addmm_activation", None)
+
+
+def _few_row_product(bias: Tensor, x: Tensor, w: Tensor) -> Tensor | None:
+    """``addmm(bias, x, w)`` over every latent by the auditor's few-row CPU kernel
+    (:func:`auditor.models.skinny.encoder_product`: a few rows read ``W_enc`` at memory speed,
+    where the BLAS product does not), or None where it does not apply (then torch's runs)."""
+    return skinny.encoder_product(bias, x, w) if x.device.type == "cpu" else None
 
 
 def _addmm_relu(bias: Tensor, x: Tensor, w: Tensor) -> Tensor:
@@ -437,10 +445,13 @@ class SAE(nn.Module):
 
         # addmm puts the bias in the matmul (cuBLAS applies it in the GEMM epilogue); the
         # activation then runs in place: one [N, n_latents] tensor, written once, read once.
+        few = _few_row_product(self.b_enc, xn, self.W_enc) if idx is None and arch != "gated" else None  # [N, d_sae]
         if arch == "standard":
+            if few is not None:
+                return few.relu_()
             return _addmm_relu(pick(self.b_enc, "b_enc"), xn, pick(self.W_enc, "W_enc"))  # [N, n_latents]
         if arch in ("jumprelu", "batchtopk"):
-            pre = torch.addmm(pick(self.b_enc, "b_enc"), xn, pick(self.W_enc, "W_enc"))
+            pre = few if few is not None else torch.addmm(pick(self.b_enc, "b_enc"), xn, pick(self.W_enc, "W_enc"))
             return pre.mul_(pre > pick(self.threshold, "threshold")).relu_()
         return self._rule(xn @ pick(self.W_enc, "W_enc"), pick)  # [N, n_latents]
 
@@ -520,7 +531,9 @@ class SAE(nn.Module):
 
     def _topk_normed(self, xn: Tensor) -> tuple[Tensor, Tensor]:
         """TopK codes of normalized rows whose ``b_dec`` is already subtracted: indices, relu'd values ``[N, k]``."""
-        pre = torch.addmm(self.b_enc, xn, self.W_enc)  # [N, d_sae]
+        pre = _few_row_product(self.b_enc, xn, self.W_enc)  # [N, d_sae]
+        if pre is None:
+            pre = torch.addmm(self.b_enc, xn, self.W_enc)
         k = self.cfg.k if self.cfg.k is not None else self.cfg.d_sae
         values, indices = _row_topk(pre, min(k, self.cfg.d_sae))
         return indices, torch.relu(values)

@@ -179,6 +179,11 @@ def test_few_row_kernel_script_compares_with_torch() -> None:
     for r in out["results"]:
         assert r["torch_s"] > 0 and r["kernel_s"] > 0 and r["speedup"] == r["torch_s"] / r["kernel_s"]
         assert r["max_abs_diff"] < 1e-3  # float rounding of another summation order, not a wrong product
+        assert r["encoder_torch_s"] > 0
+        # The encoder product by the kernel up to MAX_ROWS rows only.
+        assert (r["encoder_kernel_s"] is not None) == (r["rows"] <= out["max_rows"])
+        if r["encoder_kernel_s"] is not None:
+            assert r["encoder_max_abs_diff"] < 1e-3
 
 
 def test_audit_pipeline_script_runs() -> None:

@@ -183,3 +183,55 @@ def test_turned_off_or_unbuildable_means_torch_products(tmp_path: Path) -> None:
     fn, why = skinny._load({"AUDITOR_CACHE_DIR": str(tmp_path), "CC": str(tmp_path / "no-such-cc")})
     if CAN_BUILD:
         assert fn is None and why.startswith("could not build the kernel")
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 3, 4, 6, 16, 96])
+@pytest.mark.parametrize("n", [1, 23, 24, 50, 4608])
+def test_encoder_product_matches_addmm(rows: int, n: int) -> None:
+    """Weights stored [K, N] (an SAE's W_enc): whole panels of 24 columns and the columns past them."""
+    gen = torch.Generator().manual_seed(rows * 7 + n)
+    x, w, b = torch.randn(rows, 576, generator=gen), torch.randn(576, n, generator=gen), torch.randn(n, generator=gen)
+    got = skinny.encoder_product(b, x, w)
+    assert got is not None and got.shape == (rows, n)
+    want = torch.addmm(b.double(), x.double(), w.double()).float()
+    scale = x.abs() @ w.abs() + b.abs()
+    assert bool(((got - want).abs() <= 1e-6 * (576**0.5 + 1) * scale + 1e-6).all())
+    no_bias = skinny.encoder_product(None, x, w)
+    assert no_bias is not None
+    torch.testing.assert_close(no_bias, x @ w, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+def test_encoder_product_declines_what_torch_should_run() -> None:
+    x, w, b = torch.randn(4, 32), torch.randn(32, 48), torch.randn(48)
+    assert skinny.encoder_product(b, torch.randn(skinny.MAX_ROWS + 1, 32), w) is None
+    assert skinny.encoder_product(b, x.double(), w.double()) is None
+    assert skinny.encoder_product(b, x, torch.randn(31, 48)) is None
+    assert skinny.encoder_product(torch.randn(47), x, w) is None
+    wants_grad = w.clone().requires_grad_()
+    assert skinny.encoder_product(b, x, wants_grad) is None
+    with torch.no_grad():
+        assert skinny.encoder_product(b, x, wants_grad) is not None
+    with skinny.suspended():
+        assert skinny.encoder_product(b, x, w) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("architecture", ["topk", "standard", "jumprelu"])
+def test_sae_full_encodes_of_few_rows_use_the_kernel(architecture: str, tmp_path: Path) -> None:
+    from auditor.sae import SAE
+    from tests.conftest import make_random_sae
+
+    sae = SAE.load(make_random_sae(tmp_path / "sae", d_in=64, d_sae=200, architecture=architecture, seed=3))
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(6)) * 3
+    with torch.inference_mode():
+        fast = sae.encode(x)
+        with skinny.suspended():
+            plain = sae.encode(x)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    assert bool((fast > 0).any())
+    if architecture == "standard":  # no input normalization, b_dec zero: the kernel's product, relu'd
+        kernel = skinny.encoder_product(sae.b_enc.detach(), x, sae.W_enc.detach())
+        assert kernel is not None and torch.equal(fast, kernel.relu_())
+        assert not torch.equal(fast, plain)  # and not torch's (they round differently here)
