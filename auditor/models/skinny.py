@@ -107,6 +107,9 @@ def build(out_dir: Path, compiler: str | None = None) -> Path:
         done = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{cc} failed on {_SOURCE.name}: {(done.stderr or done.stdout).strip()[-600:]}")
+        # mkstemp's file is 0600 (the linker keeps it owner-only): a library built as root in an
+        # image's build stage would not load for the runtime's non-root user.
+        os.chmod(tmp, 0o755)
         os.replace(tmp, target)  # atomic: a process building at the same time writes its own file
     finally:
         if os.path.exists(tmp):

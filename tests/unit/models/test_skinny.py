@@ -235,3 +235,12 @@ def test_sae_full_encodes_of_few_rows_use_the_kernel(architecture: str, tmp_path
         kernel = skinny.encoder_product(sae.b_enc.detach(), x, sae.W_enc.detach())
         assert kernel is not None and torch.equal(fast, kernel.relu_())
         assert not torch.equal(fast, plain)  # and not torch's (they round differently here)
+
+
+def test_the_built_library_is_readable_by_other_users(tmp_path: Path) -> None:
+    """The image builds the kernel as root and runs as uid 10001: a library only its owner can
+    read (mkstemp's 0600) fails to load there, and the sidecar silently runs without it."""
+    if not CAN_BUILD:
+        pytest.skip("needs an x86-64 CPU with AVX2 and a C compiler")
+    mode = skinny.build(tmp_path).stat().st_mode
+    assert mode & 0o444 == 0o444, oct(mode)  # dlopen maps the file: it must be readable
