@@ -28,6 +28,7 @@ benchmarks compare the two that way).
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import logging
 import os
@@ -126,7 +127,11 @@ def _load(env: Mapping[str, str]) -> tuple[_Kernels | None, str]:
     try:
         try:
             path = build(_cache_dir(env), env.get("CC"))
-        except PermissionError:  # a read-only cache: build in a private temporary folder
+        except OSError as exc:
+            # A cache this process cannot write (no permission, or a read-only mount, which is
+            # EROFS and not a PermissionError): build in a private temporary folder.
+            if not isinstance(exc, PermissionError) and exc.errno != errno.EROFS:
+                raise
             path = build(Path(tempfile.mkdtemp(prefix="auditor-kernels-")), env.get("CC"))
     except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
         return None, f"could not build the kernel: {exc}"

@@ -4,6 +4,7 @@ rounding, and used only inside the auditor's own forwards."""
 from __future__ import annotations
 
 import copy
+import errno
 import os
 import platform
 import shutil
@@ -244,3 +245,25 @@ def test_the_built_library_is_readable_by_other_users(tmp_path: Path) -> None:
         pytest.skip("needs an x86-64 CPU with AVX2 and a C compiler")
     mode = skinny.build(tmp_path).stat().st_mode
     assert mode & 0o444 == 0o444, oct(mode)  # dlopen maps the file: it must be readable
+
+
+@pytest.mark.parametrize("err", [errno.EACCES, errno.EROFS])
+def test_a_cache_that_cannot_be_written_builds_in_a_temporary_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int
+) -> None:
+    """No permission (EACCES) or a read-only mount (EROFS, a read-only root file system or
+    volume): both build in a private temporary folder instead of going without the kernel."""
+    if not CAN_BUILD:
+        pytest.skip("needs an x86-64 CPU with AVX2 and a C compiler")
+    cache = tmp_path / "cache"
+    real = skinny.build
+
+    def build(out_dir: Path, compiler: str | None = None) -> Path:
+        if cache in out_dir.parents:
+            raise OSError(err, os.strerror(err), str(out_dir))
+        return real(out_dir, compiler)
+
+    monkeypatch.setattr(skinny, "build", build)
+    fns, why = skinny._load({"AUDITOR_CACHE_DIR": str(cache)})
+    assert fns is not None and why.startswith("built at "), why
+    assert not why.startswith(f"built at {cache}")
