@@ -251,7 +251,9 @@ def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
             and x.device.type == "cpu"
             and weight.device.type == "cpu"
             and 0 < x.numel() <= MAX_ROWS * x.shape[-1]
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and not (
+                torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+            )
             and (bias is None or bias.dtype == torch.float32)
         ):
             fns = _loaded[0] if _loaded is not None else None

@@ -267,3 +267,17 @@ def test_a_cache_that_cannot_be_written_builds_in_a_temporary_folder(
     fns, why = skinny._load({"AUDITOR_CACHE_DIR": str(cache)})
     assert fns is not None and why.startswith("built at "), why
     assert not why.startswith(f"built at {cache}")
+
+
+@needs_kernel
+def test_a_bias_that_wants_a_gradient_keeps_torch_product() -> None:
+    """Frozen weight, trainable bias (bias-only fine-tuning): the output must carry the graph."""
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 5)
+    layer.weight.requires_grad_(False)
+    skinny.install(layer)
+    with skinny.enabled():
+        out = layer(torch.randn(2, 64))
+    assert out.requires_grad
+    out.sum().backward()
+    torch.testing.assert_close(layer.bias.grad, torch.full((5,), 2.0))
