@@ -37,7 +37,6 @@ import shutil
 import subprocess
 import tempfile
 import threading
-import types
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -262,6 +261,27 @@ def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return nn.Linear.forward(self, x)
 
 
+class _KernelForward:
+    """A wrapped module's ``forward``: :func:`_forward` bound to it.
+
+    Not a bound method: that pickles as ``getattr(module, "_forward")``, which a loaded module
+    does not have, so ``torch.save`` / ``pickle`` of a model the auditor captured from would
+    write a file that fails to load. This pickles and deep-copies with its module (a copy binds
+    to the copy's weights).
+    """
+
+    __slots__ = ("module",)
+
+    def __init__(self, module: nn.Linear) -> None:
+        self.module = module
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return _forward(self.module, x)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_KernelForward, (self.module,))
+
+
 def install(model: nn.Module) -> int:
     """Wrap ``model``'s ``nn.Linear`` modules (once); how many were wrapped now (0 where the kernel cannot run).
 
@@ -277,8 +297,8 @@ def install(model: nn.Module) -> int:
     for module in model.modules():
         # A module whose forward is already an instance attribute (offloading hooks, say) is left alone.
         if type(module) is nn.Linear and "forward" not in vars(module):
-            # A bound method, so that a deep copy of the model binds to the copy's weights.
-            module.forward = types.MethodType(_forward, module)  # type: ignore[method-assign]
+            # Bound to the module, so that a deep copy (or a pickled copy) of the model uses its own weights.
+            module.forward = _KernelForward(module)  # type: ignore[method-assign]
             done += 1
     return done
 

@@ -281,3 +281,30 @@ def test_a_bias_that_wants_a_gradient_keeps_torch_product() -> None:
     assert out.requires_grad
     out.sum().backward()
     torch.testing.assert_close(layer.bias.grad, torch.full((5,), 2.0))
+
+
+@needs_kernel
+def test_a_wrapped_model_can_be_saved_and_loaded_whole() -> None:
+    """capture() wraps the caller's model: torch.save / pickle of it must still round-trip
+    (a bound method of a module-level function pickles as getattr(module, '_forward'), which
+    the loaded module does not have), and the loaded copy computes with its own weights."""
+    import io
+    import pickle
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1536, 200), nn.ReLU(), nn.Linear(200, 7))
+    assert skinny.install(model) == 2
+    x = _differing_input(model[0])
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    twin = pickle.loads(pickle.dumps(model))
+    for copy_ in (loaded, twin):
+        with torch.no_grad():
+            copy_[0].weight.mul_(2)
+        with torch.inference_mode(), skinny.enabled():
+            assert torch.equal(copy_[0](x), skinny.linear(x, copy_[0].weight, copy_[0].bias))
+            assert torch.equal(model[0](x), skinny.linear(x, model[0].weight, model[0].bias))
+        with torch.inference_mode():
+            torch.testing.assert_close(copy_(x), F.linear(F.relu(F.linear(x, copy_[0].weight, copy_[0].bias)), copy_[2].weight, copy_[2].bias))
