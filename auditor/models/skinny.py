@@ -31,6 +31,7 @@ import ctypes
 import errno
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -220,7 +221,8 @@ def encoder_product(bias: torch.Tensor | None, x: torch.Tensor, weight: torch.Te
 
 def _run(fn: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     n, k = weight.shape
-    rows = x.view(-1, k) if x.is_contiguous() else x.reshape(-1, k).contiguous()
+    m = math.prod(x.shape[:-1])  # not -1: with k = 0 the row count cannot be inferred
+    rows = x.view(m, k) if x.is_contiguous() else x.reshape(m, k).contiguous()
     if not weight.is_contiguous():
         weight = weight.contiguous()
     if bias is not None and not bias.is_contiguous():

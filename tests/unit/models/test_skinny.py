@@ -308,3 +308,17 @@ def test_a_wrapped_model_can_be_saved_and_loaded_whole() -> None:
             assert torch.equal(model[0](x), skinny.linear(x, model[0].weight, model[0].bias))
         with torch.inference_mode():
             torch.testing.assert_close(copy_(x), F.linear(F.relu(F.linear(x, copy_[0].weight, copy_[0].bias)), copy_[2].weight, copy_[2].bias))
+
+
+@needs_kernel
+def test_linear_of_empty_inputs_matches_torch() -> None:
+    """No input features (K=0: the bias alone), no rows, no outputs: torch's shapes and values."""
+    b = torch.randn(4)
+    for x, w, bias in [
+        (torch.randn(3, 0), torch.randn(4, 0), b),
+        (torch.randn(2, 3, 0), torch.randn(4, 0), None),
+        (torch.randn(0, 5), torch.randn(4, 5), b),
+        (torch.randn(3, 5), torch.randn(0, 5), None),
+    ]:
+        got, want = skinny.linear(x, w, bias), F.linear(x, w, bias)
+        assert got.shape == want.shape and torch.equal(got, want)
