@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -105,7 +106,8 @@ def build(out_dir: Path, compiler: str | None = None) -> Path:
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".skinny-", suffix=".so")
     os.close(fd)
     try:
-        done = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        # A command line, as $CC is by convention ("ccache gcc"), not one file name.
+        done = subprocess.run([*shlex.split(cc), *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{cc} failed on {_SOURCE.name}: {(done.stderr or done.stdout).strip()[-600:]}")
         # mkstemp's file is 0600 (the linker keeps it owner-only): a library built as root in an

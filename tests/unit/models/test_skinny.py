@@ -322,3 +322,12 @@ def test_linear_of_empty_inputs_matches_torch() -> None:
     ]:
         got, want = skinny.linear(x, w, bias), F.linear(x, w, bias)
         assert got.shape == want.shape and torch.equal(got, want)
+
+
+def test_a_compiler_command_with_arguments_builds(tmp_path: Path) -> None:
+    """$CC is a command line by convention ("ccache gcc", "gcc -m64"), not one file name."""
+    if not CAN_BUILD:
+        pytest.skip("needs an x86-64 CPU with AVX2 and a C compiler")
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    fns, why = skinny._load({"AUDITOR_CACHE_DIR": str(tmp_path), "CC": f"{cc} -DAUDITOR_TEST_FLAG=1"})
+    assert fns is not None and why.startswith(f"built at {tmp_path}"), why
