@@ -220,16 +220,29 @@ def test_encoder_product_declines_what_torch_should_run() -> None:
 
 @needs_kernel
 @pytest.mark.parametrize("architecture", ["topk", "standard", "jumprelu"])
-def test_sae_full_encodes_of_few_rows_use_the_kernel(architecture: str, tmp_path: Path) -> None:
+def test_sae_full_encodes_of_few_rows_use_the_kernel(architecture: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from auditor.sae import SAE
     from tests.conftest import make_random_sae
 
     sae = SAE.load(make_random_sae(tmp_path / "sae", d_in=64, d_sae=200, architecture=architecture, seed=3))
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(6)) * 3
+    # Every architecture's encode must take the kernel's product (not only standard's, whose
+    # result is compared bit for bit below): count the products it computed.
+    computed: list[bool] = []
+    real = skinny.encoder_product
+
+    def counting(*args: torch.Tensor | None) -> torch.Tensor | None:
+        out = real(*args)
+        computed.append(out is not None)
+        return out
+
+    monkeypatch.setattr(skinny, "encoder_product", counting)
     with torch.inference_mode():
         fast = sae.encode(x)
+        assert computed == [True], computed
         with skinny.suspended():
             plain = sae.encode(x)
+        assert computed == [True, False], computed
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
     assert bool((fast > 0).any())
     if architecture == "standard":  # no input normalization, b_dec zero: the kernel's product, relu'd
