@@ -187,10 +187,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def encoder_product(bias: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     """``torch.addmm(bias, x, weight)`` for ``x [M, K]`` and ``weight [K, N]`` (an SAE encoder's layout)
     by the kernel, or None where it does not apply (more than :data:`MAX_ROWS` rows, not float32
-    CPU tensors, a gradient wanted, the kernel unavailable): the caller then runs torch's.
+    CPU tensors, a gradient wanted, the kernel unavailable, inside code torch.compile traces): the
+    caller then runs torch's.
 
     Not limited to :func:`enabled`: the SAE is the auditor's own, not the user's model.
     """
+    # Compiled code traces torch's product (a ctypes call on data pointers cannot be traced).
+    if torch.compiler.is_compiling():
+        return None
     fns = _loaded[0] if _loaded is not None else library()
     if (
         fns is None

@@ -344,3 +344,22 @@ def test_a_compiler_command_with_arguments_builds(tmp_path: Path) -> None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     fns, why = skinny._load({"AUDITOR_CACHE_DIR": str(tmp_path), "CC": f"{cc} -DAUDITOR_TEST_FLAG=1"})
     assert fns is not None and why.startswith(f"built at {tmp_path}"), why
+
+
+@needs_kernel
+def test_compiled_sae_encodes_trace_torch_products(tmp_path: Path) -> None:
+    """Like the wrapped modules, the encoder product steps aside while dynamo traces: a
+    ctypes call on data pointers cannot be traced, so a compiled (fullgraph) encode failed."""
+    from auditor.sae import SAE
+    from tests.conftest import make_random_sae
+
+    skinny.library()
+    sae = SAE.load(make_random_sae(tmp_path / "sae", d_in=64, d_sae=200, architecture="topk", seed=3))
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(6))
+    torch._dynamo.reset()
+    compiled = torch.compile(sae.encode, backend="eager", fullgraph=True)
+    with torch.inference_mode():
+        got = compiled(x)
+        with skinny.suspended():
+            want = sae.encode(x)
+    torch.testing.assert_close(got, want)
