@@ -181,7 +181,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         raise ValueError("the few-row kernel takes float32 CPU tensors")
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1] or (bias is not None and bias.shape != (weight.shape[0],)):
         raise ValueError(f"shapes do not match a linear layer: x {tuple(x.shape)}, weight {tuple(weight.shape)}")
-    return _run(fn.linear, x, weight, bias)
+    out = _run(fn.linear, x, weight, bias)
+    if out is None:
+        raise ValueError("the few-row kernel takes tensors with storage (not vmap's batched tensors or fake tensors)")
+    return out
+
+
+def _pointers(*tensors: torch.Tensor | None) -> list[int | None] | None:
+    """The tensors' data pointers (None for None), or None where one has no storage to point at
+    (torch.func.vmap's batched tensors, fake tensors): then torch's product runs."""
+    try:
+        return [t.data_ptr() if t is not None else None for t in tensors]
+    except RuntimeError:
+        return None
 
 
 def encoder_product(bias: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
@@ -212,11 +224,11 @@ def encoder_product(bias: torch.Tensor | None, x: torch.Tensor, weight: torch.Te
     weight = weight if weight.is_contiguous() else weight.contiguous()
     bias = bias if bias is None or bias.is_contiguous() else bias.contiguous()
     out = x.new_empty((x.shape[0], weight.shape[1]))
+    pointers = _pointers(x, weight, bias, out)
+    if pointers is None:
+        return None
     fns.addmm_kn(
-        x.data_ptr(),
-        weight.data_ptr(),
-        bias.data_ptr() if bias is not None else None,
-        out.data_ptr(),
+        *pointers,
         x.shape[0],
         weight.shape[1],
         x.shape[1],
@@ -225,7 +237,8 @@ def encoder_product(bias: torch.Tensor | None, x: torch.Tensor, weight: torch.Te
     return out
 
 
-def _run(fn: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _run(fn: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """``F.linear`` by ``fn``; None where a tensor has no storage (see :func:`_pointers`)."""
     n, k = weight.shape
     m = math.prod(x.shape[:-1])  # not -1: with k = 0 the row count cannot be inferred
     rows = x.view(m, k) if x.is_contiguous() else x.reshape(m, k).contiguous()
@@ -234,11 +247,11 @@ def _run(fn: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
     out = rows.new_empty((rows.shape[0], n))
+    pointers = _pointers(rows, weight, bias, out)
+    if pointers is None:
+        return None
     fn(
-        rows.data_ptr(),
-        weight.data_ptr(),
-        bias.data_ptr() if bias is not None else None,
-        out.data_ptr(),
+        *pointers,
         rows.shape[0],
         n,
         k,
@@ -264,8 +277,9 @@ def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
             and (bias is None or bias.dtype == torch.float32)
         ):
             fns = _loaded[0] if _loaded is not None else None
-            if fns is not None:
-                return _run(fns.linear, x, weight, bias)
+            out = _run(fns.linear, x, weight, bias) if fns is not None else None
+            if out is not None:
+                return out
     return nn.Linear.forward(self, x)
 
 

@@ -363,3 +363,22 @@ def test_compiled_sae_encodes_trace_torch_products(tmp_path: Path) -> None:
         with skinny.suspended():
             want = sae.encode(x)
     torch.testing.assert_close(got, want)
+
+
+@needs_kernel
+def test_tensors_without_storage_take_torch_products(tmp_path: Path) -> None:
+    """torch.func.vmap hands the encode (and the layers) batched tensors, which have no data
+    pointer: torch's products run (an SAE encode under vmap raised before)."""
+    from auditor.sae import SAE
+    from tests.conftest import make_random_sae
+
+    sae = SAE.load(make_random_sae(tmp_path / "sae", d_in=64, d_sae=200, architecture="standard", seed=3))
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(2))
+    layer = nn.Linear(64, 8)
+    skinny.install(layer)
+    with torch.inference_mode():
+        torch.testing.assert_close(torch.func.vmap(sae.encode)(x), torch.stack([sae.encode(r) for r in x]), rtol=1e-5, atol=1e-5)
+        with skinny.enabled():
+            torch.testing.assert_close(torch.func.vmap(layer)(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="storage"):
+        torch.func.vmap(lambda r: skinny.linear(r, layer.weight.detach()))(x)
