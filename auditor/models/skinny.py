@@ -199,8 +199,8 @@ def _pointers(*tensors: torch.Tensor | None) -> list[int | None] | None:
 def encoder_product(bias: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     """``torch.addmm(bias, x, weight)`` for ``x [M, K]`` and ``weight [K, N]`` (an SAE encoder's layout)
     by the kernel, or None where it does not apply (more than :data:`MAX_ROWS` rows, not float32
-    CPU tensors, a gradient wanted, the kernel unavailable, inside code torch.compile traces): the
-    caller then runs torch's.
+    CPU tensors, a gradient wanted, CPU autocast on, the kernel unavailable, inside code
+    torch.compile traces): the caller then runs torch's.
 
     Not limited to :func:`enabled`: the SAE is the auditor's own, not the user's model.
     """
@@ -211,6 +211,7 @@ def encoder_product(bias: torch.Tensor | None, x: torch.Tensor, weight: torch.Te
     if (
         fns is None
         or getattr(_state, "off", False)
+        or torch.is_autocast_enabled("cpu")  # torch's product returns the autocast dtype
         or x.dim() != 2
         or weight.dim() != 2
         or not 0 < x.shape[0] <= MAX_ROWS
@@ -275,6 +276,7 @@ def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
                 torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
             )
             and (bias is None or bias.dtype == torch.float32)
+            and not torch.is_autocast_enabled("cpu")  # torch's product returns the autocast dtype
         ):
             fns = _loaded[0] if _loaded is not None else None
             out = _run(fns.linear, x, weight, bias) if fns is not None else None

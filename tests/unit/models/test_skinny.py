@@ -382,3 +382,24 @@ def test_tensors_without_storage_take_torch_products(tmp_path: Path) -> None:
             torch.testing.assert_close(torch.func.vmap(layer)(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="storage"):
         torch.func.vmap(lambda r: skinny.linear(r, layer.weight.detach()))(x)
+
+
+@needs_kernel
+def test_cpu_autocast_keeps_torch_products_and_their_dtype(tmp_path: Path) -> None:
+    """Under torch.autocast("cpu") torch's products return bfloat16; the float32 kernel must not
+    change what dtype an SAE encode (always eligible) or a wrapped layer returns."""
+    from auditor.sae import SAE
+    from tests.conftest import make_random_sae
+
+    sae = SAE.load(make_random_sae(tmp_path / "sae", d_in=64, d_sae=200, architecture="standard", seed=3))
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(2))
+    layer = nn.Linear(64, 8)
+    skinny.install(layer)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with skinny.suspended():
+            want_sae, want_layer = sae.encode(x), layer(x)
+        got_sae = sae.encode(x)
+        with skinny.enabled():
+            got_layer = layer(x)
+    assert want_sae.dtype == want_layer.dtype == torch.bfloat16
+    assert torch.equal(got_sae, want_sae) and torch.equal(got_layer, want_layer)
