@@ -126,6 +126,7 @@ def _load(env: Mapping[str, str]) -> tuple[_Kernels | None, str]:
     why = _cpu_ok()
     if why:
         return None, why
+    scratch: Path | None = None  # a private build folder, removed once the library is loaded
     try:
         try:
             path = build(_cache_dir(env), env.get("CC"))
@@ -134,17 +135,25 @@ def _load(env: Mapping[str, str]) -> tuple[_Kernels | None, str]:
             # EROFS and not a PermissionError): build in a private temporary folder.
             if not isinstance(exc, PermissionError) and exc.errno != errno.EROFS:
                 raise
-            path = build(Path(tempfile.mkdtemp(prefix="auditor-kernels-")), env.get("CC"))
+            scratch = Path(tempfile.mkdtemp(prefix="auditor-kernels-"))
+            path = build(scratch, env.get("CC"))
     except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
         return None, f"could not build the kernel: {exc}"
     try:
         lib = ctypes.CDLL(str(path))
         fns = _Kernels(getattr(lib, _SYMBOL), getattr(lib, _SYMBOL_KN))
     except (OSError, AttributeError) as exc:
         return None, f"could not load {path}: {exc}"
+    finally:
+        if scratch is not None:  # a loaded library stays mapped after its file is gone
+            shutil.rmtree(scratch, ignore_errors=True)
     for fn in fns:
         fn.restype = None
         fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    if scratch is not None:
+        return fns, f"built in a temporary folder (the cache {_cache_dir(env)} cannot be written)"
     return fns, f"built at {path}"
 
 
