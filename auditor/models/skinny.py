@@ -47,7 +47,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-__all__ = ["MAX_ROWS", "build", "enabled", "encoder_product", "install", "library", "linear", "status", "suspended"]
+__all__ = ["MAX_ROWS", "build", "enabled", "encoder_product", "install", "library", "linear", "status", "suspended", "wrapped"]
 
 _log = logging.getLogger(__name__)
 
@@ -313,6 +313,11 @@ class _KernelForward:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_KernelForward, (self.module,))
+
+
+def wrapped(module: nn.Module) -> bool:
+    """Whether :func:`install` wrapped ``module``'s ``forward``."""
+    return isinstance(vars(module).get("forward"), _KernelForward)
 
 
 def install(model: nn.Module) -> int:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from auditor.errors import AuditorError, ConfigError, ModelError
-from auditor.models import LoadedModel, wrap_model
+from auditor.models import LoadedModel, skinny, wrap_model
 from auditor.pipeline import Auditor
 from auditor.text import AuditInput
 
@@ -225,13 +225,15 @@ def test_a_failed_compiled_load_leaves_the_users_layers_uncompiled(users_model) 
     with pytest.raises(ConfigError, match="max_tokens must be at least 2"):
         Auditor.load(model=model, tokenizer=tokenizer, policy=POLICY, compile="eager", max_tokens=1)
     assert not has_compiled_layers(model)
-    assert not [name for name, m in model.named_modules() if "forward" in vars(m)]
+    # (The few-row kernel's wrappers of the linear layers, auditor.models.skinny, are not compiled code.)
+    assert not [name for name, m in model.named_modules() if "forward" in vars(m) and not skinny.wrapped(m)]
     # A load that works compiles them, as asked; put the shared model back afterwards.
     try:
         Auditor.load(model=model, tokenizer=tokenizer, policy=POLICY, compile="eager")
         assert has_compiled_layers(model)
     finally:
         for module in model.modules():
-            vars(module).pop("forward", None)
+            if not skinny.wrapped(module):
+                vars(module).pop("forward", None)
             vars(module).pop("_auditor_compiled", None)
         model.eval().requires_grad_(False)

@@ -103,8 +103,10 @@ def _differing_input(layer: nn.Linear) -> torch.Tensor:
 def test_wrapped_modules_use_the_kernel_only_when_enabled_on_this_thread() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(1536, 200), nn.ReLU(), nn.Linear(200, 7, bias=False))
+    assert not skinny.wrapped(model[0])
     assert skinny.install(model) == 2
     assert skinny.install(model) == 0  # once
+    assert skinny.wrapped(model[0]) and skinny.wrapped(model[2]) and not skinny.wrapped(model[1])
     layer = model[0]
     x = _differing_input(layer)
     kernel, plain = skinny.linear(x, layer.weight, layer.bias), F.linear(x, layer.weight, layer.bias)
