@@ -205,6 +205,20 @@ def _pointers(*tensors: torch.Tensor | None) -> list[int | None] | None:
         return None
 
 
+def _takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether the kernel may compute this product here: not inside code torch.compile traces (a
+    ctypes call on data pointers cannot be traced), not :func:`suspended`, no CPU autocast (torch's
+    product returns the autocast dtype), float32 CPU tensors, no gradient wanted."""
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    return (
+        not torch.compiler.is_compiling()
+        and not getattr(_state, "off", False)
+        and not torch.is_autocast_enabled("cpu")
+        and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    )
+
+
 def encoder_product(bias: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     """``torch.addmm(bias, x, weight)`` for ``x [M, K]`` and ``weight [K, N]`` (an SAE encoder's layout)
     by the kernel, or None where it does not apply (more than :data:`MAX_ROWS` rows, not float32
@@ -213,45 +227,24 @@ def encoder_product(bias: torch.Tensor | None, x: torch.Tensor, weight: torch.Te
 
     Not limited to :func:`enabled`: the SAE is the auditor's own, not the user's model.
     """
-    # Compiled code traces torch's product (a ctypes call on data pointers cannot be traced).
-    if torch.compiler.is_compiling():
+    if not _takes(x, weight, bias):
         return None
     fns = _loaded[0] if _loaded is not None else library()
     if (
         fns is None
-        or getattr(_state, "off", False)
-        or torch.is_autocast_enabled("cpu")  # torch's product returns the autocast dtype
         or x.dim() != 2
         or weight.dim() != 2
         or not 0 < x.shape[0] <= MAX_ROWS
         or x.shape[1] != weight.shape[0]
-        or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (x, weight))
-        or (bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu" or bias.shape != (weight.shape[1],)))
-        or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)))
+        or (bias is not None and bias.shape != (weight.shape[1],))
     ):
         return None
-    x = x if x.is_contiguous() else x.contiguous()
-    weight = weight if weight.is_contiguous() else weight.contiguous()
-    bias = bias if bias is None or bias.is_contiguous() else bias.contiguous()
-    out = x.new_empty((x.shape[0], weight.shape[1]))
-    pointers = _pointers(x, weight, bias, out)
-    if pointers is None:
-        return None
-    fns.addmm_kn(
-        *pointers,
-        x.shape[0],
-        weight.shape[1],
-        x.shape[1],
-        torch.get_num_threads(),
-    )
-    return out
+    return _call(fns.addmm_kn, x if x.is_contiguous() else x.contiguous(), weight, bias, weight.shape[1])
 
 
-def _run(fn: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """``F.linear`` by ``fn``; None where a tensor has no storage (see :func:`_pointers`)."""
-    n, k = weight.shape
-    m = math.prod(x.shape[:-1])  # not -1: with k = 0 the row count cannot be inferred
-    rows = x.view(m, k) if x.is_contiguous() else x.reshape(m, k).contiguous()
+def _call(fn: Any, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """``fn`` on contiguous ``rows [M, K]``, ``weight`` and ``bias`` into a new ``[M, n]``; None where a
+    tensor has no storage (see :func:`_pointers`)."""
     if not weight.is_contiguous():
         weight = weight.contiguous()
     if bias is not None and not bias.is_contiguous():
@@ -260,37 +253,33 @@ def _run(fn: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     pointers = _pointers(rows, weight, bias, out)
     if pointers is None:
         return None
-    fn(
-        *pointers,
-        rows.shape[0],
-        n,
-        k,
-        torch.get_num_threads(),
-    )
-    return out.view(*x.shape[:-1], n)
+    fn(*pointers, rows.shape[0], n, rows.shape[1], torch.get_num_threads())
+    return out
+
+
+def _run(fn: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """``F.linear`` by ``fn``; None where a tensor has no storage (see :func:`_pointers`)."""
+    n, k = weight.shape
+    m = math.prod(x.shape[:-1])  # not -1: with k = 0 the row count cannot be inferred
+    out = _call(fn, x.view(m, k) if x.is_contiguous() else x.reshape(m, k).contiguous(), weight, bias, n)
+    return out.view(*x.shape[:-1], n) if out is not None else None
 
 
 def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``nn.Linear.forward``, by the kernel inside :func:`enabled` for inputs it takes."""
-    # Compiled code (auditor.models.compile_layers) traces torch's product; the check comes first.
-    if not torch.compiler.is_compiling() and getattr(_state, "depth", 0) > 0 and not getattr(_state, "off", False):
-        weight, bias = self.weight, self.bias
-        if (
-            x.dtype == torch.float32
-            and weight.dtype == torch.float32
-            and x.device.type == "cpu"
-            and weight.device.type == "cpu"
-            and 0 < x.numel() <= MAX_ROWS * x.shape[-1]
-            and not (
-                torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
-            )
-            and (bias is None or bias.dtype == torch.float32)
-            and not torch.is_autocast_enabled("cpu")  # torch's product returns the autocast dtype
-        ):
-            fns = _loaded[0] if _loaded is not None else None
-            out = _run(fns.linear, x, weight, bias) if fns is not None else None
-            if out is not None:
-                return out
+    weight, bias = self.weight, self.bias
+    # Outside enabled() (generation, the user's calls) only the first two cheap checks run;
+    # compiled code (auditor.models.compile_layers) traces torch's product, so that check comes first.
+    if (
+        not torch.compiler.is_compiling()
+        and getattr(_state, "depth", 0) > 0
+        and 0 < x.numel() <= MAX_ROWS * x.shape[-1]
+        and _takes(x, weight, bias)
+    ):
+        fns = _loaded[0] if _loaded is not None else None
+        out = _run(fns.linear, x, weight, bias) if fns is not None else None
+        if out is not None:
+            return out
     return nn.Linear.forward(self, x)
 
 
@@ -336,7 +325,7 @@ def install(model: nn.Module) -> int:
         # A module whose forward is already an instance attribute (offloading hooks, say) is left alone.
         if type(module) is nn.Linear and "forward" not in vars(module):
             # Bound to the module, so that a deep copy (or a pickled copy) of the model uses its own weights.
-            module.forward = _KernelForward(module)  # type: ignore[method-assign]
+            module.forward = _KernelForward(module)  # type: ignore[method-assign, assignment]
             done += 1
     return done
 
