@@ -602,6 +602,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             t_watch = best_time(lambda: sae.encode(x, features=watched), device, args.repeats)
             t_full_enc = best_time(lambda: sae.encode(x), device, args.repeats)
             t_topk = best_time(lambda: topk.encode(x), device, args.repeats)
+            # The same ranking with the codes kept sparse (indices + values, k a row) and as the
+            # audit runs it (encode_watched: the codes at the watched latents, no [N, d_sae] tensor).
+            t_topk_codes = best_time(lambda: topk.encode_topk(x), device, args.repeats)
+            t_topk_watched = best_time(lambda: topk.encode_watched(x, watched), device, args.repeats)
             f = sae.encode(x, features=watched).float().reshape(big, seq, -1)
         m = torch.ones((big, seq), dtype=torch.bool, device=device)
         comp = torch.zeros_like(m)
@@ -641,10 +645,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         encode_rows.append(
             {"d_sae": width, "tokens": x.shape[0], "watched": int(watched.numel()),
              "watch_list_encode_s": t_watch, "full_encode_relu_s": t_full_enc, "full_encode_topk_s": t_topk,
+             "full_encode_topk_codes_s": t_topk_codes, "topk_watched_encode_s": t_topk_watched,
              "policy_eval_s": t_eval, "policy_matched_only_s": t_matched, "policy_verdict_objects_s": t_verdicts,
              "stopped_forward_s": t_stop_big,
              "watch_plus_eval_share": (t_watch + t_eval) / t_stop_big,
              "full_relu_share": t_full_enc / t_stop_big, "full_topk_share": t_topk / t_stop_big,
+             "topk_codes_share": t_topk_codes / t_stop_big, "topk_watched_share": t_topk_watched / t_stop_big,
              "variants_s": variants, "smaller_batches": small, "programs": programs}
         )
 
@@ -748,7 +754,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               f"(goal <= 1%; the rules' decision alone, no verdicts: "
               f"{100 * (r['watch_list_encode_s'] + r['policy_matched_only_s']) / r['stopped_forward_s']:.2f}%; building the verdict "
               f"objects {100 * r['policy_verdict_objects_s'] / r['stopped_forward_s']:.2f}%), full ReLU {100 * r['full_relu_share']:.2f}%, full TopK {100 * r['full_topk_share']:.2f}% "
-              f"(goal <= 10%)")
+              f"(goal <= 10%; TopK as sparse codes {100 * r['topk_codes_share']:.2f}%, as the audit's watch-list encode "
+              f"{100 * r['topk_watched_share']:.2f}%)")
         for q in r["smaller_batches"]:
             print(f"SAE {r['d_sae']:>6}, batch {q['batch_size']} x {seq}: watch-list + policy {100 * q['eager_share']:.2f}% eagerly "
                   f"({1000 * q['policy_eval_eager_s']:.2f} ms), {100 * q['graph_share']:.2f}% "

@@ -7,7 +7,8 @@
 #                                       # and 10 steering rules with graph_policy_steps), 11 paired runs
 #   bash benchmarks/gpu_run.sh confirm  # the full encodes at 131k and serve mode at batch 16 as shipped (the hook's steps as
 #                                       # CUDA graphs; one clamp, and 10 steering rules), 21 paired runs
-#   bash benchmarks/gpu_run.sh topk     # the full encodes and their variants (top-k block widths) at 65k and 131k
+#   bash benchmarks/gpu_run.sh topk     # the top-k selection's variants (block and piece widths) on 16,384 rows of 131k and
+#                                       # 65k bfloat16 pre-activations; the full encodes and their variants at 65k and 131k
 #   bash benchmarks/gpu_run.sh lockstep # the full encodes at 131k and serve mode at batch 16 as shipped (one clamp, and 10
 #                                       # steering rules), 5 alternating runs, then 9 runs each in lockstep with plain decoding
 #   bash benchmarks/gpu_run.sh graph    # serve mode at batch 16 with the hook's step as a CUDA graph and eager, 11 runs; streaming
@@ -51,6 +52,9 @@ if [ "$mode" = pipeline ]; then
     exit 0
 fi
 if [ "$mode" = topk ]; then
+    timeout 150 python3 benchmarks/topk_rows.py --device cuda --dtype bfloat16 --shapes 16384x131072x64,16384x65536x64 \
+        --variants --compiled --repeats 5 >"$out/topk_rows.log" 2>&1
+    tail -n 50 "$out/topk_rows.log"
     timeout 200 python3 benchmarks/gpu_llama8b.py --batch-sizes 32 --repeats 3 --gen-batches 1 --gen-tokens 2 \
         --gen-repeats 1 --steer-rules 0 --encode-variants --streams 0 >"$out/topk.log" 2>&1
     tail -n 6 "$out/topk.log"

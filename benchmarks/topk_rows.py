@@ -6,7 +6,14 @@
 4,608 to 131,072, checks they agree, and prints one JSON object and a table (ms, best of
 ``--repeats`` after a warm-up).
 
+``--variants`` times, per shape, the ways the selection can be run instead (one level at block
+widths 64-512, two levels at block / piece widths, and the one pass over the row each needs, with
+a plain sum over the row as the memory-bandwidth yardstick; ``--compiled`` adds the pieces'
+maxima as a ``torch.compile``d reduction). ``--shapes`` replaces the shapes
+(``ROWSxWIDTHxK,...``), ``--dtype`` the pre-activations' dtype.
+
     PYTHONPATH=. python benchmarks/topk_rows.py [--device cpu] [--repeats 10] [--threads N]
+    python benchmarks/topk_rows.py --device cuda --dtype bfloat16 --shapes 16384x131072x64 --variants
 """
 
 from __future__ import annotations
@@ -44,19 +51,67 @@ def best_ms(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
     return best * 1e3
 
 
+ONE_LEVEL = (64, 128, 256, 512)
+TWO_LEVEL = ((128, 16), (256, 8), (256, 16), (256, 32), (512, 16), (512, 32), (1024, 32), (1024, 64))
+PIECES = (8, 16, 32, 64, 128, 256)
+
+
+def variants(pre: torch.Tensor, k: int, device: torch.device, repeats: int, compiled: bool) -> dict[str, Any]:
+    """ms of each selection variant on ``pre`` (and whether its values equal torch.topk's), and of
+    the one pass over the row each variant starts with."""
+    n, w = pre.shape
+    ref = pre.topk(k, dim=-1).values
+    out: dict[str, Any] = {"sum_ms": best_ms(lambda: pre.sum(), device, repeats),
+                           "bytes": pre.numel() * pre.element_size()}
+    out["sum_gb_s"] = out["bytes"] / out["sum_ms"] / 1e6
+    for piece in PIECES:
+        if w % piece == 0:
+            out[f"amax_{piece}_ms"] = best_ms(lambda p=piece: pre.view(n, w // p, p).amax(-1), device, repeats)
+    if compiled:
+        for piece in (16, 32):
+            try:
+                fn = torch.compile(lambda t, p=piece: t.view(t.shape[0], -1, p).amax(-1), dynamic=False)
+                out[f"amax_{piece}_compiled_ms"] = best_ms(lambda f=fn: f(pre), device, repeats)
+            except Exception as exc:  # noqa: BLE001 - a build without a compiler backend is reported
+                out[f"amax_{piece}_compiled_ms"] = f"error: {type(exc).__name__}: {str(exc)[:120]}"
+    configs = [(b, 0) for b in ONE_LEVEL] + list(TWO_LEVEL)
+    for block, piece in configs:
+        if w % block or k * block >= w:
+            continue
+        name = f"block_{block}" + (f"_piece_{piece}" if piece else "")
+        fn = lambda b=block, p=piece: _row_topk(pre, k, blocks=True, block=b, sub=p)  # noqa: E731
+        values, indices = fn()
+        out[f"{name}_ms"] = best_ms(fn, device, repeats)
+        out[f"{name}_exact"] = bool(torch.equal(values, ref) and torch.equal(pre.gather(1, indices), values))
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--shapes", default="", help="ROWSxWIDTHxK,... (default: the shapes in SHAPES)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--variants", action="store_true", help="also time the selection's variants per shape")
+    ap.add_argument("--compiled", action="store_true", help="with --variants: the pieces' maxima torch.compile'd")
     args = ap.parse_args(argv)
+    shapes = SHAPES
+    if args.shapes:
+        try:
+            shapes = [tuple(int(v) for v in item.lower().split("x")) for item in args.shapes.split(",")]  # type: ignore[misc]
+        except ValueError:
+            ap.error(f"--shapes {args.shapes!r}: give ROWSxWIDTHxK items separated by commas, e.g. 16384x131072x64")
+        if any(len(shape) != 3 for shape in shapes):
+            ap.error(f"--shapes {args.shapes!r}: each item needs three numbers, ROWSxWIDTHxK")
+    dtype = getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     gen = torch.Generator(device=device).manual_seed(0)
     rows = []
-    for n, w, k in SHAPES:
-        pre = torch.randn(n, w, generator=gen, device=device)
+    for n, w, k in shapes:
+        pre = torch.randn(n, w, generator=gen, device=device).to(dtype)
         values, indices = _row_topk(pre, k)
         ref = pre.topk(k, dim=-1)
         same = bool(torch.equal(values, ref.values) and torch.equal(pre.gather(1, indices), values))
@@ -64,13 +119,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         t_row = best_ms(lambda: _row_topk(pre, k), device, args.repeats)
         rows.append({"rows": n, "width": w, "k": k, "torch_topk_ms": t_ref, "row_topk_ms": t_row,
                      "speedup": t_ref / t_row, "same_values": same})
-    result = {"benchmark": "topk_rows", "device": str(device), "threads": torch.get_num_threads(), "shapes": rows}
+        if args.variants:
+            rows[-1]["variants"] = variants(pre, k, device, args.repeats, args.compiled)
+        del pre
+    result = {"benchmark": "topk_rows", "device": str(device), "dtype": args.dtype,
+              "threads": torch.get_num_threads(), "shapes": rows}
     print(json.dumps(result, indent=2))
     print()
     print(f"{'rows':>6} {'width':>7} {'k':>3} {'torch.topk ms':>14} {'_row_topk ms':>13} {'speedup':>8}")
     for r in rows:
         print(f"{r['rows']:>6} {r['width']:>7} {r['k']:>3} {r['torch_topk_ms']:>14.3f} {r['row_topk_ms']:>13.3f} "
               f"{r['speedup']:>7.2f}x{'' if r['same_values'] else '  MISMATCH'}")
+    for r in rows:
+        if "variants" in r:
+            v = r["variants"]
+            print(f"\n{r['rows']} x {r['width']}, k={r['k']}: the row read by a sum {v['sum_ms']:.3f} ms "
+                  f"({v['sum_gb_s']:.0f} GB/s)")
+            for name, value in v.items():
+                if name.endswith("_ms") and name != "sum_ms":
+                    exact = v.get(name[:-3] + "_exact")
+                    shown = f"{value:.3f}" if isinstance(value, float) else value
+                    print(f"  {name[:-3]:<24} {shown} ms{'' if exact in (None, True) else '  MISMATCH'}")
     return result
 
 

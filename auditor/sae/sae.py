@@ -190,7 +190,14 @@ def _cuda_topk_block(width: int) -> int:
     return 256 if width >= 131072 else 128
 
 
-def _row_topk(pre: Tensor, k: int, *, blocks: bool | None = None, block: int | None = None) -> tuple[Tensor, Tensor]:
+def _cuda_topk_sub(width: int) -> int:
+    """Piece width of the two-level block-maxima top-k on CUDA (0: one level)."""
+    return 16 if width >= 65536 else 0
+
+
+def _row_topk(
+    pre: Tensor, k: int, *, blocks: bool | None = None, block: int | None = None, sub: int | None = None
+) -> tuple[Tensor, Tensor]:
     """The ``k`` largest values of each row of ``pre [N, W]`` and their column indices (both ``[N, k]``).
 
     For wide rows (``W >= 16,384`` on the CPU, ``W >= 65,536`` on CUDA) the maxima of blocks of
@@ -198,27 +205,65 @@ def _row_topk(pre: Tensor, k: int, *, blocks: bool | None = None, block: int | N
     ``k`` block maxima at least as large), and only those ``block * k`` candidates are ranked: the
     same values as :func:`torch.topk`, 1.3-2.2x faster on the CPU with 64-wide blocks
     (``benchmarks/topk_rows.py``) and 1.8x (65,536, 128-wide) / 2.7x (131,072, 256-wide) on an
-    H100 at 16,384 rows (``gpu_llama8b.py --encode-variants``). Narrower rows and other devices use
-    :func:`torch.topk`. ``blocks`` forces the choice (True still needs a width that is a multiple
-    of ``block`` and above ``block * k``); ``block`` overrides the block width.
+    H100 at 16,384 rows (``gpu_llama8b.py --encode-variants``). With ``sub`` (a divisor of
+    ``block``) the row is read once for the maxima of ``sub``-wide pieces, the blocks' maxima
+    come from those, and the same argument applied to the pieces of the ``k`` chosen blocks picks
+    ``k`` pieces: only ``sub * k`` elements are ranked (:func:`_row_topk_pieces`). Narrower rows
+    and other devices use :func:`torch.topk`. ``blocks`` forces the choice (True still needs a
+    width that is a multiple of ``block`` and above ``block * k``); ``block`` and ``sub``
+    override the widths (``sub=0``: one level).
     """
     n, w = pre.shape
+    cuda = pre.device.type == "cuda"
     if blocks is None:
         if pre.device.type == "cpu":
             blocks = w >= _BLOCK_TOPK_MIN_WIDTH
         else:
-            blocks = pre.device.type == "cuda" and w >= _BLOCK_TOPK_MIN_WIDTH_GPU
+            blocks = cuda and w >= _BLOCK_TOPK_MIN_WIDTH_GPU
     if block is None:
-        block = _cuda_topk_block(w) if pre.device.type == "cuda" else _TOPK_BLOCK
+        block = _cuda_topk_block(w) if cuda else _TOPK_BLOCK
     if not blocks or w % block or k * block >= w:
         top = pre.topk(k, dim=-1)
         return top.values, top.indices
+    if sub is None:
+        sub = _cuda_topk_sub(w) if cuda else 0
+    if sub and sub < block and block % sub == 0:
+        return _row_topk_pieces(pre, k, block, sub)
     grid = pre.view(n, w // block, block)
     chosen = grid.amax(-1).topk(k, dim=-1).indices  # [N, k] blocks
-    cand = grid.gather(1, chosen.unsqueeze(-1).expand(n, k, block)).reshape(n, k * block)
-    top = cand.topk(k, dim=-1)
+    top = _pick(grid, chosen).topk(k, dim=-1)
     # Candidate j is element j % block of chosen block j // block.
     cols = chosen.gather(1, top.indices.div(block, rounding_mode="floor")) * block + top.indices.remainder(block)
+    return top.values, cols
+
+
+def _pick(groups: Tensor, chosen: Tensor) -> Tensor:
+    """The groups ``chosen [N, k]`` of ``groups [N, G, width]``, side by side: ``[N, k * width]``
+    (candidate ``j`` is element ``j % width`` of group ``chosen[:, j // width]``)."""
+    n, k = chosen.shape
+    width = groups.shape[-1]
+    return groups.gather(1, chosen.unsqueeze(-1).expand(n, k, width)).reshape(n, k * width)
+
+
+def _row_topk_pieces(pre: Tensor, k: int, block: int, sub: int) -> tuple[Tensor, Tensor]:
+    """:func:`_row_topk` in two levels: ``pre [N, W]`` read once for the maxima of its
+    ``sub``-wide pieces; the blocks' maxima (``block // sub`` pieces each) choose ``k`` blocks,
+    whose pieces' maxima choose ``k`` pieces (the ``k`` largest piece maxima of the row: a piece
+    outside the chosen blocks has ``k`` block maxima, each some piece's maximum, at least as
+    large), and the ``sub * k`` elements of those pieces hold the row's top ``k`` values (an
+    element outside them has ``k`` piece maxima at least as large)."""
+    n, w = pre.shape
+    per = block // sub
+    pieces = pre.view(n, w // sub, sub)
+    piece_max = pieces.amax(-1)  # [N, W / sub]: the one pass over the row
+    by_block = piece_max.view(n, w // block, per)
+    chosen_blocks = by_block.amax(-1).topk(k, dim=-1).indices  # [N, k]
+    cand_max = _pick(by_block, chosen_blocks)  # [N, k * per] piece maxima
+    top_pieces = cand_max.topk(k, dim=-1).indices
+    chosen = chosen_blocks.gather(1, top_pieces.div(per, rounding_mode="floor")) * per + top_pieces.remainder(per)
+    cand = _pick(pieces, chosen)  # [N, k * sub] elements
+    top = cand.topk(k, dim=-1)
+    cols = chosen.gather(1, top.indices.div(sub, rounding_mode="floor")) * sub + top.indices.remainder(sub)
     return top.values, cols
 
 
@@ -434,8 +479,7 @@ class SAE(nn.Module):
         if arch == "topk":
             # Top-k ranks all latents, so a watch-list encode still needs every pre-activation.
             indices, values = self._topk_normed(xn)
-            dense = self._dense(indices, values)
-            return dense if idx is None else dense.index_select(-1, idx)
+            return self._dense(indices, values) if idx is None else self._picked(indices, values, idx)
 
         # The other rules are per latent: slice the W_enc columns before the matmul.
         def pick(t: Tensor, name: str) -> Tensor:
@@ -542,6 +586,19 @@ class SAE(nn.Module):
         """TopK codes ``indices`` / ``values [N, k]`` as the dense ``[N, d_sae]`` (zeros elsewhere)."""
         return values.new_zeros((values.shape[0], self.cfg.d_sae)).scatter_(-1, indices, values)
 
+    def _picked(self, indices: Tensor, values: Tensor, idx: Tensor) -> Tensor:
+        """TopK codes ``indices`` / ``values [N, k]`` at the latents ``idx [m]``: ``[N, m]``, what
+        ``_dense(indices, values).index_select(-1, idx)`` gives, without the ``[N, d_sae]`` codes
+        (4.3 GB for 16,384 tokens of a 131k-latent SAE in bfloat16). Each latent gets a slot (one
+        of its places in ``idx``; slot ``m`` for the unwatched), the codes are scattered into
+        ``[N, m + 1]`` slots, and each place of ``idx`` reads its latent's slot (a latent listed
+        twice reads the same slot twice)."""
+        m = idx.numel()
+        slot = torch.full((self.cfg.d_sae,), m, dtype=torch.long, device=indices.device)
+        slot[idx] = torch.arange(m, device=indices.device)
+        slots = values.new_zeros((values.shape[0], m + 1)).scatter_(-1, slot[indices], values)
+        return slots.index_select(-1, slot[idx])
+
     def encode_topk(self, x: Tensor) -> tuple[Tensor, Tensor, NormState]:
         """A TopK SAE's codes in sparse form: ``indices [N, k]``, ``values [N, k]`` and the norm state.
 
@@ -598,18 +655,22 @@ class SAE(nn.Module):
         idx, cols = self._watch_columns(features)
         dense: Tensor | None = None
         x_hat: Tensor | None = None
+        picked: Tensor | None = None
         if self.cfg.architecture == "topk":
             indices, values, state = self.encode_topk(x)
-            dense = self._dense(indices, values)
+            if full:
+                dense = self._dense(indices, values)
+            else:
+                picked = self._picked(indices, values, idx)
             if recon_error:
                 x_hat = self.decode_sparse(indices, values, state)
         elif recon_error or full:
             dense, state = self.encode_with_norm(x)
             if recon_error:
                 x_hat = self.decode(dense, state)
-        if dense is not None:
+        if picked is None and dense is not None:
             picked = dense.index_select(-1, idx)
-        else:
+        elif picked is None:
             xn, state = self.norm_in(x)
             picked = self._encode_normed(xn, idx, cols)
         err = _relative_error(x, x_hat) if x_hat is not None else None

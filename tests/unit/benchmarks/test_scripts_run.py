@@ -96,6 +96,21 @@ def test_topk_rows_script_agrees_with_torch_topk() -> None:
     assert len(out["shapes"]) >= 6 and all(r["same_values"] for r in out["shapes"])
 
 
+def test_topk_rows_script_times_the_variants_of_given_shapes() -> None:
+    text = run_script("benchmarks/topk_rows.py", "--repeats", "1", "--shapes", "8x65536x32", "--dtype", "bfloat16", "--variants")
+    out = first_json(text)
+    (row,) = out["shapes"]
+    assert (row["rows"], row["width"], row["k"], out["dtype"]) == (8, 65536, 32, "bfloat16") and row["same_values"]
+    v = row["variants"]
+    assert v["sum_ms"] > 0 and v["bytes"] == 8 * 65536 * 2 and v["amax_16_ms"] > 0
+    exact = {name: ok for name, ok in v.items() if name.endswith("_exact")}
+    assert "block_256_piece_16_exact" in exact and "block_64_exact" in exact and all(exact.values())
+    assert "block_256_piece_16" in text and "MISMATCH" not in text
+    bad = subprocess.run([sys.executable, "benchmarks/topk_rows.py", "--shapes", "8x65536"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "each item needs three numbers, ROWSxWIDTHxK" in bad.stderr
+
+
 def test_policy_eval_script_runs() -> None:
     out = first_json(run_script("benchmarks/policy_eval.py", "--rules", "20", "--repeats", "3", "--tokens", "16"))
     assert out["rules"] == 20 and out["watched"] > 0

@@ -188,19 +188,81 @@ def test_wide_row_topk_equals_torch_topk(n: int, width: int, k: int, ties: bool)
     assert all(len(set(row)) == k for row in indices.tolist())  # k distinct columns per row
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(
+    ("n", "width", "k", "block", "sub"),
+    [(5, 16384, 32, 64, 16), (3, 32768, 1, 256, 16), (4, 16384, 63, 128, 8), (0, 16384, 8, 64, 16),
+     (6, 131072, 64, 256, 16), (2, 65536, 64, 128, 32), (3, 16384, 64, 64, 32), (2, 4096, 3, 1024, 1)],
+)
 @pytest.mark.parametrize("ties", [False, True])
-def test_wide_row_topk_on_cuda_equals_torch_topk(ties: bool) -> None:
+def test_two_level_row_topk_equals_torch_topk(n: int, width: int, k: int, block: int, sub: int, ties: bool) -> None:
+    from auditor.sae.sae import _row_topk
+
+    gen = torch.Generator().manual_seed(width + k + sub)
+    pre = torch.randn(n, width, generator=gen)
+    if ties:
+        pre = pre.mul(2).round()
+    values, indices = _row_topk(pre, k, blocks=True, block=block, sub=sub)
+    assert torch.equal(values, pre.topk(k, dim=-1).values)
+    assert torch.equal(pre.gather(1, indices), values)
+    assert all(len(set(row)) == k for row in indices.tolist())
+
+
+def test_two_level_row_topk_finds_a_top_value_hidden_in_a_block_of_small_ones() -> None:
+    from auditor.sae.sae import _row_topk
+
+    # Row 0: every block's maximum is 1.0 except block 5, whose maximum 10.0 sits beside
+    # 255 values of -100; the top 4 are 10 and three ones. Row 1: all equal.
+    pre = torch.full((2, 65536), -100.0)
+    pre[0, ::256] = 1.0
+    pre[0, 5 * 256 + 200] = 10.0
+    pre[1] = 0.5
+    values, indices = _row_topk(pre, 4, blocks=True, block=256, sub=16)
+    assert values[0].tolist() == [10.0, 1.0, 1.0, 1.0] and int(indices[0, 0]) == 5 * 256 + 200
+    assert values[1].tolist() == [0.5] * 4 and len(set(indices[1].tolist())) == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("width", [65536, 131072])
+@pytest.mark.parametrize("ties", [False, True])
+def test_wide_row_topk_on_cuda_equals_torch_topk(width: int, ties: bool) -> None:
     from auditor.sae.sae import _row_topk
 
     gen = torch.Generator(device="cuda").manual_seed(7)
-    pre = torch.randn(64, 65536, generator=gen, device="cuda", dtype=torch.bfloat16)
+    pre = torch.randn(64, width, generator=gen, device="cuda", dtype=torch.bfloat16)
     if ties:
         pre = pre.mul(2).round()
-    values, indices = _row_topk(pre, 64)  # the block path: 65,536 columns on CUDA
+    values, indices = _row_topk(pre, 64)  # the block path on CUDA, with its default widths
     assert torch.equal(values, pre.topk(64, dim=-1).values)
     assert torch.equal(pre.gather(1, indices), values)
     assert all(len(set(row)) == 64 for row in indices.tolist())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_topk_watch_list_encode_equals_the_dense_codes_picked(device: str) -> None:
+    gen = torch.Generator().manual_seed(11)
+    d_in, d_sae, k = 12, 700, 9
+    params = {
+        "W_enc": torch.randn(d_in, d_sae, generator=gen),
+        "b_enc": torch.randn(d_sae, generator=gen) * 0.1,
+        "W_dec": torch.randn(d_sae, d_in, generator=gen),
+        "b_dec": torch.randn(d_in, generator=gen) * 0.1,
+    }
+    sae = SAE.from_tensors(SAEConfig(architecture="topk", d_in=d_in, d_sae=d_sae, k=k), params, device=device)
+    x = torch.randn(40, d_in, generator=gen).to(device)
+    dense = sae.encode(x)
+    assert int((dense > 0).sum()) > 100  # codes to pick: most rows have several positive ones
+    # Latents that fire, latents that never do, a latent listed twice, the last and first latent.
+    firing = dense.gt(0).any(0).nonzero().flatten()[:5].tolist()
+    silent = dense.gt(0).any(0).logical_not().nonzero().flatten()[:3].tolist()
+    for features in (firing + silent + firing[:2] + [d_sae - 1, 0], [], list(range(d_sae))):
+        idx = torch.tensor(features, dtype=torch.long, device=device)
+        want = dense.index_select(-1, idx)
+        assert torch.equal(sae.encode(x, features=features), want)
+        enc = sae.encode_watched(x, features, recon_error=True)
+        assert torch.equal(enc.features, want) and enc.full is None
+        full = sae.encode_watched(x, features, full=True)
+        assert torch.equal(full.features, want) and torch.equal(full.full, dense)
 
 
 def test_wide_topk_sae_encodes_like_the_reference() -> None:
