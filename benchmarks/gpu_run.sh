@@ -7,8 +7,9 @@
 #                                       # and 10 steering rules with graph_policy_steps), 11 paired runs
 #   bash benchmarks/gpu_run.sh confirm  # the full encodes at 131k and serve mode at batch 16 as shipped (the hook's steps as
 #                                       # CUDA graphs; one clamp, and 10 steering rules), 21 paired runs
-#   bash benchmarks/gpu_run.sh topk     # the top-k selection's variants (block and piece widths) on 16,384 rows of 131k and
-#                                       # 65k bfloat16 pre-activations; the full encodes and their variants at 65k and 131k
+#   bash benchmarks/gpu_run.sh topk     # the SAE's CUDA tests; the top-k selection's variants (block and piece widths) on
+#                                       # 16,384 rows of 131k and 65k bfloat16 pre-activations; the encodes at 65k and 131k
+#                                       # with the Triton pieces' maxima and without
 #   bash benchmarks/gpu_run.sh lockstep # the full encodes at 131k and serve mode at batch 16 as shipped (one clamp, and 10
 #                                       # steering rules), 5 alternating runs, then 9 runs each in lockstep with plain decoding
 #   bash benchmarks/gpu_run.sh graph    # serve mode at batch 16 with the hook's step as a CUDA graph and eager, 11 runs; streaming
@@ -35,6 +36,20 @@ if [ "$mode" = graphs ]; then
     tail -n 12 "$out/graphs.log"
     exit 0
 fi
+if [ "$mode" = topk ]; then
+    # No model for the selection's variants; the SAE's CUDA tests, then the encodes at 65k and
+    # 131k in the Llama-shaped run, with the Triton pieces' maxima and without (one level).
+    timeout 120 python3 -m pytest -q -W ignore -p no:cacheprovider tests/unit/sae/test_sae.py -k cuda 2>&1 | tail -n 3
+    timeout 120 python3 benchmarks/topk_rows.py --device cuda --dtype bfloat16 --shapes 16384x131072x64,16384x65536x64 \
+        --variants --repeats 5 >"$out/topk_rows.log" 2>&1
+    tail -n 52 "$out/topk_rows.log"
+    for triton in 1 0; do
+        AUDITOR_TOPK_TRITON=$triton timeout 150 python3 benchmarks/gpu_llama8b.py --batch-sizes 32 --repeats 3 \
+            --gen-batches 1 --gen-tokens 2 --gen-repeats 1 --steer-rules 0 --streams 0 >"$out/topk_triton$triton.log" 2>&1
+        echo "AUDITOR_TOPK_TRITON=$triton"; grep -E "^(audit|SAE)" "$out/topk_triton$triton.log"
+    done
+    exit 0
+fi
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 timeout 240 python3 -m pytest -q -W ignore -p no:cacheprovider tests/unit/steering/test_hook.py \
@@ -49,15 +64,6 @@ if [ "$mode" = pipeline ]; then
     tail -n 40 "$out/pipeline.log"; cp /tmp/pipeline-trace/sync_stacks.txt "$out/" 2>/dev/null
     timeout 150 python3 benchmarks/audit_pipeline.py --buckets 8 --batch 32 --repeats 3 >"$out/pipeline8.log" 2>&1
     tail -n 12 "$out/pipeline8.log"
-    exit 0
-fi
-if [ "$mode" = topk ]; then
-    timeout 150 python3 benchmarks/topk_rows.py --device cuda --dtype bfloat16 --shapes 16384x131072x64,16384x65536x64 \
-        --variants --compiled --repeats 5 >"$out/topk_rows.log" 2>&1
-    tail -n 50 "$out/topk_rows.log"
-    timeout 200 python3 benchmarks/gpu_llama8b.py --batch-sizes 32 --repeats 3 --gen-batches 1 --gen-tokens 2 \
-        --gen-repeats 1 --steer-rules 0 --encode-variants --streams 0 >"$out/topk.log" 2>&1
-    tail -n 6 "$out/topk.log"
     exit 0
 fi
 if [ "$mode" = policy ]; then

@@ -30,7 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from auditor.sae.sae import _row_topk  # noqa: E402
+from auditor.sae import piece_max  # noqa: E402
+from auditor.sae.sae import _row_topk, _row_topk_pieces  # noqa: E402
 
 # (rows, width, k): the shipped SAE's shape at batch sizes 8 and 32 x ~21 tokens, and wide SAEs.
 SHAPES = [(168, 4608, 32), (672, 4608, 32), (256, 16384, 32), (256, 32768, 64), (1024, 32768, 32),
@@ -67,6 +68,27 @@ def variants(pre: torch.Tensor, k: int, device: torch.device, repeats: int, comp
     for piece in PIECES:
         if w % piece == 0:
             out[f"amax_{piece}_ms"] = best_ms(lambda p=piece: pre.view(n, w // p, p).amax(-1), device, repeats)
+    for piece in (16, 32):
+        # Pieces' maxima by max pooling, and of strided pieces (element j of each piece-sized lane of a
+        # block of piece^2: an outer reduction, read along the rows).
+        out[f"maxpool_{piece}_ms"] = best_ms(
+            lambda p=piece: torch.nn.functional.max_pool1d(pre.view(n, 1, w), p), device, repeats)
+        if w % (piece * piece) == 0:
+            out[f"lanes_{piece}_ms"] = best_ms(
+                lambda p=piece: pre.view(n, w // (p * p), p, p).amax(2), device, repeats)
+    triton_max = piece_max.kernel() if device.type == "cuda" else None
+    if triton_max is not None:
+        for piece in (16, 32):
+            want = pre.view(n, w // piece, piece).amax(-1)
+            out[f"triton_{piece}_exact"] = bool(torch.equal(triton_max(pre, piece), want))
+            out[f"triton_{piece}_ms"] = best_ms(lambda p=piece: triton_max(pre, p), device, repeats)
+        for block, piece in ((256, 16), (256, 32), (512, 32), (1024, 32)):
+            if w % block == 0 and k * block < w:
+                fn = lambda b=block, p=piece: _row_topk_pieces(pre, k, b, p, triton_max)  # noqa: E731
+                values, indices = fn()
+                name = f"block_{block}_piece_{piece}_triton"
+                out[f"{name}_ms"] = best_ms(fn, device, repeats)
+                out[f"{name}_exact"] = bool(torch.equal(values, ref) and torch.equal(pre.gather(1, indices), values))
     if compiled:
         for piece in (16, 32):
             try:

@@ -53,6 +53,7 @@ from torch import Tensor, nn
 
 from auditor.errors import SAEFormatError, UnknownKeyError
 from auditor.models import skinny
+from auditor.sae import piece_max
 from auditor.sae.config import SAEConfig
 
 __all__ = ["CFG_FILENAME", "WEIGHTS_FILENAME", "NormState", "SAE", "WatchedEncoding", "dtype_from_name", "param_shapes"]
@@ -191,8 +192,12 @@ def _cuda_topk_block(width: int) -> int:
 
 
 def _cuda_topk_sub(width: int) -> int:
-    """Piece width of the two-level block-maxima top-k on CUDA (0: one level)."""
-    return 16 if width >= 65536 else 0
+    """Piece width of the two-level block-maxima top-k on CUDA (0: one level): 16 from 65,536
+    latents where the pieces' maxima run as a Triton kernel (:mod:`auditor.sae.piece_max`).
+    torch's own reduction takes 17.7 ms for 16-wide pieces of 16,384 x 131,072 bfloat16 on an
+    H100, against 3.3 ms for 256-wide blocks (``benchmarks/topk_rows.py --variants``), so
+    without the kernel two levels lose and one level runs."""
+    return 16 if width >= 65536 and piece_max.kernel() is not None else 0
 
 
 def _row_topk(
@@ -228,7 +233,8 @@ def _row_topk(
     if sub is None:
         sub = _cuda_topk_sub(w) if cuda else 0
     if sub and sub < block and block % sub == 0:
-        return _row_topk_pieces(pre, k, block, sub)
+        fast = piece_max.kernel() if cuda and pre.is_contiguous() else None
+        return _row_topk_pieces(pre, k, block, sub, fast)
     grid = pre.view(n, w // block, block)
     chosen = grid.amax(-1).topk(k, dim=-1).indices  # [N, k] blocks
     top = _pick(grid, chosen).topk(k, dim=-1)
@@ -245,18 +251,21 @@ def _pick(groups: Tensor, chosen: Tensor) -> Tensor:
     return groups.gather(1, chosen.unsqueeze(-1).expand(n, k, width)).reshape(n, k * width)
 
 
-def _row_topk_pieces(pre: Tensor, k: int, block: int, sub: int) -> tuple[Tensor, Tensor]:
+def _row_topk_pieces(
+    pre: Tensor, k: int, block: int, sub: int, piece_max: Callable[[Tensor, int], Tensor] | None = None
+) -> tuple[Tensor, Tensor]:
     """:func:`_row_topk` in two levels: ``pre [N, W]`` read once for the maxima of its
     ``sub``-wide pieces; the blocks' maxima (``block // sub`` pieces each) choose ``k`` blocks,
     whose pieces' maxima choose ``k`` pieces (the ``k`` largest piece maxima of the row: a piece
     outside the chosen blocks has ``k`` block maxima, each some piece's maximum, at least as
     large), and the ``sub * k`` elements of those pieces hold the row's top ``k`` values (an
-    element outside them has ``k`` piece maxima at least as large)."""
+    element outside them has ``k`` piece maxima at least as large). ``piece_max(pre, sub)``
+    replaces how the pieces' maxima ``[N, W / sub]`` are computed."""
     n, w = pre.shape
     per = block // sub
     pieces = pre.view(n, w // sub, sub)
-    piece_max = pieces.amax(-1)  # [N, W / sub]: the one pass over the row
-    by_block = piece_max.view(n, w // block, per)
+    maxima = pieces.amax(-1) if piece_max is None else piece_max(pre, sub)  # [N, W / sub]: the one pass over the row
+    by_block = maxima.view(n, w // block, per)
     chosen_blocks = by_block.amax(-1).topk(k, dim=-1).indices  # [N, k]
     cand_max = _pick(by_block, chosen_blocks)  # [N, k * per] piece maxima
     top_pieces = cand_max.topk(k, dim=-1).indices

@@ -609,3 +609,19 @@ def test_bf16_rows_encode_on_cuda_tensor_cores_as_close_as_float32_cuda(arch: st
     err_f32 = (cast.double() - ref64).abs().max().item()
     assert err_split <= 2 * err_f32 + 1e-6, (err_split, err_f32)
     assert (got > 0).ne(cast > 0).sum().item() <= 2  # a latent within rounding of its threshold may flip
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_piece_max_kernel_on_cuda_equals_torch_amax(dtype: torch.dtype) -> None:
+    from auditor.sae import piece_max
+
+    fn = piece_max.kernel()
+    if fn is None:
+        pytest.skip("Triton is not installed")
+    pre = torch.randn(37, 8192, device="cuda").to(dtype)  # 37 x 512 pieces: the last program is partial
+    for piece in (16, 32):
+        assert torch.equal(fn(pre, piece), pre.view(37, -1, piece).amax(-1))
+    assert fn(pre[:0], 16).shape == (0, 512)
+    with pytest.raises(ValueError, match="contiguous"):
+        fn(pre[:, :8000], 16)
