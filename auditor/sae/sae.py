@@ -185,19 +185,16 @@ _BLOCK_TOPK_MIN_WIDTH = 16384  # on the CPU
 _BLOCK_TOPK_MIN_WIDTH_GPU = 65536  # on CUDA: measured at 65,536 and 131,072 latents (gpu_llama8b.py --encode-variants)
 
 
-def _cuda_topk_block(width: int) -> int:
-    """Block width of the block-maxima top-k on CUDA (H100, 16,384 rows, k=64, widths 16-256 timed):
-    128 at 65,536 latents (4.8 ms; 64: 6.5, 256: 5.0), 256 from 131,072 (6.7 ms; 64: 11.5, 128: 7.8)."""
-    return 256 if width >= 131072 else 128
-
-
-def _cuda_topk_sub(width: int) -> int:
-    """Piece width of the two-level block-maxima top-k on CUDA (0: one level): 16 from 65,536
-    latents where the pieces' maxima run as a Triton kernel (:mod:`auditor.sae.piece_max`).
-    torch's own reduction takes 17.7 ms for 16-wide pieces of 16,384 x 131,072 bfloat16 on an
-    H100, against 3.3 ms for 256-wide blocks (``benchmarks/topk_rows.py --variants``), so
-    without the kernel two levels lose and one level runs."""
-    return 16 if width >= 65536 and piece_max.kernel() is not None else 0
+def _cuda_topk_widths(width: int) -> tuple[int, int]:
+    """Block and piece widths of the block-maxima top-k on CUDA (piece 0: one level). Timed on an
+    H100, 16,384 rows, k=64, bfloat16 (``benchmarks/topk_rows.py --variants``; 131,072 / 65,536
+    latents): with the pieces' maxima as a Triton kernel (:mod:`auditor.sae.piece_max`), 256-wide
+    blocks of 32-wide pieces, 3.4 / 2.3 ms (16-wide pieces 3.9 / 2.6); without it one level, 256
+    / 128-wide blocks, 6.7 / 4.9 ms. torch's own maxima of 16-wide pieces take 17.7 ms at 131,072
+    latents (256-wide blocks: 3.3), so two levels run only with the kernel."""
+    if piece_max.kernel() is not None:
+        return 256, 32
+    return (256 if width >= 131072 else 128), 0
 
 
 def _row_topk(
@@ -225,15 +222,15 @@ def _row_topk(
             blocks = w >= _BLOCK_TOPK_MIN_WIDTH
         else:
             blocks = cuda and w >= _BLOCK_TOPK_MIN_WIDTH_GPU
-    if block is None:
-        block = _cuda_topk_block(w) if cuda else _TOPK_BLOCK
+    cuda_block, cuda_sub = _cuda_topk_widths(w) if cuda else (_TOPK_BLOCK, 0)
+    block = cuda_block if block is None else block
     if not blocks or w % block or k * block >= w:
         top = pre.topk(k, dim=-1)
         return top.values, top.indices
     if sub is None:
-        sub = _cuda_topk_sub(w) if cuda else 0
+        sub = cuda_sub
     if sub and sub < block and block % sub == 0:
-        fast = piece_max.kernel() if cuda and pre.is_contiguous() else None
+        fast = piece_max.kernel() if cuda and pre.is_contiguous() and not sub & (sub - 1) else None
         return _row_topk_pieces(pre, k, block, sub, fast)
     grid = pre.view(n, w // block, block)
     chosen = grid.amax(-1).topk(k, dim=-1).indices  # [N, k] blocks
