@@ -206,8 +206,9 @@ def _row_topk(
     ``block`` columns pick the ``k`` blocks that can hold the top ``k`` (an element outside them has
     ``k`` block maxima at least as large), and only those ``block * k`` candidates are ranked: the
     same values as :func:`torch.topk`, 1.3-2.2x faster on the CPU with 64-wide blocks
-    (``benchmarks/topk_rows.py``) and 1.8x (65,536, 128-wide) / 2.7x (131,072, 256-wide) on an
-    H100 at 16,384 rows (``gpu_llama8b.py --encode-variants``). With ``sub`` (a divisor of
+    (``benchmarks/topk_rows.py``) and 1.6x (65,536, 128-wide) / 2.7x (131,072, 256-wide) on an
+    H100 at 16,384 rows; in two levels with the Triton pieces' maxima 3.4x / 5.3x (``topk_rows.py
+    --device cuda --dtype bfloat16 --variants``). With ``sub`` (a divisor of
     ``block``) the row is read once for the maxima of ``sub``-wide pieces, the blocks' maxima
     come from those, and the same argument applied to the pieces of the ``k`` chosen blocks picks
     ``k`` pieces: only ``sub * k`` elements are ranked (:func:`_row_topk_pieces`). Narrower rows
