@@ -22,7 +22,6 @@ import torch
 log = logging.getLogger(__name__)
 
 _ENV = "AUDITOR_TOPK_TRITON"
-_PIECES_PER_PROGRAM = 64
 
 
 @functools.cache
@@ -32,28 +31,23 @@ def kernel() -> Callable[[torch.Tensor, int], torch.Tensor] | None:
     if os.environ.get(_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return None
     try:
-        import triton
-        import triton.language as tl
+        from auditor.sae import _piece_max_triton
     except ImportError:
         log.info("Triton is not installed: wide TopK SAEs rank their latents in one level on CUDA")
         return None
-
-    @triton.jit
-    def _piece_max(x_ptr, out_ptr, total, PIECE: tl.constexpr, PIECES: tl.constexpr):  # type: ignore[no-untyped-def]
-        # 64-bit offsets: 16,384 rows of 131,072 latents are 2^31 elements.
-        ids = tl.program_id(0).to(tl.int64) * PIECES + tl.arange(0, PIECES).to(tl.int64)
-        offs = ids[:, None] * PIECE + tl.arange(0, PIECE)[None, :]
-        x = tl.load(x_ptr + offs, mask=ids[:, None] < total, other=float("-inf"))
-        tl.store(out_ptr + ids, tl.max(x, axis=1), mask=ids < total)
+    failed: list[BaseException] = []
 
     def piece_max(pre: torch.Tensor, piece: int) -> torch.Tensor:
+        if not failed:
+            try:
+                return _piece_max_triton.piece_max(pre, piece)
+            except ValueError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a GPU or driver Triton cannot compile for
+                failed.append(exc)
+                log.warning("the Triton pieces' maxima failed (%s: %s); torch computes them from now on",
+                            type(exc).__name__, exc)
         n, w = pre.shape
-        if not pre.is_contiguous() or w % piece or piece & (piece - 1):
-            raise ValueError(f"piece_max needs a contiguous [N, W] with W a multiple of a power-of-two piece; got {tuple(pre.shape)}, {piece}")
-        out = pre.new_empty((n, w // piece))
-        total = out.numel()
-        if total:
-            _piece_max[(triton.cdiv(total, _PIECES_PER_PROGRAM),)](pre, out, total, PIECE=piece, PIECES=_PIECES_PER_PROGRAM)
-        return out
+        return pre.view(n, w // piece, piece).amax(-1)
 
     return piece_max

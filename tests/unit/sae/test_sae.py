@@ -620,8 +620,30 @@ def test_piece_max_kernel_on_cuda_equals_torch_amax(dtype: torch.dtype) -> None:
     if fn is None:
         pytest.skip("Triton is not installed")
     pre = torch.randn(37, 8192, device="cuda").to(dtype)  # 37 x 512 pieces: the last program is partial
+    pre[1, 100] = pre[5, 3000] = pre[5, 3001] = float("nan")  # a NaN wins its piece, as in torch.amax
+    pre[2, 5], pre[3, 7], pre[4] = float("inf"), float("-inf"), float("-inf")
     for piece in (16, 32):
-        assert torch.equal(fn(pre, piece), pre.view(37, -1, piece).amax(-1))
+        got, want = fn(pre, piece), pre.view(37, -1, piece).amax(-1)
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(0.0), want.nan_to_num(0.0))
+    from auditor.sae.sae import _row_topk
+
+    values, _ = _row_topk(pre, 16, blocks=True, block=256, sub=32)
+    want = pre.topk(16, dim=-1).values
+    assert torch.equal(values.isnan(), want.isnan()) and torch.equal(values.nan_to_num(0.0), want.nan_to_num(0.0))
     assert fn(pre[:0], 16).shape == (0, 512)
     with pytest.raises(ValueError, match="contiguous"):
         fn(pre[:, :8000], 16)
+
+
+def test_piece_max_kernel_switch_gives_one_level_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    from auditor.sae import piece_max
+    from auditor.sae.sae import _cuda_topk_widths
+
+    piece_max.kernel.cache_clear()
+    try:
+        monkeypatch.setenv("AUDITOR_TOPK_TRITON", "0")
+        assert piece_max.kernel() is None
+        # Without the kernel CUDA ranks in one level: 128-wide blocks at 65,536 latents, 256 from 131,072.
+        assert _cuda_topk_widths(65536) == (128, 0) and _cuda_topk_widths(131072) == (256, 0)
+    finally:
+        piece_max.kernel.cache_clear()
