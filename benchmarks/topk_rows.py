@@ -143,7 +143,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                      "speedup": t_ref / t_row, "same_values": same})
         if args.variants:
             rows[-1]["variants"] = variants(pre, k, device, args.repeats, args.compiled)
-        del pre
     result = {"benchmark": "topk_rows", "device": str(device), "dtype": args.dtype,
               "threads": torch.get_num_threads(), "shapes": rows}
     print(json.dumps(result, indent=2))
