@@ -237,17 +237,22 @@ def test_wide_row_topk_on_cuda_equals_torch_topk(width: int, ties: bool) -> None
     assert all(len(set(row)) == 64 for row in indices.tolist())
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device"))])
-def test_topk_watch_list_encode_equals_the_dense_codes_picked(device: str) -> None:
-    gen = torch.Generator().manual_seed(11)
-    d_in, d_sae, k = 12, 700, 9
-    params = {
+def sized_params(d_in: int, d_sae: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """An SAE's four canonical tensors, random (biases a tenth the scale)."""
+    return {
         "W_enc": torch.randn(d_in, d_sae, generator=gen),
         "b_enc": torch.randn(d_sae, generator=gen) * 0.1,
         "W_dec": torch.randn(d_sae, d_in, generator=gen),
         "b_dec": torch.randn(d_in, generator=gen) * 0.1,
     }
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_topk_watch_list_encode_equals_the_dense_codes_picked(device: str) -> None:
+    gen = torch.Generator().manual_seed(11)
+    d_in, d_sae, k = 12, 700, 9
+    params = sized_params(d_in, d_sae, gen)
     sae = SAE.from_tensors(SAEConfig(architecture="topk", d_in=d_in, d_sae=d_sae, k=k), params, device=device)
     x = torch.randn(40, d_in, generator=gen).to(device)
     dense = sae.encode(x)
@@ -268,12 +273,7 @@ def test_topk_watch_list_encode_equals_the_dense_codes_picked(device: str) -> No
 def test_wide_topk_sae_encodes_like_the_reference() -> None:
     gen = torch.Generator().manual_seed(3)
     d_in, d_sae, k = 8, 16384, 24
-    params = {
-        "W_enc": torch.randn(d_in, d_sae, generator=gen),
-        "b_enc": torch.randn(d_sae, generator=gen) * 0.1,
-        "W_dec": torch.randn(d_sae, d_in, generator=gen),
-        "b_dec": torch.randn(d_in, generator=gen) * 0.1,
-    }
+    params = sized_params(d_in, d_sae, gen)
     sae = SAE.from_tensors(SAEConfig(architecture="topk", d_in=d_in, d_sae=d_sae, k=k, apply_b_dec_to_input=True), params)
     x = torch.randn(6, d_in, generator=gen)
     assert_close(sae.encode(x), ref_encode(params, "topk", x, apply_b_dec=True, k=k))
