@@ -2,7 +2,8 @@
 
 Runs every linear layer of the default model's layers up to the audited one (the products a
 stopped audit forward runs) on ``R`` rows of activations, by the kernel and by ``F.linear``,
-and the default SAE's full-width encoder product (``addmm`` with ``W_enc``), in turns, for
+and the default SAE's full-width encoder product (``addmm`` with ``W_enc``; by the kernel from
+``W_enc`` as stored, ``[d_in, d_sae]``, and from the transposed copy the SAE keeps), in turns, for
 each ``R`` of ``--rows``; best of ``--repeats``. Shows where the kernel pays
 (the auditor uses it up to ``skinny.MAX_ROWS`` rows) and the largest difference from torch's
 results.
@@ -52,6 +53,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if isinstance(module, torch.nn.Linear)
     ]
     w_enc, b_enc = auditor.sae.W_enc.detach(), auditor.sae.b_enc.detach()
+    w_rows = auditor.sae._encoder_rows()  # W_enc transposed: what the SAE's encodes hand the kernel
+    if w_rows is None:
+        raise SystemExit("the default SAE keeps no transposed encoder here (not float32 on the CPU)")
     gen = torch.Generator().manual_seed(0)
     results = []
     for rows in [int(r) for r in args.rows.split(",") if r.strip()]:
@@ -73,15 +77,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         def enc_by_kernel() -> None:
             skinny.encoder_product(b_enc, x_enc, w_enc)
 
+        def enc_by_kernel_rows() -> None:
+            skinny.encoder_product(b_enc, x_enc, w_enc, w_rows)
+
         with torch.inference_mode():
-            t_torch, t_kernel, t_enc_torch, t_enc_kernel = round_robin(
-                [by_torch, by_kernel, enc_by_torch, enc_by_kernel], args.repeats
+            t_torch, t_kernel, t_enc_torch, t_enc_kernel, t_enc_rows = round_robin(
+                [by_torch, by_kernel, enc_by_torch, enc_by_kernel, enc_by_kernel_rows], args.repeats
             )
             diff = max(
                 float((skinny.linear(inputs[w.shape[1]], w) - F.linear(inputs[w.shape[1]], w)).abs().max()) for w in weights
             )
             enc = skinny.encoder_product(b_enc, x_enc, w_enc)
             enc_diff = float((enc - torch.addmm(b_enc, x_enc, w_enc)).abs().max()) if enc is not None else None
+            enc_rows = skinny.encoder_product(b_enc, x_enc, w_enc, w_rows)
+            rows_diff = float((enc_rows - torch.addmm(b_enc, x_enc, w_enc)).abs().max()) if enc_rows is not None else None
         results.append(
             {
                 "rows": rows,
@@ -93,6 +102,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "encoder_torch_s": t_enc_torch,
                 "encoder_kernel_s": t_enc_kernel if enc is not None else None,
                 "encoder_max_abs_diff": enc_diff,
+                # The same product from W_enc transposed (SAE._encoder_rows), as the SAE's encodes run it.
+                "encoder_kernel_rows_s": t_enc_rows if enc_rows is not None else None,
+                "encoder_rows_max_abs_diff": rows_diff,
             }
         )
     out = {
@@ -110,12 +122,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print()
     print(f"{len(weights)} linear layers ({out['weights_mb']:.0f} MB of float32 weights), {torch.get_num_threads()} threads")
     print(f"SAE encoder product: [rows, {w_enc.shape[0]}] x [{w_enc.shape[0]}, {w_enc.shape[1]}] + bias")
-    print(f"{'rows':>5} {'torch ms':>9} {'kernel ms':>10} {'speedup':>8} {'max diff':>9}   {'encoder torch':>13} {'kernel':>7}")
+    print(f"{'rows':>5} {'torch ms':>9} {'kernel ms':>10} {'speedup':>8} {'max diff':>9}   {'encoder torch':>13} {'kernel':>7}"
+          f" {'transposed':>10}")
     for r in results:
         enc = f"{r['encoder_kernel_s'] * 1e3:>7.2f}" if r["encoder_kernel_s"] is not None else f"{'-':>7}"
+        enc_rows = f"{r['encoder_kernel_rows_s'] * 1e3:>10.2f}" if r["encoder_kernel_rows_s"] is not None else f"{'-':>10}"
         print(
             f"{r['rows']:>5} {r['torch_s'] * 1e3:>9.1f} {r['kernel_s'] * 1e3:>10.1f} {r['speedup']:>7.2f}x {r['max_abs_diff']:>9.1e}"
-            f"   {r['encoder_torch_s'] * 1e3:>13.2f} {enc}"
+            f"   {r['encoder_torch_s'] * 1e3:>13.2f} {enc} {enc_rows}"
         )
     return out
 

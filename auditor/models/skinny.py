@@ -219,11 +219,17 @@ def _takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     )
 
 
-def encoder_product(bias: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+def encoder_product(
+    bias: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor | None = None
+) -> torch.Tensor | None:
     """``torch.addmm(bias, x, weight)`` for ``x [M, K]`` and ``weight [K, N]`` (an SAE encoder's layout)
     by the kernel, or None where it does not apply (more than :data:`MAX_ROWS` rows, not float32
     CPU tensors, a gradient wanted, CPU autocast on, the kernel unavailable, inside code
     torch.compile traces): the caller then runs torch's.
+
+    ``rows``, when given, is ``weight`` transposed (``[N, K]``, contiguous, the same values): the
+    product then runs as a linear layer's (``x rows^T``), whose weight rows stream through in
+    order, 1.5x faster at tens of rows than the ``[K, N]`` layout's strided panels.
 
     Not limited to :func:`enabled`: the SAE is the auditor's own, not the user's model.
     """
@@ -239,7 +245,10 @@ def encoder_product(bias: torch.Tensor | None, x: torch.Tensor, weight: torch.Te
         or (bias is not None and bias.shape != (weight.shape[1],))
     ):
         return None
-    return _call(fns.addmm_kn, x if x.is_contiguous() else x.contiguous(), weight, bias, weight.shape[1])
+    x = x if x.is_contiguous() else x.contiguous()
+    if rows is not None and rows.shape == (weight.shape[1], weight.shape[0]) and rows.dtype == torch.float32 and rows.device.type == "cpu":
+        return _call(fns.linear, x, rows, bias, weight.shape[1])
+    return _call(fns.addmm_kn, x, weight, bias, weight.shape[1])
 
 
 def _call(fn: Any, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor | None:

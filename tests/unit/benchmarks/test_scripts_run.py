@@ -197,8 +197,9 @@ def test_few_row_kernel_script_compares_with_torch() -> None:
         assert r["encoder_torch_s"] > 0
         # The encoder product by the kernel up to MAX_ROWS rows only.
         assert (r["encoder_kernel_s"] is not None) == (r["rows"] <= out["max_rows"])
+        assert (r["encoder_kernel_rows_s"] is not None) == (r["rows"] <= out["max_rows"])
         if r["encoder_kernel_s"] is not None:
-            assert r["encoder_max_abs_diff"] < 1e-3
+            assert r["encoder_max_abs_diff"] < 1e-3 and r["encoder_rows_max_abs_diff"] < 1e-3
 
 
 def test_audit_pipeline_script_runs() -> None:

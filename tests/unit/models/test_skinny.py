@@ -249,9 +249,56 @@ def test_sae_full_encodes_of_few_rows_use_the_kernel(architecture: str, tmp_path
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
     assert bool((fast > 0).any())
     if architecture == "standard":  # no input normalization, b_dec zero: the kernel's product, relu'd
-        kernel = skinny.encoder_product(sae.b_enc.detach(), x, sae.W_enc.detach())
+        # The SAE hands the kernel W_enc transposed (its rows, read as a linear layer's weight).
+        rows = sae._encoder_rows()
+        assert rows is not None and torch.equal(rows, sae.W_enc.detach().t())
+        kernel = skinny.encoder_product(sae.b_enc.detach(), x, sae.W_enc.detach(), rows)
         assert kernel is not None and torch.equal(fast, kernel.relu_())
         assert not torch.equal(fast, plain)  # and not torch's (they round differently here)
+
+
+@needs_kernel
+@pytest.mark.parametrize("m", [1, 4, 5, 21, 96])
+def test_encoder_product_from_the_transposed_weight_equals_the_panels(m: int) -> None:
+    gen = torch.Generator().manual_seed(m)
+    x, w, b = torch.randn(m, 67, generator=gen), torch.randn(67, 203, generator=gen), torch.randn(203, generator=gen)
+    want = (x.double() @ w.double() + b.double()).float()
+    panels = skinny.encoder_product(b, x, w)
+    rows = skinny.encoder_product(b, x, w, w.t().contiguous())
+    assert panels is not None and rows is not None
+    torch.testing.assert_close(rows, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(panels, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(rows, skinny.linear(x, w.t().contiguous(), b))  # the linear layer's product
+    # A transpose of the wrong shape is not used: the panels run.
+    assert torch.equal(skinny.encoder_product(b, x, w, torch.zeros(5, 5)), panels)
+
+
+def test_sae_keeps_its_encoder_transposed_until_the_weights_change(tmp_path: Path) -> None:
+    from auditor.sae import SAE
+    from auditor.sae import sae as sae_module
+    from tests.conftest import make_random_sae
+
+    sae = SAE.load(make_random_sae(tmp_path / "sae", d_in=16, d_sae=40, architecture="standard", seed=1))
+    rows = sae._encoder_rows()
+    assert rows is not None and rows.is_contiguous() and torch.equal(rows, sae.W_enc.detach().t())
+    assert sae._encoder_rows() is rows  # kept
+    with torch.no_grad():
+        sae.W_enc.mul_(2.0)  # an in-place change (fold_activation_norm_scaling does this)
+    fresh = sae._encoder_rows()
+    assert fresh is not rows and torch.equal(fresh, sae.W_enc.detach().t())
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.ones_like(sae.W_enc))  # load_state_dict's way
+    assert torch.equal(sae._encoder_rows(), torch.ones(40, 16))
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(sae.encode(x), torch.relu(x @ sae.W_enc.detach() + sae.b_enc.detach()))
+    # None where the copy is not made: above the size limit, off float32.
+    limit = sae_module._ENCODER_ROWS_MAX_BYTES
+    try:
+        sae_module._ENCODER_ROWS_MAX_BYTES = 16 * 40 * 4 - 1
+        assert sae._encoder_rows() is None
+    finally:
+        sae_module._ENCODER_ROWS_MAX_BYTES = limit
+    assert sae.to(torch.float64)._encoder_rows() is None
 
 
 def test_the_built_library_is_readable_by_other_users(tmp_path: Path) -> None:
