@@ -126,6 +126,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             ap.error(f"--shapes {args.shapes!r}: give ROWSxWIDTHxK items separated by commas, e.g. 16384x131072x64")
         if any(len(shape) != 3 for shape in shapes):
             ap.error(f"--shapes {args.shapes!r}: each item needs three numbers, ROWSxWIDTHxK")
+        bad = [shape for shape in shapes if shape[0] < 0 or shape[1] < 1 or not 1 <= shape[2] <= shape[1]]
+        if bad:
+            ap.error(f"--shapes {args.shapes!r}: rows >= 0, width >= 1 and 1 <= k <= width; {bad[0]} is not")
+    if args.compiled and not args.variants:
+        ap.error("--compiled times a variant: give --variants too")
     dtype = getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)

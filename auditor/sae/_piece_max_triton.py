@@ -3,6 +3,8 @@ Triton resolves a kernel's helpers as module globals)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -33,8 +35,13 @@ def piece_max(pre: torch.Tensor, piece: int) -> torch.Tensor:
         raise ValueError(
             f"piece_max needs a contiguous [N, W] with W a multiple of a power-of-two piece; got {tuple(pre.shape)}, {piece}"
         )
+    if pre.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"piece_max compares in float32: {pre.dtype} values could tie there")
     out = pre.new_empty((n, w // piece))
     total = out.numel()
     if total:
-        _piece_max[(triton.cdiv(total, PIECES_PER_PROGRAM),)](pre, out, total, PIECE=piece, PIECES=PIECES_PER_PROGRAM)
+        # Triton launches on the current device's current stream: make them the tensor's.
+        with torch.cuda.device(pre.device) if pre.is_cuda else contextlib.nullcontext():
+            _piece_max[(triton.cdiv(total, PIECES_PER_PROGRAM),)](pre, out, total, PIECE=piece, PIECES=PIECES_PER_PROGRAM)
     return out
+

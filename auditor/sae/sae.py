@@ -126,11 +126,14 @@ def _relative_error(x: Tensor, x_hat: Tensor) -> Tensor:
 _FUSED_ADDMM_RELU = getattr(torch, "_addmm_activation", None)
 
 
-def _few_row_product(bias: Tensor, x: Tensor, w: Tensor, rows: Tensor | None = None) -> Tensor | None:
+def _few_row_product(
+    bias: Tensor, x: Tensor, w: Tensor, rows: Callable[[], Tensor | None] | None = None
+) -> Tensor | None:
     """``addmm(bias, x, w)`` over every latent by the auditor's few-row CPU kernel
     (:func:`auditor.models.skinny.encoder_product`: a few rows read ``W_enc`` at memory speed,
-    where the BLAS product does not; ``rows``, ``w`` transposed and contiguous, lets it read the
-    weights as a linear layer's), or None where it does not apply (then torch's runs)."""
+    where the BLAS product does not; ``rows()``, ``w`` transposed and contiguous, asked for only
+    when the kernel runs, lets it read the weights as a linear layer's), or None where it does
+    not apply (then torch's runs)."""
     return skinny.encoder_product(bias, x, w, rows) if x.device.type == "cpu" else None
 
 
@@ -189,14 +192,15 @@ _BLOCK_TOPK_MIN_WIDTH = 16384  # on the CPU
 _BLOCK_TOPK_MIN_WIDTH_GPU = 65536  # on CUDA: measured at 65,536 and 131,072 latents (gpu_llama8b.py --encode-variants)
 
 
-def _cuda_topk_widths(width: int) -> tuple[int, int]:
+def _cuda_topk_widths(width: int, dtype: torch.dtype = torch.float32) -> tuple[int, int]:
     """Block and piece widths of the block-maxima top-k on CUDA (piece 0: one level). Timed on an
     H100, 16,384 rows, k=64, bfloat16 (``benchmarks/topk_rows.py --variants``; 131,072 / 65,536
     latents): with the pieces' maxima as a Triton kernel (:mod:`auditor.sae.piece_max`), 256-wide
     blocks of 32-wide pieces, 3.4 / 2.3 ms (16-wide pieces 3.9 / 2.6); without it one level, 256
     / 128-wide blocks, 6.7 / 4.9 ms. torch's own maxima of 16-wide pieces take 17.7 ms at 131,072
-    latents (256-wide blocks: 3.3), so two levels run only with the kernel."""
-    if piece_max.kernel() is not None:
+    latents (256-wide blocks: 3.3), so two levels run only with the kernel
+    (:func:`auditor.sae.piece_max.usable` for ``dtype``)."""
+    if piece_max.usable(dtype):
         return 256, 32
     return (256 if width >= 131072 else 128), 0
 
@@ -227,7 +231,7 @@ def _row_topk(
             blocks = w >= _BLOCK_TOPK_MIN_WIDTH
         else:
             blocks = cuda and w >= _BLOCK_TOPK_MIN_WIDTH_GPU
-    cuda_block, cuda_sub = _cuda_topk_widths(w) if cuda else (_TOPK_BLOCK, 0)
+    cuda_block, cuda_sub = _cuda_topk_widths(w, pre.dtype) if cuda else (_TOPK_BLOCK, 0)
     block = cuda_block if block is None else block
     if not blocks or w % block or k * block >= w:
         top = pre.topk(k, dim=-1)
@@ -235,7 +239,8 @@ def _row_topk(
     if sub is None:
         sub = cuda_sub
     if sub and sub < block and block % sub == 0:
-        fast = piece_max.kernel() if cuda and pre.is_contiguous() and not sub & (sub - 1) else None
+        usable = cuda and pre.is_contiguous() and not sub & (sub - 1) and piece_max.usable(pre.dtype)
+        fast = piece_max.kernel() if usable else None
         return _row_topk_pieces(pre, k, block, sub, fast)
     grid = pre.view(n, w // block, block)
     chosen = grid.amax(-1).topk(k, dim=-1).indices  # [N, k] blocks
@@ -500,7 +505,7 @@ class SAE(nn.Module):
 
         # addmm puts the bias in the matmul (cuBLAS applies it in the GEMM epilogue); the
         # activation then runs in place: one [N, n_latents] tensor, written once, read once.
-        few = _few_row_product(self.b_enc, xn, self.W_enc, self._encoder_rows()) if idx is None and arch != "gated" else None  # [N, d_sae]
+        few = _few_row_product(self.b_enc, xn, self.W_enc, self._encoder_rows) if idx is None and arch != "gated" else None  # [N, d_sae]
         if arch == "standard":
             if few is not None:
                 return few.relu_()
@@ -586,21 +591,35 @@ class SAE(nn.Module):
 
     def _topk_normed(self, xn: Tensor) -> tuple[Tensor, Tensor]:
         """TopK codes of normalized rows whose ``b_dec`` is already subtracted: indices, relu'd values ``[N, k]``."""
-        pre = _few_row_product(self.b_enc, xn, self.W_enc, self._encoder_rows())  # [N, d_sae]
+        pre = _few_row_product(self.b_enc, xn, self.W_enc, self._encoder_rows)  # [N, d_sae]
         if pre is None:
             pre = torch.addmm(self.b_enc, xn, self.W_enc)
         k = self.cfg.k if self.cfg.k is not None else self.cfg.d_sae
         values, indices = _row_topk(pre, min(k, self.cfg.d_sae))
         return indices, torch.relu(values)
 
+    _KEPT = ("_encoder_rows_kept", "_columns_cache")  # what an SAE derives from its weights and keeps
+
+    def _drop_kept(self) -> None:
+        """Forget what was derived from the weights (:meth:`_encoder_rows`, :meth:`_watch_columns`)."""
+        for name in self._KEPT:
+            self.__dict__.pop(name, None)
+
+    def __getstate__(self) -> dict[str, object]:
+        # Pickles and deep copies leave the kept copies out: they are remade on first use.
+        state = super().__getstate__()  # type: ignore[misc]
+        return {k: v for k, v in state.items() if k not in self._KEPT}
+
     def _encoder_rows(self) -> Tensor | None:
         """``W_enc`` transposed and contiguous, ``[d_sae, d_in]``, for the CPU few-row kernel: it
         reads that layout as a linear layer's weight, one row per latent, 1.5x faster than the
         ``[d_in, d_sae]`` layout at 21 rows (2.1 against 3.2 ms for the shipped 576 x 4,608 encoder
         right after a forward; ``benchmarks/few_row_kernel.py``). Kept while ``W_enc`` is unchanged
-        (same storage, no in-place write); None off the CPU, for a ``W_enc`` above 128 MiB (the copy
-        would double the SAE's largest tensor), and for an inference tensor (no version counter
-        to tell a change by), and in code ``torch.compile`` traces (which runs torch's product)."""
+        (same storage, no in-place write that its version counter sees: writes through ``.data``
+        or a NumPy view are not seen, as for :meth:`_watch_columns`; ``.to()`` and the like drop
+        it); None off the CPU, for a ``W_enc`` above 128 MiB (the copy would double the SAE's
+        largest tensor), for an inference tensor (no version counter to tell a change by), and in
+        code ``torch.compile`` traces (which runs torch's product)."""
         w = self.W_enc
         if torch.compiler.is_compiling() or w.device.type != "cpu" or w.dtype != torch.float32 or w.is_inference():
             return None
@@ -630,7 +649,9 @@ class SAE(nn.Module):
         slot = torch.full((self.cfg.d_sae,), m, dtype=torch.long, device=indices.device)
         slot[idx] = torch.arange(m, device=indices.device)
         slots = values.new_zeros((values.shape[0], m + 1)).scatter_(-1, slot[indices], values)
-        return slots.index_select(-1, slot[idx])
+        # index_select rejects an index out of range (-1 included), as the dense path's does: on an
+        # accelerator _feature_index leaves that check to it.
+        return slots.index_select(-1, slot.index_select(0, idx))
 
     def encode_topk(self, x: Tensor) -> tuple[Tensor, Tensor, NormState]:
         """A TopK SAE's codes in sparse form: ``indices [N, k]``, ``values [N, k]`` and the norm state.
@@ -794,7 +815,10 @@ class SAE(nn.Module):
         return self
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
-        # Keep cfg.dtype in step with the weights after .to()/.half()/...
+        # Keep cfg.dtype in step with the weights after .to()/.half()/...; what was kept from the
+        # old weights goes (.to() sets .data: the version counters do not move, and the new
+        # storage may take the old one's address).
+        self._drop_kept()
         out = super()._apply(fn, recurse)
         self.cfg = self.cfg.model_copy(update={"dtype": _dtype_name(self.W_enc.dtype)})
         return out

@@ -106,9 +106,13 @@ def test_topk_rows_script_times_the_variants_of_given_shapes() -> None:
     exact = {name: ok for name, ok in v.items() if name.endswith("_exact")}
     assert "block_256_piece_16_exact" in exact and "block_64_exact" in exact and all(exact.values())
     assert "block_256_piece_16" in text and "MISMATCH" not in text
-    bad = subprocess.run([sys.executable, "benchmarks/topk_rows.py", "--shapes", "8x65536"], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "each item needs three numbers, ROWSxWIDTHxK" in bad.stderr
+    for args, message in ((["--shapes", "8x65536"], "each item needs three numbers, ROWSxWIDTHxK"),
+                          (["--shapes", "8x100x200"], "1 <= k <= width; (8, 100, 200) is not"),
+                          (["--shapes", "8x-5x3"], "(8, -5, 3) is not"),
+                          (["--compiled"], "give --variants too")):
+        bad = subprocess.run([sys.executable, "benchmarks/topk_rows.py", *args], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and message in bad.stderr, (args, bad.stderr[-500:])
 
 
 def test_policy_eval_script_runs() -> None:

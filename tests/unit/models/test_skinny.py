@@ -301,6 +301,37 @@ def test_sae_keeps_its_encoder_transposed_until_the_weights_change(tmp_path: Pat
     assert sae.to(torch.float64)._encoder_rows() is None
 
 
+@needs_kernel
+def test_sae_drops_its_transposed_encoder_on_to_and_leaves_it_out_of_copies(tmp_path: Path) -> None:
+    import copy
+    import pickle
+
+    from auditor.sae import SAE
+    from tests.conftest import make_random_sae
+
+    sae = SAE.load(make_random_sae(tmp_path / "sae", d_in=16, d_sae=1024, architecture="standard", seed=2))
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(1))
+    # Built only when the kernel runs: not for more rows than it takes.
+    sae.encode(torch.randn(skinny.MAX_ROWS + 1, 16))
+    assert "_encoder_rows_kept" not in sae.__dict__
+    sae.encode(x)
+    assert "_encoder_rows_kept" in sae.__dict__
+    # .to() sets .data (version counters unchanged; the new storage may reuse the old address):
+    # the kept copy goes with the old weights, whatever the allocator does.
+    with torch.no_grad():
+        sae.to(torch.bfloat16)
+        sae.W_enc.mul_(-1.0)
+        sae.to(torch.float32)
+    assert "_encoder_rows_kept" not in sae.__dict__
+    with torch.no_grad():
+        torch.testing.assert_close(sae.encode(x), torch.relu(x @ sae.W_enc + sae.b_enc))
+    assert "_encoder_rows_kept" in sae.__dict__
+    for clone in (copy.deepcopy(sae), pickle.loads(pickle.dumps(sae))):
+        assert "_encoder_rows_kept" not in clone.__dict__ and "_columns_cache" not in clone.__dict__
+        with torch.no_grad():
+            assert torch.equal(clone.encode(x), sae.encode(x))
+
+
 def test_the_built_library_is_readable_by_other_users(tmp_path: Path) -> None:
     """The image builds the kernel as root and runs as uid 10001: a library only its owner can
     read (mkstemp's 0600) fails to load there, and the sidecar silently runs without it."""

@@ -647,3 +647,57 @@ def test_piece_max_kernel_switch_gives_one_level_on_cuda(monkeypatch: pytest.Mon
         assert _cuda_topk_widths(65536) == (128, 0) and _cuda_topk_widths(131072) == (256, 0)
     finally:
         piece_max.kernel.cache_clear()
+
+
+def test_topk_pick_rejects_a_latent_out_of_range_like_the_dense_path() -> None:
+    gen = torch.Generator().manual_seed(5)
+    d_in, d_sae, k = 8, 64, 4
+    sae = SAE.from_tensors(SAEConfig(architecture="topk", d_in=d_in, d_sae=d_sae, k=k), sized_params(d_in, d_sae, gen))
+    indices, values, _ = sae.encode_topk(torch.randn(3, d_in, generator=gen))
+    for bad in ([-1, 5], [5, d_sae]):
+        idx = torch.tensor(bad)
+        with pytest.raises((IndexError, RuntimeError), match="out of"):
+            sae._dense(indices, values).index_select(-1, idx)
+        with pytest.raises((IndexError, RuntimeError), match="out of"):  # not the last latent's codes for -1
+            sae._picked(indices, values, idx)
+
+
+def test_piece_max_after_a_kernel_failure_gives_one_level(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A Triton kernel that fails to compile or launch (a GPU or driver it cannot serve): the call
+    still returns the maxima, one warning is logged, and the SAE ranks in one level from then on.
+    Triton itself cannot fail on demand here, so its module is replaced by one whose kernel raises."""
+    import sys
+    import types
+
+    from auditor.sae import piece_max
+    from auditor.sae.sae import _cuda_topk_widths
+
+    failing = types.ModuleType("auditor.sae._piece_max_triton")
+    calls: list[int] = []
+
+    def broken(pre: torch.Tensor, piece: int) -> torch.Tensor:
+        calls.append(piece)
+        raise RuntimeError("PTX .version 8.7 does not support .target sm_61")
+
+    failing.piece_max = broken  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "auditor.sae._piece_max_triton", failing)
+    monkeypatch.delenv("AUDITOR_TOPK_TRITON", raising=False)
+    monkeypatch.setattr(piece_max, "_failed", [])
+    piece_max.kernel.cache_clear()
+    try:
+        assert piece_max.usable(torch.bfloat16) and _cuda_topk_widths(131072, torch.bfloat16) == (256, 32)
+        assert not piece_max.usable(torch.float64)  # compared in float32, float64 values could tie
+        assert _cuda_topk_widths(131072, torch.float64) == (256, 0)
+        fn = piece_max.kernel()
+        assert fn is not None
+        pre = torch.randn(3, 256)
+        with caplog.at_level("WARNING", logger="auditor.sae.piece_max"):
+            got = fn(pre, 32)
+            again = fn(pre, 32)
+        assert torch.equal(got, pre.view(3, 8, 32).amax(-1)) and torch.equal(again, got)
+        assert calls == [32]  # not tried again
+        assert sum("rank in one level from now on" in r.getMessage() for r in caplog.records) == 1
+        assert not piece_max.usable(torch.bfloat16) and _cuda_topk_widths(131072, torch.bfloat16) == (256, 0)
+        assert _cuda_topk_widths(65536, torch.bfloat16) == (128, 0)
+    finally:
+        piece_max.kernel.cache_clear()
