@@ -680,7 +680,12 @@ def test_piece_max_after_a_kernel_failure_gives_one_level(monkeypatch: pytest.Mo
         raise RuntimeError("PTX .version 8.7 does not support .target sm_61")
 
     failing.piece_max = broken  # type: ignore[attr-defined]
+    import auditor.sae
+
+    # Both where an import looks first: the package's attribute (set once the real module was
+    # imported, where Triton is installed) and sys.modules.
     monkeypatch.setitem(sys.modules, "auditor.sae._piece_max_triton", failing)
+    monkeypatch.setattr(auditor.sae, "_piece_max_triton", failing, raising=False)
     monkeypatch.delenv("AUDITOR_TOPK_TRITON", raising=False)
     monkeypatch.setattr(piece_max, "_failed", [])
     piece_max.kernel.cache_clear()
