@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from auditor.sae.piece_max import DTYPES
+
 PIECES_PER_PROGRAM = 64
 
 
@@ -35,7 +37,7 @@ def piece_max(pre: torch.Tensor, piece: int) -> torch.Tensor:
         raise ValueError(
             f"piece_max needs a contiguous [N, W] with W a multiple of a power-of-two piece; got {tuple(pre.shape)}, {piece}"
         )
-    if pre.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if pre.dtype not in DTYPES:
         raise ValueError(f"piece_max compares in float32: {pre.dtype} values could tie there")
     out = pre.new_empty((n, w // piece))
     total = out.numel()

@@ -259,19 +259,19 @@ def _pick(groups: Tensor, chosen: Tensor) -> Tensor:
 
 
 def _row_topk_pieces(
-    pre: Tensor, k: int, block: int, sub: int, piece_max: Callable[[Tensor, int], Tensor] | None = None
+    pre: Tensor, k: int, block: int, sub: int, maxima_of: Callable[[Tensor, int], Tensor] | None = None
 ) -> tuple[Tensor, Tensor]:
     """:func:`_row_topk` in two levels: ``pre [N, W]`` read once for the maxima of its
     ``sub``-wide pieces; the blocks' maxima (``block // sub`` pieces each) choose ``k`` blocks,
     whose pieces' maxima choose ``k`` pieces (the ``k`` largest piece maxima of the row: a piece
     outside the chosen blocks has ``k`` block maxima, each some piece's maximum, at least as
     large), and the ``sub * k`` elements of those pieces hold the row's top ``k`` values (an
-    element outside them has ``k`` piece maxima at least as large). ``piece_max(pre, sub)``
+    element outside them has ``k`` piece maxima at least as large). ``maxima_of(pre, sub)``
     replaces how the pieces' maxima ``[N, W / sub]`` are computed."""
     n, w = pre.shape
     per = block // sub
     pieces = pre.view(n, w // sub, sub)
-    maxima = pieces.amax(-1) if piece_max is None else piece_max(pre, sub)  # [N, W / sub]: the one pass over the row
+    maxima = pieces.amax(-1) if maxima_of is None else maxima_of(pre, sub)  # [N, W / sub]: the one pass over the row
     by_block = maxima.view(n, w // block, per)
     chosen_blocks = by_block.amax(-1).topk(k, dim=-1).indices  # [N, k]
     cand_max = _pick(by_block, chosen_blocks)  # [N, k * per] piece maxima
@@ -709,22 +709,21 @@ class SAE(nn.Module):
         idx, cols = self._watch_columns(features)
         dense: Tensor | None = None
         x_hat: Tensor | None = None
-        picked: Tensor | None = None
         if self.cfg.architecture == "topk":
             indices, values, state = self.encode_topk(x)
             if full:
                 dense = self._dense(indices, values)
+                picked = dense.index_select(-1, idx)
             else:
                 picked = self._picked(indices, values, idx)
             if recon_error:
                 x_hat = self.decode_sparse(indices, values, state)
         elif recon_error or full:
             dense, state = self.encode_with_norm(x)
+            picked = dense.index_select(-1, idx)
             if recon_error:
                 x_hat = self.decode(dense, state)
-        if picked is None and dense is not None:
-            picked = dense.index_select(-1, idx)
-        elif picked is None:
+        else:
             xn, state = self.norm_in(x)
             picked = self._encode_normed(xn, idx, cols)
         err = _relative_error(x, x_hat) if x_hat is not None else None
