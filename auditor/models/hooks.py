@@ -34,7 +34,7 @@ from auditor.errors import HookpointError, ModelError
 from auditor.models.adapters import ArchitectureAdapter, get_adapter, replace_output, unwrap_output
 from auditor.models.hookpoints import Hookpoint, parse_hookpoint
 
-__all__ = ["HookFn", "hooks", "isolate_this_thread", "resolve_hookpoints", "scoped", "thread_is_isolated"]
+__all__ = ["HookFn", "hook_fires_here", "hooks", "isolate_this_thread", "resolve_hookpoints", "scoped", "thread_is_isolated"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -105,7 +105,22 @@ def scoped(hook: F, *, this_thread: bool = False) -> F:
             return None
         return hook(*args, **kwargs)
 
+    run._auditor_owner = owner  # type: ignore[attr-defined]
     return run  # type: ignore[return-value]
+
+
+_RAW = object()
+
+
+def hook_fires_here(hook: Callable[..., Any]) -> bool:
+    """Whether a hook registered on a module would run in this thread's forwards: one that
+    :func:`scoped` wrapped by its thread rule, any other always."""
+    owner = getattr(hook, "_auditor_owner", _RAW)
+    if owner is _RAW:
+        return True
+    if owner is None:
+        return not thread_is_isolated()
+    return bool(owner == threading.get_ident())
 
 
 def _pre_hook(fn: HookFn, hook: Hookpoint) -> Callable[..., Any]:

@@ -29,7 +29,7 @@ static inline float hsum(__m256 v) {
 /* Rows m..m+rows-1 (rows is MR or 1) times weight rows n..n+cols-1 (cols <= NR). With
  * do_prefetch, each step also prefetches the matching part of the NR weight rows at prefetch. */
 static inline __attribute__((always_inline)) void block(const float *x, const float *w, const float *bias, float *y, int64_t N, int64_t K,
-                         int64_t m, int rows, int64_t n, int cols, int do_prefetch, const float *prefetch) {
+                         int64_t m, int rows, int64_t n, int cols, int do_prefetch, const float *prefetch, int accumulate) {
     const float *xr[MR], *wr[NR];
     __m256 acc[MR][NR];
     for (int i = 0; i < MR; i++) xr[i] = x + (m + (i < rows ? i : 0)) * K;
@@ -58,20 +58,34 @@ static inline __attribute__((always_inline)) void block(const float *x, const fl
             for (int j = 0; j < NR; j++) acc[0][j] = _mm256_fmadd_ps(u, v[j], acc[0][j]);
         }
     }
-    /* Constant bounds, fully unrolled: the accumulators stay in registers. */
+    /* Horizontal sums four at a time (hadd tree); the tails past K8 are added after. */
+    float sums[MR * NR + 4];
+    {
+        __m256 *flat = &acc[0][0];
+        int t = 0;
+        for (; t + 4 <= MR * NR; t += 4) {
+            __m256 h0 = _mm256_hadd_ps(flat[t], flat[t + 1]);
+            __m256 h1 = _mm256_hadd_ps(flat[t + 2], flat[t + 3]);
+            __m256 h2 = _mm256_hadd_ps(h0, h1);
+            _mm_storeu_ps(sums + t, _mm_add_ps(_mm256_castps256_ps128(h2), _mm256_extractf128_ps(h2, 1)));
+        }
+        for (; t < MR * NR; t++) sums[t] = hsum(flat[t]);
+    }
 #pragma GCC unroll 4
     for (int i = 0; i < MR; i++)
 #pragma GCC unroll 3
         for (int j = 0; j < NR; j++) {
             if (i >= rows || j >= cols) continue;
-            float s = hsum(acc[i][j]);
+            float s = sums[i * NR + j];
             for (int64_t k = K8; k < K; k++) s += xr[i][k] * wr[j][k];
-            y[(m + i) * N + n + j] = bias ? s + bias[n + j] : s;
+            if (bias) s += bias[n + j];
+            float *out = y + (m + i) * N + n + j;
+            *out = accumulate ? *out + s : s;
         }
 }
 
-void auditor_skinny_linear(const float *x, const float *w, const float *bias, float *y, int64_t M, int64_t N,
-                           int64_t K, int threads) {
+static inline __attribute__((always_inline)) void linear(const float *x, const float *w, const float *bias, float *y, int64_t M,
+                                                         int64_t N, int64_t K, int threads, int accumulate) {
     if (M <= 0 || N <= 0) return;
     const int64_t blocks = (N + NR - 1) / NR;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -83,12 +97,24 @@ void auditor_skinny_linear(const float *x, const float *w, const float *bias, fl
         /* The first call prefetches (each call site is specialized: rows and prefetch are constants there). */
         int64_t m = M >= MR ? MR : 1;
         if (m == MR)
-            block(x, w, bias, y, N, K, 0, MR, n, cols, 1, prefetch);
+            block(x, w, bias, y, N, K, 0, MR, n, cols, 1, prefetch, accumulate);
         else
-            block(x, w, bias, y, N, K, 0, 1, n, cols, 1, prefetch);
-        for (; m + MR <= M; m += MR) block(x, w, bias, y, N, K, m, MR, n, cols, 0, prefetch);
-        for (; m < M; m++) block(x, w, bias, y, N, K, m, 1, n, cols, 0, prefetch);
+            block(x, w, bias, y, N, K, 0, 1, n, cols, 1, prefetch, accumulate);
+        for (; m + MR <= M; m += MR) block(x, w, bias, y, N, K, m, MR, n, cols, 0, prefetch, accumulate);
+        for (; m < M; m++) block(x, w, bias, y, N, K, m, 1, n, cols, 0, prefetch, accumulate);
     }
+}
+
+void auditor_skinny_linear(const float *x, const float *w, const float *bias, float *y, int64_t M, int64_t N,
+                           int64_t K, int threads) {
+    linear(x, w, bias, y, M, N, K, threads, 0);
+}
+
+/* y += x . w^T (+ bias): a residual connection added in place (each output is y + (x.w + bias),
+ * rounded as torch rounds ``y + F.linear(x, w, bias)``). */
+void auditor_skinny_linear_add(const float *x, const float *w, const float *bias, float *y, int64_t M, int64_t N,
+                               int64_t K, int threads) {
+    linear(x, w, bias, y, M, N, K, threads, 1);
 }
 
 /* The same product with the weight stored the other way round, as an SAE's encoder is:
@@ -152,4 +178,185 @@ void auditor_skinny_addmm_kn(const float *x, const float *w, const float *bias, 
             for (int64_t k = 0; k < K; k++) s += x[m * K + k] * w[k * N + n];
             y[m * N + n] = bias ? s + bias[n] : s;
         }
+}
+
+/* ---- The rest of a Llama-family decoder layer on few rows (auditor/models/lean.py) ----
+ *
+ * A streamed audit's chunk is a forward of ~16 tokens: the products above take half its time
+ * and torch's small operations (norms, rotary embedding, attention over the cached keys,
+ * SiLU) most of the rest, at a few microseconds of dispatch each. These do the same
+ * arithmetic in one call each, to float rounding of torch's results.
+ */
+#include <math.h>
+#include <omp.h>
+
+/* exp(x) for eight floats: Cephes' expf (range reduction by ln 2, degree-5 polynomial; within
+ * 2 ulp of expf). Overflow gives +inf, x below -87.3 gives 0, NaN stays NaN. */
+static inline __m256 exp8(__m256 x) {
+    const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-87.3365478515625f);
+    __m256 big = _mm256_cmp_ps(x, hi, _CMP_GT_OQ), tiny = _mm256_cmp_ps(x, lo, _CMP_LT_OQ), nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+    __m256 v = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
+    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(v, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    v = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), v);
+    v = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), v);
+    __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+    y = _mm256_fmadd_ps(y, v, _mm256_set1_ps(1.3981999507E-3f));
+    y = _mm256_fmadd_ps(y, v, _mm256_set1_ps(8.3334519073E-3f));
+    y = _mm256_fmadd_ps(y, v, _mm256_set1_ps(4.1665795894E-2f));
+    y = _mm256_fmadd_ps(y, v, _mm256_set1_ps(1.6666665459E-1f));
+    y = _mm256_fmadd_ps(y, v, _mm256_set1_ps(5.0000001201E-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(v, v), _mm256_add_ps(v, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+    y = _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), big);
+    y = _mm256_blendv_ps(y, _mm256_setzero_ps(), tiny);
+    return _mm256_blendv_ps(y, x, nan);
+}
+
+static inline float exp1(float x) {
+    float in[8] = {x}, out[8];
+    _mm256_storeu_ps(out, exp8(_mm256_loadu_ps(in)));
+    return out[0];
+}
+
+/* y[m, :] = w * x[m, :] / sqrt(mean(x[m, :]^2) + eps), as LlamaRMSNorm (float32). */
+void auditor_rmsnorm(const float *x, const float *w, float *y, int64_t M, int64_t D, float eps) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *xr = x + m * D;
+        float *yr = y + m * D;
+        __m256 acc = _mm256_setzero_ps();
+        int64_t d = 0;
+        for (; d + 8 <= D; d += 8) {
+            __m256 v = _mm256_loadu_ps(xr + d);
+            acc = _mm256_fmadd_ps(v, v, acc);
+        }
+        float s = hsum(acc);
+        for (; d < D; d++) s += xr[d] * xr[d];
+        const float r = 1.0f / sqrtf(s / (float)D + eps);
+        const __m256 rv = _mm256_set1_ps(r);
+        for (d = 0; d + 8 <= D; d += 8)
+            _mm256_storeu_ps(yr + d, _mm256_mul_ps(_mm256_loadu_ps(w + d), _mm256_mul_ps(_mm256_loadu_ps(xr + d), rv)));
+        for (; d < D; d++) yr[d] = w[d] * (xr[d] * r);
+    }
+}
+
+/* The rotary embedding in place on x [M, heads, D] with cos, sin [M, D] (the rotate-half
+ * convention: out = x * cos + cat(-x2, x1) * sin, x1 and x2 the halves of each head). */
+void auditor_rope(float *x, const float *cos, const float *sin, int64_t M, int64_t heads, int64_t D) {
+    const int64_t h = D / 2;
+    for (int64_t m = 0; m < M; m++) {
+        const float *c = cos + m * D, *s = sin + m * D;
+        for (int64_t j = 0; j < heads; j++) {
+            float *v = x + (m * heads + j) * D;
+            for (int64_t d = 0; d < h; d++) {
+                const float a = v[d], b = v[d + h];
+                const float lo = a * c[d] + (-b) * s[d];
+                const float hi2 = b * c[d + h] + a * s[d + h];
+                v[d] = lo;
+                v[d + h] = hi2;
+            }
+        }
+    }
+}
+
+/* out = silu(g) * u = g / (1 + exp(-g)) * u, elementwise over n values (out may be g). */
+void auditor_silu_mul(const float *g, const float *u, float *out, int64_t n) {
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(g + i);
+        __m256 e = exp8(_mm256_xor_ps(v, sign));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(v, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+    }
+    for (; i < n; i++) out[i] = g[i] / (1.0f + exp1(-g[i])) * u[i];
+}
+
+/* One query against keys 0..T-1 and values ([T, D] rows): out = softmax(scale q.k) . v. score
+ * holds T floats. With D a constant (64, 128) the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void attend_one(const float *qr, const float *kb, const float *vb, float *o,
+                                                             float *score, int64_t T, int64_t D, float scale) {
+    int64_t t = 0;
+    for (; t + 4 <= T; t += 4) { /* four keys at a time, summed by one hadd tree */
+        const float *k0 = kb + t * D;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t d = 0; d < D; d += 8) {
+            const __m256 qv = _mm256_loadu_ps(qr + d);
+            a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + d), a0);
+            a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + D + d), a1);
+            a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 2 * D + d), a2);
+            a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 3 * D + d), a3);
+        }
+        const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+        const __m128 four = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        _mm_storeu_ps(score + t, _mm_mul_ps(four, _mm_set1_ps(scale)));
+    }
+    for (; t < T; t++) {
+        __m256 a = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), _mm256_loadu_ps(kb + t * D + d), a);
+        score[t] = hsum(a) * scale;
+    }
+    float top = -INFINITY;
+    for (t = 0; t < T; t++)
+        if (score[t] > top || score[t] != score[t]) top = score[t]; /* a NaN wins, and spreads as in torch */
+    const __m256 topv = _mm256_set1_ps(top);
+    __m256 sumv = _mm256_setzero_ps();
+    for (t = 0; t + 8 <= T; t += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(score + t), topv));
+        _mm256_storeu_ps(score + t, e);
+        sumv = _mm256_add_ps(sumv, e);
+    }
+    float sum = hsum(sumv);
+    for (; t < T; t++) {
+        score[t] = exp1(score[t] - top);
+        sum += score[t];
+    }
+    const __m256 inv = _mm256_set1_ps(1.0f / sum);
+    for (int64_t d0 = 0; d0 < D; d0 += 128) {
+        const int64_t width = D - d0 < 128 ? D - d0 : 128;
+        __m256 acc[16];
+        for (int64_t c = 0; c < width / 8; c++) acc[c] = _mm256_setzero_ps();
+        for (t = 0; t < T; t++) {
+            const __m256 p = _mm256_set1_ps(score[t]);
+            const float *vr = vb + t * D + d0;
+            for (int64_t c = 0; c < width / 8; c++) acc[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * c), acc[c]);
+        }
+        for (int64_t c = 0; c < width / 8; c++) _mm256_storeu_ps(o + d0 + 8 * c, _mm256_mul_ps(acc[c], inv));
+    }
+}
+
+/* Causal attention of n new tokens against a stream's cache.
+ *
+ * q [n, Hq, D] (rotated), k_new and v_new [n, KV, D] (k rotated) are this forward's; the cache
+ * holds KV heads of `cap` positions ([KV, cap, D] each), the first `held` filled. The new keys
+ * and values are written at held..held+n-1; query i then attends to positions 0..held+i, query
+ * head h to key head h / (Hq / KV). out [n, Hq, D]. D a multiple of 8. scratch holds threads x
+ * (held + n) floats (each thread's scores). */
+void auditor_attend(const float *q, const float *k_new, const float *v_new, float *k_cache, float *v_cache, int64_t cap,
+                    int64_t held, int64_t n, int64_t Hq, int64_t KV, int64_t D, float scale, float *out, float *scratch,
+                    int threads) {
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t j = 0; j < KV; j++) {
+            const int64_t src = (i * KV + j) * D, dst = (j * cap + held + i) * D;
+            for (int64_t d = 0; d < D; d++) {
+                k_cache[dst + d] = k_new[src + d];
+                v_cache[dst + d] = v_new[src + d];
+            }
+        }
+    const int64_t groups = Hq / KV, tasks = n * Hq, total = held + n;
+#pragma omp parallel num_threads(threads)
+    {
+        float *score = scratch + (int64_t)omp_get_thread_num() * total;
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < tasks; task++) {
+            const int64_t i = task / Hq, h = task % Hq, kv = h / groups, T = held + i + 1;
+            const float *qr = q + (i * Hq + h) * D, *kb = k_cache + kv * cap * D, *vb = v_cache + kv * cap * D;
+            float *o = out + (i * Hq + h) * D;
+            if (D == 64)
+                attend_one(qr, kb, vb, o, score, T, 64, scale);
+            else if (D == 128)
+                attend_one(qr, kb, vb, o, score, T, 128, scale);
+            else
+                attend_one(qr, kb, vb, o, score, T, D, scale);
+        }
+    }
 }

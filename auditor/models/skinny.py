@@ -47,7 +47,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-__all__ = ["MAX_ROWS", "build", "enabled", "encoder_product", "install", "library", "linear", "status", "suspended", "wrapped"]
+__all__ = ["MAX_ROWS", "build", "enabled", "encoder_product", "install", "is_suspended", "library", "linear", "status", "suspended", "wrapped"]
 
 _log = logging.getLogger(__name__)
 
@@ -56,13 +56,27 @@ MAX_ROWS = 96
 
 _SOURCE = Path(__file__).with_name("skinny.c")
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
-_SYMBOL = "auditor_skinny_linear"
-_SYMBOL_KN = "auditor_skinny_addmm_kn"
+_P, _I, _F, _T = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+# Each exported function's symbol and argument types.
+_SIGNATURES: dict[str, tuple[str, list[Any]]] = {
+    "linear": ("auditor_skinny_linear", [_P] * 4 + [_I] * 3 + [_T]),
+    "addmm_kn": ("auditor_skinny_addmm_kn", [_P] * 4 + [_I] * 3 + [_T]),
+    "linear_add": ("auditor_skinny_linear_add", [_P] * 4 + [_I] * 3 + [_T]),
+    "rmsnorm": ("auditor_rmsnorm", [_P] * 3 + [_I] * 2 + [_F]),
+    "rope": ("auditor_rope", [_P] * 3 + [_I] * 3),
+    "silu_mul": ("auditor_silu_mul", [_P] * 3 + [_I]),
+    "attend": ("auditor_attend", [_P] * 5 + [_I] * 6 + [_F, _P, _P, _T]),
+}
 
 
 class _Kernels(NamedTuple):
     linear: Any  # y = x w^T (+ b), w [N, K]
     addmm_kn: Any  # y = x w (+ b), w [K, N]
+    linear_add: Any  # y += x w^T (+ b)
+    rmsnorm: Any  # the rest of a decoder layer (auditor.models.lean)
+    rope: Any
+    silu_mul: Any
+    attend: Any
 
 _ENV = "AUDITOR_SKINNY_KERNEL"
 _MARK = "_auditor_skinny"
@@ -143,15 +157,16 @@ def _load(env: Mapping[str, str]) -> tuple[_Kernels | None, str]:
         return None, f"could not build the kernel: {exc}"
     try:
         lib = ctypes.CDLL(str(path))
-        fns = _Kernels(getattr(lib, _SYMBOL), getattr(lib, _SYMBOL_KN))
+        fns = _Kernels(**{field: getattr(lib, symbol) for field, (symbol, _) in _SIGNATURES.items()})
     except (OSError, AttributeError) as exc:
         return None, f"could not load {path}: {exc}"
     finally:
         if scratch is not None:  # a loaded library stays mapped after its file is gone
             shutil.rmtree(scratch, ignore_errors=True)
-    for fn in fns:
+    for field, (_, argtypes) in _SIGNATURES.items():
+        fn = getattr(fns, field)
         fn.restype = None
-        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+        fn.argtypes = argtypes
     if scratch is not None:
         return fns, f"built in a temporary folder (the cache {_cache_dir(env)} cannot be written)"
     return fns, f"built at {path}"
@@ -343,6 +358,11 @@ def install(model: nn.Module) -> int:
             module.forward = _KernelForward(module)  # type: ignore[method-assign, assignment]
             done += 1
     return done
+
+
+def is_suspended() -> bool:
+    """Whether this thread is inside :func:`suspended`."""
+    return bool(getattr(_state, "off", False))
 
 
 @contextmanager

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from auditor.models import lean
 from auditor.models.adapters import ArchitectureAdapter, get_adapter
 from auditor.models.capture import _device, _run_capturing, agrees, capture
 from auditor.models.compiled import has_compiled_layers
@@ -64,24 +65,29 @@ class StreamCache:
             raise ValueError(f"crop takes a negative count of tokens to remove, got {tokens_to_remove}")
         self.length = max(0, self.length + tokens_to_remove)
 
+    def _room(self, layer: int, n: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's key and value buffers ``[1, kv_heads, capacity, d]``, grown to hold ``n`` more
+        tokens after the held ones (``like``: a ``[1, kv_heads, *, d]`` tensor of the dtype and device)."""
+        end = self.length + n
+        buf_k, buf_v = self._keys.get(layer), self._values.get(layer)
+        if buf_k is None or buf_v is None or buf_k.shape[2] < end or buf_k.dtype != like.dtype or buf_k.device != like.device:
+            capacity = max(64, end, 2 * (buf_k.shape[2] if buf_k is not None else 0))
+            new_k = like.new_empty((1, like.shape[1], capacity, like.shape[3]))
+            new_v = like.new_empty((1, like.shape[1], capacity, like.shape[3]))
+            if buf_k is not None and buf_v is not None and self.length:
+                new_k[:, :, : self.length] = buf_k[:, :, : self.length]
+                new_v[:, :, : self.length] = buf_v[:, :, : self.length]
+            self._keys[layer], self._values[layer] = buf_k, buf_v = new_k, new_v
+        return buf_k, buf_v
+
     def _extend(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write ``key``/``value`` ``[1, kv_heads, n, d]`` after the held tokens; return all of them.
 
         ``length`` moves only when the whole forward is done (:func:`capture_streams`), so every
         layer writes at the same place and a forward that fails leaves the held tokens alone.
         """
-        start, n = self.length, key.shape[2]
-        end = start + n
-        buf_k, buf_v = self._keys.get(layer), self._values.get(layer)
-        if buf_k is None or buf_k.shape[2] < end or buf_k.dtype != key.dtype or buf_k.device != key.device:
-            capacity = max(64, end, 2 * (buf_k.shape[2] if buf_k is not None else 0))
-            new_k = key.new_empty((1, key.shape[1], capacity, key.shape[3]))
-            new_v = value.new_empty((1, value.shape[1], capacity, value.shape[3]))
-            if buf_k is not None and buf_v is not None and start:
-                new_k[:, :, :start] = buf_k[:, :, :start]
-                new_v[:, :, :start] = buf_v[:, :, :start]
-            self._keys[layer], self._values[layer] = buf_k, buf_v = new_k, new_v
-        assert buf_v is not None
+        start, end = self.length, self.length + key.shape[2]
+        buf_k, buf_v = self._room(layer, key.shape[2], key)
         buf_k[:, :, start:end] = key
         buf_v[:, :, start:end] = value
         return buf_k[:, :, :end], buf_v[:, :, :end]
@@ -224,17 +230,23 @@ def capture_streams(
         positions.extend(range(cache.length, cache.length + len(ids)))
         flat.extend(ids)
         start += len(ids)
-    captured = _run_capturing(
-        model,
-        [point],
-        adapter,
-        True,
-        input_ids=torch.tensor([flat], dtype=torch.long, device=device),
-        position_ids=torch.tensor([positions], dtype=torch.long, device=device),
-        attention_mask=_NO_MASK.to(device),
-        use_cache=False,
-        **{_KWARG: _Streams(caches, spans)},
-    )
+    plan = lean.available(model, adapter, [point], len(flat))
+    if plan is not None and lean.supported(model, adapter, point):
+        captured = lean.capture_lean(
+            model, plan, [point], caches, spans, torch.tensor(flat, dtype=torch.long), torch.tensor(positions, dtype=torch.long)
+        )
+    else:
+        captured = _run_capturing(
+            model,
+            [point],
+            adapter,
+            True,
+            input_ids=torch.tensor([flat], dtype=torch.long, device=device),
+            position_ids=torch.tensor([positions], dtype=torch.long, device=device),
+            attention_mask=_NO_MASK.to(device),
+            use_cache=False,
+            **{_KWARG: _Streams(caches, spans)},
+        )
     for cache, ids in zip(caches, new_ids):
         cache.length += len(ids)
     row = captured[point.name][0]  # [N, d]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import threading
 from types import SimpleNamespace
 from typing import Any
 
@@ -293,3 +294,25 @@ def test_isolated_threads_see_only_their_own_hooks(kind: str, input_ids: torch.T
         torch.testing.assert_close(_in_thread(lambda: _run(model, input_ids).logits, isolated=False), seen["own"])
         torch.testing.assert_close(_in_thread(lambda: _run(model, input_ids).logits, isolated=True), plain)
     assert _hook_counts(model) == _hook_counts(build_model("llama"))
+
+
+def test_hook_fires_here_follows_the_thread_rule() -> None:
+    from auditor.models.hooks import hook_fires_here, isolate_this_thread, scoped
+
+    def raw(*args: object) -> None:
+        return None
+
+    mine = scoped(raw, this_thread=True)
+    shared = scoped(raw)
+    assert hook_fires_here(raw) and hook_fires_here(mine) and hook_fires_here(shared)
+    seen: dict[str, bool] = {}
+
+    def elsewhere() -> None:
+        seen["mine"], seen["shared"], seen["raw"] = hook_fires_here(mine), hook_fires_here(shared), hook_fires_here(raw)
+        isolate_this_thread()  # an isolated thread skips hooks installed for every thread
+        seen["shared_isolated"] = hook_fires_here(shared)
+
+    t = threading.Thread(target=elsewhere)
+    t.start()
+    t.join()
+    assert seen == {"mine": False, "shared": True, "raw": True, "shared_isolated": False}

@@ -1,0 +1,302 @@
+"""Lean streamed forwards: Llama-family decoder layers by the kernel library's calls, equal to
+``transformers``' forward to float rounding, used only where nothing else could differ."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+from auditor.models import capture, lean, skinny
+from auditor.models.adapters import get_adapter
+from auditor.models.hookpoints import parse_hookpoint
+from auditor.models.hooks import scoped
+from auditor.models.streams import StreamCache, capture_streams
+from tests.unit.models.conftest import CONFIGS, VOCAB, build_model
+from tests.unit.models.test_skinny import needs_kernel
+
+LEAN_FAMILIES = {"llama", "qwen2"}  # the tiny test configs of mistral have a sliding window
+HOOKS = ["blocks.0.hook_resid_pre", "blocks.1.hook_attn_out", "blocks.1.hook_mlp_out", "blocks.2.hook_resid_post"]
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def _seqs(lengths: list[int], seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, VOCAB, (n,), generator=gen).tolist() for n in lengths]
+
+
+class _Spy:
+    """Counts lean forwards (the real function runs)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        real = lean.capture_lean
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(lean, "capture_lean", counted)
+
+
+def _rounds(model: torch.nn.Module, hook: str, seqs: list[list[int]], cuts: list[list[tuple[int, int] | None]]) -> list[torch.Tensor]:
+    caches = [StreamCache() for _ in seqs]
+    parts: list[list[torch.Tensor]] = [[] for _ in seqs]
+    for round_cuts in cuts:
+        live = [i for i, cut in enumerate(round_cuts) if cut is not None]
+        outs = capture_streams(model, hook, [caches[i] for i in live], [seqs[i][round_cuts[i][0] : round_cuts[i][1]] for i in live])  # type: ignore[index]
+        for i, out in zip(live, outs):
+            parts[i].append(out)
+    return [torch.cat(p) for p in parts]
+
+
+CUTS: list[list[tuple[int, int] | None]] = [
+    [(0, 6), (0, 1), None],
+    [(6, 7), (1, 2), (0, 10)],
+    [(7, 15), None, (10, 11)],
+    [(15, 23), (2, 9), (11, 17)],
+]
+
+
+# ---------------------------------------------------------------- the C pieces against torch
+
+
+@needs_kernel
+@pytest.mark.parametrize("d", [576, 37])
+def test_rmsnorm_matches_llama_rmsnorm(d: int) -> None:
+    fns = skinny.library()
+    norm = LlamaRMSNorm(d, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(7, d) * 3
+    y = torch.empty_like(x)
+    fns.rmsnorm(_ptr(x), _ptr(norm.weight), _ptr(y), 7, d, 1e-5)
+    torch.testing.assert_close(y, norm(x).detach(), rtol=2e-6, atol=1e-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("head_dim", [8, 64])
+def test_rope_matches_rotate_half(head_dim: int) -> None:
+    fns = skinny.library()
+    n, heads = 5, 3
+    q = torch.randn(n, heads, head_dim)
+    angles = torch.rand(n, head_dim // 2) * 50
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    want, _ = apply_rotary_pos_emb(q.transpose(0, 1)[None], q.transpose(0, 1)[None], cos[None], sin[None])
+    got = q.clone()
+    fns.rope(_ptr(got), _ptr(cos), _ptr(sin), n, heads, head_dim)
+    torch.testing.assert_close(got, want[0].transpose(0, 1), rtol=1e-6, atol=1e-6)
+
+
+@needs_kernel
+def test_silu_mul_matches_torch_over_the_whole_range() -> None:
+    fns = skinny.library()
+    g = torch.cat([torch.linspace(-120, 120, 4001), torch.tensor([0.0, -0.0, 1e-30, 88.0, 89.0, -88.0, -104.0])])
+    g = torch.cat([g, torch.tensor([float("inf"), float("-inf"), float("nan")])])
+    u = torch.rand_like(g) + 0.5
+    out = torch.empty_like(g)
+    fns.silu_mul(_ptr(g), _ptr(u), _ptr(out), g.numel())
+    want = F.silu(g) * u
+    finite = torch.isfinite(g)
+    torch.testing.assert_close(out[finite], want[finite], rtol=1e-6, atol=1e-30)
+    assert out[-3] == float("inf") and out[-1].isnan()  # silu(inf) = inf; NaN stays NaN
+    # An odd count: the scalar tail gives the vector lanes' values.
+    tail = torch.empty(5)
+    fns.silu_mul(_ptr(g[:5]), _ptr(u[:5]), _ptr(tail), 5)
+    torch.testing.assert_close(tail, want[:5], rtol=1e-6, atol=0)
+
+
+@needs_kernel
+def test_linear_add_adds_the_product_in_place() -> None:
+    fns = skinny.library()
+    x, w, b = torch.randn(11, 40), torch.randn(13, 40), torch.randn(13)
+    y0 = torch.randn(11, 13)
+    y = y0.clone()
+    fns.linear_add(_ptr(x), _ptr(w), _ptr(b), _ptr(y), 11, 13, 40, 2)
+    assert torch.equal(y, y0 + skinny.linear(x, w, b))
+    torch.testing.assert_close(y, y0 + F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, held: int, threads: int) -> torch.Tensor:
+    fns = skinny.library()
+    n, hq, d = q.shape
+    kv, cap = cache_k.shape[0], cache_k.shape[1]
+    out = torch.empty_like(q)
+    scratch = torch.empty(threads, held + n)
+    fns.attend(_ptr(q), _ptr(k), _ptr(v), _ptr(cache_k), _ptr(cache_v), cap, held, n, hq, kv, d, d**-0.5, _ptr(out), _ptr(scratch), threads)
+    return out
+
+
+@needs_kernel
+@pytest.mark.parametrize(("held", "n", "hq", "kv", "d"), [(0, 1, 2, 2, 8), (0, 9, 4, 2, 8), (300, 16, 9, 3, 64), (37, 5, 4, 1, 128), (20, 3, 2, 2, 24)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_attend_matches_sdpa_against_the_cache(held: int, n: int, hq: int, kv: int, d: int, threads: int) -> None:
+    gen = torch.Generator().manual_seed(held + n)
+    cap = held + n + 7
+    cache_k, cache_v = torch.randn(kv, cap, d, generator=gen), torch.randn(kv, cap, d, generator=gen)
+    q, k, v = torch.randn(n, hq, d, generator=gen), torch.randn(n, kv, d, generator=gen), torch.randn(n, kv, d, generator=gen)
+    before = cache_k.clone()
+    got = _attend(q, k, v, cache_k, cache_v, held, threads)
+    # The new keys and values are written after the held ones, nothing else moves.
+    assert torch.equal(cache_k[:, held : held + n], k.transpose(0, 1)) and torch.equal(cache_v[:, held : held + n], v.transpose(0, 1))
+    assert torch.equal(cache_k[:, :held], before[:, :held]) and torch.equal(cache_k[:, held + n :], before[:, held + n :])
+    keys, values = cache_k[None, :, : held + n], cache_v[None, :, : held + n]
+    mask = torch.arange(held + n)[None, :] <= torch.arange(held, held + n)[:, None]
+    want = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], keys.repeat_interleave(hq // kv, 1), values.repeat_interleave(hq // kv, 1), attn_mask=mask, scale=d**-0.5
+    )
+    torch.testing.assert_close(got, want[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_attend_spreads_a_nan_only_to_the_queries_that_see_it() -> None:
+    held, n, hq, kv, d = 6, 4, 2, 1, 8
+    cache_k, cache_v = torch.randn(kv, 12, d), torch.randn(kv, 12, d)
+    q, k, v = torch.randn(n, hq, d), torch.randn(n, kv, d), torch.randn(n, kv, d)
+    k[2, 0, 3] = float("nan")  # new token 2: seen by queries 2 and 3
+    got = _attend(q, k, v, cache_k, cache_v, held, 2)
+    assert got[:2].isfinite().all() and got[2:].isnan().all()
+
+
+# ---------------------------------------------------------------- the streamed forward
+
+
+@needs_kernel
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_which_families_take_the_lean_forward(family: str) -> None:
+    model = build_model(family)
+    adapter = get_adapter(model)
+    found = lean.plan(model, adapter)
+    assert (found is not None) == (family in LEAN_FAMILIES)
+    if found is not None:
+        with torch.inference_mode():
+            assert lean.supported(model, adapter, parse_hookpoint(HOOKS[-1]))
+
+
+@needs_kernel
+@pytest.mark.parametrize("family", sorted(LEAN_FAMILIES))
+@pytest.mark.parametrize("hook", HOOKS)
+def test_lean_streams_equal_the_transformers_forward(family: str, hook: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = build_model(family)
+    seqs = _seqs([23, 9, 17])
+    _check_first(model, hook)
+    spy = _Spy(monkeypatch)
+    got = _rounds(model, hook, seqs, CUTS)
+    assert spy.calls == len(CUTS)
+    monkeypatch.setenv("AUDITOR_LEAN_LAYERS", "0")
+    plain = _rounds(model, hook, seqs, CUTS)
+    assert spy.calls == len(CUTS)
+    for seq, a, b in zip(seqs, got, plain):
+        whole = capture(model, torch.tensor([seq]), None, [hook])[hook][0]
+        torch.testing.assert_close(a, whole, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_a_prompt_longer_than_the_kernel_rows_runs_in_transformers_and_chunks_continue_lean(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = build_model("llama")
+    hook = HOOKS[-1]
+    [seq] = _seqs([skinny.MAX_ROWS + 30], seed=4)
+    _check_first(model, hook)
+    spy = _Spy(monkeypatch)
+    cut = skinny.MAX_ROWS + 10
+    got = _rounds(model, hook, [seq], [[(0, cut)], [(cut, cut + 4)], [(cut + 4, len(seq))]])[0]
+    assert spy.calls == 2  # not the long first forward
+    torch.testing.assert_close(got, capture(model, torch.tensor([seq]), None, [hook])[hook][0], rtol=1e-4, atol=1e-4)
+
+
+def _check_first(model: torch.nn.Module, hook: str) -> None:
+    """Run (or recall) the one-off check, so that a spy counts the streams' forwards alone."""
+    with torch.inference_mode():
+        assert lean.supported(model, get_adapter(model), parse_hookpoint(hook))
+
+
+def _one_round(model: torch.nn.Module, spy: _Spy) -> tuple[int, torch.Tensor]:
+    before = spy.calls
+    [out] = capture_streams(model, HOOKS[-1], [StreamCache()], [_seqs([7], seed=9)[0]])
+    return spy.calls - before, out
+
+
+@needs_kernel
+def test_hooks_that_would_fire_send_the_forward_to_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = build_model("llama")
+    _check_first(model, HOOKS[-1])
+    spy = _Spy(monkeypatch)
+    assert _one_round(model, spy)[0] == 1
+    seen: list[int] = []
+    mlp = model.model.layers[1].mlp
+    handle = mlp.register_forward_hook(lambda module, args, out: seen.append(1))
+    try:
+        calls, _ = _one_round(model, spy)
+        assert calls == 0 and seen == [1]  # a user's hook runs, so transformers' forward does
+    finally:
+        handle.remove()
+    # A hook another thread installed for its own forwards does not fire here: the lean forward runs.
+    box: dict[str, Any] = {}
+    other = threading.Thread(target=lambda: box.update(h=mlp.register_forward_hook(scoped(lambda *a: seen.append(2), this_thread=True))))
+    other.start()
+    other.join()
+    try:
+        calls, _ = _one_round(model, spy)
+        assert calls == 1 and seen == [1]
+    finally:
+        box["h"].remove()
+
+
+@needs_kernel
+def test_suspended_kernel_switched_off_or_other_dtypes_run_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = build_model("llama")
+    _check_first(model, HOOKS[-1])
+    spy = _Spy(monkeypatch)
+    assert _one_round(model, spy)[0] == 1
+    with skinny.suspended():
+        assert _one_round(model, spy)[0] == 0
+    monkeypatch.setenv("AUDITOR_LEAN_LAYERS", "off")
+    assert _one_round(model, spy)[0] == 0
+    monkeypatch.delenv("AUDITOR_LEAN_LAYERS")
+    import copy
+
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    calls, out = _one_round(half, spy)
+    assert calls == 0 and out.dtype == torch.bfloat16
+
+
+@needs_kernel
+def test_a_model_that_computes_otherwise_fails_the_check_and_keeps_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A llama-typed model whose MLP does something else: the plan is found, the check catches it."""
+    import copy
+
+    model = copy.deepcopy(build_model("llama"))
+    model.model.layers[0].mlp.act_fn = torch.nn.GELU()
+    adapter = get_adapter(model)
+    assert lean.plan(model, adapter) is not None
+    with torch.inference_mode():
+        assert not lean.supported(model, adapter, parse_hookpoint(HOOKS[-1]))
+    spy = _Spy(monkeypatch)
+    seqs = _seqs([23, 9, 17])
+    got = _rounds(model, HOOKS[-1], seqs, CUTS)
+    assert spy.calls == 0
+    for seq, a in zip(seqs, got):
+        torch.testing.assert_close(a, capture(model, torch.tensor([seq]), None, [HOOKS[-1]])[HOOKS[-1]][0], rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_the_default_model_streams_through_lean_layers(default_model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = default_model.model
+    hook = "blocks.15.hook_resid_post"
+    _check_first(model, hook)
+    gen = torch.Generator().manual_seed(1)
+    seq = torch.randint(100, 40000, (81,), generator=gen).tolist()
+    spy = _Spy(monkeypatch)
+    got = _rounds(model, hook, [seq], [[(0, 49)], [(49, 65)], [(65, 66)], [(66, 81)]])[0]
+    assert spy.calls == 4
+    want = capture(model, torch.tensor([seq]), None, [hook])[hook][0]
+    err = (got - want).norm(dim=-1) / want.norm(dim=-1)
+    assert err.max() < 1e-4, err.max()
