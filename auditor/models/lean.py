@@ -31,7 +31,6 @@ and the products, as the kernel's own).
 from __future__ import annotations
 
 import os
-import threading
 import weakref
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -43,12 +42,14 @@ from auditor.models import skinny
 from auditor.models.adapters import ArchitectureAdapter
 from auditor.models.hookpoints import Hookpoint
 
-__all__ = ["available", "capture_lean", "plan", "supported"]
+__all__ = ["Plan", "Unsuitable", "available", "capture_lean", "plan", "supported"]
 
 _ENV = "AUDITOR_LEAN_LAYERS"
 _FAMILIES = {"llama", "mistral", "qwen2"}
-_lock = threading.Lock()
-_verified: weakref.WeakKeyDictionary[nn.Module, dict[str, bool]] = weakref.WeakKeyDictionary()
+_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}
+# model -> its plan (None: not one of these architectures). Outside the model, so that copies
+# and pickles of it carry none.
+_plans: weakref.WeakKeyDictionary[nn.Module, Plan | None] = weakref.WeakKeyDictionary()
 
 
 class _Layer(NamedTuple):
@@ -64,15 +65,29 @@ class _Layer(NamedTuple):
     scaling: float
 
 
-class Plan(NamedTuple):
+class Unsuitable(Exception):
+    """A weight the kernels cannot read as it is (another dtype or device, not contiguous): the caller runs ``transformers``' forward."""
+
+
+class Plan:
     """The modules a lean forward reads (their weights are read at each call, never copied)."""
 
-    embed: nn.Module
-    rotary: nn.Module
-    layers: list[_Layer]
-    heads: int
-    kv_heads: int
-    head_dim: int
+    def __init__(
+        self, embed: nn.Module, rotary: nn.Module, layers: list[_Layer], heads: int, kv_heads: int, head_dim: int,
+        owners: list[list[tuple[nn.Module, str, nn.Module]]],
+    ) -> None:
+        self.embed, self.rotary, self.layers = embed, rotary, layers
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        # (parent, name, child) for the embedding (first list) and each layer (then one list a layer):
+        # the plan holds while each parent still has that child.
+        self.owners = owners
+        self.verified: dict[str, bool] = {}  # hookpoint -> what supported() found
+        self.scopes: dict[int, list[nn.Module]] = {}  # depth -> the modules whose hooks a forward that deep would run
+
+    def current(self, depth: int | None = None) -> bool:
+        """Whether the model still has the modules this plan was made from (in its first ``depth`` layers; all by default)."""
+        lists = self.owners if depth is None else self.owners[: depth + 1]
+        return all(parent._modules.get(name) is child for owned in lists for parent, name, child in owned)
 
 
 def _off() -> bool:
@@ -92,27 +107,38 @@ def plan(model: nn.Module, adapter: ArchitectureAdapter) -> Plan | None:
         return None
     inner = getattr(model, "model", None)
     embed, rotary = getattr(inner, "embed_tokens", None), getattr(inner, "rotary_emb", None)
-    if not isinstance(embed, nn.Embedding) or rotary is None:
+    if not isinstance(inner, nn.Module) or not isinstance(embed, nn.Embedding) or not isinstance(rotary, nn.Module):
         return None
-    layers = []
     try:
         modules = adapter.layers(model)
     except Exception:
         return None
-    for layer in modules:
-        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        norms = (getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None))
-        if attn is None or mlp is None or any(type(n).__name__ not in {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"} for n in norms):
+    owners: list[list[tuple[nn.Module, str, nn.Module]]] = [[(inner, "embed_tokens", embed), (inner, "rotary_emb", rotary)]]
+    if inner._modules.get("layers") is modules:
+        owners[0].append((inner, "layers", modules))
+    layers = []
+    for key, layer in modules._modules.items():
+        if layer is None:
             return None
-        if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
+        parts = {name: layer._modules.get(name) for name in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")}
+        attn, mlp = parts["self_attn"], parts["mlp"]
+        norms = (parts["input_layernorm"], parts["post_attention_layernorm"])
+        if attn is None or mlp is None or any(type(n).__name__ not in _NORMS for n in norms):
             return None
-        projections = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        projections += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        if "q_norm" in attn._modules or "k_norm" in attn._modules:
+            return None
+        names = [(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + [(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]
+        projections = [parent._modules.get(n) for parent, n in names]
         if any(type(p) is not nn.Linear for p in projections):
             return None
         scaling = getattr(attn, "scaling", None)
         if not isinstance(scaling, float):
             return None
+        owners.append(
+            [(modules, key, layer)]
+            + [(layer, name, module) for name, module in parts.items() if module is not None]
+            + [(parent, n, module) for (parent, n), module in zip(names, projections) if module is not None]
+        )
         layers.append(_Layer(norms[0], *projections[:4], norms[1], *projections[4:], scaling))  # type: ignore[arg-type]
     heads = int(getattr(config, "num_attention_heads", 0) or 0)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
@@ -122,7 +148,7 @@ def plan(model: nn.Module, adapter: ArchitectureAdapter) -> Plan | None:
     first = layers[0]
     if first.q.out_features != heads * head_dim or first.k.out_features != kv_heads * head_dim:
         return None
-    return Plan(embed, rotary, layers, heads, kv_heads, head_dim)
+    return Plan(embed, rotary, layers, heads, kv_heads, head_dim, owners)
 
 
 def _hooks_fire(modules: Sequence[nn.Module]) -> bool:
@@ -130,27 +156,21 @@ def _hooks_fire(modules: Sequence[nn.Module]) -> bool:
     from auditor.models.hooks import hook_fires_here
 
     g = nn.modules.module
-    for table in (g._global_forward_hooks, g._global_forward_pre_hooks, g._global_backward_hooks):
-        if table:
-            return True
+    if g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks:
+        return True
     for module in modules:
         for table in (module._forward_hooks, module._forward_pre_hooks):
-            if any(hook_fires_here(h) for h in table.values()):
+            if table and any(hook_fires_here(h) for h in table.values()):
                 return True
     return False
 
 
-def _tensors_ok(p: Plan, layers: int) -> bool:
-    """Float32, contiguous CPU weights in every module the forward reads (the kernels take raw pointers)."""
-    tensors: list[torch.Tensor | None] = [p.embed.weight]
-    for layer in p.layers[:layers]:
-        tensors += [layer.norm1.weight, layer.norm2.weight]
-        for lin in (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down):
-            tensors += [lin.weight, lin.bias]
-    return all(
-        t is None or (t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous())
-        for t in tensors
-    )
+def _current_plan(model: nn.Module, adapter: ArchitectureAdapter, depth: int | None = None) -> Plan | None:
+    """The model's plan, made again when its modules (in the first ``depth`` layers) were replaced (and checked again then)."""
+    found = _plans.get(model, False)
+    if found is False or (found is not None and not found.current(depth)):
+        found = _plans[model] = plan(model, adapter)
+    return found
 
 
 def available(model: nn.Module, adapter: ArchitectureAdapter, points: Sequence[Hookpoint], rows: int) -> Plan | None:
@@ -159,28 +179,28 @@ def available(model: nn.Module, adapter: ArchitectureAdapter, points: Sequence[H
         return None
     if skinny.library() is None:
         return None
-    found = getattr(model, "_auditor_lean_plan", False)
-    if found is False:
-        found = plan(model, adapter)
-        try:
-            model._auditor_lean_plan = found  # type: ignore[assignment]
-        except Exception:
-            return None
-    if found is None:
-        return None
     depth = max(p.layer for p in points) + 1
-    if depth > len(found.layers) or not _tensors_ok(found, depth):
+    found = _current_plan(model, adapter, depth)
+    if found is None or depth > len(found.layers):
         return None
-    modules: list[nn.Module] = [model, getattr(model, "model"), found.embed, found.rotary]
-    for layer in adapter.layers(model)[:depth]:
-        modules.extend(layer.modules())
-    if _hooks_fire(modules):
+    scope = found.scopes.get(depth)
+    if scope is None:
+        scope = [model, getattr(model, "model"), found.embed, found.rotary]
+        for layer in adapter.layers(model)[:depth]:
+            scope.extend(layer.modules())
+        found.scopes[depth] = scope
+    if _hooks_fire(scope):
         return None
     return found
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
+    """A weight's data pointer for the kernels; :class:`Unsuitable` where they cannot read it."""
+    if t is None:
+        return None
+    if t.dtype != torch.float32 or not t.is_cpu or not t.is_contiguous():
+        raise Unsuitable(f"a {t.dtype} weight on {t.device} ({'' if t.is_contiguous() else 'not '}contiguous)")
+    return t.data_ptr()
 
 
 @torch.inference_mode()
@@ -197,7 +217,8 @@ def capture_lean(
 
     ``ids`` and ``positions`` are ``[N]`` (all streams' new tokens, end to end); ``spans[i]`` is
     stream ``i``'s slice of them and ``caches[i]`` its cache, which gets the new keys and values
-    (its ``length`` is left to the caller). Stops after the deepest hookpoint.
+    (its ``length`` is left to the caller). Stops after the deepest hookpoint. Raises
+    :class:`Unsuitable` (before any cache's held tokens change) for weights the kernels cannot read.
     """
     fns = skinny.library()
     assert fns is not None
@@ -213,30 +234,34 @@ def capture_lean(
             out[name] = t.clone()[None]
         return name is not None and Hookpoint(layer, kind).depth == deepest  # type: ignore[arg-type]
 
+    _ptr(p.embed.weight)
     x = p.embed(ids).contiguous()  # [N, d]
     cos, sin = p.rotary(x[None], positions[None])
     cos, sin = cos[0].float().contiguous(), sin[0].float().contiguous()  # [N, head_dim]
     d = x.shape[1]
     hq, kv, hd = p.heads, p.kv_heads, p.head_dim
     h = torch.empty_like(x)
+    q, k, v = x.new_empty((n, hq * hd)), x.new_empty((n, kv * hd)), x.new_empty((n, kv * hd))
     attn = x.new_empty((n, hq * hd))
+    inter = p.layers[0].gate.out_features
+    gate, up = x.new_empty((n, inter)), x.new_empty((n, inter))
     total = max(c.length + (b - a) for c, (a, b) in zip(caches, spans))
     scratch = x.new_empty((threads, total))
     like = x.new_empty((1, kv, 0, hd))
 
-    def linear(lin: nn.Linear, src: torch.Tensor, dst: torch.Tensor | None = None) -> torch.Tensor:
-        """``src @ lin.weight.T + lin.bias``, or added into ``dst`` in place."""
+    def linear(lin: nn.Linear, src: torch.Tensor, dst: torch.Tensor, add: bool = False) -> torch.Tensor:
+        """``dst = src @ lin.weight.T + lin.bias``, or that added into ``dst`` in place."""
         w = lin.weight
-        target = dst if dst is not None else src.new_empty((src.shape[0], w.shape[0]))
-        fn = fns.linear_add if dst is not None else fns.linear
-        fn(src.data_ptr(), w.data_ptr(), _ptr(lin.bias), target.data_ptr(), src.shape[0], w.shape[0], w.shape[1], threads)
-        return target
+        if w.shape != (dst.shape[1], src.shape[1]):
+            raise Unsuitable(f"a weight of shape {tuple(w.shape)} where {(dst.shape[1], src.shape[1])} was expected")
+        (fns.linear_add if add else fns.linear)(_ptr(src), _ptr(w), _ptr(lin.bias), dst.data_ptr(), n, w.shape[0], w.shape[1], threads)
+        return dst
 
     for index, layer in enumerate(p.layers):
         if record(index, "resid_pre", x):
             break
-        fns.rmsnorm(x.data_ptr(), layer.norm1.weight.data_ptr(), h.data_ptr(), n, d, float(layer.norm1.variance_epsilon))
-        q, k, v = linear(layer.q, h), linear(layer.k, h), linear(layer.v, h)
+        fns.rmsnorm(x.data_ptr(), _ptr(layer.norm1.weight), h.data_ptr(), n, d, float(layer.norm1.variance_epsilon))
+        linear(layer.q, h, q), linear(layer.k, h, k), linear(layer.v, h, v)
         fns.rope(q.data_ptr(), cos.data_ptr(), sin.data_ptr(), n, hq, hd)
         fns.rope(k.data_ptr(), cos.data_ptr(), sin.data_ptr(), n, kv, hd)
         for cache, (a, b) in zip(caches, spans):
@@ -246,54 +271,57 @@ def capture_lean(
                 buf_k.shape[2], cache.length, b - a, hq, kv, hd, layer.scaling, attn[a:b].data_ptr(), scratch.data_ptr(), threads,
             )
         if (index, "attn_out") in wanted:
-            o = linear(layer.o, attn)
+            o = linear(layer.o, attn, x.new_empty((n, d)))
             x.add_(o)
             if record(index, "attn_out", o):
                 break
         else:
-            linear(layer.o, attn, x)
-        fns.rmsnorm(x.data_ptr(), layer.norm2.weight.data_ptr(), h.data_ptr(), n, d, float(layer.norm2.variance_epsilon))
-        gate, up = linear(layer.gate, h), linear(layer.up, h)
+            linear(layer.o, attn, x, add=True)
+        fns.rmsnorm(x.data_ptr(), _ptr(layer.norm2.weight), h.data_ptr(), n, d, float(layer.norm2.variance_epsilon))
+        linear(layer.gate, h, gate), linear(layer.up, h, up)
         fns.silu_mul(gate.data_ptr(), up.data_ptr(), gate.data_ptr(), gate.numel())
         if (index, "mlp_out") in wanted:
-            m = linear(layer.down, gate)
+            m = linear(layer.down, gate, x.new_empty((n, d)))
             x.add_(m)
             if record(index, "mlp_out", m):
                 break
         else:
-            linear(layer.down, gate, x)
+            linear(layer.down, gate, x, add=True)
         if record(index, "resid_post", x):
             break
     return out
 
 
-def supported(model: nn.Module, adapter: ArchitectureAdapter, point: Hookpoint) -> bool:
+def supported(model: nn.Module, adapter: ArchitectureAdapter, point: Hookpoint, found: Plan | None = None) -> bool:
     """Whether lean forwards give ``model``'s :func:`~auditor.models.capture.capture` activations at ``point``.
 
-    Checked once per model and hookpoint (then remembered): two streams of 9 and 6 random tokens
-    fed in three rounds, against a plain forward of each whole sequence.
+    Checked once per model and hookpoint (again after its modules are replaced), then
+    remembered: two streams of 9 and 6 random tokens fed in three rounds, against a plain
+    forward of each whole sequence. False without remembering it while a lean forward cannot
+    run at all (see :func:`available`). ``found``: the plan :func:`available` just gave.
     """
-    with _lock:
-        known = _verified.setdefault(model, {})
-        if point.name in known:
-            return known[point.name]
-    ok = _check(model, adapter, point)
-    with _lock:
-        _verified.setdefault(model, {})[point.name] = ok
-    return ok
+    found = found or _current_plan(model, adapter)
+    if found is None:
+        return False
+    known = found.verified.get(point.name)
+    if known is None:
+        known = _check(model, adapter, point)
+        if known is None:
+            return False
+        found.verified[point.name] = known
+    return known
 
 
-def _check(model: nn.Module, adapter: ArchitectureAdapter, point: Hookpoint) -> bool:
+def _check(model: nn.Module, adapter: ArchitectureAdapter, point: Hookpoint) -> bool | None:
+    """:func:`supported`'s comparison; None where a lean forward cannot run now."""
     from auditor.models.capture import agrees, capture
     from auditor.models.streams import StreamCache
 
     with torch.inference_mode():
         found = available(model, adapter, [point], 9)
-        if found is None:
-            return False
-        vocab = int(getattr(model.config, "vocab_size", 0) or 0)
-        if vocab < 8:
-            return False
+        vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
+        if found is None or vocab < 8:
+            return None
         gen = torch.Generator().manual_seed(0)
         seqs = [torch.randint(3, min(vocab, 1000), (n,), generator=gen).tolist() for n in (9, 6)]
         caches = [StreamCache(), StreamCache()]
@@ -318,6 +346,8 @@ def _check(model: nn.Module, adapter: ArchitectureAdapter, point: Hookpoint) -> 
                 [want] = capture(model, torch.tensor([seq]), None, [point], adapter=adapter).values()
                 if not agrees(want[0], torch.cat(parts)):
                     return False
-        except Exception:
+        except Unsuitable:
+            return None
+        except Exception:  # a module that does not compute what its class name says, for one
             return False
     return True

@@ -272,10 +272,26 @@ void auditor_silu_mul(const float *g, const float *u, float *out, int64_t n) {
 }
 
 /* One query against keys 0..T-1 and values ([T, D] rows): out = softmax(scale q.k) . v. score
- * holds T floats. With D a constant (64, 128) the accumulators stay in registers. */
+ * holds T floats. D is a constant at the calls for 64 and 128, so the loops over it unroll. */
 static inline __attribute__((always_inline)) void attend_one(const float *qr, const float *kb, const float *vb, float *o,
                                                              float *score, int64_t T, int64_t D, float scale) {
     int64_t t = 0;
+    if (D == 64) { /* the query in eight registers, eight keys at a time, summed by one hadd tree */
+        __m256 qv[8];
+        for (int c = 0; c < 8; c++) qv[c] = _mm256_loadu_ps(qr + 8 * c);
+        const __m256 sc = _mm256_set1_ps(scale);
+        for (; t + 8 <= T; t += 8) {
+            const float *k0 = kb + t * 64;
+            __m256 r[8];
+            for (int j = 0; j < 8; j++) r[j] = _mm256_mul_ps(qv[0], _mm256_loadu_ps(k0 + j * 64));
+            for (int c = 1; c < 8; c++)
+                for (int j = 0; j < 8; j++) r[j] = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(k0 + j * 64 + 8 * c), r[j]);
+            const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(r[0], r[1]), _mm256_hadd_ps(r[2], r[3]));
+            const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(r[4], r[5]), _mm256_hadd_ps(r[6], r[7]));
+            const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
+            _mm256_storeu_ps(score + t, _mm256_mul_ps(sums, sc));
+        }
+    }
     for (; t + 4 <= T; t += 4) { /* four keys at a time, summed by one hadd tree */
         const float *k0 = kb + t * D;
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -295,9 +311,20 @@ static inline __attribute__((always_inline)) void attend_one(const float *qr, co
         for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), _mm256_loadu_ps(kb + t * D + d), a);
         score[t] = hsum(a) * scale;
     }
-    float top = -INFINITY;
-    for (t = 0; t < T; t++)
-        if (score[t] > top || score[t] != score[t]) top = score[t]; /* a NaN wins, and spreads as in torch */
+    /* The largest score; a NaN wins, and spreads to the output as in torch. */
+    __m256 topv8 = _mm256_set1_ps(-INFINITY), nan8 = _mm256_setzero_ps();
+    for (t = 0; t + 8 <= T; t += 8) {
+        const __m256 s = _mm256_loadu_ps(score + t);
+        topv8 = _mm256_max_ps(topv8, s);
+        nan8 = _mm256_or_ps(nan8, _mm256_cmp_ps(s, s, _CMP_UNORD_Q));
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, topv8);
+    float top = lanes[0];
+    for (int j = 1; j < 8; j++) top = lanes[j] > top ? lanes[j] : top;
+    for (; t < T; t++)
+        if (score[t] > top || score[t] != score[t]) top = score[t];
+    if (_mm256_movemask_ps(nan8)) top = NAN;
     const __m256 topv = _mm256_set1_ps(top);
     __m256 sumv = _mm256_setzero_ps();
     for (t = 0; t + 8 <= T; t += 8) {
@@ -311,16 +338,35 @@ static inline __attribute__((always_inline)) void attend_one(const float *qr, co
         sum += score[t];
     }
     const __m256 inv = _mm256_set1_ps(1.0f / sum);
-    for (int64_t d0 = 0; d0 < D; d0 += 128) {
-        const int64_t width = D - d0 < 128 ? D - d0 : 128;
-        __m256 acc[16];
-        for (int64_t c = 0; c < width / 8; c++) acc[c] = _mm256_setzero_ps();
+    int64_t d0 = 0;
+    for (; d0 + 64 <= D; d0 += 64) { /* eight named accumulators: they stay in registers */
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
         for (t = 0; t < T; t++) {
             const __m256 p = _mm256_set1_ps(score[t]);
             const float *vr = vb + t * D + d0;
-            for (int64_t c = 0; c < width / 8; c++) acc[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * c), acc[c]);
+            a0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr), a0);
+            a1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8), a1);
+            a2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 16), a2);
+            a3 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 24), a3);
+            a4 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 32), a4);
+            a5 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 40), a5);
+            a6 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 48), a6);
+            a7 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 56), a7);
         }
-        for (int64_t c = 0; c < width / 8; c++) _mm256_storeu_ps(o + d0 + 8 * c, _mm256_mul_ps(acc[c], inv));
+        float *od = o + d0;
+        _mm256_storeu_ps(od, _mm256_mul_ps(a0, inv));
+        _mm256_storeu_ps(od + 8, _mm256_mul_ps(a1, inv));
+        _mm256_storeu_ps(od + 16, _mm256_mul_ps(a2, inv));
+        _mm256_storeu_ps(od + 24, _mm256_mul_ps(a3, inv));
+        _mm256_storeu_ps(od + 32, _mm256_mul_ps(a4, inv));
+        _mm256_storeu_ps(od + 40, _mm256_mul_ps(a5, inv));
+        _mm256_storeu_ps(od + 48, _mm256_mul_ps(a6, inv));
+        _mm256_storeu_ps(od + 56, _mm256_mul_ps(a7, inv));
+    }
+    for (; d0 < D; d0 += 8) { /* what is left of the head, eight at a time */
+        __m256 a = _mm256_setzero_ps();
+        for (t = 0; t < T; t++) a = _mm256_fmadd_ps(_mm256_set1_ps(score[t]), _mm256_loadu_ps(vb + t * D + d0), a);
+        _mm256_storeu_ps(o + d0, _mm256_mul_ps(a, inv));
     }
 }
 
@@ -348,7 +394,10 @@ void auditor_attend(const float *q, const float *k_new, const float *v_new, floa
         float *score = scratch + (int64_t)omp_get_thread_num() * total;
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < tasks; task++) {
-            const int64_t i = task / Hq, h = task % Hq, kv = h / groups, T = held + i + 1;
+            /* Tasks ordered by key head, so that a thread works through one head's keys and values
+             * (held in its L2) before the next's. */
+            const int64_t kv = task / (n * groups), rest = task % (n * groups), i = rest / groups;
+            const int64_t h = kv * groups + rest % groups, T = held + i + 1;
             const float *qr = q + (i * Hq + h) * D, *kb = k_cache + kv * cap * D, *vb = v_cache + kv * cap * D;
             float *o = out + (i * Hq + h) * D;
             if (D == 64)

@@ -231,11 +231,15 @@ def capture_streams(
         flat.extend(ids)
         start += len(ids)
     plan = lean.available(model, adapter, [point], len(flat))
-    if plan is not None and lean.supported(model, adapter, point):
-        captured = lean.capture_lean(
-            model, plan, [point], caches, spans, torch.tensor(flat, dtype=torch.long), torch.tensor(positions, dtype=torch.long)
-        )
-    else:
+    captured = None
+    if plan is not None and lean.supported(model, adapter, point, plan):
+        try:
+            captured = lean.capture_lean(
+                model, plan, [point], caches, spans, torch.tensor(flat, dtype=torch.long), torch.tensor(positions, dtype=torch.long)
+            )
+        except lean.Unsuitable:
+            pass  # weights the kernels cannot read (a dtype or device changed): transformers' forward
+    if captured is None:
         captured = _run_capturing(
             model,
             [point],

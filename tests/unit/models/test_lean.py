@@ -33,15 +33,16 @@ def _seqs(lengths: list[int], seed: int = 0) -> list[list[int]]:
 
 
 class _Spy:
-    """Counts lean forwards (the real function runs)."""
+    """Counts the lean forwards that returned (the real function runs)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls = 0
         real = lean.capture_lean
 
         def counted(*args: Any, **kwargs: Any) -> Any:
-            self.calls += 1
-            return real(*args, **kwargs)
+            out = real(*args, **kwargs)
+            self.calls += 1  # forwards that returned
+            return out
 
         monkeypatch.setattr(lean, "capture_lean", counted)
 
@@ -300,3 +301,39 @@ def test_the_default_model_streams_through_lean_layers(default_model: Any, monke
     want = capture(model, torch.tensor([seq]), None, [hook])[hook][0]
     err = (got - want).norm(dim=-1) / want.norm(dim=-1)
     assert err.max() < 1e-4, err.max()
+
+
+@needs_kernel
+def test_a_replaced_module_makes_a_new_plan_and_its_weights_are_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    import copy
+
+    model = copy.deepcopy(build_model("llama"))
+    adapter = get_adapter(model)
+    _check_first(model, HOOKS[-1])
+    first = lean.available(model, adapter, [parse_hookpoint(HOOKS[-1])], 4)
+    old = model.model.layers[1].mlp.down_proj
+    new = torch.nn.Linear(old.in_features, old.out_features, bias=False)
+    with torch.no_grad():
+        new.weight.normal_(0.0, 0.3)
+    model.model.layers[1].mlp.down_proj = new
+    second = lean.available(model, adapter, [parse_hookpoint(HOOKS[-1])], 4)
+    assert second is not None and second is not first and second.layers[1].down is new
+    spy = _Spy(monkeypatch)
+    seqs = _seqs([23, 9, 17])
+    got = _rounds(model, HOOKS[-1], seqs, CUTS)
+    assert spy.calls >= len(CUTS)  # the new plan's check, then every round
+    for seq, a in zip(seqs, got):
+        torch.testing.assert_close(a, capture(model, torch.tensor([seq]), None, [HOOKS[-1]])[HOOKS[-1]][0], rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_copies_and_pickles_of_a_model_carry_no_plan() -> None:
+    import copy
+    import pickle
+
+    model = build_model("llama")
+    _check_first(model, HOOKS[-1])
+    twin = copy.deepcopy(model)
+    assert twin not in lean._plans
+    assert b"auditor.models.lean" not in pickle.dumps(model)
+    assert model in lean._plans
