@@ -29,6 +29,7 @@ from auditor.text import (
     ROLE_COMPLETION,
     ROLE_PROMPT,
     AuditInput,
+    Encoded,
     InputError,
     TokenBatch,
     role_masks,
@@ -635,7 +636,11 @@ class Auditor:
     def _update_streams(self, streams: list[AuditStream]) -> list[AuditResult]:
         timings = StageTimings()
         t0 = time.perf_counter()
-        batch = tokenize_batch(self.model.tokenizer, [s.item for s in streams], max_tokens=self.max_tokens)
+        batch = tokenize_batch(
+            self.model.tokenizer, [s.item for s in streams], max_tokens=self.max_tokens, previous=[s._encoded for s in streams]
+        )
+        for stream, encoded in zip(streams, batch.encoded):
+            stream._encoded = encoded
         lengths = batch.lengths.tolist()
         all_ids = [row[:n] for row, n in zip(batch.input_ids.tolist(), lengths)]
         t1 = time.perf_counter()
@@ -755,6 +760,7 @@ class AuditStream:
         # Made on the first feed, on the thread that runs it (deciding the kind may run the model).
         self._kv: Any = None
         self._ids: list[int] = []
+        self._encoded: Encoded | None = None  # the rendered input's tokens so far (the next feed encodes only its end)
         d_in = auditor.sae.cfg.d_in
         n_watched = engine.watched.numel()
         self._acts = torch.zeros((0, d_in), device=auditor.device)  # [T_seen, d_in], kept only if the policy reads it
@@ -808,6 +814,7 @@ class AuditStream:
     def _reset(self) -> None:
         self._kv = None
         self._ids = []
+        self._encoded = None
         self._acts, self._feats, self._recon = self._acts[:0], self._feats[:0], self._recon[:0]
 
     def _keep_common(self, ids: list[int]) -> list[int]:

@@ -16,8 +16,9 @@ with a template token.
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -26,6 +27,7 @@ from auditor.errors import AuditorError
 
 __all__ = [
     "AuditInput",
+    "Encoded",
     "TokenBatch",
     "ROLE_PROMPT",
     "ROLE_COMPLETION",
@@ -282,6 +284,100 @@ def render(tokenizer: Any, item: AuditInput) -> tuple[str, list[tuple[int, int, 
     return rendered, spans, False
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """A rendered string's token ids and character offsets, as the tokenizer gave them (no sink
+    token, no truncation): what :func:`tokenize_batch` starts from when the string has grown."""
+
+    text: str
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+    piece: int = 0  # a character offset where the tokenizer's pre-tokenizer starts a piece (0: none known)
+
+
+# tokenizer -> (its backend, its added tokens' strings, the longest one's length), or None where
+# a grown string's tokens cannot be found from its prefix's (see _grown).
+_GROWABLE: weakref.WeakKeyDictionary[Any, tuple[Any, list[str], int] | None] = weakref.WeakKeyDictionary()
+
+
+def _growable(tokenizer: Any) -> tuple[Any, list[str], int] | None:
+    """For byte-level BPE tokenizers (GPT-2's scheme: no normalizer, the regex pre-tokenizer without
+    an added prefix space, no BPE dropout) the backend and its added tokens; else None."""
+    try:
+        return _GROWABLE[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    found = None
+    backend = getattr(tokenizer, "_tokenizer", None)
+    try:
+        pre = backend.pre_tokenizer if backend is not None else None
+        if (
+            backend is not None
+            and backend.normalizer is None
+            and type(backend.model).__name__ == "BPE"
+            and getattr(backend.model, "dropout", None) is None
+            and type(pre).__name__ == "ByteLevel"
+            and pre.use_regex
+            and not pre.add_prefix_space
+        ):
+            added = [t.content for t in backend.get_added_tokens_decoder().values() if t.content]
+            found = (backend, added, max((len(a) for a in added), default=1))
+    except Exception:  # another tokenizers release: tokenize whole strings
+        found = None
+    try:
+        _GROWABLE[tokenizer] = found
+    except TypeError:  # not weakly referable
+        pass
+    return found
+
+
+def _grown(tokenizer: Any, text: str, previous: Encoded | None) -> Encoded | None:
+    """``text``'s tokens from those of ``previous``, a prefix of it; None to tokenize it whole.
+
+    A byte-level BPE tokenizer splits its input at its added tokens, cuts each part into pieces
+    by a regular expression read left to right (no look-behind), and encodes each piece alone.
+    Every piece of the prefix but its last ends where the next begins, inside the prefix, so it is
+    cut the same way in the longer text; only the last one can grow (a word split between two
+    chunks). So the tokens up to the second-to-last piece are kept, and the text from there is
+    encoded anew; the second-to-last piece's new tokens must equal its old ones (a check of that
+    argument), and no added token may appear where the prefix ended. Only the prefix's end is
+    cut into pieces: from ``previous.piece``, where one is known to start.
+    """
+    if previous is None or len(previous.ids) < 4 or not text.startswith(previous.text):
+        return None
+    info = _growable(tokenizer)
+    if info is None:
+        return None
+    backend, added, longest = info
+    old = previous.text
+    # Where the part the last piece is in starts: after the last added token of the prefix.
+    start = max((old.rfind(a) + len(a) for a in added if a in old), default=0)
+    if any(a in text[max(start, len(old) - longest + 1) :] for a in added):
+        return None  # an added token at or across the join
+    begin = max(start, previous.piece)
+    pieces = backend.pre_tokenizer.pre_tokenize_str(old[begin:])
+    if len(pieces) < 3:
+        if begin == start:
+            return None
+        begin = start  # too little since the known piece: cut the whole part
+        pieces = backend.pre_tokenizer.pre_tokenize_str(old[begin:])
+        if len(pieces) < 3:
+            return None
+    check, last = begin + pieces[-2][1][0], begin + pieces[-1][1][0]
+    ids, offsets = previous.ids, previous.offsets
+    # The first token past the third-to-last piece (offsets may be trimmed of spaces, so by ends).
+    j = next((i for i in range(len(offsets) - 1, -1, -1) if offsets[i][1] <= check), -1) + 1
+    kept = [i for i in range(j, len(offsets)) if offsets[i][1] <= last]  # the second-to-last piece's tokens
+    if not kept or kept[-1] - j + 1 != len(kept):
+        return None
+    enc = backend.encode(text[check:], add_special_tokens=False)
+    tail_ids, tail_offsets = list(enc.ids), [(a + check, b + check) for a, b in enc.offsets]
+    m = len(kept)
+    if tail_ids[:m] != ids[j : j + m] or tail_offsets[:m] != offsets[j : j + m]:
+        return None
+    return Encoded(text, ids[:j] + tail_ids, offsets[:j] + tail_offsets, check)
+
+
 @dataclass
 class TokenBatch:
     """A right-padded batch with per-token content and role masks."""
@@ -292,6 +388,7 @@ class TokenBatch:
     role: torch.Tensor  # [B, T] int8, ROLE_* per token (meaningful where content_mask)
     tokens: list[list[str]]  # per row, the text of each real token
     truncated: list[bool]  # per row, whether the input was cut at max_tokens
+    encoded: list[Encoded] = field(default_factory=list)  # per row, the rendered string's tokens (for previous=)
 
     @property
     def lengths(self) -> torch.Tensor:  # [B]
@@ -326,10 +423,14 @@ def tokenize_batch(
     items: Sequence[AuditInput],
     *,
     max_tokens: int | None = None,
+    previous: Sequence[Encoded | None] | None = None,
 ) -> TokenBatch:
     """Tokenize inputs into one right-padded batch with content and role masks.
 
-    Inputs longer than ``max_tokens`` are cut (and flagged in ``truncated``).
+    Inputs longer than ``max_tokens`` are cut (and flagged in ``truncated``). ``previous[i]``,
+    when given, is item ``i``'s earlier tokens (``batch.encoded[i]`` of an earlier call): where the
+    item's rendered string only grew, the tokenizer then encodes its end alone, with the same
+    result (a streamed input's cost no longer grows with its length; byte-level BPE tokenizers).
     """
     sink = sink_token_id(tokenizer)
     pad_id = tokenizer.pad_token_id
@@ -337,16 +438,21 @@ def tokenize_batch(
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     rows: list[tuple[list[int], list[bool], list[int], list[str], bool]] = []
     rendered_items = [render(tokenizer, item) for item in items]
-    # One call for the batch: a fast tokenizer encodes the strings in parallel.
-    encoded = (
-        tokenizer([r[0] for r in rendered_items], add_special_tokens=False, return_offsets_mapping=True)
-        if rendered_items
-        else {"input_ids": [], "offset_mapping": []}
-    )
-    for (rendered, spans, needs_sink), ids, offsets in zip(
-        rendered_items, encoded["input_ids"], encoded["offset_mapping"]
-    ):
-        ids = list(ids)
+    found: list[Encoded | None] = [
+        _grown(tokenizer, r[0], previous[i] if previous is not None and i < len(previous) else None)
+        for i, r in enumerate(rendered_items)
+    ]
+    whole = [i for i, f in enumerate(found) if f is None]
+    if whole:
+        # One call for the rest: a fast tokenizer encodes the strings in parallel.
+        encoded = tokenizer([rendered_items[i][0] for i in whole], add_special_tokens=False, return_offsets_mapping=True)
+        for i, ids, offsets in zip(whole, encoded["input_ids"], encoded["offset_mapping"]):
+            found[i] = Encoded(rendered_items[i][0], list(ids), [(a, b) for a, b in offsets])
+    encodings: list[Encoded] = []
+    for (rendered, spans, needs_sink), enc in zip(rendered_items, found):
+        assert enc is not None
+        encodings.append(enc)
+        ids, offsets = list(enc.ids), enc.offsets
         token_roles = _token_roles(offsets, spans)
         content = [role >= 0 for role in token_roles]
         roles = [max(role, 0) for role in token_roles]
@@ -383,4 +489,5 @@ def tokenize_batch(
         role=role,
         tokens=[r[3] for r in rows],
         truncated=[r[4] for r in rows],
+        encoded=encodings,
     )
