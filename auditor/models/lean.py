@@ -30,6 +30,7 @@ and the products, as the kernel's own).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import weakref
 from collections.abc import Sequence
@@ -194,13 +195,52 @@ def available(model: nn.Module, adapter: ArchitectureAdapter, points: Sequence[H
     return found
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
-    """A weight's data pointer for the kernels; :class:`Unsuitable` where they cannot read it."""
+def _ptr(t: torch.Tensor | None, shape: tuple[int, ...] | None = None) -> int | None:
+    """A weight's data pointer for the kernels (None for None); :class:`Unsuitable` where they cannot
+    read it: not float32, not on the CPU, not contiguous, or not of ``shape``."""
     if t is None:
         return None
     if t.dtype != torch.float32 or not t.is_cpu or not t.is_contiguous():
         raise Unsuitable(f"a {t.dtype} weight on {t.device} ({'' if t.is_contiguous() else 'not '}contiguous)")
+    if shape is not None and t.shape != shape:
+        raise Unsuitable(f"a weight of shape {tuple(t.shape)} where {shape} was expected")
     return t.data_ptr()
+
+
+def _layers(
+    fns: Any, p: Plan, count: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: Sequence[Any],
+    spans: Sequence[tuple[int, int]], like: torch.Tensor, buffers: Sequence[torch.Tensor], threads: int,
+) -> None:
+    """Layers ``0 .. count - 1`` on ``x`` in place, by one call of the kernel library (``auditor_layers``)."""
+    n, d = x.shape
+    hq, kv, hd = p.heads, p.kv_heads, p.head_dim
+    inter = buffers[5].shape[1]
+    weights = (ctypes.c_void_p * (16 * count))()
+    params = (ctypes.c_float * (3 * count))()
+    shapes = ((hq * hd, d), (kv * hd, d), (kv * hd, d), (d, hq * hd), (inter, d), (inter, d), (d, inter))
+    for i, layer in enumerate(p.layers[:count]):
+        at = 16 * i
+        weights[at] = _ptr(layer.norm1.weight, (d,))
+        weights[at + 1] = _ptr(layer.norm2.weight, (d,))
+        for j, (lin, shape) in enumerate(zip((layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down), shapes)):
+            weights[at + 2 + 2 * j] = _ptr(lin.weight, shape)
+            weights[at + 3 + 2 * j] = _ptr(lin.bias, shape[:1])
+        params[3 * i : 3 * i + 3] = [float(layer.norm1.variance_epsilon), float(layer.norm2.variance_epsilon), layer.scaling]
+    streams = len(caches)
+    flat_spans = (ctypes.c_int64 * (2 * streams))()
+    held = (ctypes.c_int64 * streams)()
+    buffers_kv = (ctypes.c_void_p * (2 * streams * count))()
+    caps = (ctypes.c_int64 * (streams * count))()
+    for s, (cache, (a, b)) in enumerate(zip(caches, spans)):
+        flat_spans[2 * s], flat_spans[2 * s + 1], held[s] = a, b - a, cache.length
+        for i in range(count):
+            buf_k, buf_v = cache._room(i, b - a, like)
+            at = s * count + i
+            buffers_kv[2 * at], buffers_kv[2 * at + 1], caps[at] = buf_k.data_ptr(), buf_v.data_ptr(), buf_k.shape[2]
+    fns.layers(
+        x.data_ptr(), n, d, count, weights, params, hq, kv, hd, inter, cos.data_ptr(), sin.data_ptr(), streams,
+        flat_spans, held, buffers_kv, caps, *(t.data_ptr() for t in buffers), threads,
+    )
 
 
 @torch.inference_mode()
@@ -251,16 +291,27 @@ def capture_lean(
 
     def linear(lin: nn.Linear, src: torch.Tensor, dst: torch.Tensor, add: bool = False) -> torch.Tensor:
         """``dst = src @ lin.weight.T + lin.bias``, or that added into ``dst`` in place."""
-        w = lin.weight
-        if w.shape != (dst.shape[1], src.shape[1]):
-            raise Unsuitable(f"a weight of shape {tuple(w.shape)} where {(dst.shape[1], src.shape[1])} was expected")
-        (fns.linear_add if add else fns.linear)(_ptr(src), _ptr(w), _ptr(lin.bias), dst.data_ptr(), n, w.shape[0], w.shape[1], threads)
+        shape = (dst.shape[1], src.shape[1])
+        (fns.linear_add if add else fns.linear)(
+            src.data_ptr(), _ptr(lin.weight, shape), _ptr(lin.bias, shape[:1]), dst.data_ptr(), n, shape[0], shape[1], threads
+        )
         return dst
 
-    for index, layer in enumerate(p.layers):
+    start = 0
+    if len(points) == 1:
+        # The layers before the audited one (and it too, for its output) in one call; the rest of
+        # an audited layer below, where the hookpoint sits inside it.
+        [point] = points
+        start = point.layer + 1 if point.kind == "resid_post" else point.layer
+        if start:
+            _layers(fns, p, start, x, cos, sin, caches, spans, like, (h, q, k, v, attn, gate, up, scratch), threads)
+        if point.kind == "resid_post":
+            return {point.name: x.clone()[None]}
+    for index in range(start, len(p.layers)):
+        layer = p.layers[index]
         if record(index, "resid_pre", x):
             break
-        fns.rmsnorm(x.data_ptr(), _ptr(layer.norm1.weight), h.data_ptr(), n, d, float(layer.norm1.variance_epsilon))
+        fns.rmsnorm(x.data_ptr(), _ptr(layer.norm1.weight, (d,)), h.data_ptr(), n, d, float(layer.norm1.variance_epsilon))
         linear(layer.q, h, q), linear(layer.k, h, k), linear(layer.v, h, v)
         fns.rope(q.data_ptr(), cos.data_ptr(), sin.data_ptr(), n, hq, hd)
         fns.rope(k.data_ptr(), cos.data_ptr(), sin.data_ptr(), n, kv, hd)
@@ -277,7 +328,7 @@ def capture_lean(
                 break
         else:
             linear(layer.o, attn, x, add=True)
-        fns.rmsnorm(x.data_ptr(), _ptr(layer.norm2.weight), h.data_ptr(), n, d, float(layer.norm2.variance_epsilon))
+        fns.rmsnorm(x.data_ptr(), _ptr(layer.norm2.weight, (d,)), h.data_ptr(), n, d, float(layer.norm2.variance_epsilon))
         linear(layer.gate, h, gate), linear(layer.up, h, up)
         fns.silu_mul(gate.data_ptr(), up.data_ptr(), gate.data_ptr(), gate.numel())
         if (index, "mlp_out") in wanted:

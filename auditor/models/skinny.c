@@ -409,3 +409,40 @@ void auditor_attend(const float *q, const float *k_new, const float *v_new, floa
         }
     }
 }
+
+/* Whole decoder layers, the calls above in one: what auditor/models/lean.py runs for the layers
+ * before the audited one (and that one, when its output is what is audited).
+ *
+ * x [n, d] (the embeddings) becomes the last layer's output. weights holds 16 pointers a layer:
+ * input norm, post-attention norm, then weight and bias (NULL: none) of q, k, v, o, gate, up and
+ * down; params 3 floats a layer: the two norms' epsilons and the attention's scale. Stream s has
+ * rows spans[2s] .. spans[2s] + spans[2s+1] - 1 of x, held[s] tokens in its cache, and for layer
+ * l the key and value buffers caches[2 (s count + l)] and caches[2 (s count + l) + 1] of
+ * caps[s count + l] positions. h, q, k, v, attn, gate and up are scratch rows ([n, d], [n, hq hd],
+ * [n, kv hd] twice, [n, hq hd], [n, inter] twice); scratch as for auditor_attend. */
+void auditor_layers(float *x, int64_t n, int64_t d, int64_t count, const float *const *weights, const float *params,
+                    int64_t hq, int64_t kv, int64_t hd, int64_t inter, const float *cos, const float *sin, int64_t streams,
+                    const int64_t *spans, const int64_t *held, float *const *caches, const int64_t *caps, float *h, float *q,
+                    float *k, float *v, float *attn, float *gate, float *up, float *scratch, int threads) {
+    for (int64_t l = 0; l < count; l++) {
+        const float *const *w = weights + 16 * l;
+        const float *pr = params + 3 * l;
+        auditor_rmsnorm(x, w[0], h, n, d, pr[0]);
+        linear(h, w[2], w[3], q, n, hq * hd, d, threads, 0);
+        linear(h, w[4], w[5], k, n, kv * hd, d, threads, 0);
+        linear(h, w[6], w[7], v, n, kv * hd, d, threads, 0);
+        auditor_rope(q, cos, sin, n, hq, hd);
+        auditor_rope(k, cos, sin, n, kv, hd);
+        for (int64_t s = 0; s < streams; s++) {
+            const int64_t a = spans[2 * s], len = spans[2 * s + 1], at = s * count + l;
+            auditor_attend(q + a * hq * hd, k + a * kv * hd, v + a * kv * hd, caches[2 * at], caches[2 * at + 1], caps[at], held[s],
+                           len, hq, kv, hd, pr[2], attn + a * hq * hd, scratch, threads);
+        }
+        linear(attn, w[8], w[9], x, n, d, hq * hd, threads, 1);
+        auditor_rmsnorm(x, w[1], h, n, d, pr[1]);
+        linear(h, w[10], w[11], gate, n, inter, d, threads, 0);
+        linear(h, w[12], w[13], up, n, inter, d, threads, 0);
+        auditor_silu_mul(gate, up, gate, n * inter);
+        linear(gate, w[14], w[15], x, n, d, inter, threads, 1);
+    }
+}

@@ -66,6 +66,7 @@ _SIGNATURES: dict[str, tuple[str, list[Any]]] = {
     "rope": ("auditor_rope", [_P] * 3 + [_I] * 3),
     "silu_mul": ("auditor_silu_mul", [_P] * 3 + [_I]),
     "attend": ("auditor_attend", [_P] * 5 + [_I] * 6 + [_F, _P, _P, _T]),
+    "layers": ("auditor_layers", [_P] + [_I] * 3 + [_P] * 2 + [_I] * 4 + [_P] * 2 + [_I] + [_P] * 12 + [_T]),
 }
 
 
@@ -77,6 +78,7 @@ class _Kernels(NamedTuple):
     rope: Any
     silu_mul: Any
     attend: Any
+    layers: Any  # whole decoder layers: the five above in one call
 
 _ENV = "AUDITOR_SKINNY_KERNEL"
 _MARK = "_auditor_skinny"

@@ -337,3 +337,24 @@ def test_copies_and_pickles_of_a_model_carry_no_plan() -> None:
     assert twin not in lean._plans
     assert b"auditor.models.lean" not in pickle.dumps(model)
     assert model in lean._plans
+
+
+@needs_kernel
+@pytest.mark.parametrize("family", sorted(LEAN_FAMILIES))
+def test_whole_layers_in_one_call_equal_the_layer_by_layer_calls(family: str) -> None:
+    """One hookpoint: the layers before it run in one call of the library; with two, layer by layer."""
+    model = build_model(family)
+    adapter = get_adapter(model)
+    points = [parse_hookpoint(h) for h in ("blocks.2.hook_resid_post", "blocks.0.hook_resid_pre")]
+    [seq] = _seqs([11], seed=5)
+    with torch.inference_mode():
+        found = lean.available(model, adapter, points[:1], len(seq))
+        assert found is not None
+        outs = []
+        for chosen in (points[:1], points):
+            cache = StreamCache()
+            first = lean.capture_lean(model, found, chosen, [cache], [(0, 7)], torch.tensor(seq[:7]), torch.arange(7))
+            cache.length = 7
+            second = lean.capture_lean(model, found, chosen, [cache], [(0, 4)], torch.tensor(seq[7:]), torch.arange(7, 11))
+            outs.append(torch.cat([first[HOOKS[-1]], second[HOOKS[-1]]], dim=1))
+    assert torch.equal(outs[0], outs[1])
