@@ -317,8 +317,8 @@ def _growable(tokenizer: Any) -> tuple[Any, list[str], int] | None:
             and type(backend.model).__name__ == "BPE"
             and getattr(backend.model, "dropout", None) is None
             and type(pre).__name__ == "ByteLevel"
-            and pre.use_regex
-            and not pre.add_prefix_space
+            and getattr(pre, "use_regex", False)
+            and not getattr(pre, "add_prefix_space", True)
         ):
             added = [t.content for t in backend.get_added_tokens_decoder().values() if t.content]
             found = (backend, added, max((len(a) for a in added), default=1))

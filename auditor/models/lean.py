@@ -1,14 +1,15 @@
 """Streamed forwards of Llama-family models on a few tokens, without ``transformers``' layer code.
 
 A streamed audit runs the model on each chunk of about 16 new tokens. On a CPU the products of
-such a forward take the few-row kernel about half of its time (:mod:`auditor.models.skinny`);
-most of the other half went to ``transformers``' decoder layers: some thirty small torch
-operations a layer (norms, the rotary embedding, the cache writes, attention, SiLU), each a few
-microseconds of dispatch on a [16, 576] tensor, and modules' calls around them. Here each layer is
-the same arithmetic in about fourteen calls of that kernel library: two RMS norms, the seven
-products (the residual additions done by the output products in place), the rotary embedding,
-one attention call per stream over its :class:`~auditor.models.streams.StreamCache`, and
-``silu(gate) * up``.
+such a forward took the few-row kernel (:mod:`auditor.models.skinny`) about half of its time; most
+of the other half went to ``transformers``' decoder layers: some thirty small torch operations a
+layer (norms, the rotary embedding, the cache writes, attention, SiLU), each a few microseconds
+of dispatch on a [16, 576] tensor, and the modules' calls around them. Here a layer is the same
+arithmetic in that kernel's library: two RMS norms, the seven products (the residual additions
+done by the output products in place), the rotary embedding, one attention call per stream over
+its :class:`~auditor.models.streams.StreamCache`, and ``silu(gate) * up``; the layers before the
+audited one run in one call (``auditor_layers``), the audited one in those calls from Python
+where the hookpoint sits inside it.
 
 Used by :func:`~auditor.models.streams.capture_streams` for forwards of at most
 :data:`~auditor.models.skinny.MAX_ROWS` new tokens, when all of these hold (else the
@@ -18,8 +19,9 @@ Used by :func:`~auditor.models.streams.capture_streams` for forwards of at most
   (``llama``, ``mistral``, ``qwen2``: pre-norm RMSNorm, rotary embedding by halves, grouped-query
   causal attention, a SiLU-gated MLP) with plain causal attention, in eval mode;
 * the few-row kernel is built and loaded here;
-* no hook would fire in this thread's forward (a user's hook, or a steering hook installed
-  by this thread, runs only in the ``transformers`` forward);
+* the model's classes are ``transformers``' own, and nothing would run in this thread's forward
+  that is not theirs: a forward hook (a user's, or a steering hook this thread installed) or a
+  ``forward`` set on a module instance sends the forward to ``transformers``, where it runs;
 * :func:`supported` found this path's activations equal to :func:`~auditor.models.capture.capture`'s
   (checked once per model and hookpoint on short random sequences). ``AUDITOR_LEAN_LAYERS=0``
   turns it off.
@@ -108,7 +110,9 @@ def plan(model: nn.Module, adapter: ArchitectureAdapter) -> Plan | None:
         return None
     inner = getattr(model, "model", None)
     embed, rotary = getattr(inner, "embed_tokens", None), getattr(inner, "rotary_emb", None)
-    if not isinstance(inner, nn.Module) or not isinstance(embed, nn.Embedding) or not isinstance(rotary, nn.Module):
+    if not isinstance(inner, nn.Module) or type(embed) is not nn.Embedding or not isinstance(rotary, nn.Module):
+        return None
+    if not all(_ours(m) for m in (model, inner, rotary)):
         return None
     try:
         modules = adapter.layers(model)
@@ -126,6 +130,8 @@ def plan(model: nn.Module, adapter: ArchitectureAdapter) -> Plan | None:
         norms = (parts["input_layernorm"], parts["post_attention_layernorm"])
         if attn is None or mlp is None or any(type(n).__name__ not in _NORMS for n in norms):
             return None
+        if not all(_ours(m) for m in (layer, attn, mlp, *norms)):
+            return None
         if "q_norm" in attn._modules or "k_norm" in attn._modules:
             return None
         names = [(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + [(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]
@@ -140,7 +146,8 @@ def plan(model: nn.Module, adapter: ArchitectureAdapter) -> Plan | None:
             + [(layer, name, module) for name, module in parts.items() if module is not None]
             + [(parent, n, module) for (parent, n), module in zip(names, projections) if module is not None]
         )
-        layers.append(_Layer(norms[0], *projections[:4], norms[1], *projections[4:], scaling))  # type: ignore[arg-type]
+        q, k, v, o, gate, up, down = projections
+        layers.append(_Layer(norms[0], q, k, v, o, norms[1], gate, up, down, scaling))  # type: ignore[arg-type]
     heads = int(getattr(config, "num_attention_heads", 0) or 0)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(config, "head_dim", None) or (config.hidden_size // max(heads, 1)))
@@ -152,25 +159,42 @@ def plan(model: nn.Module, adapter: ArchitectureAdapter) -> Plan | None:
     return Plan(embed, rotary, layers, heads, kv_heads, head_dim, owners)
 
 
-def _hooks_fire(modules: Sequence[nn.Module]) -> bool:
-    """Whether a forward hook on any of ``modules`` (or a global one) would run in this thread's forward."""
+def _ours(module: Any) -> bool:
+    """Whether ``module``'s class is ``transformers``' own (a subclass defined elsewhere may compute otherwise)."""
+    return type(module).__module__.startswith("transformers.models.")
+
+
+def _intercepted(modules: Sequence[nn.Module]) -> bool:
+    """Whether a forward of ``modules`` would run something of someone else's: a forward hook on
+    one of them (or a global one) that fires in this thread, or a ``forward`` set on the instance
+    (other than the few-row kernel's own wrapper)."""
     from auditor.models.hooks import hook_fires_here
 
     g = nn.modules.module
     if g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks:
         return True
     for module in modules:
+        if "forward" in module.__dict__ and not skinny.wrapped(module):
+            return True
         for table in (module._forward_hooks, module._forward_pre_hooks):
-            if table and any(hook_fires_here(h) for h in table.values()):
+            if table and any(hook_fires_here(h) and not _inert(h) for h in table.values()):
                 return True
     return False
 
 
+def _inert(hook: Any) -> bool:
+    """``transformers``' output-capturing hooks: installed for good by the first forward asked for
+    hidden states or attentions, they record only inside such a forward of ``transformers``."""
+    return getattr(hook, "__module__", None) == "transformers.utils.output_capturing"
+
+
 def _current_plan(model: nn.Module, adapter: ArchitectureAdapter, depth: int | None = None) -> Plan | None:
     """The model's plan, made again when its modules (in the first ``depth`` layers) were replaced (and checked again then)."""
-    found = _plans.get(model, False)
-    if found is False or (found is not None and not found.current(depth)):
-        found = _plans[model] = plan(model, adapter)
+    if model in _plans:
+        found = _plans[model]
+        if found is None or found.current(depth):
+            return found
+    found = _plans[model] = plan(model, adapter)
     return found
 
 
@@ -190,7 +214,7 @@ def available(model: nn.Module, adapter: ArchitectureAdapter, points: Sequence[H
         for layer in adapter.layers(model)[:depth]:
             scope.extend(layer.modules())
         found.scopes[depth] = scope
-    if _hooks_fire(scope):
+    if _intercepted(scope):
         return None
     return found
 
@@ -264,7 +288,7 @@ def capture_lean(
     assert fns is not None
     threads = torch.get_num_threads()
     n = int(ids.shape[0])
-    wanted = {(pt.layer, pt.kind): pt.name for pt in points}
+    wanted: dict[tuple[int, str], str] = {(pt.layer, pt.kind): pt.name for pt in points}
     deepest = max(pt.depth for pt in points)
     out: dict[str, torch.Tensor] = {}
 
@@ -380,7 +404,10 @@ def _check(model: nn.Module, adapter: ArchitectureAdapter, point: Hookpoint) -> 
         try:
             for cuts in ([(0, 4), (0, 5)], [(4, 5), (5, 6)], [(5, 9), None]):
                 live = [i for i, cut in enumerate(cuts) if cut is not None]
-                spans, flat, positions, start = [], [], [], 0
+                spans: list[tuple[int, int]] = []
+                flat: list[int] = []
+                positions: list[int] = []
+                start = 0
                 for i in live:
                     a, b = cuts[i]  # type: ignore[misc]
                     spans.append((start, start + b - a))

@@ -23,6 +23,10 @@ product (:func:`encoder_product`, for ``W_enc``'s ``[d_in, d_sae]`` layout). Res
 torch's to float rounding (a different summation order, as any two BLAS libraries differ);
 they do not depend on the thread count. :func:`suspended` turns both off for a block (the
 benchmarks compare the two that way).
+
+The same library holds the rest of a Llama-family decoder layer (RMS norm, rotary embedding,
+attention of a few new tokens over a stream's cached keys, ``silu(gate) * up``, and whole
+layers in one call), which :mod:`auditor.models.lean` runs for streamed forwards.
 """
 
 from __future__ import annotations

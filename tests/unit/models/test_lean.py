@@ -331,7 +331,9 @@ def test_copies_and_pickles_of_a_model_carry_no_plan() -> None:
     import copy
     import pickle
 
-    model = build_model("llama")
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS["llama"]()).eval()  # no other test's hooks on it
     _check_first(model, HOOKS[-1])
     twin = copy.deepcopy(model)
     assert twin not in lean._plans
@@ -358,3 +360,45 @@ def test_whole_layers_in_one_call_equal_the_layer_by_layer_calls(family: str) ->
             second = lean.capture_lean(model, found, chosen, [cache], [(0, 4)], torch.tensor(seq[7:]), torch.arange(7, 11))
             outs.append(torch.cat([first[HOOKS[-1]], second[HOOKS[-1]]], dim=1))
     assert torch.equal(outs[0], outs[1])
+
+
+@needs_kernel
+def test_transformers_output_hooks_left_by_a_hidden_states_forward_keep_the_lean_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forward asked for hidden states installs recording hooks on every layer for good; they record
+    only inside such a forward, so lean forwards go on (and give the same activations)."""
+    import copy
+
+    model = copy.deepcopy(build_model("llama"))
+    with torch.inference_mode():
+        model(torch.tensor([[1, 2, 3]]), output_hidden_states=True, output_attentions=True)
+    assert any(m._forward_hooks for m in model.model.layers.modules())
+    spy = _Spy(monkeypatch)
+    seqs = _seqs([23, 9, 17])
+    got = _rounds(model, HOOKS[-1], seqs, CUTS)
+    assert spy.calls >= len(CUTS)
+    for seq, a in zip(seqs, got):
+        torch.testing.assert_close(a, capture(model, torch.tensor([seq]), None, [HOOKS[-1]])[HOOKS[-1]][0], rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_a_forward_set_on_a_module_or_a_subclass_elsewhere_keeps_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
+    import copy
+
+    model = copy.deepcopy(build_model("llama"))
+    _check_first(model, HOOKS[-1])
+    spy = _Spy(monkeypatch)
+    assert _one_round(model, spy)[0] == 1
+    mlp = model.model.layers[1].mlp
+    mlp.forward = lambda x: type(mlp).forward(mlp, x) * 2  # type: ignore[method-assign]
+    calls, out = _one_round(model, spy)
+    assert calls == 0
+    del mlp.forward
+    assert not torch.allclose(out, _one_round(model, spy)[1])  # the override ran, in transformers' forward
+    assert spy.calls == 2
+
+    class Elsewhere(type(model)):  # type: ignore[misc]
+        pass
+
+    other = copy.deepcopy(model)
+    other.__class__ = Elsewhere
+    assert lean.plan(other, get_adapter(other)) is None
