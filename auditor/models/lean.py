@@ -321,6 +321,15 @@ def capture_lean(
         )
         return dst
 
+    def added(index: int, lin: nn.Linear, src: torch.Tensor, kind: str) -> bool:
+        """The attention's or the MLP's output (``kind``) added to ``x``; whether it was the deepest hookpoint."""
+        if (index, kind) not in wanted:
+            linear(lin, src, x, add=True)
+            return False
+        out = linear(lin, src, x.new_empty((n, d)))
+        x.add_(out)
+        return record(index, kind, out)
+
     start = 0
     if len(points) == 1:
         # The layers before the audited one (and it too, for its output) in one call; the rest of
@@ -345,23 +354,13 @@ def capture_lean(
                 q[a:b].data_ptr(), k[a:b].data_ptr(), v[a:b].data_ptr(), buf_k.data_ptr(), buf_v.data_ptr(),
                 buf_k.shape[2], cache.length, b - a, hq, kv, hd, layer.scaling, attn[a:b].data_ptr(), scratch.data_ptr(), threads,
             )
-        if (index, "attn_out") in wanted:
-            o = linear(layer.o, attn, x.new_empty((n, d)))
-            x.add_(o)
-            if record(index, "attn_out", o):
-                break
-        else:
-            linear(layer.o, attn, x, add=True)
+        if added(index, layer.o, attn, "attn_out"):
+            break
         fns.rmsnorm(x.data_ptr(), _ptr(layer.norm2.weight, (d,)), h.data_ptr(), n, d, float(layer.norm2.variance_epsilon))
         linear(layer.gate, h, gate), linear(layer.up, h, up)
         fns.silu_mul(gate.data_ptr(), up.data_ptr(), gate.data_ptr(), gate.numel())
-        if (index, "mlp_out") in wanted:
-            m = linear(layer.down, gate, x.new_empty((n, d)))
-            x.add_(m)
-            if record(index, "mlp_out", m):
-                break
-        else:
-            linear(layer.down, gate, x, add=True)
+        if added(index, layer.down, gate, "mlp_out"):
+            break
         if record(index, "resid_post", x):
             break
     return out

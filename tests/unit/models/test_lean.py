@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 from typing import Any
 
@@ -219,6 +220,15 @@ def _check_first(model: torch.nn.Module, hook: str) -> None:
         assert lean.supported(model, get_adapter(model), parse_hookpoint(hook))
 
 
+def _lean_llama(monkeypatch: pytest.MonkeyPatch, model: torch.nn.Module | None = None) -> tuple[torch.nn.Module, _Spy]:
+    """The tiny llama (or ``model``), checked, with a spy that saw one round run lean."""
+    model = model if model is not None else build_model("llama")
+    _check_first(model, HOOKS[-1])
+    spy = _Spy(monkeypatch)
+    assert _one_round(model, spy)[0] == 1
+    return model, spy
+
+
 def _one_round(model: torch.nn.Module, spy: _Spy) -> tuple[int, torch.Tensor]:
     before = spy.calls
     [out] = capture_streams(model, HOOKS[-1], [StreamCache()], [_seqs([7], seed=9)[0]])
@@ -227,10 +237,7 @@ def _one_round(model: torch.nn.Module, spy: _Spy) -> tuple[int, torch.Tensor]:
 
 @needs_kernel
 def test_hooks_that_would_fire_send_the_forward_to_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
-    model = build_model("llama")
-    _check_first(model, HOOKS[-1])
-    spy = _Spy(monkeypatch)
-    assert _one_round(model, spy)[0] == 1
+    model, spy = _lean_llama(monkeypatch)
     seen: list[int] = []
     mlp = model.model.layers[1].mlp
     handle = mlp.register_forward_hook(lambda module, args, out: seen.append(1))
@@ -253,17 +260,12 @@ def test_hooks_that_would_fire_send_the_forward_to_transformers(monkeypatch: pyt
 
 @needs_kernel
 def test_suspended_kernel_switched_off_or_other_dtypes_run_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
-    model = build_model("llama")
-    _check_first(model, HOOKS[-1])
-    spy = _Spy(monkeypatch)
-    assert _one_round(model, spy)[0] == 1
+    model, spy = _lean_llama(monkeypatch)
     with skinny.suspended():
         assert _one_round(model, spy)[0] == 0
     monkeypatch.setenv("AUDITOR_LEAN_LAYERS", "off")
     assert _one_round(model, spy)[0] == 0
     monkeypatch.delenv("AUDITOR_LEAN_LAYERS")
-    import copy
-
     half = copy.deepcopy(model).to(torch.bfloat16)
     calls, out = _one_round(half, spy)
     assert calls == 0 and out.dtype == torch.bfloat16
@@ -272,8 +274,6 @@ def test_suspended_kernel_switched_off_or_other_dtypes_run_transformers(monkeypa
 @needs_kernel
 def test_a_model_that_computes_otherwise_fails_the_check_and_keeps_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
     """A llama-typed model whose MLP does something else: the plan is found, the check catches it."""
-    import copy
-
     model = copy.deepcopy(build_model("llama"))
     model.model.layers[0].mlp.act_fn = torch.nn.GELU()
     adapter = get_adapter(model)
@@ -305,8 +305,6 @@ def test_the_default_model_streams_through_lean_layers(default_model: Any, monke
 
 @needs_kernel
 def test_a_replaced_module_makes_a_new_plan_and_its_weights_are_used(monkeypatch: pytest.MonkeyPatch) -> None:
-    import copy
-
     model = copy.deepcopy(build_model("llama"))
     adapter = get_adapter(model)
     _check_first(model, HOOKS[-1])
@@ -328,7 +326,6 @@ def test_a_replaced_module_makes_a_new_plan_and_its_weights_are_used(monkeypatch
 
 @needs_kernel
 def test_copies_and_pickles_of_a_model_carry_no_plan() -> None:
-    import copy
     import pickle
 
     import transformers
@@ -366,8 +363,6 @@ def test_whole_layers_in_one_call_equal_the_layer_by_layer_calls(family: str) ->
 def test_transformers_output_hooks_left_by_a_hidden_states_forward_keep_the_lean_forward(monkeypatch: pytest.MonkeyPatch) -> None:
     """A forward asked for hidden states installs recording hooks on every layer for good; they record
     only inside such a forward, so lean forwards go on (and give the same activations)."""
-    import copy
-
     model = copy.deepcopy(build_model("llama"))
     with torch.inference_mode():
         model(torch.tensor([[1, 2, 3]]), output_hidden_states=True, output_attentions=True)
@@ -382,12 +377,7 @@ def test_transformers_output_hooks_left_by_a_hidden_states_forward_keep_the_lean
 
 @needs_kernel
 def test_a_forward_set_on_a_module_or_a_subclass_elsewhere_keeps_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
-    import copy
-
-    model = copy.deepcopy(build_model("llama"))
-    _check_first(model, HOOKS[-1])
-    spy = _Spy(monkeypatch)
-    assert _one_round(model, spy)[0] == 1
+    model, spy = _lean_llama(monkeypatch, copy.deepcopy(build_model("llama")))
     mlp = model.model.layers[1].mlp
     mlp.forward = lambda x: type(mlp).forward(mlp, x) * 2  # type: ignore[method-assign]
     calls, out = _one_round(model, spy)
