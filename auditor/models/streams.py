@@ -19,8 +19,8 @@ soft-capped attention are not supported (the per-stream attention is plain causa
 
 A forward of at most :data:`~auditor.models.skinny.MAX_ROWS` new tokens of a float32
 Llama-family model on an x86-64 CPU skips ``transformers``' layers altogether
-(:mod:`auditor.models.lean`: the same arithmetic in the few-row kernel's library, about a third
-faster on the default model's 16-token chunks).
+(:mod:`auditor.models.lean`: the same arithmetic in the few-row kernel's library; the default
+model's 16 chunk forwards of a 256-token completion took 0.51-0.55 s that way against 0.87-1.02 s).
 """
 
 from __future__ import annotations
