@@ -295,18 +295,24 @@ class Encoded:
     piece: int = 0  # a character offset where the tokenizer's pre-tokenizer starts a piece (0: none known)
 
 
-# tokenizer -> (its backend, its added tokens' strings, the longest one's length), or None where
-# a grown string's tokens cannot be found from its prefix's (see _grown).
-_GROWABLE: weakref.WeakKeyDictionary[Any, tuple[Any, list[str], int] | None] = weakref.WeakKeyDictionary()
+# tokenizer -> (its backend, its added tokens' strings, the longest one's length, its vocabulary's
+# size with them), or None where a grown string's tokens cannot be found from its prefix's (see _grown).
+_GROWABLE: weakref.WeakKeyDictionary[Any, tuple[Any, list[str], int, int] | None] = weakref.WeakKeyDictionary()
 
 
 def _growable(tokenizer: Any) -> tuple[Any, list[str], int] | None:
     """For byte-level BPE tokenizers (GPT-2's scheme: no normalizer, the regex pre-tokenizer without
-    an added prefix space, no BPE dropout) the backend and its added tokens; else None."""
+    an added prefix space, no BPE dropout) the backend and its added tokens; else None. Looked up
+    again when the tokenizer's vocabulary has grown (tokens added since)."""
+    known: tuple[Any, list[str], int, int] | None | bool
     try:
-        return _GROWABLE[tokenizer]
-    except (KeyError, TypeError):
-        pass
+        known = _GROWABLE[tokenizer]
+    except (KeyError, TypeError):  # not seen yet, or not weakly referable
+        known = False
+    if known is None:
+        return None
+    if isinstance(known, tuple) and known[0].get_vocab_size(with_added_tokens=True) == known[3]:
+        return known[0], known[1], known[2]
     found = None
     backend = getattr(tokenizer, "_tokenizer", None)
     try:
@@ -321,14 +327,14 @@ def _growable(tokenizer: Any) -> tuple[Any, list[str], int] | None:
             and not getattr(pre, "add_prefix_space", True)
         ):
             added = [t.content for t in backend.get_added_tokens_decoder().values() if t.content]
-            found = (backend, added, max((len(a) for a in added), default=1))
+            found = (backend, added, max((len(a) for a in added), default=1), backend.get_vocab_size(with_added_tokens=True))
     except Exception:  # another tokenizers release: tokenize whole strings
         found = None
     try:
         _GROWABLE[tokenizer] = found
     except TypeError:  # not weakly referable
         pass
-    return found
+    return (found[0], found[1], found[2]) if found is not None else None
 
 
 def _grown(tokenizer: Any, text: str, previous: Encoded | None) -> Encoded | None:

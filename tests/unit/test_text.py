@@ -172,3 +172,22 @@ def test_tokenizers_of_other_schemes_always_tokenize_whole(scheme: str) -> None:
         first = tokenize_batch(tokenizer, [AuditInput(prompt="abc def")])
         again = tokenize_batch(tokenizer, [AuditInput(prompt="abc def gh")], previous=first.encoded)
         assert again.input_ids.tolist() == tokenize_batch(tokenizer, [AuditInput(prompt="abc def gh")]).input_ids.tolist()
+
+
+def test_tokens_added_later_are_seen_at_the_join() -> None:
+    """A token added to the tokenizer after its first use is an added token at the join from then on."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from auditor.text import _grown, tokenize_batch
+
+    vocab = {c: i for i, c in enumerate("abcdefghĠ")}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    first = tokenize_batch(tokenizer, [AuditInput(prompt="abc def gab")]).encoded[0]
+    assert _grown(tokenizer, first.text + "cd", first) is not None
+    tokenizer.add_tokens(["bcd"])
+    assert _grown(tokenizer, first.text + "cd", first) is None  # "bcd" now spans the join
+    grown = tokenize_batch(tokenizer, [AuditInput(prompt=first.text + "cd")], previous=[first])
+    assert grown.input_ids.tolist() == tokenize_batch(tokenizer, [AuditInput(prompt=first.text + "cd")]).input_ids.tolist()
