@@ -293,6 +293,7 @@ class Encoded:
     ids: list[int]
     offsets: list[tuple[int, int]]
     piece: int = 0  # a character offset where the tokenizer's pre-tokenizer starts a piece (0: none known)
+    vocab: int = -1  # the tokenizer's vocabulary size (added tokens included) when encoded; -1: not kept
 
 
 # tokenizer -> (its backend, its added tokens' strings, the longest one's length, its vocabulary's
@@ -355,6 +356,10 @@ def _grown(tokenizer: Any, text: str, previous: Encoded | None) -> Encoded | Non
     if info is None:
         return None
     backend, added, longest = info
+    if previous.vocab != backend.get_vocab_size(with_added_tokens=True):
+        return None  # tokens were added since: the kept ones may split the text otherwise now
+    if backend.padding is not None or backend.truncation is not None:
+        return None  # settings another caller left on the backend (the tokenizer's own calls reset them)
     old = previous.text
     # Where the part the last piece is in starts: after the last added token of the prefix.
     start = max((old.rfind(a) + len(a) for a in added if a in old), default=0)
@@ -381,7 +386,7 @@ def _grown(tokenizer: Any, text: str, previous: Encoded | None) -> Encoded | Non
     m = len(kept)
     if tail_ids[:m] != ids[j : j + m] or tail_offsets[:m] != offsets[j : j + m]:
         return None
-    return Encoded(text, ids[:j] + tail_ids, offsets[:j] + tail_offsets, check)
+    return Encoded(text, ids[:j] + tail_ids, offsets[:j] + tail_offsets, check, previous.vocab)
 
 
 @dataclass
@@ -452,8 +457,10 @@ def tokenize_batch(
     if whole:
         # One call for the rest: a fast tokenizer encodes the strings in parallel.
         encoded = tokenizer([rendered_items[i][0] for i in whole], add_special_tokens=False, return_offsets_mapping=True)
+        info = _growable(tokenizer)
+        vocab = info[0].get_vocab_size(with_added_tokens=True) if info is not None else -1
         for i, ids, offsets in zip(whole, encoded["input_ids"], encoded["offset_mapping"]):
-            found[i] = Encoded(rendered_items[i][0], list(ids), [(a, b) for a, b in offsets])
+            found[i] = Encoded(rendered_items[i][0], list(ids), [(a, b) for a, b in offsets], 0, vocab)
     encodings: list[Encoded] = []
     for (rendered, spans, needs_sink), enc in zip(rendered_items, found):
         assert enc is not None

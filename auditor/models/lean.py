@@ -50,9 +50,8 @@ __all__ = ["Plan", "Unsuitable", "available", "capture_lean", "plan", "supported
 _ENV = "AUDITOR_LEAN_LAYERS"
 _FAMILIES = {"llama", "mistral", "qwen2"}
 _NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}
-# model -> its plan (None: not one of these architectures). Outside the model, so that copies
-# and pickles of it carry none.
-_plans: weakref.WeakKeyDictionary[nn.Module, Plan | None] = weakref.WeakKeyDictionary()
+# model -> its plan. Outside the model, so that copies and pickles of it carry none.
+_plans: weakref.WeakKeyDictionary[nn.Module, Plan] = weakref.WeakKeyDictionary()
 
 
 class _Layer(NamedTuple):
@@ -77,12 +76,13 @@ class Plan:
 
     def __init__(
         self, embed: nn.Module, rotary: nn.Module, layers: list[_Layer], heads: int, kv_heads: int, head_dim: int,
-        owners: list[list[tuple[nn.Module, str, nn.Module]]],
+        owners: list[list[tuple[nn.Module, str, nn.Module, type]]],
     ) -> None:
         self.embed, self.rotary, self.layers = embed, rotary, layers
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
-        # (parent, name, child) for the embedding (first list) and each layer (then one list a layer):
-        # the plan holds while each parent still has that child.
+        # (parent, name, child, its class) for the embedding (first list) and every module of each
+        # layer (then one list a layer): the plan holds while each parent still has that child, of
+        # that class (a parametrization changes a module's class in place).
         self.owners = owners
         self.verified: dict[str, bool] = {}  # hookpoint -> what supported() found
         self.scopes: dict[int, list[nn.Module]] = {}  # depth -> the modules whose hooks a forward that deep would run
@@ -90,7 +90,9 @@ class Plan:
     def current(self, depth: int | None = None) -> bool:
         """Whether the model still has the modules this plan was made from (in its first ``depth`` layers; all by default)."""
         lists = self.owners if depth is None else self.owners[: depth + 1]
-        return all(parent._modules.get(name) is child for owned in lists for parent, name, child in owned)
+        return all(
+            parent._modules.get(name) is child and type(child) is cls for owned in lists for parent, name, child, cls in owned
+        )
 
 
 def _off() -> bool:
@@ -118,9 +120,11 @@ def plan(model: nn.Module, adapter: ArchitectureAdapter) -> Plan | None:
         modules = adapter.layers(model)
     except Exception:
         return None
-    owners: list[list[tuple[nn.Module, str, nn.Module]]] = [[(inner, "embed_tokens", embed), (inner, "rotary_emb", rotary)]]
+    owners: list[list[tuple[nn.Module, str, nn.Module, type]]] = [
+        [(inner, "embed_tokens", embed, type(embed)), (inner, "rotary_emb", rotary, type(rotary))]
+    ]
     if inner._modules.get("layers") is modules:
-        owners[0].append((inner, "layers", modules))
+        owners[0].append((inner, "layers", modules, type(modules)))
     layers = []
     for key, layer in modules._modules.items():
         if layer is None:
@@ -138,13 +142,14 @@ def plan(model: nn.Module, adapter: ArchitectureAdapter) -> Plan | None:
         projections = [parent._modules.get(n) for parent, n in names]
         if any(type(p) is not nn.Linear for p in projections):
             return None
+        if type(mlp._modules.get("act_fn")).__name__ not in {"SiLUActivation", "SiLU"}:
+            return None
         scaling = getattr(attn, "scaling", None)
         if not isinstance(scaling, float):
             return None
         owners.append(
-            [(modules, key, layer)]
-            + [(layer, name, module) for name, module in parts.items() if module is not None]
-            + [(parent, n, module) for (parent, n), module in zip(names, projections) if module is not None]
+            [(modules, key, layer, type(layer))]
+            + [(parent, name, child, type(child)) for parent in layer.modules() for name, child in parent._modules.items() if child is not None]
         )
         q, k, v, o, gate, up, down = projections
         layers.append(_Layer(norms[0], q, k, v, o, norms[1], gate, up, down, scaling))  # type: ignore[arg-type]
@@ -190,11 +195,16 @@ def _inert(hook: Any) -> bool:
 
 def _current_plan(model: nn.Module, adapter: ArchitectureAdapter, depth: int | None = None) -> Plan | None:
     """The model's plan, made again when its modules (in the first ``depth`` layers) were replaced (and checked again then)."""
-    if model in _plans:
-        found = _plans[model]
-        if found is None or found.current(depth):
-            return found
-    found = _plans[model] = plan(model, adapter)
+    found = _plans.get(model)
+    if found is not None and found.current(depth):
+        return found
+    # Made again each time while there is none (the model's type is read first, so that is cheap for
+    # other families; a Llama-family model refused for a module can be taken once it is back).
+    found = plan(model, adapter)
+    if found is not None:
+        _plans[model] = found
+    else:
+        _plans.pop(model, None)
     return found
 
 
@@ -242,13 +252,19 @@ def _layers(
     weights = (ctypes.c_void_p * (16 * count))()
     params = (ctypes.c_float * (3 * count))()
     shapes = ((hq * hd, d), (kv * hd, d), (kv * hd, d), (d, hq * hd), (inter, d), (inter, d), (d, inter))
+    held_tensors: list[torch.Tensor | None] = []  # every weight the call reads, alive until this function returns
+
+    def keep(t: torch.Tensor | None, shape: tuple[int, ...]) -> int | None:
+        held_tensors.append(t)
+        return _ptr(t, shape)
+
     for i, layer in enumerate(p.layers[:count]):
         at = 16 * i
-        weights[at] = _ptr(layer.norm1.weight, (d,))
-        weights[at + 1] = _ptr(layer.norm2.weight, (d,))
+        weights[at] = keep(layer.norm1.weight, (d,))
+        weights[at + 1] = keep(layer.norm2.weight, (d,))
         for j, (lin, shape) in enumerate(zip((layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down), shapes)):
-            weights[at + 2 + 2 * j] = _ptr(lin.weight, shape)
-            weights[at + 3 + 2 * j] = _ptr(lin.bias, shape[:1])
+            weights[at + 2 + 2 * j] = keep(lin.weight, shape)
+            weights[at + 3 + 2 * j] = keep(lin.bias, shape[:1])
         params[3 * i : 3 * i + 3] = [float(layer.norm1.variance_epsilon), float(layer.norm2.variance_epsilon), layer.scaling]
     streams = len(caches)
     flat_spans = (ctypes.c_int64 * (2 * streams))()
@@ -316,8 +332,9 @@ def capture_lean(
     def linear(lin: nn.Linear, src: torch.Tensor, dst: torch.Tensor, add: bool = False) -> torch.Tensor:
         """``dst = src @ lin.weight.T + lin.bias``, or that added into ``dst`` in place."""
         shape = (dst.shape[1], src.shape[1])
+        weight, bias = lin.weight, lin.bias  # held while the kernel reads them
         (fns.linear_add if add else fns.linear)(
-            src.data_ptr(), _ptr(lin.weight, shape), _ptr(lin.bias, shape[:1]), dst.data_ptr(), n, shape[0], shape[1], threads
+            src.data_ptr(), _ptr(weight, shape), _ptr(bias, shape[:1]), dst.data_ptr(), n, shape[0], shape[1], threads
         )
         return dst
 

@@ -147,8 +147,16 @@ def test_what_is_not_a_grown_string_is_tokenized_whole(default_model) -> None:  
     assert _grown(tokenizer, first.text + "<|im_end|> more", first) is None  # an added token after the join
     assert _grown(tokenizer, "The quick", Encoded("The quick", [1, 2], [(0, 3), (3, 9)])) is None  # too short to cut
     # Tokens that disagree with the text (a caller's stale state) are caught by the check, not kept.
-    stale = Encoded(first.text, [0] * len(first.ids), first.offsets)
+    stale = Encoded(first.text, [0] * len(first.ids), first.offsets, first.piece, first.vocab)
     assert _grown(tokenizer, first.text + " the lazy dog", stale) is None
+    # Padding or truncation another caller left on the shared backend: the whole string, through the tokenizer.
+    backend = tokenizer._tokenizer
+    backend.enable_padding(length=64)
+    try:
+        assert _grown(tokenizer, first.text + " the lazy dog", first) is None
+    finally:
+        backend.no_padding()
+    assert _grown(tokenizer, first.text + " the lazy dog", first) is not None
 
 
 @pytest.mark.parametrize("scheme", ["metaspace", "prefix_space", "no_backend"])

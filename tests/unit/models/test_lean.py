@@ -273,9 +273,11 @@ def test_suspended_kernel_switched_off_or_other_dtypes_run_transformers(monkeypa
 
 @needs_kernel
 def test_a_model_that_computes_otherwise_fails_the_check_and_keeps_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A llama-typed model whose MLP does something else: the plan is found, the check catches it."""
+    """transformers' RMSNorm computing otherwise (as a new release might): the plan is found, the check catches it."""
     model = copy.deepcopy(build_model("llama"))
-    model.model.layers[0].mlp.act_fn = torch.nn.GELU()
+    norm = type(model.model.layers[0].input_layernorm)
+    plain = norm.forward
+    monkeypatch.setattr(norm, "forward", lambda self, x: plain(self, x) * 1.5)
     adapter = get_adapter(model)
     assert lean.plan(model, adapter) is not None
     with torch.inference_mode():
@@ -392,3 +394,31 @@ def test_a_forward_set_on_a_module_or_a_subclass_elsewhere_keeps_transformers(mo
     other = copy.deepcopy(model)
     other.__class__ = Elsewhere
     assert lean.plan(other, get_adapter(other)) is None
+
+
+@needs_kernel
+def test_modules_changed_in_place_make_a_new_plan() -> None:
+    """An activation swapped for another, or a projection parametrized (its class changes in place):
+    the plan is made again and refuses them."""
+    from torch.nn.utils import parametrize
+
+    model = copy.deepcopy(build_model("llama"))
+    adapter = get_adapter(model)
+    points = [parse_hookpoint(HOOKS[-1])]
+    _check_first(model, HOOKS[-1])
+    assert lean.available(model, adapter, points, 4) is not None
+    act = model.model.layers[1].mlp.act_fn
+    model.model.layers[1].mlp.act_fn = torch.nn.GELU()
+    assert lean.available(model, adapter, points, 4) is None
+    model.model.layers[1].mlp.act_fn = act
+    assert lean.available(model, adapter, points, 4) is not None
+
+    class Doubled(torch.nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return w * 2
+
+    parametrize.register_parametrization(model.model.layers[0].self_attn.q_proj, "weight", Doubled())
+    assert lean.available(model, adapter, points, 4) is None
+    seqs = _seqs([23, 9, 17])
+    for seq, a in zip(seqs, _rounds(model, HOOKS[-1], seqs, CUTS)):
+        torch.testing.assert_close(a, capture(model, torch.tensor([seq]), None, [HOOKS[-1]])[HOOKS[-1]][0], rtol=1e-4, atol=1e-4)
