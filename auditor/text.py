@@ -301,10 +301,11 @@ class Encoded:
 _GROWABLE: weakref.WeakKeyDictionary[Any, tuple[Any, list[str], int, int] | None] = weakref.WeakKeyDictionary()
 
 
-def _growable(tokenizer: Any) -> tuple[Any, list[str], int] | None:
+def _growable(tokenizer: Any) -> tuple[Any, list[str], int, int] | None:
     """For byte-level BPE tokenizers (GPT-2's scheme: no normalizer, the regex pre-tokenizer without
-    an added prefix space, no BPE dropout) the backend and its added tokens; else None. Looked up
-    again when the tokenizer's vocabulary has grown (tokens added since)."""
+    an added prefix space, no BPE dropout) the backend, its added tokens, the longest one's length
+    and the vocabulary's size; else None. Looked up again when the vocabulary has grown (tokens
+    added since)."""
     known: tuple[Any, list[str], int, int] | None | bool
     try:
         known = _GROWABLE[tokenizer]
@@ -313,7 +314,7 @@ def _growable(tokenizer: Any) -> tuple[Any, list[str], int] | None:
     if known is None:
         return None
     if isinstance(known, tuple) and known[0].get_vocab_size(with_added_tokens=True) == known[3]:
-        return known[0], known[1], known[2]
+        return known
     found = None
     backend = getattr(tokenizer, "_tokenizer", None)
     try:
@@ -335,7 +336,7 @@ def _growable(tokenizer: Any) -> tuple[Any, list[str], int] | None:
         _GROWABLE[tokenizer] = found
     except TypeError:  # not weakly referable
         pass
-    return (found[0], found[1], found[2]) if found is not None else None
+    return found
 
 
 def _grown(tokenizer: Any, text: str, previous: Encoded | None) -> Encoded | None:
@@ -355,8 +356,8 @@ def _grown(tokenizer: Any, text: str, previous: Encoded | None) -> Encoded | Non
     info = _growable(tokenizer)
     if info is None:
         return None
-    backend, added, longest = info
-    if previous.vocab != backend.get_vocab_size(with_added_tokens=True):
+    backend, added, longest, vocab = info
+    if previous.vocab != vocab:
         return None  # tokens were added since: the kept ones may split the text otherwise now
     if backend.padding is not None or backend.truncation is not None:
         return None  # settings another caller left on the backend (the tokenizer's own calls reset them)
@@ -458,7 +459,7 @@ def tokenize_batch(
         # One call for the rest: a fast tokenizer encodes the strings in parallel.
         encoded = tokenizer([rendered_items[i][0] for i in whole], add_special_tokens=False, return_offsets_mapping=True)
         info = _growable(tokenizer)
-        vocab = info[0].get_vocab_size(with_added_tokens=True) if info is not None else -1
+        vocab = info[3] if info is not None else -1
         for i, ids, offsets in zip(whole, encoded["input_ids"], encoded["offset_mapping"]):
             found[i] = Encoded(rendered_items[i][0], list(ids), [(a, b) for a, b in offsets], 0, vocab)
     encodings: list[Encoded] = []
