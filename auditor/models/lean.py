@@ -405,43 +405,24 @@ def supported(model: nn.Module, adapter: ArchitectureAdapter, point: Hookpoint, 
 
 def _check(model: nn.Module, adapter: ArchitectureAdapter, point: Hookpoint) -> bool | None:
     """:func:`supported`'s comparison; None where a lean forward cannot run now."""
-    from auditor.models.capture import agrees, capture
-    from auditor.models.streams import StreamCache
+    from auditor.models.streams import _agrees_in_rounds, _packed
 
     with torch.inference_mode():
         found = available(model, adapter, [point], 9)
         vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
         if found is None or vocab < 8:
             return None
-        gen = torch.Generator().manual_seed(0)
-        seqs = [torch.randint(3, min(vocab, 1000), (n,), generator=gen).tolist() for n in (9, 6)]
-        caches = [StreamCache(), StreamCache()]
-        got: list[list[torch.Tensor]] = [[], []]
+
+        def feed(caches: list[Any], new_ids: list[list[int]]) -> list[torch.Tensor]:
+            spans, positions, flat = _packed(caches, new_ids)
+            row = capture_lean(model, found, [point], caches, spans, torch.tensor(flat), torch.tensor(positions))[point.name][0]
+            for cache, ids in zip(caches, new_ids):
+                cache.length += len(ids)
+            return [row[a:b] for a, b in spans]
+
         try:
-            for cuts in ([(0, 4), (0, 5)], [(4, 5), (5, 6)], [(5, 9), None]):
-                live = [i for i, cut in enumerate(cuts) if cut is not None]
-                spans: list[tuple[int, int]] = []
-                flat: list[int] = []
-                positions: list[int] = []
-                start = 0
-                for i in live:
-                    a, b = cuts[i]  # type: ignore[misc]
-                    spans.append((start, start + b - a))
-                    flat.extend(seqs[i][a:b])
-                    positions.extend(range(caches[i].length, caches[i].length + b - a))
-                    start += b - a
-                row = capture_lean(
-                    model, found, [point], [caches[i] for i in live], spans, torch.tensor(flat), torch.tensor(positions)
-                )[point.name][0]
-                for i, (a, b) in zip(live, spans):
-                    caches[i].length += b - a
-                    got[i].append(row[a:b])
-            for seq, parts in zip(seqs, got):
-                [want] = capture(model, torch.tensor([seq]), None, [point], adapter=adapter).values()
-                if not agrees(want[0], torch.cat(parts)):
-                    return False
+            return _agrees_in_rounds(model, point, adapter, feed)
         except Unsuitable:
             return None
         except Exception:  # a module that does not compute what its class name says, for one
             return False
-    return True

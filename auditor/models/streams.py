@@ -228,13 +228,7 @@ def capture_streams(
     adapter = adapter or get_adapter(model)
     [point] = resolve_hookpoints(model, [hookpoint], adapter)
     device = _device(model)
-    spans, positions, flat = [], [], []
-    start = 0
-    for cache, ids in zip(caches, new_ids):
-        spans.append((start, start + len(ids)))
-        positions.extend(range(cache.length, cache.length + len(ids)))
-        flat.extend(ids)
-        start += len(ids)
+    spans, positions, flat = _packed(caches, new_ids)
     plan = lean.available(model, adapter, [point], len(flat))
     captured = None
     if plan is not None and lean.supported(model, adapter, point, plan):
@@ -262,6 +256,46 @@ def capture_streams(
     return [row[a:b] for a, b in spans]
 
 
+def _packed(caches: Sequence[StreamCache], new_ids: Sequence[Sequence[int]]) -> tuple[list[tuple[int, int]], list[int], list[int]]:
+    """All streams' new tokens end to end: each stream's ``(start, end)`` in the row, the row's
+    position ids (each stream's continue its cache) and its token ids."""
+    spans: list[tuple[int, int]] = []
+    positions: list[int] = []
+    flat: list[int] = []
+    for cache, ids in zip(caches, new_ids):
+        spans.append((len(flat), len(flat) + len(ids)))
+        positions.extend(range(cache.length, cache.length + len(ids)))
+        flat.extend(ids)
+    return spans, positions, flat
+
+
+def _agrees_in_rounds(
+    model: nn.Module,
+    hookpoint: str | Hookpoint,
+    adapter: ArchitectureAdapter | None,
+    feed: Callable[[list[StreamCache], list[list[int]]], Sequence[torch.Tensor]],
+) -> bool:
+    """Whether ``feed(caches, new_ids)`` (each stream's activations, its cache extended) gives
+    :func:`capture`'s activations: two streams of 9 and 6 random tokens fed in three rounds (one of
+    a single token, one where only one stream grows), against a plain forward of each whole
+    sequence. Errors propagate."""
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
+    gen = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(3, min(vocab, 1000), (n,), generator=gen).tolist() for n in (9, 6)]
+    caches = [StreamCache(), StreamCache()]
+    got: list[list[torch.Tensor]] = [[], []]
+    for cuts in ([(0, 4), (0, 5)], [(4, 5), (5, 6)], [(5, 9), None]):
+        live = [i for i, cut in enumerate(cuts) if cut is not None]
+        outs = feed([caches[i] for i in live], [seqs[i][cuts[i][0] : cuts[i][1]] for i in live])  # type: ignore[index]
+        for i, out in zip(live, outs):
+            got[i].append(out)
+    for seq, parts in zip(seqs, got):
+        [want] = capture(model, torch.tensor([seq]), None, [hookpoint], adapter=adapter).values()
+        if not agrees(want[0], torch.cat(parts)):
+            return False
+    return True
+
+
 def streams_supported(model: nn.Module, hookpoint: str | Hookpoint, *, adapter: ArchitectureAdapter | None = None) -> bool:
     """Whether :func:`capture_streams` gives this model's :func:`capture` activations (checked on two short sequences).
 
@@ -276,21 +310,8 @@ def streams_supported(model: nn.Module, hookpoint: str | Hookpoint, *, adapter: 
     try:
         if not enable_streams(model):
             return False
-        gen = torch.Generator().manual_seed(0)
-        seqs = [torch.randint(3, min(vocab, 1000), (n,), generator=gen).tolist() for n in (9, 6)]
-        caches = [StreamCache(), StreamCache()]
-        got: list[list[torch.Tensor]] = [[], []]
-        for cuts in ([(0, 4), (0, 5)], [(4, 5), (5, 6)], [(5, 9), None]):
-            live = [i for i, cut in enumerate(cuts) if cut is not None]
-            outs = capture_streams(
-                model, hookpoint, [caches[i] for i in live], [seqs[i][cuts[i][0] : cuts[i][1]] for i in live], adapter=adapter  # type: ignore[index]
-            )
-            for i, out in zip(live, outs):
-                got[i].append(out)
-        for seq, parts in zip(seqs, got):
-            [want] = capture(model, torch.tensor([seq]), None, [hookpoint], adapter=adapter).values()
-            if not agrees(want[0], torch.cat(parts)):
-                return False
+        return _agrees_in_rounds(
+            model, hookpoint, adapter, lambda caches, new_ids: capture_streams(model, hookpoint, caches, new_ids, adapter=adapter)
+        )
     except Exception:  # a model whose forward does not pass the streams down, for example
         return False
-    return True

@@ -106,3 +106,31 @@ def model(family: str) -> nn.Module:
 def input_ids() -> torch.Tensor:
     generator = torch.Generator().manual_seed(1)
     return torch.randint(0, VOCAB, (2, 7), generator=generator)  # [B, T]
+
+
+# Three streams of different lengths, uneven chunks: one joins late, one skips a round, one grows
+# a token at a time, so rounds mix 1-token and many-token slices.
+ROUNDS: list[list[tuple[int, int] | None]] = [
+    [(0, 6), (0, 1), None],
+    [(6, 7), (1, 2), (0, 10)],
+    [(7, 15), None, (10, 11)],
+    [(15, 23), (2, 9), (11, 17)],
+]
+
+
+def feed_in_rounds(
+    model: nn.Module, hook: str, seqs: list[list[int]], rounds: list[list[tuple[int, int] | None]] = ROUNDS
+) -> tuple[list[torch.Tensor], list[object]]:
+    """Each sequence fed to ``capture_streams`` in the rounds' cuts (None: that stream skips the
+    round); each sequence's activations joined, and its cache."""
+    from auditor.models.streams import StreamCache, capture_streams
+
+    caches = [StreamCache() for _ in seqs]
+    parts: list[list[torch.Tensor]] = [[] for _ in seqs]
+    for cuts in rounds:
+        live = [i for i, cut in enumerate(cuts) if cut is not None]
+        outs = capture_streams(model, hook, [caches[i] for i in live], [seqs[i][cuts[i][0] : cuts[i][1]] for i in live])  # type: ignore[index]
+        for i, out in zip(live, outs):
+            parts[i].append(out)
+    return [torch.cat(p) for p in parts], list(caches)
+

@@ -17,7 +17,7 @@ from auditor.models.adapters import get_adapter
 from auditor.models.hookpoints import parse_hookpoint
 from auditor.models.hooks import scoped
 from auditor.models.streams import StreamCache, capture_streams
-from tests.unit.models.conftest import CONFIGS, VOCAB, build_model
+from tests.unit.models.conftest import CONFIGS, ROUNDS, VOCAB, build_model, feed_in_rounds
 from tests.unit.models.test_skinny import needs_kernel
 
 LEAN_FAMILIES = {"llama", "qwen2"}  # the tiny test configs of mistral have a sliding window
@@ -46,25 +46,6 @@ class _Spy:
             return out
 
         monkeypatch.setattr(lean, "capture_lean", counted)
-
-
-def _rounds(model: torch.nn.Module, hook: str, seqs: list[list[int]], cuts: list[list[tuple[int, int] | None]]) -> list[torch.Tensor]:
-    caches = [StreamCache() for _ in seqs]
-    parts: list[list[torch.Tensor]] = [[] for _ in seqs]
-    for round_cuts in cuts:
-        live = [i for i, cut in enumerate(round_cuts) if cut is not None]
-        outs = capture_streams(model, hook, [caches[i] for i in live], [seqs[i][round_cuts[i][0] : round_cuts[i][1]] for i in live])  # type: ignore[index]
-        for i, out in zip(live, outs):
-            parts[i].append(out)
-    return [torch.cat(p) for p in parts]
-
-
-CUTS: list[list[tuple[int, int] | None]] = [
-    [(0, 6), (0, 1), None],
-    [(6, 7), (1, 2), (0, 10)],
-    [(7, 15), None, (10, 11)],
-    [(15, 23), (2, 9), (11, 17)],
-]
 
 
 # ---------------------------------------------------------------- the C pieces against torch
@@ -190,11 +171,11 @@ def test_lean_streams_equal_the_transformers_forward(family: str, hook: str, mon
     seqs = _seqs([23, 9, 17])
     _check_first(model, hook)
     spy = _Spy(monkeypatch)
-    got = _rounds(model, hook, seqs, CUTS)
-    assert spy.calls == len(CUTS)
+    got = feed_in_rounds(model, hook, seqs)[0]
+    assert spy.calls == len(ROUNDS)
     monkeypatch.setenv("AUDITOR_LEAN_LAYERS", "0")
-    plain = _rounds(model, hook, seqs, CUTS)
-    assert spy.calls == len(CUTS)
+    plain = feed_in_rounds(model, hook, seqs)[0]
+    assert spy.calls == len(ROUNDS)
     for seq, a, b in zip(seqs, got, plain):
         whole = capture(model, torch.tensor([seq]), None, [hook])[hook][0]
         torch.testing.assert_close(a, whole, rtol=1e-4, atol=1e-4)
@@ -209,7 +190,7 @@ def test_a_prompt_longer_than_the_kernel_rows_runs_in_transformers_and_chunks_co
     _check_first(model, hook)
     spy = _Spy(monkeypatch)
     cut = skinny.MAX_ROWS + 10
-    got = _rounds(model, hook, [seq], [[(0, cut)], [(cut, cut + 4)], [(cut + 4, len(seq))]])[0]
+    got = feed_in_rounds(model, hook, [seq], [[(0, cut)], [(cut, cut + 4)], [(cut + 4, len(seq))]])[0][0]
     assert spy.calls == 2  # not the long first forward
     torch.testing.assert_close(got, capture(model, torch.tensor([seq]), None, [hook])[hook][0], rtol=1e-4, atol=1e-4)
 
@@ -284,7 +265,7 @@ def test_a_model_that_computes_otherwise_fails_the_check_and_keeps_transformers(
         assert not lean.supported(model, adapter, parse_hookpoint(HOOKS[-1]))
     spy = _Spy(monkeypatch)
     seqs = _seqs([23, 9, 17])
-    got = _rounds(model, HOOKS[-1], seqs, CUTS)
+    got = feed_in_rounds(model, HOOKS[-1], seqs)[0]
     assert spy.calls == 0
     for seq, a in zip(seqs, got):
         torch.testing.assert_close(a, capture(model, torch.tensor([seq]), None, [HOOKS[-1]])[HOOKS[-1]][0], rtol=1e-4, atol=1e-4)
@@ -298,7 +279,7 @@ def test_the_default_model_streams_through_lean_layers(default_model: Any, monke
     gen = torch.Generator().manual_seed(1)
     seq = torch.randint(100, 40000, (81,), generator=gen).tolist()
     spy = _Spy(monkeypatch)
-    got = _rounds(model, hook, [seq], [[(0, 49)], [(49, 65)], [(65, 66)], [(66, 81)]])[0]
+    got = feed_in_rounds(model, hook, [seq], [[(0, 49)], [(49, 65)], [(65, 66)], [(66, 81)]])[0][0]
     assert spy.calls == 4
     want = capture(model, torch.tensor([seq]), None, [hook])[hook][0]
     err = (got - want).norm(dim=-1) / want.norm(dim=-1)
@@ -320,8 +301,8 @@ def test_a_replaced_module_makes_a_new_plan_and_its_weights_are_used(monkeypatch
     assert second is not None and second is not first and second.layers[1].down is new
     spy = _Spy(monkeypatch)
     seqs = _seqs([23, 9, 17])
-    got = _rounds(model, HOOKS[-1], seqs, CUTS)
-    assert spy.calls >= len(CUTS)  # the new plan's check, then every round
+    got = feed_in_rounds(model, HOOKS[-1], seqs)[0]
+    assert spy.calls >= len(ROUNDS)  # the new plan's check, then every round
     for seq, a in zip(seqs, got):
         torch.testing.assert_close(a, capture(model, torch.tensor([seq]), None, [HOOKS[-1]])[HOOKS[-1]][0], rtol=1e-4, atol=1e-4)
 
@@ -371,8 +352,8 @@ def test_transformers_output_hooks_left_by_a_hidden_states_forward_keep_the_lean
     assert any(m._forward_hooks for m in model.model.layers.modules())
     spy = _Spy(monkeypatch)
     seqs = _seqs([23, 9, 17])
-    got = _rounds(model, HOOKS[-1], seqs, CUTS)
-    assert spy.calls >= len(CUTS)
+    got = feed_in_rounds(model, HOOKS[-1], seqs)[0]
+    assert spy.calls >= len(ROUNDS)
     for seq, a in zip(seqs, got):
         torch.testing.assert_close(a, capture(model, torch.tensor([seq]), None, [HOOKS[-1]])[HOOKS[-1]][0], rtol=1e-4, atol=1e-4)
 
@@ -420,5 +401,5 @@ def test_modules_changed_in_place_make_a_new_plan() -> None:
     parametrize.register_parametrization(model.model.layers[0].self_attn.q_proj, "weight", Doubled())
     assert lean.available(model, adapter, points, 4) is None
     seqs = _seqs([23, 9, 17])
-    for seq, a in zip(seqs, _rounds(model, HOOKS[-1], seqs, CUTS)):
+    for seq, a in zip(seqs, feed_in_rounds(model, HOOKS[-1], seqs)[0]):
         torch.testing.assert_close(a, capture(model, torch.tensor([seq]), None, [HOOKS[-1]])[HOOKS[-1]][0], rtol=1e-4, atol=1e-4)

@@ -8,7 +8,7 @@ import transformers
 
 from auditor.models import capture
 from auditor.models.streams import StreamCache, capture_streams, enable_streams, streams_supported
-from tests.unit.models.conftest import CONFIGS, VOCAB, build_model
+from tests.unit.models.conftest import CONFIGS, VOCAB, build_model, feed_in_rounds
 
 HOOK = "blocks.1.hook_resid_post"
 # Families whose attention has a sliding window or soft-capping: the per-stream attention is
@@ -34,25 +34,11 @@ def test_streams_fed_in_rounds_match_whole_sequences(family: str) -> None:
         with pytest.raises(NotImplementedError, match="streamed forwards"):
             capture_streams(model, HOOK, [StreamCache()], [[1, 2]])
         return
-    # Three streams of different lengths, uneven chunks: one joins late, one skips a round,
-    # one grows a token at a time, so rounds mix 1-token and many-token slices.
     seqs = _seqs([23, 9, 17])
-    plan = [
-        [(0, 6), (0, 1), None],
-        [(6, 7), (1, 2), (0, 10)],
-        [(7, 15), None, (10, 11)],
-        [(15, 23), (2, 9), (11, 17)],
-    ]
-    caches = [StreamCache() for _ in seqs]
-    parts: list[list[torch.Tensor]] = [[] for _ in seqs]
-    for cuts in plan:
-        live = [i for i, cut in enumerate(cuts) if cut is not None]
-        outs = capture_streams(model, HOOK, [caches[i] for i in live], [seqs[i][cuts[i][0] : cuts[i][1]] for i in live])  # type: ignore[index]
-        for i, out in zip(live, outs):
-            parts[i].append(out)
+    parts, caches = feed_in_rounds(model, HOOK, seqs)
     for seq, got, cache in zip(seqs, parts, caches):
-        torch.testing.assert_close(torch.cat(got), _whole(model, seq), rtol=1e-4, atol=1e-4)
-        assert cache.length == len(seq)
+        torch.testing.assert_close(got, _whole(model, seq), rtol=1e-4, atol=1e-4)
+        assert cache.length == len(seq)  # type: ignore[attr-defined]
 
 
 def test_crop_forgets_the_tail_and_the_stream_continues_from_there() -> None:
