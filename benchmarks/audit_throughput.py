@@ -9,7 +9,8 @@ For each batch size, the same chunks of texts (from ``datasets/safety-v1``) go t
    shared rows when the model passes the packing check, watch-list encode, policy evaluation),
    with its per-stage breakdown from ``Auditor.last_timings`` (each stage's best over the timed calls);
    and again with the policy evaluated by its torch program throughout (``PolicyEngine.host_program``
-   off; on a CPU small batches otherwise go through its NumPy twin), timed in the same rounds;
+   off; on a CPU it otherwise goes through its host twin, in C where the kernel library builds) and
+   by the host twin's NumPy program (``HostProgram.native`` off), timed in the same rounds;
 4. encode variants on the captured activations: watch-list vs full-width encode of the
    loaded SAE (the default is TopK, whose watch-list encode *is* a full encode because top-k
    ranks every latent) and of a random ReLU (``standard``) and JumpReLU SAE of the same
@@ -153,23 +154,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
         stage_runs: list[dict[str, float]] = []  # per audit() call: each stage's total over the chunks
         torch_stage_runs: list[dict[str, float]] = []  # the same with the torch evaluation program
+        numpy_stage_runs: list[dict[str, float]] = []  # the same with the host program's NumPy twin
 
-        def audit(host_program: bool = True, runs: list[dict[str, float]] = stage_runs) -> None:
+        def audit(host_program: bool = True, runs: list[dict[str, float]] = stage_runs, native: bool = True) -> None:
             totals: dict[str, float] = {}
-            engine.host_program = host_program
+            engine.host_program, engine._numpy.native = host_program, native
             try:
                 for g in groups:
                     auditor.run(g)
                     for k, v in auditor.last_timings.as_dict().items():
                         totals[k] = totals.get(k, 0.0) + v
             finally:
-                engine.host_program = True
+                engine.host_program, engine._numpy.native = True, True
             runs.append(totals)
 
         def audit_torch_eval() -> None:
             # The policy evaluated by its torch program at every batch size (PolicyEngine.host_program
-            # off): what the NumPy twin saves on small batches, in the same run.
+            # off): what the host twin saves, in the same run.
             audit(False, torch_stage_runs)
+
+        def audit_numpy_eval() -> None:
+            # The host program in NumPy (up to its size limit; torch's past it), not its C twin.
+            audit(True, numpy_stage_runs, native=False)
 
         products_stage_runs: list[dict[str, float]] = []  # the same with torch's products in every forward
 
@@ -178,13 +184,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             with skinny.suspended():
                 audit(True, products_stage_runs)
 
-        t_full, t_stop, t_audit, t_audit_torch, t_audit_products = round_robin(
-            [full_forward, stopped_forward, audit, audit_torch_eval, audit_torch_products], args.repeats
+        t_full, t_stop, t_audit, t_audit_torch, t_audit_numpy, t_audit_products = round_robin(
+            [full_forward, stopped_forward, audit, audit_torch_eval, audit_numpy_eval, audit_torch_products], args.repeats
         )
         # Each stage's best over the timed calls (the first call is the untimed warm-up), like
         # every other time here: load from other processes lands on one call's stages, not all.
         stage_totals = {k: min(run[k] for run in stage_runs[1:]) for k in stage_runs[-1]}
         torch_stage_totals = {k: min(run[k] for run in torch_stage_runs[1:]) for k in torch_stage_runs[-1]}
+        numpy_stage_totals = {k: min(run[k] for run in numpy_stage_runs[1:]) for k in numpy_stage_runs[-1]}
         products_stage_totals = {k: min(run[k] for run in products_stage_runs[1:]) for k in products_stage_runs[-1]}
 
         acts = [auditor.activations(b) for b in batches]
@@ -230,6 +237,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             t_eval_torch = timed(evaluate, args.repeats)
         finally:
             engine.host_program = True
+        engine._numpy.native = False
+        try:
+            t_eval_numpy = timed(evaluate, args.repeats)
+        finally:
+            engine._numpy.native = True
         rows.append(
             {
                 "batch_size": bs,
@@ -242,10 +254,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "audit_stages_s": dict(stage_totals),
                 "audit_torch_eval_s": t_audit_torch,
                 "audit_stages_torch_eval_s": dict(torch_stage_totals),
+                "audit_numpy_eval_s": t_audit_numpy,
+                "audit_stages_numpy_eval_s": dict(numpy_stage_totals),
                 "audit_torch_products_s": t_audit_products,
                 "audit_stages_torch_products_s": dict(products_stage_totals),
                 "policy_eval_s": t_eval,
                 "policy_eval_torch_s": t_eval_torch,
+                "policy_eval_numpy_s": t_eval_numpy,
                 "encode": encode,
                 "full_forward_tok_s": n_tokens / t_full,
                 "stopped_forward_tok_s": n_tokens / t_stop,
@@ -311,8 +326,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"{r['batch_size']:>5} {'audit.forward (torch products)':<36} {pv['forward']:>8.4f}   encode+evaluate {share:.2f}%")
         tv = r["audit_stages_torch_eval_s"]
         print(f"{r['batch_size']:>5} {'audit.evaluate (torch program)':<36} {tv['evaluate']:>8.4f} {100 * tv['evaluate'] / tv['forward']:>13.2f}%")
+        nv = r["audit_stages_numpy_eval_s"]
+        print(f"{r['batch_size']:>5} {'audit.evaluate (NumPy program)':<36} {nv['evaluate']:>8.4f} {100 * nv['evaluate'] / nv['forward']:>13.2f}%")
         print(f"{r['batch_size']:>5} {'policy eval (alone)':<36} {r['policy_eval_s']:>8.4f} {100 * r['policy_eval_s'] / fwd:>13.2f}%")
         print(f"{r['batch_size']:>5} {'policy eval (alone, torch program)':<36} {r['policy_eval_torch_s']:>8.4f} {100 * r['policy_eval_torch_s'] / fwd:>13.2f}%")
+        print(f"{r['batch_size']:>5} {'policy eval (alone, NumPy program)':<36} {r['policy_eval_numpy_s']:>8.4f} {100 * r['policy_eval_numpy_s'] / fwd:>13.2f}%")
         for name, e in r["encode"].items():
             print(f"{r['batch_size']:>5} {'watch-list ' + name:<36} {e['watch_list_s']:>8.4f} {100 * e['watch_list_s'] / fwd:>13.2f}%")
             print(f"{r['batch_size']:>5} {'full ' + name:<36} {e['full_s']:>8.4f} {100 * e['full_s'] / fwd:>13.2f}%")

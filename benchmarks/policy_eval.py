@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from auditor.features.library import FeatureLibrary
+from auditor.models import skinny
 import auditor.policy.engine as engine_module
 from auditor.policy.engine import AuditBatch, PolicyEngine
 from auditor.policy.compile import compile_policy
@@ -158,15 +159,19 @@ def main() -> None:
     dev = torch.device(args.device)
     batch = AuditBatch(full[..., engine.watched].to(dev), mask.to(dev), comp.to(dev))
 
-    # On a CPU, batches up to auditor.policy._host.MAX_ELEMENTS go through the program's NumPy
-    # twin ("engine": what the engine picks); the torch program (host_program off) and the NumPy
-    # twin at any size are timed in turns with it.
-    programs = ["engine", "torch", "numpy"] if dev.type == "cpu" else ["engine"]
+    # On a CPU, batches up to auditor.policy._host.MAX_ELEMENTS go through the program's host
+    # twin, in C where the kernel library builds, else NumPy ("engine": what the engine picks);
+    # the torch program (host_program off) and the C and NumPy twins at any size are timed in
+    # turns with it.
+    programs = ["engine", "torch", "numpy", "c"] if dev.type == "cpu" else ["engine"]
+    if dev.type == "cpu" and skinny.library() is None:
+        programs.remove("c")
     limit = engine_module.HOST_MAX_ELEMENTS
 
     def pick(program: str) -> None:
         engine.host_program = program != "torch"
-        engine_module.HOST_MAX_ELEMENTS = 1 << 62 if program == "numpy" else limit
+        engine._numpy.native = program != "numpy"
+        engine_module.HOST_MAX_ELEMENTS = 1 << 62 if program in ("numpy", "c") else limit
 
     for program in programs * 3:
         pick(program)
@@ -200,10 +205,11 @@ def main() -> None:
         "median_batch_ms": round(median_s * 1e3, 3),
         "p90_batch_ms": round(sorted(times["engine"])[int(0.9 * (len(times["engine"]) - 1))] * 1e3, 3),
         "ms_per_1k_tokens": round(median_s * 1e3 * 1000 / tokens, 3),
-        "numpy_program": dev.type == "cpu" and b * t * int(engine.watched.numel()) <= limit,
+        "host_program": dev.type == "cpu" and b * t * int(engine.watched.numel()) <= limit,
+        "c_twin": "c" in programs,
         **{
             f"{program}_program_ms_per_1k_tokens": round(statistics.median(times[program]) * 1e3 * 1000 / tokens, 3)
-            for program in ("torch", "numpy") if program in times
+            for program in ("torch", "numpy", "c") if program in times
         },
         "matches_per_batch": matched,
         "verdicts_median_ms": round(statistics.median(host_times) * 1e3, 3),
@@ -213,8 +219,9 @@ def main() -> None:
         f"policy_eval: {result['rules']} rules, {result['leaves']} leaves, {result['watched']} watched latents: "
         f"{result['ms_per_1k_tokens']} ms per 1,000 tokens (median of {args.repeats}, batch {b}x{t}, {dev}"
         + (
-            f"; {'the NumPy program' if result['numpy_program'] else 'the torch program (past the NumPy limit)'}; "
+            f"; {('the C twin' if result['c_twin'] else 'the NumPy program') if result['host_program'] else 'the torch program (past the host limit)'}; "
             f"torch {result['torch_program_ms_per_1k_tokens']} ms, NumPy {result['numpy_program_ms_per_1k_tokens']} ms"
+            + (f", C {result['c_program_ms_per_1k_tokens']} ms" if result["c_twin"] else "")
             if "torch" in times else ""
         )
         + "); "

@@ -26,7 +26,8 @@ benchmarks compare the two that way).
 
 The same library holds the rest of a Llama-family decoder layer (RMS norm, rotary embedding,
 attention of a few new tokens over a stream's cached keys, ``silu(gate) * up``, and whole
-layers in one call), which :mod:`auditor.models.lean` runs for streamed forwards.
+layers in one call), which :mod:`auditor.models.lean` runs for streamed forwards, and, built
+from ``auditor/policy/_host.c``, a policy evaluation in one call (:mod:`auditor.policy._host`).
 """
 
 from __future__ import annotations
@@ -58,11 +59,12 @@ _log = logging.getLogger(__name__)
 MAX_ROWS = 96
 """Rows (tokens) up to which the kernel runs; above, torch's product is as fast or faster."""
 
-_SOURCE = Path(__file__).with_name("skinny.c")
+# The policy evaluation's C twin (auditor.policy._host) is built into the same library.
+_SOURCES = (Path(__file__).with_name("skinny.c"), Path(__file__).parents[1] / "policy" / "_host.c")
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 _P, _I, _F, _T = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-# Each exported function's symbol and argument types.
-_SIGNATURES: dict[str, tuple[str, list[Any]]] = {
+# Each exported function's symbol and argument types (and its result type where it has one).
+_SIGNATURES: dict[str, tuple[str, list[Any]] | tuple[str, list[Any], Any]] = {
     "linear": ("auditor_skinny_linear", [_P] * 4 + [_I] * 3 + [_T]),
     "addmm_kn": ("auditor_skinny_addmm_kn", [_P] * 4 + [_I] * 3 + [_T]),
     "linear_add": ("auditor_skinny_linear_add", [_P] * 4 + [_I] * 3 + [_T]),
@@ -71,6 +73,7 @@ _SIGNATURES: dict[str, tuple[str, list[Any]]] = {
     "silu_mul": ("auditor_silu_mul", [_P] * 3 + [_I]),
     "attend": ("auditor_attend", [_P] * 5 + [_I] * 6 + [_F, _P, _P, _T]),
     "layers": ("auditor_layers", [_P] + [_I] * 3 + [_P] * 2 + [_I] * 4 + [_P] * 2 + [_I] + [_P] * 12 + [_T]),
+    "policy_eval": ("auditor_policy_eval", [_P] * 6 + [_I] * 2 + [_P], _T),
 }
 
 
@@ -83,6 +86,7 @@ class _Kernels(NamedTuple):
     silu_mul: Any
     attend: Any
     layers: Any  # whole decoder layers: the five above in one call
+    policy_eval: Any  # a policy evaluation of a small batch (auditor.policy._host)
 
 _ENV = "AUDITOR_SKINNY_KERNEL"
 _MARK = "_auditor_skinny"
@@ -108,13 +112,14 @@ def _cpu_ok() -> str | None:
 
 
 def build(out_dir: Path, compiler: str | None = None) -> Path:
-    """Compile ``skinny.c`` into ``out_dir`` (once per source and flags); the library's path.
+    """Compile ``skinny.c`` and ``auditor/policy/_host.c`` into one library in ``out_dir`` (once per
+    sources and flags); the library's path.
 
     A library already built there from the same source is used without a compiler (an image
     can build it in a build stage and ship only the result). Raises ``RuntimeError`` with the
     compiler's message when it fails, ``FileNotFoundError`` when there is no compiler.
     """
-    source = _SOURCE.read_bytes()
+    source = b"\0".join(path.read_bytes() for path in _SOURCES)
     digest = hashlib.sha256(source + b"\0" + " ".join(_FLAGS).encode()).hexdigest()[:16]
     target = out_dir / f"skinny-{digest}-{platform.machine().lower()}.so"
     if target.exists():
@@ -127,9 +132,9 @@ def build(out_dir: Path, compiler: str | None = None) -> Path:
     os.close(fd)
     try:
         # A command line, as $CC is by convention ("ccache gcc"), not one file name.
-        done = subprocess.run([*shlex.split(cc), *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        done = subprocess.run([*shlex.split(cc), *_FLAGS, *map(str, _SOURCES), "-o", tmp], capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
-            raise RuntimeError(f"{cc} failed on {_SOURCE.name}: {(done.stderr or done.stdout).strip()[-600:]}")
+            raise RuntimeError(f"{cc} failed on {' and '.join(p.name for p in _SOURCES)}: {(done.stderr or done.stdout).strip()[-600:]}")
         # mkstemp's file is 0600 (the linker keeps it owner-only): a library built as root in an
         # image's build stage would not load for the runtime's non-root user.
         os.chmod(tmp, 0o755)
@@ -163,16 +168,16 @@ def _load(env: Mapping[str, str]) -> tuple[_Kernels | None, str]:
         return None, f"could not build the kernel: {exc}"
     try:
         lib = ctypes.CDLL(str(path))
-        fns = _Kernels(**{field: getattr(lib, symbol) for field, (symbol, _) in _SIGNATURES.items()})
+        fns = _Kernels(**{field: getattr(lib, sig[0]) for field, sig in _SIGNATURES.items()})
     except (OSError, AttributeError) as exc:
         return None, f"could not load {path}: {exc}"
     finally:
         if scratch is not None:  # a loaded library stays mapped after its file is gone
             shutil.rmtree(scratch, ignore_errors=True)
-    for field, (_, argtypes) in _SIGNATURES.items():
+    for field, sig in _SIGNATURES.items():
         fn = getattr(fns, field)
-        fn.restype = None
-        fn.argtypes = argtypes
+        fn.restype = sig[2] if len(sig) > 2 else None  # type: ignore[misc]
+        fn.argtypes = sig[1]
     if scratch is not None:
         return fns, f"built in a temporary folder (the cache {_cache_dir(env)} cannot be written)"
     return fns, f"built at {path}"

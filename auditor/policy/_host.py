@@ -1,29 +1,43 @@
-"""A policy evaluation's tensor program in NumPy, for small batches on a CPU.
+"""A policy evaluation's tensor program on the host: one C call (``_host.c``), or NumPy.
 
 On a CPU the evaluation of one short text is a few dozen operations on arrays of a few thousand
 numbers, so what each costs is the call, not the arithmetic: a torch operation's dispatch, output
 tensor and bookkeeping took 5-10 us on the development VMs, a NumPy call 1-3 us; right after a
-forward has swept the caches, every call costs several times that. For one 21-token text and the
-default policy the torch program was an evaluation's largest part, and the evaluation 1.5% of the
-audit's forward at batch 1 (``benchmarks/audit_throughput.py``). :class:`HostProgram` computes what
-:meth:`PolicyEngine._compute <auditor.policy.engine.PolicyEngine._compute>` computes, float32
-throughout, on NumPy views of the batch's tensors, in fewer operations: each scope's column
-maxima first (every ``max`` leaf and every max-pooled probe reads them), per-token values only
-for the ``mean`` / ``count_above`` / ``fraction_above`` leaves, per-token holds only when a
-``for_tokens`` rule or an explanation asks. The engine picks it for CPU batches of up to
-:data:`MAX_ELEMENTS` feature values (``PolicyEngine.host_program``); larger batches, hookpoint
-probes (their own torch modules), tensors that carry gradients and CUDA batches stay with torch.
+forward has swept the caches, every call costs several times that (a NumPy call 20-30 us, a torch
+call 5-15 us on the AMD VM). For one 21-token text and the default policy the torch program was an
+evaluation's largest part, and the evaluation 1.5% of the audit's forward at batch 1
+(``benchmarks/audit_throughput.py``).
+
+:class:`HostProgram` computes what :meth:`PolicyEngine._compute
+<auditor.policy.engine.PolicyEngine._compute>` computes, float32 throughout, in fewer operations:
+each scope's column maxima first (every ``max`` leaf and every max-pooled probe reads them),
+per-token values only for the ``mean`` / ``count_above`` / ``fraction_above`` leaves, per-token
+holds only when a ``for_tokens`` rule or an explanation asks. It runs as:
+
+- its C twin (:class:`_NativeProgram`, ``_host.c``, built into the kernel library of
+  :mod:`auditor.models.skinny`): the whole evaluation in one call, rows split over OpenMP threads
+  for large batches, its results cut out of one buffer only when read (:class:`NativeRun`); for
+  every batch size where that library builds (x86-64 with AVX2; ``AUDITOR_SKINNY_KERNEL=0`` turns
+  it off). The default policy's evaluation of one 21-token text went from 0.6-0.7 ms in NumPy to
+  0.23-0.29 ms (``benchmarks/RESULTS.md``, twentieth session);
+- else NumPy, on views of the batch's tensors, for batches of up to :data:`MAX_ELEMENTS` feature
+  values.
+
+The engine picks it on a CPU (``PolicyEngine.host_program``); larger batches without the C twin,
+hookpoint probes (their own torch modules), tensors that carry gradients and CUDA batches stay
+with torch.
 
 What can differ from the torch program: sums (``mean``, feature-probe logits) may add in another
 order, and a probe's probability, ``1 / (1 + exp(-logit))`` here, differs from ``torch.sigmoid``'s
 in the last bit for about one value in six, so a value within float rounding of its threshold may
 decide differently (a probe leaf's per-token holds too), as in a CUDA graph's padded shapes;
 maxima, counts, runs and the comparisons of the features and the reconstruction error are exact
-(``tests/unit/policy/test_host_program.py`` compares the two on random policies and inputs).
+(``tests/unit/policy/test_host_program.py`` compares the programs on random policies and inputs).
 """
 
 from __future__ import annotations
 
+import ctypes
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -42,7 +56,8 @@ every size tried, warm, verdicts included: for the default policy 0.20 against 0
 100-rule policy (331 leaves of up to 4 latents, 21 ``for_tokens`` rules, 273 latents) 8.7
 against 12.7 ms per 1,000 tokens at 8 x 128 with one thread, and level with torch's two threads
 from 16 x 128 up. Torch spreads a large batch over every core, which a server has more of than
-that VM: past this size its program runs."""
+that VM: past this size its program runs, unless the C twin can (it spreads rows over the cores
+too)."""
 
 _F32 = np.float32
 _ONE = _F32(1.0)
@@ -169,6 +184,12 @@ class HostProgram:
             )
         self.probe_max_pool = engine._probe_max_pool
         self.probe_bound = engine._probe_bound
+        self.native = True
+        """Whether :meth:`run` calls the C twin of this program (``_host.c``) where it can: where
+        the kernel library is built (``auditor.models.skinny``), for contiguous inputs. Off, or
+        where it cannot, the NumPy program runs."""
+        self._native: _NativeProgram | None = None  # None: not made yet, or it cannot run
+        self._native_made = False
 
     def probe_input(self, feats: np.ndarray) -> np.ndarray:
         """The features as the feature probes read them: NaN as 0, beyond +-bound (+-inf included)
@@ -182,9 +203,21 @@ class HostProgram:
         comp: torch.Tensor | None,
         prompt: torch.Tensor | None,
         recon: torch.Tensor | None,
-    ) -> tuple[Any, ...]:
-        """Node scores ``[B, N]``, rule scores ``[B, R]``, leaf values and decisions ``[B, L]`` as NumPy
-        arrays, and the per-token leaf holds (``[B, T, L]``, computed on first ``get()``)."""
+        *,
+        numpy: bool = True,
+    ) -> tuple[Any, ...] | NativeRun | None:
+        """The C twin's :class:`NativeRun` (:attr:`native`); else node scores ``[B, N]``, rule
+        scores ``[B, R]``, leaf values and decisions ``[B, L]`` as NumPy arrays, and the per-token
+        leaf holds (``[B, T, L]``, computed on first ``get()``); or, with ``numpy`` False (a batch
+        past :data:`MAX_ELEMENTS`), None where the C twin cannot run."""
+        if self.native:
+            native = self._native if self._native_made else self._make_native()
+            if native is not None:
+                out = native.run(feats, mask, comp, prompt, recon)
+                if out is not None:
+                    return out
+        if not numpy:
+            return None
         token = _ignore_fp_errors()  # 1 / 0 in a `not`, exp overflowing in a sigmoid: inf, as in torch
         try:
             return self._run(
@@ -209,15 +242,7 @@ class HostProgram:
         # TLB), each call costs several times its warm cost, 10-30 us here whatever its size.
         # Reductions are ufunc reductions (ndarray.max and .sum go through Python wrappers first).
         bsz, t, _ = feats.shape
-        if self.scopes == (0,):  # "any" alone: the content mask
-            sm = mask[:, None]
-        else:
-            sm = np.empty((bsz, len(self.scopes), t), dtype=bool)  # [B, S, T]: the tokens each scope sees
-            for i, scope in enumerate(self.scopes):
-                if scope == 0:
-                    sm[:, i] = mask
-                else:
-                    np.logical_and(mask, prompt if scope == 1 else comp, out=sm[:, i])
+        sm = self.scope_masks(mask, comp, prompt)  # [B, S, T]: the tokens each scope sees
         n_scope = np.add.reduce(sm, axis=2)  # [B, S]
         # X [B, T, C0]: the latents, then the reconstruction error when the policy reads it.
         x = np.concatenate([feats, recon[:, :, None]], axis=2) if self.needs_recon and recon is not None else feats
@@ -337,6 +362,31 @@ class HostProgram:
             rscore[n_scope.take(self.rule_scope, axis=1) == 0] = _ZERO
         return scores, rscore, value, fired, holds
 
+    def _make_native(self) -> _NativeProgram | None:
+        """The C twin of this program, made on first use (None where it cannot run)."""
+        from auditor.models import skinny
+
+        lib = skinny.library()
+        native = None
+        direct = self.n_feat + int(self.needs_recon)  # X's columns: what a token leaf reads
+        if lib is not None and bool((self.tl_columns < direct).all()):
+            native = _NativeProgram(self, lib.policy_eval)
+        self._native, self._native_made = native, True
+        return native
+
+    def scope_masks(self, mask: np.ndarray, comp: np.ndarray | None, prompt: np.ndarray | None) -> np.ndarray:
+        """``[B, S, T]`` the tokens each scope the policy reads sees (a view of ``mask`` for "any" alone)."""
+        if self.scopes == (0,):  # "any" alone: the content mask
+            return mask[:, None]
+        bsz, t = mask.shape
+        sm = np.empty((bsz, len(self.scopes), t), dtype=bool)
+        for i, scope in enumerate(self.scopes):
+            if scope == 0:
+                sm[:, i] = mask
+            else:
+                np.logical_and(mask, prompt if scope == 1 else comp, out=sm[:, i])
+        return sm
+
     def host_rows(self, nodes: np.ndarray, rscore: np.ndarray) -> np.ndarray:
         """What every verdict needs, ``[B, R + E]``: the rule scores, then each exception's node score."""
         if self.exc_node is None:
@@ -354,16 +404,22 @@ class HostProgram:
 
 class _HostHolds:
     """Where each leaf held, per token (``[B, T, L]`` bool), computed on first :meth:`get`: only
-    ``for_tokens`` rules and explanations need it."""
+    ``for_tokens`` rules and explanations need it. From ``x`` (the features, then the
+    reconstruction error when the policy reads it) and ``sm`` (:meth:`HostProgram.scope_masks`),
+    or from the program's input tensors (``inputs``: features, mask, completion, prompt, recon)."""
 
-    def __init__(self, program: HostProgram, x: np.ndarray, sm: np.ndarray) -> None:
-        self._args: tuple[Any, ...] | None = (program, x, sm)
+    def __init__(self, program: HostProgram, x: np.ndarray | None, sm: np.ndarray | None, inputs: tuple[Any, ...] = ()) -> None:
+        self._args: tuple[Any, ...] | None = (program, x, sm, inputs)
         self._tok: np.ndarray | None = None
 
     def get(self) -> np.ndarray:
         if self._tok is None:
             assert self._args is not None
-            p, x, sm = self._args
+            p, x, sm, inputs = self._args
+            if x is None:
+                feats, mask, comp, prompt, recon = (None if a is None else a.numpy() for a in inputs)
+                x = np.concatenate([feats, recon[:, :, None]], axis=2) if p.needs_recon and recon is not None else feats
+                sm = p.scope_masks(mask, comp, prompt)
             bsz, t, _ = x.shape
             v = x
             if p.probes is not None:  # each feature probe's per-token probability, after X's columns
@@ -380,14 +436,228 @@ class _HostHolds:
         return self._tok
 
 
+class _ProgramStruct(ctypes.Structure):
+    """``auditor_policy`` in ``_host.c``, field for field."""
+
+    _fields_ = [
+        *[(n, ctypes.c_int64) for n in ("n_feat", "recon", "n_scopes")],
+        ("scopes", ctypes.c_void_p),
+        *[(n, ctypes.c_int64) for n in ("n_leaves", "width")],
+        *[(n, ctypes.c_void_p) for n in ("max_index", "leaf_scope", "threshold", "divisor", "positive")],
+        *[(n, ctypes.c_int64) for n in ("all_positive", "n_tl")],
+        *[(n, ctypes.c_void_p) for n in ("tl", "tl_columns", "tl_scope", "tl_kind", "tl_above")],
+        *[(n, ctypes.c_int64) for n in ("n_probe", "n_units", "n_pools")],
+        *[(n, ctypes.c_void_p) for n in ("probe_leaves", "pooled_index", "neg_weight", "neg_bias")],
+        *[(n, ctypes.c_float) for n in ("bound", "not_cap", "one_minus")],
+        ("n_nodes", ctypes.c_int64),
+        ("node_tail", ctypes.c_void_p),
+        ("n_groups", ctypes.c_int64),
+        *[(n, ctypes.c_void_p) for n in ("group_op", "group_outs", "group_children", "outs", "children")],
+        ("n_rules", ctypes.c_int64),
+        *[(n, ctypes.c_void_p) for n in ("rule_node", "rule_scope")],
+        *[(n, ctypes.c_int64) for n in ("scope_guard", "n_exc")],
+        ("exc_node", ctypes.c_void_p),
+        *[(n, ctypes.c_int64) for n in ("n_ft", "const_true")],
+        *[(n, ctypes.c_void_p) for n in ("ft_rules", "ft_node", "ft_scope", "ft_need", "token_columns", "counting", "leaf_above")],
+    ]
+
+
+_TL_MEAN, _TL_COUNT, _TL_FRACTION = 0, 1, 2
+
+
+class _NativeProgram:
+    """A :class:`HostProgram` as ``_host.c``'s ``auditor_policy``, and its call. Gives what the
+    NumPy program gives but for the order of sums (a mean, a feature probe's pooled input and
+    logit) and ``exp`` in a probe's probability (the C library's ``expf``, NumPy's own): values
+    within float rounding, as between the NumPy and torch programs."""
+
+    def __init__(self, p: HostProgram, fn: Any) -> None:
+        def i64(a: Any) -> np.ndarray:
+            return np.ascontiguousarray(a, dtype=np.int64).reshape(-1)
+
+        def f32(a: Any) -> np.ndarray:
+            return np.ascontiguousarray(a, dtype=_F32).reshape(-1)
+
+        tl = p.token_leaves if p.token_leaves is not None else np.zeros(0, dtype=np.int64)
+        kind = np.where(p.tl_mean, _TL_MEAN, np.where(p.tl_fraction, _TL_FRACTION, _TL_COUNT))
+        fp = p.probes
+        groups = p.groups
+        arrays = {
+            "scopes": i64(p.scopes),
+            "max_index": i64(p.max_index),
+            "leaf_scope": i64(p.leaf_scope),
+            "threshold": f32(p.leaf_threshold),
+            "divisor": f32(p.leaf_divisor),
+            "positive": np.ascontiguousarray(p.leaf_positive, dtype=np.uint8),
+            "tl": i64(tl),
+            "tl_columns": i64(p.tl_columns),
+            "tl_scope": i64(p.tl_scope),
+            "tl_kind": i64(kind),
+            "tl_above": f32(p.tl_above),
+            "probe_leaves": i64(fp["leaves"] if fp is not None else []),
+            "pooled_index": i64(fp["pooled_index"] if fp is not None else []),
+            "neg_weight": f32(fp["neg_weight"] if fp is not None else []),
+            "neg_bias": f32(fp["neg_bias"] if fp is not None else []),
+            "node_tail": f32(p.node_tail),
+            "group_op": i64([g[0] for g in groups]),
+            "group_outs": i64([g[1].size for g in groups]),
+            "group_children": i64([g[2] for g in groups]),
+            "outs": i64(np.concatenate([g[1].reshape(-1) for g in groups]) if groups else []),
+            "children": i64(np.concatenate([g[3] for g in groups]) if groups else []),
+            "rule_node": i64(p.rule_node),
+            "rule_scope": i64(p.rule_scope),
+            "exc_node": i64(p.exc_node if p.exc_node is not None else []),
+            "ft_rules": i64(p.ft_rules if p.ft_rules is not None else []),
+            "ft_node": i64(p.ft_node if p.ft_rules is not None else []),
+            "ft_scope": i64(p.ft_scope if p.ft_rules is not None else []),
+            "ft_need": i64(p.ft_need_int if p.ft_rules is not None else []),
+            "token_columns": i64(p.token_columns),
+            "counting": np.ascontiguousarray(p.leaf_counting, dtype=np.uint8),
+            "leaf_above": f32(p.leaf_above),
+        }
+        self._arrays = arrays  # the struct points into them
+        n_units = int(fp["neg_weight"].shape[1]) if fp is not None else 0
+        self.n_rules, self.n_exc = int(arrays["rule_node"].size), int(arrays["exc_node"].size)
+        self.n_nodes, self.n_leaves = p.n_nodes, p.n_leaves
+        self.for_tokens = p.ft_rules is not None  # the per-token holds are computed, not copies of the inputs kept
+        self._struct = _ProgramStruct(
+            n_feat=p.n_feat, recon=int(p.needs_recon), n_scopes=len(p.scopes),
+            n_leaves=p.n_leaves, width=p.width, all_positive=int(p.all_positive), n_tl=int(tl.size),
+            n_probe=int(arrays["probe_leaves"].size), n_units=n_units, n_pools=2 if p.probe_max_pool else 1,
+            bound=p.probe_bound, not_cap=float(_CAP), one_minus=float(_ONE_MINUS),
+            n_nodes=p.n_nodes, n_groups=len(groups), n_rules=self.n_rules, scope_guard=int(p.scope_guard),
+            n_exc=self.n_exc, n_ft=int(arrays["ft_rules"].size), const_true=p.const_true,
+            **{name: a.ctypes.data for name, a in arrays.items()},
+        )
+        self._ref = ctypes.byref(self._struct)
+        self._fn = fn
+        self._program = p
+
+    def run(
+        self,
+        feats: torch.Tensor,
+        mask: torch.Tensor,
+        comp: torch.Tensor | None,
+        prompt: torch.Tensor | None,
+        recon: torch.Tensor | None,
+    ) -> NativeRun | None:
+        """:meth:`HostProgram.run`'s results, or None where the C call cannot run (the NumPy
+        program then does).
+
+        As few calls as can be around the C call: right after a forward, any call whose code has
+        left the caches costs 5-30 us here (a NumPy call, a torch slice, a dtype view alike), more
+        than the evaluation itself. So one buffer takes everything, the inputs' copies for the
+        per-token holds included, and its parts are cut out only when read (:class:`NativeRun`)."""
+        if not (feats.is_contiguous() and mask.is_contiguous() and (comp is None or comp.is_contiguous())
+                and (prompt is None or prompt.is_contiguous()) and (recon is None or recon.is_contiguous())):
+            return None
+        bsz, t, f = feats.shape
+        stride = self.n_rules + self.n_exc + self.n_nodes + 2 * self.n_leaves
+        if self.for_tokens:
+            after = (bsz * t * self.n_leaves + 3) // 4  # the holds' bytes
+        else:
+            n_bytes = bsz * t * ((comp is not None) + (prompt is not None) + 1)
+            after = bsz * t * (f + (recon is not None)) + (n_bytes + 3) // 4  # the inputs' copies
+        out = torch.empty(bsz * stride + after)
+        if self._fn(
+            self._ref, feats.data_ptr(), mask.data_ptr(), comp.data_ptr() if comp is not None else None,
+            prompt.data_ptr() if prompt is not None else None, recon.data_ptr() if recon is not None else None,
+            bsz, t, out.data_ptr(),
+        ):
+            return None
+        return NativeRun(self, out, (bsz, t, f), recon is not None, comp is not None, prompt is not None)
+
+
+class NativeRun:
+    """What :class:`_NativeProgram` computed, in :class:`~auditor.policy.engine._RuleTensors`'
+    names: ``rows`` (``[B, R + E + ...]``: the rule scores, then each exception's node score, then
+    more columns that a verdict does not read) as it is, every other part cut out of the buffer
+    as CPU tensors on first read."""
+
+    def __init__(self, native: _NativeProgram, out: torch.Tensor, shape: tuple[int, int, int],
+                 has_recon: bool, has_comp: bool, has_prompt: bool) -> None:
+        self._native, self._out, self._shape = native, out, shape
+        self._given = (has_recon, has_comp, has_prompt)
+        bsz = shape[0]
+        n = native
+        self._stride = n.n_rules + n.n_exc + n.n_nodes + 2 * n.n_leaves
+        self.rows = out[: bsz * self._stride].view(bsz, self._stride)
+        self._holds: _NativeHolds | _Holds | None = None
+
+    def _part(self, start: int, width: int) -> torch.Tensor:
+        return self.rows[:, start : start + width]
+
+    @property
+    def score(self) -> torch.Tensor:
+        return self._part(0, self._native.n_rules)
+
+    @property
+    def nodes(self) -> torch.Tensor:
+        return self._part(self._native.n_rules + self._native.n_exc, self._native.n_nodes)
+
+    @property
+    def leaf_value(self) -> torch.Tensor:
+        n = self._native
+        return self._part(n.n_rules + n.n_exc + n.n_nodes, n.n_leaves)
+
+    @property
+    def leaf_fired(self) -> torch.Tensor:
+        n = self._native
+        return self._part(n.n_rules + n.n_exc + n.n_nodes + n.n_leaves, n.n_leaves) > 0
+
+    @property
+    def holds(self) -> _NativeHolds | _Holds:
+        if self._holds is None:
+            bsz, t, f = self._shape
+            has_recon, has_comp, has_prompt = self._given
+            at = bsz * self._stride
+            if self._native.for_tokens:
+                n_leaves = self._native.n_leaves
+                held = self._out[at:].view(torch.uint8)[: bsz * t * n_leaves].view(torch.bool).view(bsz, t, n_leaves)
+                self._holds = _Holds(held)
+                return self._holds
+            feats = self._out[at : at + bsz * t * f].view(bsz, t, f)
+            at += bsz * t * f
+            recon = None
+            if has_recon:
+                recon = self._out[at : at + bsz * t].view(bsz, t)
+                at += bsz * t
+            k = 1 + has_comp + has_prompt
+            masks = self._out[at:].view(torch.uint8)[: k * bsz * t].view(torch.bool)
+            parts = iter(masks.view(k, bsz, t))
+            mask = next(parts)
+            comp = next(parts) if has_comp else None
+            prompt = next(parts) if has_prompt else None
+            self._holds = _NativeHolds(self._native._program, feats, mask, comp, prompt, recon)
+        return self._holds
+
+
+class _Holds:
+    """Per-token holds already computed (``[B, T, L]`` bool)."""
+
+    def __init__(self, held: torch.Tensor) -> None:
+        self._held = held
+
+    def get(self) -> torch.Tensor:
+        return self._held
+
+
+class _NativeHolds(_HostHolds):
+    """:class:`_HostHolds` of a batch given as the program's inputs (CPU tensors, the holds' own)."""
+
+    def __init__(self, program: HostProgram, feats: torch.Tensor, mask: torch.Tensor, comp: torch.Tensor | None,
+                 prompt: torch.Tensor | None, recon: torch.Tensor | None) -> None:
+        super().__init__(program, None, None, (feats, mask, comp, prompt, recon))
+
+
 class HostRows:
     """The host program's verdict numbers in :class:`~auditor._cuda.HostCopy`'s shape: already on
     the host (no tensor wrapped around them, no copy to wait for)."""
 
     ready = None
 
-    def __init__(self, rows: np.ndarray) -> None:
+    def __init__(self, rows: np.ndarray | torch.Tensor) -> None:
         self._rows = rows
 
-    def get(self) -> np.ndarray:
+    def get(self) -> np.ndarray | torch.Tensor:
         return self._rows

@@ -6,9 +6,10 @@ their scope masks (``[B, L]``), run the node program of the condition trees, and
 compute sustained-run lengths for ``for_tokens`` rules with a cumulative max.
 The rule scores and the exceptions' scores then cross to the host in one copy,
 where Python loops over batch rows to decide which rules fired and which an
-exception suppressed, and builds the result objects. On a CPU, a small batch runs the same
-program in NumPy (:mod:`auditor.policy._host`; ``PolicyEngine.host_program``), whose calls cost a
-fraction of torch's on arrays this small. On a CUDA device, where those ops
+exception suppressed, and builds the result objects. On a CPU the same program runs as one C call
+(:mod:`auditor.policy._host`'s C twin, in the kernel library; ``PolicyEngine.host_program``), or
+for a small batch where that library does not build, in NumPy, whose calls cost a fraction of
+torch's on arrays this small. On a CUDA device, where those ops
 cost more to launch than to run, a batch shape that recurs replays them as one CUDA graph
 (:mod:`auditor.policy._graphs`; ``PolicyEngine.cuda_graphs``).
 
@@ -59,7 +60,7 @@ from auditor.features.library import FeatureLibrary
 from auditor.policy import schema as s
 from auditor.policy._graphs import MAX_TOKENS, MAX_TOKENS_COMPILED, EvalGraphs
 from auditor.policy._host import MAX_ELEMENTS as HOST_MAX_ELEMENTS
-from auditor.policy._host import HostProgram, HostRows
+from auditor.policy._host import HostProgram, HostRows, NativeRun
 from auditor.policy.compile import (
     AGGS,
     SCOPES,
@@ -370,10 +371,12 @@ class PolicyEngine:
     engine, or for every engine on the class."""
 
     host_program: bool = True
-    """On a CPU, evaluate batches of up to :data:`auditor.policy._host.MAX_ELEMENTS` feature values
-    with the program's NumPy twin (:mod:`auditor.policy._host`), whose operations cost a fraction of
-    torch's per call; off, torch evaluates every batch. Not with :attr:`compile_program` or
-    hookpoint probes. Per engine, or for every engine on the class."""
+    """On a CPU, evaluate with the program's host twin (:mod:`auditor.policy._host`): one C call
+    where the kernel library builds (:mod:`auditor.models.skinny`), 2.4-4.7x faster than torch's
+    program at every batch size measured; else, for batches of up to
+    :data:`auditor.policy._host.MAX_ELEMENTS` feature values, NumPy, whose operations cost a
+    fraction of torch's per call. Off, torch evaluates every batch. Not with
+    :attr:`compile_program` or hookpoint probes. Per engine, or for every engine on the class."""
 
     def __init__(
         self,
@@ -574,11 +577,13 @@ class PolicyEngine:
         """
         return self._pending(self._rule_tensors(batch), batch.tokens)
 
-    def _pending(self, r: _RuleTensors, tokens: list[list[str]] | None) -> PendingVerdicts:
+    def _pending(self, r: _RuleTensors | NativeRun, tokens: list[list[str]] | None) -> PendingVerdicts:
         # What every verdict needs (the rule scores and the exceptions' node scores) crosses to the
         # host in one copy and becomes Python numbers in one call; fired (score >= 1), matched and
         # category scores follow from them there. What only explanations need (values, per-token
         # holds) stays where it is until an explanation is read.
+        if r.rows is not None:  # the host program's C twin's
+            return PendingVerdicts(self, HostRows(r.rows), r, tokens)
         if isinstance(r.score, np.ndarray):  # the host program's
             return PendingVerdicts(self, HostRows(self._numpy.host_rows(r.nodes, r.score)), r, tokens)
         host = r.score
@@ -620,7 +625,7 @@ class PolicyEngine:
             return torch.from_numpy(self._numpy.matched(r.nodes, r.score))  # type: ignore[arg-type]
         return self._matched(self._tensors(r.score.device), r.nodes, r.score)
 
-    def _rule_tensors(self, batch: AuditBatch) -> _RuleTensors:
+    def _rule_tensors(self, batch: AuditBatch) -> _RuleTensors | NativeRun:
         """Every node's and rule's score (and what explanations need), on the batch's device."""
         feats, mask, comp, prompt, recon, resid = self._inputs(batch, roles=False)
         if feats.shape[1] == 0:
@@ -631,12 +636,15 @@ class PolicyEngine:
             recon = feats.new_zeros(bsz, 1) if recon is not None else None
             resid = feats.new_zeros(bsz, 1, resid.shape[2]) if resid is not None else None
         if (
-            self.host_program and resid is None and feats.device.type == "cpu" and feats.numel() <= HOST_MAX_ELEMENTS
+            self.host_program and resid is None and feats.device.type == "cpu"
             and not feats.requires_grad and (recon is None or not recon.requires_grad) and not self._compiles
         ):
-            # NumPy arrays over the same memory (see _host): _pending and matched read them as such.
-            # A batch without roles (a policy that reads none) needs no role masks there.
-            return _RuleTensors(*self._numpy.run(feats, mask, comp, prompt, recon))
+            # The C twin's run, whose parts are CPU tensors; or NumPy arrays over the same memory
+            # (see _host), which _pending and matched read as such, for a small batch. A batch
+            # without roles (a policy that reads none) needs no role masks there.
+            out = self._numpy.run(feats, mask, comp, prompt, recon, numpy=feats.numel() <= HOST_MAX_ELEMENTS)
+            if out is not None:
+                return out if isinstance(out, NativeRun) else _RuleTensors(*out)
         if comp is None:
             comp, prompt = _no_roles(mask)
         if feats.is_cuda and self.cuda_graphs and not self.needs_resid:
@@ -945,15 +953,14 @@ class PolicyEngine:
     def _verdicts(
         self,
         rows: list[list[float]],
-        value: Tensor,
-        fired: Tensor,
-        tok: _TokenHolds | _KnownHolds,
+        r: _RuleTensors | NativeRun,
         tokens: list[list[str]] | None,
         ready: torch.cuda.Event | None = None,
     ) -> list[Verdict]:
         """Verdicts from each row's host numbers: the ``R`` rule scores, then each exception's node
-        score; the rest stays on the device for explanations (``ready``: recorded behind the
-        evaluation on a CUDA stream)."""
+        score (a row may go on; the rest is not read); the rest of ``r`` stays on the device for
+        explanations, read only when a rule matched (``ready``: recorded behind the evaluation on
+        a CUDA stream)."""
         c = self.compiled
         n_r = len(c.rules)
         rule_exc, cat_rules = self._rule_exc, self._cat_rules
@@ -972,7 +979,7 @@ class PolicyEngine:
             hits.append(hit)
             held.append(excepted)
         matched_rules = sorted({r_i for hit in hits for r_i in hit})
-        detail = _BatchDetail(c, value, fired, tok, tokens, matched_rules, ready) if matched_rules else None
+        detail = _BatchDetail(c, r, tokens, matched_rules, ready) if matched_rules else None
         verdicts: list[Verdict] = []
         for b, row in enumerate(rows):
             matches: list[RuleMatch] = []
@@ -1116,7 +1123,8 @@ class IncrementalMatcher:
 
 class _RuleTensors(NamedTuple):
     """One evaluation's results on the batch's device (``[B, R]`` unless noted): NumPy arrays when
-    the host program (:attr:`PolicyEngine.host_program`) computed them, with holds of its own."""
+    the host program (:attr:`PolicyEngine.host_program`) computed them, CPU tensors when its C
+    twin did, with holds of their own."""
 
     nodes: Tensor
     """``[B, N]`` every node's score (exceptions read theirs)."""
@@ -1127,6 +1135,8 @@ class _RuleTensors(NamedTuple):
     leaf_fired: Tensor
     """``[B, L]``."""
     holds: _TokenHolds | _KnownHolds
+    rows: Tensor | None = None
+    """What every verdict needs (:meth:`PolicyEngine._pending`), where the program has made it."""
 
 
 class _TokenHolds:
@@ -1158,7 +1168,7 @@ class PendingVerdicts:
     """An evaluation queued by :meth:`PolicyEngine.decide`; :meth:`verdicts` builds its verdicts
     (once; later calls return the same list)."""
 
-    def __init__(self, engine: PolicyEngine, host: HostCopy | HostRows, r: _RuleTensors, tokens: list[list[str]] | None) -> None:
+    def __init__(self, engine: PolicyEngine, host: HostCopy | HostRows, r: _RuleTensors | NativeRun, tokens: list[list[str]] | None) -> None:
         self._engine, self._host, self._r, self._tokens = engine, host, r, tokens
         self._verdicts: list[Verdict] | None = None
         self._lock = threading.Lock()  # callers in several threads: one builds, the others wait
@@ -1174,7 +1184,7 @@ class PendingVerdicts:
             if self._verdicts is None:
                 r = self._r
                 rows = self._host.get().tolist()
-                self._verdicts = self._engine._verdicts(rows, r.leaf_value, r.leaf_fired, r.holds, self._tokens, self._host.ready)
+                self._verdicts = self._engine._verdicts(rows, r, self._tokens, self._host.ready)
                 del self._r
         return self._verdicts
 
@@ -1186,15 +1196,13 @@ class _BatchDetail:
     def __init__(
         self,
         compiled: CompiledPolicy,
-        value: Tensor,
-        fired: Tensor,
-        tok: _TokenHolds | _KnownHolds,
+        r: _RuleTensors | NativeRun,
         tokens: list[list[str]] | None,
         matched_rules: list[int],
         ready: torch.cuda.Event | None = None,
     ) -> None:
         self.compiled = compiled
-        self._device = (value, fired, tok)  # moved to the host on first use
+        self._device = r  # its leaf values, decisions and holds moved to the host on first use
         self._ready = ready
         self._lock = threading.Lock()
         self._host: tuple[list[list[float]], list[list[bool]], Tensor] | None = None
@@ -1204,7 +1212,7 @@ class _BatchDetail:
     def host(self) -> tuple[list[list[float]], list[list[bool]], Tensor]:
         with self._lock:  # explanations of one batch may be read in several threads
             if self._host is None:
-                value, fired, tok = self._device
+                value, fired, tok = self._device.leaf_value, self._device.leaf_fired, self._device.holds
                 if self._ready is None or not value.is_cuda:
                     # (NumPy arrays from the host program: as tensors over the same memory.)
                     self._host = (value.tolist(), fired.tolist(), torch.as_tensor(tok.get()).cpu())

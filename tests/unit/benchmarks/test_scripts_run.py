@@ -120,8 +120,11 @@ def test_policy_eval_script_runs() -> None:
     assert out["rules"] == 20 and out["watched"] > 0
     # Building the verdicts is part of an evaluation: it cannot take longer than the whole.
     assert 0 < out["verdicts_median_ms"] <= out["median_batch_ms"]
-    # Both programs timed beside what the engine picks on a CPU (here the NumPy one: a small batch).
-    assert out["numpy_program"] is True and out["torch_program_ms_per_1k_tokens"] > 0 and out["numpy_program_ms_per_1k_tokens"] > 0
+    # Every program timed beside what the engine picks on a CPU (here the host program: a small
+    # batch; its C twin where the kernel library builds).
+    assert out["host_program"] is True and out["torch_program_ms_per_1k_tokens"] > 0 and out["numpy_program_ms_per_1k_tokens"] > 0
+    assert out["c_twin"] is (skinny.library() is not None)
+    assert not out["c_twin"] or out["c_program_ms_per_1k_tokens"] > 0
 
 
 def test_steering_hook_script_runs() -> None:
@@ -181,7 +184,9 @@ def test_audit_throughput_script_runs() -> None:
         assert sum(stages.values()) <= r["audit_s"]
         torch_stages = r["audit_stages_torch_eval_s"]  # the same audit, the torch evaluation program
         assert set(torch_stages) == set(stages) and sum(torch_stages.values()) <= r["audit_torch_eval_s"]
-        assert r["policy_eval_s"] > 0 and r["policy_eval_torch_s"] > 0
+        numpy_stages = r["audit_stages_numpy_eval_s"]  # the same audit, the host program in NumPy
+        assert set(numpy_stages) == set(stages) and sum(numpy_stages.values()) <= r["audit_numpy_eval_s"]
+        assert r["policy_eval_s"] > 0 and r["policy_eval_torch_s"] > 0 and r["policy_eval_numpy_s"] > 0
         assert r["audit_vs_full_forward"] == r["full_forward_s"] / r["audit_s"]
         products = r["audit_stages_torch_products_s"]  # the same audit, the few-row kernel suspended
         assert set(products) == set(stages) and sum(products.values()) <= r["audit_torch_products_s"]

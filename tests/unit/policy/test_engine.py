@@ -418,11 +418,13 @@ def random_inputs(seed: int, bsz: int, t: int) -> tuple[torch.Tensor, torch.Tens
     },
     seed=0, bsz=1, t=3,
 )
-@pytest.mark.parametrize("host_program", [True, False], ids=["numpy", "torch"])
-def test_engine_matches_reference(probe_dir: Path, host_program: bool, policy: dict[str, Any], seed: int, bsz: int, t: int) -> None:
-    # Both programs: on a CPU, batches this small go through the NumPy twin unless told otherwise.
+@pytest.mark.parametrize("program", ["c-twin", "numpy", "torch"])
+def test_engine_matches_reference(probe_dir: Path, program: str, policy: dict[str, Any], seed: int, bsz: int, t: int) -> None:
+    # Every program: on a CPU, batches this small go through the host program's C twin (NumPy's
+    # where the kernel library does not build) unless told otherwise.
     engine = make_engine(policy, probe_dir)
-    engine.host_program = host_program
+    engine.host_program = program != "torch"
+    engine._numpy.native = program == "c-twin"
     full, mask, comp, recon = random_inputs(seed, bsz, t)
     verdicts = engine.evaluate(full_batch(full, mask, comp, engine, recon))
     ref = Reference(policy, full.numpy(), mask.numpy(), comp.numpy(), recon.numpy(), probe_dir)
@@ -709,17 +711,21 @@ PROBE_POLICY = {
 }
 
 
+PROGRAMS = ("c-twin", "numpy", "torch")
+
+
 def probe_values(engine: PolicyEngine, full: torch.Tensor, mask: torch.Tensor, comp: torch.Tensor) -> dict[str, np.ndarray]:
-    """Each probe leaf's value (p_mean, p_max, q_mean, q_max), from the NumPy and the torch program, and
-    the incremental matcher's decisions fed the batch in two chunks against matched() on it."""
+    """Each probe leaf's value (p_mean, p_max, q_mean, q_max), from the host program's C twin, NumPy's
+    and the torch program, and the incremental matcher's decisions fed the batch in two chunks
+    against matched() on it."""
     batch = full_batch(full, mask, comp, engine)
     leaves = engine._feature_probes["leaves"]
     out = {}
-    for host in (True, False):
-        engine.host_program = host
+    for name in PROGRAMS:
+        engine.host_program, engine._numpy.native = name != "torch", name == "c-twin"
         value = engine._rule_tensors(batch).leaf_value
-        out["numpy" if host else "torch"] = np.asarray(value)[:, leaves.numpy()]
-    engine.host_program = True
+        out[name] = np.asarray(value)[:, leaves.numpy()]
+    engine.host_program, engine._numpy.native = True, True
     inc = engine.incremental(full.shape[0])
     assert inc is not None
     feats, half = batch.features, full.shape[1] // 2
@@ -745,7 +751,7 @@ def assert_unread_changes_nothing(
     for t in tokens:
         broken[:, t, FEATURES["c.six"]] = value
     got = probe_values(engine, broken, mask, comp)
-    for name in ("numpy", "torch"):
+    for name in PROGRAMS:
         np.testing.assert_array_equal(got[name], base[name])
 
 
@@ -754,9 +760,10 @@ def test_a_probe_reads_its_own_features_only(probe_dir: Path, bad: float) -> Non
     # The probes' weights are one matrix with zeros for the features a probe does not read: a
     # non-finite feature taken as it is (0 x inf = NaN) used to make every probe's value NaN.
     engine, full, mask, comp, base = probe_case(probe_dir)
-    for name in ("numpy", "torch"):
+    for name in PROGRAMS:
         assert np.isfinite(base[name]).all()
-    np.testing.assert_allclose(base["numpy"], base["torch"], rtol=1e-5)  # the two sum in other orders
+    for name in ("c-twin", "numpy"):
+        np.testing.assert_allclose(base[name], base["torch"], rtol=1e-5)  # they sum in other orders
     # c.six, which no probe reads, broken at a token in scope and at one out of scope.
     assert_unread_changes_nothing(engine, full, mask, comp, base, bad, (0, 5))
     # a.one, which q reads (with a positive weight) and p does not: an infinity saturates q's
@@ -769,7 +776,7 @@ def test_a_probe_reads_its_own_features_only(probe_dir: Path, bad: float) -> Non
     want = probe_values(engine, zeroed, mask, comp)
     lowered = probe_values(engine, lowered, mask, comp)
     got = probe_values(engine, broken, mask, comp)
-    for name in ("numpy", "torch"):
+    for name in PROGRAMS:
         np.testing.assert_array_equal(got[name][:, :2], base[name][:, :2])  # p_mean, p_max
         if math.isnan(bad):
             np.testing.assert_array_equal(got[name][:, 2:], want[name][:, 2:])
@@ -778,7 +785,8 @@ def test_a_probe_reads_its_own_features_only(probe_dir: Path, bad: float) -> Non
         else:  # -inf: q_mean's mean goes to -inf; q_max pools the other tokens' max, as for any value below them
             np.testing.assert_array_equal(got[name][:, 2], np.zeros(3, dtype=np.float32))
             np.testing.assert_array_equal(got[name][:, 3], lowered[name][:, 3])
-    np.testing.assert_allclose(got["numpy"], got["torch"], rtol=1e-5)
+    for name in ("c-twin", "numpy"):
+        np.testing.assert_allclose(got[name], got["torch"], rtol=1e-5)
 
 
 @pytest.mark.parametrize("huge", [3e38, -3e38], ids=["+", "-"])
@@ -794,7 +802,7 @@ def test_a_huge_finite_feature_a_probe_does_not_read_leaves_the_probes_alone(pro
     got = probe_values(engine, broken, mask, comp)
     broken[:, 0, FEATURES["a.one"]] = math.copysign(math.inf, huge)
     want = probe_values(engine, broken, mask, comp)
-    for name in ("numpy", "torch"):
+    for name in PROGRAMS:
         np.testing.assert_array_equal(got[name], want[name])
 
 
