@@ -18,8 +18,8 @@ holds only when a ``for_tokens`` rule or an explanation asks. It runs as:
   :mod:`auditor.models.skinny`): the whole evaluation in one call, rows split over OpenMP threads
   for large batches, its results cut out of one buffer only when read (:class:`NativeRun`); for
   every batch size where that library builds (x86-64 with AVX2; ``AUDITOR_SKINNY_KERNEL=0`` turns
-  it off). The default policy's evaluation of one 21-token text went from 0.6-0.7 ms in NumPy to
-  0.23-0.29 ms (``benchmarks/RESULTS.md``, twentieth session);
+  it off). The default policy's evaluation of one short text took 0.26-0.30 ms, against 0.63 ms
+  in NumPy (``benchmarks/audit_throughput.py``; ``benchmarks/RESULTS.md``, twentieth session);
 - else NumPy, on views of the batch's tensors, for batches of up to :data:`MAX_ELEMENTS` feature
   values.
 

@@ -372,8 +372,8 @@ class PolicyEngine:
 
     host_program: bool = True
     """On a CPU, evaluate with the program's host twin (:mod:`auditor.policy._host`): one C call
-    where the kernel library builds (:mod:`auditor.models.skinny`), 2.4-4.7x faster than torch's
-    program at every batch size measured; else, for batches of up to
+    where the kernel library builds (:mod:`auditor.models.skinny`), 2.2-4.9x faster than torch's
+    program at every batch size measured (``benchmarks/policy_eval.py``); else, for batches of up to
     :data:`auditor.policy._host.MAX_ELEMENTS` feature values, NumPy, whose operations cost a
     fraction of torch's per call. Off, torch evaluates every batch. Not with
     :attr:`compile_program` or hookpoint probes. Per engine, or for every engine on the class."""
