@@ -73,7 +73,7 @@ _SIGNATURES: dict[str, tuple[str, list[Any]] | tuple[str, list[Any], Any]] = {
     "silu_mul": ("auditor_silu_mul", [_P] * 3 + [_I]),
     "attend": ("auditor_attend", [_P] * 5 + [_I] * 6 + [_F, _P, _P, _T]),
     "layers": ("auditor_layers", [_P] + [_I] * 3 + [_P] * 2 + [_I] * 4 + [_P] * 2 + [_I] + [_P] * 12 + [_T]),
-    "policy_eval": ("auditor_policy_eval", [_P] * 6 + [_I] * 2 + [_P], _T),
+    "policy_eval": ("auditor_policy_eval", [_P] * 6 + [_I] * 2 + [_P, _T], _T),
 }
 
 

@@ -309,13 +309,12 @@ static int eval_rows(const auditor_policy *p, const float *feats, const uint8_t 
 }
 
 /* Evaluations of fewer feature values run on the calling thread: an OpenMP team's start would
- * cost more than it saves. */
+ * cost more than it saves. Larger ones split their rows over `threads` (torch's thread count). */
 #define PARALLEL_WORK (1 << 16)
 
 int auditor_policy_eval(const auditor_policy *p, const float *feats, const uint8_t *mask, const uint8_t *comp,
-                        const uint8_t *prompt, const float *recon, int64_t B, int64_t T, float *out) {
+                        const uint8_t *prompt, const float *recon, int64_t B, int64_t T, float *out, int threads) {
     int failed = 0;
-    int threads = omp_get_max_threads();
     if (threads > B) threads = (int)B;
     if (threads < 2 || B * T * (p->n_feat + 1) < PARALLEL_WORK) {
         failed = eval_rows(p, feats, mask, comp, prompt, recon, B, T, out, 0, 1);

@@ -186,8 +186,9 @@ class HostProgram:
         self.probe_bound = engine._probe_bound
         self.native = True
         """Whether :meth:`run` calls the C twin of this program (``_host.c``) where it can: where
-        the kernel library is built (``auditor.models.skinny``), for contiguous inputs. Off, or
-        where it cannot, the NumPy program runs."""
+        the kernel library builds (``auditor.models.skinny``; the first evaluation on a machine
+        where nothing has built it yet compiles it, seconds, then cached), for contiguous inputs.
+        Off, or where it cannot, the NumPy program runs."""
         self._native: _NativeProgram | None = None  # None: not made yet, or it cannot run
         self._native_made = False
 
@@ -548,6 +549,8 @@ class _NativeProgram:
         left the caches costs 5-30 us here (a NumPy call, a torch slice, a dtype view alike), more
         than the evaluation itself. So one buffer takes everything, the inputs' copies for the
         per-token holds included, and its parts are cut out only when read (:class:`NativeRun`)."""
+        if not self._program.needs_recon:
+            recon = None  # not read (nor checked by the engine): not passed, not copied
         if not (feats.is_contiguous() and mask.is_contiguous() and (comp is None or comp.is_contiguous())
                 and (prompt is None or prompt.is_contiguous()) and (recon is None or recon.is_contiguous())):
             return None
@@ -558,11 +561,11 @@ class _NativeProgram:
         else:
             n_bytes = bsz * t * ((comp is not None) + (prompt is not None) + 1)
             after = bsz * t * (f + (recon is not None)) + (n_bytes + 3) // 4  # the inputs' copies
-        out = torch.empty(bsz * stride + after)
+        out = torch.empty(bsz * stride + after, dtype=torch.float32, device="cpu")
         if self._fn(
             self._ref, feats.data_ptr(), mask.data_ptr(), comp.data_ptr() if comp is not None else None,
             prompt.data_ptr() if prompt is not None else None, recon.data_ptr() if recon is not None else None,
-            bsz, t, out.data_ptr(),
+            bsz, t, out.data_ptr(), torch.get_num_threads(),
         ):
             return None
         return NativeRun(self, out, (bsz, t, f), recon is not None, comp is not None, prompt is not None)
@@ -581,11 +584,16 @@ class NativeRun:
         bsz = shape[0]
         n = native
         self._stride = n.n_rules + n.n_exc + n.n_nodes + 2 * n.n_leaves
-        self.rows = out[: bsz * self._stride].view(bsz, self._stride)
+        rows = out[: bsz * self._stride].view(bsz, self._stride)
+        self._all = rows
+        # A verdict reads the first R + E columns of its row; the rest converted by ``tolist`` as
+        # well costs less than a slice right after a forward, unless there is much of it.
+        extra = bsz * (self._stride - native.n_rules - native.n_exc)
+        self.rows = rows if extra <= 4096 else rows[:, : native.n_rules + native.n_exc]
         self._holds: _NativeHolds | _Holds | None = None
 
     def _part(self, start: int, width: int) -> torch.Tensor:
-        return self.rows[:, start : start + width]
+        return self._all[:, start : start + width]
 
     @property
     def score(self) -> torch.Tensor:

@@ -41,7 +41,7 @@ POLICY = {
 
 def both(engine: PolicyEngine, batch: AuditBatch, native: bool = True) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     """The rule tensors of ``batch`` from the host program (its C twin where ``native`` and the
-    policy has no ``for_tokens`` rule, else NumPy's) and from the torch program."""
+    kernel library builds, else NumPy's) and from the torch program."""
     engine.host_program = True
     engine._numpy.native = native
     host = engine._rule_tensors(batch)
@@ -296,3 +296,35 @@ def test_a_large_batch_split_over_threads(probe_dir: Path, for_tokens: bool) -> 
     assert any(v.matches for v in got)
     engine.host_program = False
     same_verdicts(engine.evaluate(batch), got)
+
+
+def test_a_reconstruction_error_the_policy_does_not_read(probe_dir: Path) -> None:
+    # Without an anomaly leaf the engine neither checks nor reads recon_error: a tensor of any
+    # shape passed along changes nothing (the C twin is not handed it).
+    engine = make_engine(without_for_tokens(POLICY), probe_dir)
+    assert not engine.needs_recon_error
+    full, mask, comp, _ = continuous_inputs(6, 2, 2000, nan=False)
+    feats = full[..., engine.watched]
+    got = engine.evaluate(AuditBatch(feats, mask, comp, recon_error=torch.zeros(1)))
+    assert isinstance(engine._rule_tensors(AuditBatch(feats, mask, comp, recon_error=torch.zeros(1))), _host.NativeRun) is (
+        skinny.library() is not None
+    )
+    engine.host_program = False
+    same_verdicts(engine.evaluate(AuditBatch(feats, mask, comp)), got)
+
+
+def test_torch_defaults_do_not_reach_the_c_twins_buffer(probe_dir: Path) -> None:
+    # A caller's torch.set_default_dtype(float64) must not make the C twin write float32 numbers
+    # into a float64 buffer (verdicts read garbage).
+    engine = make_engine(POLICY, probe_dir)
+    full, mask, comp, recon = continuous_inputs(8, 3, 12, nan=False)
+    batch = full_batch(full, mask, comp, engine, recon)
+    want = engine.evaluate(batch)
+    assert any(v.matches for v in want)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = engine.evaluate(batch)
+    finally:
+        torch.set_default_dtype(previous)
+    same_verdicts(want, got)
