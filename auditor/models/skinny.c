@@ -187,8 +187,10 @@ void auditor_skinny_addmm_kn(const float *x, const float *w, const float *bias, 
  * SiLU) most of the rest, at a few microseconds of dispatch each. These do the same
  * arithmetic in one call each, to float rounding of torch's results.
  */
+#include <float.h>
 #include <math.h>
 #include <omp.h>
+#include <stdlib.h>
 
 /* exp(x) for eight floats: Cephes' expf (range reduction by ln 2, degree-5 polynomial; within
  * 2 ulp of expf). Overflow gives +inf, x below -87.3 gives 0, NaN stays NaN. */
@@ -445,4 +447,100 @@ void auditor_layers(float *x, int64_t n, int64_t d, int64_t count, const float *
         auditor_silu_mul(gate, up, gate, n * inter);
         linear(gate, w[14], w[15], x, n, d, inter, threads, 1);
     }
+}
+
+/* The rest of a TopK SAE's encode of a few rows, after the encoder product, in one call (each
+ * torch operation of it cost several times its work right after a forward):
+ *
+ *   codes:   the k largest pre-activations of each row (NaN above every number, an earlier
+ *            latent first among equal values), ReLU'd (NaN stays NaN);
+ *   picked:  [N, places] the codes at the watched latents: slot[latent] in 0..m (m: unwatched),
+ *            place_slot[p] the slot that watched place p reads;
+ *   err:     [N] with w_dec: ||x - x_hat|| / ||x|| (||x - x_hat|| where ||x|| is 0 or NaN), x_hat
+ *            the sum of each code times its W_dec row, plus b_dec, times scale (what undoes a
+ *            global input scaling; 1 for none).
+ *
+ * out holds picked, then err. Returns 0, or -1 when scratch memory cannot be had. */
+static inline int topk_above(float a, float b) { return a != a ? b == b : a > b; }
+
+/* v at index i into the k largest so far (tv descending, filled of them): after every value it
+ * is not above, so an earlier index stays first among equal values. */
+static inline void topk_insert(float *tv, int64_t *ti, int64_t *filled, int64_t k, float v, int64_t i) {
+    int64_t p = *filled < k ? (*filled)++ : k - 1;
+    while (p > 0 && topk_above(v, tv[p - 1])) {
+        tv[p] = tv[p - 1];
+        ti[p] = ti[p - 1];
+        p--;
+    }
+    tv[p] = v;
+    ti[p] = i;
+}
+
+int auditor_topk_tail(const float *pre, int64_t N, int64_t D, int64_t k, const int64_t *slot, int64_t m,
+                      const int64_t *place_slot, int64_t places, const float *w_dec, const float *b_dec,
+                      const float *x, int64_t d_in, float scale, float *out) {
+    float *tv_all = malloc((size_t)(N * k + m + 1 + d_in) * sizeof(float));
+    int64_t *ti_all = malloc((size_t)(N * k) * sizeof(int64_t));
+    if (!tv_all || !ti_all) {
+        free(tv_all);
+        free(ti_all);
+        return -1;
+    }
+    float *slots = tv_all + N * k, *y = slots + m + 1;
+    /* Each row's codes and picks; the W_dec rows its codes address are fetched from memory
+     * (prefetched) while the next rows are ranked. */
+    for (int64_t n = 0; n < N; n++) {
+        const float *row = pre + n * D;
+        float *tv = tv_all + n * k;
+        int64_t *ti = ti_all + n * k;
+        int64_t filled = 0, i = 0;
+        for (; i < D; i++) {
+            if (filled == k) break;
+            topk_insert(tv, ti, &filled, k, row[i], i);
+        }
+        /* Eight at a time: most blocks hold nothing above the k-th largest so far (a NaN on
+         * either side compares as above, and is then placed one by one). */
+        for (; i + 8 <= D; i += 8) {
+            int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + i), _mm256_set1_ps(tv[k - 1]), _CMP_NLE_UQ));
+            while (mask) {
+                const int b = __builtin_ctz(mask);
+                mask &= mask - 1;
+                if (topk_above(row[i + b], tv[k - 1])) topk_insert(tv, ti, &filled, k, row[i + b], i + b);
+            }
+        }
+        for (; i < D; i++)
+            if (topk_above(row[i], tv[k - 1])) topk_insert(tv, ti, &filled, k, row[i], i);
+        for (int64_t j = 0; j < k; j++)
+            if (!(tv[j] > 0.0f) && tv[j] == tv[j]) tv[j] = 0.0f;
+        for (int64_t s = 0; s <= m; s++) slots[s] = 0.0f;
+        for (int64_t j = 0; j < k; j++) slots[slot[ti[j]]] = tv[j];
+        float *pk = out + n * places;
+        for (int64_t p = 0; p < places; p++) pk[p] = slots[place_slot[p]];
+        if (w_dec)
+            for (int64_t j = 0; j < k; j++)
+                for (int64_t d = 0; d < d_in; d += 16) _mm_prefetch((const char *)(w_dec + ti[j] * d_in + d), _MM_HINT_T0);
+    }
+    if (w_dec) {
+        for (int64_t n = 0; n < N; n++) {
+            const float *tv = tv_all + n * k;
+            const int64_t *ti = ti_all + n * k;
+            for (int64_t d = 0; d < d_in; d++) y[d] = 0.0f;
+            for (int64_t j = 0; j < k; j++) {
+                const float w = tv[j], *wr = w_dec + ti[j] * d_in;
+                for (int64_t d = 0; d < d_in; d++) y[d] += w * wr[d];
+            }
+            const float *xr = x + n * d_in;
+            double e2 = 0.0, n2 = 0.0;
+            for (int64_t d = 0; d < d_in; d++) {
+                const double diff = (double)xr[d] - (double)((y[d] + b_dec[d]) * scale);
+                e2 += diff * diff;
+                n2 += (double)xr[d] * (double)xr[d];
+            }
+            const float e = (float)sqrt(e2), nx = (float)sqrt(n2);
+            out[N * places + n] = nx > 0.0f ? e / (nx > FLT_MIN ? nx : FLT_MIN) : e;
+        }
+    }
+    free(tv_all);
+    free(ti_all);
+    return 0;
 }

@@ -19,7 +19,9 @@ once, and the wrappers call the kernel only inside :func:`enabled` on the same t
 capture functions enter it), for float32 CPU tensors of at most :data:`MAX_ROWS` rows, with
 no gradient wanted. Generation, the user's own calls and everything else run the module's
 ``forward`` unchanged. The SAE's full-width encodes of as few rows use the kernel's second
-product (:func:`encoder_product`, for ``W_enc``'s ``[d_in, d_sae]`` layout). Results equal
+product (:func:`encoder_product`, for ``W_enc``'s ``[d_in, d_sae]`` layout), and a TopK SAE
+ranks its codes, picks the watched ones and computes its reconstruction error in one call
+after it (:func:`topk_tail`). Results equal
 torch's to float rounding (a different summation order, as any two BLAS libraries differ);
 they do not depend on the thread count. :func:`suspended` turns both off for a block (the
 benchmarks compare the two that way).
@@ -52,7 +54,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-__all__ = ["MAX_ROWS", "build", "enabled", "encoder_product", "install", "is_suspended", "library", "linear", "status", "suspended", "wrapped"]
+__all__ = [
+    "MAX_ROWS", "build", "enabled", "encoder_product", "install", "is_suspended", "library", "linear", "status",
+    "suspended", "topk_tail", "wrapped",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -74,6 +79,7 @@ _SIGNATURES: dict[str, tuple[str, list[Any]] | tuple[str, list[Any], Any]] = {
     "attend": ("auditor_attend", [_P] * 5 + [_I] * 6 + [_F, _P, _P, _T]),
     "layers": ("auditor_layers", [_P] + [_I] * 3 + [_P] * 2 + [_I] * 4 + [_P] * 2 + [_I] + [_P] * 12 + [_T]),
     "policy_eval": ("auditor_policy_eval", [_P] * 6 + [_I] * 2 + [_P, _T], _T),
+    "topk_tail": ("auditor_topk_tail", [_P] + [_I] * 3 + [_P, _I, _P, _I] + [_P] * 3 + [_I, _F, _P], _T),
 }
 
 
@@ -87,6 +93,7 @@ class _Kernels(NamedTuple):
     attend: Any
     layers: Any  # whole decoder layers: the five above in one call
     policy_eval: Any  # a policy evaluation of a small batch (auditor.policy._host)
+    topk_tail: Any  # a TopK SAE's codes, watched picks and reconstruction error after the product
 
 _ENV = "AUDITOR_SKINNY_KERNEL"
 _MARK = "_auditor_skinny"
@@ -281,6 +288,52 @@ def encoder_product(
     if rows is not None and rows.shape == (weight.shape[1], weight.shape[0]) and rows.dtype == torch.float32 and rows.device.type == "cpu":
         return _call(fns.linear, x, rows, bias, weight.shape[1])
     return _call(fns.addmm_kn, x, weight, bias, weight.shape[1])
+
+
+def topk_tail(
+    pre: torch.Tensor,
+    k: int,
+    slot: torch.Tensor,
+    m: int,
+    place_slot: torch.Tensor,
+    x: torch.Tensor,
+    w_dec: torch.Tensor | None,
+    b_dec: torch.Tensor,
+    scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """What a TopK SAE's encode of at most :data:`MAX_ROWS` rows does after its product, in one
+    call: the ``k`` largest of each row of ``pre [N, D]`` ReLU'd (:func:`torch.topk`'s values; an
+    earlier latent first among equal ones), those codes at the watched latents (``slot [D]``: each
+    latent's slot in ``0..m``, ``m`` for the unwatched; ``place_slot [places]``: the slot each
+    watched place reads) ``[N, places]``, and with ``w_dec`` the relative reconstruction error ``[N]`` of ``x``
+    from the codes' ``w_dec`` rows plus ``b_dec``, times ``scale`` (undoing a global input scaling). None where it does not apply (see
+    :func:`encoder_product`): the caller then runs torch's operations."""
+    tensors = (pre, slot, place_slot, x, b_dec) if w_dec is None else (pre, slot, place_slot, x, b_dec, w_dec)
+    if (
+        torch.compiler.is_compiling()
+        or getattr(_state, "off", False)
+        or any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors)
+        or any(t.dtype != torch.float32 for t in (pre, x, b_dec) + (() if w_dec is None else (w_dec,)))
+        or slot.dtype != torch.long or place_slot.dtype != torch.long
+        or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        or pre.dim() != 2 or not 0 < pre.shape[0] <= MAX_ROWS or not 0 < k <= pre.shape[1]
+        or slot.shape != (pre.shape[1],) or x.dim() != 2 or x.shape[0] != pre.shape[0]
+        or b_dec.shape != (x.shape[1],) or (w_dec is not None and w_dec.shape != (pre.shape[1], x.shape[1]))
+    ):
+        return None
+    fns = _loaded[0] if _loaded is not None else library()
+    if fns is None:
+        return None
+    n, places = pre.shape[0], place_slot.numel()
+    out = torch.empty(n * places + n, dtype=torch.float32)
+    failed = fns.topk_tail(
+        pre.data_ptr(), n, pre.shape[1], k, slot.data_ptr(), m,
+        place_slot.data_ptr(), places, None if w_dec is None else w_dec.data_ptr(), b_dec.data_ptr(), x.data_ptr(),
+        x.shape[1], scale, out.data_ptr(),
+    )
+    if failed:
+        return None
+    return out[: n * places].view(n, places), (out[n * places :] if w_dec is not None else None)
 
 
 def _call(fn: Any, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor | None:

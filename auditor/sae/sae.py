@@ -591,14 +591,36 @@ class SAE(nn.Module):
 
     def _topk_normed(self, xn: Tensor) -> tuple[Tensor, Tensor]:
         """TopK codes of normalized rows whose ``b_dec`` is already subtracted: indices, relu'd values ``[N, k]``."""
+        return self._topk_of(self._topk_pre(xn))
+
+    def _topk_pre(self, xn: Tensor) -> Tensor:
+        """A TopK SAE's pre-activations ``[N, d_sae]`` of normalized, centered rows."""
         pre = _few_row_product(self.b_enc, xn, self.W_enc, self._encoder_rows)  # [N, d_sae]
-        if pre is None:
-            pre = torch.addmm(self.b_enc, xn, self.W_enc)
-        k = self.cfg.k if self.cfg.k is not None else self.cfg.d_sae
-        values, indices = _row_topk(pre, min(k, self.cfg.d_sae))
+        return pre if pre is not None else torch.addmm(self.b_enc, xn, self.W_enc)
+
+    def _global_scale(self) -> float | None:
+        """What :meth:`decode` multiplies by to undo a global (or no) input normalization, or
+        None for a per-row one; the same float32 number :meth:`norm_in`'s state holds."""
+        mode, factor = self.cfg.normalize_activations, self.cfg.activation_norm_scaling_factor
+        kept = self.__dict__.get("_scale_kept")
+        if kept is not None and kept[0] == (mode, factor):
+            return kept[1]
+        scale = None
+        if mode == "none":
+            scale = 1.0
+        elif mode == "expected_average_only_in" and factor is not None:
+            scale = float(torch.tensor(1.0 / factor, dtype=torch.float32))
+        self.__dict__["_scale_kept"] = ((mode, factor), scale)
+        return scale
+
+    def _topk_k(self) -> int:
+        return min(self.cfg.k if self.cfg.k is not None else self.cfg.d_sae, self.cfg.d_sae)
+
+    def _topk_of(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+        values, indices = _row_topk(pre, self._topk_k())
         return indices, torch.relu(values)
 
-    _KEPT = ("_encoder_rows_kept", "_columns_cache")  # what an SAE derives from its weights and keeps
+    _KEPT = ("_encoder_rows_kept", "_columns_cache", "_slot_kept")  # what an SAE derives and keeps
 
     def _drop_kept(self) -> None:
         """Forget what was derived from the weights (:meth:`_encoder_rows`, :meth:`_watch_columns`)."""
@@ -645,13 +667,28 @@ class SAE(nn.Module):
         of its places in ``idx``; slot ``m`` for the unwatched), the codes are scattered into
         ``[N, m + 1]`` slots, and each place of ``idx`` reads its latent's slot (a latent listed
         twice reads the same slot twice)."""
-        m = idx.numel()
-        slot = torch.full((self.cfg.d_sae,), m, dtype=torch.long, device=indices.device)
-        slot[idx] = torch.arange(m, device=indices.device)
+        slot, m, place_slot = self._slot_table(idx)
         slots = values.new_zeros((values.shape[0], m + 1)).scatter_(-1, slot[indices], values)
+        return slots.index_select(-1, place_slot)
+
+    def _slot_table(self, idx: Tensor) -> tuple[Tensor, int, Tensor]:
+        """:meth:`_picked`'s slots: each latent's ``[d_sae]`` (``m = idx.numel()`` for the
+        unwatched), ``m``, and the slot each place of ``idx`` reads ``[m]``. Kept for the last
+        ``idx`` tensor (a policy's watch-list index, which :meth:`_watch_columns` keeps, is the same
+        object call after call) while its version is unchanged; an inference tensor's every call."""
+        kept = self.__dict__.get("_slot_kept")
+        version = None if idx.is_inference() else idx._version
+        if kept is not None and kept[0] is idx and version is not None and kept[1] == version and kept[2] == self.cfg.d_sae:
+            return kept[3]
+        m = idx.numel()
+        slot = torch.full((self.cfg.d_sae,), m, dtype=torch.long, device=idx.device)
+        slot[idx] = torch.arange(m, device=idx.device)
         # index_select rejects an index out of range (-1 included), as the dense path's does: on an
         # accelerator _feature_index leaves that check to it.
-        return slots.index_select(-1, slot.index_select(0, idx))
+        table = (slot, m, slot.index_select(0, idx))
+        if version is not None:
+            self.__dict__["_slot_kept"] = (idx, version, self.cfg.d_sae, table)
+        return table
 
     def encode_topk(self, x: Tensor) -> tuple[Tensor, Tensor, NormState]:
         """A TopK SAE's codes in sparse form: ``indices [N, k]``, ``values [N, k]`` and the norm state.
@@ -709,13 +746,26 @@ class SAE(nn.Module):
         idx, cols = self._watch_columns(features)
         dense: Tensor | None = None
         x_hat: Tensor | None = None
-        if self.cfg.architecture == "topk":
+        if self.cfg.architecture == "topk" and not full:
+            xn, state = self.norm_in(x)
+            pre = self._topk_pre(self._centered(xn))
+            scale = self._global_scale()
+            if scale is not None:
+                # A few CPU rows: the rest of the encode in one call of the kernel library (its
+                # torch operations cost several times their work right after a forward).
+                slot, m, place_slot = self._slot_table(idx)
+                w_dec = self.W_dec if recon_error else None
+                tail = skinny.topk_tail(pre, self._topk_k(), slot, m, place_slot, x, w_dec, self.b_dec, scale)
+                if tail is not None:
+                    return WatchedEncoding(tail[0], state, tail[1], None)
+            indices, values = self._topk_of(pre)
+            picked = self._picked(indices, values, idx)
+            if recon_error:
+                x_hat = self.decode_sparse(indices, values, state)
+        elif self.cfg.architecture == "topk":  # the full codes asked for too
             indices, values, state = self.encode_topk(x)
-            if full:
-                dense = self._dense(indices, values)
-                picked = dense.index_select(-1, idx)
-            else:
-                picked = self._picked(indices, values, idx)
+            dense = self._dense(indices, values)
+            picked = dense.index_select(-1, idx)
             if recon_error:
                 x_hat = self.decode_sparse(indices, values, state)
         elif recon_error or full:

@@ -706,3 +706,92 @@ def test_piece_max_after_a_kernel_failure_gives_one_level(monkeypatch: pytest.Mo
         assert _cuda_topk_widths(65536, torch.bfloat16) == (128, 0)
     finally:
         piece_max.kernel.cache_clear()
+
+
+def _kernel_library() -> None:
+    from auditor.models import skinny
+
+    if skinny.library() is None:
+        pytest.skip(f"the kernel library does not run here: {skinny.status()['detail']}")
+
+
+@pytest.mark.parametrize("norm", ["none", "expected_average_only_in"])
+def test_topk_tail_of_a_few_rows_equals_torchs_operations(norm: str) -> None:
+    # The kernel library's one call after a TopK encoder's product (skinny.topk_tail) against the
+    # torch operations it replaces, on the same pre-activations: the same codes at the watched
+    # latents (a NaN pre-activation ranks above every number, as in torch.topk), the same
+    # reconstruction error to float rounding (a zero row of x: the reconstruction's norm).
+    from auditor.models import skinny
+    from auditor.sae.sae import _relative_error
+
+    _kernel_library()
+    sae, _ = make_sae("topk", norm)
+    x = acts(n=40)
+    x[3] = 0.0
+    x[9, 4] = float("nan")
+    idx = torch.tensor([7, 0, 63, 7, 12])
+    with torch.no_grad():
+        xn, state = sae.norm_in(x)
+        pre = sae._topk_pre(sae._centered(xn))
+        pre[2, 5] = float("nan")  # one NaN pre-activation: ranked first
+        pre[9] = float("nan")  # a NaN input row: every pre-activation NaN (the lowest indices ranked)
+        indices, values = sae._topk_of(pre)
+        want = sae._picked(indices, values, idx)
+        want_err = _relative_error(x, sae.decode_sparse(indices, values, state))
+        slot, m, place_slot = sae._slot_table(idx)
+        scale = sae._global_scale()
+        assert scale is not None
+        got, err = skinny.topk_tail(pre, K, slot, m, place_slot, x, sae.W_dec, sae.b_dec, scale)
+        rows = [r for r in range(40) if r != 9]
+        assert torch.equal(got[rows], want[rows])
+        assert torch.isnan(got[2, idx.tolist().index(7)]) or 5 not in idx.tolist()
+        assert torch.isnan(got[9, 1])  # latent 0 is among the first K of an all-NaN row
+        assert err is not None and torch.isnan(err[9]) and torch.isnan(err[2])  # NaN codes, NaN error
+        assert_close(err[rows], want_err[rows], rtol=1e-5, atol=1e-6, equal_nan=True)
+        got_only, none = skinny.topk_tail(pre, K, slot, m, place_slot, x, None, sae.b_dec, scale)
+        assert none is None and torch.equal(got_only[rows], want[rows])
+        # Equal pre-activations: the earlier latents are the codes.
+        flat = torch.full((1, D_SAE), 2.0)
+        ties, _ = skinny.topk_tail(flat, K, slot, m, place_slot, x[:1], None, sae.b_dec, scale)
+        assert ties[0].tolist() == [2.0 if i < K else 0.0 for i in idx.tolist()]
+
+
+@pytest.mark.parametrize("recon", [True, False])
+@pytest.mark.parametrize("norm", NORMS)
+def test_topk_encode_watched_of_a_few_rows_in_the_kernel_library(norm: str, recon: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # encode_watched of at most skinny.MAX_ROWS CPU rows of a TopK SAE without a per-row
+    # normalization takes the one call (its torch operations otherwise), with encode's codes and
+    # reconstruction_error's error; per-row normalizations keep torch's operations.
+    from auditor.models import skinny
+
+    _kernel_library()
+    sae, _ = make_sae("topk", norm)
+    x = acts(n=30)
+    x[3] = 0.0
+    idx = [7, 0, 63, 7]
+    calls: list[bool] = []
+    real = skinny.topk_tail
+
+    def counted(*args: object, **kwargs: object) -> object:
+        out = real(*args, **kwargs)  # type: ignore[arg-type]
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(skinny, "topk_tail", counted)
+    with torch.no_grad():
+        enc = sae.encode_watched(x, idx, recon_error=recon)
+        assert_close(enc.features, sae.encode(x)[:, idx])
+        if recon:
+            assert enc.recon_error is not None
+            assert_close(enc.recon_error, sae.reconstruction_error(x))
+        else:
+            assert enc.recon_error is None
+        assert_close(sae.decode(sae.encode(x), enc.state), sae(x))
+        assert calls == ([True] if norm in ("none", "expected_average_only_in") else [])
+        calls.clear()
+        big = acts(n=skinny.MAX_ROWS + 1)
+        assert_close(sae.encode_watched(big, idx).features, sae.encode(big)[:, idx])
+        assert calls in ([False], [])  # past MAX_ROWS: torch's operations
+    calls.clear()
+    grad = sae.encode_watched(x.clone().requires_grad_(True), idx)  # a gradient wanted: torch's operations
+    assert calls in ([False], []) and grad.features.requires_grad
