@@ -452,15 +452,17 @@ void auditor_layers(float *x, int64_t n, int64_t d, int64_t count, const float *
 /* The rest of a TopK SAE's encode of a few rows, after the encoder product, in one call (each
  * torch operation of it cost several times its work right after a forward):
  *
- *   codes:   the k largest pre-activations of each row (NaN above every number, an earlier
- *            latent first among equal values), ReLU'd (NaN stays NaN);
+ *   codes:   the k largest pre-activations of each row (NaN above every number; among equal
+ *            values at the k-th place the earlier latents, where torch.topk's choice is
+ *            unspecified), ReLU'd (NaN and -0.0 stay);
  *   picked:  [N, places] the codes at the watched latents: slot[latent] in 0..m (m: unwatched),
  *            place_slot[p] the slot that watched place p reads;
  *   err:     [N] with w_dec: ||x - x_hat|| / ||x|| (||x - x_hat|| where ||x|| is 0 or NaN), x_hat
  *            the sum of each code times its W_dec row, plus b_dec, times scale (what undoes a
  *            global input scaling; 1 for none).
  *
- * out holds picked, then err. Returns 0, or -1 when scratch memory cannot be had. */
+ * out holds picked, then err. Returns 0, or -1 when scratch memory cannot be had or a slot is
+ * outside 0..m. */
 static inline int topk_above(float a, float b) { return a != a ? b == b : a > b; }
 
 /* v at index i into the k largest so far (tv descending, filled of them): after every value it
@@ -511,11 +513,19 @@ int auditor_topk_tail(const float *pre, int64_t N, int64_t D, int64_t k, const i
         for (; i < D; i++)
             if (topk_above(row[i], tv[k - 1])) topk_insert(tv, ti, &filled, k, row[i], i);
         for (int64_t j = 0; j < k; j++)
-            if (!(tv[j] > 0.0f) && tv[j] == tv[j]) tv[j] = 0.0f;
+            if (tv[j] < 0.0f) tv[j] = 0.0f;  /* ReLU as torch's: NaN and -0.0 stay */
         for (int64_t s = 0; s <= m; s++) slots[s] = 0.0f;
-        for (int64_t j = 0; j < k; j++) slots[slot[ti[j]]] = tv[j];
+        for (int64_t j = 0; j < k; j++) {
+            const int64_t s = slot[ti[j]];
+            if (s < 0 || s > m) goto bad_slot;
+            slots[s] = tv[j];
+        }
         float *pk = out + n * places;
-        for (int64_t p = 0; p < places; p++) pk[p] = slots[place_slot[p]];
+        for (int64_t p = 0; p < places; p++) {
+            const int64_t s = place_slot[p];
+            if (s < 0 || s > m) goto bad_slot;
+            pk[p] = slots[s];
+        }
         if (w_dec)
             for (int64_t j = 0; j < k; j++)
                 for (int64_t d = 0; d < d_in; d += 16) _mm_prefetch((const char *)(w_dec + ti[j] * d_in + d), _MM_HINT_T0);
@@ -529,18 +539,24 @@ int auditor_topk_tail(const float *pre, int64_t N, int64_t D, int64_t k, const i
                 const float w = tv[j], *wr = w_dec + ti[j] * d_in;
                 for (int64_t d = 0; d < d_in; d++) y[d] += w * wr[d];
             }
+            /* In float32, as torch's norms: a row too small or too large for its squares
+             * underflows or overflows as there. */
             const float *xr = x + n * d_in;
-            double e2 = 0.0, n2 = 0.0;
+            float e2 = 0.0f, n2 = 0.0f;
             for (int64_t d = 0; d < d_in; d++) {
-                const double diff = (double)xr[d] - (double)((y[d] + b_dec[d]) * scale);
+                const float diff = xr[d] - (y[d] + b_dec[d]) * scale;
                 e2 += diff * diff;
-                n2 += (double)xr[d] * (double)xr[d];
+                n2 += xr[d] * xr[d];
             }
-            const float e = (float)sqrt(e2), nx = (float)sqrt(n2);
+            const float e = sqrtf(e2), nx = sqrtf(n2);
             out[N * places + n] = nx > 0.0f ? e / (nx > FLT_MIN ? nx : FLT_MIN) : e;
         }
     }
     free(tv_all);
     free(ti_all);
     return 0;
+bad_slot:
+    free(tv_all);
+    free(ti_all);
+    return -1;
 }

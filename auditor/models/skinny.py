@@ -302,8 +302,9 @@ def topk_tail(
     scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """What a TopK SAE's encode of at most :data:`MAX_ROWS` rows does after its product, in one
-    call: the ``k`` largest of each row of ``pre [N, D]`` ReLU'd (:func:`torch.topk`'s values; an
-    earlier latent first among equal ones), those codes at the watched latents (``slot [D]``: each
+    call: the ``k`` largest of each row of ``pre [N, D]`` ReLU'd (:func:`torch.topk`'s values, NaN
+    above every number; among equal values at the k-th place the earlier latents, where
+    :func:`torch.topk`'s choice is unspecified), those codes at the watched latents (``slot [D]``: each
     latent's slot in ``0..m``, ``m`` for the unwatched; ``place_slot [places]``: the slot each
     watched place reads) ``[N, places]``, and with ``w_dec`` the relative reconstruction error ``[N]`` of ``x``
     from the codes' ``w_dec`` rows plus ``b_dec``, times ``scale`` (undoing a global input scaling). None where it does not apply (see
@@ -324,15 +325,14 @@ def topk_tail(
     fns = _loaded[0] if _loaded is not None else library()
     if fns is None:
         return None
+    ptrs = _pointers(pre, slot, place_slot, w_dec, b_dec, x)
+    if ptrs is None:  # torch.func's batched tensors, fake tensors: no storage
+        return None
     n, places = pre.shape[0], place_slot.numel()
     out = torch.empty(n * places + n, dtype=torch.float32)
-    failed = fns.topk_tail(
-        pre.data_ptr(), n, pre.shape[1], k, slot.data_ptr(), m,
-        place_slot.data_ptr(), places, None if w_dec is None else w_dec.data_ptr(), b_dec.data_ptr(), x.data_ptr(),
-        x.shape[1], scale, out.data_ptr(),
-    )
-    if failed:
-        return None
+    p_pre, p_slot, p_place, p_dec, p_bias, p_x = ptrs
+    if fns.topk_tail(p_pre, n, pre.shape[1], k, p_slot, m, p_place, places, p_dec, p_bias, p_x, x.shape[1], scale, out.data_ptr()):
+        return None  # a slot outside 0..m, or no scratch memory: torch's operations say what is wrong
     return out[: n * places].view(n, places), (out[n * places :] if w_dec is not None else None)
 
 

@@ -681,11 +681,14 @@ class SAE(nn.Module):
         if kept is not None and kept[0] is idx and version is not None and kept[1] == version and kept[2] == self.cfg.d_sae:
             return kept[3]
         m = idx.numel()
-        slot = torch.full((self.cfg.d_sae,), m, dtype=torch.long, device=idx.device)
-        slot[idx] = torch.arange(m, device=idx.device)
-        # index_select rejects an index out of range (-1 included), as the dense path's does: on an
-        # accelerator _feature_index leaves that check to it.
-        table = (slot, m, slot.index_select(0, idx))
+        # Normal tensors even when made in inference mode: kept, they may serve a later call
+        # that records a graph for backward (as _watch_columns' columns).
+        with torch.inference_mode(False):
+            slot = torch.full((self.cfg.d_sae,), m, dtype=torch.long, device=idx.device)
+            slot[idx] = torch.arange(m, device=idx.device)
+            # index_select rejects an index out of range (-1 included), as the dense path's does:
+            # on an accelerator _feature_index leaves that check to it.
+            table = (slot, m, slot.index_select(0, idx))
         if version is not None:
             self.__dict__["_slot_kept"] = (idx, version, self.cfg.d_sae, table)
         return table
@@ -755,7 +758,8 @@ class SAE(nn.Module):
                 # torch operations cost several times their work right after a forward).
                 slot, m, place_slot = self._slot_table(idx)
                 w_dec = self.W_dec if recon_error else None
-                tail = skinny.topk_tail(pre, self._topk_k(), slot, m, place_slot, x, w_dec, self.b_dec, scale)
+                xc = x if x.is_contiguous() else x.contiguous()
+                tail = skinny.topk_tail(pre, self._topk_k(), slot, m, place_slot, xc, w_dec, self.b_dec, scale)
                 if tail is not None:
                     return WatchedEncoding(tail[0], state, tail[1], None)
             indices, values = self._topk_of(pre)

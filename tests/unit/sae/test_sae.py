@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 from pathlib import Path
 
 import pytest
@@ -795,3 +796,32 @@ def test_topk_encode_watched_of_a_few_rows_in_the_kernel_library(norm: str, reco
     calls.clear()
     grad = sae.encode_watched(x.clone().requires_grad_(True), idx)  # a gradient wanted: torch's operations
     assert calls in ([False], []) and grad.features.requires_grad
+
+
+def test_topk_tail_edges_against_torchs_operations() -> None:
+    # Rows whose squares underflow or overflow float32 give the error torch's norms give; a
+    # watch-list index kept from an inference-mode call serves a later call that wants a
+    # gradient; torch.func's batched tensors (no storage) take torch's operations.
+    from auditor.models import skinny
+
+    _kernel_library()
+    sae, _ = make_sae("topk", "none")
+    x = acts(n=6)
+    x[1] = 1e-30
+    x[2] = 1e20
+    idx = torch.tensor([3, 7, 9])
+    with torch.inference_mode():
+        got = sae.encode_watched(x, idx, recon_error=True)
+        with skinny.suspended():
+            want = sae.encode_watched(x, idx, recon_error=True)
+    assert_close(got.features, want.features)
+    assert got.recon_error is not None and want.recon_error is not None
+    assert_close(got.recon_error, want.recon_error, equal_nan=True)
+    assert torch.isnan(got.recon_error[2]) and got.recon_error[1] > 1.0  # inf / inf; ||x|| = 0: the absolute error
+    xg = acts(n=4).requires_grad_(True)
+    sae.encode_watched(xg, idx).features.sum().backward()
+    assert xg.grad is not None
+    with warnings.catch_warnings():  # functorch's fallback for scatter_ says it is slow
+        warnings.simplefilter("ignore", UserWarning)
+        batched = torch.func.vmap(lambda r: sae.encode_watched(r, idx, recon_error=True).features)(acts(n=15).reshape(3, 5, D_IN))
+    assert_close(batched.reshape(15, -1), sae.encode(acts(n=15))[:, idx].detach())
