@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.testing import assert_close
 
-from auditor.sae import SAE, SAEConfig, load_sae
+from auditor.sae import SAE, SAEConfig, WatchedEncoding, load_sae
 
 from ._reference import D_IN, D_SAE, K, N, random_params, ref_encode, ref_norm_in
 
@@ -307,17 +307,23 @@ def test_encode_watched_serves_features_error_and_full_codes(arch: str, norm: st
     x[3] = 0.0  # a zero row: error 0, as reconstruction_error defines it
     idx = [7, 0, 63, 7]
     enc = sae.encode_watched(x, idx, recon_error=recon, full=full)
+    assert_watched_encoding(sae, x, idx, enc, recon)
+    if full:
+        assert enc.full is not None
+        assert_close(enc.full, sae.encode(x))
+    else:
+        assert enc.full is None
+
+
+def assert_watched_encoding(sae: SAE, x: torch.Tensor, idx: list[int], enc: WatchedEncoding, recon: bool) -> None:
+    """``enc`` (an ``encode_watched`` result) has encode's codes at ``idx``, reconstruction_error's
+    error where asked for, and the norm state that decode needs."""
     assert_close(enc.features, sae.encode(x)[:, idx])
     if recon:
         assert enc.recon_error is not None
         assert_close(enc.recon_error, sae.reconstruction_error(x))
     else:
         assert enc.recon_error is None
-    if full:
-        assert enc.full is not None
-        assert_close(enc.full, sae.encode(x))
-    else:
-        assert enc.full is None
     assert_close(sae.decode(sae.encode(x), enc.state), sae(x))
 
 
@@ -680,7 +686,7 @@ def test_piece_max_after_a_kernel_failure_gives_one_level(monkeypatch: pytest.Mo
         calls.append(piece)
         raise RuntimeError("PTX .version 8.7 does not support .target sm_61")
 
-    failing.piece_max = broken  # type: ignore[attr-defined]
+    failing.piece_max = broken
     import auditor.sae
 
     # Both where an import looks first: the package's attribute (set once the real module was
@@ -780,14 +786,7 @@ def test_topk_encode_watched_of_a_few_rows_in_the_kernel_library(norm: str, reco
 
     monkeypatch.setattr(skinny, "topk_tail", counted)
     with torch.no_grad():
-        enc = sae.encode_watched(x, idx, recon_error=recon)
-        assert_close(enc.features, sae.encode(x)[:, idx])
-        if recon:
-            assert enc.recon_error is not None
-            assert_close(enc.recon_error, sae.reconstruction_error(x))
-        else:
-            assert enc.recon_error is None
-        assert_close(sae.decode(sae.encode(x), enc.state), sae(x))
+        assert_watched_encoding(sae, x, idx, sae.encode_watched(x, idx, recon_error=recon), recon)
         assert calls == ([True] if norm in ("none", "expected_average_only_in") else [])
         calls.clear()
         big = acts(n=skinny.MAX_ROWS + 1)
