@@ -238,11 +238,12 @@ def _pointers(*tensors: torch.Tensor | None) -> list[int | None] | None:
         return None
 
 
-def _takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether the kernel may compute this product here: not inside code torch.compile traces (a
-    ctypes call on data pointers cannot be traced), not :func:`suspended`, no CPU autocast (torch's
-    product returns the autocast dtype), float32 CPU tensors, no gradient wanted."""
-    tensors = (x, weight) if bias is None else (x, weight, bias)
+def _takes(*given: torch.Tensor | None) -> bool:
+    """Whether the kernel library may compute with these tensors here (None: one not given): not
+    inside code torch.compile traces (a ctypes call on data pointers cannot be traced), not
+    :func:`suspended`, no CPU autocast (torch's product returns the autocast dtype), float32 CPU
+    tensors, no gradient wanted."""
+    tensors = [t for t in given if t is not None]
     return (
         not torch.compiler.is_compiling()
         and not getattr(_state, "off", False)
@@ -309,14 +310,10 @@ def topk_tail(
     watched place reads) ``[N, places]``, and with ``w_dec`` the relative reconstruction error ``[N]`` of ``x``
     from the codes' ``w_dec`` rows plus ``b_dec``, times ``scale`` (undoing a global input scaling). None where it does not apply (see
     :func:`encoder_product`): the caller then runs torch's operations."""
-    tensors = (pre, slot, place_slot, x, b_dec) if w_dec is None else (pre, slot, place_slot, x, b_dec, w_dec)
     if (
-        torch.compiler.is_compiling()
-        or getattr(_state, "off", False)
-        or any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors)
-        or any(t.dtype != torch.float32 for t in (pre, x, b_dec) + (() if w_dec is None else (w_dec,)))
-        or slot.dtype != torch.long or place_slot.dtype != torch.long
-        or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        not _takes(pre, x, b_dec, w_dec)
+        or any(t.device.type != "cpu" or t.dtype != torch.long for t in (slot, place_slot))
+        or any(t is not None and not t.is_contiguous() for t in (pre, slot, place_slot, x, b_dec, w_dec))
         or pre.dim() != 2 or not 0 < pre.shape[0] <= MAX_ROWS or not 0 < k <= pre.shape[1]
         or slot.shape != (pre.shape[1],) or x.dim() != 2 or x.shape[0] != pre.shape[0]
         or b_dec.shape != (x.shape[1],) or (w_dec is not None and w_dec.shape != (pre.shape[1], x.shape[1]))

@@ -46,7 +46,7 @@ import torch
 from auditor.policy.compile import NOT_SCORE_CAP, OP_ALL, OP_ANY
 
 if TYPE_CHECKING:
-    from auditor.policy.engine import PolicyEngine
+    from auditor.policy.engine import PolicyEngine, _KnownHolds
 
 MAX_ELEMENTS = 1 << 17
 """Largest batch (rows x tokens x watched latents) evaluated here: 32 texts of 54 tokens at the
@@ -520,6 +520,7 @@ class _NativeProgram:
         n_units = int(fp["neg_weight"].shape[1]) if fp is not None else 0
         self.n_rules, self.n_exc = int(arrays["rule_node"].size), int(arrays["exc_node"].size)
         self.n_nodes, self.n_leaves = p.n_nodes, p.n_leaves
+        self.stride = self.n_rules + self.n_exc + self.n_nodes + 2 * self.n_leaves  # a row of auditor_policy_eval's out
         self.for_tokens = p.ft_rules is not None  # the per-token holds are computed, not copies of the inputs kept
         self._struct = _ProgramStruct(
             n_feat=p.n_feat, recon=int(p.needs_recon), n_scopes=len(p.scopes),
@@ -555,7 +556,7 @@ class _NativeProgram:
                 and (prompt is None or prompt.is_contiguous()) and (recon is None or recon.is_contiguous())):
             return None
         bsz, t, f = feats.shape
-        stride = self.n_rules + self.n_exc + self.n_nodes + 2 * self.n_leaves
+        stride = self.stride
         if self.for_tokens:
             after = (bsz * t * self.n_leaves + 3) // 4  # the holds' bytes
         else:
@@ -582,15 +583,13 @@ class NativeRun:
         self._native, self._out, self._shape = native, out, shape
         self._given = (has_recon, has_comp, has_prompt)
         bsz = shape[0]
-        n = native
-        self._stride = n.n_rules + n.n_exc + n.n_nodes + 2 * n.n_leaves
-        rows = out[: bsz * self._stride].view(bsz, self._stride)
+        rows = out[: bsz * native.stride].view(bsz, native.stride)
         self._all = rows
         # A verdict reads the first R + E columns of its row; the rest converted by ``tolist`` as
         # well costs less than a slice right after a forward, unless there is much of it.
-        extra = bsz * (self._stride - native.n_rules - native.n_exc)
+        extra = bsz * (native.stride - native.n_rules - native.n_exc)
         self.rows = rows if extra <= 4096 else rows[:, : native.n_rules + native.n_exc]
-        self._holds: _NativeHolds | _Holds | None = None
+        self._holds: _HostHolds | _KnownHolds | None = None
 
     def _part(self, start: int, width: int) -> torch.Tensor:
         return self._all[:, start : start + width]
@@ -614,15 +613,17 @@ class NativeRun:
         return self._part(n.n_rules + n.n_exc + n.n_nodes + n.n_leaves, n.n_leaves) > 0
 
     @property
-    def holds(self) -> _NativeHolds | _Holds:
+    def holds(self) -> _HostHolds | _KnownHolds:
         if self._holds is None:
+            from auditor.policy.engine import _KnownHolds
+
             bsz, t, f = self._shape
             has_recon, has_comp, has_prompt = self._given
-            at = bsz * self._stride
+            at = bsz * self._native.stride
             if self._native.for_tokens:
                 n_leaves = self._native.n_leaves
                 held = self._out[at:].view(torch.uint8)[: bsz * t * n_leaves].view(torch.bool).view(bsz, t, n_leaves)
-                self._holds = _Holds(held)
+                self._holds = _KnownHolds(held)
                 return self._holds
             feats = self._out[at : at + bsz * t * f].view(bsz, t, f)
             at += bsz * t * f
@@ -636,26 +637,9 @@ class NativeRun:
             mask = next(parts)
             comp = next(parts) if has_comp else None
             prompt = next(parts) if has_prompt else None
-            self._holds = _NativeHolds(self._native._program, feats, mask, comp, prompt, recon)
+            # The holds of the program's input tensors (these copies, the holds' own).
+            self._holds = _HostHolds(self._native._program, None, None, (feats, mask, comp, prompt, recon))
         return self._holds
-
-
-class _Holds:
-    """Per-token holds already computed (``[B, T, L]`` bool)."""
-
-    def __init__(self, held: torch.Tensor) -> None:
-        self._held = held
-
-    def get(self) -> torch.Tensor:
-        return self._held
-
-
-class _NativeHolds(_HostHolds):
-    """:class:`_HostHolds` of a batch given as the program's inputs (CPU tensors, the holds' own)."""
-
-    def __init__(self, program: HostProgram, feats: torch.Tensor, mask: torch.Tensor, comp: torch.Tensor | None,
-                 prompt: torch.Tensor | None, recon: torch.Tensor | None) -> None:
-        super().__init__(program, None, None, (feats, mask, comp, prompt, recon))
 
 
 class HostRows:
