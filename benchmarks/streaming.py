@@ -9,6 +9,10 @@ everything so far is computed in one of three ways:
   new tokens and keeps the KV cache of the prefix (and the prefix's encoded features);
 * ``chunked_recompute``: ``Auditor.run`` on prompt + completion so far after every chunk.
 
+``chunked_reuse`` is also timed with the kernel reading the float32 weights where it would read
+their exact 4-bit form (``skinny.unpacked``; only where some weight has one, as the default
+model's do) and with torch's products (``skinny.suspended``).
+
 Then ``--streams`` completions (different texts, the same prompt) are streamed side by side,
 the way a sidecar sees concurrent streamed responses, and each round of chunks is audited:
 
@@ -113,13 +117,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         with skinny.suspended():
             reuse("reuse_torch_products")
 
+    def reuse_float32() -> None:
+        with skinny.unpacked():
+            reuse("reuse_float32_weights")
+
     kernel = skinny.status()
-    if kernel["available"]:
+    # How many of the model's linear weights the kernel reads in their 4-bit form (skinny.packed).
+    linears = [m.weight for m in auditor.model.model.modules() if isinstance(m, torch.nn.Linear)]
+    packed_count = sum(skinny.packed(w) is not None for w in linears) if kernel["available"] else 0
+    t_reuse_torch = t_reuse_float32 = None
+    if kernel["available"] and packed_count:
         # In turns, so that load from other processes falls on all of them alike.
+        t_single, t_reuse, t_reuse_float32, t_reuse_torch = round_robin([single, reuse, reuse_float32, reuse_torch], args.repeats)
+    elif kernel["available"]:
         t_single, t_reuse, t_reuse_torch = round_robin([single, reuse, reuse_torch], args.repeats)
     else:
         t_single, t_reuse = round_robin([single, reuse], args.repeats)
-        t_reuse_torch = None
     t_recompute = timed(recompute, args.repeats)
     [res] = auditor.run([full])
     same, max_score_diff = agreement([(v, verdicts["single"]) for v in verdicts.values()])
@@ -138,6 +151,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "chunked_recompute_s": t_recompute,
         "reuse_vs_single": t_reuse / t_single,
         "few_row_kernel": kernel,
+        "linear_weights_4bit": f"{packed_count} of {len(linears)}",
+        "chunked_reuse_float32_weights_s": t_reuse_float32,
+        "reuse_float32_weights_vs_single": t_reuse_float32 / t_single if t_reuse_float32 else None,
         "chunked_reuse_torch_products_s": t_reuse_torch,
         "reuse_torch_products_vs_single": t_reuse_torch / t_single if t_reuse_torch else None,
         "recompute_vs_single": t_recompute / t_single,
@@ -154,11 +170,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print()
     print(f"{'mode':<32} {'seconds':>8} {'x single':>9}")
     rows = [("single", t_single), ("chunked, KV reuse", t_reuse)]
+    if t_reuse_float32:
+        rows.append(("  the same, float32 weights", t_reuse_float32))
     if t_reuse_torch:
         rows.append(("  the same, torch's products", t_reuse_torch))
     for name, t in [*rows, ("chunked, recompute", t_recompute)]:
         print(f"{name:<32} {t:>8.3f} {t / t_single:>8.2f}x")
-    print(f"few-row kernel: {'used' if kernel['available'] else 'not used'} ({kernel['detail']})")
+    print(f"few-row kernel: {'used' if kernel['available'] else 'not used'} ({kernel['detail']}); "
+          f"linear weights read in 4-bit form: {result['linear_weights_4bit']}")
     for name in stages:
         print(f"stages ({name}): " + ", ".join(f"{k} {v:.3f} s" for k, v in stages[name].items()))
     if args.streams:

@@ -86,6 +86,7 @@ class Plan:
         self.owners = owners
         self.verified: dict[str, bool] = {}  # hookpoint -> what supported() found
         self.scopes: dict[int, list[nn.Module]] = {}  # depth -> the modules whose hooks a forward that deep would run
+        self.pointers: dict[int, tuple[Any, Any]] = {}  # layer count -> what _pointers_for made, and for what
 
     def current(self, depth: int | None = None) -> bool:
         """Whether the model still has the modules this plan was made from (in its first ``depth`` layers; all by default)."""
@@ -241,6 +242,56 @@ def _ptr(t: torch.Tensor | None, shape: tuple[int, ...] | None = None) -> int | 
     return t.data_ptr()
 
 
+def _signature(tensors: Sequence[torch.Tensor | None]) -> tuple[Any, ...] | None:
+    """What identifies the tensors' current values for a cached set of pointers: each one's identity,
+    data pointer and version counter (None where one keeps no version counter)."""
+    try:
+        return tuple(None if t is None else (id(t), t.data_ptr(), t._version) for t in tensors)
+    except RuntimeError:  # an inference tensor
+        return None
+
+
+def _pointers_for(p: Plan, count: int, d: int, inter: int) -> tuple[Any, Any, Any, list[Any]]:
+    """``auditor_layers``' weights, 4-bit forms (:func:`~auditor.models.skinny.packed`) and params
+    for layers ``0 .. count - 1``, and the tensors they point into; made again only when a weight
+    was replaced or written in place since (or packing was turned on or off), else reused (the
+    checks and lookups cost 2 ms a call)."""
+    hq, kv, hd = p.heads, p.kv_heads, p.head_dim
+    modules = p.layers[:count]
+    tensors: list[torch.Tensor | None] = []
+    for layer in modules:
+        tensors += (layer.norm1.weight, layer.norm2.weight)
+        for lin in (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down):
+            tensors += (lin.weight, lin.bias)
+    floats = [(float(layer.norm1.variance_epsilon), float(layer.norm2.variance_epsilon), layer.scaling) for layer in modules]
+    signature = _signature(tensors)
+    key = (signature, skinny.packing(), d, inter, tuple(floats))
+    known = p.pointers.get(count)
+    if signature is not None and known is not None and known[0] == key:
+        return known[1]
+    weights = (ctypes.c_void_p * (16 * count))()
+    quant = (ctypes.c_void_p * (21 * count))()  # each product's 4-bit form, NULL: none
+    params = (ctypes.c_float * (3 * count))()
+    shapes = ((hq * hd, d), (kv * hd, d), (kv * hd, d), (d, hq * hd), (inter, d), (inter, d), (d, inter))
+    held: list[Any] = list(tensors)  # every tensor the call reads, alive while the pointers are
+    for i, layer in enumerate(modules):
+        at = 16 * i
+        weights[at] = _ptr(layer.norm1.weight, (d,))
+        weights[at + 1] = _ptr(layer.norm2.weight, (d,))
+        for j, (lin, shape) in enumerate(zip((layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down), shapes)):
+            weights[at + 2 + 2 * j] = _ptr(lin.weight, shape)
+            weights[at + 3 + 2 * j] = _ptr(lin.bias, shape[:1])
+            form = skinny.packed(lin.weight)
+            if form is not None:
+                held.extend(form)
+                quant[21 * i + 3 * j : 21 * i + 3 * j + 3] = [t.data_ptr() for t in form]
+        params[3 * i : 3 * i + 3] = list(floats[i])
+    made = (weights, quant, params, held)
+    if signature is not None:
+        p.pointers[count] = (key, made)
+    return made
+
+
 def _layers(
     fns: Any, p: Plan, count: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: Sequence[Any],
     spans: Sequence[tuple[int, int]], like: torch.Tensor, buffers: Sequence[torch.Tensor], threads: int,
@@ -249,23 +300,7 @@ def _layers(
     n, d = x.shape
     hq, kv, hd = p.heads, p.kv_heads, p.head_dim
     inter = buffers[5].shape[1]
-    weights = (ctypes.c_void_p * (16 * count))()
-    params = (ctypes.c_float * (3 * count))()
-    shapes = ((hq * hd, d), (kv * hd, d), (kv * hd, d), (d, hq * hd), (inter, d), (inter, d), (d, inter))
-    held_tensors: list[torch.Tensor | None] = []  # every weight the call reads, alive until this function returns
-
-    def keep(t: torch.Tensor | None, shape: tuple[int, ...]) -> int | None:
-        held_tensors.append(t)
-        return _ptr(t, shape)
-
-    for i, layer in enumerate(p.layers[:count]):
-        at = 16 * i
-        weights[at] = keep(layer.norm1.weight, (d,))
-        weights[at + 1] = keep(layer.norm2.weight, (d,))
-        for j, (lin, shape) in enumerate(zip((layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down), shapes)):
-            weights[at + 2 + 2 * j] = keep(lin.weight, shape)
-            weights[at + 3 + 2 * j] = keep(lin.bias, shape[:1])
-        params[3 * i : 3 * i + 3] = [float(layer.norm1.variance_epsilon), float(layer.norm2.variance_epsilon), layer.scaling]
+    weights, quant, params, _held = _pointers_for(p, count, d, inter)
     streams = len(caches)
     flat_spans = (ctypes.c_int64 * (2 * streams))()
     held = (ctypes.c_int64 * streams)()
@@ -279,7 +314,7 @@ def _layers(
             buffers_kv[2 * at], buffers_kv[2 * at + 1], caps[at] = buf_k.data_ptr(), buf_v.data_ptr(), buf_k.shape[2]
     fns.layers(
         x.data_ptr(), n, d, count, weights, params, hq, kv, hd, inter, cos.data_ptr(), sin.data_ptr(), streams,
-        flat_spans, held, buffers_kv, caps, *(t.data_ptr() for t in buffers), threads,
+        flat_spans, held, buffers_kv, caps, *(t.data_ptr() for t in buffers), quant, threads,
     )
 
 
@@ -333,9 +368,12 @@ def capture_lean(
         """``dst = src @ lin.weight.T + lin.bias``, or that added into ``dst`` in place."""
         shape = (dst.shape[1], src.shape[1])
         weight, bias = lin.weight, lin.bias  # held while the kernel reads them
-        (fns.linear_add if add else fns.linear)(
-            src.data_ptr(), _ptr(weight, shape), _ptr(bias, shape[:1]), dst.data_ptr(), n, shape[0], shape[1], threads
-        )
+        w_ptr, b_ptr = _ptr(weight, shape), _ptr(bias, shape[:1])
+        form = skinny.packed(weight)
+        if form is not None:
+            fns.linear_q4(src.data_ptr(), w_ptr, *(t.data_ptr() for t in form), b_ptr, dst.data_ptr(), n, *shape, threads, int(add))
+        else:
+            (fns.linear_add if add else fns.linear)(src.data_ptr(), w_ptr, b_ptr, dst.data_ptr(), n, shape[0], shape[1], threads)
         return dst
 
     def added(index: int, lin: nn.Linear, src: torch.Tensor, kind: str) -> bool:

@@ -14,6 +14,9 @@
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <float.h>
+#include <math.h>
 
 #define NR 3        /* output columns per block */
 #define MR 4        /* input rows per micro-kernel call */
@@ -26,14 +29,15 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* Rows m..m+rows-1 (rows is MR or 1) times weight rows n..n+cols-1 (cols <= NR). With
- * do_prefetch, each step also prefetches the matching part of the NR weight rows at prefetch. */
-static inline __attribute__((always_inline)) void block(const float *x, const float *w, const float *bias, float *y, int64_t N, int64_t K,
+/* Rows m..m+rows-1 (rows is MR or 1) times weight rows n..n+cols-1 (cols <= NR), which are the
+ * rows wb, wb + K, ... With do_prefetch, each step also prefetches the matching part of the NR
+ * weight rows at prefetch. */
+static inline __attribute__((always_inline)) void block(const float *x, const float *wb, const float *bias, float *y, int64_t N, int64_t K,
                          int64_t m, int rows, int64_t n, int cols, int do_prefetch, const float *prefetch, int accumulate) {
     const float *xr[MR], *wr[NR];
     __m256 acc[MR][NR];
     for (int i = 0; i < MR; i++) xr[i] = x + (m + (i < rows ? i : 0)) * K;
-    for (int j = 0; j < NR; j++) wr[j] = w + (n + (j < cols ? j : 0)) * K;
+    for (int j = 0; j < NR; j++) wr[j] = wb + (j < cols ? j : 0) * K;
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < NR; j++) acc[i][j] = _mm256_setzero_ps();
     const int64_t K8 = K & ~(int64_t)7;
@@ -84,37 +88,203 @@ static inline __attribute__((always_inline)) void block(const float *x, const fl
         }
 }
 
-static inline __attribute__((always_inline)) void linear(const float *x, const float *w, const float *bias, float *y, int64_t M,
-                                                         int64_t N, int64_t K, int threads, int accumulate) {
+/* ---- Weights held as 4-bit codes ----
+ *
+ * A model converted from a 4-bit file (the default model's GGUF is Q4_1) has float32 weights
+ * that are exactly w = scale * q + min (a float32 product, then a float32 sum) with q in 0..15,
+ * one scale and one min per 32 values along a row. auditor_q4_pack finds that form where every
+ * block has it (checked bit for bit); the products then read 6 bits a weight instead of 32 and
+ * turn each block's NR rows back into the same float32 values in an L1 buffer before the
+ * micro-kernel runs on them: the same arithmetic as on the float32 weights, so the same results
+ * to the bit, with about a fifth of the memory traffic (at 16 rows the products wait on it).
+ *
+ * Codes of row r: 16 bytes a block of 32, byte j holding value j (low nibble) and value j + 16
+ * (high nibble); scale and min [N, K / 32]. */
+typedef struct {
+    const uint8_t *codes;
+    const float *scale, *minv;
+} q4w;
+
+/* The same float32 product, then sum, for every value (kept apart from fused multiply-adds: the
+ * empty asm makes the product a value of its own). */
+static inline __m256 q4_value(__m256i q, __m256 d, __m256 m) {
+    __m256 p = _mm256_mul_ps(_mm256_cvtepi32_ps(q), d);
+    __asm__("" : "+x"(p));
+    return _mm256_add_ps(p, m);
+}
+
+/* Block b of row r (nb blocks a row) into o[0..31] (32-byte aligned). */
+static inline __attribute__((always_inline)) void q4_row_block(const q4w *qw, int64_t r, int64_t nb, int64_t b, float *o) {
+    const int64_t at = r * nb + b;
+    const __m128i low = _mm_set1_epi8(0x0F);
+    __m128i q = _mm_loadu_si128((const __m128i *)(qw->codes + 16 * at));
+    __m128i lo = _mm_and_si128(q, low), hi = _mm_and_si128(_mm_srli_epi16(q, 4), low);
+    __m256 d = _mm256_set1_ps(qw->scale[at]), m = _mm256_set1_ps(qw->minv[at]);
+    _mm256_store_ps(o, q4_value(_mm256_cvtepu8_epi32(lo), d, m));
+    _mm256_store_ps(o + 8, q4_value(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)), d, m));
+    _mm256_store_ps(o + 16, q4_value(_mm256_cvtepu8_epi32(hi), d, m));
+    _mm256_store_ps(o + 24, q4_value(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)), d, m));
+}
+
+/* Row r's K values (K a multiple of 32) into dst (32-byte aligned). */
+static void q4_row(const q4w *qw, int64_t r, int64_t K, float *dst) {
+    const int64_t nb = K / 32;
+    for (int64_t b = 0; b < nb; b++) q4_row_block(qw, r, nb, b, dst + 32 * b);
+}
+
+/* This thread's buffer of at least n floats (32-byte aligned; kept for the thread's life), or NULL. */
+static float *q4_buffer(int64_t n) {
+    static __thread float *buf;
+    static __thread int64_t cap;
+    if (n > cap) {
+        float *fresh = aligned_alloc(32, (size_t)((n + 7) & ~(int64_t)7) * sizeof(float));
+        if (!fresh) return NULL;
+        free(buf);
+        buf = fresh;
+        cap = n;
+    }
+    return buf;
+}
+
+/* y = x . w^T (+ bias), or y += that. With qw, the block's weight rows come from its codes (w
+ * is the same weight as float32, read only where no buffer can be had). */
+static inline __attribute__((always_inline)) void linear(const float *x, const float *w, const q4w *qw, const float *bias, float *y,
+                                                         int64_t M, int64_t N, int64_t K, int threads, int accumulate) {
     if (M <= 0 || N <= 0) return;
     const int64_t blocks = (N + NR - 1) / NR;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
-        const int64_t n = b * NR;
-        const int cols = N - n < NR ? (int)(N - n) : NR;
-        const int64_t ahead = n + AHEAD * NR;
-        const float *prefetch = w + (ahead + NR <= N ? ahead : n) * K;
-        /* The first call prefetches (each call site is specialized: rows and prefetch are constants there). */
-        int64_t m = M >= MR ? MR : 1;
-        if (m == MR)
-            block(x, w, bias, y, N, K, 0, MR, n, cols, 1, prefetch, accumulate);
-        else
-            block(x, w, bias, y, N, K, 0, 1, n, cols, 1, prefetch, accumulate);
-        for (; m + MR <= M; m += MR) block(x, w, bias, y, N, K, m, MR, n, cols, 0, prefetch, accumulate);
-        for (; m < M; m++) block(x, w, bias, y, N, K, m, 1, n, cols, 0, prefetch, accumulate);
+#pragma omp parallel num_threads(threads)
+    {
+        float *buf = qw ? q4_buffer(NR * K) : NULL;
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; b++) {
+            const int64_t n = b * NR;
+            const int cols = N - n < NR ? (int)(N - n) : NR;
+            const int64_t ahead = n + AHEAD * NR;
+            const float *prefetch = w + (ahead + NR <= N ? ahead : n) * K;
+            const float *wb = w + n * K;
+            if (buf) {
+                /* The codes two blocks on; a block's rows are adjacent. */
+                const char *next = (const char *)(qw->codes + (ahead + NR <= N ? ahead : n) * (K / 2));
+                for (int64_t at = 0; at < NR * K / 2; at += 64) _mm_prefetch(next + at, _MM_HINT_T0);
+                for (int j = 0; j < cols; j++) q4_row(qw, n + j, K, buf + j * K);
+                wb = buf;
+                int64_t m = 0;
+                for (; m + MR <= M; m += MR) block(x, wb, bias, y, N, K, m, MR, n, cols, 0, prefetch, accumulate);
+                for (; m < M; m++) block(x, wb, bias, y, N, K, m, 1, n, cols, 0, prefetch, accumulate);
+                continue;
+            }
+            /* The first call prefetches (each call site is specialized: rows and prefetch are constants there). */
+            int64_t m = M >= MR ? MR : 1;
+            if (m == MR)
+                block(x, wb, bias, y, N, K, 0, MR, n, cols, 1, prefetch, accumulate);
+            else
+                block(x, wb, bias, y, N, K, 0, 1, n, cols, 1, prefetch, accumulate);
+            for (; m + MR <= M; m += MR) block(x, wb, bias, y, N, K, m, MR, n, cols, 0, prefetch, accumulate);
+            for (; m < M; m++) block(x, wb, bias, y, N, K, m, 1, n, cols, 0, prefetch, accumulate);
+        }
     }
 }
 
 void auditor_skinny_linear(const float *x, const float *w, const float *bias, float *y, int64_t M, int64_t N,
                            int64_t K, int threads) {
-    linear(x, w, bias, y, M, N, K, threads, 0);
+    linear(x, w, NULL, bias, y, M, N, K, threads, 0);
 }
 
 /* y += x . w^T (+ bias): a residual connection added in place (each output is y + (x.w + bias),
  * rounded as torch rounds ``y + F.linear(x, w, bias)``). */
 void auditor_skinny_linear_add(const float *x, const float *w, const float *bias, float *y, int64_t M, int64_t N,
                                int64_t K, int threads) {
-    linear(x, w, bias, y, M, N, K, threads, 1);
+    linear(x, w, NULL, bias, y, M, N, K, threads, 1);
+}
+
+/* The same products (accumulate: the residual form) with the weight's codes from auditor_q4_pack;
+ * w is the weight as float32 (read only where no buffer can be had). */
+void auditor_skinny_linear_q4(const float *x, const float *w, const uint8_t *codes, const float *scale, const float *minv,
+                              const float *bias, float *y, int64_t M, int64_t N, int64_t K, int threads, int accumulate) {
+    const q4w qw = {codes, scale, minv};
+    if (accumulate)
+        linear(x, w, &qw, bias, y, M, N, K, threads, 1);
+    else
+        linear(x, w, &qw, bias, y, M, N, K, threads, 0);
+}
+
+/* One block's codes for values v[0..31] given scale d and min m, or 0 where some value is not
+ * d * q + m for any q in 0..15. */
+static int q4_codes(const float *v, float d, float m, uint8_t *q) {
+    for (int i = 0; i < 32; i++) {
+        float t = d > 0.0f ? rintf((v[i] - m) / d) : 0.0f;
+        int c = t < 0.0f ? 0 : t > 15.0f ? 15 : (int)t, hit = 0;
+        for (int step = 0; step < 3 && !hit; step++) {
+            int cand = c + (step == 1 ? -1 : step == 2 ? 1 : 0);
+            if (cand < 0 || cand > 15) continue;
+            float p = (float)cand * d;
+            __asm__("" : "+x"(p)); /* the product rounded on its own, as q4_value's */
+            float r = p + m;
+            if (r == v[i]) q[i] = (uint8_t)cand, hit = 1; /* bit for bit, but for a zero's sign (see auditor_q4_pack) */
+        }
+        if (!hit) return 0;
+    }
+    return 1;
+}
+
+static inline float half_round(float f, int nudge) { /* f to float16 and back, nudged by nudge float16 steps */
+    unsigned short h = (unsigned short)(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT) + nudge);
+    return _cvtsh_ss(h);
+}
+
+/* w [N, K] (K a multiple of 32) as 4-bit codes (see q4w): codes [N, K / 2], scale and minv
+ * [N, K / 32]. Returns 0 when every block is exactly d * q + m (each value checked bit for bit
+ * against what q4_row gives back, but for the sign of a zero: d * 0 + m can be +0 where the
+ * weight holds -0, as Q4_0's d * (q - 8) with d < 0 gives, and a product's sum, started at +0,
+ * is the same with either), else -1 (the codes are then of no use). A block's min is its
+ * q = 0; its scale is tried as the span over 15 .. 1 steps, each as float16 (the width 4-bit files
+ * store it in) and as float32. Values that are not finite, or below float32's normal range,
+ * refuse the weight (a thread that flushes them to zero would compute other values). */
+int auditor_q4_pack(const float *w, int64_t N, int64_t K, uint8_t *codes, float *scale, float *minv, int threads) {
+    if (K <= 0 || K % 32) return -1;
+    const int64_t nb = K / 32;
+    int failed = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : failed)
+    for (int64_t r = 0; r < N; r++) {
+        float back[32] __attribute__((aligned(32)));
+        for (int64_t b = 0; b < nb && !failed; b++) {
+            const float *v = w + r * K + 32 * b;
+            float lo = v[0], hi = v[0];
+            int bad = 0;
+            for (int i = 0; i < 32; i++) {
+                float a = fabsf(v[i]);
+                if (!(a <= FLT_MAX) || (a != 0.0f && a < FLT_MIN)) bad = 1;
+                lo = v[i] < lo ? v[i] : lo;
+                hi = v[i] > hi ? v[i] : hi;
+            }
+            uint8_t q[32];
+            float d = 0.0f;
+            int found = !bad && hi == lo && q4_codes(v, 0.0f, lo, q);
+            for (int steps = 15; !bad && !found && steps >= 1; steps--) {
+                const float span = (hi - lo) / (float)steps;
+                const float tries[4] = {half_round(span, 0), span, half_round(span, 1), half_round(span, -1)};
+                for (int t = 0; t < 4 && !found; t++)
+                    if (tries[t] > 0.0f && tries[t] <= FLT_MAX && tries[t] >= FLT_MIN) d = tries[t], found = q4_codes(v, d, lo, q);
+            }
+            if (!found) {
+                failed = 1;
+                break;
+            }
+            uint8_t *c = codes + (r * nb + b) * 16;
+            for (int j = 0; j < 16; j++) c[j] = (uint8_t)(q[j] | q[j + 16] << 4);
+            scale[r * nb + b] = d;
+            minv[r * nb + b] = lo;
+        }
+        if (!failed) {
+            /* What the products will read, against the weight. */
+            const q4w qw = {codes, scale, minv};
+            for (int64_t b = 0; b < nb && !failed; b++) {
+                q4_row_block(&qw, r, nb, b, back);
+                for (int i = 0; i < 32; i++) failed |= back[i] != w[r * K + 32 * b + i];
+            }
+        }
+    }
+    return failed ? -1 : 0;
 }
 
 /* The same product with the weight stored the other way round, as an SAE's encoder is:
@@ -421,18 +591,27 @@ void auditor_attend(const float *q, const float *k_new, const float *v_new, floa
  * rows spans[2s] .. spans[2s] + spans[2s+1] - 1 of x, held[s] tokens in its cache, and for layer
  * l the key and value buffers caches[2 (s count + l)] and caches[2 (s count + l) + 1] of
  * caps[s count + l] positions. h, q, k, v, attn, gate and up are scratch rows ([n, d], [n, hq hd],
- * [n, kv hd] twice, [n, hq hd], [n, inter] twice); scratch as for auditor_attend. */
+ * [n, kv hd] twice, [n, hq hd], [n, inter] twice); scratch as for auditor_attend. quant, where not
+ * NULL, holds 21 pointers a layer: codes, scale and min (auditor_q4_pack) of q, k, v, o, gate, up
+ * and down, codes NULL for a product of the float32 weight. */
 void auditor_layers(float *x, int64_t n, int64_t d, int64_t count, const float *const *weights, const float *params,
                     int64_t hq, int64_t kv, int64_t hd, int64_t inter, const float *cos, const float *sin, int64_t streams,
                     const int64_t *spans, const int64_t *held, float *const *caches, const int64_t *caps, float *h, float *q,
-                    float *k, float *v, float *attn, float *gate, float *up, float *scratch, int threads) {
+                    float *k, float *v, float *attn, float *gate, float *up, float *scratch, const void *const *quant, int threads) {
     for (int64_t l = 0; l < count; l++) {
         const float *const *w = weights + 16 * l;
         const float *pr = params + 3 * l;
+        q4w qs[7];
+        const q4w *qp[7];
+        for (int j = 0; j < 7; j++) {
+            const void *const *at = quant ? quant + 21 * l + 3 * j : NULL;
+            qs[j] = (q4w){at ? (const uint8_t *)at[0] : NULL, at ? (const float *)at[1] : NULL, at ? (const float *)at[2] : NULL};
+            qp[j] = qs[j].codes ? &qs[j] : NULL;
+        }
         auditor_rmsnorm(x, w[0], h, n, d, pr[0]);
-        linear(h, w[2], w[3], q, n, hq * hd, d, threads, 0);
-        linear(h, w[4], w[5], k, n, kv * hd, d, threads, 0);
-        linear(h, w[6], w[7], v, n, kv * hd, d, threads, 0);
+        linear(h, w[2], qp[0], w[3], q, n, hq * hd, d, threads, 0);
+        linear(h, w[4], qp[1], w[5], k, n, kv * hd, d, threads, 0);
+        linear(h, w[6], qp[2], w[7], v, n, kv * hd, d, threads, 0);
         auditor_rope(q, cos, sin, n, hq, hd);
         auditor_rope(k, cos, sin, n, kv, hd);
         for (int64_t s = 0; s < streams; s++) {
@@ -440,12 +619,12 @@ void auditor_layers(float *x, int64_t n, int64_t d, int64_t count, const float *
             auditor_attend(q + a * hq * hd, k + a * kv * hd, v + a * kv * hd, caches[2 * at], caches[2 * at + 1], caps[at], held[s],
                            len, hq, kv, hd, pr[2], attn + a * hq * hd, scratch, threads);
         }
-        linear(attn, w[8], w[9], x, n, d, hq * hd, threads, 1);
+        linear(attn, w[8], qp[3], w[9], x, n, d, hq * hd, threads, 1);
         auditor_rmsnorm(x, w[1], h, n, d, pr[1]);
-        linear(h, w[10], w[11], gate, n, inter, d, threads, 0);
-        linear(h, w[12], w[13], up, n, inter, d, threads, 0);
+        linear(h, w[10], qp[4], w[11], gate, n, inter, d, threads, 0);
+        linear(h, w[12], qp[5], w[13], up, n, inter, d, threads, 0);
         auditor_silu_mul(gate, up, gate, n * inter);
-        linear(gate, w[14], w[15], x, n, d, inter, threads, 1);
+        linear(gate, w[14], qp[6], w[15], x, n, d, inter, threads, 1);
     }
 }
 

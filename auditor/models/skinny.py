@@ -46,6 +46,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,8 +56,8 @@ import torch
 from torch import nn
 
 __all__ = [
-    "MAX_ROWS", "build", "enabled", "encoder_product", "install", "is_suspended", "library", "linear", "status",
-    "suspended", "topk_tail", "wrapped",
+    "MAX_ROWS", "Packed", "build", "enabled", "encoder_product", "forget", "install", "is_suspended", "library", "linear", "packed", "packing",
+    "status", "suspended", "topk_tail", "unpacked", "wrapped",
 ]
 
 _log = logging.getLogger(__name__)
@@ -66,18 +67,20 @@ MAX_ROWS = 96
 
 # The policy evaluation's C twin (auditor.policy._host) is built into the same library.
 _SOURCES = (Path(__file__).with_name("skinny.c"), Path(__file__).parents[1] / "policy" / "_host.c")
-_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 _P, _I, _F, _T = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 # Each exported function's symbol and argument types (and its result type where it has one).
 _SIGNATURES: dict[str, tuple[str, list[Any]] | tuple[str, list[Any], Any]] = {
     "linear": ("auditor_skinny_linear", [_P] * 4 + [_I] * 3 + [_T]),
     "addmm_kn": ("auditor_skinny_addmm_kn", [_P] * 4 + [_I] * 3 + [_T]),
     "linear_add": ("auditor_skinny_linear_add", [_P] * 4 + [_I] * 3 + [_T]),
+    "linear_q4": ("auditor_skinny_linear_q4", [_P] * 7 + [_I] * 3 + [_T, _T]),
+    "q4_pack": ("auditor_q4_pack", [_P] + [_I] * 2 + [_P] * 3 + [_T], _T),
     "rmsnorm": ("auditor_rmsnorm", [_P] * 3 + [_I] * 2 + [_F]),
     "rope": ("auditor_rope", [_P] * 3 + [_I] * 3),
     "silu_mul": ("auditor_silu_mul", [_P] * 3 + [_I]),
     "attend": ("auditor_attend", [_P] * 5 + [_I] * 6 + [_F, _P, _P, _T]),
-    "layers": ("auditor_layers", [_P] + [_I] * 3 + [_P] * 2 + [_I] * 4 + [_P] * 2 + [_I] + [_P] * 12 + [_T]),
+    "layers": ("auditor_layers", [_P] + [_I] * 3 + [_P] * 2 + [_I] * 4 + [_P] * 2 + [_I] + [_P] * 13 + [_T]),
     "policy_eval": ("auditor_policy_eval", [_P] * 6 + [_I] * 2 + [_P, _T], _T),
     "topk_tail": ("auditor_topk_tail", [_P] + [_I] * 3 + [_P, _I, _P, _I] + [_P] * 3 + [_I, _F, _P], _T),
 }
@@ -87,6 +90,8 @@ class _Kernels(NamedTuple):
     linear: Any  # y = x w^T (+ b), w [N, K]
     addmm_kn: Any  # y = x w (+ b), w [K, N]
     linear_add: Any  # y += x w^T (+ b)
+    linear_q4: Any  # either, from a weight's 4-bit codes (pack)
+    q4_pack: Any  # a weight's 4-bit codes, where it is exactly of that form
     rmsnorm: Any  # the rest of a decoder layer (auditor.models.lean)
     rope: Any
     silu_mul: Any
@@ -96,6 +101,7 @@ class _Kernels(NamedTuple):
     topk_tail: Any  # a TopK SAE's codes, watched picks and reconstruction error after the product
 
 _ENV = "AUDITOR_SKINNY_KERNEL"
+_Q4_ENV = "AUDITOR_SKINNY_Q4"
 _MARK = "_auditor_skinny"
 _lock = threading.Lock()
 _state = threading.local()
@@ -223,10 +229,106 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         raise ValueError("the few-row kernel takes float32 CPU tensors")
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1] or (bias is not None and bias.shape != (weight.shape[0],)):
         raise ValueError(f"shapes do not match a linear layer: x {tuple(x.shape)}, weight {tuple(weight.shape)}")
-    out = _run(fn.linear, x, weight, bias)
+    out = _run(fn, x, weight, bias)
     if out is None:
         raise ValueError("the few-row kernel takes tensors with storage (not vmap's batched tensors or fake tensors)")
     return out
+
+
+class Packed(NamedTuple):
+    """A float32 weight ``[N, K]`` that is exactly 4-bit: every value is ``scale * q + min`` (a
+    float32 product, then a float32 sum) with ``q`` in 0..15, one ``scale`` and one ``min`` per 32
+    values along a row, as a model converted from a 4-bit file (Q4_0, Q4_1: the default model's
+    GGUF) has. The kernel's products read these (6 bits a weight) and give the same results to the
+    bit as from the float32 weight."""
+
+    codes: torch.Tensor  # uint8 [N, K / 2]: byte j of a block of 32 holds value j (low nibble) and j + 16
+    scale: torch.Tensor  # float32 [N, K / 32]
+    minv: torch.Tensor  # float32 [N, K / 32]
+
+
+# id(weight) -> (a weak reference to it, (its data pointer, version counter), its Packed or None
+# where it is not of that form). Not a WeakKeyDictionary: that compares tensors with ``==``,
+# element by element, on every lookup.
+_packs: dict[int, tuple[weakref.ref[torch.Tensor], tuple[int, int], Packed | None]] = {}
+_pack_lock = threading.RLock()  # reentrant: a weight dropped by a collection inside packed() calls _dropped
+
+
+def _dropped(ref: weakref.ref[torch.Tensor], at: int) -> None:
+    """A packed weight is gone: its entry goes (unless the id was reused already)."""
+    with _pack_lock:
+        known = _packs.get(at)
+        if known is not None and known[0] is ref:
+            del _packs[at]
+
+
+def _known(weight: torch.Tensor, key: tuple[int, int]) -> tuple[bool, Packed | None]:
+    known = _packs.get(id(weight))
+    if known is not None and known[0]() is weight and known[1] == key:
+        return True, known[2]
+    return False, None
+
+
+def packed(weight: torch.Tensor) -> Packed | None:
+    """``weight``'s 4-bit form (see :class:`Packed`), found once and kept while the weight lives and
+    is unchanged, or None: not of that form (checked bit for bit), not a contiguous 2-D float32 CPU
+    tensor whose rows are a multiple of 32 long, inside :func:`unpacked`, ``AUDITOR_SKINNY_Q4=0``, or
+    the kernel unavailable.
+
+    A weight written in place is packed again: its version counter moved (``copy_``,
+    ``load_state_dict``, an optimizer's step) or its storage changed (``param.data = ...``).
+    Writes through ``param.data`` (``param.data.copy_(...)``) move no version counter: after one,
+    the products would read the old values; call :func:`forget` on the weight (or turn this off).
+    """
+    if not packing():
+        return None
+    if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2 or weight.shape[1] % 32:
+        return None
+    try:
+        key = (weight.data_ptr(), weight._version)
+    except (RuntimeError, TypeError):  # inference tensors keep no version counter; tensors without storage
+        return None
+    hit, form = _known(weight, key)
+    if hit:
+        return form
+    fns = _loaded[0] if _loaded is not None else library()
+    if fns is None or not weight.is_contiguous():
+        return None
+    with _pack_lock:
+        hit, form = _known(weight, key)
+        if hit:
+            return form
+        n, k = weight.shape
+        form = Packed(torch.empty((n, k // 2), dtype=torch.uint8), torch.empty((n, k // 32)), torch.empty((n, k // 32)))
+        if n == 0 or fns.q4_pack(weight.data_ptr(), n, k, *(t.data_ptr() for t in form), torch.get_num_threads()):
+            form = None
+        at = id(weight)
+        _packs[at] = (weakref.ref(weight, lambda ref: _dropped(ref, at)), key, form)
+    return form
+
+
+def packing() -> bool:
+    """Whether :func:`packed` gives 4-bit forms here and now (not inside :func:`unpacked`, nor with ``AUDITOR_SKINNY_Q4=0``)."""
+    return not getattr(_state, "unpacked", False) and os.environ.get(_Q4_ENV, "1").strip().lower() not in {"0", "false", "no", "off"}
+
+
+def forget(weight: torch.Tensor) -> None:
+    """Drop what :func:`packed` kept for ``weight`` (after writing it through ``.data``)."""
+    with _pack_lock:
+        known = _packs.get(id(weight))
+        if known is not None and known[0]() is weight:
+            del _packs[id(weight)]
+
+
+@contextmanager
+def unpacked() -> Iterator[None]:
+    """The float32 weights for this thread's products in the block, never their 4-bit form (for comparisons)."""
+    before = getattr(_state, "unpacked", False)
+    _state.unpacked = True
+    try:
+        yield
+    finally:
+        _state.unpacked = before
 
 
 def _pointers(*tensors: torch.Tensor | None) -> list[int | None] | None:
@@ -348,11 +450,23 @@ def _call(fn: Any, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return out
 
 
-def _run(fn: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """``F.linear`` by ``fn``; None where a tensor has no storage (see :func:`_pointers`)."""
+def _run(fns: _Kernels, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """``F.linear`` by the kernel (from the weight's 4-bit form where it has one, see :func:`packed`);
+    None where a tensor has no storage (see :func:`_pointers`)."""
     n, k = weight.shape
     m = math.prod(x.shape[:-1])  # not -1: with k = 0 the row count cannot be inferred
-    out = _call(fn, x.view(m, k) if x.is_contiguous() else x.reshape(m, k).contiguous(), weight, bias, n)
+    rows = x.view(m, k) if x.is_contiguous() else x.reshape(m, k).contiguous()
+    form = packed(weight) if m else None
+    if form is not None:
+        if bias is not None and not bias.is_contiguous():
+            bias = bias.contiguous()
+        out = rows.new_empty((m, n))
+        pointers = _pointers(rows, weight, bias, out)
+        if pointers is None:
+            return None
+        fns.linear_q4(pointers[0], pointers[1], *(t.data_ptr() for t in form), *pointers[2:], m, n, k, torch.get_num_threads(), 0)
+    else:
+        out = _call(fns.linear, rows, weight, bias, n)
     return out.view(*x.shape[:-1], n) if out is not None else None
 
 
@@ -368,7 +482,7 @@ def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         and _takes(x, weight, bias)
     ):
         fns = _loaded[0] if _loaded is not None else None
-        out = _run(fns.linear, x, weight, bias) if fns is not None else None
+        out = _run(fns, x, weight, bias) if fns is not None else None
         if out is not None:
             return out
     return nn.Linear.forward(self, x)

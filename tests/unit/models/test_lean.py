@@ -284,6 +284,11 @@ def test_the_default_model_streams_through_lean_layers(default_model: Any, monke
     want = capture(model, torch.tensor([seq]), None, [hook])[hook][0]
     err = (got - want).norm(dim=-1) / want.norm(dim=-1)
     assert err.max() < 1e-4, err.max()
+    # Its GGUF is Q4_1: every decoder weight is read in its 4-bit form, with the same activations.
+    linears = [m for layer in model.model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 7 * len(model.model.layers) and all(skinny.packed(m.weight) is not None for m in linears)
+    with skinny.unpacked():
+        assert torch.equal(feed_in_rounds(model, hook, [seq], [[(0, 49)], [(49, 65)], [(65, 66)], [(66, 81)]])[0][0], got)
 
 
 @needs_kernel
@@ -403,3 +408,47 @@ def test_modules_changed_in_place_make_a_new_plan() -> None:
     seqs = _seqs([23, 9, 17])
     for seq, a in zip(seqs, feed_in_rounds(model, HOOKS[-1], seqs)[0]):
         torch.testing.assert_close(a, capture(model, torch.tensor([seq]), None, [HOOKS[-1]])[HOOKS[-1]][0], rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("hook", [HOOKS[-1], HOOKS[1]])
+def test_lean_forwards_read_4bit_weights_packed_with_the_same_activations(hook: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model whose weights came from a 4-bit file: the whole layers' call and the layer-by-layer
+    calls read the codes; the activations are those from the float32 weights, to the bit."""
+    from tests.unit.models.test_skinny import four_bit
+
+    model = copy.deepcopy(build_model("llama"))
+    linears = [m for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        for i, lin in enumerate(linears):
+            lin.weight.copy_(four_bit(lin.out_features, lin.in_features, ("Q4_0", "Q4_1")[i % 2], seed=i))
+    _check_first(model, hook)
+    seqs = _seqs([23, 9, 17], seed=6)
+    spy = _Spy(monkeypatch)
+    assert skinny._loaded is not None and skinny._loaded[0] is not None
+    fns, detail = skinny._loaded
+    calls = []
+
+    def q4_call(*args: Any) -> Any:
+        calls.append(args[7:10])  # rows, columns, depth
+        return fns.linear_q4(*args)
+
+    monkeypatch.setattr(skinny, "_loaded", (fns._replace(linear_q4=q4_call), detail))
+    got = feed_in_rounds(model, hook, seqs)[0]
+    assert spy.calls == len(ROUNDS)
+    assert all(skinny.packed(lin.weight) is not None for lin in linears)
+    # Past the whole layers' call, the audited layer's own products read the codes too.
+    assert len(calls) == (len(ROUNDS) * 4 if hook == HOOKS[1] else 0)
+    with skinny.unpacked():
+        plain = feed_in_rounds(model, hook, seqs)[0]
+    assert spy.calls == 2 * len(ROUNDS)
+    for seq, a, b in zip(seqs, got, plain):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, capture(model, torch.tensor([seq]), None, [hook])[hook][0], rtol=1e-4, atol=1e-4)
+    # A weight written in place is read as it is now.
+    with torch.no_grad():
+        linears[0].weight.copy_(four_bit(linears[0].out_features, linears[0].in_features, seed=99))
+    again = feed_in_rounds(model, hook, seqs)[0]
+    for seq, a in zip(seqs, again):
+        torch.testing.assert_close(a, capture(model, torch.tensor([seq]), None, [hook])[hook][0], rtol=1e-4, atol=1e-4)
+    assert not torch.equal(again[0], got[0])

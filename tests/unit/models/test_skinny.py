@@ -492,3 +492,137 @@ def test_cpu_autocast_keeps_torch_products_and_their_dtype(tmp_path: Path) -> No
             got_layer = layer(x)
     assert want_sae.dtype == want_layer.dtype == torch.bfloat16
     assert torch.equal(got_sae, want_sae) and torch.equal(got_layer, want_layer)
+
+
+# ---------------------------------------------------------------- weights read in their 4-bit form
+
+
+def four_bit(n: int, k: int, kind: str = "Q4_1", seed: int = 0) -> torch.Tensor:
+    """A float32 ``[n, k]`` weight as a 4-bit GGUF file gives it: random values quantized to ``kind``
+    by ``gguf``'s own code and read back (what ``transformers`` loads from such a file)."""
+    from gguf import GGMLQuantizationType, quants
+
+    kind_ = GGMLQuantizationType[kind]
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)).numpy() * 0.05
+    back = quants.dequantize(quants.quantize(w, kind_), kind_)
+    return torch.from_numpy(back.astype("float32").reshape(n, k).copy())
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+@pytest.mark.parametrize(("n", "k"), [(1, 32), (7, 64), (97, 576), (576, 1536)])
+def test_weights_from_a_4bit_file_are_read_packed_with_the_same_products_to_the_bit(kind: str, n: int, k: int) -> None:
+    w = four_bit(n, k, kind, seed=n + k)
+    form = skinny.packed(w)
+    assert form is not None
+    assert form.codes.shape == (n, k // 2) and form.scale.shape == form.minv.shape == (n, k // 32)
+    # The codes give the weight back: value j of a block in the low nibble of byte j, j + 16 in the high.
+    low, high = (form.codes & 15).view(n, k // 32, 16), (form.codes >> 4).view(n, k // 32, 16)
+    q = torch.cat([low, high], dim=2).float()
+    back = (q * form.scale[..., None]) + form.minv[..., None]  # a product, then a sum, each rounded
+    assert torch.equal(back.view(n, k), w)
+    assert skinny.packed(w) is form  # kept, not packed again
+    b = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    for rows in (1, 4, 5, 16, 96):
+        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+        with skinny.unpacked():
+            assert skinny.packed(w) is None
+            want = skinny.linear(x, w, b)
+        assert torch.equal(skinny.linear(x, w, b), want)
+        torch.testing.assert_close(skinny.linear(x, w, b), F.linear(x, w, b), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_4bit_products_add_in_place_and_do_not_depend_on_the_thread_count() -> None:
+    fns = skinny.library()
+    w = four_bit(97, 576, seed=5)
+    form = skinny.packed(w)
+    assert form is not None
+    x, y0 = torch.randn(16, 576), torch.randn(16, 97)
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            y = y0.clone()
+            fns.linear_q4(x.data_ptr(), w.data_ptr(), *(t.data_ptr() for t in form), None, y.data_ptr(), 16, 97, 576, threads, 1)
+            results.append(y)
+    finally:
+        torch.set_num_threads(before)
+    with skinny.unpacked():
+        assert torch.equal(results[0], y0 + skinny.linear(x, w))
+    assert torch.equal(results[0], results[1])
+
+
+@needs_kernel
+def test_weights_not_exactly_4bit_are_read_as_float32() -> None:
+    w = four_bit(8, 64)
+    nudged = w.clone()
+    nudged[3, 40] = torch.nextafter(nudged[3, 40], torch.tensor(1.0))  # one value one float step off its level
+    with_nan = w.clone()
+    with_nan[0, 0] = float("nan")
+    for weight in (
+        torch.randn(8, 64),  # plain float32
+        nudged,
+        with_nan,
+        w.double(),
+        four_bit(8, 64)[:, :48].contiguous(),  # rows not a multiple of 32 long
+        w.t().contiguous().t(),  # not contiguous
+        w[0],  # not 2-D
+    ):
+        assert skinny.packed(weight) is None
+    x = torch.randn(5, 64)
+    assert torch.equal(skinny.linear(x, nudged), skinny.linear(x, nudged.clone()))
+    torch.testing.assert_close(skinny.linear(x, nudged), F.linear(x, nudged), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_a_weight_changed_in_place_or_replaced_is_packed_again() -> None:
+    layer = nn.Linear(64, 9, bias=False)
+    first, second, third = four_bit(9, 64, seed=1), four_bit(9, 64, seed=2), four_bit(9, 64, seed=3)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        layer.weight.copy_(first)
+        form = skinny.packed(layer.weight)
+        assert form is not None
+        layer.weight.copy_(second)  # the version counter moves
+        assert skinny.packed(layer.weight) is not form
+        assert torch.equal(skinny.linear(x, layer.weight), skinny.linear(x, second))
+        layer.weight.data = third.clone()  # new storage
+        assert torch.equal(skinny.linear(x, layer.weight), skinny.linear(x, third))
+        # A write through .data moves no version counter: the old form stays until forget().
+        layer.weight.data.copy_(first)
+        assert torch.equal(skinny.linear(x, layer.weight), skinny.linear(x, third))
+        skinny.forget(layer.weight)
+        assert torch.equal(skinny.linear(x, layer.weight), skinny.linear(x, first))
+
+
+@needs_kernel
+def test_packing_can_be_turned_off_and_forms_go_with_their_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    w = four_bit(4, 32)
+    monkeypatch.setenv("AUDITOR_SKINNY_Q4", "0")
+    assert not skinny.packing() and skinny.packed(w) is None
+    monkeypatch.delenv("AUDITOR_SKINNY_Q4")
+    assert skinny.packing() and skinny.packed(w) is not None
+    at = id(w)
+    assert at in skinny._packs
+    del w
+    gc.collect()
+    assert at not in skinny._packs
+
+
+@needs_kernel
+def test_wrapped_layers_read_their_weights_packed_inside_enabled() -> None:
+    layer = nn.Linear(64, 9)
+    with torch.no_grad():
+        layer.weight.copy_(four_bit(9, 64, seed=4))
+    skinny.install(layer)
+    x = torch.randn(3, 64)
+    with torch.inference_mode(), skinny.enabled():
+        got = layer(x)
+        with skinny.unpacked():
+            want = layer(x)
+    assert skinny.packed(layer.weight) is not None
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got, F.linear(x, layer.weight, layer.bias), rtol=1e-4, atol=1e-4)
