@@ -2,6 +2,8 @@
 
 Runs every linear layer of the default model's layers up to the audited one (the products a
 stopped audit forward runs) on ``R`` rows of activations, by the kernel and by ``F.linear``,
+by the kernel again with the float32 weights where it reads their exact 4-bit form
+(``skinny.packed``: the default model's weights come from a Q4_1 GGUF; ``skinny.unpacked``),
 and the default SAE's full-width encoder product (``addmm`` with ``W_enc``; by the kernel from
 ``W_enc`` as stored, ``[d_in, d_sae]``, and from the transposed copy the SAE keeps), in turns, for
 each ``R`` of ``--rows``; best of ``--repeats``. Shows where the kernel pays
@@ -69,6 +71,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             for w in weights:
                 skinny.linear(inputs[w.shape[1]], w)
 
+        def by_kernel_float32() -> None:
+            with skinny.unpacked():
+                by_kernel()
+
         x_enc = torch.randn(rows, w_enc.shape[0], generator=gen)
 
         def enc_by_torch() -> None:
@@ -81,12 +87,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             skinny.encoder_product(b_enc, x_enc, w_enc, w_rows)
 
         with torch.inference_mode():
-            t_torch, t_kernel, t_enc_torch, t_enc_kernel, t_enc_rows = round_robin(
-                [by_torch, by_kernel, enc_by_torch, enc_by_kernel, enc_by_kernel_rows], args.repeats
+            t_torch, t_kernel, t_float32, t_enc_torch, t_enc_kernel, t_enc_rows = round_robin(
+                [by_torch, by_kernel, by_kernel_float32, enc_by_torch, enc_by_kernel, enc_by_kernel_rows], args.repeats
             )
             diff = max(
                 float((skinny.linear(inputs[w.shape[1]], w) - F.linear(inputs[w.shape[1]], w)).abs().max()) for w in weights
             )
+            with skinny.unpacked():
+                from_float32 = [skinny.linear(inputs[w.shape[1]], w) for w in weights]
+            same_bits = all(torch.equal(skinny.linear(inputs[w.shape[1]], w), y) for w, y in zip(weights, from_float32))
             enc = skinny.encoder_product(b_enc, x_enc, w_enc)
             enc_diff = float((enc - torch.addmm(b_enc, x_enc, w_enc)).abs().max()) if enc is not None else None
             enc_rows = skinny.encoder_product(b_enc, x_enc, w_enc, w_rows)
@@ -98,6 +107,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "kernel_s": t_kernel,
                 "speedup": t_torch / t_kernel,
                 "max_abs_diff": diff,
+                # The kernel on the float32 weights (skinny.unpacked), and whether the results were the same to the bit.
+                "kernel_float32_s": t_float32,
+                "packed_same_bits": same_bits,
                 # The SAE's full-width encode product (used up to MAX_ROWS rows; above, it declines and times nothing).
                 "encoder_torch_s": t_enc_torch,
                 "encoder_kernel_s": t_enc_kernel if enc is not None else None,
@@ -115,21 +127,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "layers": depth + 1,
         "linear_layers": len(weights),
         "weights_mb": sum(w.numel() * w.element_size() for w in weights) / 1e6,
+        "weights_4bit": sum(skinny.packed(w) is not None for w in weights),
+        "packed_mb": sum(t.numel() * t.element_size() for w in weights for t in (skinny.packed(w) or ())) / 1e6,
         "encoder": {"d_in": w_enc.shape[0], "d_sae": w_enc.shape[1], "architecture": auditor.sae.cfg.architecture},
         "results": results,
     }
     print(json.dumps(out, indent=2))
     print()
-    print(f"{len(weights)} linear layers ({out['weights_mb']:.0f} MB of float32 weights), {torch.get_num_threads()} threads")
+    print(f"{len(weights)} linear layers ({out['weights_mb']:.0f} MB of float32 weights; {out['weights_4bit']} read in 4-bit form,"
+          f" {out['packed_mb']:.0f} MB), {torch.get_num_threads()} threads")
     print(f"SAE encoder product: [rows, {w_enc.shape[0]}] x [{w_enc.shape[0]}, {w_enc.shape[1]}] + bias")
-    print(f"{'rows':>5} {'torch ms':>9} {'kernel ms':>10} {'speedup':>8} {'max diff':>9}   {'encoder torch':>13} {'kernel':>7}"
-          f" {'transposed':>10}")
+    print(f"{'rows':>5} {'torch ms':>9} {'kernel ms':>10} {'speedup':>8} {'max diff':>9} {'float32 w':>10} {'same':>5}"
+          f"   {'encoder torch':>13} {'kernel':>7} {'transposed':>10}")
     for r in results:
         enc = f"{r['encoder_kernel_s'] * 1e3:>7.2f}" if r["encoder_kernel_s"] is not None else f"{'-':>7}"
         enc_rows = f"{r['encoder_kernel_rows_s'] * 1e3:>10.2f}" if r["encoder_kernel_rows_s"] is not None else f"{'-':>10}"
         print(
             f"{r['rows']:>5} {r['torch_s'] * 1e3:>9.1f} {r['kernel_s'] * 1e3:>10.1f} {r['speedup']:>7.2f}x {r['max_abs_diff']:>9.1e}"
-            f"   {r['encoder_torch_s'] * 1e3:>13.2f} {enc} {enc_rows}"
+            f" {r['kernel_float32_s'] * 1e3:>10.1f} {str(r['packed_same_bits']):>5}   {r['encoder_torch_s'] * 1e3:>13.2f} {enc} {enc_rows}"
         )
     return out
 

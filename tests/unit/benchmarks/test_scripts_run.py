@@ -169,7 +169,14 @@ def test_streaming_script_runs_with_streams_side_by_side() -> None:
     if kernel["available"]:
         assert out["chunked_reuse_torch_products_s"] > 0
         assert out["reuse_torch_products_vs_single"] == out["chunked_reuse_torch_products_s"] / out["single_s"]
-        assert set(out["stage_s"]) == {"single", "reuse", "reuse_torch_products"}
+        # The default model's weights come from a Q4_1 GGUF: every decoder weight has its 4-bit
+        # form (the tied LM head, the Q8_0 embedding's values, has none), so the chunked audit
+        # also ran on the float32 weights.
+        packed, linears = map(int, out["linear_weights_4bit"].split(" of "))
+        assert linears == packed + 1 and packed % 7 == 0
+        assert out["chunked_reuse_float32_weights_s"] > 0
+        assert out["reuse_float32_weights_vs_single"] == out["chunked_reuse_float32_weights_s"] / out["single_s"]
+        assert set(out["stage_s"]) == {"single", "reuse", "reuse_float32_weights", "reuse_torch_products"}
 
 
 def test_audit_throughput_script_runs() -> None:
@@ -209,6 +216,10 @@ def test_few_row_kernel_script_compares_with_torch() -> None:
         assert (r["encoder_kernel_rows_s"] is not None) == (r["rows"] <= out["max_rows"])
         if r["encoder_kernel_s"] is not None:
             assert r["encoder_max_abs_diff"] < 1e-3 and r["encoder_rows_max_abs_diff"] < 1e-3
+        # Read from their 4-bit form (the default's weights all have one), the same results to the bit.
+        assert r["kernel_float32_s"] > 0 and r["packed_same_bits"] is True
+    assert out["weights_4bit"] == out["linear_layers"]
+    assert 0.18 < out["packed_mb"] / out["weights_mb"] < 0.19  # 6 bits a weight of 32
 
 
 def test_audit_pipeline_script_runs() -> None:
