@@ -86,7 +86,7 @@ class Plan:
         self.owners = owners
         self.verified: dict[str, bool] = {}  # hookpoint -> what supported() found
         self.scopes: dict[int, list[nn.Module]] = {}  # depth -> the modules whose hooks a forward that deep would run
-        self.pointers: dict[int, tuple[Any, Any]] = {}  # layer count -> what _pointers_for made, and for what
+        self.pointers: dict[int, tuple[Any, ...]] = {}  # layer count -> what _pointers_for made, and for what
 
     def current(self, depth: int | None = None) -> bool:
         """Whether the model still has the modules this plan was made from (in its first ``depth`` layers; all by default)."""
@@ -242,20 +242,12 @@ def _ptr(t: torch.Tensor | None, shape: tuple[int, ...] | None = None) -> int | 
     return t.data_ptr()
 
 
-def _signature(tensors: Sequence[torch.Tensor | None]) -> tuple[Any, ...] | None:
-    """What identifies the tensors' current values for a cached set of pointers: each one's identity,
-    data pointer and version counter (None where one keeps no version counter)."""
-    try:
-        return tuple(None if t is None else (id(t), t.data_ptr(), t._version) for t in tensors)
-    except RuntimeError:  # an inference tensor
-        return None
-
-
 def _pointers_for(p: Plan, count: int, d: int, inter: int) -> tuple[Any, Any, Any, list[Any]]:
     """``auditor_layers``' weights, 4-bit forms (:func:`~auditor.models.skinny.packed`) and params
-    for layers ``0 .. count - 1``, and the tensors they point into; made again only when a weight
-    was replaced or written in place since (or packing was turned on or off), else reused (the
-    checks and lookups cost 2 ms a call)."""
+    for layers ``0 .. count - 1``, and the forms they point into; made again (with every check)
+    when a weight, its memory or view, or its version counter changed since, or a weight was
+    packed or forgotten anywhere, or packing was turned on or off; else reused (the checks and
+    lookups cost 2 ms a call)."""
     hq, kv, hd = p.heads, p.kv_heads, p.head_dim
     modules = p.layers[:count]
     tensors: list[torch.Tensor | None] = []
@@ -264,16 +256,22 @@ def _pointers_for(p: Plan, count: int, d: int, inter: int) -> tuple[Any, Any, An
         for lin in (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down):
             tensors += (lin.weight, lin.bias)
     floats = [(float(layer.norm1.variance_epsilon), float(layer.norm2.variance_epsilon), layer.scaling) for layer in modules]
-    signature = _signature(tensors)
-    key = (signature, skinny.packing(), d, inter, tuple(floats))
+    setting = (skinny.packing(), skinny.generation(), d, inter, tuple(floats))
     known = p.pointers.get(count)
-    if signature is not None and known is not None and known[0] == key:
-        return known[1]
+    if (
+        known is not None
+        and known[0] == setting
+        and all(
+            (t is None) == (ident is None) and (t is None or (id(t) == ident and where is not None and where.current(t)))
+            for t, ident, where in zip(tensors, known[1], known[2])
+        )
+    ):
+        return known[3]
     weights = (ctypes.c_void_p * (16 * count))()
     quant = (ctypes.c_void_p * (21 * count))()  # each product's 4-bit form, NULL: none
     params = (ctypes.c_float * (3 * count))()
     shapes = ((hq * hd, d), (kv * hd, d), (kv * hd, d), (d, hq * hd), (inter, d), (inter, d), (d, inter))
-    held: list[Any] = list(tensors)  # every tensor the call reads, alive while the pointers are
+    forms: list[Any] = []  # the 4-bit forms pointed into, alive while the pointers are kept
     for i, layer in enumerate(modules):
         at = 16 * i
         weights[at] = _ptr(layer.norm1.weight, (d,))
@@ -283,12 +281,18 @@ def _pointers_for(p: Plan, count: int, d: int, inter: int) -> tuple[Any, Any, An
             weights[at + 3 + 2 * j] = _ptr(lin.bias, shape[:1])
             form = skinny.packed(lin.weight)
             if form is not None:
-                held.extend(form)
+                forms.extend(form)
                 quant[21 * i + 3 * j : 21 * i + 3 * j + 3] = [t.data_ptr() for t in form]
         params[3 * i : 3 * i + 3] = list(floats[i])
-    made = (weights, quant, params, held)
-    if signature is not None:
-        p.pointers[count] = (key, made)
+    made = (weights, quant, params, forms)
+    # Each weight by identity and layout (weakly: the cache keeps no replaced weight alive), at the
+    # packing count read after packing them; one entry, so old ones go.
+    where = [None if t is None else skinny.layout(t) for t in tensors]
+    if all(w is not None for t, w in zip(tensors, where) if t is not None):
+        p.pointers.clear()
+        p.pointers[count] = (
+            (skinny.packing(), skinny.generation(), d, inter, tuple(floats)), [None if t is None else id(t) for t in tensors], where, made,
+        )
     return made
 
 

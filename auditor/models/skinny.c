@@ -13,6 +13,7 @@
  * eight float lanes summed at the end, so the result does not depend on the thread count.
  */
 #include <immintrin.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <float.h>
@@ -132,18 +133,27 @@ static void q4_row(const q4w *qw, int64_t r, int64_t K, float *dst) {
     for (int64_t b = 0; b < nb; b++) q4_row_block(qw, r, nb, b, dst + 32 * b);
 }
 
-/* This thread's buffer of at least n floats (32-byte aligned; kept for the thread's life), or NULL. */
+/* This thread's buffer of at least n floats (32-byte aligned), or NULL. Kept for the next call on
+ * the thread and freed when the thread ends. */
+static pthread_key_t q4_key;
+static pthread_once_t q4_once = PTHREAD_ONCE_INIT;
+static int q4_keyed;
+static void q4_make_key(void) { q4_keyed = pthread_key_create(&q4_key, free) == 0; }
+
 static float *q4_buffer(int64_t n) {
-    static __thread float *buf;
-    static __thread int64_t cap;
-    if (n > cap) {
-        float *fresh = aligned_alloc(32, (size_t)((n + 7) & ~(int64_t)7) * sizeof(float));
-        if (!fresh) return NULL;
-        free(buf);
-        buf = fresh;
-        cap = n;
+    pthread_once(&q4_once, q4_make_key);
+    if (!q4_keyed) return NULL;
+    /* The allocation's first 32 bytes hold its capacity; the floats follow. */
+    char *held = pthread_getspecific(q4_key);
+    if (held && *(int64_t *)held >= n) return (float *)(held + 32);
+    char *fresh = aligned_alloc(32, 32 + (size_t)((n + 7) & ~(int64_t)7) * sizeof(float));
+    if (!fresh || pthread_setspecific(q4_key, fresh)) {
+        free(fresh);
+        return NULL;
     }
-    return buf;
+    free(held);
+    *(int64_t *)fresh = n;
+    return (float *)(fresh + 32);
 }
 
 /* y = x . w^T (+ bias), or y += that. With qw, the block's weight rows come from its codes (w
@@ -208,8 +218,21 @@ void auditor_skinny_linear_q4(const float *x, const float *w, const uint8_t *cod
         linear(x, w, &qw, bias, y, M, N, K, threads, 0);
 }
 
+static inline uint32_t bits_of(float f) {
+    uint32_t u;
+    __builtin_memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+/* Whether f is a subnormal float (exponent bits 0, a mantissa): a thread that flushes those to zero
+ * would compute with other values. */
+static inline int subnormal(float f) { return (bits_of(f) & 0x7F800000u) == 0 && (bits_of(f) & 0x007FFFFFu) != 0; }
+
+/* a and b the same float bit for bit, or zeros of either sign (see auditor_q4_pack). */
+static inline int same_value(float a, float b) { return bits_of(a) == bits_of(b) || ((bits_of(a) | bits_of(b)) & 0x7FFFFFFFu) == 0; }
+
 /* One block's codes for values v[0..31] given scale d and min m, or 0 where some value is not
- * d * q + m for any q in 0..15. */
+ * d * q + m for any q in 0..15 (or the product or the sum is subnormal). */
 static int q4_codes(const float *v, float d, float m, uint8_t *q) {
     for (int i = 0; i < 32; i++) {
         float t = d > 0.0f ? rintf((v[i] - m) / d) : 0.0f;
@@ -220,7 +243,7 @@ static int q4_codes(const float *v, float d, float m, uint8_t *q) {
             float p = (float)cand * d;
             __asm__("" : "+x"(p)); /* the product rounded on its own, as q4_value's */
             float r = p + m;
-            if (r == v[i]) q[i] = (uint8_t)cand, hit = 1; /* bit for bit, but for a zero's sign (see auditor_q4_pack) */
+            if (same_value(r, v[i]) && !subnormal(p) && !subnormal(r)) q[i] = (uint8_t)cand, hit = 1;
         }
         if (!hit) return 0;
     }
@@ -238,13 +261,19 @@ static inline float half_round(float f, int nudge) { /* f to float16 and back, n
  * weight holds -0, as Q4_0's d * (q - 8) with d < 0 gives, and a product's sum, started at +0,
  * is the same with either), else -1 (the codes are then of no use). A block's min is its
  * q = 0; its scale is tried as the span over 15 .. 1 steps, each as float16 (the width 4-bit files
- * store it in) and as float32. Values that are not finite, or below float32's normal range,
- * refuse the weight (a thread that flushes them to zero would compute other values). */
+ * store it in) and as float32. Values that are not finite or are subnormal refuse the weight, as
+ * do blocks whose products or sums would be subnormal: with none, a thread that flushes subnormals
+ * to zero (or reads them as zero) decodes the same values. The checks read bits, and run with
+ * flushing turned off on every thread (and turned back after). */
 int auditor_q4_pack(const float *w, int64_t N, int64_t K, uint8_t *codes, float *scale, float *minv, int threads) {
     if (K <= 0 || K % 32) return -1;
     const int64_t nb = K / 32;
     int failed = 0;
-#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : failed)
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+    const unsigned int csr = _mm_getcsr();
+    _mm_setcsr(csr & ~0x8040u); /* flush-to-zero (bit 15) and denormals-are-zero (bit 6) off */
+#pragma omp for schedule(static)
     for (int64_t r = 0; r < N; r++) {
         float back[32] __attribute__((aligned(32)));
         for (int64_t b = 0; b < nb && !failed; b++) {
@@ -252,8 +281,7 @@ int auditor_q4_pack(const float *w, int64_t N, int64_t K, uint8_t *codes, float 
             float lo = v[0], hi = v[0];
             int bad = 0;
             for (int i = 0; i < 32; i++) {
-                float a = fabsf(v[i]);
-                if (!(a <= FLT_MAX) || (a != 0.0f && a < FLT_MIN)) bad = 1;
+                if ((bits_of(v[i]) & 0x7F800000u) == 0x7F800000u || subnormal(v[i])) bad = 1;
                 lo = v[i] < lo ? v[i] : lo;
                 hi = v[i] > hi ? v[i] : hi;
             }
@@ -280,9 +308,11 @@ int auditor_q4_pack(const float *w, int64_t N, int64_t K, uint8_t *codes, float 
             const q4w qw = {codes, scale, minv};
             for (int64_t b = 0; b < nb && !failed; b++) {
                 q4_row_block(&qw, r, nb, b, back);
-                for (int i = 0; i < 32; i++) failed |= back[i] != w[r * K + 32 * b + i];
+                for (int i = 0; i < 32; i++) failed |= !same_value(back[i], w[r * K + 32 * b + i]);
             }
         }
+    }
+    _mm_setcsr(csr);
     }
     return failed ? -1 : 0;
 }

@@ -15,7 +15,7 @@ each block's rows back into the same float32 values in L1 before multiplying: th
 to the bit, with a fifth of the memory traffic that a 16-row product waits on.
 
 It is C, built here on first use with the system's C compiler (``$CC`` or ``cc``; flags
-``-O3 -mavx2 -mfma -fopenmp``) into ``$AUDITOR_CACHE_DIR/kernels`` and loaded with
+``-O3 -mavx2 -mfma -mf16c -fopenmp``) into ``$AUDITOR_CACHE_DIR/kernels`` and loaded with
 ``ctypes``; its OpenMP calls bind to the ``libgomp`` torch has loaded, so both share one
 thread pool. Without a compiler, on another CPU, or with ``AUDITOR_SKINNY_KERNEL=0``, nothing
 changes: torch's own product runs, and :func:`status` says why.
@@ -62,7 +62,7 @@ import torch
 from torch import nn
 
 __all__ = [
-    "MAX_ROWS", "Packed", "build", "enabled", "encoder_product", "forget", "install", "is_suspended", "library", "linear", "packed", "packing",
+    "Layout", "MAX_ROWS", "Packed", "build", "enabled", "encoder_product", "forget", "generation", "install", "is_suspended", "layout", "library", "linear", "packed", "packing",
     "status", "suspended", "topk_tail", "unpacked", "wrapped",
 ]
 
@@ -253,11 +253,50 @@ class Packed(NamedTuple):
     minv: torch.Tensor  # float32 [N, K / 32]
 
 
-# id(weight) -> (a weak reference to it, (its data pointer, version counter), its Packed or None
-# where it is not of that form). Not a WeakKeyDictionary: that compares tensors with ``==``,
-# element by element, on every lookup.
-_packs: dict[int, tuple[weakref.ref[torch.Tensor], tuple[int, int], Packed | None]] = {}
+class Layout(NamedTuple):
+    """Where a tensor's values are now: its storage (weakly: a storage freed and its memory reused
+    by another is a different storage) and the view on it, and its version counter (moved by
+    in-place writes, not by writes through ``.data``). Two equal layouts of a live tensor read the
+    same memory in the same way, and hold the same values unless written through ``.data``."""
+
+    storage: weakref.ref[Any]
+    offset: int
+    version: int
+    shape: torch.Size
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+
+    def current(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` (the tensor this was taken from) is laid out so still."""
+        try:
+            return self.storage() is t.untyped_storage() and self[1:] == (
+                t.storage_offset(), t._version, t.shape, t.stride(), t.dtype
+            )
+        except (RuntimeError, TypeError, NotImplementedError):
+            return False
+
+
+def layout(t: torch.Tensor) -> Layout | None:
+    """``t``'s :class:`Layout`, or None where it has none to tell (an inference tensor keeps no
+    version counter; vmap's and fake tensors have no storage)."""
+    try:
+        return Layout(weakref.ref(t.untyped_storage()), t.storage_offset(), t._version, t.shape, t.stride(), t.dtype)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return None
+
+
+# id(weight) -> (a weak reference to it, its Layout when packed, its Packed or None where it is not
+# of that form). Not a WeakKeyDictionary: that compares tensors with ``==``, element by element,
+# on every lookup.
+_packs: dict[int, tuple[weakref.ref[torch.Tensor], Layout, Packed | None]] = {}
 _pack_lock = threading.RLock()  # reentrant: a weight dropped by a collection inside packed() calls _dropped
+_generation = 0  # moved by every packing and forget(): what lean's cached pointers check
+
+
+def generation() -> int:
+    """A count that moves whenever :func:`packed` packs a weight or :func:`forget` drops one (a
+    cache of forms' pointers made at one count holds at that count)."""
+    return _generation
 
 
 def _dropped(ref: weakref.ref[torch.Tensor], at: int) -> None:
@@ -268,9 +307,9 @@ def _dropped(ref: weakref.ref[torch.Tensor], at: int) -> None:
             del _packs[at]
 
 
-def _known(weight: torch.Tensor, key: tuple[int, int]) -> tuple[bool, Packed | None]:
+def _known(weight: torch.Tensor) -> tuple[bool, Packed | None]:
     known = _packs.get(id(weight))
-    if known is not None and known[0]() is weight and known[1] == key:
+    if known is not None and known[0]() is weight and known[1].current(weight):
         return True, known[2]
     return False, None
 
@@ -281,27 +320,30 @@ def packed(weight: torch.Tensor) -> Packed | None:
     tensor whose rows are a multiple of 32 long, inside :func:`unpacked`, ``AUDITOR_SKINNY_Q4=0``, or
     the kernel unavailable.
 
-    A weight written in place is packed again: its version counter moved (``copy_``,
-    ``load_state_dict``, an optimizer's step) or its storage changed (``param.data = ...``).
-    Writes through ``param.data`` (``param.data.copy_(...)``) move no version counter: after one,
-    the products would read the old values; call :func:`forget` on the weight (or turn this off).
+    A weight written in place or given other memory is packed again: its version counter moved
+    (``copy_``, ``load_state_dict``, an optimizer's step) or its storage or view changed
+    (``param.data = ...``; see :class:`Layout`). Writes that move no version counter (through
+    ``param.data``: ``param.data.copy_(...)``, ``param.data += ...``; through a NumPy view) are not
+    seen: the products would read the old values. Call :func:`forget` on the weight after one (or
+    turn this off).
     """
     if not packing():
         return None
-    if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2 or weight.shape[1] % 32:
+    if (
+        weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2 or weight.shape[1] % 32
+        or not weight.is_contiguous()
+    ):
         return None
-    try:
-        key = (weight.data_ptr(), weight._version)
-    except (RuntimeError, TypeError):  # inference tensors keep no version counter; tensors without storage
-        return None
-    hit, form = _known(weight, key)
+    hit, form = _known(weight)
     if hit:
         return form
     fns = _loaded[0] if _loaded is not None else library()
-    if fns is None or not weight.is_contiguous():
+    where = layout(weight)
+    if fns is None or where is None:
         return None
+    global _generation
     with _pack_lock:
-        hit, form = _known(weight, key)
+        hit, form = _known(weight)
         if hit:
             return form
         n, k = weight.shape
@@ -309,7 +351,8 @@ def packed(weight: torch.Tensor) -> Packed | None:
         if n == 0 or fns.q4_pack(weight.data_ptr(), n, k, *(t.data_ptr() for t in form), torch.get_num_threads()):
             form = None
         at = id(weight)
-        _packs[at] = (weakref.ref(weight, lambda ref: _dropped(ref, at)), key, form)
+        _packs[at] = (weakref.ref(weight, lambda ref: _dropped(ref, at)), where, form)
+        _generation += 1
     return form
 
 
@@ -319,11 +362,14 @@ def packing() -> bool:
 
 
 def forget(weight: torch.Tensor) -> None:
-    """Drop what :func:`packed` kept for ``weight`` (after writing it through ``.data``)."""
+    """Drop what :func:`packed` kept for ``weight`` (after writing it through ``.data``): it is
+    checked and packed again when next read, here and in lean forwards' cached pointers."""
+    global _generation
     with _pack_lock:
         known = _packs.get(id(weight))
         if known is not None and known[0]() is weight:
             del _packs[id(weight)]
+        _generation += 1
 
 
 @contextmanager

@@ -433,15 +433,25 @@ def test_lean_forwards_read_4bit_weights_packed_with_the_same_activations(hook: 
         calls.append(args[7:10])  # rows, columns, depth
         return fns.linear_q4(*args)
 
-    monkeypatch.setattr(skinny, "_loaded", (fns._replace(linear_q4=q4_call), detail))
+    quants: list[list[int | None]] = []  # each whole layers' call's 4-bit pointers
+
+    def layers_call(*args: Any) -> Any:
+        count = args[3]
+        quants.append(list(args[-2][: 21 * count]))
+        return fns.layers(*args)
+
+    monkeypatch.setattr(skinny, "_loaded", (fns._replace(linear_q4=q4_call, layers=layers_call), detail))
     got = feed_in_rounds(model, hook, seqs)[0]
     assert spy.calls == len(ROUNDS)
     assert all(skinny.packed(lin.weight) is not None for lin in linears)
-    # Past the whole layers' call, the audited layer's own products read the codes too.
+    # The whole layers' call reads every product's codes; past it, the audited layer's own products too.
+    assert len(quants) == len(ROUNDS) and all(all(q) for q in quants)
     assert len(calls) == (len(ROUNDS) * 4 if hook == HOOKS[1] else 0)
     with skinny.unpacked():
         plain = feed_in_rounds(model, hook, seqs)[0]
     assert spy.calls == 2 * len(ROUNDS)
+    assert len(quants) == 2 * len(ROUNDS) and not any(any(q) for q in quants[len(ROUNDS) :])
+    assert len(calls) == (len(ROUNDS) * 4 if hook == HOOKS[1] else 0)
     for seq, a, b in zip(seqs, got, plain):
         assert torch.equal(a, b)
         torch.testing.assert_close(a, capture(model, torch.tensor([seq]), None, [hook])[hook][0], rtol=1e-4, atol=1e-4)
@@ -452,3 +462,18 @@ def test_lean_forwards_read_4bit_weights_packed_with_the_same_activations(hook: 
     for seq, a in zip(seqs, again):
         torch.testing.assert_close(a, capture(model, torch.tensor([seq]), None, [hook])[hook][0], rtol=1e-4, atol=1e-4)
     assert not torch.equal(again[0], got[0])
+    # Written through .data (no version counter moves), then forgotten: read as it is now, in the
+    # whole layers' call (its cached pointers) and past it.
+    linears[3].weight.data.copy_(four_bit(linears[3].out_features, linears[3].in_features, seed=98))
+    skinny.forget(linears[3].weight)
+    with skinny.unpacked():
+        want = feed_in_rounds(model, hook, seqs)[0]
+    for a, b in zip(feed_in_rounds(model, hook, seqs)[0], want):
+        assert torch.equal(a, b)
+    # Given a view that is not contiguous, the weight sends the forward to transformers.
+    w = linears[1].weight
+    w.data = w.data.t().contiguous().t()
+    before = spy.calls
+    for seq, a in zip(seqs, feed_in_rounds(model, hook, seqs)[0]):
+        torch.testing.assert_close(a, capture(model, torch.tensor([seq]), None, [hook])[hook][0], rtol=1e-4, atol=1e-4)
+    assert spy.calls == before

@@ -510,7 +510,7 @@ def four_bit(n: int, k: int, kind: str = "Q4_1", seed: int = 0) -> torch.Tensor:
 
 @needs_kernel
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
-@pytest.mark.parametrize(("n", "k"), [(1, 32), (7, 64), (97, 576), (576, 1536)])
+@pytest.mark.parametrize(("n", "k"), [(1, 32), (5, 96), (7, 64), (97, 576), (576, 1536)])
 def test_weights_from_a_4bit_file_are_read_packed_with_the_same_products_to_the_bit(kind: str, n: int, k: int) -> None:
     w = four_bit(n, k, kind, seed=n + k)
     form = skinny.packed(w)
@@ -571,8 +571,17 @@ def test_weights_not_exactly_4bit_are_read_as_float32() -> None:
     ):
         assert skinny.packed(weight) is None
     x = torch.randn(5, 64)
-    assert torch.equal(skinny.linear(x, nudged), skinny.linear(x, nudged.clone()))
     torch.testing.assert_close(skinny.linear(x, nudged), F.linear(x, nudged), rtol=1e-4, atol=1e-4)
+    subnormal = w.clone()
+    subnormal[2, 5] = 1e-40  # a thread flushing subnormals to zero would read another value
+    assert skinny.packed(subnormal) is None
+    before = torch.get_num_threads()
+    try:
+        torch.set_flush_denormal(True)  # this thread reads subnormals as zero: the check reads bits
+        assert skinny.packed(subnormal.clone()) is None
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(before)
 
 
 @needs_kernel
@@ -594,6 +603,25 @@ def test_a_weight_changed_in_place_or_replaced_is_packed_again() -> None:
         assert torch.equal(skinny.linear(x, layer.weight), skinny.linear(x, third))
         skinny.forget(layer.weight)
         assert torch.equal(skinny.linear(x, layer.weight), skinny.linear(x, first))
+        # The same view on other memory, and other memory at the same address (two storages on
+        # one NumPy buffer), are packed again.
+        square = nn.Linear(64, 64, bias=False)
+        values = four_bit(64, 64, seed=7)
+        square.weight.data = values.clone()
+        assert skinny.packed(square.weight) is not None
+        square.weight.data = square.weight.data.t()  # same pointer and version, another view
+        assert skinny.packed(square.weight) is None  # not contiguous
+        torch.testing.assert_close(skinny.linear(x, square.weight), F.linear(x, values.t()), rtol=1e-4, atol=1e-4)
+        buffer = values.numpy().copy()
+        square.weight.data = torch.from_numpy(buffer)
+        old, address, version = skinny.packed(square.weight), square.weight.data_ptr(), square.weight._version
+        buffer[:] = four_bit(64, 64, seed=8).numpy()  # no version counter sees this
+        square.weight.data = torch.from_numpy(buffer)  # a new storage at the same address
+        assert (square.weight.data_ptr(), square.weight._version) == (address, version)
+        assert skinny.packed(square.weight) is not old
+        with skinny.unpacked():
+            want = skinny.linear(x, square.weight)
+        assert torch.equal(skinny.linear(x, square.weight), want)
 
 
 @needs_kernel
@@ -613,16 +641,26 @@ def test_packing_can_be_turned_off_and_forms_go_with_their_weights(monkeypatch: 
 
 
 @needs_kernel
-def test_wrapped_layers_read_their_weights_packed_inside_enabled() -> None:
+def test_wrapped_layers_read_their_weights_packed_inside_enabled(monkeypatch: pytest.MonkeyPatch) -> None:
     layer = nn.Linear(64, 9)
     with torch.no_grad():
         layer.weight.copy_(four_bit(9, 64, seed=4))
     skinny.install(layer)
+    assert skinny._loaded is not None and skinny._loaded[0] is not None
+    fns, detail = skinny._loaded
+    calls = []
+
+    def q4_call(*args: object) -> object:
+        calls.append(args[7:10])  # rows, columns, depth
+        return fns.linear_q4(*args)
+
+    monkeypatch.setattr(skinny, "_loaded", (fns._replace(linear_q4=q4_call), detail))
     x = torch.randn(3, 64)
     with torch.inference_mode(), skinny.enabled():
         got = layer(x)
+        assert calls == [(3, 9, 64)]
         with skinny.unpacked():
             want = layer(x)
-    assert skinny.packed(layer.weight) is not None
+        assert len(calls) == 1
     assert torch.equal(got, want)
     torch.testing.assert_close(got, F.linear(x, layer.weight, layer.bias), rtol=1e-4, atol=1e-4)
