@@ -54,7 +54,7 @@ import tempfile
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -373,14 +373,19 @@ def forget(weight: torch.Tensor) -> None:
 
 
 @contextmanager
-def unpacked() -> Iterator[None]:
-    """The float32 weights for this thread's products in the block, never their 4-bit form (for comparisons)."""
-    before = getattr(_state, "unpacked", False)
-    _state.unpacked = True
+def _flagged(flag: str) -> Iterator[None]:
+    """This thread's ``flag`` set for the block (as it was after)."""
+    before = getattr(_state, flag, False)
+    setattr(_state, flag, True)
     try:
         yield
     finally:
-        _state.unpacked = before
+        setattr(_state, flag, before)
+
+
+def unpacked() -> AbstractContextManager[None]:
+    """The float32 weights for this thread's products in the block, never their 4-bit form (for comparisons)."""
+    return _flagged("unpacked")
 
 
 def _pointers(*tensors: torch.Tensor | None) -> list[int | None] | None:
@@ -592,15 +597,9 @@ def is_suspended() -> bool:
     return bool(getattr(_state, "off", False))
 
 
-@contextmanager
-def suspended() -> Iterator[None]:
+def suspended() -> AbstractContextManager[None]:
     """Torch's own products for this thread's forwards in the block, even inside :func:`enabled` (for comparisons)."""
-    before = getattr(_state, "off", False)
-    _state.off = True
-    try:
-        yield
-    finally:
-        _state.off = before
+    return _flagged("off")
 
 
 @contextmanager

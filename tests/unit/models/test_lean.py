@@ -18,7 +18,7 @@ from auditor.models.hookpoints import parse_hookpoint
 from auditor.models.hooks import scoped
 from auditor.models.streams import StreamCache, capture_streams
 from tests.unit.models.conftest import CONFIGS, ROUNDS, VOCAB, build_model, feed_in_rounds
-from tests.unit.models.test_skinny import needs_kernel
+from tests.unit.models.test_skinny import needs_kernel, spy_on
 
 LEAN_FAMILIES = {"llama", "qwen2"}  # the tiny test configs of mistral have a sliding window
 HOOKS = ["blocks.0.hook_resid_pre", "blocks.1.hook_attn_out", "blocks.1.hook_mlp_out", "blocks.2.hook_resid_post"]
@@ -425,23 +425,10 @@ def test_lean_forwards_read_4bit_weights_packed_with_the_same_activations(hook: 
     _check_first(model, hook)
     seqs = _seqs([23, 9, 17], seed=6)
     spy = _Spy(monkeypatch)
-    assert skinny._loaded is not None and skinny._loaded[0] is not None
-    fns, detail = skinny._loaded
-    calls = []
-
-    def q4_call(*args: Any) -> Any:
-        calls.append(args[7:10])  # rows, columns, depth
-        return fns.linear_q4(*args)
-
-    quants: list[list[int | None]] = []  # each whole layers' call's 4-bit pointers
-
-    def layers_call(*args: Any) -> Any:
-        count = args[3]
-        quants.append(list(args[-2][: 21 * count]))
-        return fns.layers(*args)
-
-    monkeypatch.setattr(skinny, "_loaded", (fns._replace(linear_q4=q4_call, layers=layers_call), detail))
+    calls = spy_on(monkeypatch, "linear_q4")
+    layer_calls = spy_on(monkeypatch, "layers")
     got = feed_in_rounds(model, hook, seqs)[0]
+    quants = [list(c[-2][: 21 * c[3]]) for c in layer_calls]  # each call's 4-bit pointers
     assert spy.calls == len(ROUNDS)
     assert all(skinny.packed(lin.weight) is not None for lin in linears)
     # The whole layers' call reads every product's codes; past it, the audited layer's own products too.
@@ -450,6 +437,7 @@ def test_lean_forwards_read_4bit_weights_packed_with_the_same_activations(hook: 
     with skinny.unpacked():
         plain = feed_in_rounds(model, hook, seqs)[0]
     assert spy.calls == 2 * len(ROUNDS)
+    quants = [list(c[-2][: 21 * c[3]]) for c in layer_calls]
     assert len(quants) == 2 * len(ROUNDS) and not any(any(q) for q in quants[len(ROUNDS) :])
     assert len(calls) == (len(ROUNDS) * 4 if hook == HOOKS[1] else 0)
     for seq, a, b in zip(seqs, got, plain):

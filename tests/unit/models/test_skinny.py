@@ -12,6 +12,7 @@ import stat
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -535,19 +536,16 @@ def test_weights_from_a_4bit_file_are_read_packed_with_the_same_products_to_the_
 @needs_kernel
 def test_4bit_products_add_in_place_and_do_not_depend_on_the_thread_count() -> None:
     fns = skinny.library()
+    assert fns is not None
     w = four_bit(97, 576, seed=5)
     form = skinny.packed(w)
     assert form is not None
     x, y0 = torch.randn(16, 576), torch.randn(16, 97)
     results = []
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            y = y0.clone()
-            fns.linear_q4(x.data_ptr(), w.data_ptr(), *(t.data_ptr() for t in form), None, y.data_ptr(), 16, 97, 576, threads, 1)
-            results.append(y)
-    finally:
-        torch.set_num_threads(before)
+    for threads in (1, 2):
+        y = y0.clone()
+        fns.linear_q4(x.data_ptr(), w.data_ptr(), *(t.data_ptr() for t in form), None, y.data_ptr(), 16, 97, 576, threads, 1)
+        results.append(y)
     with skinny.unpacked():
         assert torch.equal(results[0], y0 + skinny.linear(x, w))
     assert torch.equal(results[0], results[1])
@@ -640,25 +638,31 @@ def test_packing_can_be_turned_off_and_forms_go_with_their_weights(monkeypatch: 
     assert at not in skinny._packs
 
 
+def spy_on(monkeypatch: pytest.MonkeyPatch, name: str) -> list[tuple[Any, ...]]:
+    """Every call's arguments to the kernel library's function ``name`` (which still runs), from now on in this test."""
+    assert skinny._loaded is not None and skinny._loaded[0] is not None
+    fns, detail = skinny._loaded
+    real, calls = getattr(fns, name), []
+
+    def spy(*args: Any) -> Any:
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(skinny, "_loaded", (fns._replace(**{name: spy}), detail))
+    return calls
+
+
 @needs_kernel
 def test_wrapped_layers_read_their_weights_packed_inside_enabled(monkeypatch: pytest.MonkeyPatch) -> None:
     layer = nn.Linear(64, 9)
     with torch.no_grad():
         layer.weight.copy_(four_bit(9, 64, seed=4))
     skinny.install(layer)
-    assert skinny._loaded is not None and skinny._loaded[0] is not None
-    fns, detail = skinny._loaded
-    calls = []
-
-    def q4_call(*args: object) -> object:
-        calls.append(args[7:10])  # rows, columns, depth
-        return fns.linear_q4(*args)
-
-    monkeypatch.setattr(skinny, "_loaded", (fns._replace(linear_q4=q4_call), detail))
+    calls = spy_on(monkeypatch, "linear_q4")
     x = torch.randn(3, 64)
     with torch.inference_mode(), skinny.enabled():
         got = layer(x)
-        assert calls == [(3, 9, 64)]
+        assert [c[7:10] for c in calls] == [(3, 9, 64)]  # rows, columns, depth
         with skinny.unpacked():
             want = layer(x)
         assert len(calls) == 1
