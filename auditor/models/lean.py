@@ -239,12 +239,18 @@ def _ptr(t: torch.Tensor | None, shape: tuple[int, ...] | None = None) -> int | 
         raise Unsuitable(f"a {t.dtype} weight on {t.device} ({'' if t.is_contiguous() else 'not '}contiguous)")
     if shape is not None and t.shape != shape:
         raise Unsuitable(f"a weight of shape {tuple(t.shape)} where {shape} was expected")
-    return t.data_ptr()
+    if not skinny._plain(t):
+        raise Unsuitable(f"a weight of class {type(t).__name__} (a tensor subclass)")
+    address = t.data_ptr()
+    if not address and t.numel():
+        raise Unsuitable("a weight without storage at an address")
+    return address
 
 
 def _pointers_for(p: Plan, count: int, d: int, inter: int) -> tuple[Any, Any, Any, list[Any]]:
     """``auditor_layers``' weights, 4-bit forms (:func:`~auditor.models.skinny.packed`) and params
-    for layers ``0 .. count - 1``, and the forms they point into; made again (with every check)
+    for layers ``0 .. count - 1``, and the tensors they point into (the caller holds them until the
+    call returns: another thread may replace a weight meanwhile). Made again (with every check)
     when a weight, its memory or view, or its version counter changed since, or a weight was
     packed or forgotten anywhere, or packing was turned on or off; else reused (the checks and
     lookups cost 2 ms a call)."""
@@ -266,7 +272,11 @@ def _pointers_for(p: Plan, count: int, d: int, inter: int) -> tuple[Any, Any, An
             for t, ident, where in zip(tensors, known[1], known[2])
         )
     ):
-        return known[3]
+        return (*known[3][:3], [*tensors, *known[3][3]])
+    # Each weight by identity and layout (weakly: the cache keeps no replaced weight alive), as they
+    # were before their values were read, at the packing count before packing them (a packing
+    # here moves it: the next call makes them once more, then they hold).
+    where = [None if t is None else skinny.layout(t) for t in tensors]
     weights = (ctypes.c_void_p * (16 * count))()
     quant = (ctypes.c_void_p * (21 * count))()  # each product's 4-bit form, NULL: none
     params = (ctypes.c_float * (3 * count))()
@@ -285,15 +295,13 @@ def _pointers_for(p: Plan, count: int, d: int, inter: int) -> tuple[Any, Any, An
                 quant[21 * i + 3 * j : 21 * i + 3 * j + 3] = [t.data_ptr() for t in form]
         params[3 * i : 3 * i + 3] = list(floats[i])
     made = (weights, quant, params, forms)
-    # Each weight by identity and layout (weakly: the cache keeps no replaced weight alive), at the
-    # packing count read after packing them; one entry, so old ones go.
-    where = [None if t is None else skinny.layout(t) for t in tensors]
     if all(w is not None for t, w in zip(tensors, where) if t is not None):
-        p.pointers.clear()
-        p.pointers[count] = (
-            (skinny.packing(), skinny.generation(), d, inter, tuple(floats)), [None if t is None else id(t) for t in tensors], where, made,
-        )
-    return made
+        # Other layer counts' entries stay while made at the same setting (two hookpoints at two
+        # depths take turns); the rest go.
+        for other in [c for c, entry in p.pointers.items() if entry[0] != setting]:
+            del p.pointers[other]
+        p.pointers[count] = (setting, [None if t is None else id(t) for t in tensors], where, made)
+    return (weights, quant, params, [*tensors, *forms])
 
 
 def _layers(
@@ -304,7 +312,7 @@ def _layers(
     n, d = x.shape
     hq, kv, hd = p.heads, p.kv_heads, p.head_dim
     inter = buffers[5].shape[1]
-    weights, quant, params, _held = _pointers_for(p, count, d, inter)
+    weights, quant, params, alive = _pointers_for(p, count, d, inter)  # alive: held until the call returns
     streams = len(caches)
     flat_spans = (ctypes.c_int64 * (2 * streams))()
     held = (ctypes.c_int64 * streams)()
@@ -320,6 +328,7 @@ def _layers(
         x.data_ptr(), n, d, count, weights, params, hq, kv, hd, inter, cos.data_ptr(), sin.data_ptr(), streams,
         flat_spans, held, buffers_kv, caps, *(t.data_ptr() for t in buffers), quant, threads,
     )
+    del alive
 
 
 @torch.inference_mode()

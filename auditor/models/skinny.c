@@ -232,7 +232,8 @@ static inline int subnormal(float f) { return (bits_of(f) & 0x7F800000u) == 0 &&
 static inline int same_value(float a, float b) { return bits_of(a) == bits_of(b) || ((bits_of(a) | bits_of(b)) & 0x7FFFFFFFu) == 0; }
 
 /* One block's codes for values v[0..31] given scale d and min m, or 0 where some value is not
- * d * q + m for any q in 0..15 (or the product or the sum is subnormal). */
+ * d * q + m for any q in 0..15. (With d and m normal and no v subnormal, neither the product nor
+ * the sum is: flushing subnormals changes nothing.) */
 static int q4_codes(const float *v, float d, float m, uint8_t *q) {
     for (int i = 0; i < 32; i++) {
         float t = d > 0.0f ? rintf((v[i] - m) / d) : 0.0f;
@@ -243,7 +244,7 @@ static int q4_codes(const float *v, float d, float m, uint8_t *q) {
             float p = (float)cand * d;
             __asm__("" : "+x"(p)); /* the product rounded on its own, as q4_value's */
             float r = p + m;
-            if (same_value(r, v[i]) && !subnormal(p) && !subnormal(r)) q[i] = (uint8_t)cand, hit = 1;
+            if (same_value(r, v[i])) q[i] = (uint8_t)cand, hit = 1;
         }
         if (!hit) return 0;
     }
@@ -261,10 +262,9 @@ static inline float half_round(float f, int nudge) { /* f to float16 and back, n
  * weight holds -0, as Q4_0's d * (q - 8) with d < 0 gives, and a product's sum, started at +0,
  * is the same with either), else -1 (the codes are then of no use). A block's min is its
  * q = 0; its scale is tried as the span over 15 .. 1 steps, each as float16 (the width 4-bit files
- * store it in) and as float32. Values that are not finite or are subnormal refuse the weight, as
- * do blocks whose products or sums would be subnormal: with none, a thread that flushes subnormals
- * to zero (or reads them as zero) decodes the same values. The checks read bits, and run with
- * flushing turned off on every thread (and turned back after). */
+ * store it in) and as float32. Values that are not finite or are subnormal refuse the weight (a
+ * thread that flushes subnormals to zero, or reads them as zero, would compute with others); the
+ * checks read bits, and run with flushing turned off on every thread (and turned back after). */
 int auditor_q4_pack(const float *w, int64_t N, int64_t K, uint8_t *codes, float *scale, float *minv, int threads) {
     if (K <= 0 || K % 32) return -1;
     const int64_t nb = K / 32;

@@ -255,11 +255,12 @@ class Packed(NamedTuple):
 
 class Layout(NamedTuple):
     """Where a tensor's values are now: its storage (weakly: a storage freed and its memory reused
-    by another is a different storage) and the view on it, and its version counter (moved by
-    in-place writes, not by writes through ``.data``). Two equal layouts of a live tensor read the
-    same memory in the same way, and hold the same values unless written through ``.data``."""
+    by another is a different storage), the address and view on it, and its version counter (moved
+    by in-place writes, not by writes through ``.data``). Two equal layouts of a live tensor read
+    the same memory in the same way, and hold the same values unless written through ``.data``."""
 
     storage: weakref.ref[Any]
+    address: int
     offset: int
     version: int
     shape: torch.Size
@@ -267,10 +268,10 @@ class Layout(NamedTuple):
     dtype: torch.dtype
 
     def current(self, t: torch.Tensor) -> bool:
-        """Whether ``t`` (the tensor this was taken from) is laid out so still."""
+        """Whether ``t`` is laid out so still."""
         try:
             return self.storage() is t.untyped_storage() and self[1:] == (
-                t.storage_offset(), t._version, t.shape, t.stride(), t.dtype
+                t.data_ptr(), t.storage_offset(), t._version, t.shape, t.stride(), t.dtype
             )
         except (RuntimeError, TypeError, NotImplementedError):
             return False
@@ -278,18 +279,37 @@ class Layout(NamedTuple):
 
 def layout(t: torch.Tensor) -> Layout | None:
     """``t``'s :class:`Layout`, or None where it has none to tell (an inference tensor keeps no
-    version counter; vmap's and fake tensors have no storage)."""
+    version counter; vmap's and fake tensors have no storage, or none at an address)."""
     try:
-        return Layout(weakref.ref(t.untyped_storage()), t.storage_offset(), t._version, t.shape, t.stride(), t.dtype)
+        if not t.data_ptr() and t.numel():
+            return None
+        return Layout(weakref.ref(t.untyped_storage()), t.data_ptr(), t.storage_offset(), t._version, t.shape, t.stride(), t.dtype)
     except (RuntimeError, TypeError, NotImplementedError):
         return None
 
 
-# id(weight) -> (a weak reference to it, its Layout when packed, its Packed or None where it is not
-# of that form). Not a WeakKeyDictionary: that compares tensors with ``==``, element by element,
-# on every lookup.
-_packs: dict[int, tuple[weakref.ref[torch.Tensor], Layout, Packed | None]] = {}
-_pack_lock = threading.RLock()  # reentrant: a weight dropped by a collection inside packed() calls _dropped
+class _Kept:
+    """A weight's 4-bit form, kept on the weight itself (``weight.__dict__``): it lives and dies
+    with the tensor, needs no weak reference to it (which ``torch.utils.swap_tensors`` refuses),
+    and copies and pickles of the tensor carry none (they check and pack again)."""
+
+    __slots__ = ("layout", "form")
+
+    def __init__(self, layout: Layout | None = None, form: Packed | None = None) -> None:
+        self.layout, self.form = layout, form
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_Kept, ())
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Kept:
+        return _Kept()
+
+    def __copy__(self) -> _Kept:
+        return _Kept()
+
+
+_KEPT_AS = "_auditor_q4"  # the attribute of a weight that holds its _Kept
+_pack_lock = threading.Lock()
 _generation = 0  # moved by every packing and forget(): what lean's cached pointers check
 
 
@@ -299,47 +319,40 @@ def generation() -> int:
     return _generation
 
 
-def _dropped(ref: weakref.ref[torch.Tensor], at: int) -> None:
-    """A packed weight is gone: its entry goes (unless the id was reused already)."""
-    with _pack_lock:
-        known = _packs.get(at)
-        if known is not None and known[0] is ref:
-            del _packs[at]
-
-
 def _known(weight: torch.Tensor) -> tuple[bool, Packed | None]:
-    known = _packs.get(id(weight))
-    if known is not None and known[0]() is weight and known[1].current(weight):
-        return True, known[2]
+    kept = getattr(weight, "__dict__", {}).get(_KEPT_AS)
+    if kept is not None and kept.layout is not None and kept.layout.current(weight):
+        return True, kept.form
     return False, None
 
 
 def packed(weight: torch.Tensor) -> Packed | None:
-    """``weight``'s 4-bit form (see :class:`Packed`), found once and kept while the weight lives and
-    is unchanged, or None: not of that form (checked bit for bit), not a contiguous 2-D float32 CPU
+    """``weight``'s 4-bit form (see :class:`Packed`), found once and kept on the weight while it is
+    unchanged, or None: not of that form (checked bit for bit), not a contiguous 2-D float32 CPU
     tensor whose rows are a multiple of 32 long, inside :func:`unpacked`, ``AUDITOR_SKINNY_Q4=0``, or
     the kernel unavailable.
 
     A weight written in place or given other memory is packed again: its version counter moved
-    (``copy_``, ``load_state_dict``, an optimizer's step) or its storage or view changed
+    (``copy_``, ``load_state_dict``, an optimizer's step) or its storage, address or view changed
     (``param.data = ...``; see :class:`Layout`). Writes that move no version counter (through
     ``param.data``: ``param.data.copy_(...)``, ``param.data += ...``; through a NumPy view) are not
     seen: the products would read the old values. Call :func:`forget` on the weight after one (or
-    turn this off).
+    turn this off). A tensor made anew for each call (a parametrization's) is packed every call:
+    the auditor's own layers ask only for a module's registered weight.
     """
     if not packing():
         return None
     if (
-        weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2 or weight.shape[1] % 32
-        or not weight.is_contiguous()
+        not _plain(weight) or weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2
+        or weight.shape[1] % 32 or not weight.is_contiguous()
     ):
         return None
     hit, form = _known(weight)
     if hit:
         return form
     fns = _loaded[0] if _loaded is not None else library()
-    where = layout(weight)
-    if fns is None or where is None:
+    where = layout(weight)  # taken before reading the values
+    if fns is None or where is None or not hasattr(weight, "__dict__"):
         return None
     global _generation
     with _pack_lock:
@@ -350,8 +363,7 @@ def packed(weight: torch.Tensor) -> Packed | None:
         form = Packed(torch.empty((n, k // 2), dtype=torch.uint8), torch.empty((n, k // 32)), torch.empty((n, k // 32)))
         if n == 0 or fns.q4_pack(weight.data_ptr(), n, k, *(t.data_ptr() for t in form), torch.get_num_threads()):
             form = None
-        at = id(weight)
-        _packs[at] = (weakref.ref(weight, lambda ref: _dropped(ref, at)), where, form)
+        weight.__dict__[_KEPT_AS] = _Kept(where, form)
         _generation += 1
     return form
 
@@ -366,9 +378,7 @@ def forget(weight: torch.Tensor) -> None:
     checked and packed again when next read, here and in lean forwards' cached pointers."""
     global _generation
     with _pack_lock:
-        known = _packs.get(id(weight))
-        if known is not None and known[0]() is weight:
-            del _packs[id(weight)]
+        getattr(weight, "__dict__", {}).pop(_KEPT_AS, None)
         _generation += 1
 
 
@@ -388,13 +398,25 @@ def unpacked() -> AbstractContextManager[None]:
     return _flagged("unpacked")
 
 
+def _plain(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a plain tensor or parameter, not a subclass (fake tensors and other wrapper
+    subclasses have no memory of their own; a fake tensor's address is 0 and asking for it warns)."""
+    return type(t) is torch.Tensor or type(t) is nn.Parameter
+
+
 def _pointers(*tensors: torch.Tensor | None) -> list[int | None] | None:
     """The tensors' data pointers (None for None), or None where one has no storage to point at
     (torch.func.vmap's batched tensors, fake tensors): then torch's product runs."""
+    if not all(t is None or _plain(t) for t in tensors):
+        return None
     try:
-        return [t.data_ptr() if t is not None else None for t in tensors]
+        pointers = [t.data_ptr() if t is not None else None for t in tensors]
     except RuntimeError:
         return None
+    # Wrapper subclasses (fake tensors among them) give address 0.
+    if any(t is not None and not p and t.numel() for t, p in zip(tensors, pointers)):
+        return None
+    return pointers
 
 
 def _takes(*given: torch.Tensor | None) -> bool:
@@ -507,13 +529,13 @@ def _call(fn: Any, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return out
 
 
-def _run(fns: _Kernels, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """``F.linear`` by the kernel (from the weight's 4-bit form where it has one, see :func:`packed`);
-    None where a tensor has no storage (see :func:`_pointers`)."""
+def _run(fns: _Kernels, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool = True) -> torch.Tensor | None:
+    """``F.linear`` by the kernel (from the weight's 4-bit form where it has one and ``pack``, see
+    :func:`packed`); None where a tensor has no storage (see :func:`_pointers`)."""
     n, k = weight.shape
     m = math.prod(x.shape[:-1])  # not -1: with k = 0 the row count cannot be inferred
     rows = x.view(m, k) if x.is_contiguous() else x.reshape(m, k).contiguous()
-    form = packed(weight) if m else None
+    form = packed(weight) if m and pack else None
     if form is not None:
         if bias is not None and not bias.is_contiguous():
             bias = bias.contiguous()
@@ -539,7 +561,8 @@ def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         and _takes(x, weight, bias)
     ):
         fns = _loaded[0] if _loaded is not None else None
-        out = _run(fns, x, weight, bias) if fns is not None else None
+        # The 4-bit form only of the module's registered weight: a parametrization's is a new tensor each call.
+        out = _run(fns, x, weight, bias, self._parameters.get("weight") is weight) if fns is not None else None
         if out is not None:
             return out
     return nn.Linear.forward(self, x)

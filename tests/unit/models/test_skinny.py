@@ -571,12 +571,19 @@ def test_weights_not_exactly_4bit_are_read_as_float32() -> None:
     x = torch.randn(5, 64)
     torch.testing.assert_close(skinny.linear(x, nudged), F.linear(x, nudged), rtol=1e-4, atol=1e-4)
     subnormal = w.clone()
-    subnormal[2, 5] = 1e-40  # a thread flushing subnormals to zero would read another value
+    subnormal[2, 5] = 1e-40
     assert skinny.packed(subnormal) is None
+    # A Q4_0 weight's exact zero made subnormal: on a thread that reads subnormals as zero it would
+    # fit the block (as 0) and be decoded as 0; the check reads bits, so it refuses the weight.
+    q4_0 = four_bit(4, 64, "Q4_0", seed=3)
+    zeros = (q4_0 == 0).nonzero()
+    assert len(zeros)
+    q4_0[tuple(zeros[0])] = 1e-40
     before = torch.get_num_threads()
     try:
-        torch.set_flush_denormal(True)  # this thread reads subnormals as zero: the check reads bits
-        assert skinny.packed(subnormal.clone()) is None
+        torch.set_num_threads(1)  # the pack runs on this thread, the one flushing
+        torch.set_flush_denormal(True)
+        assert skinny.packed(q4_0) is None
     finally:
         torch.set_flush_denormal(False)
         torch.set_num_threads(before)
@@ -623,19 +630,69 @@ def test_a_weight_changed_in_place_or_replaced_is_packed_again() -> None:
 
 
 @needs_kernel
-def test_packing_can_be_turned_off_and_forms_go_with_their_weights(monkeypatch: pytest.MonkeyPatch) -> None:
-    import gc
+def test_packing_can_be_turned_off_and_forms_live_on_their_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import pickle
 
     w = four_bit(4, 32)
     monkeypatch.setenv("AUDITOR_SKINNY_Q4", "0")
     assert not skinny.packing() and skinny.packed(w) is None
     monkeypatch.delenv("AUDITOR_SKINNY_Q4")
     assert skinny.packing() and skinny.packed(w) is not None
-    at = id(w)
-    assert at in skinny._packs
-    del w
-    gc.collect()
-    assert at not in skinny._packs
+    # No weak reference to the weight (torch.utils.swap_tensors refuses those); copies and pickles
+    # carry no form, and check and pack again.
+    layer = nn.Linear(32, 4, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        form = skinny.packed(layer.weight)
+        assert form is not None
+    torch.utils.swap_tensors(layer.weight, nn.Parameter(w * 2))
+    with torch.no_grad():
+        assert skinny.packed(layer.weight) is not form
+        assert torch.equal(skinny.linear(torch.ones(1, 32), layer.weight), (w * 2).sum(1)[None])
+        twin = copy.deepcopy(layer)
+        assert skinny.packed(twin.weight) is not skinny.packed(layer.weight)
+        buffer = io.BytesIO()
+        torch.save(layer, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        assert torch.equal(loaded.weight, layer.weight) and skinny.packed(loaded.weight) is not None
+        assert pickle.loads(pickle.dumps(w)).equal(w)
+
+
+@needs_kernel
+def test_tensors_without_an_address_are_not_packed_and_take_torch_products() -> None:
+    """A fake tensor's (and other wrapper subclasses') address is 0 (and asking for it warns):
+    nothing asks for it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    real, x = four_bit(16, 64, seed=4), torch.randn(3, 64)
+    mode = FakeTensorMode()
+    fake, fake_x = mode.from_tensor(real), mode.from_tensor(x)
+    assert skinny.packed(fake) is None
+    with mode, pytest.raises(ValueError, match="storage"):
+        skinny.linear(fake_x, fake)
+
+
+@needs_kernel
+def test_a_parametrized_weight_is_not_packed_each_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch.nn.utils import parametrize
+
+    class Same(nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return w + 0.0  # a new tensor every call
+
+    layer = nn.Linear(64, 9)
+    with torch.no_grad():
+        layer.weight.copy_(four_bit(9, 64, seed=4))
+    skinny.install(layer)
+    parametrize.register_parametrization(layer, "weight", Same())
+    calls = spy_on(monkeypatch, "q4_pack")
+    x = torch.randn(3, 64)
+    with torch.inference_mode(), skinny.enabled():
+        for _ in range(3):
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    assert calls == []
 
 
 def spy_on(monkeypatch: pytest.MonkeyPatch, name: str) -> list[tuple[Any, ...]]:
