@@ -108,6 +108,7 @@ class _Kernels(NamedTuple):
 
 _ENV = "AUDITOR_SKINNY_KERNEL"
 _Q4_ENV = "AUDITOR_SKINNY_Q4"
+_OFF = frozenset({"0", "false", "no", "off"})
 _MARK = "_auditor_skinny"
 _lock = threading.Lock()
 _state = threading.local()
@@ -320,7 +321,9 @@ def generation() -> int:
 
 
 def _known(weight: torch.Tensor) -> tuple[bool, Packed | None]:
-    kept = getattr(weight, "__dict__", {}).get(_KEPT_AS)
+    if not _plain(weight):  # a subclass's own __dict__, data_ptr and storage are not looked into
+        return False, None
+    kept = weight.__dict__.get(_KEPT_AS)
     if kept is not None and kept.layout is not None and kept.layout.current(weight):
         return True, kept.form
     return False, None
@@ -342,14 +345,16 @@ def packed(weight: torch.Tensor) -> Packed | None:
     """
     if not packing():
         return None
+    # A form kept for this layout was made for an eligible tensor: the same storage, address, view
+    # and dtype are eligible still (the checks below cost more than this lookup, 2 us a call).
+    hit, form = _known(weight)
+    if hit:
+        return form
     if (
         not _plain(weight) or weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2
         or weight.shape[1] % 32 or not weight.is_contiguous()
     ):
         return None
-    hit, form = _known(weight)
-    if hit:
-        return form
     fns = _loaded[0] if _loaded is not None else library()
     where = layout(weight)  # taken before reading the values
     if fns is None or where is None or not hasattr(weight, "__dict__"):
@@ -370,7 +375,10 @@ def packed(weight: torch.Tensor) -> Packed | None:
 
 def packing() -> bool:
     """Whether :func:`packed` gives 4-bit forms here and now (not inside :func:`unpacked`, nor with ``AUDITOR_SKINNY_Q4=0``)."""
-    return not getattr(_state, "unpacked", False) and os.environ.get(_Q4_ENV, "1").strip().lower() not in {"0", "false", "no", "off"}
+    if getattr(_state, "unpacked", False):
+        return False
+    raw = os.environ.get(_Q4_ENV)
+    return raw is None or raw.strip().lower() not in _OFF
 
 
 def forget(weight: torch.Tensor) -> None:
