@@ -125,14 +125,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # How many of the model's linear weights the kernel reads in their 4-bit form (skinny.packed).
     linears = [m.weight for m in auditor.model.model.modules() if isinstance(m, torch.nn.Linear)]
     packed_count = sum(skinny.packed(w) is not None for w in linears) if kernel["available"] else 0
-    t_reuse_torch = t_reuse_float32 = None
-    if kernel["available"] and packed_count:
-        # In turns, so that load from other processes falls on all of them alike.
-        t_single, t_reuse, t_reuse_float32, t_reuse_torch = round_robin([single, reuse, reuse_float32, reuse_torch], args.repeats)
-    elif kernel["available"]:
-        t_single, t_reuse, t_reuse_torch = round_robin([single, reuse, reuse_torch], args.repeats)
-    else:
-        t_single, t_reuse = round_robin([single, reuse], args.repeats)
+    modes = [single, reuse]
+    if kernel["available"]:
+        modes += [reuse_float32] if packed_count else []
+        modes.append(reuse_torch)
+    # In turns, so that load from other processes falls on all of them alike.
+    times = dict(zip(modes, round_robin(modes, args.repeats)))
+    t_single, t_reuse = times[single], times[reuse]
+    t_reuse_float32, t_reuse_torch = times.get(reuse_float32), times.get(reuse_torch)
     t_recompute = timed(recompute, args.repeats)
     [res] = auditor.run([full])
     same, max_score_diff = agreement([(v, verdicts["single"]) for v in verdicts.values()])

@@ -172,23 +172,21 @@ static inline __attribute__((always_inline)) void linear(const float *x, const f
             const int64_t ahead = n + AHEAD * NR;
             const float *prefetch = w + (ahead + NR <= N ? ahead : n) * K;
             const float *wb = w + n * K;
+            int64_t m = 0;
             if (buf) {
-                /* The codes two blocks on; a block's rows are adjacent. */
+                /* The codes two blocks on (a block's rows are adjacent), then this block's rows. */
                 const char *next = (const char *)(qw->codes + (ahead + NR <= N ? ahead : n) * (K / 2));
                 for (int64_t at = 0; at < NR * K / 2; at += 64) _mm_prefetch(next + at, _MM_HINT_T0);
                 for (int j = 0; j < cols; j++) q4_row(qw, n + j, K, buf + j * K);
                 wb = buf;
-                int64_t m = 0;
-                for (; m + MR <= M; m += MR) block(x, wb, bias, y, N, K, m, MR, n, cols, 0, prefetch, accumulate);
-                for (; m < M; m++) block(x, wb, bias, y, N, K, m, 1, n, cols, 0, prefetch, accumulate);
-                continue;
-            }
-            /* The first call prefetches (each call site is specialized: rows and prefetch are constants there). */
-            int64_t m = M >= MR ? MR : 1;
-            if (m == MR)
+            } else if (M >= MR) {
+                /* The first call prefetches (each call site is specialized: rows and prefetch are constants there). */
                 block(x, wb, bias, y, N, K, 0, MR, n, cols, 1, prefetch, accumulate);
-            else
+                m = MR;
+            } else {
                 block(x, wb, bias, y, N, K, 0, 1, n, cols, 1, prefetch, accumulate);
+                m = 1;
+            }
             for (; m + MR <= M; m += MR) block(x, wb, bias, y, N, K, m, MR, n, cols, 0, prefetch, accumulate);
             for (; m < M; m++) block(x, wb, bias, y, N, K, m, 1, n, cols, 0, prefetch, accumulate);
         }
@@ -387,10 +385,7 @@ void auditor_skinny_addmm_kn(const float *x, const float *w, const float *bias, 
  * SiLU) most of the rest, at a few microseconds of dispatch each. These do the same
  * arithmetic in one call each, to float rounding of torch's results.
  */
-#include <float.h>
-#include <math.h>
 #include <omp.h>
-#include <stdlib.h>
 
 /* exp(x) for eight floats: Cephes' expf (range reduction by ln 2, degree-5 polynomial; within
  * 2 ulp of expf). Overflow gives +inf, x below -87.3 gives 0, NaN stays NaN. */

@@ -280,10 +280,10 @@ class Layout(NamedTuple):
 
 def layout(t: torch.Tensor) -> Layout | None:
     """``t``'s :class:`Layout`, or None where it has none to tell (an inference tensor keeps no
-    version counter; vmap's and fake tensors have no storage, or none at an address)."""
+    version counter; vmap's tensors have no storage; a subclass's, fake tensors', is not looked into)."""
+    if not _plain(t):
+        return None
     try:
-        if not t.data_ptr() and t.numel():
-            return None
         return Layout(weakref.ref(t.untyped_storage()), t.data_ptr(), t.storage_offset(), t._version, t.shape, t.stride(), t.dtype)
     except (RuntimeError, TypeError, NotImplementedError):
         return None
@@ -357,7 +357,7 @@ def packed(weight: torch.Tensor) -> Packed | None:
         return None
     fns = _loaded[0] if _loaded is not None else library()
     where = layout(weight)  # taken before reading the values
-    if fns is None or where is None or not hasattr(weight, "__dict__"):
+    if fns is None or where is None:
         return None
     global _generation
     with _pack_lock:
@@ -418,13 +418,9 @@ def _pointers(*tensors: torch.Tensor | None) -> list[int | None] | None:
     if not all(t is None or _plain(t) for t in tensors):
         return None
     try:
-        pointers = [t.data_ptr() if t is not None else None for t in tensors]
+        return [t.data_ptr() if t is not None else None for t in tensors]
     except RuntimeError:
         return None
-    # Wrapper subclasses (fake tensors among them) give address 0.
-    if any(t is not None and not p and t.numel() for t, p in zip(tensors, pointers)):
-        return None
-    return pointers
 
 
 def _takes(*given: torch.Tensor | None) -> bool:
@@ -544,16 +540,15 @@ def _run(fns: _Kernels, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     m = math.prod(x.shape[:-1])  # not -1: with k = 0 the row count cannot be inferred
     rows = x.view(m, k) if x.is_contiguous() else x.reshape(m, k).contiguous()
     form = packed(weight) if m and pack else None
-    if form is not None:
-        if bias is not None and not bias.is_contiguous():
-            bias = bias.contiguous()
-        out = rows.new_empty((m, n))
-        pointers = _pointers(rows, weight, bias, out)
-        if pointers is None:
-            return None
-        fns.linear_q4(pointers[0], pointers[1], *(t.data_ptr() for t in form), *pointers[2:], m, n, k, torch.get_num_threads(), 0)
-    else:
+    if form is None:
         out = _call(fns.linear, rows, weight, bias, n)
+    else:
+        codes = [t.data_ptr() for t in form]
+
+        def by_codes(x: int, w: int, b: int | None, y: int, *sizes: int) -> None:  # linear's arguments, the codes between
+            fns.linear_q4(x, w, *codes, b, y, *sizes, 0)
+
+        out = _call(by_codes, rows, weight, bias, n)
     return out.view(*x.shape[:-1], n) if out is not None else None
 
 
