@@ -87,6 +87,7 @@ class Plan:
         self.verified: dict[str, bool] = {}  # hookpoint -> what supported() found
         self.scopes: dict[int, list[nn.Module]] = {}  # depth -> the modules whose hooks a forward that deep would run
         self.pointers: dict[int, tuple[Any, ...]] = {}  # layer count -> what _pointers_for made, and for what
+        self.turn = 0  # calls of the layers so far: which row of each 4-bit weight the next one checks
 
     def current(self, depth: int | None = None) -> bool:
         """Whether the model still has the modules this plan was made from (in its first ``depth`` layers; all by default)."""
@@ -309,7 +310,6 @@ def _layers(
     n, d = x.shape
     hq, kv, hd = p.heads, p.kv_heads, p.head_dim
     inter = buffers[5].shape[1]
-    weights, quant, params, alive = _pointers_for(p, count, d, inter)  # alive: held until the call returns
     streams = len(caches)
     flat_spans = (ctypes.c_int64 * (2 * streams))()
     held = (ctypes.c_int64 * streams)()
@@ -321,11 +321,26 @@ def _layers(
             buf_k, buf_v = cache._room(i, b - a, like)
             at = s * count + i
             buffers_kv[2 * at], buffers_kv[2 * at + 1], caps[at] = buf_k.data_ptr(), buf_v.data_ptr(), buf_k.shape[2]
-    fns.layers(
-        x.data_ptr(), n, d, count, weights, params, hq, kv, hd, inter, cos.data_ptr(), sin.data_ptr(), streams,
-        flat_spans, held, buffers_kv, caps, *(t.data_ptr() for t in buffers), quant, threads,
-    )
-    del alive
+    stale = (ctypes.c_uint8 * (7 * count))()
+    for attempt in range(3):
+        weights, quant, params, alive = _pointers_for(p, count, d, inter)  # alive: held until the call returns
+        # Each call first compares one row of every weight it reads as codes (turning over the rows,
+        # as skinny.checked_row) and computes nothing where one differs: a write through .data.
+        # Those forms are dropped and the next try packs the weights anew; a third (another thread
+        # writing the weights meanwhile) reads the float32 weights.
+        p.turn += 1
+        differ = fns.layers(
+            x.data_ptr(), n, d, count, weights, params, hq, kv, hd, inter, cos.data_ptr(), sin.data_ptr(), streams,
+            flat_spans, held, buffers_kv, caps, *(t.data_ptr() for t in buffers), quant if attempt < 2 else None,
+            threads, p.turn if attempt < 2 else -1, stale,
+        )
+        del alive
+        if not differ:
+            return
+        products = [(layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down) for layer in p.layers[:count]]
+        for i, bad in enumerate(stale):
+            if bad:
+                skinny.stale(products[i // 7][i % 7].weight)
 
 
 @torch.inference_mode()
@@ -381,9 +396,11 @@ def capture_lean(
         w_ptr, b_ptr = _ptr(weight, shape), _ptr(bias, shape[:1])
         form = skinny.packed(weight)
         if form is not None:
-            fns.linear_q4(src.data_ptr(), w_ptr, *(t.data_ptr() for t in form), b_ptr, dst.data_ptr(), n, *shape, threads, int(add))
-        else:
-            (fns.linear_add if add else fns.linear)(src.data_ptr(), w_ptr, b_ptr, dst.data_ptr(), n, shape[0], shape[1], threads)
+            codes, row = [t.data_ptr() for t in form], skinny.checked_row(weight)
+            if not fns.linear_q4(src.data_ptr(), w_ptr, *codes, b_ptr, dst.data_ptr(), n, *shape, threads, int(add), row):
+                return dst
+            skinny.stale(weight)  # its values changed unseen (nothing was computed): the float32 weight
+        (fns.linear_add if add else fns.linear)(src.data_ptr(), w_ptr, b_ptr, dst.data_ptr(), n, shape[0], shape[1], threads)
         return dst
 
     def added(index: int, lin: nn.Linear, src: torch.Tensor, kind: str) -> bool:

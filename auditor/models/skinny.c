@@ -133,6 +133,34 @@ static void q4_row(const q4w *qw, int64_t r, int64_t K, float *dst) {
     for (int64_t b = 0; b < nb; b++) q4_row_block(qw, r, nb, b, dst + 32 * b);
 }
 
+/* Whether row r of w [N, K] holds what its codes give back (bit for bit; zeros of either sign alike).
+ *
+ * A weight written through torch's ``.data`` moves no version counter, so its kept codes would
+ * go on being read with other values in the float32 weight. Each product that reads codes checks
+ * one row of its weight first (the caller turns the row over from call to call: every row within
+ * N calls), and refuses to run from codes that no longer match. With the codes' d and m normal,
+ * as auditor_q4_pack gives them, and no subnormal weight, neither flushing nor reading subnormals
+ * as zero changes what this compares. */
+static inline uint32_t bits_of(float f) {
+    uint32_t u;
+    __builtin_memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+/* a and b the same float bit for bit, or zeros of either sign (see auditor_q4_pack). */
+static inline int same_value(float a, float b) { return bits_of(a) == bits_of(b) || ((bits_of(a) | bits_of(b)) & 0x7FFFFFFFu) == 0; }
+
+static int q4_row_same(const float *w, const q4w *qw, int64_t r, int64_t K) {
+    const int64_t nb = K / 32;
+    float back[32] __attribute__((aligned(32)));
+    for (int64_t b = 0; b < nb; b++) {
+        q4_row_block(qw, r, nb, b, back);
+        for (int i = 0; i < 32; i++)
+            if (!same_value(back[i], w[r * K + 32 * b + i])) return 0;
+    }
+    return 1;
+}
+
 /* This thread's buffer of at least n floats (32-byte aligned), or NULL. Kept for the next call on
  * the thread and freed when the thread ends. */
 static pthread_key_t q4_key;
@@ -206,28 +234,24 @@ void auditor_skinny_linear_add(const float *x, const float *w, const float *bias
 }
 
 /* The same products (accumulate: the residual form) with the weight's codes from auditor_q4_pack;
- * w is the weight as float32 (read only where no buffer can be had). */
-void auditor_skinny_linear_q4(const float *x, const float *w, const uint8_t *codes, const float *scale, const float *minv,
-                              const float *bias, float *y, int64_t M, int64_t N, int64_t K, int threads, int accumulate) {
+ * w is the weight as float32 (read only where no buffer can be had). check, where 0 .. N - 1, is
+ * a row of w to compare with its codes first (q4_row_same): returns 1, computing nothing, where
+ * they differ, else 0. */
+int auditor_skinny_linear_q4(const float *x, const float *w, const uint8_t *codes, const float *scale, const float *minv,
+                             const float *bias, float *y, int64_t M, int64_t N, int64_t K, int threads, int accumulate,
+                             int64_t check) {
     const q4w qw = {codes, scale, minv};
+    if (check >= 0 && check < N && !q4_row_same(w, &qw, check, K)) return 1;
     if (accumulate)
         linear(x, w, &qw, bias, y, M, N, K, threads, 1);
     else
         linear(x, w, &qw, bias, y, M, N, K, threads, 0);
-}
-
-static inline uint32_t bits_of(float f) {
-    uint32_t u;
-    __builtin_memcpy(&u, &f, sizeof u);
-    return u;
+    return 0;
 }
 
 /* Whether f is a subnormal float (exponent bits 0, a mantissa): a thread that flushes those to zero
  * would compute with other values. */
 static inline int subnormal(float f) { return (bits_of(f) & 0x7F800000u) == 0 && (bits_of(f) & 0x007FFFFFu) != 0; }
-
-/* a and b the same float bit for bit, or zeros of either sign (see auditor_q4_pack). */
-static inline int same_value(float a, float b) { return bits_of(a) == bits_of(b) || ((bits_of(a) | bits_of(b)) & 0x7FFFFFFFu) == 0; }
 
 /* One block's codes for values v[0..31] given scale d and min m, or 0 where some value is not
  * d * q + m for any q in 0..15. (With d and m normal and no v subnormal, neither the product nor
@@ -618,11 +642,29 @@ void auditor_attend(const float *q, const float *k_new, const float *v_new, floa
  * caps[s count + l] positions. h, q, k, v, attn, gate and up are scratch rows ([n, d], [n, hq hd],
  * [n, kv hd] twice, [n, hq hd], [n, inter] twice); scratch as for auditor_attend. quant, where not
  * NULL, holds 21 pointers a layer: codes, scale and min (auditor_q4_pack) of q, k, v, o, gate, up
- * and down, codes NULL for a product of the float32 weight. */
-void auditor_layers(float *x, int64_t n, int64_t d, int64_t count, const float *const *weights, const float *params,
-                    int64_t hq, int64_t kv, int64_t hd, int64_t inter, const float *cos, const float *sin, int64_t streams,
-                    const int64_t *spans, const int64_t *held, float *const *caches, const int64_t *caps, float *h, float *q,
-                    float *k, float *v, float *attn, float *gate, float *up, float *scratch, const void *const *quant, int threads) {
+ * and down, codes NULL for a product of the float32 weight. Where turn >= 0, row (turn mod its
+ * rows) of every weight read from codes is first compared with them (q4_row_same), stale[7 l + j]
+ * set to 1 for product j of layer l where they differ (0 elsewhere); returns how many differ, and
+ * where any does, computes nothing (x and the caches are as they were). */
+int64_t auditor_layers(float *x, int64_t n, int64_t d, int64_t count, const float *const *weights, const float *params,
+                       int64_t hq, int64_t kv, int64_t hd, int64_t inter, const float *cos, const float *sin, int64_t streams,
+                       const int64_t *spans, const int64_t *held, float *const *caches, const int64_t *caps, float *h, float *q,
+                       float *k, float *v, float *attn, float *gate, float *up, float *scratch, const void *const *quant,
+                       int threads, int64_t turn, uint8_t *stale) {
+    if (quant && turn >= 0) {
+        /* Each product's rows and depth: q, k, v, o, gate, up, down. */
+        const int64_t rows[7] = {hq * hd, kv * hd, kv * hd, d, inter, inter, d}, depth[7] = {d, d, d, hq * hd, d, d, inter};
+        int64_t differ = 0;
+        for (int64_t l = 0; l < count; l++)
+            for (int j = 0; j < 7; j++) {
+                const void *const *at = quant + 21 * l + 3 * j;
+                const q4w qw = {(const uint8_t *)at[0], (const float *)at[1], (const float *)at[2]};
+                const int bad = qw.codes && rows[j] > 0 && !q4_row_same(weights[16 * l + 2 + 2 * j], &qw, turn % rows[j], depth[j]);
+                stale[7 * l + j] = (uint8_t)bad;
+                differ += bad;
+            }
+        if (differ) return differ;
+    }
     for (int64_t l = 0; l < count; l++) {
         const float *const *w = weights + 16 * l;
         const float *pr = params + 3 * l;
@@ -651,6 +693,7 @@ void auditor_layers(float *x, int64_t n, int64_t d, int64_t count, const float *
         auditor_silu_mul(gate, up, gate, n * inter);
         linear(gate, w[14], qp[6], w[15], x, n, d, inter, threads, 1);
     }
+    return 0;
 }
 
 /* The rest of a TopK SAE's encode of a few rows, after the encoder product, in one call (each

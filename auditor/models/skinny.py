@@ -62,8 +62,8 @@ import torch
 from torch import nn
 
 __all__ = [
-    "Layout", "MAX_ROWS", "Packed", "build", "enabled", "encoder_product", "forget", "generation", "install", "is_suspended", "layout", "library", "linear", "packed", "packing",
-    "status", "suspended", "topk_tail", "unpacked", "wrapped",
+    "Layout", "MAX_ROWS", "Packed", "build", "checked_row", "enabled", "encoder_product", "forget", "generation", "install", "is_suspended", "layout", "library", "linear", "packed", "packing",
+    "stale", "status", "suspended", "topk_tail", "unpacked", "wrapped",
 ]
 
 _log = logging.getLogger(__name__)
@@ -80,13 +80,13 @@ _SIGNATURES: dict[str, tuple[str, list[Any]] | tuple[str, list[Any], Any]] = {
     "linear": ("auditor_skinny_linear", [_P] * 4 + [_I] * 3 + [_T]),
     "addmm_kn": ("auditor_skinny_addmm_kn", [_P] * 4 + [_I] * 3 + [_T]),
     "linear_add": ("auditor_skinny_linear_add", [_P] * 4 + [_I] * 3 + [_T]),
-    "linear_q4": ("auditor_skinny_linear_q4", [_P] * 7 + [_I] * 3 + [_T, _T]),
+    "linear_q4": ("auditor_skinny_linear_q4", [_P] * 7 + [_I] * 3 + [_T, _T, _I], _T),
     "q4_pack": ("auditor_q4_pack", [_P] + [_I] * 2 + [_P] * 3 + [_T], _T),
     "rmsnorm": ("auditor_rmsnorm", [_P] * 3 + [_I] * 2 + [_F]),
     "rope": ("auditor_rope", [_P] * 3 + [_I] * 3),
     "silu_mul": ("auditor_silu_mul", [_P] * 3 + [_I]),
     "attend": ("auditor_attend", [_P] * 5 + [_I] * 6 + [_F, _P, _P, _T]),
-    "layers": ("auditor_layers", [_P] + [_I] * 3 + [_P] * 2 + [_I] * 4 + [_P] * 2 + [_I] + [_P] * 13 + [_T]),
+    "layers": ("auditor_layers", [_P] + [_I] * 3 + [_P] * 2 + [_I] * 4 + [_P] * 2 + [_I] + [_P] * 13 + [_T, _I, _P], _I),
     "policy_eval": ("auditor_policy_eval", [_P] * 6 + [_I] * 2 + [_P, _T], _T),
     "topk_tail": ("auditor_topk_tail", [_P] + [_I] * 3 + [_P, _I, _P, _I] + [_P] * 3 + [_I, _F, _P], _T),
 }
@@ -294,10 +294,11 @@ class _Kept:
     with the tensor, needs no weak reference to it (which ``torch.utils.swap_tensors`` refuses),
     and copies and pickles of the tensor carry none (they check and pack again)."""
 
-    __slots__ = ("layout", "form")
+    __slots__ = ("layout", "form", "turn")
 
     def __init__(self, layout: Layout | None = None, form: Packed | None = None) -> None:
         self.layout, self.form = layout, form
+        self.turn = 0  # the calls that read the form so far: which row the next one checks (checked_row)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_Kept, ())
@@ -339,8 +340,10 @@ def packed(weight: torch.Tensor) -> Packed | None:
     (``copy_``, ``load_state_dict``, an optimizer's step) or its storage, address or view changed
     (``param.data = ...``; see :class:`Layout`). Writes that move no version counter (through
     ``param.data``: ``param.data.copy_(...)``, ``param.data += ...``; through a NumPy view) are not
-    seen: the products would read the old values. Call :func:`forget` on the weight after one (or
-    turn this off). A tensor made anew for each call (a parametrization's) is packed every call:
+    seen here: each product from the form first compares one row of the weight with it (turning
+    over the rows, :func:`checked_row`) and drops a form found stale, but until the changed rows
+    come round the products read the old values. Call :func:`forget` on the weight after such a
+    write (or turn this off). A tensor made anew for each call (a parametrization's) is packed every call:
     the auditor's own layers ask only for a module's registered weight.
     """
     if not packing():
@@ -371,6 +374,41 @@ def packed(weight: torch.Tensor) -> Packed | None:
         weight.__dict__[_KEPT_AS] = _Kept(where, form)
         _generation += 1
     return form
+
+
+def checked_row(weight: torch.Tensor) -> int:
+    """The row of ``weight`` that the next product from its 4-bit form compares with the codes
+    first (turning over all rows, one a call), or -1 where it has no kept form.
+
+    A write through ``param.data`` moves no version counter, so :func:`packed` cannot see it; this
+    check finds one that touches the row checked (a merged adapter's or other dense update, at the
+    next call; a write to a few rows, within as many calls as the weight has rows), and the product
+    then runs from the float32 weight (:func:`stale`). :func:`forget` right after such a write is
+    still what makes the next call read the new values for sure."""
+    kept = weight.__dict__.get(_KEPT_AS) if _plain(weight) else None
+    if kept is None or kept.form is None:
+        return -1
+    turn = kept.turn
+    kept.turn = turn + 1  # two threads may read the same turn: both check that row
+    return turn % weight.shape[0]
+
+
+_warned_stale = False
+
+
+def stale(weight: torch.Tensor) -> None:
+    """``weight``'s values were found to differ from its kept 4-bit form (see :func:`checked_row`):
+    the form is dropped (checked and packed again when next read), with one warning a process."""
+    global _warned_stale
+    forget(weight)
+    if not _warned_stale:
+        _warned_stale = True
+        _log.warning(
+            "a %s weight's values changed without its version counter moving (a write through .data?); its "
+            "4-bit form was dropped and the weight is read anew. Call auditor.models.skinny.forget(weight) "
+            "right after such writes: only one row of a weight is checked a call",
+            "x".join(map(str, weight.shape)),
+        )
 
 
 def packing() -> bool:
@@ -540,15 +578,20 @@ def _run(fns: _Kernels, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     m = math.prod(x.shape[:-1])  # not -1: with k = 0 the row count cannot be inferred
     rows = x.view(m, k) if x.is_contiguous() else x.reshape(m, k).contiguous()
     form = packed(weight) if m and pack else None
-    if form is None:
-        out = _call(fns.linear, rows, weight, bias, n)
-    else:
-        codes = [t.data_ptr() for t in form]
+    out = None
+    if form is not None:
+        codes, row, differ = [t.data_ptr() for t in form], checked_row(weight), []
 
         def by_codes(x: int, w: int, b: int | None, y: int, *sizes: int) -> None:  # linear's arguments, the codes between
-            fns.linear_q4(x, w, *codes, b, y, *sizes, 0)
+            if fns.linear_q4(x, w, *codes, b, y, *sizes, 0, row):
+                differ.append(row)
 
         out = _call(by_codes, rows, weight, bias, n)
+        if differ:
+            stale(weight)
+            out = None
+    if out is None:
+        out = _call(fns.linear, rows, weight, bias, n)
     return out.view(*x.shape[:-1], n) if out is not None else None
 
 

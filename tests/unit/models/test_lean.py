@@ -428,7 +428,7 @@ def test_lean_forwards_read_4bit_weights_packed_with_the_same_activations(hook: 
     calls = spy_on(monkeypatch, "linear_q4")
     layer_calls = spy_on(monkeypatch, "layers")
     got = feed_in_rounds(model, hook, seqs)[0]
-    quants = [list(c[-2][: 21 * c[3]]) for c in layer_calls]  # each call's 4-bit pointers
+    quants = [list(c[-4][: 21 * c[3]]) for c in layer_calls]  # each call's 4-bit pointers
     assert spy.calls == len(ROUNDS)
     assert all(skinny.packed(lin.weight) is not None for lin in linears)
     # The whole layers' call reads every product's codes; past it, the audited layer's own products too.
@@ -437,7 +437,7 @@ def test_lean_forwards_read_4bit_weights_packed_with_the_same_activations(hook: 
     with skinny.unpacked():
         plain = feed_in_rounds(model, hook, seqs)[0]
     assert spy.calls == 2 * len(ROUNDS)
-    quants = [list(c[-2][: 21 * c[3]]) for c in layer_calls]
+    quants = [list(c[-4][: 21 * c[3]]) for c in layer_calls]
     assert len(quants) == 2 * len(ROUNDS) and not any(any(q) for q in quants[len(ROUNDS) :])
     assert len(calls) == (len(ROUNDS) * 4 if hook == HOOKS[1] else 0)
     for seq, a, b in zip(seqs, got, plain):
@@ -470,3 +470,90 @@ def test_lean_forwards_read_4bit_weights_packed_with_the_same_activations(hook: 
     for seq, a in zip(seqs, feed_in_rounds(model, hook, seqs)[0]):
         torch.testing.assert_close(a, capture(model, torch.tensor([seq]), None, [hook])[hook][0], rtol=1e-4, atol=1e-4)
     assert spy.calls == before
+
+
+@needs_kernel
+@pytest.mark.parametrize("hook", [HOOKS[-1], HOOKS[1]])
+def test_lean_forwards_find_4bit_weights_written_through_data(
+    hook: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A write through ``.data`` moves no version counter; each call compares one row of every weight
+    it reads as codes first, computes nothing where one differs, and reads those weights anew: in
+    the whole layers' call and in the audited layer's own products past it."""
+    from tests.unit.models.test_skinny import four_bit
+
+    model = copy.deepcopy(build_model("llama"))
+    linears = [m for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        for i, lin in enumerate(linears):
+            lin.weight.copy_(four_bit(lin.out_features, lin.in_features, seed=i))
+    # Layer 0's k in the whole layers' call; the last product read: the call's (blocks.2's
+    # resid_post) or the audited layer's own o (blocks.1's attn_out).
+    written = (1, len(linears) - 1) if hook == HOOKS[-1] else (1, 7 + 3)
+    monkeypatch.setattr(skinny, "_warned_stale", False)
+    _check_first(model, hook)
+    seqs = _seqs([23, 9, 17], seed=8)
+    feed_in_rounds(model, hook, seqs)  # packs and caches the pointers
+    assert skinny._loaded is not None and skinny._loaded[0] is not None
+    fns, detail = skinny._loaded
+    layer_calls: list[tuple[int, int, list[int]]] = []  # each call's turn, result and stale flags
+
+    def spy(*args: Any) -> Any:
+        differ = fns.layers(*args)
+        layer_calls.append((args[-2], differ, list(args[-1])))
+        return differ
+
+    monkeypatch.setattr(skinny, "_loaded", (fns._replace(layers=spy), detail))
+    # Every row of two weights, and nothing of the version counters: found at the next call.
+    for index in written:
+        lin = linears[index]
+        lin.weight.data.copy_(four_bit(lin.out_features, lin.in_features, seed=90 + index))
+    with caplog.at_level("WARNING", logger="auditor.models.skinny"):
+        got = feed_in_rounds(model, hook, seqs)[0]
+    assert "without its version counter moving" in caplog.text
+    first = list(layer_calls)
+    with skinny.unpacked():
+        want = feed_in_rounds(model, hook, seqs)[0]
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    # The first call found them (and computed nothing), the second read them packed anew.
+    in_call = [i for i in written if i < len(first[0][2])]
+    assert [c[1] for c in first] == [len(in_call)] + [0] * len(ROUNDS)
+    assert all(turn >= 0 for turn, _, _ in first)
+    assert [i for i, bad in enumerate(first[0][2]) if bad] == in_call
+    assert all(skinny.packed(linears[i].weight) is not None for i in written)
+
+
+@needs_kernel
+def test_lean_forwards_read_float32_weights_while_another_thread_keeps_writing_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two tries find a weight changed under them (written through ``.data`` before each): the third
+    reads the float32 weights, never a stale form."""
+    from tests.unit.models.test_skinny import four_bit
+
+    model = copy.deepcopy(build_model("llama"))
+    linears = [m for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        for i, lin in enumerate(linears):
+            lin.weight.copy_(four_bit(lin.out_features, lin.in_features, seed=i))
+    hook = HOOKS[-1]
+    _check_first(model, hook)
+    seqs = _seqs([12], seed=9)
+    feed_in_rounds(model, hook, seqs, [[(0, 12)]])
+    assert skinny._loaded is not None and skinny._loaded[0] is not None
+    fns, detail = skinny._loaded
+    real, quants, seed = fns.layers, [], [200]
+    target = linears[0]
+
+    def writer(*args: Any) -> Any:  # another thread's write, just before each call reads the weights
+        seed[0] += 1
+        target.weight.data.copy_(four_bit(target.out_features, target.in_features, seed=seed[0]))
+        quants.append(args[-4])
+        return real(*args)
+
+    monkeypatch.setattr(skinny, "_loaded", (fns._replace(layers=writer), detail))
+    got = feed_in_rounds(model, hook, seqs, [[(0, 12)]])[0]
+    assert len(quants) == 3 and quants[0] is not None and quants[2] is None  # the third: no codes
+    monkeypatch.setattr(skinny, "_loaded", (fns, detail))
+    with skinny.unpacked():
+        want = feed_in_rounds(model, hook, seqs, [[(0, 12)]])[0]
+    assert torch.equal(got[0], want[0])

@@ -544,11 +544,41 @@ def test_4bit_products_add_in_place_and_do_not_depend_on_the_thread_count() -> N
     results = []
     for threads in (1, 2):
         y = y0.clone()
-        fns.linear_q4(x.data_ptr(), w.data_ptr(), *(t.data_ptr() for t in form), None, y.data_ptr(), 16, 97, 576, threads, 1)
+        assert fns.linear_q4(x.data_ptr(), w.data_ptr(), *(t.data_ptr() for t in form), None, y.data_ptr(), 16, 97, 576, threads, 1, threads * 40) == 0
         results.append(y)
     with skinny.unpacked():
         assert torch.equal(results[0], y0 + skinny.linear(x, w))
     assert torch.equal(results[0], results[1])
+
+
+@needs_kernel
+def test_a_4bit_product_checks_its_row_first_and_computes_nothing_where_it_differs() -> None:
+    fns = skinny.library()
+    assert fns is not None
+    w = four_bit(40, 64, seed=6)
+    form = skinny.packed(w)
+    assert form is not None
+    codes = [t.data_ptr() for t in form]
+    x = torch.randn(3, 64)
+
+    def product(check: int) -> tuple[int, torch.Tensor]:
+        y = torch.full((3, 40), 7.0)
+        return fns.linear_q4(x.data_ptr(), w.data_ptr(), *codes, None, y.data_ptr(), 3, 40, 64, 2, 0, check), y
+
+    with skinny.unpacked():
+        want = skinny.linear(x, w)
+    for check in (-1, 0, 17, 39, 40):  # a row out of 0..39 checks nothing
+        done, y = product(check)
+        assert done == 0 and torch.equal(y, want)
+    # -0.0 where the codes give +0.0 is the same value (see auditor_q4_pack).
+    zero_at = (w == 0).nonzero()
+    if len(zero_at):
+        w[tuple(zero_at[0])] = -0.0
+        assert product(int(zero_at[0][0]))[0] == 0
+    w.view(torch.int32)[17, 63] += 1  # one float step, not 4-bit any more, no version counter seen
+    done, y = product(17)
+    assert done == 1 and torch.equal(y, torch.full((3, 40), 7.0))  # nothing computed
+    assert product(16)[0] == 0  # other rows still match
 
 
 @needs_kernel
@@ -603,11 +633,32 @@ def test_a_weight_changed_in_place_or_replaced_is_packed_again() -> None:
         assert torch.equal(skinny.linear(x, layer.weight), skinny.linear(x, second))
         layer.weight.data = third.clone()  # new storage
         assert torch.equal(skinny.linear(x, layer.weight), skinny.linear(x, third))
-        # A write through .data moves no version counter: the old form stays until forget().
+        # A write through .data moves no version counter, but each product compares one row with
+        # the codes first: a write to every row is found at the next call, which reads the float32
+        # weight (and the next packs again).
         layer.weight.data.copy_(first)
-        assert torch.equal(skinny.linear(x, layer.weight), skinny.linear(x, third))
+        with skinny.unpacked():
+            want = skinny.linear(x, first)
+        assert torch.equal(skinny.linear(x, layer.weight), want)
+        assert skinny.packed(layer.weight) is not None
+        assert torch.equal(skinny.linear(x, layer.weight), want)
+        # One row written: found when the turn reaches it, within as many calls as there are rows.
+        layer.weight.data[6] = second[6]
+        with skinny.unpacked():
+            want = skinny.linear(x, layer.weight)
+        calls = 0
+        while not torch.equal(skinny.linear(x, layer.weight), want):
+            calls += 1
+            assert calls < 9
+        for _ in range(20):  # packed again, with the new row, and read as it is now from then on
+            assert torch.equal(skinny.linear(x, layer.weight), want)
+        assert skinny.packed(layer.weight) is not None
+        # forget() makes the next call read a write through .data for sure.
+        layer.weight.data[2] = third[2]
         skinny.forget(layer.weight)
-        assert torch.equal(skinny.linear(x, layer.weight), skinny.linear(x, first))
+        with skinny.unpacked():
+            want = skinny.linear(x, layer.weight)
+        assert torch.equal(skinny.linear(x, layer.weight), want)
         # The same view on other memory, and other memory at the same address (two storages on
         # one NumPy buffer), are packed again.
         square = nn.Linear(64, 64, bias=False)
