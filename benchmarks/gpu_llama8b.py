@@ -172,18 +172,18 @@ def encode_variants(x: torch.Tensor, sae: SAE, k: int, device: torch.device, rep
     with torch.inference_mode():
         pre = torch.addmm(b, x, w)
         ref = pre.topk(k, dim=-1).values
-    run("topk_only", lambda: pre.topk(k, dim=-1))
-    run("topk_blockmax_only", lambda: _row_topk(pre, k, blocks=True))
+    run("topk_only", lambda pre=pre: pre.topk(k, dim=-1))
+    run("topk_blockmax_only", lambda pre=pre: _row_topk(pre, k, blocks=True))
     with torch.inference_mode():
         out["topk_blockmax_exact"] = bool(torch.equal(_row_topk(pre, k, blocks=True)[0], ref))
     for block in (16, 32, 64, 128, 256):  # block widths of the block-maxima top-k (the product's choice above)
         if pre.shape[1] % block == 0 and k * block < pre.shape[1]:
-            run(f"topk_blockmax_{block}_only", lambda b=block: _row_topk(pre, k, blocks=True, block=b))
+            run(f"topk_blockmax_{block}_only", lambda b=block, pre=pre: _row_topk(pre, k, blocks=True, block=b))
             with torch.inference_mode():
                 out[f"topk_blockmax_{block}_exact"] = bool(torch.equal(_row_topk(pre, k, blocks=True, block=block)[0], ref))
     for chunk in (4096, 16384):
         if pre.shape[1] % chunk == 0:
-            run(f"topk_two_stage_{chunk}_only", lambda c=chunk: two_stage_topk(pre, k, c))
+            run(f"topk_two_stage_{chunk}_only", lambda c=chunk, pre=pre: two_stage_topk(pre, k, c))
             with torch.inference_mode():
                 out[f"topk_two_stage_{chunk}_exact"] = bool(torch.equal(two_stage_topk(pre, k, chunk)[0], ref))
     del pre, ref
@@ -601,11 +601,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         with torch.inference_mode():
             t_watch = best_time(lambda: sae.encode(x, features=watched), device, args.repeats)
             t_full_enc = best_time(lambda: sae.encode(x), device, args.repeats)
-            t_topk = best_time(lambda: topk.encode(x), device, args.repeats)
+            t_topk = best_time(lambda topk=topk: topk.encode(x), device, args.repeats)
             # The same ranking with the codes kept sparse (indices + values, k a row) and as the
             # audit runs it (encode_watched: the codes at the watched latents, no [N, d_sae] tensor).
-            t_topk_codes = best_time(lambda: topk.encode_topk(x), device, args.repeats)
-            t_topk_watched = best_time(lambda: topk.encode_watched(x, watched), device, args.repeats)
+            t_topk_codes = best_time(lambda topk=topk: topk.encode_topk(x), device, args.repeats)
+            t_topk_watched = best_time(lambda topk=topk: topk.encode_watched(x, watched), device, args.repeats)
             f = sae.encode(x, features=watched).float().reshape(big, seq, -1)
         m = torch.ones((big, seq), dtype=torch.bool, device=device)
         comp = torch.zeros_like(m)
