@@ -32,6 +32,7 @@ and the products, as the kernel's own).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import weakref
@@ -323,16 +324,17 @@ def _layers(
             buffers_kv[2 * at], buffers_kv[2 * at + 1], caps[at] = buf_k.data_ptr(), buf_v.data_ptr(), buf_k.shape[2]
     stale = (ctypes.c_uint8 * (7 * count))()
     for attempt in range(3):
-        weights, quant, params, alive = _pointers_for(p, count, d, inter)  # alive: held until the call returns
         # Each call first compares one row of every weight it reads as codes (turning over the rows,
         # as skinny.checked_row) and computes nothing where one differs: a write through .data.
         # Those forms are dropped and the next try packs the weights anew; a third (another thread
-        # writing the weights meanwhile) reads the float32 weights.
+        # writing the weights meanwhile) reads the float32 weights, packing none.
+        with skinny.unpacked() if attempt == 2 else contextlib.nullcontext():
+            weights, quant, params, alive = _pointers_for(p, count, d, inter)  # alive: held until the call returns
         p.turn += 1
         differ = fns.layers(
             x.data_ptr(), n, d, count, weights, params, hq, kv, hd, inter, cos.data_ptr(), sin.data_ptr(), streams,
-            flat_spans, held, buffers_kv, caps, *(t.data_ptr() for t in buffers), quant if attempt < 2 else None,
-            threads, p.turn if attempt < 2 else -1, stale,
+            flat_spans, held, buffers_kv, caps, *(t.data_ptr() for t in buffers), quant, threads,
+            p.turn if attempt < 2 else -1, stale,
         )
         del alive
         if not differ:

@@ -377,8 +377,10 @@ def packed(weight: torch.Tensor) -> Packed | None:
 
 
 def checked_row(weight: torch.Tensor) -> int:
-    """The row of ``weight`` that the next product from its 4-bit form compares with the codes
-    first (turning over all rows, one a call), or -1 where it has no kept form.
+    """The row of ``weight`` that the next product from its 4-bit form (which the caller holds, from
+    :func:`packed`) compares with the codes first: all rows in turn, one a call. Row 0 where the
+    form was dropped meanwhile (another thread found it stale): never none, which would read the
+    codes unchecked.
 
     A write through ``param.data`` moves no version counter, so :func:`packed` cannot see it; this
     check finds one that touches the row checked (a merged adapter's or other dense update, at the
@@ -387,7 +389,7 @@ def checked_row(weight: torch.Tensor) -> int:
     still what makes the next call read the new values for sure."""
     kept = weight.__dict__.get(_KEPT_AS) if _plain(weight) else None
     if kept is None or kept.form is None:
-        return -1
+        return 0
     turn = kept.turn
     kept.turn = turn + 1  # two threads may read the same turn: both check that row
     return turn % weight.shape[0]
@@ -404,9 +406,10 @@ def stale(weight: torch.Tensor) -> None:
     if not _warned_stale:
         _warned_stale = True
         _log.warning(
-            "a %s weight's values changed without its version counter moving (a write through .data?); its "
-            "4-bit form was dropped and the weight is read anew. Call auditor.models.skinny.forget(weight) "
-            "right after such writes: only one row of a weight is checked a call",
+            "a %s weight's values no longer match its 4-bit form (written through .data, which moves no "
+            "version counter, or while a product read it); the form was dropped and the weight is read anew. "
+            "Call auditor.models.skinny.forget(weight) right after writes through .data: a product checks "
+            "one row of its weight",
             "x".join(map(str, weight.shape)),
         )
 

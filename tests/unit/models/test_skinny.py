@@ -555,7 +555,7 @@ def test_4bit_products_add_in_place_and_do_not_depend_on_the_thread_count() -> N
 def test_a_4bit_product_checks_its_row_first_and_computes_nothing_where_it_differs() -> None:
     fns = skinny.library()
     assert fns is not None
-    w = four_bit(40, 64, seed=6)
+    w = four_bit(40, 64, "Q4_0", seed=6)  # Q4_0: zeros of both signs
     form = skinny.packed(w)
     assert form is not None
     codes = [t.data_ptr() for t in form]
@@ -570,12 +570,14 @@ def test_a_4bit_product_checks_its_row_first_and_computes_nothing_where_it_diffe
     for check in (-1, 0, 17, 39, 40):  # a row out of 0..39 checks nothing
         done, y = product(check)
         assert done == 0 and torch.equal(y, want)
-    # -0.0 where the codes give +0.0 is the same value (see auditor_q4_pack).
-    zero_at = (w == 0).nonzero()
-    if len(zero_at):
-        w[tuple(zero_at[0])] = -0.0
-        assert product(int(zero_at[0][0]))[0] == 0
-    w.view(torch.int32)[17, 63] += 1  # one float step, not 4-bit any more, no version counter seen
+    # A zero of the other sign than the codes give is the same value (see auditor_q4_pack).
+    for negative in (False, True):
+        at = ((w == 0) & (torch.signbit(w) == negative)).nonzero()
+        assert len(at)
+        row, col = (int(i) for i in at[0])
+        w[row, col] = 0.0 if negative else -0.0
+        assert product(row)[0] == 0
+    w.view(torch.int32)[17, 63] += 1  # one float step off: not 4-bit any more (the call reads no version counter)
     done, y = product(17)
     assert done == 1 and torch.equal(y, torch.full((3, 40), 7.0))  # nothing computed
     assert product(16)[0] == 0  # other rows still match
@@ -678,6 +680,27 @@ def test_a_weight_changed_in_place_or_replaced_is_packed_again() -> None:
         with skinny.unpacked():
             want = skinny.linear(x, square.weight)
         assert torch.equal(skinny.linear(x, square.weight), want)
+
+
+@needs_kernel
+def test_a_form_dropped_by_another_thread_mid_call_is_still_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between this thread's ``packed`` and its ``checked_row`` another thread finds the weight stale
+    and drops its form: the product this thread runs from the form it holds still checks a row."""
+    old, new = four_bit(9, 64, seed=1), four_bit(9, 64, seed=2)
+    w = old.clone()
+    assert skinny.packed(w) is not None
+    x = torch.randn(4, 64)
+    with skinny.unpacked():
+        want = skinny.linear(x, new)
+    w.data.copy_(new)  # through .data: no version counter moves
+    real = skinny.checked_row
+
+    def interleaved(weight: torch.Tensor) -> int:
+        skinny.forget(weight)  # what the other thread's skinny.stale(weight) does, at this point
+        return real(weight)
+
+    monkeypatch.setattr(skinny, "checked_row", interleaved)
+    assert torch.equal(skinny.linear(x, w), want)
 
 
 @needs_kernel
