@@ -88,7 +88,10 @@ class Plan:
         self.verified: dict[str, bool] = {}  # hookpoint -> what supported() found
         self.scopes: dict[int, list[nn.Module]] = {}  # depth -> the modules whose hooks a forward that deep would run
         self.pointers: dict[int, tuple[Any, ...]] = {}  # layer count -> what _pointers_for made, and for what
-        self.turn = 0  # calls of the layers so far: which row of each 4-bit weight the next one checks
+        # Calls of the layers so far, by layer count: which row of each 4-bit weight the next one
+        # checks. One count a depth: two depths taking turns on one counter would give the deeper
+        # call's own layers every other turn only, and half of their rows would never be checked.
+        self.turns: dict[int, int] = {}
 
     def current(self, depth: int | None = None) -> bool:
         """Whether the model still has the modules this plan was made from (in its first ``depth`` layers; all by default)."""
@@ -330,11 +333,11 @@ def _layers(
         # writing the weights meanwhile) reads the float32 weights, packing none.
         with skinny.unpacked() if attempt == 2 else contextlib.nullcontext():
             weights, quant, params, alive = _pointers_for(p, count, d, inter)  # alive: held until the call returns
-        p.turn += 1
+        turn = p.turns[count] = p.turns.get(count, -1) + 1
         differ = fns.layers(
             x.data_ptr(), n, d, count, weights, params, hq, kv, hd, inter, cos.data_ptr(), sin.data_ptr(), streams,
             flat_spans, held, buffers_kv, caps, *(t.data_ptr() for t in buffers), quant, threads,
-            p.turn if attempt < 2 else -1, stale,
+            turn if attempt < 2 else -1, stale,
         )
         del alive
         if not differ:

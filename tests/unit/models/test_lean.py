@@ -553,7 +553,50 @@ def test_lean_forwards_read_float32_weights_while_another_thread_keeps_writing_t
     got = feed_in_rounds(model, hook, seqs, [[(0, 12)]])[0]
     assert len(quants) == 3 and all(quants[0][0]) and all(quants[1][0])
     assert not any(quants[2][0]) and quants[2][1] == -1  # the third: no codes, nothing to check
-    monkeypatch.setattr(skinny, "_loaded", (fns, detail))
+    monkeypatch.setattr(skinny, "_loaded", (fns, detail))  # the writer gone
+    after = spy_on(monkeypatch, "layers")
     with skinny.unpacked():
         want = feed_in_rounds(model, hook, seqs, [[(0, 12)]])[0]
     assert torch.equal(got[0], want[0])
+    # The next calls read the codes again (packed once more), checked.
+    feed_in_rounds(model, hook, seqs, [[(0, 12)]])
+    assert all(after[-1][-4]) and after[-1][-2] >= 0 and len(after) == 2
+
+
+@needs_kernel
+def test_each_depth_turns_over_every_row_while_depths_take_turns() -> None:
+    """Audits at two depths taking turns on one model: a write through ``.data`` to one row of a
+    weight only the deeper call reads is found when that row's turn comes, whatever its parity."""
+    from auditor.models.streams import StreamCache, capture_streams
+    from tests.unit.models.test_skinny import four_bit
+
+    model = copy.deepcopy(build_model("llama"))
+    linears = [m for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        for i, lin in enumerate(linears):
+            lin.weight.copy_(four_bit(lin.out_features, lin.in_features, seed=i))
+    shallow, deep = "blocks.0.hook_resid_post", "blocks.2.hook_resid_post"
+    _check_first(model, shallow)
+    _check_first(model, deep)
+    seq = _seqs([5], seed=3)[0]
+
+    def run(hook: str, on: torch.nn.Module = model) -> torch.Tensor:
+        return capture_streams(on, hook, [StreamCache()], [seq])[0]
+
+    target = model.model.layers[2].self_attn.q_proj  # read by the deeper call's layers alone
+    rows = target.out_features
+    new = four_bit(rows, target.in_features, seed=77)
+    for row in (1, 2):  # both parities
+        run(shallow), run(deep)  # packed, pointers kept
+        target.weight.data[row] = new[row]  # through .data: no version counter moves
+        other = copy.deepcopy(model)
+        with skinny.unpacked():
+            want = run(deep, other)
+        stale = 0
+        while not torch.equal(run(deep), want):
+            run(shallow)
+            stale += 1
+            assert stale <= rows, f"row {row} not found in {rows} calls"
+        for _ in range(3):
+            run(shallow)
+            assert torch.equal(run(deep), want)

@@ -570,13 +570,10 @@ def test_a_4bit_product_checks_its_row_first_and_computes_nothing_where_it_diffe
     for check in (-1, 0, 17, 39, 40):  # a row out of 0..39 checks nothing
         done, y = product(check)
         assert done == 0 and torch.equal(y, want)
-    # A zero of the other sign than the codes give is the same value (see auditor_q4_pack).
-    for negative in (False, True):
-        at = ((w == 0) & (torch.signbit(w) == negative)).nonzero()
-        assert len(at)
-        row, col = (int(i) for i in at[0])
-        w[row, col] = 0.0 if negative else -0.0
-        assert product(row)[0] == 0
+    # The codes give +0 for a zero; the weight holds -0 at some of them (Q4_0's d * (q - 8) with
+    # d < 0): the same value (see auditor_q4_pack), every row passes.
+    assert ((w == 0) & torch.signbit(w)).any()
+    assert all(product(row)[0] == 0 for row in range(40))
     w.view(torch.int32)[17, 63] += 1  # one float step off: not 4-bit any more (the call reads no version counter)
     done, y = product(17)
     assert done == 1 and torch.equal(y, torch.full((3, 40), 7.0))  # nothing computed
