@@ -67,6 +67,11 @@ class _Layer(NamedTuple):
     down: nn.Linear
     scaling: float
 
+    @property
+    def products(self) -> tuple[nn.Linear, ...]:
+        """The layer's linear modules in ``auditor_layers``' order."""
+        return (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
+
 
 class Unsuitable(Exception):
     """A weight the kernels cannot read as it is (another dtype or device, not contiguous): the caller runs ``transformers``' forward."""
@@ -261,7 +266,7 @@ def _pointers_for(p: Plan, count: int, d: int, inter: int) -> tuple[Any, Any, An
     tensors: list[torch.Tensor | None] = []
     for layer in modules:
         tensors += (layer.norm1.weight, layer.norm2.weight)
-        for lin in (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down):
+        for lin in layer.products:
             tensors += (lin.weight, lin.bias)
     floats = [(float(layer.norm1.variance_epsilon), float(layer.norm2.variance_epsilon), layer.scaling) for layer in modules]
     setting = (skinny.packing(), skinny.generation(), d, inter, tuple(floats))
@@ -288,7 +293,7 @@ def _pointers_for(p: Plan, count: int, d: int, inter: int) -> tuple[Any, Any, An
         at = 16 * i
         weights[at] = _ptr(layer.norm1.weight, (d,))
         weights[at + 1] = _ptr(layer.norm2.weight, (d,))
-        for j, (lin, shape) in enumerate(zip((layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down), shapes)):
+        for j, (lin, shape) in enumerate(zip(layer.products, shapes)):
             weights[at + 2 + 2 * j] = _ptr(lin.weight, shape)
             weights[at + 3 + 2 * j] = _ptr(lin.bias, shape[:1])
             form = skinny.packed(lin.weight)
@@ -342,10 +347,9 @@ def _layers(
         del alive
         if not differ:
             return
-        products = [(layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down) for layer in p.layers[:count]]
         for i, bad in enumerate(stale):
             if bad:
-                skinny.stale(products[i // 7][i % 7].weight)
+                skinny.stale(p.layers[i // 7].products[i % 7].weight)
 
 
 @torch.inference_mode()
@@ -399,12 +403,10 @@ def capture_lean(
         shape = (dst.shape[1], src.shape[1])
         weight, bias = lin.weight, lin.bias  # held while the kernel reads them
         w_ptr, b_ptr = _ptr(weight, shape), _ptr(bias, shape[:1])
+        assert w_ptr is not None  # a linear module has a weight
         form = skinny.packed(weight)
-        if form is not None:
-            codes, row = [t.data_ptr() for t in form], skinny.checked_row(weight)
-            if not fns.linear_q4(src.data_ptr(), w_ptr, *codes, b_ptr, dst.data_ptr(), n, *shape, threads, int(add), row):
-                return dst
-            skinny.stale(weight)  # its values changed unseen (nothing was computed): the float32 weight
+        if form is not None and skinny.from_codes(fns, weight, form, src.data_ptr(), w_ptr, b_ptr, dst.data_ptr(), n, *shape, threads, add):
+            return dst
         (fns.linear_add if add else fns.linear)(src.data_ptr(), w_ptr, b_ptr, dst.data_ptr(), n, shape[0], shape[1], threads)
         return dst
 

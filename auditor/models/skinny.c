@@ -133,14 +133,6 @@ static void q4_row(const q4w *qw, int64_t r, int64_t K, float *dst) {
     for (int64_t b = 0; b < nb; b++) q4_row_block(qw, r, nb, b, dst + 32 * b);
 }
 
-/* Whether row r of w [N, K] holds what its codes give back (bit for bit; zeros of either sign alike).
- *
- * A weight written through torch's ``.data`` moves no version counter, so its kept codes would
- * go on being read with other values in the float32 weight. Each product that reads codes checks
- * one row of its weight first (the caller turns the row over from call to call: every row within
- * N calls), and refuses to run from codes that no longer match. With the codes' d and m normal,
- * as auditor_q4_pack gives them, and no subnormal weight, neither flushing nor reading subnormals
- * as zero changes what this compares. */
 static inline uint32_t bits_of(float f) {
     uint32_t u;
     __builtin_memcpy(&u, &f, sizeof u);
@@ -150,6 +142,14 @@ static inline uint32_t bits_of(float f) {
 /* a and b the same float bit for bit, or zeros of either sign (see auditor_q4_pack). */
 static inline int same_value(float a, float b) { return bits_of(a) == bits_of(b) || ((bits_of(a) | bits_of(b)) & 0x7FFFFFFFu) == 0; }
 
+/* Whether row r of w [N, K] holds what its codes give back (bit for bit; zeros of either sign alike).
+ *
+ * A weight written through torch's ``.data`` moves no version counter, so its kept codes would
+ * go on being read with other values in the float32 weight. Each product that reads codes checks
+ * one row of its weight first (the caller turns the row over from call to call: every row within
+ * N calls), and refuses to run from codes that no longer match. With the codes' d and m normal,
+ * as auditor_q4_pack gives them, and no subnormal weight, neither flushing nor reading subnormals
+ * as zero changes what this compares. */
 static int q4_row_same(const float *w, const q4w *qw, int64_t r, int64_t K) {
     const int64_t nb = K / 32;
     float back[32] __attribute__((aligned(32)));
@@ -297,7 +297,6 @@ int auditor_q4_pack(const float *w, int64_t N, int64_t K, uint8_t *codes, float 
     _mm_setcsr(csr & ~0x8040u); /* flush-to-zero (bit 15) and denormals-are-zero (bit 6) off */
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < N; r++) {
-        float back[32] __attribute__((aligned(32)));
         for (int64_t b = 0; b < nb && !failed; b++) {
             const float *v = w + r * K + 32 * b;
             float lo = v[0], hi = v[0];
@@ -328,10 +327,7 @@ int auditor_q4_pack(const float *w, int64_t N, int64_t K, uint8_t *codes, float 
         if (!failed) {
             /* What the products will read, against the weight. */
             const q4w qw = {codes, scale, minv};
-            for (int64_t b = 0; b < nb && !failed; b++) {
-                q4_row_block(&qw, r, nb, b, back);
-                for (int i = 0; i < 32; i++) failed |= !same_value(back[i], w[r * K + 32 * b + i]);
-            }
+            failed = !q4_row_same(w, &qw, r, K);
         }
     }
     _mm_setcsr(csr);
@@ -631,6 +627,12 @@ void auditor_attend(const float *q, const float *k_new, const float *v_new, floa
     }
 }
 
+/* Product j of layer l's codes in auditor_layers' quant (codes NULL: none). */
+static inline q4w q4_of(const void *const *quant, int64_t l, int j) {
+    const void *const *at = quant + 21 * l + 3 * j;
+    return (q4w){(const uint8_t *)at[0], (const float *)at[1], (const float *)at[2]};
+}
+
 /* Whole decoder layers, the calls above in one: what auditor/models/lean.py runs for the layers
  * before the audited one (and that one, when its output is what is audited).
  *
@@ -657,8 +659,7 @@ int64_t auditor_layers(float *x, int64_t n, int64_t d, int64_t count, const floa
         int64_t differ = 0;
         for (int64_t l = 0; l < count; l++)
             for (int j = 0; j < 7; j++) {
-                const void *const *at = quant + 21 * l + 3 * j;
-                const q4w qw = {(const uint8_t *)at[0], (const float *)at[1], (const float *)at[2]};
+                const q4w qw = q4_of(quant, l, j);
                 const int bad = qw.codes && rows[j] > 0 && !q4_row_same(weights[16 * l + 2 + 2 * j], &qw, turn % rows[j], depth[j]);
                 stale[7 * l + j] = (uint8_t)bad;
                 differ += bad;
@@ -671,8 +672,7 @@ int64_t auditor_layers(float *x, int64_t n, int64_t d, int64_t count, const floa
         q4w qs[7];
         const q4w *qp[7];
         for (int j = 0; j < 7; j++) {
-            const void *const *at = quant ? quant + 21 * l + 3 * j : NULL;
-            qs[j] = (q4w){at ? (const uint8_t *)at[0] : NULL, at ? (const float *)at[1] : NULL, at ? (const float *)at[2] : NULL};
+            qs[j] = quant ? q4_of(quant, l, j) : (q4w){NULL, NULL, NULL};
             qp[j] = qs[j].codes ? &qs[j] : NULL;
         }
         auditor_rmsnorm(x, w[0], h, n, d, pr[0]);

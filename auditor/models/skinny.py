@@ -62,7 +62,7 @@ import torch
 from torch import nn
 
 __all__ = [
-    "Layout", "MAX_ROWS", "Packed", "build", "checked_row", "enabled", "encoder_product", "forget", "generation", "install", "is_suspended", "layout", "library", "linear", "packed", "packing",
+    "Layout", "MAX_ROWS", "Packed", "build", "checked_row", "enabled", "encoder_product", "forget", "from_codes", "generation", "install", "is_suspended", "layout", "library", "linear", "packed", "packing",
     "stale", "status", "suspended", "topk_tail", "unpacked", "wrapped",
 ]
 
@@ -395,6 +395,20 @@ def checked_row(weight: torch.Tensor) -> int:
     return turn % weight.shape[0]
 
 
+def from_codes(
+    fns: _Kernels, weight: torch.Tensor, form: Packed, x: int, w: int, b: int | None, y: int, m: int, n: int, k: int,
+    threads: int, accumulate: bool = False,
+) -> bool:
+    """``y = x weight^T + b`` (``y +=`` that with ``accumulate``) from ``weight``'s 4-bit ``form``
+    (:func:`packed`), on data pointers (``x [m, k]``, ``y [m, n]``), after comparing the row
+    :func:`checked_row` gives with the codes. False where it differs: nothing was computed, the
+    form is dropped (:func:`stale`), and the caller runs the float32 product."""
+    if fns.linear_q4(x, w, *(t.data_ptr() for t in form), b, y, m, n, k, threads, int(accumulate), checked_row(weight)):
+        stale(weight)
+        return False
+    return True
+
+
 _warned_stale = False
 
 
@@ -583,15 +597,13 @@ def _run(fns: _Kernels, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     form = packed(weight) if m and pack else None
     out = None
     if form is not None:
-        codes, row, differ = [t.data_ptr() for t in form], checked_row(weight), []
+        done = []
 
-        def by_codes(x: int, w: int, b: int | None, y: int, *sizes: int) -> None:  # linear's arguments, the codes between
-            if fns.linear_q4(x, w, *codes, b, y, *sizes, 0, row):
-                differ.append(row)
+        def by_codes(x: int, w: int, b: int | None, y: int, m: int, n: int, k: int, threads: int) -> None:  # linear's arguments
+            done.append(from_codes(fns, weight, form, x, w, b, y, m, n, k, threads))
 
         out = _call(by_codes, rows, weight, bias, n)
-        if differ:
-            stale(weight)
+        if out is not None and not done[0]:
             out = None
     if out is None:
         out = _call(fns.linear, rows, weight, bias, n)
