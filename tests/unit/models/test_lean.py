@@ -410,6 +410,19 @@ def test_modules_changed_in_place_make_a_new_plan() -> None:
         torch.testing.assert_close(a, capture(model, torch.tensor([seq]), None, [HOOKS[-1]])[HOOKS[-1]][0], rtol=1e-4, atol=1e-4)
 
 
+def _four_bit_llama(kinds: tuple[str, ...] = ("Q4_1",)) -> tuple[torch.nn.Module, list[torch.nn.Linear]]:
+    """The tiny Llama with every decoder linear weight as a 4-bit file gives it (``kinds`` in turn,
+    seeded by position), and those linear modules in order."""
+    from tests.unit.models.test_skinny import four_bit
+
+    model = copy.deepcopy(build_model("llama"))
+    linears = [m for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        for i, lin in enumerate(linears):
+            lin.weight.copy_(four_bit(lin.out_features, lin.in_features, kinds[i % len(kinds)], seed=i))
+    return model, linears
+
+
 @needs_kernel
 @pytest.mark.parametrize("hook", [HOOKS[-1], HOOKS[1]])
 def test_lean_forwards_read_4bit_weights_packed_with_the_same_activations(hook: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -417,11 +430,7 @@ def test_lean_forwards_read_4bit_weights_packed_with_the_same_activations(hook: 
     calls read the codes; the activations are those from the float32 weights, to the bit."""
     from tests.unit.models.test_skinny import four_bit
 
-    model = copy.deepcopy(build_model("llama"))
-    linears = [m for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
-    with torch.no_grad():
-        for i, lin in enumerate(linears):
-            lin.weight.copy_(four_bit(lin.out_features, lin.in_features, ("Q4_0", "Q4_1")[i % 2], seed=i))
+    model, linears = _four_bit_llama(("Q4_0", "Q4_1"))
     _check_first(model, hook)
     seqs = _seqs([23, 9, 17], seed=6)
     spy = _Spy(monkeypatch)
@@ -482,11 +491,7 @@ def test_lean_forwards_find_4bit_weights_written_through_data(
     the whole layers' call and in the audited layer's own products past it."""
     from tests.unit.models.test_skinny import four_bit
 
-    model = copy.deepcopy(build_model("llama"))
-    linears = [m for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
-    with torch.no_grad():
-        for i, lin in enumerate(linears):
-            lin.weight.copy_(four_bit(lin.out_features, lin.in_features, seed=i))
+    model, linears = _four_bit_llama()
     # Layer 0's k in the whole layers' call; the last product read: the call's (blocks.2's
     # resid_post) or the audited layer's own o (blocks.1's attn_out).
     written = (1, len(linears) - 1) if hook == HOOKS[-1] else (1, 7 + 3)
@@ -529,11 +534,7 @@ def test_lean_forwards_read_float32_weights_while_another_thread_keeps_writing_t
     reads the float32 weights, never a stale form."""
     from tests.unit.models.test_skinny import four_bit
 
-    model = copy.deepcopy(build_model("llama"))
-    linears = [m for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
-    with torch.no_grad():
-        for i, lin in enumerate(linears):
-            lin.weight.copy_(four_bit(lin.out_features, lin.in_features, seed=i))
+    model, linears = _four_bit_llama()
     hook = HOOKS[-1]
     _check_first(model, hook)
     seqs = _seqs([12], seed=9)
@@ -570,11 +571,7 @@ def test_each_depth_turns_over_every_row_while_depths_take_turns() -> None:
     from auditor.models.streams import StreamCache, capture_streams
     from tests.unit.models.test_skinny import four_bit
 
-    model = copy.deepcopy(build_model("llama"))
-    linears = [m for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
-    with torch.no_grad():
-        for i, lin in enumerate(linears):
-            lin.weight.copy_(four_bit(lin.out_features, lin.in_features, seed=i))
+    model, linears = _four_bit_llama()
     shallow, deep = "blocks.0.hook_resid_post", "blocks.2.hook_resid_post"
     _check_first(model, shallow)
     _check_first(model, deep)
