@@ -90,12 +90,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             t_torch, t_kernel, t_float32, t_enc_torch, t_enc_kernel, t_enc_rows = round_robin(
                 [by_torch, by_kernel, by_kernel_float32, enc_by_torch, enc_by_kernel, enc_by_kernel_rows], args.repeats
             )
-            diff = max(
-                float((skinny.linear(inputs[w.shape[1]], w) - F.linear(inputs[w.shape[1]], w)).abs().max()) for w in weights
-            )
+            got = [skinny.linear(inputs[w.shape[1]], w) for w in weights]
+            diff = max(float((y - F.linear(inputs[w.shape[1]], w)).abs().max()) for w, y in zip(weights, got))
             with skinny.unpacked():
                 from_float32 = [skinny.linear(inputs[w.shape[1]], w) for w in weights]
-            same_bits = all(torch.equal(skinny.linear(inputs[w.shape[1]], w), y) for w, y in zip(weights, from_float32))
+            same_bits = all(torch.equal(y, f) for y, f in zip(got, from_float32))
             enc = skinny.encoder_product(b_enc, x_enc, w_enc)
             enc_diff = float((enc - torch.addmm(b_enc, x_enc, w_enc)).abs().max()) if enc is not None else None
             enc_rows = skinny.encoder_product(b_enc, x_enc, w_enc, w_rows)
