@@ -19,7 +19,7 @@ import argparse
 import json
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +118,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "encoder_rows_max_abs_diff": rows_diff,
             }
         )
+    # The row check alone that each product from a 4-bit form runs first (skinny.from_codes: one
+    # row of the weight against its codes): the products called on no rows, with and without a row.
+    fns = skinny.library()
+    assert fns is not None
+    forms = [(w, form) for w in weights if (form := skinny.packed(w)) is not None]
+
+    def products(check: bool) -> Callable[[], None]:
+        def run() -> None:
+            for i, (w, form) in enumerate(forms):
+                n, k = w.shape
+                fns.linear_q4(None, w.data_ptr(), *(t.data_ptr() for t in form), None, None, 0, n, k, 1, 0, i % n if check else -1)
+
+        return run
+
+    t_unchecked, t_checked = round_robin([products(False), products(True)], max(args.repeats, 20))
     out = {
         "benchmark": "few_row_kernel",
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch_threads": torch.get_num_threads()},
@@ -129,12 +144,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "weights_4bit": sum(skinny.packed(w) is not None for w in weights),
         "packed_mb": sum(t.numel() * t.element_size() for w in weights for t in (skinny.packed(w) or ())) / 1e6,
         "encoder": {"d_in": w_enc.shape[0], "d_sae": w_enc.shape[1], "architecture": auditor.sae.cfg.architecture},
+        # Seconds of one row check of every 4-bit weight (the products on no rows, less the same calls checking nothing).
+        "row_checks": {"weights": len(forms), "seconds": t_checked - t_unchecked, "calls_unchecked_s": t_unchecked},
         "results": results,
     }
     print(json.dumps(out, indent=2))
     print()
     print(f"{len(weights)} linear layers ({out['weights_mb']:.0f} MB of float32 weights; {out['weights_4bit']} read in 4-bit form,"
           f" {out['packed_mb']:.0f} MB), {torch.get_num_threads()} threads")
+    print(f"row checks of the {len(forms)} 4-bit weights (one row each, before their products): "
+          f"{(t_checked - t_unchecked) * 1e6:.0f} us ({t_unchecked * 1e6:.0f} us the calls alone)")
     print(f"SAE encoder product: [rows, {w_enc.shape[0]}] x [{w_enc.shape[0]}, {w_enc.shape[1]}] + bias")
     print(f"{'rows':>5} {'torch ms':>9} {'kernel ms':>10} {'speedup':>8} {'max diff':>9} {'float32 w':>10} {'same':>5}"
           f"   {'encoder torch':>13} {'kernel':>7} {'transposed':>10}")

@@ -220,6 +220,8 @@ def test_few_row_kernel_script_compares_with_torch() -> None:
         assert r["kernel_float32_s"] > 0 and r["packed_same_bits"] is True
     assert out["weights_4bit"] == out["linear_layers"]
     assert 0.18 < out["packed_mb"] / out["weights_mb"] < 0.19  # 6 bits a weight of 32
+    # The row check timed over every 4-bit weight (a difference of two timings: only its presence is asserted).
+    assert out["row_checks"]["weights"] == out["weights_4bit"] and out["row_checks"]["calls_unchecked_s"] > 0
 
 
 def test_audit_pipeline_script_runs() -> None:
